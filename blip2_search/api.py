@@ -1,0 +1,159 @@
+"""The stateless model API: rerank images against a text (ITM logit + ITC), caption images."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+from PIL import Image
+
+from .errors import Blip2SearchError, InvalidInputError
+from .models.captioner import Blip2Captioner, CaptionSettings
+from .models.encoder import Blip2Encoder
+from .models.loading import DEFAULT_CAPTIONER, DEFAULT_EMBEDDER
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+
+@dataclass(frozen=True)
+class RerankHit:
+    """One scored image. `path` is None for an in-memory PIL image; `index` is its position in the input."""
+
+    index: int
+    path: str | None
+    score: float
+    itc: float
+    itm_logit: float
+    match_probability: float
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """An input image that could not be scored, with a one-line reason."""
+
+    index: int
+    path: str | None
+    error: str
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Images sorted by `score`, descending (ties keep input order); iterating yields the hits."""
+
+    query: str
+    hits: tuple[RerankHit, ...]
+    errors: tuple[ImageFailure, ...] = field(default=())
+
+    def __iter__(self) -> Iterator[RerankHit]:
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, i: int) -> RerankHit:
+        return self.hits[i]
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """The caption of one input image."""
+
+    index: int
+    path: str | None
+    caption: str
+
+
+@dataclass(frozen=True)
+class Captions:
+    """Captions in input order, and the images that could not be read."""
+
+    results: tuple[CaptionResult, ...]
+    errors: tuple[ImageFailure, ...] = field(default=())
+
+
+_MODELS: dict[tuple, object] = {}
+
+
+def _cached(kind: type, name: str, **kwargs):
+    """Reuse a loaded model across calls; keep one per kind in memory (BLIP-2 checkpoints are GBs)."""
+    key = (kind, name, tuple(sorted(kwargs.items())))
+    if key not in _MODELS:
+        for k in [k for k in _MODELS if k[0] is kind]:
+            del _MODELS[k]
+        _MODELS[key] = kind.load(name, **kwargs)
+    return _MODELS[key]
+
+
+def get_encoder(model: str | Blip2Encoder = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto") -> Blip2Encoder:
+    """An encoder for `model` (hub id, directory or "demo"), reused across calls with the same arguments."""
+    if isinstance(model, Blip2Encoder):
+        return model
+    return _cached(Blip2Encoder, str(model), device=device, dtype=dtype)
+
+
+def get_captioner(captioner: str | Blip2Captioner = DEFAULT_CAPTIONER, *, device: str = "auto", dtype: str = "auto", settings: CaptionSettings | None = None) -> Blip2Captioner:
+    """A captioner for `captioner` (hub id, directory or "demo"), reused across calls with the same arguments."""
+    if isinstance(captioner, Blip2Captioner):
+        return captioner
+    return _cached(Blip2Captioner, str(captioner), device=device, dtype=dtype, settings=settings)
+
+
+def _read_images(images: Sequence[ImageLike]) -> tuple[list[tuple[int, str | None, Image.Image]], list[ImageFailure]]:
+    """Open paths (EXIF-rotated RGB); failures become `ImageFailure`s instead of stopping the batch."""
+    from .images import open_image
+
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    loaded, errors = [], []
+    for i, item in enumerate(images):
+        if isinstance(item, Image.Image):
+            loaded.append((i, None, item))
+            continue
+        path = os.fspath(item)
+        try:
+            loaded.append((i, path, open_image(Path(path))))
+        except Blip2SearchError as exc:
+            errors.append(ImageFailure(i, path, str(exc)))
+    return loaded, errors
+
+
+def rerank(
+    query: str,
+    images: Sequence[ImageLike],
+    model: str | Blip2Encoder = DEFAULT_EMBEDDER,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Ranking:
+    """Score `images` (paths or PIL images) against `query`; best first, by ITM logit + ITC.
+
+    Unreadable images are reported in `Ranking.errors` and the others are still scored.
+    """
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInputError("rerank query is empty; pass the text to match the images against")
+    encoder = get_encoder(model, device=device, dtype=dtype)
+    loaded, errors = _read_images(images)
+    scores = encoder.score_images(query, [im for _, _, im in loaded])
+    hits = [
+        RerankHit(i, path, float(scores.score[j]), float(scores.itc[j]), float(scores.itm_logit[j]), float(scores.match_probability[j]))
+        for j, (i, path, _) in enumerate(loaded)
+    ]
+    hits.sort(key=lambda h: (-h.score, h.index))
+    return Ranking(query, tuple(hits), tuple(errors))
+
+
+def caption(
+    images: Sequence[ImageLike],
+    captioner: str | Blip2Captioner = DEFAULT_CAPTIONER,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    settings: CaptionSettings | None = None,
+) -> Captions:
+    """Caption `images` (paths or PIL images) in input order; unreadable ones go to `Captions.errors`."""
+    model = get_captioner(captioner, device=device, dtype=dtype, settings=settings)
+    loaded, errors = _read_images(images)
+    texts = model.caption([im for _, _, im in loaded])
+    return Captions(tuple(CaptionResult(i, path, t) for (i, path, _), t in zip(loaded, texts)), tuple(errors))

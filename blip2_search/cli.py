@@ -1,0 +1,142 @@
+"""The command line: parse, call one library function, render. No model, SQL or FAISS code here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import click
+
+from .errors import Blip2SearchError
+from .models.loading import DEFAULT_CAPTIONER, DEFAULT_EMBEDDER
+
+EXIT_USAGE = 2
+
+
+class UserError(click.ClickException):
+    """A library error shown as one line on stderr, exit code 2, no traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+def _quiet_libraries() -> None:
+    """Keep HF's load reports and progress bars off stdout, which carries our JSON."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _emit(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Blip2SearchError as exc:
+            raise UserError(str(exc)) from None
+
+
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run.")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+    help="Model precision: auto = bf16 on CUDA (fp16 without bf16; never fp16 for Flan-T5), fp32 on CPU.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="blip2-search")
+def main() -> None:
+    """Find photos by describing them (BLIP-2 + FAISS)."""
+    _quiet_libraries()
+
+
+@main.command()
+@click.argument("query")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--model", default=DEFAULT_EMBEDDER, show_default=True, help="ITM checkpoint: hub id, local directory, or 'demo'.")
+@device_option
+@dtype_option
+@json_option
+def rerank(query, images, model, device, dtype, as_json):
+    """Sort IMAGES by how well they match QUERY (BLIP-2 ITM logit + ITC cosine)."""
+    from .api import rerank as run
+
+    ranking = run(query, list(images), model=model, device=device, dtype=dtype)
+    results = [{"path": h.path, "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit, "match_probability": h.match_probability} for h in ranking]
+    errors = [{"path": e.path, "error": e.error} for e in ranking.errors]
+    if as_json:
+        _emit({"query": ranking.query, "results": results, "errors": errors})
+        return
+    for r in results:
+        click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {r['path']}")
+    for e in errors:
+        click.echo(f"error: {e['path']}: {e['error']}", err=True)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--captioner", default=DEFAULT_CAPTIONER, show_default=True, help="BLIP-2 generation checkpoint: hub id, local directory, or 'demo'.")
+@click.option("--beams", default=1, show_default=True, type=click.IntRange(1, 16), help="Beam width (1 = greedy; LAVIS used 5).")
+@click.option("--max-new-tokens", default=30, show_default=True, type=click.IntRange(1, 200))
+@click.option("--prompt", default="", help="Text the caption continues, e.g. 'a photo of'.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
+@device_option
+@dtype_option
+@json_option
+def caption(images, captioner, beams, max_new_tokens, prompt, batch_size, device, dtype, as_json):
+    """Write a caption for each of IMAGES."""
+    from .api import caption as run
+    from .models.captioner import Blip2Captioner, CaptionSettings
+
+    settings = CaptionSettings(num_beams=beams, max_new_tokens=max_new_tokens, prompt=prompt)
+    model = Blip2Captioner.load(captioner, device=device, dtype=dtype, batch_size=batch_size, settings=settings)
+    out = run(list(images), model)
+    if as_json:
+        _emit({"results": [{"path": r.path, "caption": r.caption} for r in out.results], "errors": [{"path": e.path, "error": e.error} for e in out.errors]})
+        return
+    for r in out.results:
+        click.echo(f"{r.path}\t{r.caption}")
+    for e in out.errors:
+        click.echo(f"error: {e.path}: {e.error}", err=True)
+
+
+@main.command("eval")
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--images", "images_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Folder the annotation image paths are relative to.")
+@click.option("--model", default=DEFAULT_EMBEDDER, show_default=True, help="ITM checkpoint: hub id, local directory, or 'demo'.")
+@click.option("--rerank-k", default=128, show_default=True, type=click.IntRange(1, None), help="Candidates per query rescored by ITM (the paper used 128).")
+@click.option("--split", default="test", show_default=True, help="Karpathy split to evaluate (ignored for LAVIS annotation lists).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096))
+@device_option
+@dtype_option
+@json_option
+def eval_(annotations, images_dir, model, rerank_k, split, batch_size, device, dtype, as_json):
+    """Image-text retrieval recall with BLIP-2's protocol (ITC, then ITM rerank of the top k)."""
+    from pathlib import Path
+
+    from .evaluation import evaluate, load_annotations
+    from .models.encoder import Blip2Encoder
+
+    data = load_annotations(Path(annotations), Path(images_dir), split=split)
+    report = evaluate(Blip2Encoder.load(model, device=device, dtype=dtype, batch_size=batch_size), data, rerank_k=rerank_k)
+    if as_json:
+        _emit(report.as_dict())
+        return
+    d = report.as_dict()
+    click.echo(f"{report.n_images} images, {report.n_texts} texts, rerank k={rerank_k}")
+    click.echo(f"{'':10}{'TR@1':>8}{'TR@5':>8}{'TR@10':>8}{'IR@1':>8}{'IR@5':>8}{'IR@10':>8}{'mean':>8}")
+    for name, r in (("ITC", d["itc"]), ("ITC+ITM", d)):
+        click.echo(f"{name:10}" + "".join(f"{r[k]:8.2f}" for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")))
+    click.echo("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

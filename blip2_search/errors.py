@@ -1,0 +1,35 @@
+"""Domain exceptions.
+
+The library raises these; only the edges (CLI, HTTP) turn them into messages and exit codes.
+Every message names the object, the reason and the fix, on one line.
+"""
+
+from __future__ import annotations
+
+
+class Blip2SearchError(Exception):
+    """Base class: an error the user can fix, reported without a traceback (CLI exit code 2)."""
+
+
+class InvalidInputError(Blip2SearchError, ValueError):
+    """An argument is out of range or malformed."""
+
+
+class ModelNotFoundError(Blip2SearchError):
+    """A model id or directory could not be resolved to local files."""
+
+
+class ModelLoadError(Blip2SearchError):
+    """Model files were found but are not a usable BLIP-2 checkpoint of the needed kind."""
+
+
+class ImageDecodeError(Blip2SearchError):
+    """One image could not be read or decoded; other images are unaffected."""
+
+
+class LibraryError(Blip2SearchError):
+    """A photo library on disk is missing, unreadable, locked or inconsistent."""
+
+
+class ModelMismatchError(LibraryError):
+    """A library was built with a different model than the one asked for."""

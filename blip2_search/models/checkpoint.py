@@ -1,0 +1,79 @@
+"""What the embedder and the captioner share: a resolved checkpoint, its placement, processor and loading."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ModelLoadError
+from .loading import ModelSource
+from .policy import Placement
+
+
+class Checkpoint:
+    """A BLIP-2 checkpoint on local disk whose parts load on first use."""
+
+    role = "model"
+
+    def __init__(self, source: ModelSource, placement: Placement):
+        self.source = source
+        self.placement = placement
+        self._image_processor = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def revision(self) -> str:
+        return self.source.revision
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.placement.device)
+
+    @property
+    def image_processor(self):
+        """The checkpoint's own image processor, PIL backend (bicubic, as LAVIS)."""
+        if self._image_processor is None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(self.source.path, backend="pil")
+        return self._image_processor
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square model input, read from the checkpoint's preprocessor config."""
+        size = self.image_processor.size
+        height = size["height"] if isinstance(size, dict) else getattr(size, "height", None)
+        return int(height if height is not None else size.shortest_edge)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> pixel_values `[n, 3, S, S] float32` with the checkpoint's processor (the reference path)."""
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def pixels_from_uint8(self, pixels: np.ndarray) -> torch.Tensor:
+        """Already-resized RGB `[n, S, S, 3] uint8` -> normalised pixel_values `[n, 3, S, S] float32`.
+
+        Equal to the processor's output for images already at S x S (resizing to the same size is a copy).
+        """
+        proc = self.image_processor
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() * float(proc.rescale_factor)
+        mean = torch.tensor(proc.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(proc.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def _from_pretrained(self, cls):
+        """Load `cls` from the checkpoint in this placement, frozen, in eval mode."""
+        try:
+            # Lazy loads can happen inside an inference_mode call; weights made there could not be used later.
+            with torch.inference_mode(False):
+                model = cls.from_pretrained(self.source.path, dtype=self.placement.torch_dtype, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelLoadError(f"could not load {cls.__name__} from {self.role} {self.name!r} ({reason}); check the checkpoint files or pass another --{self.role}") from exc
+        return model.to(self.device).eval().requires_grad_(False)

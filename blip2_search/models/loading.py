@@ -1,0 +1,145 @@
+"""Resolve a model name (hub id, local directory or "demo") to local files, never running remote code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelLoadError, ModelNotFoundError
+
+DEFAULT_EMBEDDER = "Salesforce/blip2-itm-vit-g"
+DEFAULT_CAPTIONER = "Salesforce/blip2-opt-2.7b"
+DEMO = "demo"
+
+# Only what loading needs: configs, tokenizer files and safetensors weights (never pickles, never code).
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "spiece.model", "merges.txt", "vocab.*"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to a local directory.
+
+    `name` is what the user asked for; `revision` identifies the exact weights (the hub commit for a
+    hub snapshot, a content fingerprint for a local directory), so a library can tell if its vectors
+    were made by these weights.
+    """
+
+    name: str
+    path: Path
+    revision: str
+
+    def config(self) -> dict:
+        """The checkpoint's `config.json` as a dict."""
+        return json.loads((self.path / "config.json").read_text())
+
+
+def resolve_model(name: str, *, role: str = "embedder") -> ModelSource:
+    """Turn `name` into local files: "demo", a directory, or a hub id found in (or fetched to) the HF cache.
+
+    Raises ModelNotFoundError naming everything that was tried and the fix.
+    """
+    if not name or not str(name).strip():
+        raise ModelNotFoundError(f"{role} model name is empty; pass --model with a hub id, a local directory or 'demo'")
+    name = str(name)
+    if name == DEMO:
+        return _demo_source(role)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _local_source(name, path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise ModelNotFoundError(f"{role} model directory {name!r} does not exist; pass --model with an existing directory, a hub id or 'demo'")
+    return _hub_source(name, role)
+
+
+def _demo_source(role: str) -> ModelSource:
+    from .. import demo
+
+    path = demo.CAPTIONER_DIR if role == "captioner" else demo.ITM_DIR
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"the demo {role} is missing from the installed package at {path}; reinstall blip2-search or run `python -m blip2_search.demo.train`")
+    return ModelSource(DEMO, path, fingerprint(path))
+
+
+def _local_source(name: str, path: Path) -> ModelSource:
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model path {name!r} is a file, not a checkpoint directory; pass --model with the directory holding config.json")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"model directory {name!r} has no config.json; pass --model with a directory saved by save_pretrained")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"model directory {name!r} has no .safetensors weights (pickled .bin weights are not loaded); convert it with save_pretrained(safe_serialization=True)")
+    return ModelSource(name, path.resolve(), fingerprint(path))
+
+
+def _hub_source(name: str, role: str) -> ModelSource:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
+        raise ModelNotFoundError(f"cannot resolve hub id {name!r}: huggingface_hub is not installed; pip install huggingface_hub") from exc
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    fix = f"pass --model PATH to a local copy, or download it once with `hf download {name}` into the HF cache (HF_HOME)"
+    try:
+        local = snapshot_download(name, allow_patterns=_HUB_FILES, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, HfHubHTTPError, ValueError, OSError):
+        local = None
+    if local is None and offline:
+        raise ModelNotFoundError(f"{role} model {name!r} is not in the HF cache and HF_HUB_OFFLINE is set; {fix}, or unset HF_HUB_OFFLINE")
+    if local is None:
+        try:
+            local = snapshot_download(name, allow_patterns=_HUB_FILES)
+        except Exception as exc:  # the hub client raises many types (HTTP, DNS, auth, repo-not-found)
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelNotFoundError(f"{role} model {name!r} is not a local directory, not in the HF cache, and could not be downloaded ({reason}); {fix}") from exc
+    path = Path(local)
+    return ModelSource(name, path, path.name if path.parent.name == "snapshots" else fingerprint(path))
+
+
+def fingerprint(path: Path) -> str:
+    """A short content id for a checkpoint directory: config plus the weights' headers, sizes and edges.
+
+    Cheap for multi-GB weights (reads the safetensors header and the first and last MiB of each file),
+    yet changes whenever the weights are retrained or replaced.
+    """
+    h = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        size = weights.stat().st_size
+        h.update(weights.name.encode() + size.to_bytes(8, "little"))
+        with weights.open("rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def check_embedder_config(source: ModelSource) -> dict:
+    """Refuse checkpoints that cannot produce BLIP-2 ITC embeddings, naming the right kind."""
+    config = source.config()
+    arch = config.get("architectures") or []
+    if config.get("model_type") != "blip-2":
+        raise ModelLoadError(f"model {source.name!r} is a {config.get('model_type')!r} checkpoint, not BLIP-2; pass --model {DEFAULT_EMBEDDER} or another BLIP-2 ITM checkpoint")
+    if "Blip2ForImageTextRetrieval" not in arch:
+        raise ModelLoadError(
+            f"model {source.name!r} ({', '.join(arch) or 'unknown architecture'}) has no ITC/ITM heads: its Q-Former is not in the retrieval space; "
+            f"pass --model {DEFAULT_EMBEDDER} (or another Blip2ForImageTextRetrieval checkpoint)"
+        )
+    if not (config.get("qformer_config") or {}).get("use_qformer_text_input", False):
+        raise ModelLoadError(f"model {source.name!r} has qformer_config.use_qformer_text_input=false, so its Q-Former cannot encode text; fix the config or use {DEFAULT_EMBEDDER}")
+    return config
+
+
+def check_captioner_config(source: ModelSource) -> dict:
+    """Refuse checkpoints that cannot generate captions."""
+    config = source.config()
+    arch = config.get("architectures") or []
+    if config.get("model_type") != "blip-2" or "Blip2ForConditionalGeneration" not in arch:
+        raise ModelLoadError(f"captioner {source.name!r} ({', '.join(arch) or config.get('model_type')}) is not a Blip2ForConditionalGeneration checkpoint; pass --captioner {DEFAULT_CAPTIONER}")
+    return config

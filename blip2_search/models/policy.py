@@ -1,0 +1,74 @@
+"""Device and dtype policy: a pure function of what was asked for and what the machine has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidInputError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs: a torch device string and the dtype of its ViT / language model.
+
+    The Q-Former and query tokens stay float32 whatever `dtype` is (HF `_keep_in_fp32_modules`).
+    """
+
+    device: str
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.dtype]
+
+
+def choose_placement(
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    cuda_available: bool,
+    bf16_supported: bool,
+    is_t5: bool = False,
+) -> Placement:
+    """Pick device and dtype: CUDA runs bf16 (fp16 where bf16 is missing), CPU runs fp32.
+
+    Flan-T5 language models were trained in bf16 and overflow in fp16, so they never get fp16:
+    on a GPU without bf16 they fall back to fp32. An explicit `dtype` is honoured, except fp16 for T5
+    and half precision on CPU, which are refused with the fix named.
+    """
+    if device not in DEVICES:
+        raise InvalidInputError(f"device {device!r} is not one of {', '.join(DEVICES)}; pass --device auto, cpu or cuda")
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype auto, float32, bfloat16 or float16")
+    if device == "cuda" and not cuda_available:
+        raise InvalidInputError("device 'cuda' was asked for but no CUDA GPU is visible; pass --device cpu or --device auto")
+    resolved_device = ("cuda" if cuda_available else "cpu") if device == "auto" else device
+
+    if dtype == "auto":
+        if resolved_device == "cpu":
+            resolved_dtype = "float32"
+        elif bf16_supported:
+            resolved_dtype = "bfloat16"
+        else:
+            resolved_dtype = "float32" if is_t5 else "float16"
+        return Placement(resolved_device, resolved_dtype)
+
+    if dtype == "float16" and is_t5:
+        raise InvalidInputError("dtype float16 overflows Flan-T5 language models; pass --dtype bfloat16 or --dtype float32")
+    if dtype == "float16" and resolved_device == "cpu":
+        raise InvalidInputError("dtype float16 is not supported on the CPU; pass --dtype float32 (or bfloat16) with --device cpu")
+    return Placement(resolved_device, dtype)
+
+
+def detect_placement(device: str = "auto", dtype: str = "auto", *, is_t5: bool = False) -> Placement:
+    """`choose_placement` with the facts read off this machine."""
+    cuda = torch.cuda.is_available()
+    bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+    return choose_placement(device, dtype, cuda_available=cuda, bf16_supported=bf16, is_t5=is_t5)

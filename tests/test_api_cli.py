@@ -1,0 +1,107 @@
+"""The rerank/caption API and CLI: JSON shape, ordering, scores equal to HF, errors per image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import blip2_search
+from blip2_search.cli import main
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(4):
+        p = d / f"img {i}.png"
+        Image.fromarray(rng.integers(0, 255, (30 + 5 * i, 40, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    red = d / "red.jpg"
+    Image.new("RGB", (48, 32), (220, 30, 30)).save(red, quality=95)
+    paths.append(red)
+    (d / "broken.jpg").write_bytes(b"not an image at all")
+    return d, paths
+
+
+def _hf_scores(model_dir, text, paths):
+    from transformers import Blip2ForImageTextRetrieval
+
+    from blip2_search.images import open_image
+    from blip2_search.models import Blip2Encoder
+
+    enc = Blip2Encoder.load(str(model_dir))
+    hf = Blip2ForImageTextRetrieval.from_pretrained(model_dir).eval()
+    px = enc.preprocess([open_image(p) for p in paths])
+    tok = enc.tokenize([text] * len(paths))
+    with torch.no_grad():
+        itm = hf(pixel_values=px, **tok, use_image_text_matching_head=True).logits_per_image
+        itc = hf(pixel_values=px, **enc.tokenize([text]), use_image_text_matching_head=False).logits_per_image[:, 0]
+    return {str(p): (float(itm[i, 1] + itc[i]), float(itc[i]), float(itm[i, 1]), float(torch.softmax(itm[i], -1)[1])) for i, p in enumerate(paths)}
+
+
+def test_python_rerank_sorted_with_scores_and_errors(tiny_itm_dir, photo_dir):
+    d, paths = photo_dir
+    pil = Image.new("RGB", (32, 32), (30, 60, 220))
+    ranking = blip2_search.rerank("a red circle", [*paths, d / "broken.jpg", pil], model=str(tiny_itm_dir))
+    assert len(ranking) == len(paths) + 1
+    scores = [h.score for h in ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert [e.path for e in ranking.errors] == [str(d / "broken.jpg")]
+    assert any(h.path is None and h.index == len(paths) + 1 for h in ranking)
+    ref = _hf_scores(tiny_itm_dir, "a red circle", paths)
+    for h in ranking:
+        if h.path:
+            np.testing.assert_allclose((h.score, h.itc, h.itm_logit, h.match_probability), ref[h.path], atol=1e-5)
+
+
+def test_cli_rerank_json_equals_hf_forward(tiny_itm_dir, photo_dir):
+    d, paths = photo_dir
+    args = ["rerank", "a red circle on the left", *map(str, paths), str(d / "broken.jpg"), str(d / "missing.jpg"), "--model", str(tiny_itm_dir), "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out) == {"query", "results", "errors"} and out["query"] == "a red circle on the left"
+    assert [set(r) for r in out["results"]] == [{"path", "score", "itc", "itm_logit", "match_probability"}] * len(paths)
+    assert [r["score"] for r in out["results"]] == sorted((r["score"] for r in out["results"]), reverse=True)
+    assert {e["path"] for e in out["errors"]} == {str(d / "broken.jpg"), str(d / "missing.jpg")}
+    assert all(e["error"] for e in out["errors"])
+    ref = _hf_scores(tiny_itm_dir, "a red circle on the left", paths)
+    for r in out["results"]:
+        np.testing.assert_allclose((r["score"], r["itc"], r["itm_logit"], r["match_probability"]), ref[r["path"]], atol=1e-5)
+
+
+def test_cli_caption_json(tiny_captioner_dir, photo_dir):
+    d, paths = photo_dir
+    res = CliRunner().invoke(main, ["caption", *map(str, paths[:3]), str(d / "broken.jpg"), "--captioner", str(tiny_captioner_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [r["path"] for r in out["results"]] == list(map(str, paths[:3]))
+    assert all(isinstance(r["caption"], str) and r["caption"] for r in out["results"])
+    assert [e["path"] for e in out["errors"]] == [str(d / "broken.jpg")]
+
+
+def test_cli_missing_model_exits_2_without_traceback(photo_dir, tmp_path):
+    _, paths = photo_dir
+    proc = subprocess.run(
+        [sys.executable, "-m", "blip2_search.cli", "rerank", "x", str(paths[0]), "--model", "nobody/no-such-model"],
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nobody/no-such-model" in lines[0] and "--model PATH" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_cli_empty_query_exits_2(tiny_itm_dir, photo_dir):
+    _, paths = photo_dir
+    res = CliRunner().invoke(main, ["rerank", "  ", str(paths[0]), "--model", str(tiny_itm_dir)])
+    assert res.exit_code == 2 and "empty" in res.output

@@ -1,0 +1,235 @@
+"""The model layer against HF's own forward passes on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blip2_search.errors import InvalidInputError, ModelLoadError, ModelNotFoundError
+from blip2_search.models import Blip2Captioner, Blip2Encoder, CaptionSettings, choose_placement, resolve_model
+from blip2_search.models.text import pre_caption
+
+TEXTS = ["a red circle on the left", "A photo of a CAT; sitting (in) the beach!", "dog", "the blue square on top and a green triangle"]
+
+
+def _images(n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    ims = [Image.fromarray(rng.integers(0, 255, (20 + 9 * i, 50 - 4 * i, 3), dtype=np.uint8)) for i in range(n - 1)]
+    return ims + [Image.new("RGB", (40, 30), (220, 30, 30))]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_itm_dir):
+    return Blip2Encoder.load(str(tiny_itm_dir))
+
+
+@pytest.fixture(scope="module")
+def hf_itm(tiny_itm_dir):
+    from transformers import Blip2ForImageTextRetrieval
+
+    return Blip2ForImageTextRetrieval.from_pretrained(tiny_itm_dir).eval()
+
+
+# ------------------------------------------------------------------ policy
+@pytest.mark.parametrize(
+    "device,dtype,cuda,bf16,t5,expected",
+    [
+        ("auto", "auto", False, False, False, ("cpu", "float32")),
+        ("auto", "auto", True, True, False, ("cuda", "bfloat16")),
+        ("auto", "auto", True, False, False, ("cuda", "float16")),
+        ("auto", "auto", True, False, True, ("cuda", "float32")),  # Flan-T5 never fp16
+        ("auto", "auto", True, True, True, ("cuda", "bfloat16")),
+        ("cpu", "auto", True, True, False, ("cpu", "float32")),
+        ("cuda", "float32", True, True, False, ("cuda", "float32")),
+        ("auto", "bfloat16", False, False, False, ("cpu", "bfloat16")),
+    ],
+)
+def test_placement_policy(device, dtype, cuda, bf16, t5, expected):
+    p = choose_placement(device, dtype, cuda_available=cuda, bf16_supported=bf16, is_t5=t5)
+    assert (p.device, p.dtype) == expected
+
+
+@pytest.mark.parametrize(
+    "device,dtype,cuda,t5,fix",
+    [("cuda", "auto", False, False, "--device cpu"), ("cpu", "float16", False, False, "--dtype float32"),
+     ("cuda", "float16", True, True, "--dtype bfloat16"), ("tpu", "auto", False, False, "--device"), ("auto", "int8", False, False, "--dtype")],
+)
+def test_placement_refusals_name_the_fix(device, dtype, cuda, t5, fix):
+    with pytest.raises(InvalidInputError, match=fix):
+        choose_placement(device, dtype, cuda_available=cuda, bf16_supported=cuda, is_t5=t5)
+
+
+# ------------------------------------------------------------------ text normalisation (LAVIS pre_caption)
+@pytest.mark.parametrize(
+    "raw,clean",
+    [("A Woman and her DOG.", "a woman and her dog"), ('x!"()*#:;~y', "x y"), ("  many   spaces\n", "many spaces"),
+     ("don't-stop, ok?", "don't-stop, ok?")],
+)
+def test_pre_caption(raw, clean):
+    assert pre_caption(raw) == clean
+
+
+def test_pre_caption_keeps_50_words():
+    assert pre_caption(" ".join(f"w{i}" for i in range(80))).split() == [f"w{i}" for i in range(50)]
+
+
+# ------------------------------------------------------------------ embeddings equal HF's forward
+def test_text_embeddings_equal_hf_text_model_and_load_no_vit(tiny_itm_dir):
+    from transformers import Blip2TextModelWithProjection
+
+    enc = Blip2Encoder.load(str(tiny_itm_dir))
+    ours = enc.embed_texts(TEXTS)
+    assert enc.loaded_parts == ("text",)  # a text query does not load the ViT
+    hf = Blip2TextModelWithProjection.from_pretrained(tiny_itm_dir).eval()
+    tok = enc.tokenize(TEXTS)
+    with torch.no_grad():
+        ref = hf(**tok).text_embeds[:, 0, :].numpy()
+    assert ours.shape == (len(TEXTS), 256) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_image_embeddings_equal_hf_vision_model(encoder, tiny_itm_dir):
+    from transformers import Blip2VisionModelWithProjection
+
+    ims = _images()
+    ours = encoder.embed_images(ims)
+    hf = Blip2VisionModelWithProjection.from_pretrained(tiny_itm_dir).eval()
+    with torch.no_grad():
+        ref = hf(pixel_values=encoder.preprocess(ims)).image_embeds.numpy()
+    assert ours.shape == (len(ims), 32, 256) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=2), 1.0, atol=1e-5)  # each query vector
+    assert np.ptp(ours[:, 0, 0]) > 1e-3  # the tiny model does tell the images apart
+
+
+def test_itc_equals_hf_retrieval_forward(encoder, hf_itm):
+    ims = _images()
+    img, txt = encoder.embed_images(ims), encoder.embed_texts(TEXTS)
+    ours = np.einsum("nqd,td->ntq", img, txt).max(axis=2)
+    tok = encoder.tokenize(TEXTS)
+    with torch.no_grad():
+        ref = hf_itm(pixel_values=encoder.preprocess(ims), **tok, use_image_text_matching_head=False).logits_per_image.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert np.ptp(ref) > 1e-2
+
+
+def test_itm_from_stored_vit_tokens_equals_hf_forward(encoder, hf_itm):
+    ims = _images()
+    px = encoder.preprocess(ims)
+    vit = encoder.vit_tokens(px).clone()  # stored once, reused for every text
+    for text in TEXTS:
+        tok = encoder.tokenize([text])
+        n = len(ims)
+        ids, mask = tok["input_ids"].expand(n, -1), tok["attention_mask"].expand(n, -1)
+        ours = encoder.itm_logits(vit, ids, mask).numpy()
+        with torch.no_grad():
+            ref = hf_itm(pixel_values=px, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True).logits_per_image.numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert np.ptp(ref[:, 1]) > 1e-2
+
+
+def test_match_scores_combine_itm_logit_and_itc(encoder, hf_itm):
+    ims = _images()
+    s = encoder.score_images(TEXTS[0], ims)
+    tok = encoder.tokenize([TEXTS[0]] * len(ims))
+    px = encoder.preprocess(ims)
+    with torch.no_grad():
+        itm = hf_itm(pixel_values=px, **tok, use_image_text_matching_head=True).logits_per_image
+        itc = hf_itm(pixel_values=px, **encoder.tokenize(TEXTS[:1]), use_image_text_matching_head=False).logits_per_image[:, 0]
+    np.testing.assert_allclose(s.itm_logit, itm[:, 1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(s.match_probability, torch.softmax(itm, -1)[:, 1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(s.itc, itc.numpy(), atol=1e-5)
+    np.testing.assert_allclose(s.score, s.itm_logit + s.itc, atol=1e-6)
+
+
+def test_uint8_fast_input_equals_processor_on_resized_images(encoder):
+    size = encoder.image_size
+    resized = [im.resize((size, size), Image.BICUBIC) for im in _images()]
+    arr = np.stack([np.asarray(im) for im in resized])
+    np.testing.assert_allclose(encoder.pixels_from_uint8(arr).numpy(), encoder.preprocess(resized).numpy(), atol=1e-5)
+
+
+def test_text_model_is_dropped_when_full_model_loads(tiny_itm_dir):
+    enc = Blip2Encoder.load(str(tiny_itm_dir))
+    before = enc.embed_texts(TEXTS[:2])
+    enc.embed_images(_images(2))
+    assert enc.loaded_parts == ("full",)
+    np.testing.assert_allclose(enc.embed_texts(TEXTS[:2]), before, atol=1e-6)
+
+
+# ------------------------------------------------------------------ captions equal HF's generate
+def test_captions_equal_hf_generate(tiny_captioner_dir):
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    cap = Blip2Captioner.load(str(tiny_captioner_dir), batch_size=2)
+    ims = _images(5)
+    ours = cap.caption(ims)
+    hf = Blip2ForConditionalGeneration.from_pretrained(tiny_captioner_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_captioner_dir)
+    with torch.no_grad():
+        out = hf.generate(pixel_values=cap.preprocess(ims), max_new_tokens=30, min_new_tokens=1)
+    ref = [" ".join(t.split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
+    assert ours == ref
+    assert len(set(ours)) > 1
+
+
+def test_beam_search_and_prompt(tiny_captioner_dir):
+    cap = Blip2Captioner.load(str(tiny_captioner_dir), settings=CaptionSettings(num_beams=3, max_new_tokens=5, prompt="a photo of"))
+    out = cap.caption(_images(2))
+    assert len(out) == 2 and all(len(c.split()) <= 5 for c in out)
+    assert not any(c.startswith("a photo of") for c in out)  # the prompt is not echoed
+
+
+def test_caption_settings_refuse_nonsense():
+    with pytest.raises(InvalidInputError, match="--beams"):
+        CaptionSettings(num_beams=0)
+
+
+# ------------------------------------------------------------------ loading errors
+def test_missing_directory_names_the_fix(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="--model"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_uncached_hub_id_offline_names_the_fixes(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model("Salesforce/blip2-itm-vit-g")
+    msg = str(err.value)
+    assert "Salesforce/blip2-itm-vit-g" in msg and "--model PATH" in msg and "HF_HUB_OFFLINE" in msg and "HF cache" in msg
+
+
+def test_directory_without_config_or_safetensors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        resolve_model(str(tmp_path))
+
+
+def test_generation_checkpoint_is_refused_as_embedder(tiny_captioner_dir):
+    with pytest.raises(ModelLoadError, match="Blip2ForImageTextRetrieval"):
+        Blip2Encoder.load(str(tiny_captioner_dir))
+
+
+def test_embedder_checkpoint_is_refused_as_captioner(tiny_itm_dir):
+    with pytest.raises(ModelLoadError, match="--captioner"):
+        Blip2Captioner.load(str(tiny_itm_dir))
+
+
+def test_revision_fingerprint_changes_with_weights(tmp_path):
+    from tiny_models import make_tiny_itm
+
+    a = resolve_model(str(make_tiny_itm(tmp_path / "a", seed=1)))
+    b = resolve_model(str(make_tiny_itm(tmp_path / "b", seed=2)))
+    assert a.revision != b.revision and a.revision == resolve_model(str(tmp_path / "a")).revision
+
+
+def test_tiny_tokenizer_knows_its_words(encoder):
+    ids = encoder.tokenize(["a red circle"])["input_ids"][0].tolist()
+    assert encoder.tokenizer.unk_token_id not in ids and ids[0] == encoder.tokenizer.cls_token_id
