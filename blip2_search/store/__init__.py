@@ -1,0 +1,69 @@
+"""Storage of a library: metadata (SQLAlchemy; SQLite by default) and vectors (FAISS).
+
+A library folder holds ``metadata.sqlite`` (images, embeddings, library facts; the source of
+truth) and ``vectors.faiss`` + ``vectors.faiss.json`` (a search index rebuilt from it when its
+vectors generation is behind). Typical use::
+
+    store = open_metadata(folder, create=True, embedder=embedder_info)
+    store.upsert_indexed([...])
+    vectors = open_vectors(store, folder / VECTORS_FILENAME).store
+    ids, scores = vectors.search(text_embeddings, k=10)
+    records = store.get_records(ids[0])
+"""
+
+from blip2_search.store.engine import METADATA_FILENAME
+from blip2_search.store.index_choice import EXACT_FACTORY, choose_index
+from blip2_search.store.metadata import LiveVectors, MetadataStore, open_metadata
+from blip2_search.store.rebuild import VECTORS_FILENAME, OpenedVectors, open_vectors, rebuild
+from blip2_search.store.records import (
+    STATUS_DELETED,
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    STATUS_PENDING,
+    CaptionUpdate,
+    EmbedderInfo,
+    EmbeddingRecord,
+    FailedFile,
+    Failure,
+    ImageRecord,
+    IndexedImage,
+    KnownFile,
+    LibraryInfo,
+    ModelRef,
+    StatusCounts,
+    VectorChunk,
+)
+from blip2_search.store.vectors import GPU_MAX_K, FaissVectorStore, LoadResult, VectorStore
+
+__all__ = [
+    "EXACT_FACTORY",
+    "GPU_MAX_K",
+    "METADATA_FILENAME",
+    "STATUS_DELETED",
+    "STATUS_FAILED",
+    "STATUS_INDEXED",
+    "STATUS_PENDING",
+    "VECTORS_FILENAME",
+    "CaptionUpdate",
+    "EmbedderInfo",
+    "EmbeddingRecord",
+    "FailedFile",
+    "Failure",
+    "FaissVectorStore",
+    "ImageRecord",
+    "IndexedImage",
+    "KnownFile",
+    "LibraryInfo",
+    "LiveVectors",
+    "LoadResult",
+    "MetadataStore",
+    "ModelRef",
+    "OpenedVectors",
+    "StatusCounts",
+    "VectorChunk",
+    "VectorStore",
+    "choose_index",
+    "open_metadata",
+    "open_vectors",
+    "rebuild",
+]

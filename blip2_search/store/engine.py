@@ -1,0 +1,131 @@
+"""Database engine for a library: URL resolution, SQLite settings, transactions, error translation.
+
+SQLite files get WAL journaling (readers never wait for the writer), ``synchronous=NORMAL``
+(durable at each checkpoint, safe against corruption), foreign keys on, and a busy timeout.
+SQLAlchemy emits BEGIN itself (the sqlite3 driver would skip it before SELECT), so a read
+transaction is a consistent snapshot, and write transactions start with BEGIN IMMEDIATE so that
+a busy library waits for the lock instead of failing half-way. Other dialects (PostgreSQL by
+``postgresql://`` URL) get none of the SQLite-specific settings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
+
+from blip2_search.errors import LibraryError
+
+METADATA_FILENAME = "metadata.sqlite"
+"""Name of the SQLite file inside a library folder."""
+SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+"""A path with one of these suffixes names the SQLite file itself; any other path, a library folder."""
+
+_BEGIN_OPTION = "blip2_search_begin"
+_BEGIN_STATEMENTS = {"deferred": "BEGIN", "immediate": "BEGIN IMMEDIATE"}
+_SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def resolve_location(url_or_path: str | os.PathLike[str]) -> tuple[URL, Path | None]:
+    """Turn a database URL, a SQLite file path or a library folder into (URL, SQLite file or None).
+
+    A string containing ``://`` is a SQLAlchemy URL; a path ending in one of ``SQLITE_SUFFIXES``
+    (and not an existing directory) is the SQLite file; any other path is a library folder and
+    means the ``METADATA_FILENAME`` inside it.
+    """
+    text = os.fspath(url_or_path)
+    if "://" in text:
+        url = make_url(text)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            database = url.database
+            if database.startswith("file:"):
+                database = database[len("file:") :].split("?", 1)[0]
+            return url, Path(database)
+        return url, None
+    path = Path(text)
+    if path.is_dir() or path.suffix.lower() not in SQLITE_SUFFIXES:
+        path = path / METADATA_FILENAME
+    return URL.create("sqlite", database=str(path)), path
+
+
+def describe_url(url: URL) -> str:
+    """A URL for messages, without its password."""
+    return url.render_as_string(hide_password=True)
+
+
+def create_library_engine(url: URL, *, busy_timeout_s: float) -> Engine:
+    """Create the engine; for SQLite, install pragmas and explicit BEGIN handling."""
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": busy_timeout_s})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in _SQLITE_PRAGMAS:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_OPTION, "deferred")
+        connection.exec_driver_sql(_BEGIN_STATEMENTS[mode])
+
+    return engine
+
+
+@contextmanager
+def read_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection inside a read transaction (a consistent snapshot on SQLite WAL)."""
+    with engine.connect() as connection, connection.begin():
+        yield connection
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection inside a write transaction, committed on success, rolled back on error."""
+    with engine.connect() as raw:
+        connection = raw.execution_options(**{_BEGIN_OPTION: "immediate"})
+        with connection.begin():
+            yield connection
+
+
+def library_error(location: str, error: BaseException) -> LibraryError:
+    """Map a database error to a one-line LibraryError naming the library, the reason and the fix."""
+    detail = str(getattr(error, "orig", None) or error).splitlines()[0] if str(error) else repr(error)
+    lowered = detail.lower()
+    if "database or disk is full" in lowered or "no space left" in lowered:
+        fix = "the disk is full; free disk space and run the command again"
+    elif "locked" in lowered or "busy" in lowered:
+        fix = "another process is writing to it; wait for it to finish or stop it, then retry"
+    elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+        fix = "the file is damaged; restore it from a backup or delete the library folder and re-index"
+    elif "readonly" in lowered or "read-only" in lowered or "permission denied" in lowered:
+        fix = "it is read-only; make the library folder writable or choose another --library folder"
+    elif "unable to open" in lowered:
+        fix = "the file cannot be opened; check that the library folder exists and is writable"
+    else:
+        fix = "check the library location and run the command again"
+    return LibraryError(f"library {location}: {detail}; {fix}")
+
+
+@contextmanager
+def translate_errors(location: str) -> Iterator[None]:
+    """Re-raise database errors as LibraryError (see ``library_error``)."""
+    try:
+        yield
+    except DBAPIError as error:
+        raise library_error(location, error) from error

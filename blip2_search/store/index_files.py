@@ -1,0 +1,155 @@
+"""A FAISS index on disk: atomic writes and the JSON sidecar that says what built it.
+
+``vectors.faiss`` is written first, then ``vectors.faiss.json``, each by: write a temporary file
+in the same folder, fsync it, ``os.replace`` it over the old one, fsync the folder. A crash at any
+point leaves either the old or the new version of each file, and a new index beside an old
+sidecar reads as stale (the sidecar's generation is older), so the caller rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+
+from blip2_search.errors import LibraryError
+
+SIDECAR_SUFFIX = ".json"
+SIDECAR_FORMAT = 1
+
+LoadState = Literal["ok", "missing", "stale", "invalid"]
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What the sidecar records about a saved index (``index_infos.json`` style)."""
+
+    factory: str
+    metric: str
+    num_query_tokens: int
+    dim: int
+    images: int
+    vectors: int
+    vectors_generation: int
+    faiss_version: str
+    index_bytes: int
+    format: int = SIDECAR_FORMAT
+
+
+def sidecar_path(index_path: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar beside ``index_path`` (``<index>.json``)."""
+    path = Path(index_path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory handles (Windows) make os.replace durable themselves
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically: ``write`` fills a temporary file in the same folder, which is
+    fsynced and moved over ``path``; the folder is fsynced. On error the temporary is removed."""
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(descriptor)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_index_files(index: faiss.Index, path: str | os.PathLike[str], info: IndexInfo) -> IndexInfo:
+    """Save ``index`` and its sidecar atomically; return the sidecar as written.
+
+    ``info.index_bytes`` is filled in here. Raises LibraryError naming the path on OS errors.
+    """
+    target = Path(path)
+    written = info
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda temporary: faiss.write_index(index, str(temporary)))
+        written = IndexInfo(**{**asdict(info), "index_bytes": target.stat().st_size})
+        text = json.dumps(asdict(written), indent=2, sort_keys=True)
+        atomic_write(sidecar_path(target), lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    except (OSError, RuntimeError) as error:
+        raise LibraryError(
+            f"cannot save vector index {target} ({error}); free disk space or make the folder "
+            "writable, then run the command again"
+        ) from error
+    return written
+
+
+@dataclass(frozen=True)
+class ReadIndex:
+    """The outcome of reading index files: ``index`` is set only when ``state`` is ``"ok"``."""
+
+    state: LoadState
+    reason: str
+    index: Any = None
+    info: IndexInfo | None = None
+
+
+def read_index_files(
+    path: str | os.PathLike[str],
+    *,
+    expected_generation: int,
+    factory: str,
+    num_query_tokens: int,
+    dim: int,
+) -> ReadIndex:
+    """Read an index saved by ``write_index_files`` if it is current and matches the shape.
+
+    ``state``: ``missing`` (no files), ``invalid`` (unreadable, or built for another shape or
+    factory), ``stale`` (older generation than ``expected_generation``), or ``ok``.
+    """
+    target = Path(path)
+    sidecar = sidecar_path(target)
+    if not target.exists() or not sidecar.exists():
+        return ReadIndex("missing", f"no vector index at {target}")
+    try:
+        info = IndexInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as error:
+        return ReadIndex("invalid", f"unreadable sidecar {sidecar} ({error})")
+    expected = (factory, num_query_tokens, dim, SIDECAR_FORMAT)
+    found = (info.factory, info.num_query_tokens, info.dim, info.format)
+    if found != expected:
+        return ReadIndex("invalid", f"index {target} was built as {found}, expected {expected}", info=info)
+    if info.vectors_generation != expected_generation:
+        return ReadIndex(
+            "stale",
+            f"index {target} has vectors generation {info.vectors_generation}, "
+            f"the library is at {expected_generation}",
+            info=info,
+        )
+    if target.stat().st_size != info.index_bytes:
+        return ReadIndex("stale", f"index {target} does not match its sidecar (size differs)", info=info)
+    try:
+        index = faiss.read_index(str(target))
+    except RuntimeError as error:
+        return ReadIndex("invalid", f"unreadable index {target} ({str(error).splitlines()[0]})", info=info)
+    if index.ntotal != info.vectors or index.d != dim:
+        return ReadIndex(
+            "invalid", f"index {target} holds {index.ntotal} vectors, sidecar says {info.vectors}", info=info
+        )
+    return ReadIndex("ok", "current", index=index, info=info)

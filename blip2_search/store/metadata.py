@@ -1,0 +1,366 @@
+"""The library's metadata store: opening (engine, migrations, model check) and queries.
+
+``open_metadata`` is the entry point. ``MetadataStore`` returns frozen records (``records.py``),
+never ORM rows; every database error leaves it as a one-line ``LibraryError``. Writes that change
+which vectors are live (upsert, fail, delete, reset) bump ``vectors_generation`` in the same
+transaction, so a FAISS file stamped with an older generation is known to be stale.
+The write operations live in ``updates.py``; this module holds opening and reading.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Connection, Engine, func, select
+
+from blip2_search.errors import LibraryError, ModelMismatchError
+from blip2_search.store import updates
+from blip2_search.store.captions import search_captions
+from blip2_search.store.engine import (
+    create_library_engine,
+    describe_url,
+    read_transaction,
+    resolve_location,
+    translate_errors,
+    write_transaction,
+)
+from blip2_search.store.migrations import migrate
+from blip2_search.store.records import (
+    STATUS_DELETED,
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    STATUS_PENDING,
+    CaptionUpdate,
+    EmbedderInfo,
+    EmbeddingRecord,
+    FailedFile,
+    Failure,
+    ImageRecord,
+    IndexedImage,
+    KnownFile,
+    LibraryInfo,
+    ModelRef,
+    StatusCounts,
+)
+from blip2_search.store.rows import (
+    LiveVectors,
+    chunks,
+    iter_caption_vectors,
+    library_info_record,
+    read_embedder,
+    read_info,
+    to_embedding_record,
+    to_image_record,
+)
+from blip2_search.store.schema import INFO_VECTORS_GENERATION, embeddings, images
+
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+"""How long a write waits for another process's write lock before failing as 'locked'."""
+
+
+def open_metadata(
+    url_or_path: str | os.PathLike[str],
+    *,
+    create: bool,
+    embedder: EmbedderInfo | None = None,
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+) -> MetadataStore:
+    """Open (or with ``create`` create) a library's metadata and migrate it to the current schema.
+
+    ``url_or_path``: a library folder (its ``metadata.sqlite``), a SQLite file, or a SQLAlchemy
+    URL such as ``postgresql://...``. With ``embedder``, the library records it when it has none
+    and raises ModelMismatchError when it recorded a different one. Raises LibraryError for a
+    missing, read-only, locked, corrupt or too-new library.
+    """
+    text = os.fspath(url_or_path)
+    url, path = resolve_location(text)
+    location = str(path) if path is not None else describe_url(url)
+    if path is not None:
+        _check_sqlite_file(path, location, create=create, check_folder="://" not in text)
+    engine = create_library_engine(url, busy_timeout_s=busy_timeout_s)
+    try:
+        with translate_errors(location):
+            migrate(engine, location, create=create)
+        store = MetadataStore(engine, location, path)
+        if embedder is not None:
+            store.ensure_embedder(embedder)
+    except BaseException:
+        engine.dispose()
+        raise
+    return store
+
+
+def _check_sqlite_file(path: Path, location: str, *, create: bool, check_folder: bool) -> None:
+    if not path.exists():
+        if not create:
+            raise LibraryError(
+                f"no library at {location}; index photos into it first or pass the right --library folder"
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LibraryError(
+                f"cannot create library folder {path.parent} ({error.strerror}); "
+                "choose a writable --library folder"
+            ) from error
+    if check_folder and not os.access(path.parent, os.W_OK):
+        raise LibraryError(
+            f"library folder {path.parent} is read-only (SQLite needs to write its journal there); "
+            "make it writable or copy the library to a writable folder"
+        )
+
+
+class MetadataStore:
+    """Images, embeddings and library facts of one library. Create with ``open_metadata``."""
+
+    def __init__(self, engine: Engine, location: str, path: Path | None) -> None:
+        self._engine = engine
+        self.location = location
+        """The SQLite file or the URL (password hidden), as named in messages."""
+        self.path = path
+        """The SQLite file, or None for a server database."""
+
+    def close(self) -> None:
+        """Release all database connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> MetadataStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with translate_errors(self.location), read_transaction(self._engine) as connection:
+            yield connection
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with translate_errors(self.location), write_transaction(self._engine) as connection:
+            yield connection
+
+    # -- library facts ---------------------------------------------------------------------
+
+    def info(self) -> LibraryInfo:
+        """Schema version, creation time, recorded models and the vectors generation."""
+        with self._read() as connection:
+            return library_info_record(connection)
+
+    def vectors_generation(self) -> int:
+        """The counter bumped by every committed change to the live vectors."""
+        with self._read() as connection:
+            return int(read_info(connection)[INFO_VECTORS_GENERATION])
+
+    def ensure_embedder(self, embedder: EmbedderInfo) -> None:
+        """Record ``embedder`` if none is recorded; raise ModelMismatchError if another one is."""
+        with self._read() as connection:
+            recorded = read_embedder(connection)
+        if recorded is None:
+            with self._write() as connection:
+                recorded = read_embedder(connection)
+                if recorded is None:
+                    updates.write_embedder(connection, embedder)
+                    return
+        if recorded != embedder:
+            raise ModelMismatchError(
+                f"library {self.location} was built with embedder {recorded.describe()} but "
+                f"{embedder.describe()} was requested; use the library's model, or re-embed "
+                "every image with --reembed"
+            )
+
+    def reset_embedder(self, embedder: EmbedderInfo) -> int:
+        """Drop all vectors, record ``embedder``, and mark indexed images pending; return how many.
+
+        This is what ``--reembed`` runs before recomputing vectors with a new model.
+        """
+        with self._write() as connection:
+            return updates.reset_embedder(connection, embedder)
+
+    def set_captioner(self, captioner: ModelRef) -> None:
+        """Record the captioner used for new captions."""
+        with self._write() as connection:
+            updates.write_captioner(connection, captioner)
+
+    # -- change detection ------------------------------------------------------------------
+
+    def known_files(self) -> dict[str, KnownFile]:
+        """Every path in the library (any status) with what change detection compares."""
+        statement = select(
+            images.c.id,
+            images.c.path,
+            images.c.size,
+            images.c.mtime_ns,
+            images.c.content_hash,
+            images.c.status,
+        )
+        with self._read() as connection:
+            return {
+                row.path: KnownFile(row.id, row.size, row.mtime_ns, row.content_hash, row.status)
+                for row in connection.execute(statement)
+            }
+
+    def get_by_paths(self, paths: Iterable[str]) -> dict[str, ImageRecord]:
+        """Records for those of ``paths`` that are in the library (any status)."""
+        result: dict[str, ImageRecord] = {}
+        with self._read() as connection:
+            for part in chunks(list(dict.fromkeys(paths))):
+                for row in connection.execute(select(images).where(images.c.path.in_(part))):
+                    result[row.path] = to_image_record(row)
+        return result
+
+    def images_by_hash(
+        self, hashes: Iterable[str], statuses: Sequence[str] = (STATUS_INDEXED, STATUS_PENDING)
+    ) -> dict[str, list[ImageRecord]]:
+        """Images with each content hash and one of ``statuses`` (default: live), by ascending id."""
+        result: dict[str, list[ImageRecord]] = {}
+        with self._read() as connection:
+            for part in chunks(list(dict.fromkeys(hashes))):
+                statement = (
+                    select(images)
+                    .where(images.c.content_hash.in_(part), images.c.status.in_(list(statuses)))
+                    .order_by(images.c.id)
+                )
+                for row in connection.execute(statement):
+                    result.setdefault(row.content_hash, []).append(to_image_record(row))
+        return result
+
+    def get_embeddings(self, hashes: Iterable[str]) -> dict[str, EmbeddingRecord]:
+        """Stored embedding rows for those of ``hashes`` that have one."""
+        result: dict[str, EmbeddingRecord] = {}
+        with self._read() as connection:
+            embedder = read_embedder(connection)
+            for part in chunks(list(dict.fromkeys(hashes))):
+                rows = connection.execute(select(embeddings).where(embeddings.c.content_hash.in_(part)))
+                for row in rows:
+                    result[row.content_hash] = to_embedding_record(row, embedder)
+        return result
+
+    # -- writes (one transaction per call) -------------------------------------------------
+
+    def upsert_indexed(self, items: Sequence[IndexedImage]) -> list[int]:
+        """Insert or update indexed images and their embeddings in one transaction; return ids.
+
+        An existing path keeps its id. Bumps ``vectors_generation`` once.
+        """
+        if not items:
+            return []
+        with self._write() as connection:
+            return updates.upsert_indexed(connection, items, self.location)
+
+    def rename(self, moves: Sequence[tuple[int, str]]) -> None:
+        """Give images new paths, keeping id, caption and vectors: ``[(image_id, new_path)]``.
+
+        A different row already at a new path (a file that was replaced) is removed.
+        """
+        if moves:
+            with self._write() as connection:
+                updates.rename(connection, moves)
+
+    def mark_failed(self, failures: Sequence[FailedFile]) -> list[int]:
+        """Record files that failed (insert or update by path); return their ids."""
+        if not failures:
+            return []
+        with self._write() as connection:
+            return updates.mark_failed(connection, failures)
+
+    def mark_deleted(self, image_ids: Iterable[int]) -> int:
+        """Mark images deleted (they leave search, keep their id); return how many changed."""
+        ids = [int(image_id) for image_id in image_ids]
+        if not ids:
+            return 0
+        with self._write() as connection:
+            return updates.mark_deleted(connection, ids)
+
+    def purge_unused_embeddings(self) -> int:
+        """Delete embedding rows no indexed or pending image uses; return how many."""
+        with self._write() as connection:
+            return updates.purge_unused_embeddings(connection)
+
+    def set_captions(self, captions: Sequence[CaptionUpdate]) -> None:
+        """Store captions (and caption vectors); each also applies to same-content images."""
+        if captions:
+            with self._write() as connection:
+                updates.set_captions(connection, captions, self.location)
+
+    # -- status and search -----------------------------------------------------------------
+
+    def counts(self) -> StatusCounts:
+        """How many images are present, indexed, pending, captioned, failed and deleted."""
+        with self._read() as connection:
+            by_status = dict(
+                connection.execute(select(images.c.status, func.count()).group_by(images.c.status)).all()
+            )
+            captioned = connection.scalar(
+                select(func.count()).where(images.c.status == STATUS_INDEXED, images.c.caption.is_not(None))
+            )
+            n_embeddings = connection.scalar(select(func.count()).select_from(embeddings))
+        total = sum(by_status.values())
+        deleted = by_status.get(STATUS_DELETED, 0)
+        return StatusCounts(
+            present=total - deleted,
+            indexed=by_status.get(STATUS_INDEXED, 0),
+            pending=by_status.get(STATUS_PENDING, 0),
+            captioned=int(captioned or 0),
+            failed=by_status.get(STATUS_FAILED, 0),
+            deleted=deleted,
+            embeddings=int(n_embeddings or 0),
+        )
+
+    def failures(self, limit: int | None = None) -> list[Failure]:
+        """Failed images, ordered by path."""
+        statement = (
+            select(images.c.id, images.c.path, images.c.error, images.c.updated_at)
+            .where(images.c.status == STATUS_FAILED)
+            .order_by(images.c.path)
+            .limit(limit)
+        )
+        with self._read() as connection:
+            return [
+                Failure(row.id, row.path, row.error or "", row.updated_at)
+                for row in connection.execute(statement)
+            ]
+
+    def get_records(self, image_ids: Iterable[int]) -> list[ImageRecord]:
+        """Records for ``image_ids`` in the given order (any status); unknown ids are skipped."""
+        ids = [int(image_id) for image_id in image_ids]
+        found: dict[int, ImageRecord] = {}
+        with self._read() as connection:
+            for part in chunks(list(dict.fromkeys(ids))):
+                for row in connection.execute(select(images).where(images.c.id.in_(part))):
+                    found[row.id] = to_image_record(row)
+        return [found[image_id] for image_id in ids if image_id in found]
+
+    def uncaptioned(self, limit: int | None = None) -> list[ImageRecord]:
+        """Indexed images without a caption, by ascending id."""
+        statement = (
+            select(images)
+            .where(images.c.status == STATUS_INDEXED, images.c.caption.is_(None))
+            .order_by(images.c.id)
+            .limit(limit)
+        )
+        with self._read() as connection:
+            return [to_image_record(row) for row in connection.execute(statement)]
+
+    def search_captions(self, query: str, limit: int, *, require_all: bool = True) -> list[tuple[int, float]]:
+        """Indexed images whose caption matches ``query``: ``[(image_id, rank)]``, best first.
+
+        SQLite: FTS5 BM25 rank, lower is better. Any user text is safe (see ``captions.py``).
+        """
+        with self._read() as connection:
+            return search_captions(connection, query, limit, require_all=require_all)
+
+    @contextmanager
+    def live_vectors(self, chunk_size: int = 1024) -> Iterator[LiveVectors]:
+        """A snapshot of all indexed images' vectors, read in chunks (for a FAISS rebuild)."""
+        with self._read() as connection:
+            yield LiveVectors(connection, read_embedder(connection), chunk_size)
+
+    def iter_caption_vectors(self, chunk_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(ids [n] int64, vectors [n, D] float32)`` for indexed images with caption vectors."""
+        with self._read() as connection:
+            yield from iter_caption_vectors(connection, read_embedder(connection), chunk_size)

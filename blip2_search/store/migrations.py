@@ -1,0 +1,122 @@
+"""Schema migrations: an ordered list of steps, run on open, recorded as ``schema_version``.
+
+Version 0 means an empty database. Each step brings the schema from ``version - 1`` to
+``version``; all pending steps run in ONE write transaction (SQLite and PostgreSQL both have
+transactional DDL), so a failed step leaves the library at its old version. Add a step by
+appending a ``Migration`` to ``MIGRATIONS``; never edit a released step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import Connection, Engine, insert, inspect, select, update
+
+from blip2_search.errors import LibraryError
+from blip2_search.store.engine import read_transaction, write_transaction
+from blip2_search.store.schema import (
+    INFO_CREATED_AT,
+    INFO_SCHEMA_VERSION,
+    INFO_VECTORS_GENERATION,
+    SQLITE_FTS_DDL,
+    library_info,
+    metadata,
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: ``apply`` runs inside the open write transaction."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _create_v1(connection: Connection) -> None:
+    """Create library_info, images, embeddings, and on SQLite the FTS5 caption index."""
+    metadata.create_all(connection)
+    if connection.dialect.name == "sqlite":
+        for statement in SQLITE_FTS_DDL:
+            connection.exec_driver_sql(statement)
+    connection.execute(
+        insert(library_info),
+        [
+            {"key": INFO_CREATED_AT, "value": datetime.now(timezone.utc).isoformat()},
+            {"key": INFO_VECTORS_GENERATION, "value": "0"},
+        ],
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "create library_info, images, embeddings and the SQLite caption index", _create_v1),
+)
+LATEST_VERSION = MIGRATIONS[-1].version
+"""The schema version this code writes."""
+
+
+def current_version(connection: Connection) -> int:
+    """The schema version stored in the database (0 for an empty database)."""
+    if not inspect(connection).has_table(library_info.name):
+        return 0
+    value = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_SCHEMA_VERSION))
+    return 0 if value is None else int(value)
+
+
+def _check_sequence(migrations: Sequence[Migration]) -> None:
+    versions = [step.version for step in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migration versions must be 1, 2, 3, ... in order; got {versions}")
+
+
+def _check_openable(version: int, latest: int, location: str, create: bool) -> None:
+    if version > latest:
+        raise LibraryError(
+            f"library {location} has schema version {version} but this blip2-search supports "
+            f"up to {latest}; upgrade blip2-search (pip install -U blip2-search)"
+        )
+    if version == 0 and not create:
+        raise LibraryError(
+            f"library {location} is empty or not a blip2-search library; "
+            "index photos into it first or pass the right --library folder"
+        )
+
+
+def migrate(
+    engine: Engine,
+    location: str,
+    *,
+    create: bool,
+    migrations: Sequence[Migration] = MIGRATIONS,
+) -> int:
+    """Bring the database to the newest version in ``migrations``; return that version.
+
+    Raises LibraryError when the stored schema is newer than ``migrations`` knows (naming both
+    versions and the fix), or when the database is empty and ``create`` is False.
+    """
+    _check_sequence(migrations)
+    latest = migrations[-1].version
+    with read_transaction(engine) as connection:
+        version = current_version(connection)
+    _check_openable(version, latest, location, create)
+    if version == latest:
+        return version
+    with write_transaction(engine) as connection:
+        version = current_version(connection)
+        _check_openable(version, latest, location, create)
+        for step in migrations:
+            if step.version > version:
+                step.apply(connection)
+        _set_version(connection, version, latest)
+    return latest
+
+
+def _set_version(connection: Connection, old: int, new: int) -> None:
+    if old == 0:
+        connection.execute(insert(library_info).values(key=INFO_SCHEMA_VERSION, value=str(new)))
+    else:
+        connection.execute(
+            update(library_info).where(library_info.c.key == INFO_SCHEMA_VERSION).values(value=str(new))
+        )

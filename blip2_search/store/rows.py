@@ -1,0 +1,203 @@
+"""Reading rows into records and arrays, shared by the metadata store's reads and writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import numpy as np
+from sqlalchemy import Connection, func, select
+
+from blip2_search.errors import LibraryError
+from blip2_search.store.codec import bytes_to_vectors
+from blip2_search.store.records import (
+    STATUS_INDEXED,
+    EmbedderInfo,
+    EmbeddingRecord,
+    ImageRecord,
+    LibraryInfo,
+    ModelRef,
+    VectorChunk,
+)
+from blip2_search.store.schema import (
+    INFO_CAPTIONER_MODEL,
+    INFO_CAPTIONER_REVISION,
+    INFO_CREATED_AT,
+    INFO_DIM,
+    INFO_EMBEDDER_MODEL,
+    INFO_EMBEDDER_REVISION,
+    INFO_NUM_QUERY_TOKENS,
+    INFO_SCHEMA_VERSION,
+    INFO_VECTORS_GENERATION,
+    embeddings,
+    images,
+    library_info,
+)
+
+CHUNK = 500
+"""Values per ``IN (...)`` list: far below SQLite's and PostgreSQL's bound-parameter limits."""
+
+T = TypeVar("T")
+
+
+def chunks(values: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    """Consecutive slices of ``values`` of at most ``size`` items."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def read_info(connection: Connection) -> dict[str, str]:
+    """All ``library_info`` keys and values."""
+    return dict(connection.execute(select(library_info.c.key, library_info.c.value)).all())
+
+
+def read_embedder(connection: Connection) -> EmbedderInfo | None:
+    """The recorded embedder, or None when none is recorded yet."""
+    return embedder_from_info(read_info(connection))
+
+
+def embedder_from_info(info: dict[str, str]) -> EmbedderInfo | None:
+    """Build the embedder record from ``library_info`` values."""
+    if INFO_EMBEDDER_MODEL not in info:
+        return None
+    return EmbedderInfo(
+        model=ModelRef(info[INFO_EMBEDDER_MODEL], info.get(INFO_EMBEDDER_REVISION) or None),
+        num_query_tokens=int(info[INFO_NUM_QUERY_TOKENS]),
+        dim=int(info[INFO_DIM]),
+    )
+
+
+def library_info_record(connection: Connection) -> LibraryInfo:
+    """The ``library_info`` table as a ``LibraryInfo`` record."""
+    info = read_info(connection)
+    captioner = None
+    if INFO_CAPTIONER_MODEL in info:
+        captioner = ModelRef(info[INFO_CAPTIONER_MODEL], info.get(INFO_CAPTIONER_REVISION) or None)
+    return LibraryInfo(
+        schema_version=int(info[INFO_SCHEMA_VERSION]),
+        created_at=datetime.fromisoformat(info[INFO_CREATED_AT]),
+        embedder=embedder_from_info(info),
+        captioner=captioner,
+        vectors_generation=int(info[INFO_VECTORS_GENERATION]),
+    )
+
+
+def require_embedder(connection: Connection, location: str) -> EmbedderInfo:
+    """The recorded embedder; LibraryError when vectors are written before one is recorded."""
+    embedder = read_embedder(connection)
+    if embedder is None:
+        raise LibraryError(
+            f"library {location} has no embedder recorded; open it with the embedder "
+            "(open_metadata(..., embedder=...)) before storing vectors"
+        )
+    return embedder
+
+
+def to_image_record(row: Any) -> ImageRecord:
+    """An ``images`` row as an ``ImageRecord``."""
+    return ImageRecord(
+        id=row.id,
+        path=row.path,
+        size=row.size,
+        mtime_ns=row.mtime_ns,
+        content_hash=row.content_hash,
+        width=row.width,
+        height=row.height,
+        taken_at=row.taken_at,
+        camera_make=row.camera_make,
+        camera_model=row.camera_model,
+        status=row.status,
+        error=row.error,
+        caption=row.caption,
+        caption_model=row.caption_model,
+        indexed_at=row.indexed_at,
+        updated_at=row.updated_at,
+    )
+
+
+def to_embedding_record(row: Any, embedder: EmbedderInfo | None) -> EmbeddingRecord:
+    """An ``embeddings`` row as an ``EmbeddingRecord``, shapes checked against ``embedder``."""
+    q, d = (embedder.num_query_tokens, embedder.dim) if embedder else (0, 0)
+    what = f"embedding {row.content_hash}"
+    caption = row.caption_vector
+    return EmbeddingRecord(
+        content_hash=row.content_hash,
+        image_vectors=bytes_to_vectors(row.image_vectors, (q, d), f"image vectors of {what}"),
+        caption_vector=None
+        if caption is None
+        else bytes_to_vectors(caption, (d,), f"caption vector of {what}"),
+    )
+
+
+def iter_caption_vectors(
+    connection: Connection, embedder: EmbedderInfo | None, chunk_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(ids [n] int64, vectors [n, D] float32)`` for indexed images with caption vectors."""
+    dim = embedder.dim if embedder else 0
+    last_id = -1
+    while True:
+        rows = connection.execute(
+            select(images.c.id, embeddings.c.caption_vector)
+            .join(embeddings, images.c.content_hash == embeddings.c.content_hash)
+            .where(
+                images.c.status == STATUS_INDEXED,
+                embeddings.c.caption_vector.is_not(None),
+                images.c.id > last_id,
+            )
+            .order_by(images.c.id)
+            .limit(chunk_size)
+        ).all()
+        if not rows:
+            return
+        ids = np.array([row.id for row in rows], dtype=np.int64)
+        vectors = np.stack(
+            [
+                bytes_to_vectors(row.caption_vector, (dim,), f"caption vector of image {row.id}")
+                for row in rows
+            ]
+        )
+        yield ids, vectors
+        last_id = int(ids[-1])
+
+
+class LiveVectors:
+    """A consistent snapshot of the live (indexed) image vectors, valid inside ``live_vectors``.
+
+    ``generation`` is the ``vectors_generation`` of the snapshot, ``count`` the number of images.
+    """
+
+    def __init__(self, connection: Connection, embedder: EmbedderInfo | None, chunk_size: int) -> None:
+        self._connection = connection
+        self._chunk_size = chunk_size
+        self.generation = int(read_info(connection)[INFO_VECTORS_GENERATION])
+        self.num_query_tokens = embedder.num_query_tokens if embedder else 0
+        self.dim = embedder.dim if embedder else 0
+        self.count = int(
+            connection.scalar(
+                select(func.count())
+                .select_from(images.join(embeddings, images.c.content_hash == embeddings.c.content_hash))
+                .where(images.c.status == STATUS_INDEXED)
+            )
+        )
+
+    def chunks(self) -> Iterator[VectorChunk]:
+        """Yield chunks in ascending image id: ``ids [n] int64``, ``vectors [n, Q, D] float32``."""
+        shape = (self.num_query_tokens, self.dim)
+        last_id = -1
+        while True:
+            rows = self._connection.execute(
+                select(images.c.id, embeddings.c.image_vectors)
+                .join(embeddings, images.c.content_hash == embeddings.c.content_hash)
+                .where(images.c.status == STATUS_INDEXED, images.c.id > last_id)
+                .order_by(images.c.id)
+                .limit(self._chunk_size)
+            ).all()
+            if not rows:
+                return
+            ids = np.array([row.id for row in rows], dtype=np.int64)
+            vectors = np.stack(
+                [bytes_to_vectors(row.image_vectors, shape, f"vectors of image {row.id}") for row in rows]
+            )
+            yield VectorChunk(ids=ids, vectors=vectors)
+            last_id = int(ids[-1])

@@ -1,0 +1,136 @@
+"""The library's relational schema (SQLAlchemy Core), portable between SQLite and PostgreSQL.
+
+Tables:
+- ``library_info``: key/value text (see ``INFO_*`` keys);
+- ``images``: one row per file path ever seen; ``id`` is stable across renames and moves;
+- ``embeddings``: vectors keyed by content hash, shared by duplicate files.
+SQLite also gets ``images_fts`` (FTS5 over ``images.caption``, kept in sync by triggers); see
+``SQLITE_FTS_DDL``. Migrations in ``migrations.py`` create all of it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+from blip2_search.store.codec import decode_path, encode_path
+
+INFO_SCHEMA_VERSION = "schema_version"
+INFO_CREATED_AT = "created_at"
+INFO_EMBEDDER_MODEL = "embedder_model"
+INFO_EMBEDDER_REVISION = "embedder_revision"
+INFO_NUM_QUERY_TOKENS = "num_query_tokens"
+INFO_DIM = "dim"
+INFO_CAPTIONER_MODEL = "captioner_model"
+INFO_CAPTIONER_REVISION = "captioner_revision"
+INFO_VECTORS_GENERATION = "vectors_generation"
+
+# SQLite's INTEGER PRIMARY KEY is the rowid; BIGINT would not auto-increment there.
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class FsPath(TypeDecorator[str]):
+    """A filesystem path stored losslessly as text (see ``codec.encode_path``)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: object) -> str | None:
+        """Encode a path for storage."""
+        return None if value is None else encode_path(value)
+
+    def process_result_value(self, value: str | None, dialect: object) -> str | None:
+        """Decode a stored path."""
+        return None if value is None else decode_path(value)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime, stored naive-UTC so SQLite and PostgreSQL agree."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        """Convert an aware datetime to naive UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("UtcDateTime needs an aware datetime")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        """Attach UTC to a stored naive datetime."""
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+metadata = MetaData()
+
+library_info = Table(
+    "library_info",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("path", FsPath, nullable=False, unique=True),
+    Column("size", BigInteger),
+    Column("mtime_ns", BigInteger),
+    Column("content_hash", String(128)),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("taken_at", DateTime),
+    Column("camera_make", Text),
+    Column("camera_model", Text),
+    Column("status", String(16), nullable=False),
+    Column("error", Text),
+    Column("caption", Text),
+    Column("caption_model", Text),
+    Column("indexed_at", UtcDateTime),
+    Column("updated_at", UtcDateTime),
+    CheckConstraint("status IN ('indexed', 'pending', 'failed', 'deleted')", name="ck_images_status"),
+    Index("ix_images_content_hash", "content_hash"),
+    Index("ix_images_status", "status"),
+    Index("ix_images_taken_at", "taken_at"),
+    # AUTOINCREMENT: ids of hard-deleted rows are never reused, so a stale index cannot alias them.
+    sqlite_autoincrement=True,
+)
+
+embeddings = Table(
+    "embeddings",
+    metadata,
+    Column("content_hash", String(128), primary_key=True),
+    Column("image_vectors", LargeBinary, nullable=False),
+    Column("caption_vector", LargeBinary),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+# External-content FTS5 index over images.caption; rowid = images.id. Constant DDL, no user input.
+SQLITE_FTS_DDL = (
+    "CREATE VIRTUAL TABLE images_fts USING fts5("
+    "caption, content='images', content_rowid='id', tokenize='unicode61 remove_diacritics 2')",
+    "CREATE TRIGGER images_fts_ai AFTER INSERT ON images BEGIN "
+    "INSERT INTO images_fts(rowid, caption) VALUES (new.id, new.caption); END",
+    "CREATE TRIGGER images_fts_ad AFTER DELETE ON images BEGIN "
+    "INSERT INTO images_fts(images_fts, rowid, caption) VALUES ('delete', old.id, old.caption); END",
+    "CREATE TRIGGER images_fts_au AFTER UPDATE OF caption ON images BEGIN "
+    "INSERT INTO images_fts(images_fts, rowid, caption) VALUES ('delete', old.id, old.caption); "
+    "INSERT INTO images_fts(rowid, caption) VALUES (new.id, new.caption); END",
+)

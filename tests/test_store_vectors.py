@@ -1,0 +1,307 @@
+"""Tests of the FAISS vector store against numpy brute force, its files, and the rebuild helper."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from blip2_search.errors import InvalidInputError, LibraryError
+from blip2_search.store import (
+    EXACT_FACTORY,
+    EmbedderInfo,
+    FaissVectorStore,
+    IndexedImage,
+    ModelRef,
+    choose_index,
+    index_files,
+    open_metadata,
+    open_vectors,
+    rebuild,
+)
+from blip2_search.store.index_files import sidecar_path
+
+
+def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def brute_force(ids, vectors, queries, k, allowed=None, multi=False):
+    """Independent ground truth: score every image, sort by (-score, id)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if allowed is not None:
+        keep = np.isin(ids, allowed)
+        ids, vectors = ids[keep], vectors[keep]
+    out_ids, out_scores = [], []
+    for query in queries:
+        if multi:  # query [P, D]: mean over P of max over the image's Q vectors
+            sims = np.einsum("nqd,pd->npq", vectors.astype(np.float64), query.astype(np.float64))
+            scores = sims.max(axis=2).mean(axis=1)
+        else:
+            scores = (vectors.astype(np.float64) @ query.astype(np.float64)).max(axis=1)
+        order = np.lexsort((ids, -scores))[: min(k, len(ids))]
+        out_ids.append(ids[order])
+        out_scores.append(scores[order])
+    return np.array(out_ids, dtype=np.int64).reshape(len(queries), -1), np.array(out_scores).reshape(
+        len(queries), -1
+    )
+
+
+def assert_same_ranking(got, expected, atol=1e-5):
+    """Ids equal, except where two expected scores are within float32 rounding of each other."""
+    (gids, gscores), (eids, escores) = got, expected
+    assert gids.shape == eids.shape and gids.dtype == np.int64 and gscores.dtype == np.float32
+    np.testing.assert_allclose(gscores, escores, atol=atol)
+    for row in range(len(eids)):
+        for col in range(eids.shape[1]):
+            if gids[row, col] != eids[row, col]:
+                near = np.abs(escores[row] - escores[row, col]) <= atol
+                assert gids[row, col] in eids[row][near], (row, col)
+
+
+@pytest.fixture(scope="module")
+def library():
+    rng = np.random.default_rng(42)
+    n, q, d = 300, 4, 16
+    ids = rng.choice(10**6, size=n, replace=False).astype(np.int64)  # sparse, unordered ids
+    vectors = unit(rng, n, q, d)
+    vectors[10] = vectors[20]  # duplicate images: exact ties between two ids
+    vectors[30] = vectors[20]
+    store = FaissVectorStore(q, d, use_gpu=False)
+    for start in range(0, n, 128):
+        store.add(ids[start : start + 128], vectors[start : start + 128])
+    return store, ids, vectors, unit(rng, 25, d)  # 25 queries: FAISS's BLAS code path (>= 20)
+
+
+@pytest.mark.parametrize("k", [1, 5, 37, 299, 300, 1000])
+def test_search_equals_brute_force(library, k):
+    store, ids, vectors, queries = library
+    assert len(store) == 300 and store.ntotal == 1200
+    result = store.search(queries, k)
+    assert result[0].shape == (25, min(k, 300))
+    assert_same_ranking(result, brute_force(ids, vectors, queries, k))
+
+
+def test_ties_are_broken_by_ascending_id(library):
+    store, ids, vectors, _ = library
+    query = vectors[20][0][None, :]  # scores exactly 1.0 for the three identical images
+    got_ids, got_scores = store.search(query, 3)
+    assert got_ids[0].tolist() == sorted(ids[[10, 20, 30]].tolist())
+    assert got_scores[0, 0] == got_scores[0, 1] == got_scores[0, 2]
+
+
+def test_all_tied_images_need_the_deeper_search():
+    rng = np.random.default_rng(1)
+    q, d, n = 4, 8, 60
+    store = FaissVectorStore(q, d, use_gpu=False)
+    ids = rng.permutation(np.arange(1000, 1000 + n)).astype(np.int64)
+    store.add(ids, np.broadcast_to(unit(rng, 1, q, d), (n, q, d)))  # every image identical
+    got, _ = store.search(unit(rng, 2, d), 5)
+    assert got.tolist() == [list(range(1000, 1005))] * 2
+    for lists in (False, True):
+        store.multi_vector_lists = lists
+        got, _ = store.search_vectors(unit(rng, 1, 3, d), 5)
+        assert got.tolist() == [list(range(1000, 1005))]
+
+
+def test_filtered_search_is_inside_the_search(library):
+    store, ids, vectors, queries = library
+    rng = np.random.default_rng(7)
+    allowed = np.concatenate(
+        [rng.choice(ids, 40, replace=False), np.array([5, 17], dtype=np.int64)]
+    )  # 2 unknown
+    for k in (1, 10, 40, 100):
+        got = store.search(queries, k, allowed_ids=allowed)
+        assert got[0].shape == (25, min(k, 40))
+        assert_same_ranking(got, brute_force(ids, vectors, queries, k, allowed=allowed))
+    # the allowed images are the worst for query 0: truncating to k first would find none
+    worst = brute_force(ids, vectors, queries[:1], 300)[0][0][-3:]
+    got, _ = store.search(queries[:1], 2, allowed_ids=worst)
+    assert set(got[0].tolist()) <= set(worst.tolist()) and got.shape == (1, 2)
+    empty = store.search(queries, 5, allowed_ids=np.array([], dtype=np.int64))
+    assert empty[0].shape == (25, 0) and empty[1].shape == (25, 0)
+
+
+@pytest.mark.parametrize("lists", [False, True], ids=["direct", "candidate-lists"])
+@pytest.mark.parametrize("k", [1, 3, 12, 300, 400])
+def test_search_vectors_equals_brute_force(library, k, lists, monkeypatch):
+    store, ids, vectors, _ = library
+    monkeypatch.setattr(store, "multi_vector_lists", lists)
+    rng = np.random.default_rng(k)
+    queries = unit(rng, 3, 4, 16)
+    assert_same_ranking(store.search_vectors(queries, k), brute_force(ids, vectors, queries, k, multi=True))
+    allowed = rng.choice(ids, 50, replace=False)
+    got = store.search_vectors(queries, k, allowed_ids=allowed)
+    assert_same_ranking(got, brute_force(ids, vectors, queries, k, allowed=allowed, multi=True))
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_search_vectors_with_one_query_vector_equals_search(library, lists, monkeypatch):
+    store, _, _, queries = library
+    monkeypatch.setattr(store, "multi_vector_lists", lists)
+    single = store.search(queries[:4], 20)
+    multi = store.search_vectors(queries[:4, None, :], 20)
+    np.testing.assert_array_equal(single[0], multi[0])
+    np.testing.assert_allclose(single[1], multi[1], atol=1e-5)
+
+
+def test_storage_not_grouped_per_image_is_still_scored_right():
+    rng = np.random.default_rng(9)
+    q, d, n = 3, 8, 40
+    ids, vectors = np.arange(n, dtype=np.int64) * 7, unit(rng, n, q, d)
+    store = FaissVectorStore(q, d, use_gpu=False)
+    order = rng.permutation(n * q)  # e.g. an index file written by another tool, vectors interleaved
+    vector_ids = (ids[:, None] * q + np.arange(q)).reshape(-1)
+    store._index.add_with_ids(vectors.reshape(-1, d)[order], vector_ids[order])
+    store._image_ids.update(ids.tolist())
+    queries = unit(rng, 2, 2, d)
+    assert_same_ranking(store.search_vectors(queries, 10), brute_force(ids, vectors, queries, 10, multi=True))
+
+
+def test_blip2_shape_32x256():
+    rng = np.random.default_rng(3)
+    ids, vectors, queries = np.arange(64, dtype=np.int64), unit(rng, 64, 32, 256), unit(rng, 3, 256)
+    store = FaissVectorStore(32, 256, use_gpu=False)
+    store.add(ids, vectors)
+    assert_same_ranking(store.search(queries, 10), brute_force(ids, vectors, queries, 10))
+
+
+def test_add_replaces_remove_and_validation():
+    rng = np.random.default_rng(5)
+    store = FaissVectorStore(2, 4, use_gpu=False)
+    v = unit(rng, 3, 2, 4)
+    store.add(np.array([1, 2, 3]), v)
+    store.add(np.array([2]), -v[1:2])  # replace image 2
+    assert len(store) == 3 and store.ntotal == 6
+    got, scores = store.search(v[1, :1], 3)
+    assert got[0, -1] == 2 and np.isclose(scores[0, -1], (-v[1] @ v[1, 0]).max(), atol=1e-6)
+    assert store.remove(np.array([2, 99])) == 1 and len(store) == 2 and store.image_ids().tolist() == [1, 3]
+    assert_same_ranking(store.search(v[0, :1], 5), brute_force([1, 3], v[[0, 2]], v[0, :1], 5))
+    for bad in [
+        lambda: store.add(np.array([1]), unit(rng, 1, 3, 4)),
+        lambda: store.add(np.array([4, 4]), unit(rng, 2, 2, 4)),
+        lambda: store.add(np.array([-1]), unit(rng, 1, 2, 4)),
+        lambda: store.add(np.array([5]), np.full((1, 2, 4), np.nan, dtype=np.float32)),
+        lambda: store.search(unit(rng, 2, 5), 3),
+        lambda: store.search_vectors(unit(rng, 2, 4), 3),
+        lambda: FaissVectorStore(2, 4, factory="IDMap,PQ8"),
+    ]:
+        with pytest.raises(InvalidInputError):
+            bad()
+    store.reset()
+    assert len(store) == 0 and store.search(v[0, :1], 3)[0].shape == (1, 0)
+
+
+def test_choose_index_is_a_pure_budget_decision():
+    flat = 1000 * 32 * (4 * 256 + 48)
+    assert choose_index(1000, 32, 256, flat) == EXACT_FACTORY
+    assert choose_index(1000, 32, 256, flat - 1) == "IDMap,SQ8"
+    assert choose_index(1000, 32, 256, 1000 * 32 * (32 + 8)) == "IDMap,PQ32"
+    with pytest.raises(InvalidInputError, match="raise the memory budget"):
+        choose_index(10**6, 32, 256, 10**6)
+
+
+# -- files ---------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_and_staleness(library, tmp_path):
+    store, ids, vectors, queries = library
+    path = tmp_path / "vectors.faiss"
+    info = store.save(path, generation=7)
+    assert info.images == 300 and info.vectors == 1200 and info.faiss_version == faiss.__version__
+    assert info.index_bytes == path.stat().st_size and sidecar_path(path).exists()
+    loaded = FaissVectorStore.load(path, expected_generation=7, num_query_tokens=4, dim=16, use_gpu=False)
+    assert loaded.ok and len(loaded.store) == 300
+    np.testing.assert_array_equal(loaded.store.search(queries, 30)[0], store.search(queries, 30)[0])
+    stale = FaissVectorStore.load(path, expected_generation=8, num_query_tokens=4, dim=16)
+    assert stale.state == "stale" and stale.store is None and "generation 7" in stale.reason
+    assert FaissVectorStore.load(path, expected_generation=7, num_query_tokens=8, dim=16).state == "invalid"
+    assert (
+        FaissVectorStore.load(
+            tmp_path / "none.faiss", expected_generation=7, num_query_tokens=4, dim=16
+        ).state
+        == "missing"
+    )
+    sidecar_path(path).write_text("{not json")
+    assert FaissVectorStore.load(path, expected_generation=7, num_query_tokens=4, dim=16).state == "invalid"
+
+
+def test_a_crash_during_save_leaves_the_old_files_valid(library, tmp_path, monkeypatch):
+    store, ids, vectors, queries = library
+    path = tmp_path / "vectors.faiss"
+    small = FaissVectorStore(4, 16, use_gpu=False)
+    small.add(ids[:5], vectors[:5])
+    small.save(path, generation=1)
+    real_replace = index_files.os.replace
+    calls = []
+
+    def crash_on(n):
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == n:
+                raise OSError(28, "No space left on device")
+            return real_replace(src, dst)
+
+        return replace
+
+    monkeypatch.setattr(index_files.os, "replace", crash_on(1))  # before the index is replaced
+    with pytest.raises(LibraryError, match="cannot save vector index .*free disk space"):
+        store.save(path, generation=2)
+    old = FaissVectorStore.load(path, expected_generation=1, num_query_tokens=4, dim=16)
+    assert old.ok and len(old.store) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]
+    calls.clear()
+    monkeypatch.setattr(index_files.os, "replace", crash_on(2))  # new index, sidecar not yet replaced
+    with pytest.raises(LibraryError):
+        store.save(path, generation=2)
+    for generation in (1, 2):  # neither pairing is accepted: the caller rebuilds
+        assert not FaissVectorStore.load(path, expected_generation=generation, num_query_tokens=4, dim=16).ok
+
+
+# -- rebuild from the metadata store -------------------------------------------------------------------
+
+
+def test_rebuild_and_open_vectors_follow_the_metadata_generation(tmp_path):
+    rng = np.random.default_rng(11)
+    q, d = 4, 16
+    (tmp_path / "lib").mkdir()
+    meta = open_metadata(tmp_path / "lib", create=True, embedder=EmbedderInfo(ModelRef("m"), q, d))
+    vectors = unit(rng, 30, q, d)
+    ids = meta.upsert_indexed(
+        [IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(30)]
+    )
+    meta.mark_deleted(ids[:3])
+    store = FaissVectorStore(q, d, use_gpu=False)
+    store.add(np.array([999_999]), vectors[:1])  # rebuild starts from empty
+    generation = rebuild(meta, store, chunk_size=8)
+    assert generation == meta.vectors_generation() and store.image_ids().tolist() == sorted(ids[3:])
+    queries = unit(rng, 4, d)
+    assert_same_ranking(store.search(queries, 10), brute_force(ids[3:], vectors[3:], queries, 10))
+
+    index_path = tmp_path / "lib" / "vectors.faiss"
+    first = open_vectors(meta, index_path, use_gpu=False)
+    assert first.rebuilt_because is not None and "no vector index" in first.rebuilt_because
+    second = open_vectors(meta, index_path, use_gpu=False)
+    assert second.rebuilt_because is None and len(second.store) == 27
+    meta.mark_deleted(ids[3:4])
+    third = open_vectors(meta, index_path, use_gpu=False)
+    assert "generation" in third.rebuilt_because and len(third.store) == 26
+    with pytest.raises(LibraryError, match="shape"):
+        rebuild(meta, FaissVectorStore(q, d + 1, use_gpu=False))
+    meta.close()
+
+
+@pytest.mark.skipif(
+    faiss.get_num_gpus() == 0, reason="no GPU on this machine: the GPU search path is untested here"
+)
+def test_gpu_search_equals_cpu(library):
+    store, ids, vectors, queries = library
+    gpu = FaissVectorStore(4, 16, use_gpu=True)
+    gpu.add(ids, vectors)
+    for k in (10, 600):  # 600 * Q > GPU_MAX_K: the deeper passes run on the CPU index
+        assert_same_ranking(gpu.search(queries, k), store.search(queries, k))
+    allowed = ids[:50]
+    assert_same_ranking(
+        gpu.search(queries, 10, allowed_ids=allowed), store.search(queries, 10, allowed_ids=allowed)
+    )
