@@ -1,0 +1,30 @@
+"""Decoding photos for the index: the public face of `blip2_search.imaging`.
+
+`open_image` gives an upright RGB image; `decode_for_model` gives the [size, size, 3] uint8
+pixels BLIP-2's processor would resize to (fast JPEG path by default); `read_info` reads the
+size, format, EXIF date and camera without decoding pixels. All raise `ImageDecodeError`.
+"""
+
+from .imaging import (
+    DEFAULT_MAX_PIXELS,
+    DRAFT_OVERSAMPLE,
+    REDUCING_GAP,
+    DecodedImage,
+    ImageInfo,
+    ImageSource,
+    decode_for_model,
+    open_image,
+    read_info,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DRAFT_OVERSAMPLE",
+    "REDUCING_GAP",
+    "DecodedImage",
+    "ImageInfo",
+    "ImageSource",
+    "decode_for_model",
+    "open_image",
+    "read_info",
+]

@@ -1,0 +1,29 @@
+"""Image decoding for indexing and display: formats, EXIF orientation, fast JPEG path, bomb cap.
+
+Modules: `sources` (paths, bytes, file objects and their errors), `color` (any mode to 8-bit RGB),
+`metadata` (`ImageInfo`, EXIF), `decode` (the public functions re-exported here).
+"""
+
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    DRAFT_OVERSAMPLE,
+    REDUCING_GAP,
+    DecodedImage,
+    decode_for_model,
+    open_image,
+    read_info,
+)
+from .metadata import ImageInfo
+from .sources import ImageSource
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DRAFT_OVERSAMPLE",
+    "REDUCING_GAP",
+    "DecodedImage",
+    "ImageInfo",
+    "ImageSource",
+    "decode_for_model",
+    "open_image",
+    "read_info",
+]
