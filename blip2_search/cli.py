@@ -108,6 +108,99 @@ def caption(images, captioner, beams, max_new_tokens, prompt, batch_size, device
         click.echo(f"error: {e.path}: {e.error}", err=True)
 
 
+library_option = click.option(
+    "--library", "library", default=None, type=click.Path(file_okay=False, path_type=str),
+    help="Library folder [default: $BLIP2_SEARCH_LIBRARY or indexes/default].",
+)
+
+
+class _ProgressLine:
+    """A one-line progress display on stderr, shown only on a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = None
+
+    def __call__(self, p) -> None:
+        import time
+
+        if not self.enabled:
+            return
+        self.start = self.start or time.perf_counter()
+        rate = p.done / max(time.perf_counter() - self.start, 1e-9)
+        click.echo(f"\r{p.done}/{p.total} files  indexed {p.indexed}  reused {p.reused}  failed {p.failed}  {rate:.1f} files/s", nl=False, err=True)
+
+    def close(self) -> None:
+        if self.enabled and self.start:
+            click.echo("", err=True)
+
+
+@main.command()
+@click.argument("photo_dirs", nargs=-1, required=True, type=click.Path(path_type=str))
+@library_option
+@click.option("--model", default=None, help="Embedder for a new library (default Salesforce/blip2-itm-vit-g; 'demo' for the demo model).")
+@click.option("--captioner", default=None, help="Caption model [default: the library's; new libraries: demo with --model demo, else Salesforce/blip2-opt-2.7b].")
+@click.option("--no-captions", is_flag=True, help="Do not write captions.")
+@click.option("--reembed", is_flag=True, help="Re-embed every image when --model differs from the library's.")
+@click.option("--batch-size", default=None, type=click.IntRange(1, 4096), help="Images per model call [default: 32].")
+@click.option("--workers", default=None, type=click.IntRange(0, 256), help="Decode threads [default: one per CPU core].")
+@device_option
+@dtype_option
+@json_option
+def index(photo_dirs, library, model, captioner, no_captions, reembed, batch_size, workers, device, dtype, as_json):
+    """Index PHOTO_DIRS into the library: new and changed files are embedded, moved ones keep their record."""
+    from .library import Library
+
+    progress = _ProgressLine(not as_json)
+    with Library.open(library, model=model, captioner=False if no_captions else captioner, create=True, reembed=reembed,
+                      device=device, dtype=dtype, batch_size=batch_size, workers=workers) as lib:
+        try:
+            report = lib.index(photo_dirs, progress=progress)
+        finally:
+            progress.close()
+    data = {k: getattr(report, k) for k in ("scanned", "indexed", "unchanged", "reused", "failed", "deleted", "seconds")}
+    if as_json:
+        _emit(data)
+    else:
+        click.echo("  ".join(f"{k} {v}" for k, v in data.items()))
+    if report.interrupted:
+        click.echo("interrupted: what was committed is kept; run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@library_option
+@json_option
+def status(library, as_json):
+    """Counts of images, indexed, captioned, failed and deleted files, and the models on record."""
+    from .library import Library
+
+    with Library.open(library) as lib:
+        st = lib.status()
+    data = asdict(st)
+    if as_json:
+        _emit(data)
+    else:
+        for k, v in data.items():
+            click.echo(f"{k:10} {v}")
+
+
+@main.command()
+@library_option
+@json_option
+def failures(library, as_json):
+    """Files that could not be indexed, with the reason."""
+    from .library import Library
+
+    with Library.open(library) as lib:
+        rows = [asdict(f) for f in lib.failures()]
+    if as_json:
+        _emit(rows)
+    else:
+        for r in rows:
+            click.echo(f"{r['path']}\t{r['error']}")
+
+
 @main.command("eval")
 @click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--images", "images_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Folder the annotation image paths are relative to.")

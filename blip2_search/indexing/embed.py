@@ -1,0 +1,29 @@
+"""The embed stage: a batch of decoded images -> image vectors, and captions with their text vectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..models.captioner import Blip2Captioner
+from ..models.encoder import Blip2Encoder
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddedBatch:
+    """`vectors [n, Q, D] float32` (L2-normalised per query); captions and `caption_vectors [n, D]` or None."""
+
+    vectors: np.ndarray
+    captions: list[str] | None
+    caption_vectors: np.ndarray | None
+
+
+def embed_batch(encoder: Blip2Encoder, captioner: Blip2Captioner | None, pixels: dict[int, np.ndarray]) -> EmbeddedBatch:
+    """Run the models on `pixels` (size -> `[n, S, S, 3] uint8`, one entry per model input size)."""
+    vit = encoder.vit_tokens(encoder.pixels_from_uint8(pixels[encoder.image_size]))
+    vectors = encoder.embed_vit_tokens(vit)
+    if captioner is None:
+        return EmbeddedBatch(vectors, None, None)
+    captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size]))
+    return EmbeddedBatch(vectors, captions, encoder.embed_texts(captions))

@@ -1,0 +1,230 @@
+"""Index photo folders into a library: scan -> read/decode (worker threads) -> embed (batched) -> write.
+
+Decoding runs in a pool of threads (Pillow and hashlib release the GIL) while the main thread runs the
+models, so the model is not left waiting. Every batch is committed in one transaction before the vector
+index sees it, so a kill at any point loses nothing committed; the FAISS file is saved at the end and
+rebuilt from the database when a crash left it behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..models.captioner import Blip2Captioner
+from ..models.encoder import Blip2Encoder
+from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
+from .embed import embed_batch
+from .read import ReadResult, read_and_decode
+from .scan import ChangePlan, FoundFile, Known, plan_changes, scan
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """Counts of one run. `reused`: files whose content was already embedded (moves, renames,
+    duplicates); `deleted`: known files gone from disk this run."""
+
+    scanned: int
+    indexed: int
+    unchanged: int
+    reused: int
+    failed: int
+    deleted: int
+    seconds: float
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run is: `done` of `total` files needing work."""
+
+    done: int
+    total: int
+    indexed: int
+    reused: int
+    failed: int
+
+
+@dataclass
+class _Counts:
+    indexed: int = 0
+    reused: int = 0
+    failed: int = 0
+    done: int = 0
+
+
+@dataclass
+class _Pending:
+    """Decoded images waiting for the next model batch."""
+
+    results: list[ReadResult] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+class Indexer:
+    """Runs the stages for one library; collaborators are passed in."""
+
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        vectors: VectorStore,
+        encoder: Blip2Encoder,
+        captioner: Blip2Captioner | None,
+        *,
+        batch_size: int = 32,
+        workers: int = 0,
+        fast_decode: bool = True,
+        skip: Iterable[str] = (),
+    ):
+        self.metadata = metadata
+        self.vectors = vectors
+        self.encoder = encoder
+        self.captioner = captioner
+        self.batch_size = max(1, batch_size)
+        self.workers = workers or max(1, os.cpu_count() or 1)
+        self.fast_decode = fast_decode
+        self.skip = tuple(skip)
+
+    def run(self, roots: list[str], progress: Callable[[Progress], None] | None = None) -> IndexReport:
+        """Index `roots` (absolute folders). Ctrl-C stops after committing nothing partial; see `interrupted`."""
+        start = time.perf_counter()
+        known = {p: Known(k.id, k.size or 0, k.mtime_ns or 0, k.content_hash, k.status) for p, k in self.metadata.known_files().items()}
+        found = list(scan(roots, skip=self.skip))
+        plan = plan_changes(found, known, roots)
+        counts = _Counts()
+        self.metadata.mark_failed([FailedFile(f.path, f.error or "unreadable") for f in plan.unreadable])
+        counts.failed += len(plan.unreadable)
+        gone_by_hash: dict[str, list[int]] = {}
+        for p in plan.gone:
+            if known[p].content_hash and known[p].status in ("indexed", "pending"):
+                gone_by_hash.setdefault(known[p].content_hash, []).append(known[p].id)
+        moved: set[int] = set()
+        interrupted = False
+        try:
+            self._process(plan, known, gone_by_hash, moved, counts, progress)
+        except KeyboardInterrupt:
+            interrupted = True
+        deleted = 0
+        if not interrupted:
+            gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved]
+            deleted = self.metadata.mark_deleted(gone_ids)
+            self.vectors.remove(np.array(gone_ids, dtype=np.int64))
+        return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
+                           round(time.perf_counter() - start, 3), interrupted)
+
+    # ------------------------------------------------------------------ stages
+    def _process(self, plan: ChangePlan, known, gone_by_hash, moved, counts: _Counts, progress) -> None:
+        sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
+        known_hashes = {k.content_hash for k in known.values() if k.content_hash and k.status in ("indexed", "pending")}
+        known_hashes &= set(self.metadata.get_embeddings(known_hashes)) if known_hashes else set()
+        pending = _Pending()
+        failures: list[FailedFile] = []
+        reuse: list[ReadResult] = []
+        window = self.workers * 2 + self.batch_size
+        total = len(plan.work)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            queue: deque[Future] = deque()
+            todo = iter(plan.work)
+            try:
+                for f in todo:
+                    queue.append(pool.submit(read_and_decode, f, sizes, known_hashes, fast=self.fast_decode))
+                    if len(queue) >= window:
+                        break
+                while queue:
+                    result: ReadResult = queue.popleft().result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        queue.append(pool.submit(read_and_decode, nxt, sizes, known_hashes, fast=self.fast_decode))
+                    counts.done += 1
+                    if result.error:
+                        failures.append(FailedFile(result.file.path, result.error, result.size, result.mtime_ns, result.content_hash))
+                    elif not result.pixels:
+                        reuse.append(result)
+                    else:
+                        pending.results.append(result)
+                    if len(pending) >= self.batch_size:
+                        self._write_batch(pending, known_hashes, counts)
+                    if len(reuse) >= 256 or len(failures) >= 256:
+                        self._write_reuse(reuse, known, gone_by_hash, moved, counts)
+                        self._write_failures(failures, counts)
+                    if progress:
+                        progress(Progress(counts.done, total, counts.indexed, counts.reused, counts.failed + len(failures)))
+                self._write_batch(pending, known_hashes, counts)
+                self._write_reuse(reuse, known, gone_by_hash, moved, counts)
+                self._write_failures(failures, counts)
+            except BaseException:
+                for fut in queue:
+                    fut.cancel()
+                raise
+
+    def _write_batch(self, pending: _Pending, known_hashes: set[str], counts: _Counts) -> None:
+        """Embed the pending images and commit them (with captions) in one transaction."""
+        if not pending.results:
+            return
+        results = pending.results
+        pending.results = []
+        pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
+        batch = embed_batch(self.encoder, self.captioner, pixels)
+        items = []
+        for i, r in enumerate(results):
+            info = r.info
+            items.append(IndexedImage(
+                path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash,
+                width=info.width if info else None, height=info.height if info else None,
+                taken_at=info.taken_at if info else None, camera_make=info.camera_make if info else None,
+                camera_model=info.camera_model if info else None, vectors=batch.vectors[i],
+                caption=batch.captions[i] if batch.captions else None,
+                caption_model=self.captioner.name if self.captioner else None,
+                caption_vector=batch.caption_vectors[i] if batch.caption_vectors is not None else None,
+            ))
+        ids = self.metadata.upsert_indexed(items)
+        self.vectors.add(np.asarray(ids, dtype=np.int64), batch.vectors)
+        known_hashes.update(r.content_hash for r in results)
+        counts.indexed += len(results)
+
+    def _write_reuse(self, reuse: list[ReadResult], known, gone_by_hash, moved: set[int], counts: _Counts) -> None:
+        """Files whose bytes are already embedded: a move/rename keeps its record; others share vectors."""
+        if not reuse:
+            return
+        items, renames = [], []
+        for r in reuse:
+            candidates = gone_by_hash.get(r.content_hash) or []
+            if r.file.path not in known and candidates:
+                image_id = candidates.pop(0)
+                moved.add(image_id)
+                renames.append((image_id, r.file.path, r))
+            else:
+                items.append(r)
+        if renames:
+            self.metadata.rename([(i, p) for i, p, _ in renames])
+        templates = self.metadata.images_by_hash({r.content_hash for r in items}) if items else {}
+        upserts = []
+        for r in items + [r for _, _, r in renames]:
+            t = (templates.get(r.content_hash) or [None])[0]
+            upserts.append(IndexedImage(
+                path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash,
+                width=t.width if t else None, height=t.height if t else None, taken_at=t.taken_at if t else None,
+                camera_make=t.camera_make if t else None, camera_model=t.camera_model if t else None,
+            ))
+        ids = self.metadata.upsert_indexed(upserts)
+        stored = self.metadata.get_embeddings({r.content_hash for r in reuse})
+        vecs = np.stack([stored[u.content_hash].image_vectors for u in upserts])
+        self.vectors.add(np.asarray(ids, dtype=np.int64), vecs)
+        counts.reused += len(reuse)
+        reuse.clear()
+
+    def _write_failures(self, failures: list[FailedFile], counts: _Counts) -> None:
+        if not failures:
+            return
+        ids = self.metadata.mark_failed(failures)
+        self.vectors.remove(np.asarray(ids, dtype=np.int64))
+        counts.failed += len(failures)
+        failures.clear()

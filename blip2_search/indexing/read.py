@@ -1,0 +1,84 @@
+"""The read-and-decode stage: one file in, its bytes' hash and model-ready pixels (or a reason) out.
+
+A pure function of the file, safe in threads or worker processes (e.g. a Ray Data map stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Container
+
+import numpy as np
+
+from ..errors import Blip2SearchError
+from ..images import DEFAULT_MAX_PIXELS, ImageInfo, decode_for_model
+from .scan import FoundFile
+
+HASH_BYTES = 20  # blake2b-160: collision-safe for any photo library, 40 hex characters
+
+
+@dataclass(frozen=True, eq=False)
+class ReadResult:
+    """What the read stage learned about one file.
+
+    `pixels` maps a model input size S to `[S, S, 3] uint8` RGB (resized straight, bicubic); it is empty
+    when the content hash is already known (the vectors will be reused) or when `error` is set.
+    """
+
+    file: FoundFile
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    pixels: dict[int, np.ndarray]
+    info: ImageInfo | None
+    error: str | None = None
+
+
+def content_hash(data: bytes) -> str:
+    """Hex blake2b-160 of the file's bytes."""
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
+
+
+def read_and_decode(
+    file: FoundFile,
+    sizes: tuple[int, ...],
+    known_hashes: Container[str] = (),
+    *,
+    fast: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ReadResult:
+    """Read `file` once, hash it, and unless its hash is in `known_hashes` decode it for each size."""
+    try:
+        with open(file.path, "rb") as f:
+            before = os.fstat(f.fileno())
+            data = f.read()
+        after = os.stat(file.path)
+    except OSError as exc:
+        return ReadResult(file, file.size, file.mtime_ns, None, {}, None, f"cannot read ({exc.strerror}); check the file and its permissions")
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(data) != before.st_size:
+        return ReadResult(file, after.st_size, after.st_mtime_ns, None, {}, None, "the file changed while it was read; it is retried on the next run")
+    digest = content_hash(data)
+    if digest in known_hashes:
+        return ReadResult(file, before.st_size, before.st_mtime_ns, digest, {}, None)
+    pixels: dict[int, np.ndarray] = {}
+    info = None
+    try:
+        for s in sorted(set(sizes)):
+            decoded = decode_for_model(io.BytesIO(data), s, fast=fast, max_pixels=max_pixels)
+            pixels[s] = decoded.pixels
+            info = decoded.info
+    except Blip2SearchError as exc:
+        return ReadResult(file, before.st_size, before.st_mtime_ns, digest, {}, None, _reason(str(exc), file.path))
+    return ReadResult(file, before.st_size, before.st_mtime_ns, digest, pixels, info)
+
+
+def _reason(message: str, path: str) -> str:
+    """One line without the decoder's name for the in-memory source (the record already holds the path)."""
+    line = message.splitlines()[0] if message else "could not decode"
+    for prefix in ("cannot decode image <file object>: ", f"cannot decode image {path}: "):
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return line

@@ -1,0 +1,147 @@
+"""Find image files under the photo folders and decide, from (size, mtime) alone, what needs work.
+
+Pure decisions live in `plan_changes`; `scan` only walks the file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+from ..errors import InvalidInputError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".dib", ".heic", ".heif", ".hif", ".avif"}
+)
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """A file seen on disk. `error` is set (and size/mtime are 0) when it cannot even be stat'ed."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the library recorded for a path."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+
+
+@dataclass(frozen=True)
+class ChangePlan:
+    """What a run must do. `work` files are read and hashed (then reused or embedded); `gone` are known live
+    paths under the scanned roots that are no longer on disk (moved, renamed or deleted)."""
+
+    unchanged: tuple[str, ...]
+    work: tuple[FoundFile, ...]
+    unreadable: tuple[FoundFile, ...]
+    gone: tuple[str, ...]
+
+
+def is_image_name(name: str) -> bool:
+    """True when the file name has an image extension we index (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def check_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
+    """Absolute, existing directories; a missing or non-directory root is an InvalidInputError naming it."""
+    out = []
+    for root in roots:
+        p = Path(root).expanduser()
+        if not p.exists():
+            raise InvalidInputError(f"photo folder {str(root)!r} does not exist; pass an existing folder to index")
+        if not p.is_dir():
+            raise InvalidInputError(f"photo folder {str(root)!r} is a file, not a folder; pass the folder that holds it")
+        out.append(os.path.abspath(p))
+    if not out:
+        raise InvalidInputError("no photo folder given; pass at least one folder to index")
+    return out
+
+
+def scan(roots: Iterable[str], *, skip: Iterable[str] = ()) -> Iterator[FoundFile]:
+    """Yield every image-named file under `roots` (following symlinks, each real directory once).
+
+    Hidden entries (".name") and the folders in `skip` (e.g. the library itself) are not entered.
+    Broken symlinks, symlink loops and unstat-able files are yielded with `error` set, not dropped.
+    """
+    skip_real = {os.path.realpath(s) for s in skip}
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = list(reversed(list(roots)))
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs or os.path.realpath(d) in skip_real:
+            continue
+        seen_dirs.add(key)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    subdirs.append(entry.path)
+                    continue
+            except OSError:
+                pass
+            if not is_image_name(entry.name):
+                continue
+            yield _stat_file(entry.path)
+        stack.extend(reversed(subdirs))
+
+
+def _stat_file(path: str) -> FoundFile:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            reason = "symlink loop; remove or fix the link"
+        elif os.path.islink(path):
+            reason = f"broken symlink to {os.readlink(path)!r}; remove the link or restore its target"
+        else:
+            reason = f"cannot stat ({exc.strerror}); check the file's permissions"
+        return FoundFile(path, 0, 0, reason)
+    if not stat.S_ISREG(st.st_mode):
+        return FoundFile(path, 0, 0, "not a regular file; only image files are indexed")
+    return FoundFile(path, st.st_size, st.st_mtime_ns)
+
+
+def plan_changes(found: Iterable[FoundFile], known: Mapping[str, Known], roots: Iterable[str]) -> ChangePlan:
+    """Split what was found against what is known: unchanged (same size and mtime, indexed) are skipped
+    without reading; new, changed and previously failed files are work; known live paths under `roots`
+    that were not found are gone."""
+    unchanged, work, unreadable = [], [], []
+    seen: set[str] = set()
+    for f in found:
+        seen.add(f.path)
+        if f.error:
+            unreadable.append(f)
+            continue
+        k = known.get(f.path)
+        if k is not None and k.status == "indexed" and k.size == f.size and k.mtime_ns == f.mtime_ns:
+            unchanged.append(f.path)
+        else:
+            work.append(f)
+    prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
+    gone = [p for p, k in known.items() if k.status != "deleted" and p not in seen and p.startswith(prefixes)]
+    return ChangePlan(tuple(unchanged), tuple(work), tuple(unreadable), tuple(sorted(gone)))

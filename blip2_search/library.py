@@ -1,0 +1,235 @@
+"""A photo library on disk: the one object the CLI and HTTP edges talk to.
+
+`Library.open` wires the collaborators (metadata store, vector store, encoder, captioner) in one place;
+models load on first use, so `status` and `failures` never touch torch weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from . import settings
+from .errors import LibraryError, ModelMismatchError
+from .models.loading import DEMO
+from .store import (
+    VECTORS_FILENAME,
+    EmbedderInfo,
+    FaissVectorStore,
+    MetadataStore,
+    ModelRef,
+    open_metadata,
+    open_vectors,
+)
+
+LOCK_FILENAME = "index.lock"
+
+
+@dataclass(frozen=True)
+class LibraryStatus:
+    """`images`: files known to the library (not deleted) that are on disk now; `vectors`: query vectors
+    searchable (indexed images x Q)."""
+
+    images: int
+    indexed: int
+    captioned: int
+    failed: int
+    deleted: int
+    vectors: int
+    model: str | None
+    captioner: str | None
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """A file that could not be indexed, and why."""
+
+    path: str
+    error: str
+
+
+def default_library_path() -> Path:
+    """`BLIP2_SEARCH_LIBRARY`, else `indexes/default` under the current directory."""
+    return Path(settings.get("library"))
+
+
+class Library:
+    """Images, vectors and models of one photo collection. Create with `Library.open`."""
+
+    def __init__(self, folder: Path, metadata: MetadataStore, *, model: str | None, captioner: str | None,
+                 device: str = "auto", dtype: str = "auto", batch_size: int = 32, workers: int = 0):
+        self.folder = folder
+        self.metadata = metadata
+        self.model_name = model
+        self.captioner_name = captioner
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.workers = workers
+        self._encoder = None
+        self._captioner = None
+        self._vectors: FaissVectorStore | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        model: str | None = None,
+        captioner: str | bool | None = None,
+        create: bool = False,
+        reembed: bool = False,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> "Library":
+        """Open (or with `create`, make) the library at `path` (default: `default_library_path()`).
+
+        `model`: the embedder; None means the one the library was built with (or the default for a new one).
+        A different model than recorded raises ModelMismatchError unless `reembed`.
+        `captioner`: a checkpoint name, False for no captions, None for the library's own (new
+        libraries: the demo captioner with `model="demo"`, else the BLIP-2 OPT-2.7B checkpoint).
+        """
+        folder = Path(path) if path is not None else default_library_path()
+        folder = folder.expanduser().absolute()
+        if folder.exists() and not folder.is_dir():
+            raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
+        metadata = open_metadata(folder, create=create)
+        info = metadata.info()
+        recorded = info.embedder.model.model_id if info.embedder else None
+        name = _canonical(model) if model else (recorded or str(settings.get("model")))
+        if recorded and name != recorded and not reembed:
+            metadata.close()
+            raise ModelMismatchError(
+                f"library {folder} was built with model {recorded!r}, not {name!r}; omit --model to use the library's, "
+                f"or pass --reembed to re-embed every image with {name!r}"
+            )
+        if captioner is False:
+            cap = None
+        elif captioner:
+            cap = _canonical(str(captioner))
+        elif info.embedder is not None:
+            cap = info.captioner.model_id if info.captioner else None
+        else:
+            cap = DEMO if name == DEMO else str(settings.get("captioner"))
+        lib = cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype,
+                  batch_size=batch_size or int(settings.get("batch_size")), workers=workers if workers is not None else int(settings.get("workers")))
+        lib._reembed = reembed
+        return lib
+
+    def close(self) -> None:
+        """Release the database."""
+        self.metadata.close()
+
+    def __enter__(self) -> "Library":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ collaborators (lazy)
+    @property
+    def encoder(self):
+        """The embedder / ITM model, loaded on first use."""
+        if self._encoder is None:
+            from .models.encoder import Blip2Encoder
+
+            self._encoder = Blip2Encoder.load(self.model_name, device=self.device, dtype=self.dtype, batch_size=self.batch_size)
+        return self._encoder
+
+    @property
+    def captioner(self):
+        """The caption model, or None when captions are off; loaded on first use."""
+        if self._captioner is None and self.captioner_name:
+            from .models.captioner import Blip2Captioner
+
+            self._captioner = Blip2Captioner.load(self.captioner_name, device=self.device, dtype=self.dtype, batch_size=self.batch_size)
+        return self._captioner
+
+    @property
+    def vectors(self) -> FaissVectorStore:
+        """The vector index, loaded from its file or rebuilt from the database when stale."""
+        if self._vectors is None:
+            self._vectors = open_vectors(self.metadata, self.folder / VECTORS_FILENAME).store
+        return self._vectors
+
+    def _embedder_info(self) -> EmbedderInfo:
+        enc = self.encoder
+        return EmbedderInfo(ModelRef(enc.name, enc.revision), enc.num_query_tokens, enc.embed_dim)
+
+    # ------------------------------------------------------------------ indexing
+    def index(self, dirs: Iterable[str | os.PathLike], *, progress: Callable | None = None, fast_decode: bool = True):
+        """Index photo folders (incremental; resumable after a crash). Returns an `IndexReport`."""
+        from .indexing.pipeline import Indexer
+        from .indexing.scan import check_roots
+
+        roots = check_roots(dirs)
+        with self._lock():
+            info = self._embedder_info()
+            if getattr(self, "_reembed", False):
+                recorded = self.metadata.info().embedder
+                if recorded is not None and recorded != info:
+                    self.metadata.reset_embedder(info)
+                    self._vectors = None
+            self.metadata.ensure_embedder(info)
+            if self.captioner_name:
+                cap = self.captioner
+                self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
+            indexer = Indexer(self.metadata, self.vectors, self.encoder, self.captioner, batch_size=self.batch_size,
+                              workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)])
+            report = indexer.run(roots, progress)
+            if not report.interrupted:
+                # the index now holds exactly what the database committed
+                self.vectors.save(self.folder / VECTORS_FILENAME, generation=self.metadata.vectors_generation())
+            return report
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One indexer per library at a time."""
+        try:
+            fd = os.open(self.folder / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LibraryError(f"cannot write to library {self.folder} ({exc.strerror}); make the folder writable or choose another --library") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise LibraryError(f"library {self.folder} is being indexed by another process; wait for it to finish") from exc
+            yield
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ reading
+    def status(self) -> LibraryStatus:
+        """Counts of images by state, and the models on record."""
+        info = self.metadata.info()
+        counts = self.metadata.counts()
+        on_disk = sum(1 for p, k in self.metadata.known_files().items() if k.status != "deleted" and os.path.lexists(p))
+        q = info.embedder.num_query_tokens if info.embedder else 0
+        return LibraryStatus(
+            images=on_disk, indexed=counts.indexed, captioned=counts.captioned, failed=counts.failed,
+            deleted=counts.deleted, vectors=counts.indexed * q,
+            model=info.embedder.model.model_id if info.embedder else None,
+            captioner=info.captioner.model_id if info.captioner else None,
+        )
+
+    def failures(self) -> list[FailureRecord]:
+        """Files that could not be indexed, with a one-line reason each, by path."""
+        return [FailureRecord(f.path, f.error) for f in self.metadata.failures()]
+
+
+def _canonical(name: str) -> str:
+    """Local directories are recorded as absolute paths; hub ids and "demo" as given."""
+    if name == DEMO:
+        return name
+    p = Path(name).expanduser()
+    return str(p.absolute()) if p.exists() else name
+
+
+__all__ = ["FailureRecord", "Library", "LibraryStatus", "default_library_path"]

@@ -1,0 +1,38 @@
+"""One registry of settings: name, default, environment variable and help, read by the CLI, docs and code."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: object
+    env: str | None
+    help: str
+
+    def value(self):
+        """The environment's value when set, else the default (typed like the default)."""
+        raw = os.environ.get(self.env) if self.env else None
+        if raw is None or raw == "":
+            return self.default
+        return type(self.default)(raw) if self.default is not None else raw
+
+
+SETTINGS = {
+    s.name: s
+    for s in [
+        Setting("library", "indexes/default", "BLIP2_SEARCH_LIBRARY", "Library folder (created by `index`)."),
+        Setting("model", "Salesforce/blip2-itm-vit-g", "BLIP2_SEARCH_MODEL", "Embedder/ITM checkpoint for a new library: hub id, local dir or 'demo'."),
+        Setting("captioner", "Salesforce/blip2-opt-2.7b", "BLIP2_SEARCH_CAPTIONER", "Caption model (BLIP-2 generation checkpoint) for a new library."),
+        Setting("batch_size", 32, "BLIP2_SEARCH_BATCH_SIZE", "Images per model call while indexing."),
+        Setting("workers", 0, "BLIP2_SEARCH_WORKERS", "Decode workers while indexing (0 = one per CPU core)."),
+    ]
+}
+
+
+def get(name: str):
+    """Current value of setting `name`."""
+    return SETTINGS[name].value()

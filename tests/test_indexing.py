@@ -1,0 +1,297 @@
+"""Indexing a photo library: incremental runs, moves/renames/duplicates/deletes, bad files, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from blip2_search.cli import main
+from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
+from blip2_search.indexing.scan import FoundFile, Known, plan_changes
+from blip2_search.library import Library
+from blip2_search.store import open_metadata
+
+
+def _photo(path: Path, seed: int, size=(64, 48), fmt=None):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, fmt)
+    return path
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    d = tmp_path / "photos"
+    for i in range(6):
+        _photo(d / f"p{i}.jpg", i)
+    _photo(d / "sub dir" / "nested é.png", 99)
+    return d
+
+
+def _open(lib_dir, model_dir, **kw):
+    return Library.open(lib_dir, model=str(model_dir), captioner=False, create=True, batch_size=3, workers=2, **kw)
+
+
+def _check_consistent(lib_dir: Path):
+    """FAISS (as a fresh load would see it) holds exactly the indexed images' ids, once each."""
+    with Library.open(lib_dir) as lib:
+        indexed = {k.id for k in lib.metadata.known_files().values() if k.status == "indexed"}
+        ids = lib.vectors.image_ids().tolist()
+        assert len(ids) == len(set(ids))
+        assert set(ids) == indexed
+        paths = [p for p in lib.metadata.known_files()]
+        assert len(paths) == len(set(paths))
+
+
+# ------------------------------------------------------------------ pure change detection
+def test_plan_changes_is_pure_and_exact():
+    known = {
+        "/r/same.jpg": Known(1, 10, 100, "h1", "indexed"),
+        "/r/changed.jpg": Known(2, 10, 100, "h2", "indexed"),
+        "/r/gone.jpg": Known(3, 10, 100, "h3", "indexed"),
+        "/r/failed.jpg": Known(4, 10, 100, None, "failed"),
+        "/r/old-deleted.jpg": Known(5, 10, 100, "h5", "deleted"),
+        "/other/x.jpg": Known(6, 10, 100, "h6", "indexed"),
+    }
+    found = [FoundFile("/r/same.jpg", 10, 100), FoundFile("/r/changed.jpg", 11, 100), FoundFile("/r/failed.jpg", 10, 100),
+             FoundFile("/r/new.jpg", 5, 5), FoundFile("/r/link.jpg", 0, 0, "broken symlink")]
+    plan = plan_changes(found, known, ["/r"])
+    assert plan.unchanged == ("/r/same.jpg",)
+    assert [f.path for f in plan.work] == ["/r/changed.jpg", "/r/failed.jpg", "/r/new.jpg"]
+    assert [f.path for f in plan.unreadable] == ["/r/link.jpg"]
+    assert plan.gone == ("/r/gone.jpg",)  # /other is not a scanned root; deleted stays deleted
+
+
+# ------------------------------------------------------------------ incremental cycles
+def test_index_then_rerun_skips_everything(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        r1 = lib.index([photos])
+        assert (r1.scanned, r1.indexed, r1.failed, r1.reused) == (7, 7, 0, 0)
+    with Library.open(lib_dir) as lib:  # model taken from the library
+        r2 = lib.index([photos])
+        assert (r2.scanned, r2.indexed, r2.unchanged, r2.reused, r2.deleted) == (7, 0, 7, 0, 0)
+        st = lib.status()
+        assert (st.images, st.indexed, st.failed, st.vectors) == (7, 7, 0, 7 * 32)
+    _check_consistent(lib_dir)
+
+
+def test_move_rename_duplicate_delete_modify(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        before = {p: k for p, k in lib.metadata.known_files().items()}
+    (photos / "moved").mkdir()
+    os.rename(photos / "p0.jpg", photos / "moved" / "renamed p0.jpg")  # move + rename
+    shutil.copy(photos / "p1.jpg", photos / "copy of p1.jpg")  # duplicate
+    os.remove(photos / "p2.jpg")  # delete
+    _photo(photos / "p3.jpg", 1234)  # modify in place
+    os.utime(photos / "p3.jpg", ns=(time.time_ns(), time.time_ns() + 10**9))
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.indexed, r.reused, r.deleted, r.unchanged) == (1, 2, 1, 4)
+        known = lib.metadata.known_files()
+        moved = known[str(photos / "moved" / "renamed p0.jpg")]
+        assert moved.id == before[str(photos / "p0.jpg")].id  # same record, path updated
+        assert str(photos / "p0.jpg") not in known
+        assert known[str(photos / "p2.jpg")].status == "deleted"
+        assert known[str(photos / "p3.jpg")].id == before[str(photos / "p3.jpg")].id
+        assert known[str(photos / "p3.jpg")].content_hash != before[str(photos / "p3.jpg")].content_hash
+        dup = known[str(photos / "copy of p1.jpg")]
+        assert dup.content_hash == known[str(photos / "p1.jpg")].content_hash and dup.id != known[str(photos / "p1.jpg")].id
+        # the deleted image leaves search; the modified one is found by its new content
+        q = lib.encoder.embed_images([Image.open(photos / "p3.jpg")]).max(axis=1)[0:1]
+        ids, _ = lib.vectors.search(q / np.linalg.norm(q), k=100)
+        assert known[str(photos / "p2.jpg")].id not in ids[0]
+        assert lib.status().deleted == 1
+    _check_consistent(lib_dir)
+
+
+def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, photos, tmp_path):
+    from tiny_models import make_tiny_itm
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    other = make_tiny_itm(tmp_path / "other", seed=5)
+    with pytest.raises(ModelMismatchError, match="--reembed"):
+        Library.open(lib_dir, model=str(other))
+    with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
+        r = lib.index([photos])
+        assert r.indexed == 7 and lib.status().model == str(other)
+    _check_consistent(lib_dir)
+
+
+def test_missing_photo_dir_and_missing_library(tmp_path, tiny_itm_dir):
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        with pytest.raises(InvalidInputError, match="does not exist"):
+            lib.index([tmp_path / "nope"])
+    with pytest.raises(LibraryError, match="--library"):
+        Library.open(tmp_path / "no-library")
+
+
+# ------------------------------------------------------------------ bad files
+def _bad_files(d: Path) -> dict[str, str]:
+    """Make one file of each bad kind; returns path -> a word its error must contain."""
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    (d / "zero.jpg").write_bytes(b"")
+    out["zero.jpg"] = "empty"
+    good = _photo(d / "_src.jpg", 1, size=(200, 150))
+    data = good.read_bytes()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    out["truncated.jpg"] = "truncated"
+    (d / "text.jpg").write_text("hello, I am not a picture")
+    out["text.jpg"] = "not an image"
+    (d / "icon.png").write_bytes(b"\x00\x00\x01\x00" + b"\x00" * 40)  # an .ico header named .png
+    out["icon.png"] = ""
+    import struct
+    import zlib
+
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    (d / "bomb.png").write_bytes(bomb)
+    out["bomb.png"] = "pixels"
+    os.symlink(d / "nowhere.jpg", d / "broken link.jpg")
+    out["broken link.jpg"] = "broken symlink"
+    os.symlink(d / "loop.jpg", d / "loop.jpg")
+    out["loop.jpg"] = "loop"
+    (d / "emoji 📷 name\nnewline.jpg").write_bytes(data)
+    os.remove(good)
+    return out
+
+
+def test_every_bad_file_is_recorded_and_the_run_goes_on(tiny_itm_dir, photos, tmp_path):
+    expected = _bad_files(photos / "bad")
+    lib_dir = tmp_path / "lib"
+    res = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--model", str(tiny_itm_dir), "--no-captions", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["failed"] == len(expected) and report["indexed"] == 8  # 7 photos + the odd-named one
+    res = CliRunner().invoke(main, ["failures", "--library", str(lib_dir), "--json"])
+    rows = {Path(r["path"]).name: r["error"] for r in json.loads(res.stdout)}
+    assert set(rows) == set(expected)
+    for name, word in expected.items():
+        assert "\n" not in rows[name] and rows[name]
+        assert word in rows[name].lower(), (name, rows[name])
+    res = CliRunner().invoke(main, ["status", "--library", str(lib_dir), "--json"])
+    st = json.loads(res.stdout)
+    assert st["indexed"] == 8 and st["failed"] == len(expected) and st["vectors"] == 8 * 32 and st["images"] == 8 + len(expected)
+
+
+def test_cli_index_missing_dir_exits_2(tiny_itm_dir, tmp_path):
+    res = CliRunner().invoke(main, ["index", str(tmp_path / "nope"), "--library", str(tmp_path / "lib"), "--model", str(tiny_itm_dir)])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+# ------------------------------------------------------------------ kill -9 and resume
+KILL_SCRIPT = r"""
+import sys, os
+sys.path.insert(0, {tests!r})
+from blip2_search.library import Library
+with Library.open({lib!r}, model={model!r}, captioner=False, create=True, batch_size=2, workers=1) as lib:
+    print("start", flush=True)
+    lib.index([{photos!r}])
+print("done", flush=True)
+"""
+
+
+def _indexed_count(lib_dir: Path) -> int:
+    if not (lib_dir / "metadata.sqlite").exists():
+        return 0
+    try:
+        with open_metadata(lib_dir, create=False) as meta:
+            return meta.counts().indexed
+    except LibraryError:
+        return 0
+
+
+def test_kill_9_at_random_points_then_resume(tiny_itm_dir, tmp_path):
+    photos = tmp_path / "photos"
+    n = 24
+    for i in range(n):
+        _photo(photos / f"k{i:02d}.png", 1000 + i, size=(96, 72))
+    lib_dir = tmp_path / "lib"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), lib=str(lib_dir), model=str(tiny_itm_dir), photos=str(photos))
+    rng = np.random.default_rng(0)
+    partial = []
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "start"
+        before = _indexed_count(lib_dir)
+        deadline = time.time() + 60
+        while _indexed_count(lib_dir) == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # wait until this run has committed a batch, then kill at a random moment
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        partial.append(_indexed_count(lib_dir))
+    assert any(0 < c < n for c in partial), partial  # the kills did land mid-run
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert r.indexed + r.unchanged == n and r.failed == 0 and r.reused == 0
+        st = lib.status()
+        assert (st.indexed, st.images) == (n, n)
+    _check_consistent(lib_dir)
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).unchanged == n
+
+
+def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    from blip2_search.indexing import pipeline
+
+    calls = {"n": 0}
+    real = pipeline.embed_batch
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "embed_batch", flaky)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        r = lib.index([photos])
+    assert r.interrupted and r.indexed == 3
+    monkeypatch.setattr(pipeline, "embed_batch", real)
+    with Library.open(lib_dir) as lib:
+        r2 = lib.index([photos])
+        assert (r2.indexed, r2.unchanged) == (4, 3)
+    _check_consistent(lib_dir)
+
+
+def test_captions_are_written_and_embedded(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=4) as lib:
+        lib.index([photos])
+        recs = lib.metadata.get_records([k.id for k in lib.metadata.known_files().values()])
+        assert all(r.caption for r in recs) and lib.status().captioned == 7
+        ids, vecs = next(lib.metadata.iter_caption_vectors())
+        rec = {r.id: r for r in recs}
+        np.testing.assert_allclose(vecs[0], lib.encoder.embed_texts([rec[int(ids[0])].caption])[0], atol=1e-5)
+
+
+def test_read_only_library_is_a_clear_error(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (mode & os.W_OK and str(p).startswith(str(lib_dir))) else real_access(p, mode, *a, **k))
+    with pytest.raises(LibraryError, match="read-only"):
+        Library.open(lib_dir)
+    monkeypatch.undo()
+    with Library.open(lib_dir) as lib:
+        assert lib.status().indexed == 7  # intact
