@@ -201,6 +201,90 @@ def failures(library, as_json):
             click.echo(f"{r['path']}\t{r['error']}")
 
 
+def _parse_date(value: str | None, *, end_of_day: bool):
+    """YYYY-MM-DD (a whole day) or an ISO date-time; a bad value is a usage error naming the format."""
+    from datetime import datetime, time as dtime
+
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            day = datetime.strptime(value, "%Y-%m-%d")
+            return datetime.combine(day.date(), dtime.max if end_of_day else dtime.min)
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"date {value!r} is not YYYY-MM-DD or an ISO date-time; e.g. --after 2023-06-01") from None
+
+
+@main.command()
+@click.argument("query", required=False)
+@library_option
+@click.option("-k", "k", default=10, show_default=True, type=int, help="How many results.")
+@click.option("--rerank/--no-rerank", default=True, show_default=True, help="Rescore the top candidates with the ITM head (ITM logit + ITC).")
+@click.option("--rerank-k", default=None, type=int, help="Candidates to rerank [default: 128 on GPU, 16 on CPU].")
+@click.option("--image", "image", default=None, type=click.Path(path_type=str), help="Search by example image instead of text.")
+@click.option("--path", "path_glob", default=None, help="Only paths matching this glob, e.g. '*/2023/*' ('*' crosses '/').")
+@click.option("--after", default=None, help="Only photos taken on or after this date (YYYY-MM-DD, EXIF time).")
+@click.option("--before", default=None, help="Only photos taken on or before this date (YYYY-MM-DD, EXIF time).")
+@click.option("--min-score", default=None, type=float, help="Only results whose ITC cosine is at least this.")
+@click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True)
+@click.option("--fusion/--no-fusion", default=True, show_default=True, help="Also match the generated captions (reciprocal rank fusion).")
+@click.option("--queries", "queries_file", default=None, type=click.File("r", encoding="utf-8"), help="Run one query per line; print one JSON object per line.")
+@device_option
+@dtype_option
+@json_option
+def search(query, library, k, rerank, rerank_k, image, path_glob, after, before, min_score, sort, fusion, queries_file, device, dtype, as_json):
+    """Find photos matching QUERY (see docs/queries.md for "term" - "negative" and 2:"weights")."""
+    from .library import Library
+
+    if sum(x is not None for x in (query, image, queries_file)) != 1:
+        raise UserError("give exactly one of QUERY, --image PATH or --queries FILE")
+    filters = dict(path=path_glob, after=_parse_date(after, end_of_day=False), before=_parse_date(before, end_of_day=True), min_score=min_score, sort=sort)
+    with Library.open(library, device=device, dtype=dtype) as lib:
+        if image is not None:
+            _print_result(lib.similar(image, k, **filters), as_json)
+        elif queries_file is not None:
+            for line in queries_file:
+                if line.strip():
+                    _emit_line(lib.search(line.strip(), k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters).as_dict())
+        else:
+            _print_result(lib.search(query, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters), as_json)
+
+
+def _emit_line(data) -> None:
+    click.echo(json.dumps(data))
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        _emit(result.as_dict())
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    for h in result.hits:
+        itm = f"  itm={h.itm_logit:6.3f}" if h.itm_logit is not None else ""
+        cap = f"  \"{h.caption}\"" if h.caption else ""
+        click.echo(f"{h.score:8.4f}  itc={h.itc:.4f}{itm}  {h.path}{cap}")
+
+
+@main.command()
+@library_option
+@click.option("--threshold", default=0.95, show_default=True, type=float, help="Image-to-image score (0-1] at which two photos count as near duplicates.")
+@json_option
+def duplicates(library, threshold, as_json):
+    """Groups of near-duplicate photos."""
+    from .library import Library
+
+    with Library.open(library) as lib:
+        groups = lib.duplicates(threshold)
+    data = [[{"id": r.id, "path": r.path} for r in g] for g in groups]
+    if as_json:
+        _emit(data)
+        return
+    for g in data:
+        click.echo("\n".join(r["path"] for r in g) + "\n")
+
+
 @main.command("eval")
 @click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--images", "images_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Folder the annotation image paths are relative to.")

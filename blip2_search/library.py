@@ -73,6 +73,7 @@ class Library:
         self._encoder = None
         self._captioner = None
         self._vectors: FaissVectorStore | None = None
+        self._engine = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -205,6 +206,68 @@ class Library:
         finally:
             os.close(fd)
 
+    # ------------------------------------------------------------------ searching
+    @property
+    def engine(self):
+        """The search engine over this library (text-only queries load no ViT)."""
+        if self._engine is None:
+            from .search.engine import SearchEngine
+
+            info = self.metadata.info()
+            if info.embedder is None:
+                raise LibraryError(f"library {self.folder} has no indexed images yet; run `blip2-search index PHOTO_DIR --library {self.folder}` first")
+            enc = self.encoder
+            recorded = info.embedder.model
+            if recorded.revision and recorded.revision != enc.revision:
+                raise ModelMismatchError(
+                    f"library {self.folder} was built with {recorded.describe()} but the files of {enc.name!r} are now revision "
+                    f"{enc.revision}; re-index with --reembed, or restore the original model files"
+                )
+            self._engine = SearchEngine(self.metadata, self.vectors, enc)
+        return self._engine
+
+    def default_rerank_k(self) -> int:
+        """128 on a GPU, as in the paper; 16 on a CPU, where each candidate reruns the ViT."""
+        return 128 if self.encoder.placement.device == "cuda" else 16
+
+    def search(self, query: str, k: int = 10, *, rerank: bool = True, rerank_k: int | None = None, path: str | None = None,
+               after=None, before=None, min_score: float | None = None, sort: str = "score", fusion: bool = True):
+        """Top `k` images for a text query (see docs/queries.md for composite terms); returns a `SearchResult`."""
+        from .search.query import parse_query
+        from .search.results import Filters, check_k
+
+        check_k(k)
+        q = parse_query(query)
+        filters = Filters(path_glob=path, after=after, before=before, min_score=min_score)
+        engine = self.engine
+        rk = check_k(rerank_k, "rerank-k") if rerank_k is not None else self.default_rerank_k()
+        return engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort))
+
+    def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
+        """Images most like `image` (a path or PIL image), by their 32 query vectors."""
+        from .images import open_image
+        from .search.results import Filters, check_k
+
+        check_k(k)
+        label = str(image) if not hasattr(image, "size") else "<image>"
+        pil = image if hasattr(image, "size") else open_image(image)
+        filters = Filters(path_glob=path, after=after, before=before, min_score=min_score)
+        return self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label)
+
+    def rerank(self, query: str, hits):
+        """ITM-rerank `hits` (from `search`) against `query`: ITM logit + ITC, best first."""
+        return self.engine.rerank(query, hits)
+
+    def duplicates(self, threshold: float = 0.95) -> list[list]:
+        """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""
+        from .errors import InvalidInputError
+
+        if not 0.0 < threshold <= 1.0:
+            raise InvalidInputError(f"duplicate threshold {threshold} must be in (0, 1]; try --threshold 0.95")
+        groups = self.engine.duplicates(threshold)
+        records = {r.id: r for r in self.metadata.get_records([i for g in groups for i in g])}
+        return [[records[i] for i in g if i in records] for g in groups]
+
     # ------------------------------------------------------------------ reading
     def status(self) -> LibraryStatus:
         """Counts of images by state, and the models on record."""
@@ -222,6 +285,14 @@ class Library:
     def failures(self) -> list[FailureRecord]:
         """Files that could not be indexed, with a one-line reason each, by path."""
         return [FailureRecord(f.path, f.error) for f in self.metadata.failures()]
+
+
+def _check_sort(sort: str) -> str:
+    from .errors import InvalidInputError
+
+    if sort not in ("score", "date"):
+        raise InvalidInputError(f"sort {sort!r} is not 'score' or 'date'; pass --sort score or --sort date")
+    return sort
 
 
 def _canonical(name: str) -> str:

@@ -9,9 +9,11 @@ The write operations live in ``updates.py``; this module holds opening and readi
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +336,24 @@ class MetadataStore:
                 for row in connection.execute(select(images).where(images.c.id.in_(part))):
                     found[row.id] = to_image_record(row)
         return [found[image_id] for image_id in ids if image_id in found]
+
+    def filter_ids(self, *, path_glob: str | None = None, after: datetime | None = None, before: datetime | None = None) -> np.ndarray:
+        """Ids of indexed images matching all given filters, ascending: ``[n] int64``.
+
+        ``path_glob``: shell pattern on the absolute path, case-sensitive, ``*`` also crosses ``/``
+        (``*.png``, ``*/2023/*``). ``after``/``before``: capture time (EXIF) bounds, inclusive;
+        images without a capture time never match a date filter.
+        """
+        statement = select(images.c.id, images.c.path).where(images.c.status == STATUS_INDEXED)
+        if after is not None:
+            statement = statement.where(images.c.taken_at >= after)
+        if before is not None:
+            statement = statement.where(images.c.taken_at <= before)
+        with self._read() as connection:
+            rows = connection.execute(statement.order_by(images.c.id)).all()
+        if path_glob is not None:
+            rows = [row for row in rows if fnmatch.fnmatchcase(row.path, path_glob)]
+        return np.array([row.id for row in rows], dtype=np.int64)
 
     def uncaptioned(self, limit: int | None = None) -> list[ImageRecord]:
         """Indexed images without a caption, by ascending id."""

@@ -252,6 +252,10 @@ class FaissVectorStore:
             depth = min(depth * 4, total)
         return out_ids, out_scores
 
+    def stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored image, without copying: ``(image ids [n] int64, vectors [n, Q, D] float32)``."""
+        return self._stored()
+
     def _stored(self) -> tuple[np.ndarray, np.ndarray]:
         """Every stored image without copying: ``(image ids [n] int64, vectors [n, Q, D] float32)``.
 
@@ -274,6 +278,16 @@ class FaissVectorStore:
         c, q, d = stored.shape
         sims = (stored.reshape(c * q, d) @ query.T).reshape(c, q, len(query))
         return sims.max(axis=1).astype(np.float64).mean(axis=1).astype(np.float32)
+
+    def vectors_for(self, image_ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of the given (present) images: ``[n, Q, D] float32``, in the given order."""
+        ids = self._check_ids(image_ids)
+        missing = [i for i in ids.tolist() if i not in self._image_ids]
+        if missing:
+            raise InvalidInputError(f"images {missing[:5]} are not in the vector index; search only returns indexed images")
+        if not len(ids):
+            return np.zeros((0, self.num_query_tokens, self.dim), np.float32)
+        return self._index.reconstruct_batch(self._vector_ids(ids)).reshape(len(ids), self.num_query_tokens, self.dim)
 
     def _exact_scores(self, query: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
         """``_mean_max`` for the given images, read from the index: ``[c] float32``."""

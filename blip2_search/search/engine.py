@@ -1,0 +1,190 @@
+"""The search engine: exact BLIP-2 ITC first stage, caption fusion, filters, ITM rerank, image queries.
+
+Data flows one way: query -> term embeddings -> ITC over the vector store (filters inside) -> optional
+fusion with caption matches -> optional ITM rerank -> hits with metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..models.encoder import Blip2Encoder
+from ..store import FaissVectorStore, MetadataStore
+from .query import Query
+from .rerank import RecomputeVit, VitSource, rerank_hits
+from .results import Filters, Hit, SearchResult
+
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+FUSION_DEPTH = 100  # candidates taken from each ranked list before fusing
+CAPTION_WEIGHT = 0.5  # each caption list counts half as much as the image ranking
+EXACT_COMPOSITE_LIMIT = 50_000  # composite queries score every image exactly up to this size
+
+
+class SearchEngine:
+    """Searches one library; collaborators are passed in and the encoder loads its parts lazily."""
+
+    def __init__(self, metadata: MetadataStore, vectors: FaissVectorStore, encoder: Blip2Encoder, *, vit_source: VitSource | None = None):
+        self.metadata = metadata
+        self.vectors = vectors
+        self.encoder = encoder
+        self.vit_source = vit_source or RecomputeVit(encoder)
+        self._caption_matrix: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ text
+    def search_text(self, query: Query, k: int, *, filters: Filters = Filters(), rerank: bool = False, rerank_k: int = 32,
+                    fusion: bool = True, sort: str = "score") -> SearchResult:
+        """Top `k` images for a (possibly composite) text query."""
+        allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
+        notes = [f"query truncated to {len(query.raw)} characters"] if query.truncated else []
+        texts = [t.text for t in query.terms]
+        weights = np.array([t.weight for t in query.terms], dtype=np.float32)
+        emb = self.encoder.embed_texts(texts)  # [m, D]
+        depth = max(k, rerank_k if rerank else 0, FUSION_DEPTH if fusion else 0)
+        ids, itc = self._first_stage(emb, weights, query.is_simple, depth, allowed)
+        if filters.min_score is not None:
+            keep = itc >= filters.min_score
+            ids, itc = ids[keep], itc[keep]
+        itc_of = dict(zip(ids.tolist(), itc.tolist()))
+        order, fused = ids.tolist(), None
+        if fusion:
+            order, fused = self._fuse(query, emb, weights, order, allowed, itc_of, filters)
+        pool = order[: max(k, rerank_k if rerank else 0)]
+        hits = self._hits(pool, itc_of, fused)
+        if rerank and hits:
+            head, n_missing = rerank_hits(self.encoder, self.vit_source, _rerank_text(query), hits[:rerank_k])
+            hits = head + hits[rerank_k:]
+            if n_missing:
+                notes.append(f"{n_missing} candidates could not be reranked (file missing or unreadable); re-index to refresh")
+        hits = hits[:k]
+        if sort == "date":
+            hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
+        return SearchResult(query.raw, tuple(hits), tuple(notes))
+
+    def _first_stage(self, emb: np.ndarray, weights: np.ndarray, simple: bool, depth: int, allowed) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and ITC scores, best first (ties by id). Exact for simple queries at any depth."""
+        if simple:
+            ids, scores = self.vectors.search(emb[:1], depth, allowed_ids=allowed)
+            return ids[0], scores[0]
+        if len(self.vectors) <= EXACT_COMPOSITE_LIMIT:
+            cand, stored = self.vectors.stored()
+            if allowed is not None:
+                rows = np.flatnonzero(np.isin(cand, allowed))
+                cand, stored = cand[rows], stored[rows]
+        else:  # union of each positive term's exact top list, then exact composite rescoring
+            pos = emb[weights > 0]
+            found, _ = self.vectors.search(pos, max(4 * depth, 200), allowed_ids=allowed)
+            cand = np.unique(found)
+            stored = self.vectors.vectors_for(cand)
+        scores = composite_itc(stored, emb, weights)
+        order = np.lexsort((cand, -scores))[:depth]
+        return cand[order], scores[order]
+
+    def _fuse(self, query: Query, emb, weights, order: list[int], allowed, itc_of: dict, filters: Filters):
+        """Reciprocal rank fusion of the image ranking with caption full-text and caption-embedding ranks."""
+        lists: list[tuple[float, list[int]]] = [(1.0, order[:FUSION_DEPTH])]
+        allowed_set = set(allowed.tolist()) if allowed is not None else None
+        text = " ".join(t.text for t in query.terms if t.weight > 0)
+        fts = [i for i, _ in self.metadata.search_captions(text, FUSION_DEPTH * 2) if allowed_set is None or i in allowed_set]
+        if fts:
+            lists.append((CAPTION_WEIGHT, fts[:FUSION_DEPTH]))
+        cap_ids, cap_vecs = self._captions()
+        if len(cap_ids):
+            sims = composite_itc(cap_vecs[:, None, :], emb, weights)
+            if allowed is not None:
+                sims = np.where(np.isin(cap_ids, allowed), sims, -np.inf)
+            top = np.lexsort((cap_ids, -sims))[:FUSION_DEPTH]
+            lists.append((CAPTION_WEIGHT, [int(cap_ids[i]) for i in top if np.isfinite(sims[i])]))
+        if len(lists) == 1:
+            return order, None
+        fused: dict[int, float] = {}
+        for weight, ranked in lists:
+            for rank, image_id in enumerate(ranked):
+                fused[image_id] = fused.get(image_id, 0.0) + weight / (RRF_K + rank + 1)
+        new = [i for i in fused if i not in itc_of]
+        if new:  # found only through captions: give them their exact ITC
+            stored = self.vectors.vectors_for(np.array(new, dtype=np.int64))
+            for i, s in zip(new, composite_itc(stored, emb, weights).tolist()):
+                itc_of[i] = s
+        if filters.min_score is not None:
+            fused = {i: f for i, f in fused.items() if itc_of.get(i, -np.inf) >= filters.min_score}
+        ranked = sorted((i for i in fused if i in itc_of), key=lambda i: (-fused[i], -itc_of[i], i))
+        return ranked, fused
+
+    def _captions(self) -> tuple[np.ndarray, np.ndarray]:
+        """All caption vectors, loaded once per engine: `(ids [n], [n, D] float32)`."""
+        if self._caption_matrix is None:
+            parts = list(self.metadata.iter_caption_vectors())
+            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            vecs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.encoder.embed_dim), np.float32)
+            self._caption_matrix = (ids, vecs)
+        return self._caption_matrix
+
+    def _hits(self, ids: Sequence[int], itc_of: dict, fused: dict | None) -> list[Hit]:
+        records = {r.id: r for r in self.metadata.get_records(ids)}
+        out = []
+        for i in ids:
+            r = records.get(i)
+            if r is None:
+                continue
+            score = fused[i] if fused is not None else itc_of[i]
+            out.append(Hit(i, r.path, float(score), float(itc_of[i]), None, r.caption, r.taken_at))
+        return out
+
+    # ------------------------------------------------------------------ images
+    def search_image(self, image: Image.Image, k: int, *, filters: Filters = Filters(), sort: str = "score", label: str = "") -> SearchResult:
+        """Images most like `image`: mean over its query vectors of the best match among each image's."""
+        allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
+        q = self.encoder.embed_images([image])  # [1, Q, D]
+        ids, scores = self.vectors.search_vectors(q, k, allowed_ids=allowed)
+        ids, scores = ids[0], scores[0]
+        if filters.min_score is not None:
+            keep = scores >= filters.min_score
+            ids, scores = ids[keep], scores[keep]
+        hits = self._hits(ids.tolist(), dict(zip(ids.tolist(), scores.tolist())), None)
+        if sort == "date":
+            hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
+        return SearchResult(label, tuple(hits))
+
+    def rerank(self, text: str, hits: Sequence[Hit]) -> list[Hit]:
+        """ITM-rerank given hits against `text` (all of them), best first."""
+        return rerank_hits(self.encoder, self.vit_source, text, list(hits))[0]
+
+    # ------------------------------------------------------------------ near duplicates
+    def duplicates(self, threshold: float, *, neighbours: int = 10) -> list[list[int]]:
+        """Groups (>= 2 images) whose image-to-image score reaches `threshold`, each sorted by id."""
+        ids, stored = self.vectors.stored()
+        parent = {int(i): int(i) for i in ids}
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for i, vecs in zip(ids.tolist(), stored):
+            nid, sc = self.vectors.search_vectors(vecs[None], min(neighbours + 1, len(ids)))
+            for j, s in zip(nid[0].tolist(), sc[0].tolist()):
+                if j != i and s >= threshold:
+                    parent[find(i)] = find(j)
+        groups: dict[int, list[int]] = {}
+        for i in parent:
+            groups.setdefault(find(i), []).append(i)
+        return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def composite_itc(stored: np.ndarray, term_embeds: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Sum over terms of weight x ITC (max over query vectors). `[n, Q, D]`, `[m, D]`, `[m]` -> `[n] float32`."""
+    n, q, d = stored.shape
+    if n == 0:
+        return np.zeros(0, np.float32)
+    sims = (stored.reshape(n * q, d) @ term_embeds.T).reshape(n, q, -1).max(axis=1)  # [n, m]
+    return (sims @ weights).astype(np.float32)
+
+
+def _rerank_text(query: Query) -> str:
+    """ITM scores one text: the positive terms, in order (negatives already shaped the candidates)."""
+    return " ".join(t.text for t in query.terms if t.weight > 0)

@@ -1,0 +1,66 @@
+"""ITM reranking of search candidates: score = ITM positive logit + ITC (the LAVIS protocol).
+
+ITM needs each candidate's ViT tokens. `RecomputeVit` re-reads the source image and reruns the ViT:
+no storage, and correct as long as the file is still on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Protocol, Sequence
+
+import torch
+
+from ..errors import Blip2SearchError
+from ..images import open_image
+from ..models.encoder import Blip2Encoder
+from .results import Hit
+
+
+class VitSource(Protocol):
+    """Where a reranker gets ViT tokens: `[n, T, W]` for the readable hits, and which hits those are."""
+
+    def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]: ...
+
+
+class RecomputeVit:
+    """Re-decode each hit's file and rerun the ViT (the reference preprocessing path)."""
+
+    def __init__(self, encoder: Blip2Encoder):
+        self.encoder = encoder
+
+    def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]:
+        images, ok = [], []
+        for i, h in enumerate(hits):
+            try:
+                images.append(open_image(h.path))
+                ok.append(i)
+            except Blip2SearchError:
+                continue  # gone or unreadable since indexing: it keeps its first-stage rank
+        if not images:
+            return torch.zeros((0,)), []
+        bs = self.encoder.batch_size
+        vit = torch.cat([self.encoder.vit_tokens(self.encoder.preprocess(images[s : s + bs])) for s in range(0, len(images), bs)])
+        return vit, ok
+
+
+def rerank_hits(encoder: Blip2Encoder, source: VitSource, text: str, hits: Sequence[Hit]) -> tuple[list[Hit], int]:
+    """Rescore `hits` by ITM logit + ITC; returns (reranked best-first, then unreadable ones in their
+    previous order) and how many could not be reranked."""
+    if not hits:
+        return [], 0
+    vit, ok = source.tokens(hits)
+    scored: list[Hit] = []
+    if ok:
+        tok = encoder.tokenize([text])
+        bs = encoder.batch_size
+        logits = torch.cat([
+            encoder.itm_logits(vit[s : s + bs], tok["input_ids"].expand(len(vit[s : s + bs]), -1), tok["attention_mask"].expand(len(vit[s : s + bs]), -1))[:, 1]
+            for s in range(0, len(vit), bs)
+        ]).cpu().numpy()
+        for j, i in enumerate(ok):
+            h = hits[i]
+            scored.append(replace(h, itm_logit=float(logits[j]), score=float(logits[j]) + h.itc))
+        scored.sort(key=lambda h: (-h.score, h.id))
+    missing = [h for i, h in enumerate(hits) if i not in set(ok)]
+    return scored + missing, len(missing)

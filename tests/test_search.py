@@ -1,0 +1,212 @@
+"""Searching a library: exact ITC ranking, composite terms, filters inside the search, rerank = HF."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from blip2_search.cli import main
+from blip2_search.errors import InvalidInputError, LibraryError
+from blip2_search.images import open_image
+from blip2_search.library import Library
+
+TEXTS = ["a red circle on the left", "blue square", "a photo of a dog on the beach"]
+
+
+def _photo(path: Path, seed: int, date: str | None = None):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if date:
+        exif[0x0132] = date  # DateTime
+    img.save(path, quality=95, exif=exif)
+
+
+@pytest.fixture(scope="module")
+def lib_dir(tiny_itm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    photos = root / "photos"
+    for i in range(24):
+        year = 2020 + i % 4
+        _photo(photos / str(year) / f"img{i:02d}.jpg", i, f"{year}:0{1 + i % 9}:1{i % 10} 12:00:00")
+    shutil.copy(photos / "2020" / "img00.jpg", photos / "copy.jpg")  # an exact duplicate: a tie
+    _photo(photos / "undated.jpg", 500)
+    with Library.open(root / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=8) as lib:
+        assert lib.index([photos]).indexed == 26
+    return root / "lib"
+
+
+@pytest.fixture(scope="module")
+def lib(lib_dir):
+    with Library.open(lib_dir) as lib:
+        yield lib
+
+
+def _brute_itc(lib, texts):
+    """ITC of every indexed image with each text through HF's own forward: {path: [len(texts)]}."""
+    from transformers import Blip2ForImageTextRetrieval
+
+    recs = [r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if r.status == "indexed"]
+    enc = lib.encoder
+    hf = Blip2ForImageTextRetrieval.from_pretrained(enc.source.path).eval()
+    px = enc.preprocess([open_image(r.path) for r in recs])
+    # indexing used the fast decode path; compare on the same pixels
+    from blip2_search.images import decode_for_model
+
+    px = enc.pixels_from_uint8(np.stack([decode_for_model(r.path, enc.image_size).pixels for r in recs]))
+    tok = enc.tokenize(texts)
+    with torch.no_grad():
+        itc = hf(pixel_values=px, **tok, use_image_text_matching_head=False).logits_per_image.numpy()
+    return recs, itc
+
+
+def _ranking(recs, scores):
+    order = sorted(range(len(recs)), key=lambda i: (-scores[i], recs[i].id))
+    return [recs[i].id for i in order], [float(scores[i]) for i in order]
+
+
+def test_text_ranking_equals_brute_force_for_every_k(lib):
+    recs, itc = _brute_itc(lib, TEXTS)
+    for t, text in enumerate(TEXTS):
+        want_ids, want_scores = _ranking(recs, itc[:, t])
+        for k in (1, 5, 26, 100):
+            res = lib.search(text, k, rerank=False, fusion=False)
+            got = [h.id for h in res.hits]
+            assert len(got) == min(k, 26)
+            np.testing.assert_allclose([h.itc for h in res.hits], want_scores[: len(got)], atol=1e-5)
+            # equal up to ties, which are broken by id
+            assert got == want_ids[: len(got)] or np.allclose(sorted(want_scores[: len(got)]), sorted(h.itc for h in res.hits), atol=1e-6)
+
+
+def test_exact_duplicate_ties_are_broken_by_id(lib):
+    res = lib.search(TEXTS[0], 26, rerank=False, fusion=False)
+    by_path = {Path(h.path).name: h for h in res.hits}
+    a, b = by_path["img00.jpg"], by_path["copy.jpg"]
+    assert a.itc == b.itc
+    ids = [h.id for h in res.hits]
+    assert ids.index(min(a.id, b.id)) == ids.index(max(a.id, b.id)) - 1
+
+
+def test_negative_terms_demote_and_equal_weighted_brute_force(lib):
+    recs, itc = _brute_itc(lib, ["a red circle", "blue square"])
+    res = lib.search('2:"a red circle" - "blue square"', 26, rerank=False, fusion=False)
+    want_ids, want_scores = _ranking(recs, 2 * itc[:, 0] - itc[:, 1])
+    np.testing.assert_allclose([h.score for h in res.hits], want_scores, atol=1e-5)
+    worst_b = max(range(len(recs)), key=lambda i: itc[i, 1])
+    plain = [h.id for h in lib.search('"a red circle"', 26, rerank=False, fusion=False).hits]
+    neg = [h.id for h in res.hits]
+    assert neg.index(recs[worst_b].id) >= plain.index(recs[worst_b].id)  # the most "blue square" image moved down
+
+
+def test_filters_apply_inside_the_search(lib):
+    recs, itc = _brute_itc(lib, TEXTS[:1])
+    in_2021 = [i for i, r in enumerate(recs) if "/2021/" in r.path]
+    want_ids, _ = _ranking([recs[i] for i in in_2021], itc[in_2021, 0])
+    res = lib.search(TEXTS[0], 3, rerank=False, fusion=False, path="*/2021/*")
+    assert [h.id for h in res.hits] == want_ids[:3]  # 3 results although the unfiltered top 3 may hold none
+    dated = lib.search(TEXTS[0], 100, rerank=False, fusion=False, after=datetime(2022, 1, 1), before=datetime(2022, 12, 31, 23, 59))
+    assert dated.hits and all(h.taken_at and h.taken_at.year == 2022 for h in dated.hits)
+    assert len(dated.hits) == sum(1 for r in recs if r.taken_at and r.taken_at.year == 2022)
+    ordered = sorted(itc[:, 0])
+    cut = float(ordered[len(recs) // 2] + ordered[len(recs) // 2 + 1]) / 2  # between two scores: no rounding ties
+    above = lib.search(TEXTS[0], 100, rerank=False, fusion=False, min_score=cut)
+    assert all(h.itc >= cut for h in above.hits) and len(above.hits) == int((itc[:, 0] >= cut).sum())
+    by_date = lib.search(TEXTS[0], 10, rerank=False, fusion=False, sort="date")
+    dates = [h.taken_at for h in by_date.hits if h.taken_at]
+    assert dates == sorted(dates)
+
+
+def test_rerank_equals_hf_forward(lib):
+    from transformers import Blip2ForImageTextRetrieval
+
+    res = lib.search(TEXTS[0], 6, rerank=True, rerank_k=6, fusion=False)
+    enc = lib.encoder
+    hf = Blip2ForImageTextRetrieval.from_pretrained(enc.source.path).eval()
+    px = enc.preprocess([open_image(h.path) for h in res.hits])
+    tok = enc.tokenize([TEXTS[0]] * len(res.hits))
+    with torch.no_grad():
+        itm = hf(pixel_values=px, **tok, use_image_text_matching_head=True).logits_per_image[:, 1].numpy()
+    np.testing.assert_allclose([h.itm_logit for h in res.hits], itm, atol=1e-5)
+    assert [h.score for h in res.hits] == sorted((h.score for h in res.hits), reverse=True)
+    np.testing.assert_allclose([h.score for h in res.hits], [h.itm_logit + h.itc for h in res.hits], atol=1e-6)
+
+
+def test_image_query_finds_itself_and_its_copy_first(lib):
+    recs = lib.metadata.get_records(k.id for k in lib.metadata.known_files().values())
+    target = next(r for r in recs if r.path.endswith("img00.jpg"))
+    res = lib.similar(target.path, 3)
+    assert {Path(h.path).name for h in res.hits[:2]} == {"img00.jpg", "copy.jpg"}
+    assert res.hits[0].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_duplicates_groups_the_copy(lib):
+    groups = lib.duplicates(0.999)
+    assert [sorted(Path(r.path).name for r in g) for g in groups] == [["copy.jpg", "img00.jpg"]]
+
+
+@pytest.mark.parametrize("args,fix", [
+    (["", "--no-rerank"], "empty"), (["red", "-k", "0"], "-k"), (["red", "-k", "1000000"], "-k"),
+    (["red", "--after", "2021-13-01"], "YYYY-MM-DD"), (["red", "--path", " "], "glob"),
+    (["red", "--after", "2022-01-01", "--before", "2021-01-01"], "swap"), (['red "unclosed'], "quote"),
+])
+def test_bad_search_input_exits_2_with_the_fix(lib_dir, args, fix):
+    before = (lib_dir / "metadata.sqlite").stat().st_mtime_ns
+    res = CliRunner().invoke(main, ["search", *args, "--library", str(lib_dir)])
+    assert res.exit_code == 2, res.output
+    assert fix.lower() in res.output.lower() and "Traceback" not in res.output
+    assert (lib_dir / "metadata.sqlite").stat().st_mtime_ns == before
+
+
+def test_missing_library_exits_2(tmp_path):
+    res = CliRunner().invoke(main, ["search", "red", "--library", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "--library" in res.output
+    assert not (tmp_path / "none").exists()
+
+
+def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
+    res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "-k", "3", "--rerank-k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["query"] == TEXTS[0] and len(out["results"]) == 3
+    assert set(out["results"][0]) == {"id", "path", "score", "itc", "itm_logit", "caption", "taken_at"}
+    assert all(r["itm_logit"] is not None for r in out["results"])
+    res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--json"])
+    assert all(r["itm_logit"] is None for r in json.loads(res.stdout)["results"])
+    qf = tmp_path / "q.txt"
+    qf.write_text("\n".join(TEXTS) + "\n\n")
+    res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [x["query"] for x in lines] == TEXTS and all(len(x["results"]) == 2 for x in lines)
+
+
+def test_long_query_is_truncated_with_a_note(lib):
+    res = lib.search("red " * 600, 2, rerank=False, fusion=False)
+    assert res.notes and "truncated" in res.notes[0]
+
+
+def test_text_search_loads_no_vit(lib_dir):
+    with Library.open(lib_dir) as lib:
+        lib.search(TEXTS[1], 3, rerank=False)
+        assert lib.encoder.loaded_parts == ("text",)
+
+
+def test_search_of_an_empty_library_is_a_clear_error(tmp_path):
+    from blip2_search.store import open_metadata
+
+    open_metadata(tmp_path / "empty", create=True).close()
+    with Library.open(tmp_path / "empty") as lib, pytest.raises(LibraryError, match="index"):
+        lib.search("red")
+
+
+def test_k_validation_in_python(lib):
+    with pytest.raises(InvalidInputError):
+        lib.search("red", 0)
