@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import settings
-from .errors import LibraryError, ModelMismatchError
+from .errors import InvalidInputError, LibraryError, ModelMismatchError
 from .models.loading import DEMO
 from .store import (
     VECTORS_FILENAME,
@@ -42,6 +42,7 @@ class LibraryStatus:
     vectors: int
     model: str | None
     captioner: str | None
+    vit_tokens_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,39 @@ class Library:
             self._vectors = open_vectors(self.metadata, self.folder / VECTORS_FILENAME).store
         return self._vectors
 
+    @property
+    def vit_store(self):
+        """The optional on-disk ViT token store (on when `index --store-vit` created it)."""
+        from .store.vit_tokens import VitTokenStore
+
+        return VitTokenStore(self.folder)
+
+    def _vit_source(self, rerank_source: str):
+        from .search.rerank import RecomputeVit, StoredVit
+
+        enc = self.encoder
+        if rerank_source == "recompute" or (rerank_source == "auto" and not self.vit_store.enabled):
+            return RecomputeVit(enc)
+        if rerank_source == "stored" and not self.vit_store.enabled:
+            raise InvalidInputError(f"library {self.folder} stores no ViT tokens; index with --store-vit first, or pass --rerank-source recompute")
+        if rerank_source not in ("auto", "stored"):
+            raise InvalidInputError(f"rerank source {rerank_source!r} is not auto, stored or recompute")
+
+        def hash_of(ids):
+            return {r.id: r.content_hash for r in self.metadata.get_records(ids)}
+
+        return StoredVit(enc, self.vit_store, hash_of, stored_only=rerank_source == "stored")
+
     def _embedder_info(self) -> EmbedderInfo:
         enc = self.encoder
         return EmbedderInfo(ModelRef(enc.name, enc.revision), enc.num_query_tokens, enc.embed_dim)
 
     # ------------------------------------------------------------------ indexing
-    def index(self, dirs: Iterable[str | os.PathLike], *, progress: Callable | None = None, fast_decode: bool = True):
-        """Index photo folders (incremental; resumable after a crash). Returns an `IndexReport`."""
+    def index(self, dirs: Iterable[str | os.PathLike], *, progress: Callable | None = None, fast_decode: bool = True, store_vit: bool = False):
+        """Index photo folders (incremental; resumable after a crash). Returns an `IndexReport`.
+
+        `store_vit`: from now on keep each image's ViT tokens (fp16) so reranking need not rerun the ViT.
+        """
         from .indexing.pipeline import Indexer
         from .indexing.scan import check_roots
 
@@ -182,10 +209,13 @@ class Library:
             if self.captioner_name:
                 cap = self.captioner
                 self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
+            if store_vit:
+                self.vit_store.enable()
             indexer = Indexer(self.metadata, self.vectors, self.encoder, self.captioner, batch_size=self.batch_size,
-                              workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)])
+                              workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store)
             report = indexer.run(roots, progress)
             if not report.interrupted:
+                self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
                 # the index now holds exactly what the database committed
                 self.vectors.save(self.folder / VECTORS_FILENAME, generation=self.metadata.vectors_generation())
             return report
@@ -231,7 +261,8 @@ class Library:
         return 128 if self.encoder.placement.device == "cuda" else 16
 
     def search(self, query: str, k: int = 10, *, rerank: bool = True, rerank_k: int | None = None, path: str | None = None,
-               after=None, before=None, min_score: float | None = None, sort: str = "score", fusion: bool = True):
+               after=None, before=None, min_score: float | None = None, sort: str = "score", fusion: bool = True,
+               rerank_source: str = "auto"):
         """Top `k` images for a text query (see docs/queries.md for composite terms); returns a `SearchResult`."""
         from .search.query import parse_query
         from .search.results import Filters, check_k
@@ -241,7 +272,8 @@ class Library:
         filters = Filters(path_glob=path, after=after, before=before, min_score=min_score)
         engine = self.engine
         rk = check_k(rerank_k, "rerank-k") if rerank_k is not None else self.default_rerank_k()
-        return engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort))
+        source = self._vit_source(rerank_source) if rerank else None
+        return engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
         """Images most like `image` (a path or PIL image), by their 32 query vectors."""
@@ -254,9 +286,9 @@ class Library:
         filters = Filters(path_glob=path, after=after, before=before, min_score=min_score)
         return self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label)
 
-    def rerank(self, query: str, hits):
+    def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
         """ITM-rerank `hits` (from `search`) against `query`: ITM logit + ITC, best first."""
-        return self.engine.rerank(query, hits)
+        return self.engine.rerank(query, hits, vit_source=self._vit_source(rerank_source))
 
     def duplicates(self, threshold: float = 0.95) -> list[list]:
         """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""
@@ -280,6 +312,7 @@ class Library:
             deleted=counts.deleted, vectors=counts.indexed * q,
             model=info.embedder.model.model_id if info.embedder else None,
             captioner=info.captioner.model_id if info.captioner else None,
+            vit_tokens_bytes=self.vit_store.size_bytes(),
         )
 
     def failures(self) -> list[FailureRecord]:

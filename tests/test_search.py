@@ -210,3 +210,24 @@ def test_search_of_an_empty_library_is_a_clear_error(tmp_path):
 def test_k_validation_in_python(lib):
     with pytest.raises(InvalidInputError):
         lib.search("red", 0)
+
+
+def test_stored_vit_tokens_rerank_like_recomputing(tiny_itm_dir, tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(8):
+        _photo(photos / f"v{i}.jpg", 40 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([photos], store_vit=True)
+        assert lib.status().vit_tokens_bytes > 0
+        stored = lib.search(TEXTS[0], 5, rerank_k=5, fusion=False, rerank_source="stored")
+        fresh = lib.search(TEXTS[0], 5, rerank_k=5, fusion=False, rerank_source="recompute")
+    # stored tokens are fp16 and come from the fast decode path: close to, not equal to, recomputing
+    a = {h.id: h.itm_logit for h in stored.hits}
+    b = {h.id: h.itm_logit for h in fresh.hits}
+    assert set(a) == set(b)
+    np.testing.assert_allclose([a[i] for i in a], [b[i] for i in a], atol=0.05)
+
+
+def test_stored_source_without_store_names_the_fix(lib):
+    with pytest.raises(InvalidInputError, match="--store-vit"):
+        lib.search(TEXTS[0], 3, rerank_source="stored")

@@ -12,11 +12,13 @@ from ..models.encoder import Blip2Encoder
 
 @dataclass(frozen=True, eq=False)
 class EmbeddedBatch:
-    """`vectors [n, Q, D] float32` (L2-normalised per query); captions and `caption_vectors [n, D]` or None."""
+    """`vectors [n, Q, D] float32` (L2-normalised per query); captions and `caption_vectors [n, D]` or None;
+    `vit [n, T, W]` the ViT tokens (for the optional token store)."""
 
     vectors: np.ndarray
     captions: list[str] | None
     caption_vectors: np.ndarray | None
+    vit: object = None
 
 
 def embed_batch(encoder: Blip2Encoder, captioner: Blip2Captioner | None, pixels: dict[int, np.ndarray]) -> EmbeddedBatch:
@@ -24,6 +26,6 @@ def embed_batch(encoder: Blip2Encoder, captioner: Blip2Captioner | None, pixels:
     vit = encoder.vit_tokens(encoder.pixels_from_uint8(pixels[encoder.image_size]))
     vectors = encoder.embed_vit_tokens(vit)
     if captioner is None:
-        return EmbeddedBatch(vectors, None, None)
+        return EmbeddedBatch(vectors, None, None, vit)
     captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size]))
-    return EmbeddedBatch(vectors, captions, encoder.embed_texts(captions))
+    return EmbeddedBatch(vectors, captions, encoder.embed_texts(captions), vit)

@@ -83,6 +83,7 @@ class Indexer:
         workers: int = 0,
         fast_decode: bool = True,
         skip: Iterable[str] = (),
+        vit_store=None,
     ):
         self.metadata = metadata
         self.vectors = vectors
@@ -92,6 +93,7 @@ class Indexer:
         self.workers = workers or max(1, os.cpu_count() or 1)
         self.fast_decode = fast_decode
         self.skip = tuple(skip)
+        self.vit_store = vit_store if vit_store is not None and vit_store.enabled else None
 
     def run(self, roots: list[str], progress: Callable[[Progress], None] | None = None) -> IndexReport:
         """Index `roots` (absolute folders). Ctrl-C stops after committing nothing partial; see `interrupted`."""
@@ -173,6 +175,10 @@ class Indexer:
         pending.results = []
         pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
         batch = embed_batch(self.encoder, self.captioner, pixels)
+        if self.vit_store is not None:
+            tokens = batch.vit.float().cpu().numpy()
+            for r, t in zip(results, tokens):
+                self.vit_store.put(r.content_hash, t)
         items = []
         for i, r in enumerate(results):
             info = r.info

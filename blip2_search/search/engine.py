@@ -36,7 +36,7 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ text
     def search_text(self, query: Query, k: int, *, filters: Filters = Filters(), rerank: bool = False, rerank_k: int = 32,
-                    fusion: bool = True, sort: str = "score") -> SearchResult:
+                    fusion: bool = True, sort: str = "score", vit_source: VitSource | None = None) -> SearchResult:
         """Top `k` images for a (possibly composite) text query."""
         allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
         notes = [f"query truncated to {len(query.raw)} characters"] if query.truncated else []
@@ -55,7 +55,7 @@ class SearchEngine:
         pool = order[: max(k, rerank_k if rerank else 0)]
         hits = self._hits(pool, itc_of, fused)
         if rerank and hits:
-            head, n_missing = rerank_hits(self.encoder, self.vit_source, _rerank_text(query), hits[:rerank_k])
+            head, n_missing = rerank_hits(self.encoder, vit_source or self.vit_source, _rerank_text(query), hits[:rerank_k])
             hits = head + hits[rerank_k:]
             if n_missing:
                 notes.append(f"{n_missing} candidates could not be reranked (file missing or unreadable); re-index to refresh")
@@ -149,9 +149,9 @@ class SearchEngine:
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
         return SearchResult(label, tuple(hits))
 
-    def rerank(self, text: str, hits: Sequence[Hit]) -> list[Hit]:
+    def rerank(self, text: str, hits: Sequence[Hit], *, vit_source: VitSource | None = None) -> list[Hit]:
         """ITM-rerank given hits against `text` (all of them), best first."""
-        return rerank_hits(self.encoder, self.vit_source, text, list(hits))[0]
+        return rerank_hits(self.encoder, vit_source or self.vit_source, text, list(hits))[0]
 
     # ------------------------------------------------------------------ near duplicates
     def duplicates(self, threshold: float, *, neighbours: int = 10) -> list[list[int]]:

@@ -44,6 +44,35 @@ class RecomputeVit:
         return vit, ok
 
 
+class StoredVit:
+    """ViT tokens from the library's token store, recomputing those not stored (`stored_only` refuses that)."""
+
+    def __init__(self, encoder: Blip2Encoder, store, hash_of, *, stored_only: bool = False):
+        self.encoder = encoder
+        self.store = store
+        self.hash_of = hash_of
+        self.recompute = RecomputeVit(encoder)
+        self.stored_only = stored_only
+
+    def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]:
+        hashes = self.hash_of([h.id for h in hits])
+        found = {i: self.store.get(hashes.get(h.id)) for i, h in enumerate(hits)}
+        missing = [i for i, t in found.items() if t is None]
+        extra, ok_extra = (self.recompute.tokens([hits[i] for i in missing]) if missing and not self.stored_only else (None, []))
+        dtype = self.encoder.full_model.vision_model.embeddings.patch_embedding.weight.dtype
+        rows, ok = [], []
+        recomputed = {missing[j]: extra[n] for n, j in enumerate(ok_extra)} if ok_extra else {}
+        for i in range(len(hits)):
+            if found[i] is not None:
+                rows.append(torch.from_numpy(found[i]).to(self.encoder.device, dtype))
+            elif i in recomputed:
+                rows.append(recomputed[i].to(dtype))
+            else:
+                continue
+            ok.append(i)
+        return (torch.stack(rows) if rows else torch.zeros((0,))), ok
+
+
 def rerank_hits(encoder: Blip2Encoder, source: VitSource, text: str, hits: Sequence[Hit]) -> tuple[list[Hit], int]:
     """Rescore `hits` by ITM logit + ITC; returns (reranked best-first, then unreadable ones in their
     previous order) and how many could not be reranked."""

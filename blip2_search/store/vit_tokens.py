@@ -1,0 +1,71 @@
+"""An optional on-disk store of ViT tokens, so ITM reranking need not rerun the ViT.
+
+One fp16 `.npy` file per content hash under `<library>/vit/ab/<hash>.npy`, `[T, W] float16`
+(257 x 1408 for ViT-g at 224 px: 0.72 MB an image). The store is on when its folder exists
+(`blip2-search index --store-vit` creates it); files are written atomically before the database
+commit that makes their image searchable, so a crash leaves at most an unused file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+VIT_DIRNAME = "vit"
+
+
+class VitTokenStore:
+    """fp16 ViT tokens by content hash."""
+
+    def __init__(self, library_folder: Path):
+        self.folder = Path(library_folder) / VIT_DIRNAME
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder.is_dir()
+
+    def enable(self) -> None:
+        """Start storing tokens for images indexed from now on."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, content_hash: str) -> Path:
+        return self.folder / content_hash[:2] / f"{content_hash}.npy"
+
+    def put(self, content_hash: str, tokens: np.ndarray) -> None:
+        """Write `[T, W]` tokens as float16 (atomic: temp file + rename)."""
+        path = self._path(content_hash)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(tokens, dtype=np.float16))
+        os.replace(tmp, path)
+
+    def get(self, content_hash: str | None) -> np.ndarray | None:
+        """`[T, W] float16`, or None when not stored."""
+        if not content_hash:
+            return None
+        try:
+            return np.load(self._path(content_hash))
+        except (OSError, ValueError):
+            return None
+
+    def size_bytes(self) -> int:
+        """Disk space used by stored tokens."""
+        if not self.enabled:
+            return 0
+        return sum(p.stat().st_size for p in self.folder.glob("*/*.npy"))
+
+    def prune(self, live_hashes: Iterable[str]) -> int:
+        """Delete token files whose content no live image has; returns how many."""
+        if not self.enabled:
+            return 0
+        live = set(live_hashes)
+        removed = 0
+        for p in self.folder.glob("*/*"):
+            if p.stem not in live or p.suffix != ".npy":
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
