@@ -295,3 +295,68 @@ def test_read_only_library_is_a_clear_error(tiny_itm_dir, photos, tmp_path, monk
     monkeypatch.undo()
     with Library.open(lib_dir) as lib:
         assert lib.status().indexed == 7  # intact
+
+
+def test_missing_or_stale_faiss_file_is_rebuilt(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        want = lib.search("a red circle", 5, rerank=False, fusion=False)
+    (lib_dir / "vectors.faiss").unlink()
+    with Library.open(lib_dir) as lib:
+        got = lib.search("a red circle", 5, rerank=False, fusion=False)
+    assert [h.id for h in got.hits] == [h.id for h in want.hits]
+    assert (lib_dir / "vectors.faiss").exists()  # written back
+    _check_consistent(lib_dir)
+
+
+def test_unreadable_file_and_file_changing_mid_run(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    from blip2_search.indexing import read
+
+    locked, changing = str(photos / "p0.jpg"), str(photos / "p1.jpg")
+    real_open, real_stat = open, os.stat
+
+    def fake_open(path, *a, **k):  # root reads chmod-000 files, so refuse the read as the OS would
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    def fake_stat(path, *a, **k):  # the file grows between the read and the check after it
+        st = real_stat(path, *a, **k)
+        if str(path) == changing:
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size + 10, st.st_atime, st.st_mtime, st.st_ctime))
+        return st
+
+    monkeypatch.setattr(read, "open", fake_open, raising=False)
+    monkeypatch.setattr(read.os, "stat", fake_stat)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        r = lib.index([photos])
+        errors = {Path(f.path).name: f.error for f in lib.failures()}
+    assert r.failed == 2 and r.indexed == 5
+    assert "permission" in errors["p0.jpg"].lower() and "changed while it was read" in errors["p1.jpg"]
+    monkeypatch.undo()
+    with Library.open(lib_dir) as lib:  # retried on the next run, now fine
+        r2 = lib.index([photos])
+        assert r2.indexed == 2 and r2.failed == 0 and lib.status().failed == 0
+
+
+def test_full_disk_is_a_clear_error_and_the_library_stays_intact(tiny_itm_dir, photos, tmp_path):
+    from sqlalchemy import event
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    for i in range(6):
+        _photo(photos / "more" / f"m{i}.jpg", 300 + i, size=(640, 480))
+    with Library.open(lib_dir, batch_size=3) as lib:
+        engine = lib.metadata._engine
+        engine.dispose()
+        # SQLite reports SQLITE_FULL ("database or disk is full") once the file may not grow: a real full disk
+        event.listen(engine, "connect", lambda conn, rec: conn.execute("PRAGMA max_page_count = 1"))
+        with pytest.raises(LibraryError, match="full"):
+            lib.index([photos])
+    with Library.open(lib_dir) as lib:
+        assert lib.status().indexed == 7
+        assert lib.index([photos]).indexed == 6
+    _check_consistent(lib_dir)
