@@ -125,8 +125,8 @@ class Indexer:
     # ------------------------------------------------------------------ stages
     def _process(self, plan: ChangePlan, known, gone_by_hash, moved, counts: _Counts, progress) -> None:
         sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
-        known_hashes = {k.content_hash for k in known.values() if k.content_hash and k.status in ("indexed", "pending")}
-        known_hashes &= set(self.metadata.get_embeddings(known_hashes)) if known_hashes else set()
+        # an indexed image always has its embedding row; pending ones (after --reembed) have none yet
+        known_hashes = {k.content_hash for k in known.values() if k.content_hash and k.status == "indexed"}
         pending = _Pending()
         failures: list[FailedFile] = []
         reuse: list[ReadResult] = []
