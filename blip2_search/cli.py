@@ -337,5 +337,28 @@ def eval_(annotations, images_dir, model, rerank_k, split, batch_size, device, d
     click.echo("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()))
 
 
+@main.command()
+@library_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback needs --token.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
+@click.option("--token", default=None, envvar="BLIP2_SEARCH_TOKEN", help="Require this token on every API call (Bearer header, or /?token= once in a browser) [env: BLIP2_SEARCH_TOKEN].")
+@device_option
+@dtype_option
+def serve(library, host, port, token, device, dtype):
+    """Serve the search API and web page (docs/server.md) with the models kept loaded."""
+    try:
+        from .server import check_bind, serve as run
+    except ImportError as exc:
+        raise UserError(f"the server needs FastAPI and uvicorn ({exc.name} is missing); pip install 'blip2-search[server]'") from None
+    from .library import Library
+
+    check_bind(host, token)
+    with Library.open(library, device=device, dtype=dtype) as lib:
+        shown = f"[{host}]" if ":" in host else host
+        login = " (open /?token=TOKEN once in a browser)" if token else ""
+        click.echo(f"serving {lib.folder} on http://{shown}:{port}/{login}", err=True)
+        run(lib, host=host, port=port, token=token)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

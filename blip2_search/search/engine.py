@@ -150,8 +150,14 @@ class SearchEngine:
         return SearchResult(label, tuple(hits))
 
     def rerank(self, text: str, hits: Sequence[Hit], *, vit_source: VitSource | None = None) -> list[Hit]:
-        """ITM-rerank given hits against `text` (all of them), best first."""
-        return rerank_hits(self.encoder, vit_source or self.vit_source, text, list(hits))[0]
+        """ITM-rerank given hits against `text` (all of them), best first; their ITC is recomputed for
+        `text` from the stored vectors, so hits from another query (or built from ids) score correctly."""
+        hits = list(hits)
+        if hits:
+            emb = self.encoder.embed_texts([text])
+            itc = composite_itc(self.vectors.vectors_for(np.array([h.id for h in hits], dtype=np.int64)), emb, np.ones(1, np.float32))
+            hits = [replace(h, itc=float(c), score=float(c), itm_logit=None) for h, c in zip(hits, itc.tolist())]
+        return rerank_hits(self.encoder, vit_source or self.vit_source, text, hits)[0]
 
     # ------------------------------------------------------------------ near duplicates
     def duplicates(self, threshold: float, *, neighbours: int = 10) -> list[list[int]]:

@@ -1,0 +1,11 @@
+"""The HTTP edge: `blip2-search serve` (an ASGI app over one open `Library`) and its web page.
+
+Modules: `app` (routes, error mapping, `serve`), `security` (bind rule, token, request guard),
+`photos` (which files may be served, thumbnail cache), `limits` (request limits and parameter
+parsing), `schemas` (OpenAPI shapes), `static/` (the page: plain HTML, CSS and JS, no build step).
+"""
+
+from .app import create_app, serve
+from .security import check_bind
+
+__all__ = ["check_bind", "create_app", "serve"]

@@ -1,0 +1,335 @@
+"""The HTTP API and web page over one open `Library`: parse the request, call one library method, render.
+
+Model calls (search, similar, rerank) run one at a time in a worker thread, so the event loop keeps
+serving thumbnails and the page while a query runs. Routes are listed in docs/server.md.
+"""
+
+import io
+import logging
+import os
+import threading
+from dataclasses import asdict
+from importlib import resources
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+import uvicorn
+from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..api import rerank as score_images
+from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError
+from ..images import DEFAULT_MAX_PIXELS, open_image
+from ..library import Library
+from ..search.results import Hit
+from . import limits
+from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text, parse_date
+from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
+from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
+from .security import TOKEN_COOKIE, Guard, allowed_host_names, check_token, token_matches
+
+log = logging.getLogger("blip2_search.server")
+
+_ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+_IMAGE_ID = Annotated[int, Path(ge=1, le=limits.MAX_IMAGE_ID, description="An id from /api/search results.")]
+_STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8", "index.html": "text/html; charset=utf-8"}
+_MEDIA_TYPES = {
+    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".jpe": "image/jpeg", ".jfif": "image/jpeg", ".png": "image/png",
+    ".webp": "image/webp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff", ".bmp": "image/bmp",
+    ".dib": "image/bmp", ".heic": "image/heic", ".heif": "image/heif", ".hif": "image/heif", ".avif": "image/avif",
+}
+
+# Filters shared by text and image search (query string for GET, form fields for POST).
+_K_HELP = f"How many results (1..{MAX_K})."
+_PATH_HELP = "Only paths matching this glob, e.g. */2023/* ('*' crosses '/')."
+_AFTER_HELP = "Only photos taken on or after this date (YYYY-MM-DD or ISO date-time, camera-local)."
+_BEFORE_HELP = "Only photos taken on or before this date (YYYY-MM-DD or ISO date-time, camera-local)."
+_MIN_HELP = "Only results whose ITC cosine is at least this."
+
+
+class _Runner:
+    """Runs library calls in worker threads; model calls one at a time (one model, one lock)."""
+
+    def __init__(self):
+        self._model_lock = threading.Lock()
+
+    async def model(self, fn, *args, **kwargs):
+        def locked():
+            with self._model_lock:
+                return fn(*args, **kwargs)
+
+        return await run_in_threadpool(locked)
+
+    async def io(self, fn, *args, **kwargs):
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+
+def create_app(library: Library, *, token: str | None = None, host: str = "127.0.0.1") -> FastAPI:
+    """The ASGI app serving `library` (kept open by the caller). `host` is where it listens: bound to
+    loopback without a token, only loopback Host names are served (see `security`)."""
+    token = check_token(token)
+    app = FastAPI(
+        title="blip2-search", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
+        description="Find photos by describing them (BLIP-2). See docs/server.md.",
+    )
+    runner = _Runner()
+    photos = Photos(library.metadata, library.folder / THUMBS_DIRNAME)
+    pages = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in _STATIC}
+    _install_error_handlers(app)
+    app.add_middleware(Guard, token=token, allowed_hosts=allowed_host_names(host, token), max_body=limits.MAX_BODY_BYTES)
+    app.openapi = _openapi_with_security(app)
+
+    # ------------------------------------------------------------------ the web page
+    @app.get("/", include_in_schema=False)
+    async def index(token_param: Annotated[str | None, Query(alias="token")] = None) -> Response:
+        if token_param is not None and token:
+            # Log the browser in: the cookie lets <img> tags send the token; the redirect drops it from the URL.
+            if not token_matches(token, token_param):
+                return RedirectResponse("/#bad-token", status_code=303)
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+            return response
+        return Response(pages["index.html"], media_type=_STATIC["index.html"], headers={"cache-control": "no-cache"})
+
+    @app.get("/app.js", include_in_schema=False)
+    async def script() -> Response:
+        return Response(pages["app.js"], media_type=_STATIC["app.js"], headers={"cache-control": "no-cache"})
+
+    @app.get("/app.css", include_in_schema=False)
+    async def style() -> Response:
+        return Response(pages["app.css"], media_type=_STATIC["app.css"], headers={"cache-control": "no-cache"})
+
+    # ------------------------------------------------------------------ the API
+    @app.get("/api/status", response_model=StatusOut, responses=_ERRORS, summary="Library counts and models (status --json)")
+    async def status() -> JSONResponse:
+        return JSONResponse(asdict(await runner.io(library.status)))
+
+    @app.get("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by text (search --json)")
+    async def search_text(
+        q: Annotated[str, Query(description="The query; see docs/queries.md for \"term\" - \"negative\" and 2:\"weights\".")],
+        k: Annotated[int, Query(ge=1, le=MAX_K, description=_K_HELP)] = 10,
+        rerank: Annotated[bool, Query(description="Rescore the top candidates with the ITM head (ITM logit + ITC).")] = True,
+        rerank_k: Annotated[int | None, Query(ge=1, le=MAX_K, description="Candidates to rerank [default: 128 on GPU, 16 on CPU].")] = None,
+        fusion: Annotated[bool, Query(description="Also match the generated captions (reciprocal rank fusion).")] = True,
+        path: Annotated[str | None, Query(max_length=MAX_PATH_GLOB_CHARS, description=_PATH_HELP)] = None,
+        after: Annotated[str | None, Query(max_length=40, description=_AFTER_HELP)] = None,
+        before: Annotated[str | None, Query(max_length=40, description=_BEFORE_HELP)] = None,
+        min_score: Annotated[float | None, Query(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)] = None,
+        sort: Annotated[Literal["score", "date"], Query(description="Order of the results.")] = "score",
+    ) -> JSONResponse:
+        check_query_text(q)
+        filters = _filters(path, after, before, min_score, sort)
+        result = await runner.model(library.search, q, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
+        return JSONResponse(result.as_dict())
+
+    @app.post("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by example image (search --image)")
+    async def search_image(
+        image: Annotated[UploadFile, File(description="The example picture (at most 20 MB).")],
+        k: Annotated[int, Form(ge=1, le=MAX_K, description=_K_HELP)] = 10,
+        path: Annotated[str | None, Form(max_length=MAX_PATH_GLOB_CHARS, description=_PATH_HELP)] = None,
+        after: Annotated[str | None, Form(max_length=40, description=_AFTER_HELP)] = None,
+        before: Annotated[str | None, Form(max_length=40, description=_BEFORE_HELP)] = None,
+        min_score: Annotated[float | None, Form(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)] = None,
+        sort: Annotated[Literal["score", "date"], Form(description="Order of the results.")] = "score",
+    ) -> JSONResponse:
+        filters = _filters(path, after, before, min_score, sort)
+        picture = await runner.io(_decode_upload, image)
+        result = await runner.model(library.similar, picture, k, **filters)
+        return JSONResponse(result.as_dict())
+
+    @app.post(
+        "/api/rerank", response_model=RerankOut, responses={**_ERRORS, 415: {"model": ErrorOut}},
+        summary="ITM scores of library images (JSON ids) or of uploaded images (multipart)",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": RerankIds.model_json_schema()},
+            "multipart/form-data": {"schema": RERANK_UPLOAD_FORM},
+        }}},
+    )
+    async def rerank(request: Request) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind == "application/json":
+            return JSONResponse(await _rerank_ids(request))
+        if kind == "multipart/form-data":
+            return JSONResponse(await _rerank_uploads(request))
+        raise ApiError(415, f"POST /api/rerank takes application/json {{\"query\", \"ids\"}} or multipart/form-data "
+                            f"(query, images), not {kind or 'a body without Content-Type'}; set the Content-Type header")
+
+    async def _rerank_ids(request: Request) -> dict:
+        body = await request.body()
+        if len(body) > limits.MAX_JSON_BYTES:
+            raise ApiError(413, f"JSON body is {len(body)} bytes, over the {limits.MAX_JSON_BYTES}-byte limit; send at most {limits.MAX_RERANK_IDS} ids")
+        try:
+            req = RerankIds.model_validate_json(body)
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
+        query = check_query_text(req.query, "query")
+        ids = list(dict.fromkeys(req.ids))
+        records, refused = await runner.io(_checked_records, photos, ids)
+        hits = [Hit(r.id, real, 0.0, 0.0, None, r.caption, r.taken_at) for r, real in records]
+        ranked = await runner.model(library.rerank, query, hits) if hits else []
+        recorded = {r.id: r.path for r, _ in records}
+        results, errors = [], [{"id": i, "error": msg} for i, msg in refused]
+        for h in ranked:
+            if h.itm_logit is None:
+                errors.append({"id": h.id, "error": f"image {h.id} could not be read for reranking; re-index its folder"})
+                continue
+            results.append({**h.as_dict(), "path": recorded[h.id]})
+        return {"query": query, "results": results, "errors": errors}
+
+    async def _rerank_uploads(request: Request) -> dict:
+        async with request.form(max_files=limits.MAX_RERANK_UPLOADS, max_fields=limits.MAX_RERANK_UPLOADS + 4,
+                                max_part_size=limits.MAX_FORM_FIELD_BYTES) as form:
+            query = form.get("query")
+            files = form.getlist("images")
+            if not isinstance(query, str):
+                raise InvalidInputError("query is missing; send the text as the multipart form field 'query'")
+            if not files or not all(isinstance(f, StarletteUploadFile) for f in files):
+                raise InvalidInputError(f"no images; send 1 to {limits.MAX_RERANK_UPLOADS} pictures as multipart form fields named 'images'")
+            check_query_text(query, "query")
+            pictures = [await runner.io(_decode_upload, f) for f in files]
+            names = [f.filename for f in files]
+        ranking = await runner.model(lambda: score_images(query, pictures, model=library.encoder))
+        results = [{"index": h.index, "filename": names[h.index], "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit,
+                    "match_probability": h.match_probability} for h in ranking]
+        return {"query": ranking.query, "results": results, "errors": [{"index": e.index, "error": e.error} for e in ranking.errors]}
+
+    @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
+             response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")
+    async def thumbnail(image_id: _IMAGE_ID) -> Response:
+        jpeg = await runner.io(photos.thumbnail, image_id)
+        return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "private, max-age=300"})
+
+    @app.get("/api/images/{image_id}", responses={200: {"content": {"image/*": {}}}, **_ERRORS},
+             response_class=Response, summary="The original file of an indexed image")
+    async def original(image_id: _IMAGE_ID) -> Response:
+        photo = await runner.io(photos.open, image_id)
+        name = os.path.basename(photo.record.path)
+        media_type = _MEDIA_TYPES.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
+        return StreamingResponse(photo.chunks(), media_type=media_type, headers={
+            "content-length": str(photo.size),
+            "content-disposition": f"inline; filename*=UTF-8''{quote(name, safe='')}",
+            "cache-control": "private, max-age=300",
+        })
+
+    return app
+
+
+def _filters(path: str | None, after: str | None, before: str | None, min_score: float | None, sort: str) -> dict:
+    """Keyword arguments for `Library.search` / `Library.similar`."""
+    path = path if path and path.strip() else None  # an empty form field means no filter
+    return {"path": path, "after": parse_date(after, name="after", end_of_day=False),
+            "before": parse_date(before, name="before", end_of_day=True), "min_score": min_score, "sort": sort}
+
+
+def _decode_upload(upload: UploadFile):
+    """An uploaded picture decoded like an indexed photo (upright RGB, bomb cap); 413 over the size limit."""
+    size = upload.size if upload.size is not None else upload.file.seek(0, os.SEEK_END)
+    name = upload.filename or "upload"
+    if size > limits.MAX_UPLOAD_BYTES:
+        raise ApiError(413, f"upload {name!r} is {size / 1e6:.1f} MB, over the {limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MB limit; "
+                            "resize or re-export the image")
+    upload.file.seek(0)
+    data = io.BytesIO(upload.file.read(limits.MAX_UPLOAD_BYTES + 1))
+    data.name = name  # error messages name the upload
+    try:
+        return open_image(data)
+    except ImageDecodeError as exc:
+        reason = str(exc).rsplit("; ", 1)[0]  # the library's fix speaks to callers of open_image
+        raise ImageDecodeError(f"{reason}; upload a JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC or AVIF picture of at most "
+                               f"{DEFAULT_MAX_PIXELS // 1_000_000} megapixels") from None
+
+
+def _checked_records(photos: Photos, ids: list[int]):
+    """([(record, real path)], [(id, why refused)]) for rerank by id; unknown ids are a 404."""
+    found = {r.id: r for r in photos.records(ids)}
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+        raise ApiError(404, f"ids {shown} are not indexed images of this library; use ids from /api/search results")
+    records, refused = [], []
+    for image_id in ids:
+        try:
+            records.append((found[image_id], photos.real_path(found[image_id])))
+        except PhotoUnavailable as exc:
+            refused.append((image_id, str(exc)))
+    return records, refused
+
+
+# ---------------------------------------------------------------------- errors at the edge
+# Bad input is the client's to fix (400); a missing model or a broken library is the server's (503).
+_STATUS_OF = ((InvalidInputError, 400), (ImageDecodeError, 400), (ModelNotFoundError, 503), (ModelLoadError, 503),
+              (LibraryError, 503), (Blip2SearchError, 400))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON `{"error": "..."}`; library errors keep their message, crashes show none."""
+
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if isinstance(exc, ApiError):
+            pass
+        elif exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}; the API is described at /api/openapi.json"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; see /api/openapi.json for the methods it takes"
+        elif exc.status_code == 400:  # the form or JSON parser's words, e.g. "Missing boundary in multipart."
+            message = (f"the request body could not be read ({message.rstrip('.')}); send JSON or multipart/form-data "
+                       f"(at most {limits.MAX_RERANK_UPLOADS} files) as /api/openapi.json describes")
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": limits.describe_validation_errors(exc.errors())}, status_code=422)
+
+    async def on_library(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, PhotoUnavailable):
+            status = exc.status
+        else:
+            status = next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse({"error": f"internal error while handling {request.method} {request.url.path}; "
+                                      "the server log has the details"}, status_code=500)
+
+    app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(PhotoUnavailable, on_library)
+    app.add_exception_handler(Blip2SearchError, on_library)
+    app.add_exception_handler(Exception, on_crash)
+
+
+def _openapi_with_security(app: FastAPI):
+    """The generated schema, plus how to authenticate (needed only when the server has a token)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "The --token the server was started with."},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": TOKEN_COOKIE, "description": "Set by opening /?token=TOKEN."},
+            }
+            schema["security"] = [{"bearer": []}, {"cookie": []}, {}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, log_level: str = "info") -> None:
+    """Serve `library` with uvicorn until interrupted. Loads the text model first, so a broken model or an
+    empty library fails here, before the port opens."""
+    app = create_app(library, token=token, host=host)
+    library.search("a photo", 1, rerank=False, fusion=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
+    uvicorn.Server(config).run()
+
+
+__all__ = ["create_app", "serve"]

@@ -1,0 +1,172 @@
+"""Reading the files of indexed images for the web: only what the index vouches for, and cached thumbnails.
+
+Clients name images by id only; the path always comes from the library's record. Before a file is
+opened its real path is checked (`check_photo_path`): a recorded path that is now a symlink to a
+file the library never indexed (e.g. a link re-pointed at /etc/passwd, or a photo moved out of the
+photo folders and the link updated) is refused. The file is then opened without following a
+last-moment symlink (O_NOFOLLOW) and must be a regular file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from PIL import Image
+
+from ..errors import Blip2SearchError
+from ..images import open_image
+from ..store.records import STATUS_INDEXED, ImageRecord
+
+THUMBNAIL_SIDE = 320
+"""Long side of a thumbnail, in pixels."""
+THUMBNAIL_QUALITY = 85
+THUMBS_DIRNAME = "thumbs"
+"""Thumbnail cache folder inside the library folder."""
+_CHUNK = 256 * 1024
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class PhotoUnavailable(Exception):
+    """The file of an image id cannot be served; `status` is the HTTP status (404), the text says why and what to do."""
+
+    def __init__(self, message: str, status: int = 404):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class PhotoFile:
+    """An opened, checked image file. `file` is positioned at 0; the caller closes it."""
+
+    record: ImageRecord
+    real_path: str
+    file: BinaryIO
+    size: int
+    mtime_ns: int
+
+    def chunks(self) -> Iterator[bytes]:
+        """The file's bytes in chunks; closes the file at the end."""
+        try:
+            while chunk := self.file.read(_CHUNK):
+                yield chunk
+        finally:
+            self.file.close()
+
+
+def check_photo_path(recorded: str, is_indexed: Callable[[str], bool]) -> str:
+    """The real path to read for the recorded path of an indexed image, or PhotoUnavailable.
+
+    Allowed: the recorded file itself, reached through its (possibly symlinked) folders; or, when the
+    recorded path is a symlink, a target that is itself an indexed image (`is_indexed(real_path)`).
+    Refused: a symlink whose target is not an indexed image (moved out of the photo folders, or
+    re-pointed elsewhere), a missing file, and anything that is not a regular file.
+    """
+    if not os.path.isabs(recorded) or os.path.normpath(recorded) != recorded:
+        raise PhotoUnavailable(f"the recorded path {recorded!r} is not a normal absolute path; re-index the folder that holds it")
+    real = os.path.realpath(recorded)
+    in_place = os.path.join(os.path.realpath(os.path.dirname(recorded)), os.path.basename(recorded))
+    if real != in_place and not is_indexed(real):
+        raise PhotoUnavailable(
+            f"{recorded} is a symlink to a file outside the indexed photos; point it back at an indexed photo, "
+            "or replace the link with the file and re-index"
+        )
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise PhotoUnavailable(f"the file of {recorded} is gone; re-index its folder to update the library") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PhotoUnavailable(f"{recorded} is no longer a regular file; re-index its folder to update the library")
+    return real
+
+
+class Photos:
+    """The files of one library's indexed images, and their thumbnails cached under `thumbs_dir`."""
+
+    def __init__(self, metadata, thumbs_dir: Path, *, side: int = THUMBNAIL_SIDE):
+        self.metadata = metadata
+        self.thumbs_dir = thumbs_dir
+        self.side = side
+
+    def records(self, image_ids: list[int]) -> list[ImageRecord]:
+        """Records of those ids that are indexed images (unknown, failed and deleted ones are left out)."""
+        return [r for r in self.metadata.get_records(image_ids) if r.status == STATUS_INDEXED]
+
+    def record(self, image_id: int) -> ImageRecord:
+        """The record of an indexed image; PhotoUnavailable for unknown, failed or deleted ids."""
+        found = self.records([image_id])
+        if not found:
+            raise PhotoUnavailable(f"image {image_id} is not an indexed image of this library; use an id from /api/search results")
+        return found[0]
+
+    def _is_indexed(self, path: str) -> bool:
+        rec = self.metadata.get_by_paths([path]).get(path)
+        return rec is not None and rec.status == STATUS_INDEXED
+
+    def real_path(self, record: ImageRecord) -> str:
+        """`check_photo_path` for a record."""
+        return check_photo_path(record.path, self._is_indexed)
+
+    def open(self, image_id: int) -> PhotoFile:
+        """Open the checked file of an indexed image."""
+        record = self.record(image_id)
+        real = self.real_path(record)
+        try:
+            fd = os.open(real, _OPEN_FLAGS)
+        except OSError:
+            raise PhotoUnavailable(f"the file of image {image_id} ({record.path}) cannot be opened; check it exists and is readable") from None
+        f = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            f.close()
+            raise PhotoUnavailable(f"{record.path} is no longer a regular file; re-index its folder to update the library")
+        return PhotoFile(record, real, f, st.st_size, st.st_mtime_ns)
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """The JPEG thumbnail of an image (upright, long side `side`), from the cache when the photo's size and
+        mtime still match, else made and cached (not cached when the library folder is read-only)."""
+        photo = self.open(image_id)
+        cached = self.thumbs_dir / f"{image_id}-{photo.size}-{photo.mtime_ns}-{self.side}.jpg"
+        try:
+            try:
+                return cached.read_bytes()
+            except OSError:
+                pass
+            try:
+                im = open_image(photo.file)
+            except Blip2SearchError as exc:
+                raise PhotoUnavailable(f"image {image_id} cannot be shown: {exc}") from None
+        finally:
+            photo.file.close()
+        im.thumbnail((self.side, self.side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+        data = buf.getvalue()
+        try:
+            self._store(image_id, cached, data)
+        except OSError:
+            pass  # a read-only library still gets thumbnails, just not cached ones
+        return data
+
+    def _store(self, image_id: int, target: Path, data: bytes) -> None:
+        """Write atomically (readers never see half a file), then drop older thumbnails of this image."""
+        self.thumbs_dir.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.thumbs_dir, prefix=".tmp-", suffix=".jpg")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for old in self.thumbs_dir.glob(f"{image_id}-*.jpg"):
+            if old != target:
+                old.unlink(missing_ok=True)
+
+
+__all__ = ["PhotoFile", "PhotoUnavailable", "Photos", "THUMBNAIL_SIDE", "THUMBS_DIRNAME", "check_photo_path"]

@@ -1,0 +1,228 @@
+"""Who may talk to the server: the bind rule, the token, and one ASGI guard in front of every request.
+
+The guard (outermost application middleware) does, in order:
+1. Host check while bound to loopback without a token: only `localhost`/loopback names are served,
+   which defeats DNS rebinding (a web page making the browser call 127.0.0.1 under its own name).
+2. Cross-site check: a POST whose `Origin` is not this server is refused (CSRF).
+3. Token check on `/api/...` when a token is set: `Authorization: Bearer T` or the cookie set by
+   opening `/?token=T` once; compared in constant time.
+4. Body size: `Content-Length` over the limit is refused at once; a chunked body is counted as it
+   is read and refused when it passes the limit.
+It also adds security headers (CSP, nosniff, no framing, no referrer) to every response.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import re
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import InvalidInputError
+from .limits import ApiError
+
+TOKEN_COOKIE = "blip2_search_token"
+"""Cookie that carries the token for the web page (its <img> tags cannot send a header)."""
+MIN_TOKEN_CHARS = 16
+# URL-unreserved characters only: the token travels in a query string (?token=) and a cookie unquoted.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]+")
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1), which other machines cannot reach."""
+    name = host.strip().lower()
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token(token: str | None) -> str | None:
+    """None (no token) or a token fit for URLs, headers and cookies: >= 16 characters of `A-Za-z0-9._~-`."""
+    if token is None:
+        return None
+    if len(token) < MIN_TOKEN_CHARS or not _TOKEN_RE.fullmatch(token):
+        raise InvalidInputError(
+            f"--token must be at least {MIN_TOKEN_CHARS} characters of letters, digits and -._~; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+        )
+    return token
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token (InvalidInputError naming both fixes)."""
+    check_token(token)
+    if not is_loopback(host) and not token:
+        raise InvalidInputError(
+            f"refusing to serve on --host {host} without a token: other machines could read your photos; "
+            "pass --token (or set BLIP2_SEARCH_TOKEN), e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe(24))'), "
+            "or keep the default --host 127.0.0.1"
+        )
+
+
+def token_matches(expected: str, given: str | None) -> bool:
+    """Constant-time comparison (the time taken does not reveal how much of the token was right)."""
+    if given is None:
+        return False
+    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8", "surrogatepass"))
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The token of an `Authorization: Bearer T` header, if any."""
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, credentials = value.partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else None
+
+
+def cookie_token(headers: Headers) -> str | None:
+    """The token cookie, if any (parsed by hand: a malformed Cookie header must not raise)."""
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == TOKEN_COOKIE:
+            return value
+    return None
+
+
+def allowed_host_names(host: str, token: str | None) -> frozenset[str] | None:
+    """Host header names served: loopback names when bound to loopback without a token, else any (None)."""
+    if token or not is_loopback(host):
+        return None
+    return frozenset({"localhost", "127.0.0.1", "::1", host.strip().lower().strip("[]")})
+
+
+class Guard:
+    """The request guard described in the module docstring, as plain ASGI middleware."""
+
+    def __init__(self, app: ASGIApp, *, token: str | None, allowed_hosts: frozenset[str] | None, max_body: int):
+        self.app = app
+        self.token = token
+        self.allowed_hosts = allowed_hosts
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        path = scope["path"]
+        send = _with_security_headers(send, api=path.startswith("/api/"))
+        refusal = self._refusal(scope, headers, path)
+        if refusal is not None:
+            status, message, extra = refusal
+            await _send_json(send, status, message, extra)
+            return
+        await self.app(scope, _counting(receive, self.max_body), send)
+
+    def _refusal(self, scope: Scope, headers: Headers, path: str) -> tuple[int, str, dict] | None:
+        host = _host_name(headers.get("host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return 403, (f"Host {host!r} is not this server's name; open it as http://127.0.0.1:PORT/ "
+                         "(other names are refused to stop DNS-rebinding attacks)"), {}
+        origin = headers.get("origin")
+        if scope["method"] not in _SAFE_METHODS and origin and origin != "null" and _netloc(origin) != headers.get("host", "").lower():
+            return 403, f"cross-site request from {origin} refused; call the API from this server's own page or without an Origin header", {}
+        if self.token and (path == "/api" or path.startswith("/api/")):
+            given = bearer_token(headers) or cookie_token(headers)
+            if given is None:
+                return 401, ("this server needs a token: send 'Authorization: Bearer TOKEN', or open /?token=TOKEN once "
+                             "in the browser (TOKEN is the --token the server was started with)"), {"www-authenticate": "Bearer"}
+            if not token_matches(self.token, given):
+                return 401, ("the token is wrong; use the --token the server was started with "
+                             "(in the browser open /?token=TOKEN again)"), {"www-authenticate": 'Bearer error="invalid_token"'}
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return 400, f"Content-Length {length!r} is not a number; send a valid HTTP request", {}
+            if int(length) > self.max_body:
+                return 413, _too_large(int(length), self.max_body), {}
+        return None
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    got = f"{size / 1e6:.1f} MB" if size is not None else "more"
+    return f"request body is {got}, over the {limit // (1024 * 1024)} MB limit; send a smaller image (resize or re-export it)"
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises 413 once more than `limit` body bytes have arrived (chunked uploads)."""
+    total = 0
+
+    async def wrapped() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > limit:
+                raise ApiError(413, _too_large(None, limit))
+        return message
+
+    return wrapped
+
+
+def _with_security_headers(send: Send, *, api: bool) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            headers.setdefault("x-content-type-options", "nosniff")
+            headers.setdefault("x-frame-options", "DENY")
+            headers.setdefault("referrer-policy", "no-referrer")
+            headers.setdefault("content-security-policy", CONTENT_SECURITY_POLICY)
+            headers.setdefault("cross-origin-resource-policy", "same-origin")
+            if api:
+                headers.setdefault("cache-control", "no-store")
+        await send(message)
+
+    return wrapped
+
+
+async def _send_json(send: Send, status: int, message: str, extra: dict) -> None:
+    body = json.dumps({"error": message}).encode("utf-8")
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _host_name(host_header: str) -> str:
+    """The name part of a Host header, lower-case, without port or IPv6 brackets."""
+    value = host_header.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _netloc(origin: str) -> str:
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return ""
+
+
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "Guard",
+    "MIN_TOKEN_CHARS",
+    "TOKEN_COOKIE",
+    "allowed_host_names",
+    "bearer_token",
+    "check_bind",
+    "check_token",
+    "cookie_token",
+    "is_loopback",
+    "token_matches",
+]

@@ -1,0 +1,217 @@
+// The blip2-search page: a text search form, search by a dropped or chosen image, and a result grid.
+// Talks only to this server's /api; builds the DOM with textContent (never HTML from data).
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const form = $("search-form");
+  const queryInput = $("q");
+  const statusLine = $("status");
+  const errorLine = $("error");
+  const notesList = $("notes");
+  const grid = $("results");
+  const dropZone = $("drop-zone");
+  const exampleInput = $("example");
+  const tokenForm = $("token-form");
+  const FIELDS = ["path", "after", "before"];
+  let inFlight = null;
+
+  function setStatus(text) {
+    statusLine.textContent = text;
+  }
+
+  function showError(message) {
+    errorLine.textContent = message;
+    errorLine.hidden = !message;
+  }
+
+  function showNotes(notes) {
+    notesList.replaceChildren(...(notes || []).map((n) => {
+      const li = document.createElement("li");
+      li.textContent = n;
+      return li;
+    }));
+    notesList.hidden = !notes || notes.length === 0;
+  }
+
+  function filterParams() {
+    const params = new URLSearchParams();
+    params.set("k", $("k").value);
+    for (const name of FIELDS) {
+      const value = $(name).value.trim();
+      if (value) params.set(name, value);
+    }
+    return params;
+  }
+
+  // fetch that returns parsed JSON or throws an Error carrying the server's one-line message.
+  async function callApi(url, options) {
+    if (inFlight) inFlight.abort();
+    inFlight = new AbortController();
+    const response = await fetch(url, { credentials: "same-origin", signal: inFlight.signal, ...options });
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (e) {
+      body = null;
+    }
+    if (response.status === 401) {
+      tokenForm.hidden = false;
+      $("token").focus();
+    }
+    if (!response.ok) {
+      throw new Error(body && body.error ? body.error : `${response.status} ${response.statusText}`);
+    }
+    return body;
+  }
+
+  function baseName(path) {
+    const parts = path.split(/[\\/]/);
+    return parts[parts.length - 1] || path;
+  }
+
+  function hitItem(hit, rank, reranked) {
+    const li = document.createElement("li");
+    li.className = "hit";
+    li.dataset.id = String(hit.id);
+
+    const link = document.createElement("a");
+    link.href = `/api/images/${hit.id}`;
+    link.target = "_blank";
+    link.rel = "noopener";
+    const img = document.createElement("img");
+    img.src = `/api/images/${hit.id}/thumbnail`;
+    img.alt = hit.caption ? hit.caption : `Photo ${baseName(hit.path)}`;
+    img.loading = rank <= 24 ? "eager" : "lazy";
+    img.decoding = "async";
+    img.addEventListener("error", () => li.classList.add("missing"), { once: true });
+    link.append(img);
+
+    const meta = document.createElement("p");
+    meta.className = "meta";
+    const rankEl = document.createElement("span");
+    rankEl.className = "rank";
+    rankEl.textContent = `#${rank}`;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `score ${hit.score.toFixed(3)}`;
+    score.title = reranked && hit.itm_logit !== null
+      ? `ITM logit ${hit.itm_logit.toFixed(3)} + ITC ${hit.itc.toFixed(3)}`
+      : `ITC ${hit.itc.toFixed(3)}`;
+    meta.append(rankEl, " ", score);
+    if (hit.taken_at) {
+      const taken = document.createElement("time");
+      taken.dateTime = hit.taken_at;
+      taken.textContent = hit.taken_at.slice(0, 10);
+      meta.append(" ", taken);
+    }
+
+    const caption = document.createElement("p");
+    caption.className = "caption";
+    caption.textContent = hit.caption || "";
+    const file = document.createElement("p");
+    file.className = "file";
+    file.textContent = baseName(hit.path);
+    file.title = hit.path;
+
+    li.append(link, meta);
+    if (hit.caption) li.append(caption);
+    li.append(file);
+    return li;
+  }
+
+  function render(result, label, reranked) {
+    const hits = result.results || [];
+    grid.replaceChildren(...hits.map((h, i) => hitItem(h, i + 1, reranked)));
+    showNotes(result.notes);
+    const count = hits.length === 1 ? "1 photo" : `${hits.length} photos`;
+    setStatus(hits.length ? `${count} for ${label}.` : `No photos matched ${label}.`);
+  }
+
+  async function runSearch(label, request) {
+    showError("");
+    grid.setAttribute("aria-busy", "true");
+    setStatus(`Searching for ${label}…`);
+    try {
+      render(await request(), label, $("rerank").checked);
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      grid.replaceChildren();
+      setStatus(`Search for ${label} failed.`);
+      showError(err.message);
+    } finally {
+      grid.removeAttribute("aria-busy");
+    }
+  }
+
+  function searchText() {
+    const q = queryInput.value.trim();
+    if (!q) {
+      setStatus("Type a description first.");
+      queryInput.focus();
+      return;
+    }
+    const params = filterParams();
+    params.set("q", q);
+    params.set("rerank", $("rerank").checked ? "true" : "false");
+    history.replaceState(null, "", `/?${params}`);
+    runSearch(`“${q}”`, () => callApi(`/api/search?${params}`));
+  }
+
+  function searchImage(file) {
+    if (!file) return;
+    if (file.type && !file.type.startsWith("image/")) {
+      showError(`${file.name} is not an image; drop a photo (JPEG, PNG, WebP, HEIC...).`);
+      return;
+    }
+    const body = new FormData();
+    body.append("image", file, file.name);
+    for (const [name, value] of filterParams()) body.append(name, value);
+    runSearch(`photos like ${file.name}`, () => callApi("/api/search", { method: "POST", body }));
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    searchText();
+  });
+  exampleInput.addEventListener("change", () => searchImage(exampleInput.files[0]));
+
+  // Drag and drop anywhere on the page; the example box lights up while a file is over the page.
+  let dragDepth = 0;
+  document.addEventListener("dragenter", (event) => {
+    if (!event.dataTransfer || !Array.from(event.dataTransfer.types).includes("Files")) return;
+    dragDepth += 1;
+    dropZone.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) dropZone.classList.remove("dragging");
+  });
+  document.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer) event.dataTransfer.dropEffect = "copy";
+  });
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    dragDepth = 0;
+    dropZone.classList.remove("dragging");
+    const files = event.dataTransfer ? Array.from(event.dataTransfer.files) : [];
+    searchImage(files.find((f) => !f.type || f.type.startsWith("image/")) || files[0]);
+  });
+
+  // Restore a search from the address bar (/?q=...), and report a token that was not accepted.
+  const initial = new URLSearchParams(location.search);
+  if (location.hash === "#bad-token") {
+    tokenForm.hidden = false;
+    showError("That token was not accepted; enter the --token the server was started with.");
+    history.replaceState(null, "", "/");
+  }
+  for (const name of FIELDS) if (initial.has(name)) $(name).value = initial.get(name);
+  if (initial.has("k")) $("k").value = initial.get("k");
+  $("rerank").checked = initial.get("rerank") === "true";
+  if (initial.get("q")) {
+    queryInput.value = initial.get("q");
+    searchText();
+  }
+  if (tokenForm.hidden) queryInput.focus();
+})();

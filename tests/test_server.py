@@ -1,0 +1,590 @@
+"""The HTTP API: same answers as the library, thumbnails, tokens, traversal and symlink refusal, limits."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[server,test]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from blip2_search.api import rerank as api_rerank  # noqa: E402
+from blip2_search.cli import main  # noqa: E402
+from blip2_search.errors import InvalidInputError  # noqa: E402
+from blip2_search.images import open_image  # noqa: E402
+from blip2_search.library import Library  # noqa: E402
+from blip2_search.search.results import Hit  # noqa: E402
+from blip2_search.server import check_bind, create_app  # noqa: E402
+from blip2_search.server.photos import PhotoUnavailable, check_photo_path  # noqa: E402
+
+BASE = "http://127.0.0.1:8765"
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+def _photo(path: Path, seed: int, date: str | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    if date:
+        exif[0x0132] = date
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(path, quality=95, exif=exif)
+
+
+def _rotated_photo(path: Path) -> None:
+    """A 480x300 upright picture (left half red, right half blue) stored rotated, with EXIF orientation 6."""
+    upright = np.zeros((300, 480, 3), np.uint8)
+    upright[:, :240] = (220, 20, 20)
+    upright[:, 240:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored row 0 is the visual right-hand side
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(path, quality=95, exif=exif.tobytes())
+
+
+def _index(root: Path, model_dir: Path) -> Path:
+    with Library.open(root / "lib", model=str(model_dir), captioner=False, create=True, batch_size=8) as lib:
+        report = lib.index([root / "photos"])
+        assert report.failed == 0
+    return root / "lib"
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_itm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    for i in range(8):
+        year = 2020 + i % 3
+        _photo(root / "photos" / str(year) / f"img{i:02d}.jpg", i, f"{year}:0{1 + i % 9}:1{i % 10} 12:00:00")
+    _rotated_photo(root / "photos" / "rotated.jpg")
+    with Library.open(_index(root, tiny_itm_dir)) as library:
+        yield library
+
+
+@pytest.fixture(scope="module")
+def client(lib):
+    with TestClient(create_app(lib), base_url=BASE) as c:
+        yield c
+
+
+def _records(lib):
+    return {Path(r.path).name: r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values())}
+
+
+def _same_json(data) -> object:
+    return json.loads(json.dumps(data))
+
+
+def _assert_error(response, status: int | tuple[int, ...], *needles: str) -> str:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    message = response.json()["error"]
+    assert message and "Traceback" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# answers equal the library's
+
+
+@pytest.mark.parametrize("params, kwargs", [
+    ({"q": "a red circle on the left"}, {}),
+    ({"q": "blue square", "k": 3, "rerank": "false"}, {"k": 3, "rerank": False}),
+    ({"q": "a dog", "k": 5, "rerank": "true", "rerank_k": 4}, {"k": 5, "rerank": True, "rerank_k": 4}),
+    ({"q": '2:"a red circle" - "blue square"', "k": 20, "rerank": "false", "path": "*/2021/*"}, {"k": 20, "rerank": False, "path": "*/2021/*"}),
+    ({"q": "photo", "k": 20, "rerank": "false", "after": "2022-01-01", "before": "2022-12-31", "sort": "date"}, {"k": 20, "rerank": False, "sort": "date"}),
+])
+def test_search_json_equals_library_search(client, lib, params, kwargs):
+    from datetime import datetime
+
+    if "after" in params:
+        kwargs = {**kwargs, "after": datetime(2022, 1, 1), "before": datetime(2022, 12, 31, 23, 59, 59, 999999)}
+    response = client.get("/api/search", params=params)
+    assert response.status_code == 200, response.text
+    expected = lib.search(params["q"], kwargs.pop("k", 10), **kwargs).as_dict()
+    assert response.json() == _same_json(expected)
+    assert response.json()["results"]
+
+
+def test_empty_form_fields_mean_no_filter(client, lib):
+    response = client.get("/api/search", params={"q": "dog", "rerank": "false", "path": "", "after": "", "before": ""})
+    assert response.json() == _same_json(lib.search("dog", 10, rerank=False).as_dict())
+
+
+def test_long_query_is_truncated_with_a_note_up_to_the_byte_limit(client):
+    response = client.get("/api/search", params={"q": "dog " * 1024, "rerank": "false"})
+    assert response.status_code == 200
+    assert any("truncated" in n for n in response.json()["notes"])
+
+
+def test_status_equals_library_status(client, lib):
+    response = client.get("/api/status")
+    assert response.status_code == 200
+    assert response.json() == _same_json(asdict(lib.status()))
+
+
+def test_image_upload_search_equals_similar(client, lib):
+    target = _records(lib)["img03.jpg"]
+    data = Path(target.path).read_bytes()
+    response = client.post("/api/search", files={"image": ("query.jpg", data, "image/jpeg")}, data={"k": "4"})
+    assert response.status_code == 200, response.text
+    assert response.json() == _same_json(lib.similar(open_image(data), 4).as_dict())
+    assert response.json()["results"][0]["id"] == target.id
+
+
+def test_image_upload_search_applies_filters(client, lib):
+    data = Path(_records(lib)["img03.jpg"].path).read_bytes()
+    response = client.post("/api/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "10", "path": "*/2020/*"})
+    assert response.status_code == 200
+    assert response.json()["results"] and all("/2020/" in h["path"] for h in response.json()["results"])
+
+
+def test_rerank_by_ids_equals_library_rerank(client, lib):
+    recs = [r for name, r in sorted(_records(lib).items()) if name.startswith("img")][:5]
+    response = client.post("/api/rerank", json={"query": "a red circle", "ids": [r.id for r in recs]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = lib.rerank("a red circle", [Hit(r.id, r.path, 0.0, 0.0, None, r.caption, r.taken_at) for r in recs])
+    assert [h["id"] for h in body["results"]] == [h.id for h in expected]
+    np.testing.assert_allclose([h["itm_logit"] for h in body["results"]], [h.itm_logit for h in expected], atol=1e-6)
+    np.testing.assert_allclose([h["itc"] for h in body["results"]], [h.itc for h in expected], atol=1e-6)
+    np.testing.assert_allclose([h["score"] for h in body["results"]], [h["itm_logit"] + h["itc"] for h in body["results"]], atol=1e-6)
+    assert all(h["itc"] != 0.0 for h in body["results"])
+    assert {h["path"] for h in body["results"]} == {r.path for r in recs}
+    assert body["errors"] == []
+
+
+def test_rerank_uploads_equals_api_rerank(client, lib):
+    recs = _records(lib)
+    paths = [recs[n].path for n in ("img01.jpg", "img02.jpg", "rotated.jpg")]
+    files = [("images", (Path(p).name, Path(p).read_bytes(), "image/jpeg")) for p in paths]
+    response = client.post("/api/rerank", data={"query": "a blue square"}, files=files)
+    assert response.status_code == 200, response.text
+    expected = api_rerank("a blue square", paths, model=lib.encoder)
+    got = response.json()["results"]
+    assert [h["index"] for h in got] == [h.index for h in expected]
+    assert [h["filename"] for h in got] == [Path(paths[h.index]).name for h in expected]
+    np.testing.assert_allclose([h["score"] for h in got], [h.score for h in expected], atol=1e-6)
+    np.testing.assert_allclose([h["match_probability"] for h in got], [h.match_probability for h in expected], atol=1e-6)
+
+
+def test_openapi_schema_lists_every_endpoint_and_the_token(client):
+    schema = client.get("/api/openapi.json").json()
+    assert {"/api/search", "/api/rerank", "/api/status", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail"} <= set(schema["paths"])
+    assert set(schema["paths"]["/api/search"]) == {"get", "post"}
+    assert set(schema["paths"]["/api/rerank"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_page_and_assets_are_served_locally(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("/app.js", "/app.css"):
+        assert client.get(asset).status_code == 200
+    text = page.text + client.get("/app.js").text + client.get("/app.css").text
+    assert "http://" not in text and "https://" not in text  # no CDN, no external fonts or scripts
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def test_thumbnail_is_an_upright_cached_jpeg(client, lib):
+    rec = _records(lib)["rotated.jpg"]
+    response = client.get(f"/api/images/{rec.id}/thumbnail")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg" and response.content[:3] == b"\xff\xd8\xff"
+    thumb = Image.open(io.BytesIO(response.content))
+    assert thumb.size == (320, 200)  # landscape: the stored portrait pixels were rotated upright
+    assert thumb.getexif().get(0x0112, 1) == 1
+    px = np.asarray(thumb.convert("RGB")).astype(int)
+    assert px[100, 40, 0] > 150 and px[100, 40, 2] < 100  # left is red
+    assert px[100, 280, 2] > 150 and px[100, 280, 0] < 100  # right is blue
+    cached = list((lib.folder / "thumbs").glob(f"{rec.id}-*.jpg"))
+    assert len(cached) == 1 and cached[0].read_bytes() == response.content
+    before = cached[0].stat().st_mtime_ns
+    again = client.get(f"/api/images/{rec.id}/thumbnail")
+    assert again.content == response.content and cached[0].stat().st_mtime_ns == before
+
+
+def test_thumbnail_is_rebuilt_when_the_photo_changes(tiny_itm_dir, tmp_path):
+    _photo(tmp_path / "photos" / "a.jpg", 1)
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        image_id = _records(library)["a.jpg"].id
+        first = c.get(f"/api/images/{image_id}/thumbnail").content
+        _photo(tmp_path / "photos" / "a.jpg", 2)  # edited in place: new size or mtime
+        os.utime(tmp_path / "photos" / "a.jpg", ns=(1, 1))
+        second = c.get(f"/api/images/{image_id}/thumbnail").content
+        assert first != second
+        assert len(list((library.folder / "thumbs").glob(f"{image_id}-*.jpg"))) == 1
+
+
+def test_original_bytes_are_served(client, lib):
+    rec = _records(lib)["img05.jpg"]
+    response = client.get(f"/api/images/{rec.id}")
+    assert response.status_code == 200
+    assert response.content == Path(rec.path).read_bytes()
+    assert response.headers["content-type"] == "image/jpeg"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_unknown_ids_are_404(client):
+    for url in ("/api/images/999999", "/api/images/999999/thumbnail"):
+        _assert_error(client.get(url), 404, "999999", "/api/search")
+    _assert_error(client.post("/api/rerank", json={"query": "x", "ids": [1, 999999]}), 404, "999999")
+
+
+def _raw_get(app, path: str, raw_path: bytes | None = None, headers: list | None = None) -> tuple[int, bytes]:
+    """Call the ASGI app as uvicorn would, with a path no HTTP client would normalise first."""
+
+    async def run():
+        sent = []
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+            "path": path, "raw_path": raw_path or path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"127.0.0.1:8765"), *(headers or [])], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8765),
+        }
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    return anyio.run(run)
+
+
+TRAVERSALS = [
+    ("/api/images/../../etc/passwd", None),
+    ("/api/images/../../etc/passwd", b"/api/images/..%2F..%2Fetc%2Fpasswd"),
+    ("/api/images/../../etc/passwd", b"/api/images/%2e%2e/%2e%2e/etc/passwd"),
+    ("/api/images/..\\..\\etc\\passwd", b"/api/images/..%5C..%5Cetc%5Cpasswd"),
+    ("/api/images//etc/passwd", None),
+    ("/api/images/1/../../../../etc/passwd", None),
+    ("/api/images/1/thumbnail/../../../../../etc/passwd", None),
+    ("/api/images/-1", None),
+    ("/api/images/0", None),
+    ("/api/images/-1/thumbnail", None),
+    ("/api/images/99999999999999999999999999", None),
+    ("/api/images/9223372036854775808/thumbnail", None),
+    ("/api/images/1e3", None),
+    ("/api/images/0x1", None),
+    ("/api/images/%00", None),
+    ("/api/images/1\x00", None),
+    ("/etc/passwd", None),
+    ("/app.js/../../../etc/passwd", None),
+    ("/static/../../../etc/passwd", None),
+]
+
+
+@pytest.mark.parametrize("path, raw", TRAVERSALS)
+def test_path_traversal_never_serves_files(client, path, raw):
+    status, body = _raw_get(client.app, path, raw)
+    assert status in (404, 422), (status, body)
+    assert b"root:" not in body and json.loads(body)["error"]
+
+
+def test_path_traversal_through_an_http_client(client):
+    for url in ("/api/images/..%2F..%2Fetc%2Fpasswd", "/api/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd/thumbnail", "/api/images/-5"):
+        response = client.get(url)
+        assert response.status_code in (404, 422) and b"root:" not in response.content
+
+
+def test_photo_path_policy():
+    indexed = {"/photos/a.jpg"}
+    assert check_photo_path(__file__, lambda p: False) == os.path.realpath(__file__)
+    with pytest.raises(PhotoUnavailable, match="not a normal absolute path"):
+        check_photo_path("/photos/../etc/passwd", indexed.__contains__)
+    with pytest.raises(PhotoUnavailable, match="not a normal absolute path"):
+        check_photo_path("photos/a.jpg", indexed.__contains__)
+
+
+def test_symlinked_photo_whose_target_moves_outside_is_refused(tiny_itm_dir, tmp_path):
+    photos = tmp_path / "photos"
+    _photo(photos / "real" / "target.jpg", 7)
+    _photo(photos / "plain.jpg", 8)
+    (photos / "link.jpg").symlink_to(Path("real") / "target.jpg")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:do not serve me")
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        recs = _records(library)
+        link, plain = recs["link.jpg"].id, recs["plain.jpg"].id
+        original = c.get(f"/api/images/{link}")
+        assert original.status_code == 200  # a link to an indexed photo is fine
+        assert original.content == (photos / "real" / "target.jpg").read_bytes()
+
+        # the photo moves out of the photo folders and the link follows it
+        shutil.move(photos / "real" / "target.jpg", outside / "target.jpg")
+        (photos / "link.jpg").unlink()
+        (photos / "link.jpg").symlink_to(outside / "target.jpg")
+        for url in (f"/api/images/{link}", f"/api/images/{link}/thumbnail"):
+            _assert_error(c.get(url), 404, "outside the indexed photos")
+        refused = c.post("/api/rerank", json={"query": "a photo", "ids": [link, plain]}).json()
+        assert [h["id"] for h in refused["results"]] == [plain]
+        assert refused["errors"][0]["id"] == link and "outside the indexed photos" in refused["errors"][0]["error"]
+
+        # a plain photo replaced by a link to a secret, and a link re-pointed at it
+        (photos / "plain.jpg").unlink()
+        (photos / "plain.jpg").symlink_to(secret)
+        (photos / "link.jpg").unlink()
+        (photos / "link.jpg").symlink_to(secret)
+        for image_id in (link, plain):
+            for url in (f"/api/images/{image_id}", f"/api/images/{image_id}/thumbnail"):
+                response = c.get(url)
+                assert response.status_code == 404 and b"root:" not in response.content
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens, hosts and origins
+
+
+def test_token_is_required_on_every_api_call(lib):
+    with TestClient(create_app(lib, token=TOKEN), base_url=BASE) as c:
+        rec_id = next(iter(_records(lib).values())).id
+        urls = ["/api/status", "/api/search?q=dog", f"/api/images/{rec_id}", f"/api/images/{rec_id}/thumbnail", "/api/openapi.json", "/api/nope"]
+        for url in urls:
+            response = c.get(url)
+            _assert_error(response, 401, "Bearer")
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            _assert_error(c.get(url, headers={"Authorization": "Bearer wrong-token-wrong-token"}), 401, "wrong")
+            _assert_error(c.get(url, headers={"Authorization": f"Basic {TOKEN}"}), 401)
+        _assert_error(c.post("/api/rerank", json={"query": "x", "ids": [rec_id]}), 401)
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert c.get("/api/status", headers=good).status_code == 200
+        assert c.get(f"/api/images/{rec_id}/thumbnail", headers=good).status_code == 200
+        assert c.get("/").status_code == 200  # the page itself holds no data
+
+
+def test_browser_login_sets_a_cookie_and_drops_the_token_from_the_url(lib):
+    with TestClient(create_app(lib, token=TOKEN), base_url=BASE, follow_redirects=False) as c:
+        bad = c.get("/", params={"token": "not-the-token-at-all"})
+        assert bad.status_code == 303 and bad.headers["location"] == "/#bad-token" and "set-cookie" not in bad.headers
+        good = c.get("/", params={"token": TOKEN})
+        assert good.status_code == 303 and good.headers["location"] == "/"
+        cookie = good.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert c.get("/api/status").status_code == 200  # the client kept the cookie
+        c.cookies.clear()
+        c.cookies.set("blip2_search_token", "wrong-token-wrong-token")
+        assert c.get("/api/status").status_code == 401
+
+
+def test_non_loopback_host_needs_a_token():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.10", "example.com"):
+        with pytest.raises(InvalidInputError, match="--token"):
+            check_bind(host, None)
+        check_bind(host, TOKEN)
+    with pytest.raises(InvalidInputError, match="at least 16"):
+        check_bind("0.0.0.0", "short")
+    with pytest.raises(InvalidInputError, match="letters, digits"):
+        check_bind("127.0.0.1", "has spaces and ; semicolons")
+    with pytest.raises(InvalidInputError, match="letters, digits"):
+        check_bind("127.0.0.1", "slash/and=equals+plus-0123456789")
+
+
+def test_serve_command_refuses_non_loopback_host_without_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("BLIP2_SEARCH_TOKEN", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--library", str(tmp_path / "lib")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--token" in lines[0] and "--host 127.0.0.1" in lines[0]
+    assert not (tmp_path / "lib").exists()  # refused before opening anything
+
+
+def test_foreign_host_header_is_refused_without_a_token(client):
+    _assert_error(client.get("/api/status", headers={"Host": "evil.example:8765"}), 403, "DNS")
+    assert client.get("/api/status", headers={"Host": "localhost:8765"}).status_code == 200
+
+
+def test_cross_site_post_is_refused(client, lib):
+    rec_id = next(iter(_records(lib).values())).id
+    _assert_error(client.post("/api/rerank", json={"query": "x", "ids": [rec_id]}, headers={"Origin": "http://evil.example"}), 403, "cross-site")
+    assert client.post("/api/rerank", json={"query": "x", "ids": [rec_id]}, headers={"Origin": BASE}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# limits and bad input
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A few hundred bytes claiming width x height pixels (one compressed all-zero row, repeated)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    idat = zlib.compress(b"\x00" * (1 + width // 8) * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_bomb_upload_is_400(client):
+    bomb = _bomb_png(60_000, 60_000)
+    assert len(bomb) < 10_000
+    for response in (
+        client.post("/api/search", files={"image": ("bomb.png", bomb, "image/png")}),
+        client.post("/api/rerank", data={"query": "x"}, files=[("images", ("bomb.png", bomb, "image/png"))]),
+    ):
+        _assert_error(response, 400, "bomb.png", "limit")
+
+
+def test_undecodable_upload_is_400(client):
+    _assert_error(client.post("/api/search", files={"image": ("notes.txt", b"hello, not an image", "text/plain")}), 400, "notes.txt")
+
+
+def test_oversized_upload_is_413(client):
+    big = b"\xff\xd8\xff" + bytes(21 * 1024 * 1024)
+    _assert_error(client.post("/api/search", files={"image": ("big.jpg", big, "image/jpeg")}), 413, "20 MB")
+    _assert_error(client.post("/api/search", files={"image": ("huge.jpg", big + bytes(5 * 1024 * 1024), "image/jpeg")}), 413, "25 MB")
+
+    def chunked():
+        for _ in range(27):
+            yield bytes(1024 * 1024)
+
+    response = client.post("/api/rerank", content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    _assert_error(response, 413, "25 MB")
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "201", "100000", "abc", "1.5", ""])
+def test_k_out_of_range_is_422(client, k):
+    _assert_error(client.get("/api/search", params={"q": "dog", "k": k}), 422, "k", "between 1 and 200")
+
+
+def test_long_query_is_400(client):
+    for q in ("x" * 4097, "é" * 2049):  # over 4 KB of UTF-8 either way
+        _assert_error(client.get("/api/search", params={"q": q}), 400, "4096", "shorten")
+    _assert_error(client.post("/api/rerank", json={"query": "x" * 5000, "ids": [1]}), 400, "4096")
+
+
+@pytest.mark.parametrize("params, status, needle", [
+    ({}, 422, "q"),
+    ({"q": ""}, 400, "empty"),
+    ({"q": "   "}, 400, "empty"),
+    ({"q": '"unclosed'}, 400, "column"),
+    ({"q": "dog", "after": "yesterday"}, 400, "YYYY-MM-DD"),
+    ({"q": "dog", "after": "2023-02-30"}, 400, "YYYY-MM-DD"),
+    ({"q": "dog", "after": "2023-06-01T00:00+02:00"}, 400, "time zone"),
+    ({"q": "dog", "after": "2023-06-01", "before": "2023-01-01"}, 400, "swap"),
+    ({"q": "dog", "path": "*" * 2000}, 422, "path"),
+    ({"q": "dog", "sort": "random"}, 422, "sort"),
+    ({"q": "dog", "min_score": "nan"}, 422, "min_score"),
+    ({"q": "dog", "rerank": "maybe"}, 422, "rerank"),
+    ({"q": "dog", "rerank_k": "0"}, 422, "rerank_k"),
+])
+def test_bad_search_parameters_are_4xx_with_a_fix(client, params, status, needle):
+    _assert_error(client.get("/api/search", params=params), status, needle)
+
+
+@pytest.mark.parametrize("kwargs, status, needle", [
+    ({"json": {"query": "x", "ids": list(range(1, 258))}}, 422, "256"),
+    ({"json": {"query": "x", "ids": []}}, 422, "ids"),
+    ({"json": {"query": "x", "ids": [-3]}}, 422, "ids"),
+    ({"json": {"query": "x", "ids": ["../etc/passwd"]}}, 422, "ids"),
+    ({"json": {"query": "", "ids": [1]}}, 422, "query"),
+    ({"json": {"query": "  ", "ids": [1]}}, 400, "empty"),
+    ({"json": {"ids": [1]}}, 422, "query"),
+    ({"json": {"query": "x", "ids": [1], "path": "/etc/passwd"}}, 422, "path"),
+    ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422, "JSON"),
+    ({"content": b"query=x", "headers": {"Content-Type": "text/plain"}}, 415, "Content-Type"),
+    ({"data": {"query": "x"}, "files": [("images", ("a.jpg", b"x", "image/jpeg"))] * 17}, 400, "16"),
+    ({"data": {"query": "x"}, "files": [("other", ("a.jpg", b"x", "image/jpeg"))]}, 400, "images"),
+    ({"files": [("images", ("a.jpg", b"x", "image/jpeg"))]}, 400, "query"),
+])
+def test_bad_rerank_requests_are_4xx(client, kwargs, status, needle):
+    _assert_error(client.post("/api/rerank", **kwargs), status, needle)
+
+
+def test_unknown_endpoints_and_methods_are_json(client):
+    _assert_error(client.get("/api/nope"), 404, "openapi")
+    _assert_error(client.delete("/api/search"), 405, "openapi")
+
+
+def test_model_calls_run_one_at_a_time_off_the_event_loop(client, lib, monkeypatch):
+    release, running, overlap = threading.Event(), threading.Semaphore(0), []
+    active = [0]
+    real_search = lib.search
+
+    def slow_search(*args, **kwargs):
+        active[0] += 1
+        overlap.append(active[0])
+        running.release()
+        release.wait(10)
+        active[0] -= 1
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(lib, "search", slow_search)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(client.get("/api/search", params={"q": "dog", "rerank": "false"}))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    assert running.acquire(timeout=10)
+    started = time.perf_counter()
+    assert client.get("/api/status").status_code == 200  # answered while a search holds the model
+    assert time.perf_counter() - started < 5
+    release.set()
+    for t in threads:
+        t.join(20)
+    assert [r.status_code for r in results] == [200, 200]
+    assert max(overlap) == 1  # never two model calls at once
+
+
+# ---------------------------------------------------------------------------------------------
+# the real command
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_serves_the_library(lib):
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BLIP2_SEARCH_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "blip2_search.cli", "serve", "--library", str(lib.folder), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.3)
+        assert response.status_code == 200 and response.json()["indexed"] == lib.status().indexed
+        assert httpx.get(f"http://127.0.0.1:{port}/api/status").status_code == 401
+        search = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "dog", "rerank": "false"},
+                           headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert search.json() == _same_json(lib.search("dog", 10, rerank=False).as_dict())
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "serving" in err and "/?token=TOKEN" in err and TOKEN not in err

@@ -1,0 +1,253 @@
+"""The web page in a real headless Chromium (Playwright) against uvicorn on a free port.
+
+Needs the Playwright Python package and a Chromium at /usr/bin/chromium (Debian: apt-get install
+chromium); `playwright install` is not needed. Set BLIP2_SEARCH_SCREENSHOT=/path.png to save a
+screenshot of the results page.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+INSTALL = "pip install playwright && apt-get install -y chromium (no `playwright install` needed)"
+QUERY = "a red circle on the left"
+TOKEN = "browser-token-0123456789abcdef"
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing; {INSTALL}", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason=f"the playwright package is missing; {INSTALL}")
+pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[server,test]'")
+import uvicorn  # noqa: E402
+
+from blip2_search.library import Library  # noqa: E402
+from blip2_search.server import create_app  # noqa: E402
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 40)}
+BACKGROUNDS = [(245, 245, 240), (30, 30, 40), (120, 160, 200)]
+
+
+def _scene(path: Path, color: str, shape: str, left: bool, background) -> None:
+    """A 240x180 picture of one coloured shape on the left or the right."""
+    im = Image.new("RGB", (240, 180), background)
+    draw = ImageDraw.Draw(im)
+    x0 = 20 if left else 130
+    box = (x0, 45, x0 + 90, 135)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(x0 + 45, 45), (x0, 135), (x0 + 90, 135)], fill=COLORS[color])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, quality=92)
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_itm_dir, tiny_captioner_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        color = list(COLORS)[i % 4]
+        shape = ("circle", "square", "triangle")[i % 3]
+        year = 2020 + i % 3
+        _scene(root / "photos" / str(year) / f"{color}-{shape}-{i:02d}.jpg", color, shape, bool(rng.integers(2)), BACKGROUNDS[i % 3])
+    with Library.open(root / "lib", model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=8) as library:
+        assert library.index([root / "photos"]).failed == 0
+    with Library.open(root / "lib") as library:
+        yield library
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _serving(app):
+    """uvicorn in a background thread on a free loopback port; yields the base URL."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)  # a fresh temporary profile
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(lib):
+    with _serving(create_app(lib)) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, base_url):
+    """A page that records every request and every console error."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.requests, page.errors = [], []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    context.close()
+
+
+def _grid_ids(page) -> list[int]:
+    return page.locator("#results li").evaluate_all("items => items.map(li => Number(li.dataset.id))")
+
+
+def _wait_for_thumbnails(page) -> None:
+    page.wait_for_function("() => { const imgs = [...document.querySelectorAll('#results img')];"
+                           " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }", timeout=20_000)
+
+
+def test_typed_query_and_enter_show_the_top_hit_first(page, lib, base_url):
+    expected = lib.search(QUERY, 24, rerank=False)  # what the page asks for: k=24, rerank off
+    page.goto(base_url + "/")
+    assert page.evaluate("document.activeElement.id") == "q"  # focus starts in the search box
+    page.keyboard.type(QUERY)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#results li")
+    assert _grid_ids(page)[0] == expected.hits[0].id
+    assert _grid_ids(page) == [h.id for h in expected.hits]
+    _wait_for_thumbnails(page)
+    first = page.locator("#results li").first
+    assert first.locator("img").get_attribute("alt")  # every thumbnail has alt text
+    assert first.locator(".score").text_content() == f"score {expected.hits[0].score:.3f}"
+    if expected.hits[0].caption:
+        assert first.locator(".caption").text_content() == expected.hits[0].caption
+    assert page.locator("#status").get_attribute("aria-live") == "polite"
+    assert page.locator("#status").text_content() == f"{len(expected.hits)} photos for “{QUERY}”."
+    assert page.url.startswith(base_url + "/?")  # the search is bookmarkable
+    if os.environ.get("BLIP2_SEARCH_SCREENSHOT"):
+        page.screenshot(path=os.environ["BLIP2_SEARCH_SCREENSHOT"], full_page=True)
+    assert all(u.startswith(base_url) or u.startswith(("data:", "blob:")) for u in page.requests), page.requests
+    assert page.errors == []
+
+
+def test_keyboard_only_rerank_and_path_filter(page, lib, base_url):
+    expected = lib.search(QUERY, 24, rerank=True, path="*/2021/*")
+    page.goto(base_url + "/")
+    order = []
+    for _ in range(4):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
+        outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert outline != "none", f"no visible focus on {order[-1]}"
+    assert order == ["search-button", "rerank", "k", "path"]
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Space")  # tick "Rerank with ITM"
+    assert page.is_checked("#rerank")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    page.keyboard.type("*/2021/*")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "q"
+    page.keyboard.type(QUERY)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#results li")
+    assert _grid_ids(page) == [h.id for h in expected.hits]
+    assert all("/2021/" in (page.locator(".file").nth(i).get_attribute("title") or "") for i in range(len(expected.hits)))
+    for _ in range(20):  # past the button, the options, the filters (date fields have several stops) and the file picker
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.closest('#results') !== null"):
+            break
+    focused = page.evaluate("document.activeElement.getAttribute('href')")
+    assert focused == f"/api/images/{expected.hits[0].id}"  # results are links, reachable by keyboard
+    assert page.errors == []
+
+
+def test_dropping_an_image_searches_by_it(page, lib, base_url):
+    record = next(r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if "blue-circle" in r.path)
+    data = base64.b64encode(Path(record.path).read_bytes()).decode()
+    page.goto(base_url + "/")
+    page.evaluate(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "example.jpg", {type: "image/jpeg"}));
+            document.body.dispatchEvent(new DragEvent("dragenter", {dataTransfer: dt, bubbles: true}));
+            document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""",
+        data,
+    )
+    page.wait_for_selector("#results li")
+    assert _grid_ids(page)[0] == record.id  # the photo itself is the most similar
+    assert "example.jpg" in page.locator("#status").text_content()
+
+
+def test_choosing_a_file_searches_by_it(page, lib, base_url):
+    record = next(r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if "green-square" in r.path)
+    page.goto(base_url + "/")
+    page.set_input_files("#example", record.path)
+    page.wait_for_selector("#results li")
+    assert _grid_ids(page)[0] == record.id
+
+
+def test_server_error_message_is_shown(page, base_url):
+    page.goto(base_url + "/")
+    page.fill("#q", '"unclosed')
+    page.press("#q", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "unclosed quote" in page.locator("#error").text_content()
+    assert page.locator("#error").get_attribute("role") == "alert"
+
+
+def test_token_login_in_the_browser(browser, lib):
+    with _serving(create_app(lib, token=TOKEN)) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url + "/")
+        page.fill("#q", QUERY)
+        page.press("#q", "Enter")
+        page.wait_for_selector("#token-form:not([hidden])")
+        assert "token" in page.locator("#error").text_content()
+        page.fill("#token", "wrong-token-wrong-token")
+        page.press("#token", "Enter")
+        page.wait_for_url(url + "/")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "not accepted" in page.locator("#error").text_content()
+        page.fill("#token", TOKEN)
+        page.press("#token", "Enter")
+        page.wait_for_url(url + "/")
+        assert page.locator("#token-form").is_hidden()
+        assert TOKEN not in page.url
+        page.fill("#q", QUERY)
+        page.press("#q", "Enter")
+        page.wait_for_selector("#results li")
+        _wait_for_thumbnails(page)  # the cookie lets <img> tags through
+        assert _grid_ids(page)[0] == lib.search(QUERY, 24, rerank=False).hits[0].id
+        context.close()
