@@ -9,7 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -27,6 +27,7 @@ from .store import (
 )
 
 LOCK_FILENAME = "index.lock"
+SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,18 @@ class Library:
         return self._engine
 
     def default_rerank_k(self) -> int:
-        """128 on a GPU, as in the paper; 16 on a CPU, where each candidate reruns the ViT."""
-        return 128 if self.encoder.placement.device == "cuda" else 16
+        """How many candidates `search` reranks unless told: 128 on a GPU, as in the paper.
+
+        On a CPU, 16 when the ViT tokens are stored or the ViT is small (ITM alone: ~6 s for 16
+        candidates with ViT-g on 2 cores); 0 when a large ViT would have to rerun for every candidate
+        (ViT-g: ~10 s an image on 2 cores, so ~170 s a query; docs/benchmarks.md).
+        """
+        enc = self.encoder
+        if enc.placement.device == "cuda":
+            return 128
+        if self.vit_store.enabled or enc.vit_params < SMALL_VIT_PARAMS:
+            return 16
+        return 0
 
     def search(self, query: str, k: int = 10, *, rerank: bool = True, rerank_k: int | None = None, path: str | None = None,
                after=None, before=None, min_score: float | None = None, sort: str = "score", fusion: bool = True,
@@ -272,6 +283,11 @@ class Library:
         filters = Filters(path_glob=path, after=after, before=before, min_score=min_score)
         engine = self.engine
         rk = check_k(rerank_k, "rerank-k") if rerank_k is not None else self.default_rerank_k()
+        if rerank and rk == 0:
+            result = engine.search_text(q, k, filters=filters, rerank=False, fusion=fusion, sort=_check_sort(sort))
+            note = ("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); "
+                    "index with --store-vit, pass --rerank-k N to force it, or use a GPU")
+            return replace(result, notes=result.notes + (note,))
         source = self._vit_source(rerank_source) if rerank else None
         return engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
 

@@ -231,3 +231,13 @@ def test_stored_vit_tokens_rerank_like_recomputing(tiny_itm_dir, tmp_path):
 def test_stored_source_without_store_names_the_fix(lib):
     with pytest.raises(InvalidInputError, match="--store-vit"):
         lib.search(TEXTS[0], 3, rerank_source="stored")
+
+
+def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
+    with Library.open(lib_dir) as lib:
+        assert lib.default_rerank_k() == 16  # the tiny test ViT is cheap to rerun
+        lib.encoder.vit_params = 983_000_000  # ViT-g: ~10 s an image on 2 cores
+        assert lib.default_rerank_k() == 0
+        res = lib.search(TEXTS[0], 3)
+        assert all(h.itm_logit is None for h in res.hits) and any("--store-vit" in n for n in res.notes)
+        assert lib.search(TEXTS[0], 3, rerank_k=2).hits[0].itm_logit is not None  # forcing it still works

@@ -50,6 +50,9 @@ class Blip2Encoder(Checkpoint):
         self.batch_size = batch_size
         config = check_embedder_config(source)
         self.num_query_tokens: int = int(config.get("num_query_tokens", 32))
+        vision = config.get("vision_config") or {}
+        h, i, n = vision.get("hidden_size", 1408), vision.get("intermediate_size", 6144), vision.get("num_hidden_layers", 39)
+        self.vit_params: int = int(n * (4 * h * h + 2 * h * i))  # attention + MLP weights: the ViT's cost per token
         self.embed_dim: int = int(config.get("image_text_hidden_size", 256))
         self._tokenizer = None
         self._text_model = None
