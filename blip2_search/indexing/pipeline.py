@@ -22,7 +22,7 @@ from ..models.encoder import Blip2Encoder
 from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
 from .embed import embed_batch
 from .read import ReadResult, read_and_decode
-from .scan import ChangePlan, FoundFile, Known, plan_changes, scan
+from .scan import ChangePlan, plan_changes, scan
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class Indexer:
     def run(self, roots: list[str], progress: Callable[[Progress], None] | None = None) -> IndexReport:
         """Index `roots` (absolute folders). Ctrl-C stops after committing nothing partial; see `interrupted`."""
         start = time.perf_counter()
-        known = {p: Known(k.id, k.size or 0, k.mtime_ns or 0, k.content_hash, k.status) for p, k in self.metadata.known_files().items()}
+        known = self.metadata.known_files()
         found = list(scan(roots, skip=self.skip))
         plan = plan_changes(found, known, roots)
         counts = _Counts()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..errors import InvalidInputError
+from ..store.records import KnownFile as Known
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".dib", ".heic", ".heif", ".hif", ".avif"}
@@ -27,17 +28,6 @@ class FoundFile:
     size: int
     mtime_ns: int
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class Known:
-    """What the library recorded for a path."""
-
-    id: int
-    size: int
-    mtime_ns: int
-    content_hash: str | None
-    status: str
 
 
 @dataclass(frozen=True)
