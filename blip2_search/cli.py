@@ -22,13 +22,13 @@ class UserError(click.ClickException):
 
 
 def _quiet_libraries() -> None:
-    """Keep HF's load reports and progress bars off stdout, which carries our JSON."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as hf_logging
+    """Keep HF's load reports and progress bars off stdout, which carries our JSON.
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    Environment switches only: importing transformers here would cost seconds for `status`.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _emit(data) -> None:

@@ -221,21 +221,19 @@ def _indexed_count(lib_dir: Path) -> int:
 
 def test_kill_9_at_random_points_then_resume(tiny_itm_dir, tmp_path):
     photos = tmp_path / "photos"
-    n = 24
+    n = 40
     for i in range(n):
-        _photo(photos / f"k{i:02d}.png", 1000 + i, size=(96, 72))
+        _photo(photos / f"k{i:02d}.png", 1000 + i, size=(900, 700))  # big enough that a run takes seconds
     lib_dir = tmp_path / "lib"
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), lib=str(lib_dir), model=str(tiny_itm_dir), photos=str(photos))
     rng = np.random.default_rng(0)
     partial = []
-    for attempt in range(3):
+    for target in sorted(rng.integers(2, n - 8, size=3).tolist()):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "start"
-        before = _indexed_count(lib_dir)
-        deadline = time.time() + 60
-        while _indexed_count(lib_dir) == before and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)  # wait until this run has committed a batch, then kill at a random moment
-        time.sleep(float(rng.uniform(0.0, 0.3)))
+        deadline = time.time() + 90
+        while _indexed_count(lib_dir) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # kill as soon as this run has committed up to a random point
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         partial.append(_indexed_count(lib_dir))

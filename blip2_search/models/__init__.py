@@ -1,21 +1,23 @@
-"""The model layer: loading, device/dtype policy, encoders (ITC/ITM) and the captioner."""
+"""The model layer: loading, device/dtype policy, encoders (ITC/ITM) and the captioner.
 
-from .captioner import Blip2Captioner, CaptionSettings
-from .encoder import Blip2Encoder, MatchScores, itc_scores
-from .loading import DEFAULT_CAPTIONER, DEFAULT_EMBEDDER, ModelSource, resolve_model
-from .policy import Placement, choose_placement, detect_placement
+Names are imported on first use, so resolving a model name does not import torch.
+"""
 
-__all__ = [
-    "Blip2Captioner",
-    "Blip2Encoder",
-    "CaptionSettings",
-    "DEFAULT_CAPTIONER",
-    "DEFAULT_EMBEDDER",
-    "MatchScores",
-    "ModelSource",
-    "Placement",
-    "choose_placement",
-    "detect_placement",
-    "itc_scores",
-    "resolve_model",
-]
+import importlib
+
+_LAZY = {
+    "Blip2Captioner": "captioner", "CaptionSettings": "captioner",
+    "Blip2Encoder": "encoder", "MatchScores": "encoder", "itc_scores": "encoder",
+    "DEFAULT_CAPTIONER": "loading", "DEFAULT_EMBEDDER": "loading", "ModelSource": "loading", "resolve_model": "loading",
+    "Placement": "policy", "choose_placement": "policy", "detect_placement": "policy",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'blip2_search.models' has no attribute {name!r}")
