@@ -63,8 +63,9 @@ class Library:
     """Images, vectors and models of one photo collection. Create with `Library.open`."""
 
     def __init__(self, folder: Path, metadata: MetadataStore, *, model: str | None, captioner: str | None,
-                 device: str = "auto", dtype: str = "auto", batch_size: int = 32, workers: int = 0):
+                 device: str = "auto", dtype: str = "auto", batch_size: int = 32, workers: int = 0, reembed: bool = False):
         self.folder = folder
+        self.reembed = reembed
         self.metadata = metadata
         self.model_name = model
         self.captioner_name = captioner
@@ -121,10 +122,8 @@ class Library:
             cap = info.captioner.model_id if info.captioner else None
         else:
             cap = DEMO if name == DEMO else str(settings.get("captioner"))
-        lib = cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype,
-                  batch_size=batch_size or int(settings.get("batch_size")), workers=workers if workers is not None else int(settings.get("workers")))
-        lib._reembed = reembed
-        return lib
+        return cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed,
+                   batch_size=batch_size or int(settings.get("batch_size")), workers=workers if workers is not None else int(settings.get("workers")))
 
     def close(self) -> None:
         """Release the database."""
@@ -201,7 +200,7 @@ class Library:
         roots = check_roots(dirs)
         with self._lock():
             info = self._embedder_info()
-            if getattr(self, "_reembed", False):
+            if self.reembed:
                 recorded = self.metadata.info().embedder
                 if recorded is not None and recorded != info:
                     self.metadata.reset_embedder(info)

@@ -12,7 +12,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -57,16 +57,6 @@ class _Counts:
     reused: int = 0
     failed: int = 0
     done: int = 0
-
-
-@dataclass
-class _Pending:
-    """Decoded images waiting for the next model batch."""
-
-    results: list[ReadResult] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.results)
 
 
 class Indexer:
@@ -127,7 +117,7 @@ class Indexer:
         sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
         # an indexed image always has its embedding row; pending ones (after --reembed) have none yet
         known_hashes = {k.content_hash for k in known.values() if k.content_hash and k.status == "indexed"}
-        pending = _Pending()
+        pending: list[ReadResult] = []  # decoded images waiting for the next model batch
         failures: list[FailedFile] = []
         reuse: list[ReadResult] = []
         window = self.workers * 2 + self.batch_size
@@ -151,7 +141,7 @@ class Indexer:
                     elif not result.pixels:
                         reuse.append(result)
                     else:
-                        pending.results.append(result)
+                        pending.append(result)
                     if len(pending) >= self.batch_size:
                         self._write_batch(pending, known_hashes, counts)
                     if len(reuse) >= 256 or len(failures) >= 256:
@@ -167,12 +157,12 @@ class Indexer:
                     fut.cancel()
                 raise
 
-    def _write_batch(self, pending: _Pending, known_hashes: set[str], counts: _Counts) -> None:
+    def _write_batch(self, pending: list[ReadResult], known_hashes: set[str], counts: _Counts) -> None:
         """Embed the pending images and commit them (with captions) in one transaction."""
-        if not pending.results:
+        if not pending:
             return
-        results = pending.results
-        pending.results = []
+        results = list(pending)
+        pending.clear()
         pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
         batch = embed_batch(self.encoder, self.captioner, pixels)
         if self.vit_store is not None:
