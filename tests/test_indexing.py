@@ -358,3 +358,24 @@ def test_full_disk_is_a_clear_error_and_the_library_stays_intact(tiny_itm_dir, p
         assert lib.status().indexed == 7
         assert lib.index([photos]).indexed == 6
     _check_consistent(lib_dir)
+
+
+def test_exif_orientation_is_applied_before_embedding(tiny_itm_dir, tmp_path):
+    """A photo stored rotated with an orientation tag is embedded exactly as its upright twin;
+    the same rotated pixels without the tag are not (the demo-model version: test_demo_search.py)."""
+    rng = np.random.default_rng(11)
+    upright = Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    upright.save(photos / "upright.png")
+    rotated = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to view: undoes ROTATE_90 (counter-clockwise)
+    rotated.save(photos / "tagged.png", exif=exif)
+    rotated.save(photos / "untagged.png")
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        lib.index([photos])
+        ids = {Path(p).name: k.id for p, k in lib.metadata.known_files().items()}
+        vec = {name: lib.vectors.vectors_for(np.array([i]))[0] for name, i in ids.items()}
+    np.testing.assert_allclose(vec["tagged.png"], vec["upright.png"], atol=1e-6)
+    assert np.abs(vec["untagged.png"] - vec["upright.png"]).max() > 1e-2
