@@ -80,14 +80,6 @@ def test_generated_captions_are_the_scene_captions(demo_library):
     assert exact >= 0.85
 
 
-def test_negative_term_excludes_the_named_position(demo_library):
-    root, scene_of = demo_library
-    with Library.open(root / "lib") as lib:
-        hits = lib.search('"a red circle" - "on the left"', 3, rerank=False, fusion=False).hits
-    assert all(scene_of[h.path].color == "red" and scene_of[h.path].shape == "circle" for h in hits)
-    assert all(scene_of[h.path].position != "left" for h in hits)
-
-
 def test_exif_rotated_photo_is_found_by_its_caption(tmp_path):
     """A scene saved with its pixels rotated and an orientation tag that undoes it: upright it is
     'on the left'; read without the tag it would look 'on the bottom'."""

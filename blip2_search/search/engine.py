@@ -85,24 +85,27 @@ class SearchEngine:
 
     def _fuse(self, query: Query, emb, weights, order: list[int], allowed, itc_of: dict, filters: Filters):
         """Reciprocal rank fusion of the image ranking with caption full-text and caption-embedding ranks."""
-        lists: list[tuple[float, list[int]]] = [(1.0, order[:FUSION_DEPTH])]
+        # each list maps id -> rank; equal caption scores share a rank (identical captions earn the same
+        # bonus, so the image ranking decides between them)
+        lists: list[tuple[float, dict[int, int]]] = [(1.0, {i: r for r, i in enumerate(order[:FUSION_DEPTH])})]
         allowed_set = set(allowed.tolist()) if allowed is not None else None
         text = " ".join(t.text for t in query.terms if t.weight > 0)
-        fts = [i for i, _ in self.metadata.search_captions(text, FUSION_DEPTH * 2) if allowed_set is None or i in allowed_set]
+        fts = [(i, s) for i, s in self.metadata.search_captions(text, FUSION_DEPTH * 2) if allowed_set is None or i in allowed_set]
         if fts:
-            lists.append((CAPTION_WEIGHT, fts[:FUSION_DEPTH]))
+            lists.append((CAPTION_WEIGHT, _shared_ranks([i for i, _ in fts], -np.array([s for _, s in fts]))[:FUSION_DEPTH]))
         cap_ids, cap_vecs = self._captions()
         if len(cap_ids):
             sims = composite_itc(cap_vecs[:, None, :], emb, weights)
             if allowed is not None:
                 sims = np.where(np.isin(cap_ids, allowed), sims, -np.inf)
             top = np.lexsort((cap_ids, -sims))[:FUSION_DEPTH]
-            lists.append((CAPTION_WEIGHT, [int(cap_ids[i]) for i in top if np.isfinite(sims[i])]))
+            top = [j for j in top if np.isfinite(sims[j])]
+            lists.append((CAPTION_WEIGHT, _shared_ranks([int(cap_ids[j]) for j in top], np.round(sims[top], 5))))
         if len(lists) == 1:
             return order, None
         fused: dict[int, float] = {}
-        for weight, ranked in lists:
-            for rank, image_id in enumerate(ranked):
+        for weight, ranks in lists:
+            for image_id, rank in (ranks.items() if isinstance(ranks, dict) else ranks):
                 fused[image_id] = fused.get(image_id, 0.0) + weight / (RRF_K + rank + 1)
         new = [i for i in fused if i not in itc_of]
         if new:  # found only through captions: give them their exact ITC
@@ -180,6 +183,17 @@ class SearchEngine:
         for i in parent:
             groups.setdefault(find(i), []).append(i)
         return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def _shared_ranks(ids: list[int], scores: np.ndarray) -> list[tuple[int, int]]:
+    """`[(id, rank)]` in the given (best-first) order, where equal scores share the best rank."""
+    out, rank, prev = [], 0, None
+    for pos, (i, sc) in enumerate(zip(ids, scores.tolist())):
+        if pos and sc != prev:
+            rank = pos
+        out.append((i, rank))
+        prev = sc
+    return out
 
 
 def composite_itc(stored: np.ndarray, term_embeds: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -1,0 +1,351 @@
+"""Train the demo ITM model and captioner on the scene language (CPU, 2 threads, about 10 minutes).
+
+    python -m blip2_search.demo.train [--out DIR]     # default: blip2_search/demo/models/
+
+The BLIP-2 recipe, shrunk:
+1. ViT: supervised colour / shape / position heads on the CLS token (stands in for BLIP-2's frozen,
+   pre-trained image encoder).
+2. ViT frozen; its tokens for the whole pool are computed once. Q-Former (stage 1): ITC over all 72
+   captions (max over queries, learned temperature) + ITM with hard negatives (captions and images
+   that differ in one attribute, and captions sampled by ITC similarity as in BLIP-2).
+3. Captioner (stage 2): Q-Former started from the stage-1 one, tiny OPT from scratch, next-token loss;
+   the ViT blocks are the ITM model's, frozen and byte-identical; its post_layernorm trains.
+4. Both saved with ``save_pretrained``, reloaded from disk and measured on fresh full-variety renders
+   from a seed used nowhere in training (see ``metrics.py`` for the definitions).
+
+Deterministic for a given thread count: seeded torch / numpy, deterministic algorithms, 2 threads.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2 threads on a busy machine: sleep, don't spin
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+from . import architecture as arch  # noqa: E402
+from .data import render_eval_images, render_pool  # noqa: E402
+from .metrics import evaluate_captioner, evaluate_itm  # noqa: E402
+from .objectives import caption_loss, itc_image_embeds, itc_text_embeds, itm_logits, vit_tokens  # noqa: E402
+from .scenes import ALL_CAPTIONS, ALL_SCENES, COLORS, POSITIONS, SHAPES  # noqa: E402
+from .vocab import bert_tokenizer, caption_tokenizer  # noqa: E402
+
+POOL_SEED = 1001  # training pool
+MODEL_SEED = 1002  # initialisation and batch order
+EVAL_SEED = 9_000_001  # final metrics; used nowhere in training (tests use another seed again)
+THREADS = 2
+DEFAULT_OUT = Path(__file__).resolve().parent / "models"
+
+_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+_COLOR = torch.tensor([list(COLORS).index(s.color) for s in ALL_SCENES])
+_SHAPE = torch.tensor([SHAPES.index(s.shape) for s in ALL_SCENES])
+_POSITION = torch.tensor([POSITIONS.index(s.position) for s in ALL_SCENES])
+_MIRROR = torch.tensor([ALL_SCENES.index(s.replace(position={"left": "right", "right": "left"}.get(s.position, s.position))) for s in ALL_SCENES])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and schedule of one training run (steps, batch sizes in images, peak learning rates)."""
+
+    pool: int = 24_000  # training renders
+    vit_steps: int = 1000
+    vit_batch: int = 64
+    vit_lr: float = 1e-3
+    itc_steps: int = 150  # Q-Former, ITC alone
+    itc_batch: int = 48
+    itc_lr: float = 1e-3
+    itm_steps: int = 450  # Q-Former, ITC + ITM (3 pairs per image)
+    itm_batch: int = 32
+    itm_lr: float = 2e-3
+    caption_steps: int = 120
+    caption_batch: int = 64
+    caption_lr: float = 1e-3
+    eval_images: int = 500
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _pixels(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> normalised float [B, 3, S, S], as the BLIP image processor computes."""
+    return (u8.permute(0, 3, 1, 2).float() / 255.0 - _MEAN) / _STD
+
+
+def _one_attribute_changes() -> list[list[list[int]]]:
+    """[scene id][attribute: colour, shape, position] -> ids of the scenes with only that attribute changed."""
+    values = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS}
+    return [[[s.replace(**{a: v}).index for v in vs if v != getattr(s, a)] for a, vs in values.items()] for s in ALL_SCENES]
+
+
+def _sample_changes(changes, sid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """For each scene id, a scene with one attribute (chosen uniformly) changed to a random other value."""
+    attrs = torch.randint(3, (len(sid),), generator=gen).tolist()
+    picks = torch.rand(len(sid), generator=gen).tolist()
+    out = []
+    for s, a, u in zip(sid.tolist(), attrs, picks):
+        options = changes[s][a]
+        out.append(options[int(u * len(options))])
+    return torch.tensor(out)
+
+
+def _schedule(params, lr: float, steps: int, extra=()):
+    """AdamW + one-cycle schedule; ``extra``: (params, lr factor) groups without weight decay."""
+    groups = [{"params": params, "weight_decay": 0.05}] + [{"params": p, "weight_decay": 0.0} for p, _ in extra]
+    max_lr = [lr] + [lr * f for _, f in extra]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=0.1)
+    return opt, sched
+
+
+def train_vit(model, images: torch.Tensor, scene_ids: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> nn.Module:
+    """Stage 1: the ViT learns colour, shape and position (linear heads, thrown away afterwards)."""
+    vm = model.vision_model
+    n_out = len(COLORS) + len(SHAPES) + len(POSITIONS)
+    # Heads on the CLS token and on the mean of the patch tokens: the second makes the patch tokens
+    # themselves carry the attributes, which the Q-Former's queries, attending to all tokens, read at once.
+    heads = nn.ModuleList([nn.Linear(vm.config.hidden_size, n_out), nn.Linear(vm.config.hidden_size, n_out)])
+    params = list(vm.parameters()) + list(heads.parameters())
+    opt, sched = _schedule(params, recipe.vit_lr, recipe.vit_steps)
+    vm.train()
+    t0, seen, correct = time.time(), 0, torch.zeros(3)
+    for step in range(1, recipe.vit_steps + 1):
+        idx = torch.randint(len(images), (recipe.vit_batch,), generator=gen)
+        flip = torch.rand(recipe.vit_batch, generator=gen) < 0.5
+        x = images[idx]
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)  # mirror left-right: swap the labels too
+        sid = torch.where(flip, _MIRROR[scene_ids[idx]], scene_ids[idx])
+        states = vm(pixel_values=_pixels(x)).last_hidden_state
+        loss = 0.0
+        for feature, head in zip((states[:, 0], states[:, 1:].mean(dim=1)), heads):
+            c, s, p = head(feature).split([len(COLORS), len(SHAPES), len(POSITIONS)], dim=1)
+            loss = loss + F.cross_entropy(c, _COLOR[sid]) + F.cross_entropy(s, _SHAPE[sid]) + F.cross_entropy(p, _POSITION[sid])
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            correct += torch.stack([(c.argmax(1) == _COLOR[sid]).sum(), (s.argmax(1) == _SHAPE[sid]).sum(), (p.argmax(1) == _POSITION[sid]).sum()])
+            seen += len(idx)
+        if step % 100 == 0 or step == recipe.vit_steps:
+            acc = (correct / seen).tolist()
+            _log(f"  vit step {step:5d}  loss {loss.item():.3f}  train acc color {acc[0]:.3f} shape {acc[1]:.3f} position {acc[2]:.3f}  {time.time() - t0:.0f}s")
+            seen, correct = 0, torch.zeros(3)
+    vm.eval()
+    return heads
+
+
+@torch.no_grad()
+def cache_vit_tokens(vision_model, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Pre-LN ViT tokens of every pool image: float32 [N, 1 + patches, width]."""
+    return torch.cat([vit_tokens(vision_model, _pixels(images[i : i + batch])) for i in range(0, len(images), batch)])
+
+
+def train_qformer(model, tokens: torch.Tensor, scene_ids: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> None:
+    """Stage 2 (BLIP-2 stage 1), ViT frozen (tokens precomputed): ITC alone, then ITC + ITM.
+
+    ITC alone first is cheap and quickly aligns queries and text; ITM then gets hard negatives that
+    ITC can already tell apart from easy ones. Each phase has its own one-cycle schedule.
+    """
+    for p in model.vision_model.parameters():
+        p.requires_grad_(False)
+    text = bert_tokenizer()(list(ALL_CAPTIONS), padding=True, return_tensors="pt")
+    ids, mask = text.input_ids, text.attention_mask
+    changes = _one_attribute_changes()
+    by_scene = [torch.nonzero(scene_ids == s).flatten() for s in range(len(ALL_SCENES))]
+    temp = nn.Parameter(torch.tensor(0.07))  # BLIP-2's learned ITC temperature, trained 10x slower
+    params = [p for p in model.parameters() if p.requires_grad]
+    post_ln = model.vision_model.post_layernorm
+    model.train()
+
+    phases = (("itc", recipe.itc_steps, recipe.itc_batch, recipe.itc_lr), ("itc+itm", recipe.itm_steps, recipe.itm_batch, recipe.itm_lr))
+    for phase, steps, B, lr in phases:
+        with_itm = phase == "itc+itm"
+        opt, sched = _schedule(params, lr, steps, extra=[([temp], 0.1)])
+        t0, hits, seen, itm_hits, itm_seen = time.time(), 0, 0, 0, 0
+        for step in range(1, steps + 1):
+            idx = torch.randint(len(tokens), (B,), generator=gen)
+            sid = scene_ids[idx]
+            with torch.no_grad():
+                temp.clamp_(0.001, 0.5)
+                image_embeds = post_ln(tokens[idx])
+            img = itc_image_embeds(model, image_embeds)  # [B, 32, D]
+            txt = itc_text_embeds(model, ids, mask)  # [72, D]
+            sim = torch.einsum("bqd,td->bqt", img, txt).max(dim=1).values  # [B, 72]
+            loss_i2t = F.cross_entropy(sim / temp, sid)
+            sim_t2i = sim[:, sid].t()  # [B texts (caption of image i), B images]
+            same = (sid.view(-1, 1) == sid.view(1, -1)).float()
+            loss_t2i = -(same / same.sum(1, keepdim=True) * F.log_softmax(sim_t2i / temp, dim=1)).sum(1).mean()
+            loss = (loss_i2t + loss_t2i) / 2
+            hits += int((sim.argmax(1) == sid).sum())
+            seen += B
+
+            if with_itm:
+                with torch.no_grad():  # hard negatives
+                    weights = F.softmax(sim / temp, dim=1)
+                    weights[torch.arange(B), sid] = 0
+                    sampled = torch.multinomial(weights + 1e-9, 1, generator=gen).squeeze(1)
+                    one_attr = _sample_changes(changes, sid, gen)
+                    neg_text = torch.where(torch.rand(B, generator=gen) < 0.5, one_attr, sampled)
+                    neg_scene = _sample_changes(changes, sid, gen).tolist()
+                    neg_img = torch.stack([by_scene[s][torch.randint(len(by_scene[s]), (1,), generator=gen)][0] for s in neg_scene])
+                    neg_embeds = post_ln(tokens[neg_img])
+                pair_images = torch.cat([image_embeds, image_embeds, neg_embeds])
+                pair_text = torch.cat([sid, neg_text, sid])
+                labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
+                logits = itm_logits(model, pair_images, ids[pair_text], mask[pair_text])
+                loss_itm = F.cross_entropy(logits, labels, weight=torch.tensor([1.0, 2.0]))  # 1 positive : 2 negatives
+                loss = loss + loss_itm
+                itm_hits += int((logits.argmax(1) == labels).sum())
+                itm_seen += len(labels)
+
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if step % 50 == 0 or step == steps:
+                itm_msg = f"  itm {loss_itm.item():.3f}  itm acc {itm_hits / itm_seen:.3f}" if with_itm else ""
+                _log(
+                    f"  {phase} step {step:5d}  itc {((loss_i2t + loss_t2i) / 2).item():.3f}{itm_msg}  "
+                    f"train R@1 {hits / seen:.3f}  temp {temp.item():.4f}  {time.time() - t0:.0f}s"
+                )
+                hits = seen = itm_hits = itm_seen = 0
+    model.eval()
+
+
+def train_captioner(cap, tokens: torch.Tensor, scene_ids: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> None:
+    """Stage 3 (BLIP-2 stage 2): Q-Former + projection + OPT + post_layernorm learn to emit the caption."""
+    for p in cap.vision_model.parameters():
+        p.requires_grad_(False)
+    for p in cap.vision_model.post_layernorm.parameters():
+        p.requires_grad_(True)
+    tok = caption_tokenizer()
+    image_token = cap.config.image_token_index
+    nq = cap.config.num_query_tokens
+    text = tok(list(ALL_CAPTIONS)).input_ids  # each: </s> + 6 words
+    seqs = torch.tensor([[image_token] * nq + t + [tok.eos_token_id] for t in text])  # [72, 32 + 8]
+    labels_all = seqs.clone()
+    labels_all[:, : nq + 1] = -100  # no loss on image tokens or on predicting the bos
+    params = [p for p in cap.parameters() if p.requires_grad]
+    opt, sched = _schedule(params, recipe.caption_lr, recipe.caption_steps)
+    cap.train()
+    t0 = time.time()
+    for step in range(1, recipe.caption_steps + 1):
+        idx = torch.randint(len(tokens), (recipe.caption_batch,), generator=gen)
+        sid = scene_ids[idx]
+        loss = caption_loss(cap, tokens[idx], seqs[sid], labels_all[sid])
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == recipe.caption_steps:
+            _log(f"  caption step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
+    cap.eval()
+
+
+def _vit_identical(itm_dir: Path, cap_dir: Path) -> bool:
+    a, b = load_file(itm_dir / "model.safetensors"), load_file(cap_dir / "model.safetensors")
+    keys = [k for k in a if k.startswith(("vision_model.embeddings.", "vision_model.encoder."))]
+    return bool(keys) and all(k in b and torch.equal(a[k], b[k]) for k in keys)
+
+
+def run(out: Path, recipe: Recipe, workers: int = THREADS) -> dict:
+    """Train both models into ``out/itm`` and ``out/captioner``, evaluate them from disk; returns the report."""
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(MODEL_SEED)
+    gen = torch.Generator().manual_seed(MODEL_SEED)
+    timings: dict[str, float] = {}
+    start = t = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.time()
+        timings[name] = round(now - t, 1)
+        _log(f"[{name}] {now - t:.0f}s (total {now - start:.0f}s)")
+        t = now
+
+    _log(f"rendering {recipe.pool} training images ({workers} processes)")
+    pool_u8, pool_ids = render_pool(recipe.pool, POOL_SEED, arch.IMAGE_SIZE, workers=workers)
+    images, scene_ids = torch.from_numpy(pool_u8), torch.from_numpy(pool_ids)
+    lap("render pool")
+
+    itm = arch.new_itm_model(MODEL_SEED)
+    _log(f"ITM model: {arch.count_parameters(itm):,} parameters; stage 1: ViT supervised heads")
+    train_vit(itm, images, scene_ids, recipe, gen)
+    lap("vit")
+
+    tokens = cache_vit_tokens(itm.vision_model, images)
+    del images
+    lap("cache vit tokens")
+
+    _log("stage 2: Q-Former ITC + ITM (ViT frozen)")
+    train_qformer(itm, tokens, scene_ids, recipe, gen)
+    arch.save_itm_model(itm, out / "itm")
+    lap("qformer")
+
+    cap = arch.new_captioner(MODEL_SEED)
+    arch.copy_vision_tower(itm, cap)
+    arch.copy_query_path(itm, cap)
+    _log(f"captioner: {arch.count_parameters(cap):,} parameters; stage 3: caption loss (ViT blocks frozen)")
+    train_captioner(cap, tokens, scene_ids, recipe, gen)
+    arch.save_captioner(cap, out / "captioner")
+    lap("captioner")
+    del tokens
+
+    _log(f"evaluating the saved models on {recipe.eval_images} fresh full-variety renders (seed {EVAL_SEED})")
+    eval_images, eval_ids = render_eval_images(recipe.eval_images, EVAL_SEED, workers=workers)
+    metrics = evaluate_itm(out / "itm", eval_images, eval_ids, negatives_seed=EVAL_SEED)
+    metrics = metrics.merge(evaluate_captioner(out / "captioner", eval_images, eval_ids))
+    lap("evaluate")
+
+    report = {
+        "metrics": metrics.as_dict(),
+        "eval_seed": EVAL_SEED,
+        "vit_byte_identical": _vit_identical(out / "itm", out / "captioner"),
+        "size_mb": {"itm": round(arch.sizes_mb(out / "itm"), 2), "captioner": round(arch.sizes_mb(out / "captioner"), 2)},
+        "parameters": {"itm": arch.count_parameters(itm), "captioner": arch.count_parameters(cap)},
+        "recipe": recipe.__dict__,
+        "threads": THREADS,
+        "timings_s": timings,
+        "wall_s": round(time.time() - start, 1),
+        "torch": torch.__version__,
+    }
+    (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2_search.demo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    for name, value in Recipe().__dict__.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    recipe = Recipe(**{k: getattr(args, k) for k in Recipe().__dict__})
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    report = run(args.out, recipe)
+    _log(json.dumps({k: report[k] for k in ("metrics", "vit_byte_identical", "size_mb", "wall_s")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
