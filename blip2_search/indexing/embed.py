@@ -23,9 +23,9 @@ class EmbeddedBatch:
 
 def embed_batch(encoder: Blip2Encoder, captioner: Blip2Captioner | None, pixels: dict[int, np.ndarray]) -> EmbeddedBatch:
     """Run the models on `pixels` (size -> `[n, S, S, 3] uint8`, one entry per model input size)."""
-    vit = encoder.vit_tokens(encoder.pixels_from_uint8(pixels[encoder.image_size]))
+    vit = encoder.vit_tokens(encoder.pixels_from_uint8(pixels[encoder.image_size], device=encoder.device))
     vectors = encoder.embed_vit_tokens(vit)
     if captioner is None:
         return EmbeddedBatch(vectors, None, None, vit)
-    captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size]))
+    captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size], device=captioner.device))
     return EmbeddedBatch(vectors, captions, encoder.embed_texts(captions), vit)

@@ -1,0 +1,297 @@
+"""GPU figures in one run: ViT-g + Q-Former embedding img/s, text-query latency, rerank K=128, exact 1M search.
+
+    python bench/gpu.py [--out results.json] [--budget-s 420]    # on a CUDA machine (the device tool)
+    python bench/gpu.py --small                                  # the same code path on CPU, tiny sizes
+
+Everything goes through the product's code: a random full-size BLIP-2 retrieval checkpoint (ViT-g
+39 x 1408, Q-Former 12 x 768, 32 queries, 224 px; weights saved in bf16) is written to a temporary
+folder and loaded with ``Blip2Encoder.load`` (bf16 ViT, fp32 Q-Former as HF keeps it, SDPA
+attention); search uses ``blip2_search.store.torch_search.max_sim_topk``. Figures:
+- ``embed_img_s_b{B}``: images/s through ``embed_pixels`` on pixel tensors already on the GPU, and
+  ``embed_uint8_img_s_b{B}``: from uint8 host arrays (``pixels_from_uint8(..., device=cuda)``) as
+  the indexing pipeline feeds it; ``vit_only_img_s_b{B}`` isolates the ViT.
+- ``compiled_embed_img_s``: the ViT under ``torch.compile`` (if the time budget allows).
+- ``text_query_p50_ms`` / ``p95``: one text query -> its 256-d vector on the host.
+- ``rerank_k128_{stored_gpu,stored_host,recompute}_p50_ms``: ITC + ITM for 128 candidates from ViT
+  tokens resident on the GPU, from host memory (bf16, copied per query), or recomputed from pixels.
+- ``search_1m_p50_ms`` / ``p95``: exact top-10 over 1M images x 32 vectors (fp16 on the GPU), one
+  query at a time; ``search_1m_batch32_per_query_ms``; ``search_1m_recall_at_10`` against a float32
+  brute force over the same stored vectors (should be 1.0).
+Results are written after each step, so a run cut short still returns what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blip2_search.models.encoder import Blip2Encoder  # noqa: E402
+
+
+def _load_torch_search():
+    """blip2_search.store.torch_search without the store package's __init__ (FAISS and SQLAlchemy are not
+    installed on the lent GPU machine, and this module needs neither)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "blip2_search" / "store" / "torch_search.py"
+    spec = importlib.util.spec_from_file_location("torch_search", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.max_sim_topk
+
+
+max_sim_topk = _load_torch_search()
+
+QUERY = "a woman and her dog sitting on a beach"
+WORDS = "a an the photo of woman her dog sitting on in beach and with red cat two".split()
+
+
+class Recorder:
+    def __init__(self, out: Path, budget_s: float):
+        self.out, self.t0, self.budget_s, self.results = out, time.perf_counter(), budget_s, {}
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def __setitem__(self, name, value):
+        self.results[name] = value
+        print(f"{name}: {value}", flush=True)
+        self.out.write_text(json.dumps(self.results, indent=1))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def p(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def write_checkpoint(path: Path, small: bool, device: torch.device) -> str:
+    """A random BLIP-2 retrieval checkpoint (full size unless small) with a BERT tokenizer and a 224 px processor."""
+    from transformers import (
+        BertTokenizerFast,
+        Blip2Config,
+        Blip2ForImageTextRetrieval,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+    )
+    try:
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil as Processor
+    except ImportError:  # older transformers
+        from transformers import BlipImageProcessor as Processor
+
+    if small:
+        vision = Blip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=14)
+        qformer = Blip2QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, encoder_hidden_size=64, use_qformer_text_input=True)
+    else:
+        vision = Blip2VisionConfig()  # ViT-g: 39 layers, 1408 wide, 16 heads, 224 px, patch 14
+        qformer = Blip2QFormerConfig(use_qformer_text_input=True)  # 12 layers, 768 wide
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), num_query_tokens=32, image_text_hidden_size=256)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Blip2ForImageTextRetrieval(config)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(path)
+    Processor(size={"height": 224, "width": 224}).save_pretrained(path)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    return f"{params / 1e9:.3f} B params"
+
+
+def embed_backends(rec: Recorder, enc: Blip2Encoder, device: torch.device, batch: int) -> None:
+    """Embedding img/s under each SDPA backend (the ViT's attention), side by side."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enc.batch_size = batch
+    px = torch.randn(batch, 3, 224, 224, device=device)
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                t = timed(lambda: enc.embed_pixels(px), device, 3)
+            rec[f"embed_img_s_b{batch}_{name.lower()}"] = round(batch / statistics.median(t), 1)
+        except Exception as exc:
+            rec[f"embed_b{batch}_{name.lower()}_error"] = f"{type(exc).__name__}: {str(exc)[:150]}"
+
+
+def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: bool, batches=None) -> None:
+    batches = batches or ((8,) if small else (256, 512))
+    m = enc.full_model
+    rec["attn_implementation"] = str(getattr(m.config.vision_config, "_attn_implementation", "?"))
+    rec["vit_dtype"] = str(m.vision_model.embeddings.patch_embedding.weight.dtype)
+    rec["qformer_dtype"] = str(next(m.qformer.parameters()).dtype)
+    for b in batches:
+        if rec.left() < 60:
+            break
+        enc.batch_size = b
+        reps = 2 if small else 3
+        px = torch.randn(b, 3, 224, 224, device=device)
+        t = timed(lambda: enc.embed_pixels(px), device, reps)
+        rec[f"embed_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        t = timed(lambda: enc.vit_tokens(px), device, reps)
+        rec[f"vit_only_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        u8 = np.random.default_rng(0).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
+        t = timed(lambda: enc.embed_pixels(enc.pixels_from_uint8(u8, device=device)), device, reps)
+        rec[f"embed_uint8_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        del px
+
+    # Text query latency (tokenise, Q-Former text path, projection, copy to host).
+    t = timed(lambda: enc.embed_texts([QUERY]), device, 10 if small else 50, warmup=3)
+    rec["text_query_p50_ms"], rec["text_query_p95_ms"] = p(t, 0.5), p(t, 0.95)
+
+    # Rerank K = 128.
+    k = 16 if small else 128
+    enc.batch_size = k
+    px = torch.randn(k, 3, 224, 224, device=device)
+    vit = enc.vit_tokens(px)
+    embeds = enc.embed_vit_tokens(vit)
+    host = vit.to("cpu").pin_memory() if device.type == "cuda" else vit.cpu()
+    reps = 3 if small else 10
+    rec[f"vit_tokens_mb_per_image"] = round(vit[0].numel() * vit.element_size() / 2**20, 3)
+    t = timed(lambda: enc.match(QUERY, vit, embeds), device, reps, warmup=2)
+    rec[f"rerank_k{k}_stored_gpu_p50_ms"] = p(t, 0.5)
+    t = timed(lambda: enc.match(QUERY, host.to(device, non_blocking=True), embeds), device, reps, warmup=1)
+    rec[f"rerank_k{k}_stored_host_p50_ms"] = p(t, 0.5)
+    t = timed(lambda: enc.match(QUERY, enc.vit_tokens(px)), device, reps, warmup=1)
+    rec[f"rerank_k{k}_recompute_p50_ms"] = p(t, 0.5)
+    del vit, host, px
+
+    if not small and device.type == "cuda" and rec.left() > 150:
+        enc.batch_size = 256
+        px = torch.randn(256, 3, 224, 224, device=device)
+        eager = m.vision_model.forward
+        t0 = time.perf_counter()
+        m.vision_model.forward = torch.compile(eager, dynamic=False)
+        try:
+            enc.embed_pixels(px)
+            sync(device)
+            rec["compile_s"] = round(time.perf_counter() - t0, 1)
+            t = timed(lambda: enc.embed_pixels(px), device, 3)
+            rec["compiled_embed_img_s_b256"] = round(256 / statistics.median(t), 1)
+        except Exception as exc:  # report and go on: compile support varies with the installed stack
+            rec["compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        finally:
+            m.vision_model.forward = eager
+        del px
+
+
+def bench_search(rec: Recorder, device: torch.device, small: bool) -> None:
+    n, q, d = (20_000 if small else 1_000_000), 32, 256
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    vectors = torch.empty((n * q, d), dtype=dtype, device=device)
+    step = 65536 * q
+    for s in range(0, n * q, step):
+        x = torch.randn((min(step, n * q - s), d), generator=g, device=device)
+        vectors[s : s + len(x)] = torch.nn.functional.normalize(x, dim=-1).to(dtype)
+    rec["search_images"] = n
+    rec["search_vector_gib"] = round(vectors.numel() * vectors.element_size() / 2**30, 2)
+    queries = torch.nn.functional.normalize(torch.randn((64, d), generator=g, device=device), dim=-1)
+    # Queries near a stored vector, so the top hits are not all equally random.
+    queries[:32] = torch.nn.functional.normalize(vectors[torch.randint(0, n * q, (32,), generator=g, device=device)].float() + 0.5 * queries[:32], dim=-1)
+    calls = []
+
+    def one_query():
+        row = len(calls) % len(queries)
+        calls.append(row)
+        max_sim_topk(vectors, queries[row : row + 1], 10, num_query_tokens=q)
+
+    t = timed(one_query, device, 5 if small else 30, warmup=2)
+    rec["search_1m_p50_ms" if not small else "search_small_p50_ms"] = p(t, 0.5)
+    rec["search_1m_p95_ms" if not small else "search_small_p95_ms"] = p(t, 0.95)
+    t = timed(lambda: max_sim_topk(vectors, queries[:32], 10, num_query_tokens=q), device, 3, warmup=1)
+    rec["search_1m_batch32_per_query_ms" if not small else "search_small_batch32_per_query_ms"] = round(1000 * statistics.median(t) / 32, 3)
+    # Recall against an independent float32 brute force over the same stored vectors.
+    hits = 0
+    for row in range(4):
+        ids, _ = max_sim_topk(vectors, queries[row : row + 1], 10, num_query_tokens=q)
+        best = torch.empty(n, device=device)
+        for s in range(0, n, 65536):
+            e = min(n, s + 65536)
+            best[s:e] = (vectors[s * q : e * q].float() @ queries[row]).view(-1, q).amax(1)
+        truth = best.topk(10).indices
+        hits += len(set(ids[0].tolist()) & set(truth.tolist()))
+    rec["search_1m_recall_at_10" if not small else "search_small_recall_at_10"] = hits / 40
+    del vectors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny model and 20k images, runs on CPU")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_results.json"))
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--backends-only", type=int, default=0, metavar="B", help="only compare SDPA backends at batch B (and B=1024 default)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rec = Recorder(Path(args.out), args.budget_s)
+    import transformers
+
+    rec["device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    rec["torch"], rec["transformers"] = torch.__version__, transformers.__version__
+    rec["command"] = "python bench/gpu.py " + " ".join(sys.argv[1:])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not args.skip_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            rec["model"] = write_checkpoint(Path(tmp), args.small, device)
+            enc = Blip2Encoder.load(tmp, device="cuda" if device.type == "cuda" else "cpu")
+            enc.full_model
+            rec["model_build_and_load_s"] = round(time.perf_counter() - t0, 1)
+            try:
+                if args.backends_only:
+                    embed_backends(rec, enc, device, args.backends_only)
+                    enc.batch_size = 1024
+                    px = torch.randn(1024, 3, 224, 224, device=device)
+                    t = timed(lambda: enc.embed_pixels(px), device, 2)
+                    rec["embed_img_s_b1024"] = round(1024 / statistics.median(t), 1)
+                    return
+                bench_model(rec, enc, device, args.small)
+            except Exception as exc:  # keep going to the search figures; the error is in the results
+                import traceback
+
+                rec["model_error"] = "".join(traceback.format_exception(exc))[-1500:]
+            finally:
+                del enc
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if rec.left() > 30 or args.small:
+        bench_search(rec, device, args.small)
+    rec["total_s"] = round(time.perf_counter() - rec.t0, 1)
+
+
+if __name__ == "__main__":
+    main()
