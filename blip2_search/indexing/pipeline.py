@@ -20,6 +20,7 @@ import numpy as np
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
 from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
+from ..models.sharing import share_vit
 from .embed import embed_batch
 from .read import ReadResult, read_and_decode
 from .scan import ChangePlan, plan_changes, scan
@@ -84,6 +85,7 @@ class Indexer:
         self.fast_decode = fast_decode
         self.skip = tuple(skip)
         self.vit_store = vit_store if vit_store is not None and vit_store.enabled else None
+        self._shared_vit: bool | None = None
 
     def run(self, roots: list[str], progress: Callable[[Progress], None] | None = None) -> IndexReport:
         """Index `roots` (absolute folders). Ctrl-C stops after committing nothing partial; see `interrupted`."""
@@ -164,7 +166,9 @@ class Indexer:
         results = list(pending)
         pending.clear()
         pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
-        batch = embed_batch(self.encoder, self.captioner, pixels)
+        if self._shared_vit is None:  # decided once, when the first batch has loaded both models
+            self._shared_vit = share_vit(self.encoder, self.captioner)
+        batch = embed_batch(self.encoder, self.captioner, pixels, shared_vit=self._shared_vit)
         if self.vit_store is not None:
             tokens = batch.vit.float().cpu().numpy()
             for r, t in zip(results, tokens):

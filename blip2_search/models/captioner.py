@@ -96,7 +96,41 @@ class Blip2Captioner(Checkpoint):
             max_new_tokens=st.max_new_tokens,
             min_new_tokens=st.min_new_tokens,
         )
-        if not m.config.use_decoder_only_language_model:
+        return self._decode(generated, input_ids)
+
+    @torch.inference_mode()
+    def caption_vit(self, blocks: torch.Tensor) -> list[str]:
+        """Captions from ViT block outputs `[n, T, W]` (before post_layernorm), e.g. shared with the embedder.
+
+        The same steps as HF's `Blip2ForConditionalGeneration.generate` after its ViT: this model's
+        post_layernorm, Q-Former, language projection into the image placeholders, then the LM's generate.
+        Equal to `caption_pixels` when the blocks come from identical ViT weights (tested).
+        """
+        if len(blocks) == 0:
+            return []
+        m = self.model
+        n = blocks.shape[0]
+        image_embeds = m.vision_model.post_layernorm(blocks.to(self.placement.device, m.vision_model.post_layernorm.weight.dtype))
+        ones = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_output = m.qformer(
+            query_embeds=m.query_tokens.expand(n, -1, -1), encoder_hidden_states=image_embeds, encoder_attention_mask=ones
+        ).last_hidden_state
+        language_inputs = m.language_projection(query_output.to(image_embeds.dtype))
+        input_ids = self._prompt_ids(n)
+        inputs_embeds = m.get_input_embeddings()(input_ids)
+        image_slots = (input_ids == m.config.image_token_index).unsqueeze(-1)
+        inputs_embeds = inputs_embeds.masked_scatter(image_slots, language_inputs.to(inputs_embeds.dtype))
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": torch.ones_like(input_ids)}
+        if not m.language_model.config.is_encoder_decoder:
+            inputs["input_ids"] = input_ids
+        st = self.settings
+        generated = m.language_model.generate(
+            **inputs, num_beams=st.num_beams, do_sample=False, max_new_tokens=st.max_new_tokens, min_new_tokens=st.min_new_tokens
+        )
+        return self._decode(generated, input_ids)
+
+    def _decode(self, generated: torch.Tensor, input_ids: torch.Tensor) -> list[str]:
+        if not self.model.config.use_decoder_only_language_model:
             new_tokens = generated
         else:  # decoder-only LMs echo the image tokens and the prompt before the new tokens
             new_tokens = generated[:, input_ids.shape[1] :]

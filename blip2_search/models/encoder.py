@@ -133,6 +133,21 @@ class Blip2Encoder(Checkpoint):
         return m.vision_model(pixel_values=pixel_values).last_hidden_state
 
     @torch.inference_mode()
+    def vit_blocks(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ViT blocks' output BEFORE post_layernorm, `[n, T, W]`: what a captioner with the same blocks can share.
+
+        `post_layernorm(vit_blocks(x))` equals `vit_tokens(x)`.
+        """
+        vm = self.full_model.vision_model
+        pixel_values = pixel_values.to(self.device, vm.embeddings.patch_embedding.weight.dtype)
+        return vm.encoder(inputs_embeds=vm.embeddings(pixel_values)).last_hidden_state
+
+    @torch.inference_mode()
+    def post_layernorm(self, blocks: torch.Tensor) -> torch.Tensor:
+        """This model's own ViT post_layernorm over shared block outputs `[n, T, W]`."""
+        return self.full_model.vision_model.post_layernorm(blocks)
+
+    @torch.inference_mode()
     def embed_vit_tokens(self, vit: torch.Tensor) -> np.ndarray:
         """Image embeddings `[n, Q, D] float32` (each query vector L2-normalised) from ViT tokens."""
         m = self.full_model
