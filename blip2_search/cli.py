@@ -145,16 +145,20 @@ class _ProgressLine:
 @click.option("--store-vit", is_flag=True, help="Keep each image's ViT tokens (fp16; 0.72 MB an image for ViT-g) so reranking need not rerun the ViT.")
 @click.option("--batch-size", default=None, type=click.IntRange(1, 4096), help="Images per model call [default: 32].")
 @click.option("--workers", default=None, type=click.IntRange(0, 256), help="Decode threads [default: one per CPU core].")
+@click.option("--vector-index", type=click.Choice(["exact", "compact", "auto"]), default=None,
+              help="Search index: exact (all vectors in RAM, ~34 KB an image), compact (PQ codes, ~1.3 KB an image, top "
+                   "candidates rescored exactly), auto (exact until it outgrows $BLIP2_SEARCH_VECTOR_MEMORY_GB, 4). "
+                   "Recorded in the library [default: the library's; new libraries: auto].")
 @device_option
 @dtype_option
 @json_option
-def index(photo_dirs, library, model, captioner, no_captions, reembed, store_vit, batch_size, workers, device, dtype, as_json):
+def index(photo_dirs, library, model, captioner, no_captions, reembed, store_vit, batch_size, workers, vector_index, device, dtype, as_json):
     """Index PHOTO_DIRS into the library: new and changed files are embedded, moved ones keep their record."""
     from .library import Library
 
     progress = _ProgressLine(not as_json)
     with Library.open(library, model=model, captioner=False if no_captions else captioner, create=True, reembed=reembed,
-                      device=device, dtype=dtype, batch_size=batch_size, workers=workers) as lib:
+                      device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:
         try:
             report = lib.index(photo_dirs, progress=progress, store_vit=store_vit)
         finally:

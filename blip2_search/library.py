@@ -19,12 +19,13 @@ from .models.loading import DEMO
 from .store import (
     VECTORS_FILENAME,
     EmbedderInfo,
-    FaissVectorStore,
     MetadataStore,
     ModelRef,
+    VectorStore,
     open_metadata,
     open_vectors,
 )
+from .store.index_choice import VECTOR_INDEX_MODES
 
 LOCK_FILENAME = "index.lock"
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
@@ -63,8 +64,10 @@ class Library:
     """Images, vectors and models of one photo collection. Create with `Library.open`."""
 
     def __init__(self, folder: Path, metadata: MetadataStore, *, model: str | None, captioner: str | None,
-                 device: str = "auto", dtype: str = "auto", batch_size: int = 32, workers: int = 0, reembed: bool = False):
+                 device: str = "auto", dtype: str = "auto", batch_size: int = 32, workers: int = 0, reembed: bool = False,
+                 vector_index: str | None = None):
         self.folder = folder
+        self.vector_index = _check_vector_index(vector_index)
         self.reembed = reembed
         self.metadata = metadata
         self.model_name = model
@@ -75,7 +78,7 @@ class Library:
         self.workers = workers
         self._encoder = None
         self._captioner = None
-        self._vectors: FaissVectorStore | None = None
+        self._vectors: VectorStore | None = None
         self._engine = None
 
     # ------------------------------------------------------------------ opening
@@ -92,11 +95,14 @@ class Library:
         dtype: str = "auto",
         batch_size: int | None = None,
         workers: int | None = None,
+        vector_index: str | None = None,
     ) -> "Library":
         """Open (or with `create`, make) the library at `path` (default: `default_library_path()`).
 
         `model`: the embedder; None means the one the library was built with (or the default for a new one).
         A different model than recorded raises ModelMismatchError unless `reembed`.
+        `vector_index`: `exact`, `compact` or `auto`, recorded by the next `index` run; None keeps
+        the library's (new libraries: the `vector_index` setting, `auto`).
         `captioner`: a checkpoint name, False for no captions, None for the library's own (new
         libraries: the demo captioner with `model="demo"`, else the BLIP-2 OPT-2.7B checkpoint).
         """
@@ -122,7 +128,7 @@ class Library:
             cap = info.captioner.model_id if info.captioner else None
         else:
             cap = DEMO if name == DEMO else str(settings.get("captioner"))
-        return cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed,
+        return cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed, vector_index=vector_index,
                    batch_size=batch_size or int(settings.get("batch_size")), workers=workers if workers is not None else int(settings.get("workers")))
 
     def close(self) -> None:
@@ -154,11 +160,19 @@ class Library:
             self._captioner = Blip2Captioner.load(self.captioner_name, device=self.device, dtype=self.dtype, batch_size=self.batch_size)
         return self._captioner
 
+    def vector_index_kind(self) -> str:
+        """`exact`, `compact` or `auto`: what `index` will record, else what the library recorded,
+        else the `vector_index` setting."""
+        return self.vector_index or self.metadata.vector_index() or _check_vector_index(str(settings.get("vector_index")))
+
     @property
-    def vectors(self) -> FaissVectorStore:
-        """The vector index, loaded from its file or rebuilt from the database when stale."""
+    def vectors(self) -> VectorStore:
+        """The vector index, loaded from its file or rebuilt from the database when stale or of
+        another kind than the library's (`vector_index_kind`)."""
         if self._vectors is None:
-            self._vectors = open_vectors(self.metadata, self.folder / VECTORS_FILENAME).store
+            budget = int(float(settings.get("vector_memory_gb")) * 2**30)
+            self._vectors = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(),
+                                         memory_budget_bytes=budget).store
         return self._vectors
 
     @property
@@ -206,6 +220,10 @@ class Library:
                     self.metadata.reset_embedder(info)
                     self._vectors = None
             self.metadata.ensure_embedder(info)
+            kind = self.vector_index_kind()
+            if self.metadata.vector_index() != kind:
+                self.metadata.set_vector_index(kind)
+                self._vectors = None  # reopened (rebuilt when the kind of file differs) below
             if self.captioner_name:
                 cap = self.captioner
                 self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
@@ -333,6 +351,12 @@ class Library:
     def failures(self) -> list[FailureRecord]:
         """Files that could not be indexed, with a one-line reason each, by path."""
         return [FailureRecord(f.path, f.error) for f in self.metadata.failures()]
+
+
+def _check_vector_index(kind: str | None) -> str | None:
+    if kind is not None and kind not in VECTOR_INDEX_MODES:
+        raise InvalidInputError(f"vector index {kind!r} is not one of {', '.join(VECTOR_INDEX_MODES)}; pass --vector-index exact, compact or auto (or fix BLIP2_SEARCH_VECTOR_INDEX)")
+    return kind
 
 
 def _check_sort(sort: str) -> str:

@@ -29,6 +29,12 @@ SETTINGS = {
         Setting("captioner", "Salesforce/blip2-opt-2.7b", "BLIP2_SEARCH_CAPTIONER", "Caption model (BLIP-2 generation checkpoint) for a new library."),
         Setting("batch_size", 32, "BLIP2_SEARCH_BATCH_SIZE", "Images per model call while indexing."),
         Setting("workers", 0, "BLIP2_SEARCH_WORKERS", "Decode workers while indexing (0 = one per CPU core)."),
+        Setting("vector_index", "auto", "BLIP2_SEARCH_VECTOR_INDEX",
+                "Vector index of a new library: exact (all vectors in RAM, ~34 KB an image), compact (4-bit PQ codes, "
+                "~1.3 KB an image, candidates rescored exactly from the database) or auto (exact until it would "
+                "outgrow vector_memory_gb, then compact)."),
+        Setting("vector_memory_gb", 4.0, "BLIP2_SEARCH_VECTOR_MEMORY_GB",
+                "RAM (GiB) the exact vector index may use before an `auto` library moves to compact codes."),
     ]
 }
 

@@ -159,6 +159,28 @@ def test_storage_not_grouped_per_image_is_still_scored_right():
     assert_same_ranking(store.search_vectors(queries, 10), brute_force(ids, vectors, queries, 10, multi=True))
 
 
+def test_cpu_scan_in_many_chunks_keeps_ties_at_the_cut(monkeypatch):
+    from blip2_search.store import scoring
+
+    monkeypatch.setattr(scoring, "_SCAN_CHUNK_FLOATS", 40)  # 10 images of Q=4 per matrix product
+    rng = np.random.default_rng(8)
+    q, d, n = 4, 8, 57
+    ids = rng.permutation(n).astype(np.int64) * 5 + 1
+    vectors = unit(rng, n, q, d)
+    vectors[[3, 20, 44, 50]] = vectors[9]  # five identical images across chunks
+    store = FaissVectorStore(q, d, use_gpu=False)
+    store.add(ids, vectors)
+    query = vectors[9][:1]
+    got, scores = store.search(query, 2)  # the cut falls inside the tie: lowest ids win
+    assert got[0].tolist() == sorted(ids[[3, 9, 20, 44, 50]].tolist())[:2] and scores[0, 0] == scores[0, 1]
+    queries = unit(rng, 3, d)
+    assert_same_ranking(store.search(queries, 20), brute_force(ids, vectors, queries, 20))
+    allowed = ids[::3]
+    assert_same_ranking(
+        store.search(queries, 7, allowed_ids=allowed), brute_force(ids, vectors, queries, 7, allowed=allowed)
+    )
+
+
 def test_blip2_shape_32x256():
     rng = np.random.default_rng(3)
     ids, vectors, queries = np.arange(64, dtype=np.int64), unit(rng, 64, 32, 256), unit(rng, 3, 256)
@@ -185,7 +207,7 @@ def test_add_replaces_remove_and_validation():
         lambda: store.add(np.array([5]), np.full((1, 2, 4), np.nan, dtype=np.float32)),
         lambda: store.search(unit(rng, 2, 5), 3),
         lambda: store.search_vectors(unit(rng, 2, 4), 3),
-        lambda: FaissVectorStore(2, 4, factory="IDMap,PQ8"),
+        lambda: FaissVectorStore(2, 4, factory="IVF16,PQ2x4fs"),
     ]:
         with pytest.raises(InvalidInputError):
             bad()
@@ -194,10 +216,10 @@ def test_add_replaces_remove_and_validation():
 
 
 def test_choose_index_is_a_pure_budget_decision():
-    flat = 1000 * 32 * (4 * 256 + 48)
+    flat = 1000 * (32 * (4 * 256 + 48) + 64)  # vectors, IDMap2 ids and the id set
     assert choose_index(1000, 32, 256, flat) == EXACT_FACTORY
-    assert choose_index(1000, 32, 256, flat - 1) == "IDMap,SQ8"
-    assert choose_index(1000, 32, 256, 1000 * 32 * (32 + 8)) == "IDMap,PQ32"
+    assert choose_index(1000, 32, 256, flat - 1) == "IVF32,PQ64x4fs"  # 32 B codes + 8 B ids a vector
+    assert choose_index(10**6, 32, 256, 10**6 * (32 * 40 + 8)) == "IVF1024,PQ64x4fs"
     with pytest.raises(InvalidInputError, match="raise the memory budget"):
         choose_index(10**6, 32, 256, 10**6)
 

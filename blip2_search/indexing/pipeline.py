@@ -1,14 +1,16 @@
 """Index photo folders into a library: scan -> read/decode (worker threads) -> embed (batched) -> write.
 
-Decoding runs in a pool of threads (Pillow and hashlib release the GIL) while the main thread runs the
-models, so the model is not left waiting. Every batch is committed in one transaction before the vector
-index sees it, so a kill at any point loses nothing committed; the FAISS file is saved at the end and
-rebuilt from the database when a crash left it behind.
+Decoding runs in a pool of threads (Pillow and hashlib release the GIL) a batch ahead of the main thread,
+which runs the models, so the model is not left waiting. On a GPU the threads decode while the models
+compute; on the CPU they pause during each forward (see `decode_during_forward`). Every batch is
+committed in one transaction before the vector index sees it, so a kill at any point loses nothing
+committed; the FAISS file is saved at the end and rebuilt from the database when a crash left it behind.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +26,17 @@ from ..models.sharing import share_vit
 from .embed import embed_batch
 from .read import ReadResult, read_and_decode
 from .scan import ChangePlan, plan_changes, scan
+
+
+def decode_during_forward(devices: Iterable[str]) -> bool:
+    """Whether decode threads may run while the models compute on `devices` (torch device types).
+
+    On a GPU, yes: the CPU is free meanwhile. On the CPU, no: torch's threads already use every core, and a
+    decode thread that takes a core from one of them holds up the whole forward at its next barrier, so the
+    forward loses about the decode's full time; decoding between forwards, on every core, costs about half
+    of it (bench/pipeline.py, docs/benchmarks.md).
+    """
+    return all(d != "cpu" for d in devices)
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,10 @@ class Indexer:
         self.skip = tuple(skip)
         self.vit_store = vit_store if vit_store is not None and vit_store.enabled else None
         self._shared_vit: bool | None = None
+        devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
+        self.decode_during_forward = decode_during_forward(devices)
+        self._not_in_forward = threading.Event()  # cleared while a forward runs, when decoding must wait
+        self._not_in_forward.set()
 
     def run(self, roots: list[str], progress: Callable[[Progress], None] | None = None) -> IndexReport:
         """Index `roots` (absolute folders). Ctrl-C stops after committing nothing partial; see `interrupted`."""
@@ -129,14 +146,14 @@ class Indexer:
             todo = iter(plan.work)
             try:
                 for f in todo:
-                    queue.append(pool.submit(read_and_decode, f, sizes, known_hashes, fast=self.fast_decode))
+                    queue.append(pool.submit(self._read, f, sizes, known_hashes))
                     if len(queue) >= window:
                         break
                 while queue:
                     result: ReadResult = queue.popleft().result()
                     nxt = next(todo, None)
                     if nxt is not None:
-                        queue.append(pool.submit(read_and_decode, nxt, sizes, known_hashes, fast=self.fast_decode))
+                        queue.append(pool.submit(self._read, nxt, sizes, known_hashes))
                     counts.done += 1
                     if result.error:
                         failures.append(FailedFile(result.file.path, result.error, result.size, result.mtime_ns, result.content_hash))
@@ -159,6 +176,11 @@ class Indexer:
                     fut.cancel()
                 raise
 
+    def _read(self, file, sizes: tuple[int, ...], known_hashes: set[str]) -> ReadResult:
+        """The read stage in a decode thread; it starts no new file while a CPU forward runs."""
+        self._not_in_forward.wait()
+        return read_and_decode(file, sizes, known_hashes, fast=self.fast_decode)
+
     def _write_batch(self, pending: list[ReadResult], known_hashes: set[str], counts: _Counts) -> None:
         """Embed the pending images and commit them (with captions) in one transaction."""
         if not pending:
@@ -168,7 +190,12 @@ class Indexer:
         pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
         if self._shared_vit is None:  # decided once, when the first batch has loaded both models
             self._shared_vit = share_vit(self.encoder, self.captioner)
-        batch = embed_batch(self.encoder, self.captioner, pixels, shared_vit=self._shared_vit)
+        if not self.decode_during_forward:
+            self._not_in_forward.clear()
+        try:
+            batch = embed_batch(self.encoder, self.captioner, pixels, shared_vit=self._shared_vit)
+        finally:
+            self._not_in_forward.set()
         if self.vit_store is not None:
             tokens = batch.vit.float().cpu().numpy()
             for r, t in zip(results, tokens):

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..models.encoder import Blip2Encoder
-from ..store import FaissVectorStore, MetadataStore
+from ..store import MetadataStore, VectorStore
 from .query import Query
 from .rerank import RecomputeVit, VitSource, rerank_hits
 from .results import Filters, Hit, SearchResult
@@ -21,13 +21,14 @@ from .results import Filters, Hit, SearchResult
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 FUSION_DEPTH = 100  # candidates taken from each ranked list before fusing
 CAPTION_WEIGHT = 0.5  # each caption list counts half as much as the image ranking
-EXACT_COMPOSITE_LIMIT = 50_000  # composite queries score every image exactly up to this size
+EXACT_COMPOSITE_LIMIT = 50_000  # composite queries score every image exactly up to this size (vectors in RAM)
+DUPLICATES_CHUNK = 1024  # images whose full vectors `duplicates` holds at once
 
 
 class SearchEngine:
     """Searches one library; collaborators are passed in and the encoder loads its parts lazily."""
 
-    def __init__(self, metadata: MetadataStore, vectors: FaissVectorStore, encoder: Blip2Encoder, *, vit_source: VitSource | None = None):
+    def __init__(self, metadata: MetadataStore, vectors: VectorStore, encoder: Blip2Encoder, *, vit_source: VitSource | None = None):
         self.metadata = metadata
         self.vectors = vectors
         self.encoder = encoder
@@ -69,7 +70,7 @@ class SearchEngine:
         if simple:
             ids, scores = self.vectors.search(emb[:1], depth, allowed_ids=allowed)
             return ids[0], scores[0]
-        if len(self.vectors) <= EXACT_COMPOSITE_LIMIT:
+        if self.vectors.holds_vectors and len(self.vectors) <= EXACT_COMPOSITE_LIMIT:
             cand, stored = self.vectors.stored()
             if allowed is not None:
                 rows = np.flatnonzero(np.isin(cand, allowed))
@@ -165,7 +166,7 @@ class SearchEngine:
     # ------------------------------------------------------------------ near duplicates
     def duplicates(self, threshold: float, *, neighbours: int = 10) -> list[list[int]]:
         """Groups (>= 2 images) whose image-to-image score reaches `threshold`, each sorted by id."""
-        ids, stored = self.vectors.stored()
+        ids = self.vectors.image_ids()
         parent = {int(i): int(i) for i in ids}
 
         def find(x):
@@ -174,11 +175,13 @@ class SearchEngine:
                 x = parent[x]
             return x
 
-        for i, vecs in zip(ids.tolist(), stored):
-            nid, sc = self.vectors.search_vectors(vecs[None], min(neighbours + 1, len(ids)))
-            for j, s in zip(nid[0].tolist(), sc[0].tolist()):
-                if j != i and s >= threshold:
-                    parent[find(i)] = find(j)
+        for start in range(0, len(ids), DUPLICATES_CHUNK):  # a chunk of full vectors at a time
+            part = ids[start : start + DUPLICATES_CHUNK]
+            for i, vecs in zip(part.tolist(), self.vectors.vectors_for(part)):
+                nid, sc = self.vectors.search_vectors(vecs[None], min(neighbours + 1, len(ids)))
+                for j, s in zip(nid[0].tolist(), sc[0].tolist()):
+                    if j != i and s >= threshold:
+                        parent[find(i)] = find(j)
         groups: dict[int, list[int]] = {}
         for i in parent:
             groups.setdefault(find(i), []).append(i)

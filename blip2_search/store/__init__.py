@@ -2,7 +2,9 @@
 
 A library folder holds ``metadata.sqlite`` (images, embeddings, library facts; the source of
 truth) and ``vectors.faiss`` + ``vectors.faiss.json`` (a search index rebuilt from it when its
-vectors generation is behind). Typical use::
+vectors generation is behind): exact (``FaissVectorStore``) or, for libraries too large for
+RAM, compact (``CompactVectorStore``: PQ codes, candidates rescored exactly from the database).
+Typical use::
 
     store = open_metadata(folder, create=True, embedder=embedder_info)
     store.upsert_indexed([...])
@@ -11,10 +13,20 @@ vectors generation is behind). Typical use::
     records = store.get_records(ids[0])
 """
 
+from blip2_search.store.compact import CompactVectorStore
 from blip2_search.store.engine import METADATA_FILENAME
-from blip2_search.store.index_choice import EXACT_FACTORY, choose_index
+from blip2_search.store.index_choice import (
+    EXACT_FACTORY,
+    VECTOR_INDEX_MODES,
+    choose_index,
+)
 from blip2_search.store.metadata import LiveVectors, MetadataStore, open_metadata
-from blip2_search.store.rebuild import VECTORS_FILENAME, OpenedVectors, open_vectors, rebuild
+from blip2_search.store.rebuild import (
+    VECTORS_FILENAME,
+    OpenedVectors,
+    open_vectors,
+    rebuild,
+)
 from blip2_search.store.records import (
     STATUS_DELETED,
     STATUS_FAILED,
@@ -33,7 +45,13 @@ from blip2_search.store.records import (
     StatusCounts,
     VectorChunk,
 )
-from blip2_search.store.vectors import GPU_MAX_K, FaissVectorStore, LoadResult, VectorStore
+from blip2_search.store.rescoring import CompactParams
+from blip2_search.store.vectors import (
+    GPU_MAX_K,
+    FaissVectorStore,
+    LoadResult,
+    VectorStore,
+)
 
 __all__ = [
     "EXACT_FACTORY",
@@ -44,7 +62,10 @@ __all__ = [
     "STATUS_INDEXED",
     "STATUS_PENDING",
     "VECTORS_FILENAME",
+    "VECTOR_INDEX_MODES",
     "CaptionUpdate",
+    "CompactParams",
+    "CompactVectorStore",
     "EmbedderInfo",
     "EmbeddingRecord",
     "FailedFile",

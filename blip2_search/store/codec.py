@@ -77,6 +77,21 @@ def vectors_to_bytes(vectors: np.ndarray, shape: tuple[int, ...], what: str) -> 
     return array.tobytes()
 
 
+def blobs_to_vectors(blobs: list[bytes], shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Read float32 little-endian blobs, each of ``shape``, as one ``[n, *shape]`` float32 array.
+
+    Copied straight into one output array (the compact index reads ~500 rows a query).
+    Raises LibraryError when a byte length does not match the shape (a corrupt row).
+    """
+    expected = int(np.prod(shape)) * _VECTOR_DTYPE.itemsize
+    out = np.empty((len(blobs), *shape), dtype=np.float32)
+    for position, blob in enumerate(blobs):
+        if len(blob) != expected:
+            bytes_to_vectors(blob, shape, what)  # raises, naming the problem
+        out[position] = np.frombuffer(blob, dtype=_VECTOR_DTYPE).reshape(shape)
+    return out
+
+
 def bytes_to_vectors(blob: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:
     """Read float32 little-endian ``blob`` as a native float32 array of ``shape``.
 

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,13 +22,19 @@ from blip2_search.errors import LibraryError
 
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = 1
+EXACT_STORE = "exact"
+COMPACT_STORE = "compact"
 
 LoadState = Literal["ok", "missing", "stale", "invalid"]
 
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """What the sidecar records about a saved index (``index_infos.json`` style)."""
+    """What the sidecar records about a saved index (``index_infos.json`` style).
+
+    ``params``: the store's build parameters; ``params["store"]`` names the store class that
+    wrote it (``exact`` or ``compact``; sidecars without it were written by the exact store).
+    """
 
     factory: str
     metric: str
@@ -40,6 +46,12 @@ class IndexInfo:
     faiss_version: str
     index_bytes: int
     format: int = SIDECAR_FORMAT
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store(self) -> str:
+        """Which store wrote the index: ``exact`` or ``compact``."""
+        return str(self.params.get("store", EXACT_STORE))
 
 
 def sidecar_path(index_path: str | os.PathLike[str]) -> Path:
@@ -114,14 +126,17 @@ def read_index_files(
     path: str | os.PathLike[str],
     *,
     expected_generation: int,
-    factory: str,
+    factory: str | None,
     num_query_tokens: int,
     dim: int,
+    store: str = EXACT_STORE,
 ) -> ReadIndex:
     """Read an index saved by ``write_index_files`` if it is current and matches the shape.
 
-    ``state``: ``missing`` (no files), ``invalid`` (unreadable, or built for another shape or
-    factory), ``stale`` (older generation than ``expected_generation``), or ``ok``.
+    ``factory`` None accepts any factory (the caller checks it and ``info.params``); ``store``
+    must match the sidecar's. ``state``: ``missing`` (no files), ``invalid`` (unreadable, or built
+    for another shape, factory or store), ``stale`` (older generation than
+    ``expected_generation``), or ``ok``.
     """
     target = Path(path)
     sidecar = sidecar_path(target)
@@ -131,8 +146,8 @@ def read_index_files(
         info = IndexInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as error:
         return ReadIndex("invalid", f"unreadable sidecar {sidecar} ({error})")
-    expected = (factory, num_query_tokens, dim, SIDECAR_FORMAT)
-    found = (info.factory, info.num_query_tokens, info.dim, info.format)
+    expected = (store, factory or info.factory, num_query_tokens, dim, SIDECAR_FORMAT)
+    found = (info.store, info.factory, info.num_query_tokens, info.dim, info.format)
     if found != expected:
         return ReadIndex("invalid", f"index {target} was built as {found}, expected {expected}", info=info)
     if info.vectors_generation != expected_generation:

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, func, select
 from blip2_search.errors import LibraryError, ModelMismatchError
 from blip2_search.store import updates
 from blip2_search.store.captions import search_captions
+from blip2_search.store.codec import blobs_to_vectors
 from blip2_search.store.engine import (
     create_library_engine,
     describe_url,
@@ -58,7 +59,12 @@ from blip2_search.store.rows import (
     to_embedding_record,
     to_image_record,
 )
-from blip2_search.store.schema import INFO_VECTORS_GENERATION, embeddings, images
+from blip2_search.store.schema import (
+    INFO_VECTOR_INDEX,
+    INFO_VECTORS_GENERATION,
+    embeddings,
+    images,
+)
 
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 """How long a write waits for another process's write lock before failing as 'locked'."""
@@ -187,6 +193,16 @@ class MetadataStore:
         """Record the captioner used for new captions."""
         with self._write() as connection:
             updates.write_captioner(connection, captioner)
+
+    def vector_index(self) -> str | None:
+        """The vector index kind the library asked for (``exact``, ``compact``, ``auto``), or None."""
+        with self._read() as connection:
+            return read_info(connection).get(INFO_VECTOR_INDEX)
+
+    def set_vector_index(self, kind: str) -> None:
+        """Record the vector index kind (checked by the caller, see ``index_choice``)."""
+        with self._write() as connection:
+            updates.set_info(connection, {INFO_VECTOR_INDEX: kind})
 
     # -- change detection ------------------------------------------------------------------
 
@@ -373,6 +389,30 @@ class MetadataStore:
         """
         with self._read() as connection:
             return search_captions(connection, query, limit, require_all=require_all)
+
+    def vectors_for(self, image_ids: Iterable[int]) -> np.ndarray:
+        """Stored vectors of images by id, any status: ``[n, Q, D] float32`` in the given order.
+
+        This is the compact vector index's exact rescoring read. Raises LibraryError naming the
+        images that have no stored vectors.
+        """
+        ids = [int(image_id) for image_id in image_ids]
+        found: dict[int, bytes] = {}
+        with self._read() as connection:
+            embedder = read_embedder(connection)
+            shape = (embedder.num_query_tokens, embedder.dim) if embedder else (0, 0)
+            statement = select(images.c.id, embeddings.c.image_vectors).join(
+                embeddings, images.c.content_hash == embeddings.c.content_hash
+            )
+            for part in chunks(list(dict.fromkeys(ids))):
+                found.update(connection.execute(statement.where(images.c.id.in_(part))).all())
+        missing = [image_id for image_id in ids if image_id not in found]
+        if missing:
+            raise LibraryError(
+                f"images {missing[:5]} have no stored vectors in library {self.location}; "
+                "delete vectors.faiss in the library folder so the index is rebuilt"
+            )
+        return blobs_to_vectors([found[image_id] for image_id in ids], shape, f"vectors of images {ids[:5]}")
 
     @contextmanager
     def live_vectors(self, chunk_size: int = 1024) -> Iterator[LiveVectors]:

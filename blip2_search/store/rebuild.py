@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from blip2_search.errors import LibraryError
+from blip2_search.store import index_choice
+from blip2_search.store.compact import CompactVectorStore
 from blip2_search.store.metadata import MetadataStore
-from blip2_search.store.vectors import FaissVectorStore, VectorStore
+from blip2_search.store.vectors import FaissVectorStore, LoadResult, VectorStore
 
 VECTORS_FILENAME = "vectors.faiss"
 """Name of the FAISS file inside a library folder (its sidecar adds ``.json``)."""
+
+DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
+"""What ``auto`` lets the exact index use before it moves to compact codes."""
 
 
 def rebuild(metadata: MetadataStore, vector_store: VectorStore, *, chunk_size: int = 1024) -> int:
@@ -31,11 +38,20 @@ def rebuild(metadata: MetadataStore, vector_store: VectorStore, *, chunk_size: i
         return live.generation
 
 
+def training_sample(metadata: MetadataStore, n_vectors: int, *, seed: int = 0) -> np.ndarray:
+    """About ``n_vectors`` vectors of randomly chosen indexed images (all Q of each): ``[s, D]``."""
+    ids = metadata.filter_ids()
+    info = metadata.info().embedder
+    q = info.num_query_tokens if info else 1
+    picks = np.random.default_rng(seed).choice(ids, min(len(ids), -(-n_vectors // q)), replace=False)
+    return metadata.vectors_for(np.sort(picks)).reshape(-1, info.dim if info else 0)
+
+
 @dataclass(frozen=True)
 class OpenedVectors:
     """A current vector store: ``rebuilt_because`` is None when it was loaded from its file."""
 
-    store: FaissVectorStore
+    store: VectorStore
     generation: int
     rebuilt_because: str | None
 
@@ -44,24 +60,47 @@ def open_vectors(
     metadata: MetadataStore,
     index_path: str | os.PathLike[str],
     *,
+    kind: str = "exact",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     save: bool = True,
     use_gpu: bool | None = None,
 ) -> OpenedVectors:
-    """Load the FAISS file if it matches the library's vectors generation, else rebuild it from
-    ``metadata`` (and, with ``save``, write it back atomically)."""
+    """Load the FAISS file if it matches the library's vectors generation and ``kind``, else
+    rebuild it from ``metadata`` (and, with ``save``, write it back atomically).
+
+    ``kind``: ``exact`` (``FaissVectorStore``), ``compact`` or ``auto`` (``CompactVectorStore``,
+    which trains itself at ``index_choice.compact_threshold`` images; ``auto`` from the point
+    where the exact index would outgrow ``memory_budget_bytes``).
+    """
     info = metadata.info()
     if info.embedder is None:
         raise LibraryError(
             f"library {metadata.location} has no embedder recorded, so it has no vectors; index photos first"
         )
     q, d = info.embedder.num_query_tokens, info.embedder.dim
-    loaded = FaissVectorStore.load(
-        index_path, expected_generation=info.vectors_generation, num_query_tokens=q, dim=d, use_gpu=use_gpu
-    )
+    train_at = index_choice.compact_threshold(kind, q, d, memory_budget_bytes)
+    common = {"expected_generation": info.vectors_generation, "num_query_tokens": q, "dim": d, "use_gpu": use_gpu}
+    loaded: LoadResult
+    if train_at is None:
+        loaded = FaissVectorStore.load(index_path, **common)
+    else:
+        loaded = CompactVectorStore.load(index_path, vectors_of=metadata.vectors_for, train_at=train_at, **common)
+        if loaded.store is not None and loaded.store.needs_retraining():
+            loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
     if loaded.store is not None:
         return OpenedVectors(loaded.store, info.vectors_generation, None)
-    store = FaissVectorStore(q, d, use_gpu=use_gpu)
+    if train_at is None:
+        store: VectorStore = FaissVectorStore(q, d, use_gpu=use_gpu)
+    else:
+        store = CompactVectorStore(q, d, vectors_of=metadata.vectors_for, train_at=train_at, use_gpu=use_gpu)
+        count = metadata.counts().indexed
+        if count >= train_at:
+            store.train(training_sample(metadata, store.sample_size(count)), expected_images=count)
     generation = rebuild(metadata, store)
     if save:
         store.save(index_path, generation=generation)
+        if isinstance(store, CompactVectorStore) and store.trained:
+            # adding grows FAISS's lists by doubling (up to 2x slack); the file reads back tight
+            reopened = CompactVectorStore.load(index_path, vectors_of=metadata.vectors_for, train_at=train_at, **common)
+            store = reopened.store or store
     return OpenedVectors(store, generation, loaded.reason)

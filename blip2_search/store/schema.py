@@ -38,6 +38,7 @@ INFO_DIM = "dim"
 INFO_CAPTIONER_MODEL = "captioner_model"
 INFO_CAPTIONER_REVISION = "captioner_revision"
 INFO_VECTORS_GENERATION = "vectors_generation"
+INFO_VECTOR_INDEX = "vector_index"  # exact | compact | auto, as asked by `index --vector-index`
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BIGINT would not auto-increment there.
 _ID = BigInteger().with_variant(Integer(), "sqlite")

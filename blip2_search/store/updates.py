@@ -53,6 +53,11 @@ def one_line(message: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
+def set_info(connection: Connection, values: dict[str, str | None]) -> None:
+    """Insert, update or (for None) delete ``library_info`` keys."""
+    _set_info(connection, values)
+
+
 def _set_info(connection: Connection, values: dict[str, str | None]) -> None:
     """Insert, update or (for None) delete ``library_info`` keys."""
     existing = set(connection.scalars(select(library_info.c.key).where(library_info.c.key.in_(list(values)))))
