@@ -49,19 +49,28 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 class Synthetic:
-    """``n`` images of ``[Q, D]`` unit vectors, generated chunk by chunk into a memmap."""
+    """``n`` images of ``[Q, D]`` unit vectors, generated chunk by chunk into a memmap.
 
-    def __init__(self, n: int, folder: Path, *, clustered: bool, seed: int = 0):
-        self.n, self.clustered, self.seed = n, clustered, seed
+    The data depends only on (n, clustered, seed): with ``keep`` a complete file from an earlier
+    run (``.done`` beside it) is reused, and ``close`` leaves it for the next run.
+    """
+
+    def __init__(self, n: int, folder: Path, *, clustered: bool, seed: int = 0, keep: bool = False):
+        self.n, self.clustered, self.seed, self.keep = n, clustered, seed, keep
         rng = np.random.default_rng([seed, 0])
         self.centres = _unit(rng.standard_normal((max(8, n // IMAGES_PER_TOPIC), D)))
         self.slots = _unit(rng.standard_normal((Q, D)))
-        self.path = folder / f"{'clustered' if clustered else 'isotropic'}_{n}.f32"
-        self.vectors = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n, Q, D))
+        self.path = folder / f"{'clustered' if clustered else 'isotropic'}_{n}_seed{seed}.f32"
         self._descriptor: int | None = None
+        done = self.path.with_name(self.path.name + ".done")
+        if keep and done.exists():
+            self.vectors = np.load(self.path, mmap_mode="r")
+            return
+        self.vectors = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n, Q, D))
         for start in range(0, n, CHUNK):
             self.vectors[start : start + CHUNK] = self._chunk(start, min(n, start + CHUNK))
         self.vectors.flush()
+        done.touch()
 
     def _chunk(self, start: int, stop: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, 1, start])
@@ -102,7 +111,9 @@ class Synthetic:
         if self._descriptor is not None:
             os.close(self._descriptor)
         del self.vectors
-        self.path.unlink(missing_ok=True)
+        if not self.keep:
+            self.path.unlink(missing_ok=True)
+            self.path.with_name(self.path.name + ".done").unlink(missing_ok=True)
 
 
 def _rss_anon() -> int:
@@ -208,12 +219,14 @@ def measure_compact(data: Synthetic, n_queries: int, out: dict[str, float], *, s
 
 def run(quick: bool, folder: Path | None = None, log: Callable[[str], None] = lambda _: None) -> dict[str, float]:
     """All figures: exact and numpy at 10k and 100k, compact at 100k (and 1M unless ``quick``),
-    compact on isotropic vectors (10k quick, 100k full). ``folder`` holds the memmaps."""
+    compact on isotropic vectors (10k quick, 100k full). The data files go to a temporary folder,
+    or to ``folder``, where they are kept and reused by later runs."""
     out: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        work = Path(tmp)
-        data = Synthetic(100_000, work, clustered=True)  # its first 10k images are the 10k library
-        log("100k generated")
+    with tempfile.TemporaryDirectory() as tmp:
+        work, keep = (folder, True) if folder is not None else (Path(tmp), False)
+        work.mkdir(parents=True, exist_ok=True)
+        data = Synthetic(100_000, work, clustered=True, keep=keep)  # its first 10k images: the 10k library
+        log("100k ready")
         for n, n_queries in ((10_000, 30), (100_000, 6 if quick else 20)):
             measure_exact(data, n, n_queries, out)
             log(f"exact {n} done")
@@ -223,11 +236,11 @@ def run(quick: bool, folder: Path | None = None, log: Callable[[str], None] = la
         if not quick:
             log("exact and numpy at 1M skipped: 1M x 32 x 256 float32 is 32 GiB (34 GiB with the id map), "
                 "more than this machine's RAM; bench/gpu.py measures exact 1M on a GPU")
-            data = Synthetic(1_000_000, work, clustered=True)
-            log("1M generated")
+            data = Synthetic(1_000_000, work, clustered=True, keep=keep)
+            log("1M ready")
             measure_compact(data, 100, out)
             data.close()
-        iso = Synthetic(10_000 if quick else 100_000, work, clustered=False)
+        iso = Synthetic(10_000 if quick else 100_000, work, clustered=False, keep=keep)
         measure_compact(iso, 10 if quick else 50, out, suffix="_isotropic")
         iso.close()
     largest = "100k" if quick else "1m"
@@ -241,7 +254,8 @@ def run(quick: bool, folder: Path | None = None, log: Callable[[str], None] = la
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k and 100k only (~90 s)")
-    parser.add_argument("--workdir", type=Path, default=None, help="folder for the memmaps (1M: 32 GiB)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the data files here and reuse them in later runs (1M: 32 GiB) [default: a temporary folder]")
     args = parser.parse_args(argv)
     print("# command: python bench/search.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     started = time.perf_counter()
