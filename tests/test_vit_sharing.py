@@ -39,7 +39,9 @@ def _pixels(n: int, size: int = 32) -> np.ndarray:
 def test_blocks_then_post_layernorm_equal_vit_tokens(tiny_itm_dir):
     enc = Blip2Encoder.load(str(tiny_itm_dir))
     x = enc.pixels_from_uint8(_pixels(3))
-    torch.testing.assert_close(enc.post_layernorm(enc.vit_blocks(x)), enc.vit_tokens(x), atol=1e-6, rtol=0)
+    hf = enc.full_model.vision_model(pixel_values=x).last_hidden_state  # HF's own forward, post_layernorm included
+    torch.testing.assert_close(enc.post_layernorm(enc.vit_blocks(x)), hf, atol=1e-6, rtol=0)
+    torch.testing.assert_close(enc.vit_tokens(x), hf, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("settings", [CaptionSettings(), CaptionSettings(num_beams=3, max_new_tokens=6, prompt="a photo of")])

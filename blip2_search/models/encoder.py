@@ -19,6 +19,8 @@ from PIL import Image
 
 from ..errors import ModelLoadError
 from .checkpoint import Checkpoint
+from .fast_vit import DEFAULT_KERNELS, VitKernels, use_fast_vit
+from .fast_vit import vit_blocks as fast_vit_blocks
 from .loading import DEFAULT_EMBEDDER, ModelSource, check_embedder_config, resolve_model
 from .policy import Placement, detect_placement
 from .text import MAX_TOKENS, pre_caption
@@ -57,6 +59,8 @@ class Blip2Encoder(Checkpoint):
         self._tokenizer = None
         self._text_model = None
         self._full_model = None
+        # The ViT's kernels on a GPU in half precision (models/fast_vit.py); None: HF's own forward everywhere.
+        self.vit_kernels: VitKernels | None = DEFAULT_KERNELS
 
     @classmethod
     def load(cls, name: str = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto", batch_size: int = 32) -> "Blip2Encoder":
@@ -128,18 +132,19 @@ class Blip2Encoder(Checkpoint):
     @torch.inference_mode()
     def vit_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ViT output after post_layernorm, `[n, T, W]` in the model dtype, on the model's device."""
-        m = self.full_model
-        pixel_values = pixel_values.to(self.device, m.vision_model.embeddings.patch_embedding.weight.dtype)
-        return m.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self.post_layernorm(self.vit_blocks(pixel_values))
 
     @torch.inference_mode()
     def vit_blocks(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The ViT blocks' output BEFORE post_layernorm, `[n, T, W]`: what a captioner with the same blocks can share.
 
-        `post_layernorm(vit_blocks(x))` equals `vit_tokens(x)`.
+        `post_layernorm(vit_blocks(x))` equals `vit_tokens(x)`. On CUDA in half precision the blocks run
+        through `models.fast_vit` (fused kernels, measured in bench/gpu.py) unless `vit_kernels` is None.
         """
         vm = self.full_model.vision_model
         pixel_values = pixel_values.to(self.device, vm.embeddings.patch_embedding.weight.dtype)
+        if self.vit_kernels is not None and use_fast_vit(self.device.type, vm.embeddings.patch_embedding.weight.dtype):
+            return fast_vit_blocks(vm, pixel_values, self.vit_kernels)
         return vm.encoder(inputs_embeds=vm.embeddings(pixel_values)).last_hidden_state
 
     @torch.inference_mode()
