@@ -10,7 +10,11 @@ attention); search uses ``blip2_search.store.torch_search.max_sim_topk``. Figure
 - ``embed_img_s_b{B}``: images/s through ``embed_pixels`` on pixel tensors already on the GPU, and
   ``embed_uint8_img_s_b{B}``: from uint8 host arrays (``pixels_from_uint8(..., device=cuda)``) as
   the indexing pipeline feeds it; ``vit_only_img_s_b{B}`` isolates the ViT.
-- ``compiled_embed_img_s``: the ViT under ``torch.compile`` (if the time budget allows).
+- ``vit_{variant}_img_s_b512_r{round}``: the ViT blocks alone under HF's forward and the
+  ``models/fast_vit`` variants (GELU epilogue or not, cuDNN or flash attention, residual add +
+  LayerNorm as two torch kernels, torch.compile's kernel or ours in Triton), interleaved in two rounds, each with ``_token_cosine_mean_min`` against a
+  float32 reference of the same weights; ``profile_*_ms_by_kind``: GPU kernel time by kind.
+- ``embed_hf_vit_img_s_b{B}``: ``embed_pixels`` with the encoder's fast ViT path turned off.
 - ``text_query_p50_ms`` / ``p95``: one text query -> its 256-d vector on the host.
 - ``rerank_k128_{stored_gpu,stored_host,recompute}_p50_ms``: ITC + ITM for 128 candidates from ViT
   tokens resident on the GPU, from host memory (bf16, copied per query), or recomputed from pixels.
@@ -38,6 +42,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from blip2_search.models import fast_vit  # noqa: E402
 from blip2_search.models.encoder import Blip2Encoder  # noqa: E402
 
 
@@ -119,6 +124,16 @@ def write_checkpoint(path: Path, small: bool, device: torch.device) -> str:
     torch.manual_seed(0)
     with torch.device(device):
         model = Blip2ForImageTextRetrieval(config)
+    # HF initialises the ViT with std 1e-10 (its weights always come from a checkpoint), which leaves the
+    # blocks doing nothing; give it a trained ViT's scales so accuracy checks and power draw are realistic.
+    with torch.no_grad():
+        for name, param in model.vision_model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.normal_(1.0, 0.1)
+            elif param.dim() >= 2:
+                param.normal_(0.0, 0.02)
+            else:
+                param.normal_(0.0, 0.02)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     model.save_pretrained(path)
@@ -145,6 +160,152 @@ def embed_backends(rec: Recorder, enc: Blip2Encoder, device: torch.device, batch
             rec[f"embed_b{batch}_{name.lower()}_error"] = f"{type(exc).__name__}: {str(exc)[:150]}"
 
 
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    for kind, keys in (
+        ("attention", ("flash", "fmha", "cudnn_generated", "attention", "sdpa", "mha")),
+        ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90", "triton_tem")),
+        ("layer_norm", ("layer_norm", "layernorm")),
+        ("gelu", ("gelu",)),
+        ("conv", ("conv", "implicit")),
+        ("copy", ("copy", "cat", "transpose")),
+        ("elementwise", ("elementwise", "add", "mul", "triton_poi", "triton_per", "triton_red")),
+    ):
+        if any(k in n for k in keys):
+            return kind
+    return "other"
+
+
+def profile_blocks(rec: Recorder, name: str, fn, device: torch.device) -> None:
+    """GPU kernel time of one call of `fn`, by kind (gemm, attention, layer_norm, gelu, ...), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    kinds: dict[str, float] = {}
+    top = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us <= 0 or event.key.startswith("aten::") or event.key.startswith("cuda"):
+            continue
+        kinds[_kernel_kind(event.key)] = kinds.get(_kernel_kind(event.key), 0.0) + us / 1000
+        top.append((us / 1000, event.key[:90]))
+    rec[f"profile_{name}_ms_by_kind"] = {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    rec[f"profile_{name}_top_kernels"] = [[round(ms, 2), key] for ms, key in sorted(top, reverse=True)[:8]]
+
+
+def bench_vit_kernels(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: bool) -> None:
+    """The ViT blocks (the cost of an embedding) under HF's forward and models/fast_vit variants, side by side,
+    with each variant's ViT tokens compared to a float32 (no TF32) reference of the same weights."""
+    import copy
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    vm = enc.full_model.vision_model
+    dtype = vm.embeddings.patch_embedding.weight.dtype
+    # Which GELU the fused epilogue computes here (cuBLASLt: tanh approximation; CPU kernel: exact).
+    a, w, b = (torch.randn(512, 256, device=device, dtype=dtype), torch.randn(1024, 256, device=device, dtype=dtype), torch.randn(1024, device=device, dtype=dtype))
+    fused = torch._addmm_activation(b, a, w.t(), use_gelu=True).float()
+    ref = torch.nn.functional.linear(a, w, b).float()
+    rec["gelu_epilogue_max_diff_to_exact"] = round((fused - torch.nn.functional.gelu(ref)).abs().max().item(), 5)
+    rec["gelu_epilogue_max_diff_to_tanh"] = round((fused - torch.nn.functional.gelu(ref, approximate="tanh")).abs().max().item(), 5)
+
+    if device.type == "cuda":  # our Triton add+LayerNorm against torch's two kernels, on one ViT-g-sized tensor
+        try:
+            from blip2_search.models.triton_kernels import add_layer_norm as triton_add_norm
+
+            xx, yy = (torch.randn(64, 257, vm.config.hidden_size, device=device).to(dtype) for _ in range(2))
+            ln = vm.encoder.layers[0].layer_norm1
+            s1, h1 = triton_add_norm(xx, yy, ln.weight, ln.bias, ln.eps)
+            s2, h2 = fast_vit.add_layer_norm(xx, yy, ln.weight, ln.bias, ln.eps)
+            rec["triton_add_norm_sum_mismatches"] = int((s1 != s2).sum())
+            rec["triton_add_norm_norm_mismatch_share"] = round((h1 != h2).float().mean().item(), 6)
+            rec["triton_add_norm_norm_max_diff"] = round((h1.float() - h2.float()).abs().max().item(), 5)
+            # Tile sweep over one batch-512 activation ([512 x 257, W]): GB/s moved (2 reads + 2 writes).
+            from blip2_search.models import triton_kernels
+
+            xx, yy = (torch.randn(512 * 257, vm.config.hidden_size, device=device).to(dtype) for _ in range(2))
+            moved = 4 * xx.numel() * xx.element_size() / 1e9
+            t = timed(lambda: fast_vit.add_layer_norm(xx, yy, ln.weight, ln.bias, ln.eps), device, 10, warmup=2)
+            rec["eager_add_norm_gb_s"] = round(moved / statistics.median(t))
+            sweep = {}
+            for rows in (1, 2, 4, 8, 16):
+                for warps in (2, 4, 8, 16):
+                    try:
+                        t = timed(lambda: triton_add_norm(xx, yy, ln.weight, ln.bias, ln.eps, rows=rows, warps=warps), device, 10, warmup=2)
+                        sweep[f"{rows}x{warps}"] = round(moved / statistics.median(t))
+                    except Exception as exc:
+                        sweep[f"{rows}x{warps}"] = type(exc).__name__
+            rec["triton_add_norm_gb_s_by_rows_x_warps"] = sweep
+            best = max((k for k, v in sweep.items() if isinstance(v, int)), key=sweep.get)
+            triton_kernels.ROWS, triton_kernels.WARPS = (int(v) for v in best.split("x"))
+            rec["triton_add_norm_tile_used"] = best
+            del xx, yy, s1, h1, s2, h2
+        except Exception as exc:
+            rec["triton_add_norm_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+
+    def hf(x):
+        return vm.encoder(inputs_embeds=vm.embeddings(x)).last_hidden_state
+
+    def hf_backend(backend):
+        def run(x):
+            with sdpa_kernel(backend):
+                return hf(x)
+        return run
+
+    def fast(**kw):
+        kernels = fast_vit.VitKernels(**kw)
+        return lambda x: fast_vit.vit_blocks(vm, x, kernels)
+
+    variants = {
+        "hf": hf,
+        "hf_cudnn": hf_backend(SDPBackend.CUDNN_ATTENTION),
+        "fast_unfused_cudnn": fast(fused_gelu=False, attention="cudnn", add_norm="eager"),
+        "fast_gelu_cudnn": fast(attention="cudnn", add_norm="eager"),
+        "fast_gelu_cudnn_compile": fast(attention="cudnn", add_norm="compile"),
+        "fast_gelu_flash_triton": fast(attention="flash", add_norm="triton"),
+        "fast_gelu_cudnn_triton": fast(attention="cudnn", add_norm="triton"),  # the default
+    }
+    # Accuracy: ViT tokens (post_layernorm) of 16 images against a float32 copy with TF32 off.
+    gen = torch.Generator(device=device).manual_seed(1)
+    x16 = torch.randn(16, 3, 224, 224, device=device, generator=gen)
+    reference_model = copy.deepcopy(vm).float()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.inference_mode():
+        reference = reference_model(pixel_values=x16).last_hidden_state.float()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    del reference_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with torch.inference_mode():
+        for name, fn in variants.items():
+            try:
+                t0 = time.perf_counter()
+                tokens = vm.post_layernorm(fn(x16.to(dtype))).float()
+                if name.endswith(("compile", "triton")):
+                    rec[f"vit_{name}_first_call_s"] = round(time.perf_counter() - t0, 1)
+                cos = torch.nn.functional.cosine_similarity(tokens, reference, dim=-1)
+                rec[f"vit_{name}_token_cosine_mean_min"] = [round(cos.mean().item(), 6), round(cos.min().item(), 6)]
+            except Exception as exc:
+                rec[f"vit_{name}_error"] = f"{type(exc).__name__}: {str(exc)[:150]}"
+    batch = 16 if small else 512
+    x = torch.randn(batch, 3, 224, 224, device=device, generator=gen).to(dtype)
+    with torch.inference_mode():
+        if not small:
+            profile_blocks(rec, "hf_b256", lambda: hf(x[:256]), device)
+            profile_blocks(rec, "fast_default_b256", lambda: variants["fast_gelu_cudnn_triton"](x[:256]), device)
+        for rnd in range(2):  # two rounds, interleaved, so drift shows
+            for name, fn in variants.items():
+                if f"vit_{name}_error" in rec.results or rec.left() < 60:
+                    continue
+                t = timed(lambda: fn(x), device, 2 if small else 3)
+                rec[f"vit_{name}_img_s_b{batch}_r{rnd}"] = round(batch / statistics.median(t), 1)
+    del x, x16, reference
+
+
 def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: bool, batches=None) -> None:
     batches = batches or ((8,) if small else (256, 512))
     m = enc.full_model
@@ -159,9 +320,15 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
         px = torch.randn(b, 3, 224, 224, device=device)
         t = timed(lambda: enc.embed_pixels(px), device, reps)
         rec[f"embed_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        kernels, enc.vit_kernels = enc.vit_kernels, None  # HF's own ViT forward, side by side
+        t = timed(lambda: enc.embed_pixels(px), device, reps)
+        rec[f"embed_hf_vit_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        enc.vit_kernels = kernels
         t = timed(lambda: enc.vit_tokens(px), device, reps)
         rec[f"vit_only_img_s_b{b}"] = round(b / statistics.median(t), 1)
         u8 = np.random.default_rng(0).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
+        t = timed(lambda: enc.pixels_from_uint8(u8, device=device), device, reps)
+        rec[f"uint8_to_pixels_ms_b{b}"] = round(1000 * statistics.median(t), 2)
         t = timed(lambda: enc.embed_pixels(enc.pixels_from_uint8(u8, device=device)), device, reps)
         rec[f"embed_uint8_img_s_b{b}"] = round(b / statistics.median(t), 1)
         del px
@@ -186,24 +353,6 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
     t = timed(lambda: enc.match(QUERY, enc.vit_tokens(px)), device, reps, warmup=1)
     rec[f"rerank_k{k}_recompute_p50_ms"] = p(t, 0.5)
     del vit, host, px
-
-    if not small and device.type == "cuda" and rec.left() > 150:
-        enc.batch_size = 256
-        px = torch.randn(256, 3, 224, 224, device=device)
-        eager = m.vision_model.forward
-        t0 = time.perf_counter()
-        m.vision_model.forward = torch.compile(eager, dynamic=False)
-        try:
-            enc.embed_pixels(px)
-            sync(device)
-            rec["compile_s"] = round(time.perf_counter() - t0, 1)
-            t = timed(lambda: enc.embed_pixels(px), device, 3)
-            rec["compiled_embed_img_s_b256"] = round(256 / statistics.median(t), 1)
-        except Exception as exc:  # report and go on: compile support varies with the installed stack
-            rec["compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        finally:
-            m.vision_model.forward = eager
-        del px
 
 
 def bench_search(rec: Recorder, device: torch.device, small: bool) -> None:
@@ -252,6 +401,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_results.json"))
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--skip-search", action="store_true", help="skip the exact 1M search figures")
+    ap.add_argument("--skip-kernels", action="store_true", help="skip the ViT kernel variants (bench_vit_kernels)")
     ap.add_argument("--backends-only", type=int, default=0, metavar="B", help="only compare SDPA backends at batch B (and B=1024 default)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,6 +430,8 @@ def main() -> None:
                     t = timed(lambda: enc.embed_pixels(px), device, 2)
                     rec["embed_img_s_b1024"] = round(1024 / statistics.median(t), 1)
                     return
+                if not args.skip_kernels:
+                    bench_vit_kernels(rec, enc, device, args.small)
                 bench_model(rec, enc, device, args.small)
             except Exception as exc:  # keep going to the search figures; the error is in the results
                 import traceback
@@ -288,7 +441,7 @@ def main() -> None:
                 del enc
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    if rec.left() > 30 or args.small:
+    if not args.skip_search and (rec.left() > 30 or args.small):
         bench_search(rec, device, args.small)
     rec["total_s"] = round(time.perf_counter() - rec.t0, 1)
 
