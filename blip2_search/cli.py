@@ -143,7 +143,7 @@ class _ProgressLine:
 @click.option("--no-captions", is_flag=True, help="Do not write captions.")
 @click.option("--reembed", is_flag=True, help="Re-embed every image when --model differs from the library's.")
 @click.option("--store-vit", is_flag=True, help="Keep each image's ViT tokens (fp16; 0.72 MB an image for ViT-g) so reranking need not rerun the ViT.")
-@click.option("--batch-size", default=None, type=click.IntRange(1, 4096), help="Images per model call [default: 32].")
+@click.option("--batch-size", default=None, type=click.IntRange(0, 4096), help="Images per model call [default: 0 = auto: 32 on the CPU or with captions, 256 on a GPU].")
 @click.option("--workers", default=None, type=click.IntRange(0, 256), help="Decode threads [default: one per CPU core].")
 @click.option("--vector-index", type=click.Choice(["exact", "compact", "auto"]), default=None,
               help="Search index: exact (all vectors in RAM, ~34 KB an image), compact (PQ codes, ~1.3 KB an image, top "

@@ -64,7 +64,7 @@ class Library:
     """Images, vectors and models of one photo collection. Create with `Library.open`."""
 
     def __init__(self, folder: Path, metadata: MetadataStore, *, model: str | None, captioner: str | None,
-                 device: str = "auto", dtype: str = "auto", batch_size: int = 32, workers: int = 0, reembed: bool = False,
+                 device: str = "auto", dtype: str = "auto", batch_size: int = 0, workers: int = 0, reembed: bool = False,
                  vector_index: str | None = None):
         self.folder = folder
         self.vector_index = _check_vector_index(vector_index)
@@ -148,7 +148,11 @@ class Library:
         if self._encoder is None:
             from .models.encoder import Blip2Encoder
 
-            self._encoder = Blip2Encoder.load(self.model_name, device=self.device, dtype=self.dtype, batch_size=self.batch_size)
+            from .models.policy import indexing_batch_size
+
+            encoder = Blip2Encoder.load(self.model_name, device=self.device, dtype=self.dtype)
+            encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))
+            self._encoder = encoder
         return self._encoder
 
     @property
@@ -157,7 +161,7 @@ class Library:
         if self._captioner is None and self.captioner_name:
             from .models.captioner import Blip2Captioner
 
-            self._captioner = Blip2Captioner.load(self.captioner_name, device=self.device, dtype=self.dtype, batch_size=self.batch_size)
+            self._captioner = Blip2Captioner.load(self.captioner_name, device=self.device, dtype=self.dtype, batch_size=self.encoder.batch_size)
         return self._captioner
 
     def vector_index_kind(self) -> str:
@@ -229,7 +233,7 @@ class Library:
                 self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
             if store_vit:
                 self.vit_store.enable()
-            indexer = Indexer(self.metadata, self.vectors, self.encoder, self.captioner, batch_size=self.batch_size,
+            indexer = Indexer(self.metadata, self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
                               workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store)
             report = indexer.run(roots, progress)
             if not report.interrupted:

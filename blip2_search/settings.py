@@ -27,7 +27,8 @@ SETTINGS = {
         Setting("library", "indexes/default", "BLIP2_SEARCH_LIBRARY", "Library folder (created by `index`)."),
         Setting("model", "Salesforce/blip2-itm-vit-g", "BLIP2_SEARCH_MODEL", "Embedder/ITM checkpoint for a new library: hub id, local dir or 'demo'."),
         Setting("captioner", "Salesforce/blip2-opt-2.7b", "BLIP2_SEARCH_CAPTIONER", "Caption model (BLIP-2 generation checkpoint) for a new library."),
-        Setting("batch_size", 32, "BLIP2_SEARCH_BATCH_SIZE", "Images per model call while indexing."),
+        Setting("batch_size", 0, "BLIP2_SEARCH_BATCH_SIZE",
+                "Images per model call while indexing (0 = auto: 32 on the CPU or with captions, 256 on a GPU)."),
         Setting("workers", 0, "BLIP2_SEARCH_WORKERS", "Decode workers while indexing (0 = one per CPU core)."),
         Setting("vector_index", "auto", "BLIP2_SEARCH_VECTOR_INDEX",
                 "Vector index of a new library: exact (all vectors in RAM, ~34 KB an image), compact (4-bit PQ codes, "

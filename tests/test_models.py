@@ -233,3 +233,23 @@ def test_revision_fingerprint_changes_with_weights(tmp_path):
 def test_tiny_tokenizer_knows_its_words(encoder):
     ids = encoder.tokenize(["a red circle"])["input_ids"][0].tolist()
     assert encoder.tokenizer.unk_token_id not in ids and ids[0] == encoder.tokenizer.cls_token_id
+
+
+def test_indexing_batch_size_auto_and_explicit():
+    from blip2_search.models.policy import indexing_batch_size
+
+    assert indexing_batch_size(0, "cpu", captions=False) == 32
+    assert indexing_batch_size(0, "cuda", captions=False) == 256
+    assert indexing_batch_size(0, "cuda", captions=True) == 32
+    assert indexing_batch_size(7, "cuda", captions=False) == 7
+    with pytest.raises(InvalidInputError, match="pass --batch-size 0"):
+        indexing_batch_size(-1, "cpu", captions=False)
+
+
+def test_library_resolves_the_auto_batch_size(tiny_itm_dir, tmp_path):
+    from blip2_search.library import Library
+
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        assert lib.batch_size == 0 and lib.encoder.batch_size == 32  # CPU
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, batch_size=5) as lib:
+        assert lib.encoder.batch_size == 5
