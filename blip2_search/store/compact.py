@@ -32,7 +32,7 @@ from blip2_search.store.index_files import (
     COMPACT_STORE,
     IndexInfo,
     read_index_files,
-    write_index_files,
+    save_vector_index,
 )
 from blip2_search.store.rescoring import (
     Calibration,
@@ -342,19 +342,10 @@ class CompactVectorStore:
         """Write the index (exact vectors or codes) and its sidecar atomically (``index_files``)."""
         if self._exact is not None:
             return self._exact.save(path, generation=generation, params=self.build_params())
-        info = IndexInfo(
-            factory=self.factory,
-            metric="inner_product",
-            num_query_tokens=self.num_query_tokens,
-            dim=self.dim,
-            images=len(self),
-            vectors=self.ntotal,
-            vectors_generation=int(generation),
-            faiss_version=faiss.__version__,
-            index_bytes=0,
-            params=self.build_params(),
+        return save_vector_index(
+            self._index, path, factory=self.factory, num_query_tokens=self.num_query_tokens, dim=self.dim,
+            images=len(self), vectors=self.ntotal, generation=generation, params=self.build_params(),
         )
-        return write_index_files(self._index, path, info)
 
     @classmethod
     def load(

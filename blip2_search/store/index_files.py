@@ -112,6 +112,34 @@ def write_index_files(index: faiss.Index, path: str | os.PathLike[str], info: In
     return written
 
 
+def save_vector_index(
+    index: faiss.Index,
+    path: str | os.PathLike[str],
+    *,
+    factory: str,
+    num_query_tokens: int,
+    dim: int,
+    images: int,
+    vectors: int,
+    generation: int,
+    params: dict[str, Any],
+) -> IndexInfo:
+    """`write_index_files` for a vector store's FAISS index, its sidecar filled from the store's facts."""
+    info = IndexInfo(
+        factory=factory,
+        metric="inner_product",
+        num_query_tokens=num_query_tokens,
+        dim=dim,
+        images=images,
+        vectors=vectors,
+        vectors_generation=int(generation),
+        faiss_version=faiss.__version__,
+        index_bytes=0,
+        params=params,
+    )
+    return write_index_files(index, path, info)
+
+
 @dataclass(frozen=True)
 class ReadIndex:
     """The outcome of reading index files: ``index`` is set only when ``state`` is ``"ok"``."""

@@ -37,7 +37,7 @@ from blip2_search.store.index_files import (
     IndexInfo,
     LoadState,
     read_index_files,
-    write_index_files,
+    save_vector_index,
 )
 from blip2_search.store.scoring import (
     check_ids,
@@ -400,19 +400,10 @@ class FaissVectorStore:
 
         ``params``: build parameters for the sidecar (default ``{"store": "exact"}``).
         """
-        info = IndexInfo(
-            factory=self.factory,
-            metric="inner_product",
-            num_query_tokens=self.num_query_tokens,
-            dim=self.dim,
-            images=len(self),
-            vectors=self.ntotal,
-            vectors_generation=int(generation),
-            faiss_version=faiss.__version__,
-            index_bytes=0,
-            params=params or {"store": EXACT_STORE},
+        return save_vector_index(
+            self._index, path, factory=self.factory, num_query_tokens=self.num_query_tokens, dim=self.dim,
+            images=len(self), vectors=self.ntotal, generation=generation, params=params or {"store": EXACT_STORE},
         )
-        return write_index_files(self._index, path, info)
 
     @classmethod
     def from_index(
