@@ -149,6 +149,7 @@ def test_itm_model_quality(renders):
     m = evaluate_itm(ITM_DIR, images, scene_ids, negatives_seed=TEST_SEED)
     assert m.itc_r1 >= 0.9, m
     assert m.rerank_r1 >= 0.9, m
+    assert m.rerank_r1 >= m.itc_r1 - 0.03, m  # the ITM rerank may not lose to ITC beyond a few images of noise
     assert m.itm_pairwise >= 0.9, m
     assert m.itm_threshold >= 0.85, m
 

@@ -131,3 +131,22 @@ def test_captioner_shares_the_embedders_vit_blocks():
     cap = load_file(str(CAPTIONER_DIR / "model.safetensors"))
     blocks = [k for k in itm if k.startswith("vision_model.encoder.") or k.startswith("vision_model.embeddings.")]
     assert blocks and all(np.array_equal(itm[k], cap[k]) for k in blocks)
+
+
+def test_composite_queries_add_and_subtract_meaning(demo_library):
+    """Terms in the scene language (the demo models know whole captions, not fragments, see docs/demo.md):
+    a sum finds both scenes; a negative term pushes the images it matches down the ranking."""
+    root, scene_of = demo_library
+
+    def ranks(lib, query, caption):
+        hits = lib.search(query, 216, rerank=False, fusion=False).hits
+        return [i for i, h in enumerate(hits) if scene_of[h.path].caption == caption]
+
+    with Library.open(root / "lib") as lib:
+        both = lib.search('"a green triangle on the left" + "a green triangle on the right"', 6, rerank=False, fusion=False).hits
+        plain = ranks(lib, '"a red circle on the top"', "a red circle on the bottom")
+        negated = ranks(lib, '2:"a red circle on the top" - "a red circle on the bottom"', "a red circle on the bottom")
+        top = ranks(lib, '2:"a red circle on the top" - "a red circle on the bottom"', "a red circle on the top")
+    assert sorted(scene_of[h.path].caption for h in both) == ["a green triangle on the left"] * 3 + ["a green triangle on the right"] * 3
+    assert top[0] == 0 and max(top) < min(negated), (top, negated)
+    assert min(negated) > max(plain), (plain, negated)  # the negative term moved every one of them down

@@ -109,6 +109,17 @@ def test_shapes_fill_their_box_as_drawn():
     assert top < bottom / 4
 
 
+def test_shape_fraction_sets_the_size_and_is_checked():
+    rng = np.random.default_rng(3)
+    img, info = render_with_info(Scene("green", "square", "top"), rng, size=(500, 300), shape_fraction=0.2)
+    assert info.size == pytest.approx(0.2 * 300)
+    ys, xs = np.nonzero(_shape_mask(img, info))
+    assert xs.max() - xs.min() + 1 == pytest.approx(60, abs=2) and ys.max() - ys.min() + 1 == pytest.approx(60, abs=2)
+    for bad in (0.1, 0.4):
+        with pytest.raises(ValueError, match="pick a value inside"):
+            render(Scene("green", "square", "top"), rng, shape_fraction=bad)
+
+
 def _three_renders(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [np.asarray(render(random_scene(rng), rng)) for _ in range(3)]

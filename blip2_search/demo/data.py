@@ -17,16 +17,17 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
-from .scenes import ALL_SCENES, encode, render, render_encoded, sample_canvas
+from .scenes import ALL_SCENES, SIZE_RANGE, encode, render, render_encoded, sample_canvas
 
 __all__ = ["render_eval_images", "render_pool"]
 
 _RENDER_LONG_SIDE = (96, 320)
+SMALL_MAX = 0.22  # "small" shapes: 15-22% of the canvas' shorter side (the full range is 15-35%)
 _CHUNK = 1000
 
 
-def _pool_chunk(args: tuple[np.random.SeedSequence, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    seed_seq, n, image_size = args
+def _pool_chunk(args: tuple[np.random.SeedSequence, int, int, float]) -> tuple[np.ndarray, np.ndarray]:
+    seed_seq, n, image_size, small_share = args
     rng = np.random.default_rng(seed_seq)
     scene_ids = rng.integers(len(ALL_SCENES), size=n)
     images = np.empty((n, image_size, image_size, 3), np.uint8)
@@ -34,7 +35,11 @@ def _pool_chunk(args: tuple[np.random.SeedSequence, int, int]) -> tuple[np.ndarr
         width, height = sample_canvas(rng)
         scale = min(1.0, rng.uniform(*_RENDER_LONG_SIDE) / max(width, height))
         size = (max(16, round(width * scale)), max(16, round(height * scale)))
-        img = render_encoded(ALL_SCENES[sid], rng, size=size)
+        # A share of the pool draws its shape from the small end of the size range, where shapes are
+        # hardest to tell apart (a small circle and square differ by a few pixels at 64 px).
+        small = rng.random() < small_share
+        fraction = rng.uniform(SIZE_RANGE[0], SMALL_MAX) if small else rng.uniform(*SIZE_RANGE)
+        img = render_encoded(ALL_SCENES[sid], rng, size=size, shape_fraction=fraction)
         images[i] = np.asarray(img.resize((image_size, image_size), Image.BICUBIC))
     return images, scene_ids
 
@@ -46,15 +51,20 @@ def _map(fn, jobs, workers: int):
         return list(ex.map(fn, jobs))
 
 
-def render_pool(n: int, seed: int, image_size: int, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def render_pool(
+    n: int, seed: int, image_size: int, workers: int = 1, small_share: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` training images: (uint8 [n, S, S, 3] already resized to S = image_size, scene ids int64 [n]).
+
+    ``small_share``: the fraction of images whose shape size is drawn from 15-22% of the shorter side
+    instead of the full 15-35%.
 
     Deterministic for (n, seed, image_size) whatever ``workers`` is (each 1,000-image chunk has its own
     spawned seed).
     """
     sizes = [min(_CHUNK, n - start) for start in range(0, n, _CHUNK)]
     seeds = np.random.SeedSequence(seed).spawn(len(sizes))
-    parts = _map(_pool_chunk, [(s, k, image_size) for s, k in zip(seeds, sizes)], workers)
+    parts = _map(_pool_chunk, [(s, k, image_size, small_share) for s, k in zip(seeds, sizes)], workers)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
 
 

@@ -154,14 +154,25 @@ def _center(position: str, width: int, height: int, size: float, rng: np.random.
 
 
 def render_with_info(
-    scene: Scene, rng: np.random.Generator, *, size: tuple[int, int] | None = None
+    scene: Scene,
+    rng: np.random.Generator,
+    *,
+    size: tuple[int, int] | None = None,
+    shape_fraction: float | None = None,
 ) -> tuple[Image.Image, RenderInfo]:
-    """Render ``scene`` on a canvas of ``size`` (width, height; random if None); RGB, not yet encoded."""
+    """Render ``scene`` on a canvas of ``size`` (width, height; random if None); RGB, not yet encoded.
+
+    ``shape_fraction``: the shape's size over the canvas' shorter side (random in 0.15-0.35 if None).
+    """
     width, height = size if size is not None else sample_canvas(rng)
     background = tuple(int(v) for v in rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1, size=3))
     base = np.array(COLORS[scene.color])
     fill = tuple(int(v) for v in np.clip(base + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3), 0, 255))
-    side = rng.uniform(*SIZE_RANGE) * min(width, height)
+    if shape_fraction is None:
+        shape_fraction = rng.uniform(*SIZE_RANGE)
+    elif not SIZE_RANGE[0] <= shape_fraction <= SIZE_RANGE[1]:
+        raise ValueError(f"shape_fraction {shape_fraction} is outside {SIZE_RANGE}; pick a value inside it")
+    side = shape_fraction * min(width, height)
     cx, cy = _center(scene.position, width, height, side, rng)
     noise_std = float(rng.uniform(0.0, NOISE_STD_MAX))
 
@@ -183,9 +194,11 @@ def render_with_info(
     return img, info
 
 
-def render(scene: Scene, rng: np.random.Generator, *, size: tuple[int, int] | None = None) -> Image.Image:
+def render(
+    scene: Scene, rng: np.random.Generator, *, size: tuple[int, int] | None = None, shape_fraction: float | None = None
+) -> Image.Image:
     """Render ``scene`` as an RGB image (random canvas when ``size`` is None); see the module docstring."""
-    return render_with_info(scene, rng, size=size)[0]
+    return render_with_info(scene, rng, size=size, shape_fraction=shape_fraction)[0]
 
 
 def encode(img: Image.Image, rng: np.random.Generator) -> tuple[bytes, str]:
@@ -198,12 +211,14 @@ def encode(img: Image.Image, rng: np.random.Generator) -> tuple[bytes, str]:
     return buf.getvalue(), ".jpg"
 
 
-def render_encoded(scene: Scene, rng: np.random.Generator, *, size: tuple[int, int] | None = None) -> Image.Image:
+def render_encoded(
+    scene: Scene, rng: np.random.Generator, *, size: tuple[int, int] | None = None, shape_fraction: float | None = None
+) -> Image.Image:
     """Render, encode and decode again: the picture a model would read from disk (RGB).
 
     PNG is lossless, so a PNG draw returns the render itself without spending time on zlib.
     """
-    img = render(scene, rng, size=size)
+    img = render(scene, rng, size=size, shape_fraction=shape_fraction)
     if rng.random() < PNG_PROBABILITY:
         return img
     buf = io.BytesIO()
