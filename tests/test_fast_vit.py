@@ -151,3 +151,41 @@ def test_triton_add_layer_norm_equals_torch():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, to drive `_AddNorm`'s GPU branch on this machine."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_add_norm_falls_back_once_when_the_kernel_cannot_be_built(monkeypatch):
+    from blip2_search.models import fast_vit
+
+    x, y = torch.randn(2, 3, 8).as_subclass(_OnGpu), torch.randn(2, 3, 8).as_subclass(_OnGpu)
+    w, b = torch.ones(8), torch.zeros(8)
+    expected = fast_vit.add_layer_norm(x, y, w, b, 1e-6)
+    add_norm = fast_vit._AddNorm("triton")
+    builds = []
+    monkeypatch.setattr(add_norm, "_build", lambda: builds.append(1) or (_ for _ in ()).throw(ImportError("No module named 'triton'")))
+    with pytest.warns(RuntimeWarning, match="running it unfused"):
+        s, h = add_norm(x, y, w, b, 1e-6)
+    torch.testing.assert_close(h, expected[1])
+    add_norm(x, y, w, b, 1e-6)  # no second build, no second warning
+    assert builds == [1] and "triton" in add_norm.failed
+
+    working = fast_vit._AddNorm("triton")
+    calls = []
+
+    def kernel(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return fast_vit.add_layer_norm(*args)
+
+    monkeypatch.setattr(working, "_build", lambda: kernel)
+    working(x, y, w, b, 1e-6)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # after a success, errors are errors
+        working(x, y, w, b, 1e-6)

@@ -89,7 +89,12 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
 
 
 class _AddNorm:
-    """`add_layer_norm` through `how` ("triton" or "compile") for CUDA tensors; eager on the CPU or once that fails."""
+    """`add_layer_norm` through `how` ("triton" or "compile") for CUDA tensors; eager on the CPU.
+
+    The first CUDA call builds the kernel (imports Triton or compiles); if that call fails (no Triton, no
+    compiler), this process runs the eager version from then on, with a warning. Once a call has
+    succeeded, errors (out of memory, say) propagate like any torch error.
+    """
 
     def __init__(self, how: str):
         self.how = how
@@ -106,14 +111,19 @@ class _AddNorm:
     def __call__(self, x, y, weight, bias, eps):
         if not x.is_cuda or self.failed is not None:
             return add_layer_norm(x, y, weight, bias, eps)
-        try:
-            if self.fn is None:
-                self.fn = self._build()
+        if self.fn is not None:
             return self.fn(x, y, weight, bias, eps)
+        try:
+            fn = self._build()
+            out = fn(x, y, weight, bias, eps)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:  # no Triton / compiler here: the same math, unfused
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             warnings.warn(f"the ViT's fused add+LayerNorm ({self.how}) failed ({self.failed}); running it unfused", RuntimeWarning, stacklevel=2)
             return add_layer_norm(x, y, weight, bias, eps)
+        self.fn = fn
+        return out
 
 
 _ADD_NORM = {"triton": _AddNorm("triton"), "compile": _AddNorm("compile"), "eager": add_layer_norm}
