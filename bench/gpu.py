@@ -316,7 +316,7 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
         if rec.left() < 60:
             break
         enc.batch_size = b
-        reps = 2 if small else 3
+        reps = 2 if small else int(os.environ.get("GPU_BENCH_REPS", "3"))
         px = torch.randn(b, 3, 224, 224, device=device)
         t = timed(lambda: enc.embed_pixels(px), device, reps)
         rec[f"embed_img_s_b{b}"] = round(b / statistics.median(t), 1)
@@ -326,6 +326,14 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
         enc.vit_kernels = kernels
         t = timed(lambda: enc.vit_tokens(px), device, reps)
         rec[f"vit_only_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        # The Q-Former alone (ViT tokens ready), under torch's SDPA order and with cuDNN first as the ViT uses.
+        vit = enc.vit_tokens(px)
+        t = timed(lambda: enc.embed_vit_tokens(vit), device, reps)
+        rec[f"qformer_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        with fast_vit._attention_order("cudnn"):
+            t = timed(lambda: enc.embed_vit_tokens(vit), device, reps)
+        rec[f"qformer_cudnn_first_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        del vit
         u8 = np.random.default_rng(0).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
         t = timed(lambda: enc.pixels_from_uint8(u8, device=device), device, reps)
         rec[f"uint8_to_pixels_ms_b{b}"] = round(1000 * statistics.median(t), 2)

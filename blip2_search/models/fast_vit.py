@@ -16,8 +16,8 @@ an H100 (bench/gpu.py's profile). This module runs HF's `Blip2EncoderLayer` math
   add with the next block's `layer_norm1`), in one Triton kernel (`triton_kernels.py`).
 
 Measured side by side on an H100 (docs/benchmarks.md): the ViT at batch 512 went from 894-911 img/s
-(HF) to 1,000-1,013, and the whole embedding from 888 to 1,007 img/s; the ViT tokens' cosine to a
-float32 reference is the same as HF's bf16 forward (0.99989 vs 0.99988 on average).
+(HF) to 1,000-1,016, and the whole embedding from 864-888 to 961-1,007 img/s (three runs); the ViT
+tokens' cosine to a float32 reference is the same as HF's bf16 forward (0.99989 vs 0.99988).
 
 `use_fast_vit` decides where it applies: CUDA with bf16/fp16 weights. Elsewhere (the CPU, float32)
 the encoder keeps HF's own forward, which our tests compare against checkpoints' known answers.

@@ -75,7 +75,7 @@ def detect_placement(device: str = "auto", dtype: str = "auto", *, is_t5: bool =
 
 
 CPU_BATCH = 32
-GPU_BATCH = 256  # ViT-g embedding on an H100: 963 img/s at 256, 1,007 at 512 (bench/gpu.py); 256 leaves room on 24 GB cards
+GPU_BATCH = 256  # ViT-g embedding on an H100: 963-981 img/s at 256, 961-1,007 at 512 (bench/gpu.py); 256 leaves room on 24 GB cards
 
 
 def indexing_batch_size(requested: int, device_type: str, *, captions: bool) -> int:
