@@ -5,7 +5,7 @@
 
 Everything goes through the product's code: a random full-size BLIP-2 retrieval checkpoint (ViT-g
 39 x 1408, Q-Former 12 x 768, 32 queries, 224 px; weights saved in bf16) is written to a temporary
-folder and loaded with ``Blip2Encoder.load`` (bf16 ViT, fp32 Q-Former as HF keeps it, SDPA
+folder and loaded with ``Blip2Encoder.load`` (bf16 ViT and Q-Former: transformers keeps the Q-Former fp32 under fp16 only; SDPA
 attention); search uses ``blip2_search.store.torch_search.max_sim_topk``. Figures:
 - ``embed_img_s_b{B}``: images/s through ``embed_pixels`` on pixel tensors already on the GPU, and
   ``embed_uint8_img_s_b{B}``: from uint8 host arrays (``pixels_from_uint8(..., device=cuda)``) as

@@ -253,3 +253,12 @@ def test_library_resolves_the_auto_batch_size(tiny_itm_dir, tmp_path):
         assert lib.batch_size == 0 and lib.encoder.batch_size == 32  # CPU
     with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, batch_size=5) as lib:
         assert lib.encoder.batch_size == 5
+
+
+def test_qformer_dtype_follows_the_placement(tiny_itm_dir):
+    """What policy.Placement documents: the Q-Former is bf16 under bf16, fp32 under fp16 (HF keeps it)."""
+    from transformers import Blip2ForImageTextRetrieval
+
+    for dtype, qformer in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        model = Blip2ForImageTextRetrieval.from_pretrained(tiny_itm_dir, dtype=dtype)
+        assert next(model.qformer.parameters()).dtype == qformer and model.vision_model.embeddings.patch_embedding.weight.dtype == dtype

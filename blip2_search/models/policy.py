@@ -18,7 +18,8 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 class Placement:
     """Where a model runs: a torch device string and the dtype of its ViT / language model.
 
-    The Q-Former and query tokens stay float32 whatever `dtype` is (HF `_keep_in_fp32_modules`).
+    Under float16 the Q-Former and query tokens stay float32 (HF `_keep_in_fp32_modules`, which transformers
+    applies to fp16 only); under bfloat16 they are bfloat16 like the rest.
     """
 
     device: str
