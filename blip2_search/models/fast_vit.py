@@ -159,7 +159,11 @@ def vit_blocks(vision_model, pixel_values: torch.Tensor, kernels: VitKernels = D
     """
     x = vision_model.embeddings(pixel_values)
     layers = vision_model.encoder.layers
-    fused_gelu = kernels.fused_gelu and getattr(vision_model.config, "hidden_act", "gelu") == "gelu"  # the epilogue is a GELU
+    fused_gelu = (
+        kernels.fused_gelu
+        and getattr(vision_model.config, "hidden_act", "gelu") == "gelu"  # the epilogue is a GELU
+        and hasattr(torch, "_addmm_activation")  # private torch API (since 1.13): without it, unfused
+    )
     add_norm = _ADD_NORM[kernels.add_norm]
     with _attention_order(kernels.attention):
         ln = layers[0].layer_norm1
