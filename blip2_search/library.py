@@ -25,6 +25,7 @@ from .store import (
     open_metadata,
     open_vectors,
 )
+from .store.engine import METADATA_FILENAME
 from .store.index_choice import VECTOR_INDEX_MODES
 
 LOCK_FILENAME = "index.lock"
@@ -110,6 +111,11 @@ class Library:
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
+        if create and not (folder / METADATA_FILENAME).exists():
+            # A new library: find its embedder first, so a bad --model leaves no empty library behind.
+            from .models.loading import resolve_model
+
+            resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
         metadata = open_metadata(folder, create=create)
         info = metadata.info()
         recorded = info.embedder.model.model_id if info.embedder else None

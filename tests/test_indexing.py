@@ -379,3 +379,15 @@ def test_exif_orientation_is_applied_before_embedding(tiny_itm_dir, tmp_path):
         vec = {name: lib.vectors.vectors_for(np.array([i]))[0] for name, i in ids.items()}
     np.testing.assert_allclose(vec["tagged.png"], vec["upright.png"], atol=1e-6)
     assert np.abs(vec["untagged.png"] - vec["upright.png"]).max() > 1e-2
+
+
+def test_a_bad_model_leaves_no_empty_library(tmp_path, monkeypatch):
+    from blip2_search.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="pass --model"):
+        Library.open(tmp_path / "lib", model=str(tmp_path / "no-such-model"), create=True)
+    assert not (tmp_path / "lib").exists()
+    monkeypatch.setenv("BLIP2_SEARCH_MODEL", str(tmp_path / "nor-this-one"))  # the default model, too
+    with pytest.raises(ModelNotFoundError):
+        Library.open(tmp_path / "lib", create=True)
+    assert not (tmp_path / "lib").exists()
