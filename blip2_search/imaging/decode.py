@@ -78,15 +78,19 @@ class DecodedImage:
     info: ImageInfo
 
 
-def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
     """Decode `source` (path, bytes or binary file) to a fully loaded, upright RGB image.
 
     EXIF orientation is applied (as `ImageOps.exif_transpose` does) and removed from the result's
     metadata; alpha is composited onto white; the first frame of animations is used.
+    `draft_side` (for previews): a JPEG may be decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
+    keeps both axes >= draft_side, which skips most of the decoding work; other formats decode in full.
     Raises `ImageDecodeError` for any problem with the file, including more than `max_pixels`.
     """
     _check_max_pixels(max_pixels)
-    im, orientation, _ = _decode(source, max_pixels=max_pixels, draft_side=None)
+    if draft_side is not None and (isinstance(draft_side, bool) or not isinstance(draft_side, int) or draft_side < 1):
+        raise InvalidInputError(f"draft_side {draft_side!r} is not a positive integer; pass the smallest side the caller needs, or None")
+    im, orientation, _ = _decode(source, max_pixels=max_pixels, draft_side=draft_side)
     return _upright_rgb(im, orientation)
 
 

@@ -138,7 +138,7 @@ class Photos:
             except OSError:
                 pass
             try:
-                im = open_image(photo.file)
+                im = open_image(photo.file, draft_side=2 * self.side)  # JPEGs: DCT-scaled to >= 2x the thumbnail
             except Blip2SearchError as exc:
                 raise PhotoUnavailable(f"image {image_id} cannot be shown: {exc}") from None
         finally:
