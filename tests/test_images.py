@@ -603,15 +603,9 @@ def test_results_pickle(tmp_path):
     assert isinstance(error, ImageDecodeError)
 
 
-def _smooth_photo(width: int, height: int) -> Image.Image:
-    yy, xx = np.mgrid[0:height, 0:width]
-    rgb = np.stack([(xx * 255 // width), (yy * 255 // height), ((xx + yy) * 127 // (width + height)) + 64], axis=-1)
-    return Image.fromarray(rgb.astype(np.uint8))
-
-
 def test_open_image_draft_side_decodes_jpegs_small_and_close():
     buf = io.BytesIO()
-    _smooth_photo(4000, 3000).save(buf, "JPEG", quality=90)
+    Image.fromarray(photo(4000, 3000)).save(buf, "JPEG", quality=90)
     data = buf.getvalue()
     full, small = open_image(data), open_image(data, draft_side=640)
     assert full.size == (4000, 3000) and small.size == (1000, 750)  # DCT scale 1/4: both axes >= 640
@@ -621,7 +615,7 @@ def test_open_image_draft_side_decodes_jpegs_small_and_close():
     assert a.size == b.size == (320, 240)
     assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() < 1.5
     png = io.BytesIO()
-    _smooth_photo(800, 600).save(png, "PNG")
+    Image.fromarray(photo(800, 600)).save(png, "PNG")
     assert open_image(png.getvalue(), draft_side=100).size == (800, 600)  # only JPEGs have DCT scales
     with pytest.raises(InvalidInputError, match="positive integer"):
         open_image(data, draft_side=0)
