@@ -66,7 +66,7 @@ class Library:
 
     def __init__(self, folder: Path, metadata: MetadataStore, *, model: str | None, captioner: str | None,
                  device: str = "auto", dtype: str = "auto", batch_size: int = 0, workers: int = 0, reembed: bool = False,
-                 vector_index: str | None = None):
+                 vector_index: str | None = None, embedder_source=None):
         self.folder = folder
         self.vector_index = _check_vector_index(vector_index)
         self.reembed = reembed
@@ -77,6 +77,7 @@ class Library:
         self.dtype = dtype
         self.batch_size = batch_size
         self.workers = workers
+        self._embedder_source = embedder_source  # the `ModelSource` `open` resolved for a new library, reused
         self._encoder = None
         self._captioner = None
         self._vectors: VectorStore | None = None
@@ -111,11 +112,12 @@ class Library:
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
+        source = None
         if create and not (folder / METADATA_FILENAME).exists():
             # A new library: find its embedder first, so a bad --model leaves no empty library behind.
             from .models.loading import resolve_model
 
-            resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
+            source = resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
         metadata = open_metadata(folder, create=create)
         info = metadata.info()
         recorded = info.embedder.model.model_id if info.embedder else None
@@ -135,6 +137,7 @@ class Library:
         else:
             cap = DEMO if name == DEMO else str(settings.get("captioner"))
         return cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed, vector_index=vector_index,
+                   embedder_source=source if source is not None and source.name == name else None,
                    batch_size=batch_size or int(settings.get("batch_size")), workers=workers if workers is not None else int(settings.get("workers")))
 
     def close(self) -> None:
@@ -153,10 +156,9 @@ class Library:
         """The embedder / ITM model, loaded on first use."""
         if self._encoder is None:
             from .models.encoder import Blip2Encoder
-
             from .models.policy import indexing_batch_size
 
-            encoder = Blip2Encoder.load(self.model_name, device=self.device, dtype=self.dtype)
+            encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
             encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))
             self._encoder = encoder
         return self._encoder

@@ -391,3 +391,25 @@ def test_a_bad_model_leaves_no_empty_library(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError):
         Library.open(tmp_path / "lib", create=True)
     assert not (tmp_path / "lib").exists()
+
+
+def test_a_new_library_resolves_its_model_once(tmp_path, photos, tiny_itm_dir, monkeypatch):
+    """`open` finds the embedder of a new library (to fail early); indexing reuses it instead of resolving again."""
+    from blip2_search.models import encoder as encoder_module
+    from blip2_search.models import loading
+
+    calls = []
+    real = loading.resolve_model
+
+    def counting(name, **kw):
+        calls.append(name)
+        return real(name, **kw)
+
+    monkeypatch.setattr(loading, "resolve_model", counting)
+    monkeypatch.setattr(encoder_module, "resolve_model", counting)
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        assert lib.index([photos]).indexed == 7
+    assert len(calls) == 1
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:  # an existing library resolves when it loads the model
+        lib.encoder
+    assert len(calls) == 2

@@ -63,9 +63,13 @@ class Blip2Encoder(Checkpoint):
         self.vit_kernels: VitKernels | None = DEFAULT_KERNELS
 
     @classmethod
-    def load(cls, name: str = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto", batch_size: int = 32) -> "Blip2Encoder":
-        """Resolve `name` (hub id, directory or "demo") and pick the device/dtype; weights load lazily."""
-        return cls(resolve_model(name, role="embedder"), detect_placement(device, dtype), batch_size=batch_size)
+    def load(
+        cls, name: str | ModelSource = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto", batch_size: int = 32
+    ) -> "Blip2Encoder":
+        """Resolve `name` (hub id, directory or "demo"; or an already resolved `ModelSource`) and pick the
+        device/dtype; weights load lazily."""
+        source = name if isinstance(name, ModelSource) else resolve_model(name, role="embedder")
+        return cls(source, detect_placement(device, dtype), batch_size=batch_size)
 
     # ---------------------------------------------------------------- lazy parts
     @property
