@@ -306,6 +306,33 @@ def bench_vit_kernels(rec: Recorder, enc: Blip2Encoder, device: torch.device, sm
     del x, x16, reference
 
 
+def masked_qformer(enc: Blip2Encoder, vit: torch.Tensor, to_host: bool = True):
+    """The image path with an all-ones encoder mask, as HF's own forward passes it (transformers reads it on
+    the host to skip it): the side-by-side reference for `Blip2Encoder.image_embeds`."""
+    m = enc.full_model
+    ones = torch.ones(vit.shape[:-1], dtype=torch.long, device=vit.device)
+    with torch.inference_mode():
+        hidden = m.qformer(query_embeds=m.query_tokens.expand(len(vit), -1, -1), encoder_hidden_states=vit, encoder_attention_mask=ones).last_hidden_state
+        proj = m.vision_projection(hidden.to(m.vision_projection.weight.dtype))
+        out = torch.nn.functional.normalize(proj, dim=-1)
+        return out.float().cpu().numpy() if to_host else out
+
+
+def count_syncs(fn) -> int | str:
+    """How many host syncs `fn` makes on CUDA (torch's sync debug mode, "warn"): 0 = it only queues work."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: bool, batches=None) -> None:
     batches = batches or ((8,) if small else (256, 512))
     m = enc.full_model
@@ -326,13 +353,19 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
         enc.vit_kernels = kernels
         t = timed(lambda: enc.vit_tokens(px), device, reps)
         rec[f"vit_only_img_s_b{b}"] = round(b / statistics.median(t), 1)
-        # The Q-Former alone (ViT tokens ready), under torch's SDPA order and with cuDNN first as the ViT uses.
+        # The Q-Former alone (ViT tokens ready): ours (no encoder mask, no host read) against the call with an
+        # all-ones encoder mask that transformers checks on the host (what embed_vit_tokens did until 2026-11-27).
         vit = enc.vit_tokens(px)
         t = timed(lambda: enc.embed_vit_tokens(vit), device, reps)
         rec[f"qformer_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        t = timed(lambda: masked_qformer(enc, vit), device, reps)
+        rec[f"qformer_masked_img_s_b{b}"] = round(b / statistics.median(t), 1)
         with fast_vit._attention_order("cudnn"):
             t = timed(lambda: enc.embed_vit_tokens(vit), device, reps)
         rec[f"qformer_cudnn_first_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        if device.type == "cuda" and b == batches[0]:
+            rec["embed_host_syncs_before_copy"] = count_syncs(lambda: enc.image_embeds(enc.vit_tokens(px)))
+            rec["embed_masked_host_syncs_before_copy"] = count_syncs(lambda: masked_qformer(enc, enc.vit_tokens(px), to_host=False))
         del vit
         u8 = np.random.default_rng(0).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
         t = timed(lambda: enc.pixels_from_uint8(u8, device=device), device, reps)

@@ -105,6 +105,32 @@ def test_image_embeddings_equal_hf_vision_model(encoder, tiny_itm_dir):
     assert np.ptp(ours[:, 0, 0]) > 1e-3  # the tiny model does tell the images apart
 
 
+def test_image_path_makes_no_host_round_trip(encoder, monkeypatch):
+    """ViT -> Q-Former -> projection reads no tensor value on the host (on a GPU that would be a sync that
+    leaves the card idle while Python queues the Q-Former). An all-ones encoder mask did: transformers
+    checks it with `.all()`."""
+    px = encoder.preprocess(_images(3))
+    encoder.full_model  # load outside the guarded block
+    reads = []
+
+    def host_read(name):
+        def read(self, *a, **k):
+            reads.append(name)
+            raise AssertionError(f"host read of a tensor ({name}) in the image path")
+        return read
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read(name))
+    out = encoder.image_embeds(encoder.vit_tokens(px))
+    monkeypatch.undo()
+    assert reads == [] and out.shape == (3, 32, 256)
+    with pytest.raises(AssertionError, match="host read"):  # the guard bites on the old call
+        monkeypatch.setattr(torch.Tensor, "__bool__", host_read("__bool__"))
+        m = encoder.full_model
+        vit = encoder.vit_tokens(px)
+        m.qformer(query_embeds=m.query_tokens.expand(3, -1, -1), encoder_hidden_states=vit, encoder_attention_mask=torch.ones(vit.shape[:-1], dtype=torch.long))
+
+
 def test_itc_equals_hf_retrieval_forward(encoder, hf_itm):
     ims = _images()
     img, txt = encoder.embed_images(ims), encoder.embed_texts(TEXTS)

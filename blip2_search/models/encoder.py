@@ -157,15 +157,23 @@ class Blip2Encoder(Checkpoint):
         return self.full_model.vision_model.post_layernorm(blocks)
 
     @torch.inference_mode()
-    def embed_vit_tokens(self, vit: torch.Tensor) -> np.ndarray:
-        """Image embeddings `[n, Q, D] float32` (each query vector L2-normalised) from ViT tokens."""
+    def image_embeds(self, vit: torch.Tensor) -> torch.Tensor:
+        """Image embeddings `[n, Q, D]` from ViT tokens, on the model's device in its dtype, each query vector
+        L2-normalised; no host round trip, so on a GPU the Q-Former queues behind the ViT.
+
+        The Q-Former gets no encoder mask: every ViT token is attended to, and an all-ones mask would make
+        transformers check it with `.all()`, a GPU-to-host sync in the middle of the batch.
+        """
         m = self.full_model
         vit = vit.to(self.device)
         queries = m.query_tokens.expand(vit.shape[0], -1, -1)
-        ones = torch.ones(vit.shape[:-1], dtype=torch.long, device=self.device)
-        hidden = m.qformer(query_embeds=queries, encoder_hidden_states=vit, encoder_attention_mask=ones).last_hidden_state
+        hidden = m.qformer(query_embeds=queries, encoder_hidden_states=vit).last_hidden_state
         proj = m.vision_projection(hidden.to(m.vision_projection.weight.dtype))
-        return torch.nn.functional.normalize(proj, dim=-1).float().cpu().numpy()
+        return torch.nn.functional.normalize(proj, dim=-1)
+
+    def embed_vit_tokens(self, vit: torch.Tensor) -> np.ndarray:
+        """Image embeddings `[n, Q, D] float32` (each query vector L2-normalised) from ViT tokens, on the host."""
+        return self.image_embeds(vit).float().cpu().numpy()
 
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """pixel_values `[n, 3, S, S]` -> image embeddings `[n, Q, D] float32`, L2-normalised per query."""
@@ -199,8 +207,7 @@ class Blip2Encoder(Checkpoint):
             query_embeds=embeds,
             query_length=q,
             attention_mask=mask,
-            encoder_hidden_states=vit,
-            encoder_attention_mask=torch.ones(vit.shape[:-1], dtype=torch.long, device=self.device),
+            encoder_hidden_states=vit,  # no encoder mask: all tokens count (see image_embeds)
         ).last_hidden_state
         return m.itm_head(hidden[:, :q, :].to(m.itm_head.weight.dtype)).mean(dim=1).float()
 
