@@ -318,6 +318,19 @@ def masked_qformer(enc: Blip2Encoder, vit: torch.Tensor, to_host: bool = True):
         return out.float().cpu().numpy() if to_host else out
 
 
+def queued_batches(enc: Blip2Encoder, u8: np.ndarray, n: int) -> None:
+    """`n` batches through `embed_batch` with one queued ahead, collecting each as the indexer does."""
+    from blip2_search.indexing.embed import embed_batch
+
+    previous = None
+    for _ in range(n):
+        queued = embed_batch(enc, None, {enc.image_size: u8})
+        if previous is not None:
+            previous.collect()
+        previous = queued
+    previous.collect()
+
+
 def count_syncs(fn) -> int | str:
     """How many host syncs `fn` makes on CUDA (torch's sync debug mode, "warn"): 0 = it only queues work."""
     import warnings
@@ -372,6 +385,10 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
         rec[f"uint8_to_pixels_ms_b{b}"] = round(1000 * statistics.median(t), 2)
         t = timed(lambda: enc.embed_pixels(enc.pixels_from_uint8(u8, device=device)), device, reps)
         rec[f"embed_uint8_img_s_b{b}"] = round(b / statistics.median(t), 1)
+        # As the indexer drives it: host uint8 batches through pinned memory, each batch queued before the
+        # previous one's results are collected (indexing.embed / indexing.pipeline), 4 batches a rep.
+        t = timed(lambda: queued_batches(enc, u8, 4), device, reps)
+        rec[f"indexer_uint8_img_s_b{b}"] = round(4 * b / statistics.median(t), 1)
         del px
 
     # Text query latency (tokenise, Q-Former text path, projection, copy to host).

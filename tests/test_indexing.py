@@ -272,6 +272,54 @@ def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monke
     _check_consistent(lib_dir)
 
 
+def test_interrupt_while_decoding_commits_the_batch_already_embedded(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """The indexer keeps one embedded batch queued (on a GPU it runs while the previous one is written);
+    Ctrl-C anywhere, here in a decode, still commits it."""
+    from blip2_search.indexing import pipeline
+
+    real = pipeline.read_and_decode
+    seen = []
+
+    def flaky(file, *a, **kw):
+        seen.append(file.path)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "read_and_decode", flaky)
+    lib_dir = tmp_path / "lib"
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, batch_size=3, workers=1) as lib:
+        r = lib.index([photos])
+    assert r.interrupted and r.indexed == 3
+    monkeypatch.setattr(pipeline, "read_and_decode", real)
+    with Library.open(lib_dir) as lib:
+        assert lib.status().indexed == 3
+        r2 = lib.index([photos])
+        assert (r2.indexed, r2.unchanged) == (4, 3)
+    _check_consistent(lib_dir)
+
+
+def test_each_batch_is_written_after_the_next_one_is_queued(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    from blip2_search.indexing import pipeline
+
+    events = []
+    real_embed, real_store = pipeline.embed_batch, pipeline.Indexer._store_batch
+
+    def embed(encoder, captioner, pixels, **kw):
+        events.append(("queue", len(next(iter(pixels.values())))))
+        return real_embed(encoder, captioner, pixels, **kw)
+
+    def store(self, results, *a):
+        events.append(("write", len(results)))
+        return real_store(self, results, *a)
+
+    monkeypatch.setattr(pipeline, "embed_batch", embed)
+    monkeypatch.setattr(pipeline.Indexer, "_store_batch", store)
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        assert lib.index([photos]).indexed == 7
+    assert events == [("queue", 3), ("queue", 3), ("write", 3), ("queue", 1), ("write", 3), ("write", 1)]
+
+
 def test_captions_are_written_and_embedded(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
     with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=4) as lib:
         lib.index([photos])

@@ -1,32 +1,83 @@
-"""The embed stage: a batch of decoded images -> image vectors, and captions with their text vectors."""
+"""The embed stage: a batch of decoded images -> image vectors, and captions with their text vectors.
+
+On a GPU, `embed_batch` only queues the batch: the image path reads nothing back until the copy of its
+results to the host, which is queued right behind it and awaited in `QueuedBatch.collect`. The indexer
+queues the next batch before it collects (and writes) this one, so the card always has the next batch
+waiting (see `indexing.pipeline`). On the CPU everything has run by the time `embed_batch` returns.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
 
 
+class HostCopy:
+    """A copy of a device tensor to the host, queued now, awaited in `numpy()`.
+
+    From a GPU the copy goes into pinned memory behind the work queued so far, with an event after it:
+    waiting for the event waits for this batch only, not for batches queued after it. A CPU tensor is
+    taken as it is.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self._event = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def numpy(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
 @dataclass(frozen=True, eq=False)
 class EmbeddedBatch:
     """`vectors [n, Q, D] float32` (L2-normalised per query); captions and `caption_vectors [n, D]` or None;
-    `vit [n, T, W]` the ViT tokens (for the optional token store)."""
+    `vit [n, T, W] float32` the ViT tokens, or None when they were not asked for (the token store is off)."""
 
     vectors: np.ndarray
     captions: list[str] | None
     caption_vectors: np.ndarray | None
-    vit: object = None
+    vit: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class QueuedBatch:
+    """A batch whose model work is queued (on a GPU) or done (on the CPU); `collect()` waits for its results."""
+
+    vectors: HostCopy
+    captions: list[str] | None
+    caption_vectors: np.ndarray | None
+    vit: HostCopy | None
+
+    def collect(self) -> EmbeddedBatch:
+        return EmbeddedBatch(self.vectors.numpy(), self.captions, self.caption_vectors, self.vit.numpy() if self.vit else None)
 
 
 def embed_batch(
-    encoder: Blip2Encoder, captioner: Blip2Captioner | None, pixels: dict[int, np.ndarray], *, shared_vit: bool = False
-) -> EmbeddedBatch:
-    """Run the models on `pixels` (size -> `[n, S, S, 3] uint8`, one entry per model input size).
+    encoder: Blip2Encoder,
+    captioner: Blip2Captioner | None,
+    pixels: dict[int, np.ndarray],
+    *,
+    shared_vit: bool = False,
+    keep_vit: bool = False,
+) -> QueuedBatch:
+    """Queue the models on `pixels` (size -> `[n, S, S, 3] uint8`, one entry per model input size).
 
-    `shared_vit` (see `models.sharing.share_vit`): the ViT blocks run once for both models.
+    `shared_vit` (see `models.sharing.share_vit`): the ViT blocks run once for both models. `keep_vit`:
+    also bring back the ViT tokens (for the token store). Captioning reads tokens back as it generates,
+    so with a captioner the batch has run when this returns.
     """
     x = encoder.pixels_from_uint8(pixels[encoder.image_size], device=encoder.device)
     if captioner is not None and shared_vit:
@@ -38,7 +89,7 @@ def embed_batch(
         captions = None
         if captioner is not None:
             captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size], device=captioner.device))
-    vectors = encoder.embed_vit_tokens(vit)
-    if captions is None:
-        return EmbeddedBatch(vectors, None, None, vit)
-    return EmbeddedBatch(vectors, captions, encoder.embed_texts(captions), vit)
+    vectors = HostCopy(encoder.image_embeds(vit).float())
+    vit_copy = HostCopy(vit.float()) if keep_vit else None
+    caption_vectors = encoder.embed_texts(captions) if captions is not None else None
+    return QueuedBatch(vectors, captions, caption_vectors, vit_copy)

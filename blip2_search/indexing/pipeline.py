@@ -23,7 +23,7 @@ from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
 from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
 from ..models.sharing import share_vit
-from .embed import embed_batch
+from .embed import QueuedBatch, embed_batch
 from .read import ReadResult, read_and_decode
 from .scan import ChangePlan, plan_changes, scan
 
@@ -100,6 +100,7 @@ class Indexer:
         self.skip = tuple(skip)
         self.vit_store = vit_store if vit_store is not None and vit_store.enabled else None
         self._shared_vit: bool | None = None
+        self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
         self._not_in_forward = threading.Event()  # cleared while a forward runs, when decoding must wait
@@ -137,6 +138,7 @@ class Indexer:
         sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
         # an indexed image always has its embedding row; pending ones (after --reembed) have none yet
         known_hashes = {k.content_hash for k in known.values() if k.content_hash and k.status == "indexed"}
+        self._queued = None
         pending: list[ReadResult] = []  # decoded images waiting for the next model batch
         failures: list[FailedFile] = []
         reuse: list[ReadResult] = []
@@ -170,11 +172,13 @@ class Indexer:
                     if progress:
                         progress(Progress(counts.done, total, counts.indexed, counts.reused, counts.failed + len(failures)))
                 self._write_batch(pending, known_hashes, counts)
+                self._write_batch([], known_hashes, counts)  # the last queued batch
                 self._write_reuse(reuse, known, gone_by_hash, moved, counts)
                 self._write_failures(failures, counts)
             except BaseException:
                 for fut in queue:
                     fut.cancel()
+                self._write_batch([], known_hashes, counts)  # the batch already embedded is still committed
                 raise
 
     def _read(self, file, sizes: tuple[int, ...], known_hashes: set[str]) -> ReadResult:
@@ -183,23 +187,38 @@ class Indexer:
         return read_and_decode(file, sizes, known_hashes, fast=self.fast_decode)
 
     def _write_batch(self, pending: list[ReadResult], known_hashes: set[str], counts: _Counts) -> None:
-        """Embed the pending images and commit them (with captions) in one transaction."""
-        if not pending:
-            return
-        results = list(pending)
-        pending.clear()
+        """Queue the pending images on the models, then collect and commit the batch queued before them.
+
+        One batch stays queued: on a GPU it runs while this one is written and the next one is gathered,
+        so the card does not wait for the database. Called with nothing pending, it commits the last one.
+        If queueing fails (or Ctrl-C lands there), the batch before it is still committed.
+        """
+        previous, self._queued = self._queued, None
+        try:
+            if pending:
+                results = list(pending)
+                pending.clear()
+                self._queued = (results, self._embed(results))
+        finally:
+            if previous is not None:
+                self._store_batch(*previous, known_hashes, counts)
+
+    def _embed(self, results: list[ReadResult]) -> QueuedBatch:
         pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
         if self._shared_vit is None:  # decided once, when the first batch has loaded both models
             self._shared_vit = share_vit(self.encoder, self.captioner)
         if not self.decode_during_forward:
             self._not_in_forward.clear()
         try:
-            batch = embed_batch(self.encoder, self.captioner, pixels, shared_vit=self._shared_vit)
+            return embed_batch(self.encoder, self.captioner, pixels, shared_vit=self._shared_vit, keep_vit=self.vit_store is not None)
         finally:
             self._not_in_forward.set()
+
+    def _store_batch(self, results: list[ReadResult], queued: QueuedBatch, known_hashes: set[str], counts: _Counts) -> None:
+        """Wait for a queued batch's results and commit them (with captions) in one transaction."""
+        batch = queued.collect()
         if self.vit_store is not None:
-            tokens = batch.vit.float().cpu().numpy()
-            for r, t in zip(results, tokens):
+            for r, t in zip(results, batch.vit):
                 self.vit_store.put(r.content_hash, t)
         items = []
         for i, r in enumerate(results):
