@@ -246,6 +246,17 @@ def test_original_bytes_are_served(client, lib):
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
+def test_head_gives_the_get_headers_without_a_body(client, lib):
+    rec = _records(lib)["img05.jpg"]
+    for url in (f"/api/images/{rec.id}", f"/api/images/{rec.id}/thumbnail"):
+        got, head = client.get(url), client.head(url)
+        assert head.status_code == 200 and head.content == b""
+        for name in ("content-type", "content-length", "cache-control"):
+            assert head.headers[name] == got.headers[name], (url, name)
+        assert int(head.headers["content-length"]) == len(got.content)
+    assert client.head("/api/images/999999").status_code == 404
+
+
 def test_unknown_ids_are_404(client):
     for url in ("/api/images/999999", "/api/images/999999/thumbnail"):
         _assert_error(client.get(url), 404, "999999", "/api/search")

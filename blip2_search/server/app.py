@@ -201,21 +201,30 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
 
     @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
              response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")
-    async def thumbnail(image_id: _IMAGE_ID) -> Response:
+    async def thumbnail(image_id: _IMAGE_ID, request: Request) -> Response:
         jpeg = await runner.io(photos.thumbnail, image_id)
-        return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "private, max-age=300"})
+        headers = {"cache-control": "private, max-age=300", "content-length": str(len(jpeg))}
+        return Response(b"" if request.method == "HEAD" else jpeg, media_type="image/jpeg", headers=headers)
 
     @app.get("/api/images/{image_id}", responses={200: {"content": {"image/*": {}}}, **_ERRORS},
              response_class=Response, summary="The original file of an indexed image")
-    async def original(image_id: _IMAGE_ID) -> Response:
+    async def original(image_id: _IMAGE_ID, request: Request) -> Response:
         photo = await runner.io(photos.open, image_id)
         name = os.path.basename(photo.record.path)
         media_type = _MEDIA_TYPES.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
-        return StreamingResponse(photo.chunks(), media_type=media_type, headers={
+        headers = {
             "content-length": str(photo.size),
             "content-disposition": f"inline; filename*=UTF-8''{quote(name, safe='')}",
             "cache-control": "private, max-age=300",
-        })
+        }
+        if request.method == "HEAD":  # the same checks and headers, no body
+            photo.file.close()
+            return Response(b"", media_type=media_type, headers=headers)
+        return StreamingResponse(photo.chunks(), media_type=media_type, headers=headers)
+
+    for path, endpoint in (("/api/images/{image_id}/thumbnail", thumbnail), ("/api/images/{image_id}", original)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], response_class=Response, responses=_ERRORS,
+                          operation_id=f"head_{endpoint.__name__}", summary="The GET's headers (checks included), no body")
 
     return app
 
