@@ -8,6 +8,9 @@ mis-loaded model reaches.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +178,23 @@ def test_generate_then_decode_gives_the_caption_text(captioner, renders):
     for row in out[:, prompt:].tolist():
         assert eos in row
         assert all(t == pad for t in row[row.index(eos) + 1 :])
+
+
+def test_training_script_runs_end_to_end_in_a_smoke_run(tmp_path):
+    """The training script with a few steps a stage: every stage runs, both models save and load through
+    HF's classes, a pool too small for ITM negatives is refused with the fix, and torch's global settings
+    (threads, deterministic kernels) come back as they were."""
+    from blip2_search.demo import train
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    recipe = train.Recipe(pool=100, qformer_pool=100, vit_steps=2, itc_steps=3, itm_steps=2, caption_steps=3, eval_images=20,
+                          vit_batch=16, itc_batch=16, itm_batch=16, caption_batch=8)
+    with pytest.raises(ValueError, match="raise --qformer-pool"):
+        train.run(tmp_path / "few", recipe)
+    out = tmp_path / "models"
+    report = train.run(out, dataclasses.replace(recipe, pool=600, qformer_pool=600))
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+    Blip2ForImageTextRetrieval.from_pretrained(out / "itm")
+    Blip2ForConditionalGeneration.from_pretrained(out / "captioner")
+    assert json.loads((out / "training_report.json").read_text())["recipe"] == report["recipe"]
+    assert report["recipe"]["itm_steps"] == 2 and report["vit_byte_identical"]

@@ -132,7 +132,11 @@ def _schedule(params, lr: float, steps: int, extra=()):
     groups = [{"params": params, "weight_decay": 0.05}] + [{"params": p, "weight_decay": 0.0} for p, _ in extra]
     max_lr = [lr] + [lr * f for _, f in extra]
     opt = torch.optim.AdamW(groups, lr=lr)
-    warmup = min(0.5, max(0.1, 2.0 / steps))  # at least 2 warm-up steps, so tiny smoke runs work too
+    if steps < 6:  # a smoke run: one-cycle needs a few steps in each phase (2 steps divide by zero)
+        for group, peak in zip(opt.param_groups, max_lr):
+            group["lr"] = peak
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    warmup = min(0.5, max(0.1, 2.0 / steps))  # at least 2 warm-up steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=warmup)
     return opt, sched
 
@@ -199,6 +203,10 @@ def train_qformer(model, tokens: torch.Tensor, scene_ids: torch.Tensor, recipe: 
     ids, mask = text.input_ids, text.attention_mask
     changes = _one_attribute_changes()
     by_scene = [torch.nonzero(scene_ids == s).flatten() for s in range(len(ALL_SCENES))]
+    if recipe.itm_steps and any(len(b) == 0 for b in by_scene):
+        missing = sum(len(b) == 0 for b in by_scene)
+        raise ValueError(f"the Q-Former pool has no image of {missing} of the {len(ALL_SCENES)} scenes, which ITM negatives need; "
+                         "raise --qformer-pool (and --pool)")
     temp = nn.Parameter(torch.tensor(0.07))  # BLIP-2's learned ITC temperature, trained 10x slower
     params = [p for p in model.parameters() if p.requires_grad]
     post_ln = model.vision_model.post_layernorm
@@ -324,10 +332,23 @@ def _vit_identical(itm_dir: Path, cap_dir: Path) -> bool:
 
 
 def run(out: Path, recipe: Recipe, workers: int = THREADS) -> dict:
-    """Train both models into ``out/itm`` and ``out/captioner``, evaluate them from disk; returns the report."""
+    """Train both models into ``out/itm`` and ``out/captioner``, evaluate them from disk; returns the report.
+
+    Runs with THREADS torch threads, deterministic kernels and fixed seeds; the caller's settings are
+    restored afterwards."""
+    threads, deterministic, rng = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(MODEL_SEED)
+    try:
+        return _run(out, recipe, workers)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.random.set_rng_state(rng)
+
+
+def _run(out: Path, recipe: Recipe, workers: int) -> dict:
     gen = torch.Generator().manual_seed(MODEL_SEED)
     timings: dict[str, float] = {}
     start = t = time.time()
