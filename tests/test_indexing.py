@@ -118,6 +118,37 @@ def test_move_rename_duplicate_delete_modify(tiny_itm_dir, photos, tmp_path):
     _check_consistent(lib_dir)
 
 
+def test_a_moved_photo_and_a_copy_keep_its_date_size_and_camera(tiny_itm_dir, tmp_path):
+    from datetime import datetime
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    exif = Image.Exif()
+    exif[0x0132], exif[0x010F], exif[0x0110] = "2022:08:15 10:11:12", "Canon", "EOS R5"
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(photos / "a.jpg", exif=exif.tobytes())
+    _photo(photos / "b.jpg", 4)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    expected = (72, 40, datetime(2022, 8, 15, 10, 11, 12), "Canon", "EOS R5")
+    (photos / "later").mkdir()
+    os.rename(photos / "a.jpg", photos / "later" / "renamed.jpg")
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).reused == 1
+        assert lib.metadata.get_by_paths([str(photos / "later" / "renamed.jpg")])[str(photos / "later" / "renamed.jpg")].taken_at == expected[2]
+    shutil.copy(photos / "later" / "renamed.jpg", photos / "copy.jpg")
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.reused, r.indexed) == (1, 0)
+        got = lib.metadata.get_by_paths([str(photos / "later" / "renamed.jpg"), str(photos / "copy.jpg")])
+        for rec in got.values():
+            assert (rec.width, rec.height, rec.taken_at, rec.camera_make, rec.camera_model) == expected, rec.path
+        after = lib.search("anything", k=10, after=datetime(2020, 1, 1), rerank=False)
+        assert {h.path for h in after.hits} == set(got)
+    _check_consistent(lib_dir)
+
+
 def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, photos, tmp_path):
     from tiny_models import make_tiny_itm
 

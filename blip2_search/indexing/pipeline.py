@@ -252,10 +252,13 @@ class Indexer:
                 items.append(r)
         if renames:
             self.metadata.rename([(i, p) for i, p, _ in renames])
-        templates = self.metadata.images_by_hash({r.content_hash for r in items}) if items else {}
+        # What the photo's record says (size, date, camera): a moved photo keeps its own, a copy takes the first's.
+        templates = self.metadata.images_by_hash({r.content_hash for r in reuse})
+        own = {r.file.path: i for i, _, r in renames}
         upserts = []
         for r in items + [r for _, _, r in renames]:
-            t = (templates.get(r.content_hash) or [None])[0]
+            same = templates.get(r.content_hash) or [None]
+            t = next((rec for rec in same if rec is not None and rec.id == own.get(r.file.path)), same[0])
             upserts.append(IndexedImage(
                 path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash,
                 width=t.width if t else None, height=t.height if t else None, taken_at=t.taken_at if t else None,
