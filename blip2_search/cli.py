@@ -41,6 +41,38 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except Blip2SearchError as exc:
             raise UserError(str(exc)) from None
+        except click.UsageError as exc:  # click's own checks: one line too, not the usage text
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise UserError(f"{exc.format_message()}; see '{where} --help'") from None
+
+
+class _QueryCommand(click.Command):
+    """`search`: a query may start with '-' (a negative term, "-5 degrees"), which click would take for an option.
+
+    An argument that starts with one '-' and cannot be an option (a space, a quote or a digit after the
+    '-') and does not follow an option that takes a value is read as the query; anything else that
+    looks like an unknown option gets the hint to put the query after '--'.
+    """
+
+    def parse_args(self, ctx, args):
+        takes_value = {opt for p in self.params if isinstance(p, click.Option) and not p.is_flag for opt in p.opts}
+        fixed = []
+        for i, arg in enumerate(args):
+            follows_option = i > 0 and args[i - 1] in takes_value
+            if not follows_option and arg.startswith("-") and not arg.startswith("--") and len(arg) > 1 and (
+                not arg[1].isalpha() or any(c.isspace() for c in arg)
+            ):
+                arg = " " + arg  # no longer looks like an option; the space is taken off again below
+            fixed.append(arg)
+        try:
+            rest = super().parse_args(ctx, fixed)
+        except click.NoSuchOption as exc:
+            raise click.UsageError(f"{exc.format_message()}; a query that starts with '-' goes after '--': "
+                                   f"blip2-search search -- '{exc.option_name}...'", ctx) from None
+        query = ctx.params.get("query")
+        if query is not None and query.startswith(" -") and query[1:] in args:
+            ctx.params["query"] = query[1:]
+        return rest
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run.")
@@ -154,8 +186,12 @@ class _ProgressLine:
 @json_option
 def index(photo_dirs, library, model, captioner, no_captions, reembed, store_vit, batch_size, workers, vector_index, device, dtype, as_json):
     """Index PHOTO_DIRS into the library: new and changed files are embedded, moved ones keep their record."""
+    from .indexing.scan import check_roots
     from .library import Library
 
+    if no_captions and captioner is not None:
+        raise UserError(f"--captioner {captioner} and --no-captions contradict each other; pass one of them")
+    check_roots(photo_dirs)  # before a new library is made for them
     progress = _ProgressLine(not as_json)
     with Library.open(library, model=model, captioner=False if no_captions else captioner, create=True, reembed=reembed,
                       device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:
@@ -186,8 +222,9 @@ def status(library, as_json):
     if as_json:
         _emit(data)
     else:
+        width = max(map(len, data))
         for k, v in data.items():
-            click.echo(f"{k:10} {v}")
+            click.echo(f"{k:{width}}  {v}")
 
 
 @main.command()
@@ -221,14 +258,14 @@ def _parse_date(value: str | None, *, end_of_day: bool):
         raise UserError(f"date {value!r} is not YYYY-MM-DD or an ISO date-time; e.g. --after 2023-06-01") from None
 
 
-@main.command()
+@main.command(cls=_QueryCommand)
 @click.argument("query", required=False)
 @library_option
 @click.option("-k", "k", default=10, show_default=True, type=int, help="How many results.")
 @click.option("--rerank/--no-rerank", default=True, show_default=True, help="Rescore the top candidates with the ITM head (ITM logit + ITC).")
 @click.option("--rerank-k", default=None, type=int, help="Candidates to rerank [default: 128 on GPU, 16 on CPU].")
 @click.option("--image", "image", default=None, type=click.Path(path_type=str), help="Search by example image instead of text.")
-@click.option("--path", "path_glob", default=None, help="Only paths matching this glob, e.g. '*/2023/*' ('*' crosses '/').")
+@click.option("--path", "path_glob", default=None, help="Only paths matching this glob, e.g. '*/2023/*' ('*' crosses '/'; a relative glob is taken from the current folder).")
 @click.option("--after", default=None, help="Only photos taken on or after this date (YYYY-MM-DD, EXIF time).")
 @click.option("--before", default=None, help="Only photos taken on or before this date (YYYY-MM-DD, EXIF time).")
 @click.option("--min-score", default=None, type=float, help="Only results whose ITC cosine is at least this.")
@@ -246,16 +283,33 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
 
     if sum(x is not None for x in (query, image, queries_file)) != 1:
         raise UserError("give exactly one of QUERY, --image PATH or --queries FILE")
-    filters = dict(path=path_glob, after=_parse_date(after, end_of_day=False), before=_parse_date(before, end_of_day=True), min_score=min_score, sort=sort)
+    filters = dict(path=_absolute_glob(path_glob), after=_parse_date(after, end_of_day=False), before=_parse_date(before, end_of_day=True),
+                   min_score=min_score, sort=sort)
     with Library.open(library, device=device, dtype=dtype) as lib:
         if image is not None:
             _print_result(lib.similar(image, k, **filters), as_json)
         elif queries_file is not None:
-            for line in queries_file:
-                if line.strip():
+            failed = 0
+            for number, line in enumerate(queries_file, 1):
+                if not line.strip():
+                    continue
+                try:
                     _emit_line(lib.search(line.strip(), k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters).as_dict())
+                except Blip2SearchError as exc:  # one bad line does not stop the others
+                    failed += 1
+                    _emit_line({"query": line.strip(), "line": number, "error": str(exc)})
+            if failed:
+                raise UserError(f"{failed} quer{'y' if failed == 1 else 'ies'} of {queries_file.name} failed (their lines carry an \"error\"); fix those lines and run them again")
         else:
             _print_result(lib.search(query, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters), as_json)
+
+
+def _absolute_glob(glob: str | None) -> str | None:
+    """Stored paths are absolute: a relative glob ('photos/2023/*') is taken from the current folder;
+    one that starts with a wildcard ('*/2023/*') already matches anywhere."""
+    if glob is None or not glob.strip() or os.path.isabs(glob) or glob[0] in "*?[":
+        return glob
+    return os.path.join(os.path.abspath("."), glob)
 
 
 def _emit_line(data) -> None:
@@ -268,10 +322,17 @@ def _print_result(result, as_json: bool) -> None:
         return
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    if not result.hits:
+        click.echo("no results (filters: --path, --after, --before and --min-score narrow the search)", err=True)
+    reranked = sum(h.itm_logit is not None for h in result.hits)
+    if 0 < reranked < len(result.hits):
+        click.echo(f"note: the first {reranked} were reranked (score = ITM logit + ITC); the rest keep the first stage's "
+                   "order and score", err=True)
     for h in result.hits:
         itm = f"  itm={h.itm_logit:6.3f}" if h.itm_logit is not None else ""
+        date = f"  {h.taken_at:%Y-%m-%d}" if h.taken_at else ""
         cap = f"  \"{h.caption}\"" if h.caption else ""
-        click.echo(f"{h.score:8.4f}  itc={h.itc:.4f}{itm}  {h.path}{cap}")
+        click.echo(f"{h.score:8.4f}  itc={h.itc:.4f}{itm}{date}  {h.path}{cap}")
 
 
 @main.command()
@@ -351,17 +412,17 @@ def eval_(annotations, images_dir, model, rerank_k, split, batch_size, device, d
 def serve(library, host, port, token, device, dtype):
     """Serve the search API and web page (docs/server.md) with the models kept loaded."""
     try:
-        from .server import check_bind, serve as run
+        from .server import check_bind, listen, serve as run
     except ImportError as exc:
         raise UserError(f"the server needs FastAPI and uvicorn ({exc.name} is missing); pip install 'blip2-search[server]'") from None
     from .library import Library
 
     check_bind(host, token)
-    with Library.open(library, device=device, dtype=dtype) as lib:
+    with Library.open(library, device=device, dtype=dtype) as lib, listen(host, port) as sock:
         shown = f"[{host}]" if ":" in host else host
         login = " (open /?token=TOKEN once in a browser)" if token else ""
         click.echo(f"serving {lib.folder} on http://{shown}:{port}/{login}", err=True)
-        run(lib, host=host, port=port, token=token)
+        run(lib, host=host, port=port, token=token, sock=sock)
 
 
 if __name__ == "__main__":  # pragma: no cover

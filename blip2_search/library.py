@@ -118,6 +118,8 @@ class Library:
             from .models.loading import resolve_model
 
             source = resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
+            if captioner:  # and a captioner named for it
+                resolve_model(_canonical(str(captioner)), role="captioner")
         metadata = open_metadata(folder, create=create)
         info = metadata.info()
         recorded = info.embedder.model.model_id if info.embedder else None

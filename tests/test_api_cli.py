@@ -105,3 +105,21 @@ def test_cli_empty_query_exits_2(tiny_itm_dir, photo_dir):
     _, paths = photo_dir
     res = CliRunner().invoke(main, ["rerank", "  ", str(paths[0]), "--model", str(tiny_itm_dir)])
     assert res.exit_code == 2 and "empty" in res.output
+
+
+@pytest.mark.parametrize("command", [["caption", "{photo}"], ["index", "{photos}", "--library", "{lib}", "--model", "demo"]])
+def test_a_missing_captioner_names_the_captioner_option(photo_dir, tmp_path, command):
+    folder, paths = photo_dir
+    args = [a.format(photo=paths[0], photos=folder, lib=tmp_path / "lib") for a in command]
+    res = CliRunner().invoke(main, [*args, "--captioner", str(tmp_path / "no captioner")])
+    assert res.exit_code == 2 and "pass --captioner" in res.output and "--model" not in res.output, res.output
+    assert not (tmp_path / "lib").exists()  # index: a bad captioner leaves no library behind either
+
+
+def test_index_refuses_before_making_a_library(photo_dir, tmp_path):
+    folder, paths = photo_dir
+    for args, fix in ((["no such folder"], "existing folder"), ([str(paths[0])], "the folder that holds it"),
+                      ([str(folder), "--captioner", "demo", "--no-captions"], "pass one of them")):
+        res = CliRunner().invoke(main, ["index", *args, "--library", str(tmp_path / "lib"), "--model", "demo"])
+        assert res.exit_code == 2 and fix in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert not (tmp_path / "lib").exists()

@@ -157,6 +157,8 @@ def test_duplicates_groups_the_copy(lib):
     (["", "--no-rerank"], "empty"), (["red", "-k", "0"], "-k"), (["red", "-k", "1000000"], "-k"),
     (["red", "--after", "2021-13-01"], "YYYY-MM-DD"), (["red", "--path", " "], "glob"),
     (["red", "--after", "2022-01-01", "--before", "2021-01-01"], "swap"), (['red "unclosed'], "quote"),
+    (["red", "--min-score", "nan"], "finite"), (["-cat"], "after '--'"), (["red", "--sort", "size"], "--help"),
+    (["red", "--queries", "no such file.txt"], "--help"),
 ])
 def test_bad_search_input_exits_2_with_the_fix(lib_dir, args, fix):
     before = (lib_dir / "metadata.sqlite").stat().st_mtime_ns
@@ -164,6 +166,33 @@ def test_bad_search_input_exits_2_with_the_fix(lib_dir, args, fix):
     assert res.exit_code == 2, res.output
     assert fix.lower() in res.output.lower() and "Traceback" not in res.output
     assert (lib_dir / "metadata.sqlite").stat().st_mtime_ns == before
+
+
+def test_bad_search_input_is_one_line(lib_dir):
+    for args in (["red", "--sort", "size"], ["red", "--no-such-option"], ["-cat"], ["red", "-k", "ten"]):
+        res = CliRunner().invoke(main, ["search", *args, "--library", str(lib_dir)])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_queries_that_start_with_a_minus_sign(lib_dir):
+    def run(*args):
+        res = CliRunner().invoke(main, ["search", "--library", str(lib_dir), "--no-rerank", "-k", "3", "--json", *args])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    negative = f'-"{TEXTS[1]}" + "{TEXTS[0]}"'
+    assert run(negative) == run("--", negative)  # no '--' needed when it cannot be an option
+    assert run("-5 degrees, " + TEXTS[0])["query"] == "-5 degrees, " + TEXTS[0]
+    assert run("--path", "*", negative)["results"] == run(negative)["results"]
+
+
+def test_relative_path_glob_is_taken_from_the_current_folder(lib_dir, lib, monkeypatch):
+    folder = Path(lib.search(TEXTS[0], 1, rerank=False).hits[0].path).parent
+    monkeypatch.chdir(folder.parent)
+    res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", f"{folder.name}/*", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["results"], res.output
+    res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", "elsewhere/*"])
+    assert res.exit_code == 0 and "no results" in res.stderr
 
 
 def test_missing_library_exits_2(tmp_path):
@@ -186,6 +215,13 @@ def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
     res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert [x["query"] for x in lines] == TEXTS and all(len(x["results"]) == 2 for x in lines)
+    # a bad line is reported in place (with its line number) and the others still run; exit 2 at the end
+    qf.write_text(f'{TEXTS[0]}\n"unclosed\n{TEXTS[1]}\n')
+    res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert res.exit_code == 2 and "1 query of" in res.stderr
+    assert [x.get("line") for x in lines] == [None, 2, None] and "quote" in lines[1]["error"]
+    assert [x["query"] for x in lines] == [TEXTS[0], '"unclosed', TEXTS[1]] and len(lines[2]["results"]) == 2
 
 
 def test_long_query_is_truncated_with_a_note(lib):

@@ -599,3 +599,16 @@ def test_serve_command_serves_the_library(lib):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "serving" in err and "/?token=TOKEN" in err and TOKEN not in err
+
+
+def test_serve_on_a_port_in_use_is_one_line(lib):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "blip2_search.cli", "serve", "--library", str(lib.folder), "--port", str(port)],
+                              env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"port {port}" in lines[0] and "--port" in lines[0] and "serving" not in proc.stderr

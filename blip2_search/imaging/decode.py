@@ -229,7 +229,7 @@ def _pillow_errors(src: OpenedSource) -> Iterator[None]:
 def _unidentified_reason(label: str | None, suffix: str) -> str:
     if label is None:
         despite = f" despite its {suffix!r} extension" if suffix else ""
-        return f"not an image file (content not recognised{despite}); remove it or exclude it from the library"
+        return f"not an image file (content not recognised{despite}); replace it with an image file, or remove it"
     if label in _SUPPORTED_LABELS:
         return f"corrupt or truncated {label} file (its header cannot be parsed); re-copy or re-export it"
     return f"unsupported format ({label}); convert it to JPEG or PNG"

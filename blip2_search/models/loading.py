@@ -42,17 +42,22 @@ def resolve_model(name: str, *, role: str = "embedder") -> ModelSource:
     Raises ModelNotFoundError naming everything that was tried and the fix.
     """
     if not name or not str(name).strip():
-        raise ModelNotFoundError(f"{role} model name is empty; pass --model with a hub id, a local directory or 'demo'")
+        raise ModelNotFoundError(f"{role} model name is empty; pass {_option(role)} with a hub id, a local directory or 'demo'")
     name = str(name)
     if name == DEMO:
         return _demo_source(role)
     path = Path(name).expanduser()
     if path.exists():
-        return _local_source(name, path)
+        return _local_source(name, path, role)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_like_path:
-        raise ModelNotFoundError(f"{role} model directory {name!r} does not exist; pass --model with an existing directory, a hub id or 'demo'")
+        raise ModelNotFoundError(f"{role} model directory {name!r} does not exist; pass {_option(role)} with an existing directory, a hub id or 'demo'")
     return _hub_source(name, role)
+
+
+def _option(role: str) -> str:
+    """The command-line option that names a model of this role."""
+    return "--captioner" if role == "captioner" else "--model"
 
 
 def _demo_source(role: str) -> ModelSource:
@@ -64,11 +69,11 @@ def _demo_source(role: str) -> ModelSource:
     return ModelSource(DEMO, path, fingerprint(path))
 
 
-def _local_source(name: str, path: Path) -> ModelSource:
+def _local_source(name: str, path: Path, role: str) -> ModelSource:
     if not path.is_dir():
-        raise ModelNotFoundError(f"model path {name!r} is a file, not a checkpoint directory; pass --model with the directory holding config.json")
+        raise ModelNotFoundError(f"{role} model path {name!r} is a file, not a checkpoint directory; pass {_option(role)} with the directory holding config.json")
     if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"model directory {name!r} has no config.json; pass --model with a directory saved by save_pretrained")
+        raise ModelNotFoundError(f"{role} model directory {name!r} has no config.json; pass {_option(role)} with a directory saved by save_pretrained")
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"model directory {name!r} has no .safetensors weights (pickled .bin weights are not loaded); convert it with save_pretrained(safe_serialization=True)")
     return ModelSource(name, path.resolve(), fingerprint(path))
@@ -82,7 +87,7 @@ def _hub_source(name: str, role: str) -> ModelSource:
         raise ModelNotFoundError(f"cannot resolve hub id {name!r}: huggingface_hub is not installed; pip install huggingface_hub") from exc
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    fix = f"pass --model PATH to a local copy, or download it once with `hf download {name}` into the HF cache (HF_HOME)"
+    fix = f"pass {_option(role)} PATH to a local copy, or download it once with `hf download {name}` into the HF cache (HF_HOME)"
     try:
         local = snapshot_download(name, allow_patterns=_HUB_FILES, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, HfHubHTTPError, ValueError, OSError):

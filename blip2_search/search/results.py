@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +27,8 @@ class Filters:
     def __post_init__(self):
         if self.after and self.before and self.after > self.before:
             raise InvalidInputError(f"date filter: --after {self.after:%Y-%m-%d} is later than --before {self.before:%Y-%m-%d}; swap them")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise InvalidInputError(f"score filter {self.min_score} is not a finite number; pass e.g. --min-score 0.3, or drop it")
         if self.path_glob is not None and not self.path_glob.strip():
             raise InvalidInputError("path filter is empty; pass a glob such as '*/2023/*' or drop --path")
 

@@ -7,6 +7,7 @@ serving thumbnails and the page while a query runs. Routes are listed in docs/se
 import io
 import logging
 import os
+import socket
 import threading
 from dataclasses import asdict
 from importlib import resources
@@ -332,13 +333,31 @@ def _openapi_with_security(app: FastAPI):
     return openapi
 
 
-def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, log_level: str = "info") -> None:
-    """Serve `library` with uvicorn until interrupted. Loads the text model first, so a broken model or an
-    empty library fails here, before the port opens."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port; a port in use (or a host not of this machine) is an InvalidInputError
+    naming the fix, raised before anything else starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed server's lingering port is free
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise InvalidInputError(f"cannot listen on {host} port {port} ({exc.strerror or exc}); pass another --port, "
+                                "or stop the program that uses it") from None
+    return sock
+
+
+def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, log_level: str = "info",
+          sock: socket.socket | None = None) -> None:
+    """Serve `library` with uvicorn until interrupted, on `sock` (from `listen`) or a new one on host:port.
+    Loads the text model first, so a broken model or an empty library fails here, before requests come."""
     app = create_app(library, token=token, host=host)
     library.search("a photo", 1, rerank=False, fusion=False)
+    sock = sock if sock is not None else listen(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "listen", "serve"]
