@@ -318,17 +318,45 @@ def masked_qformer(enc: Blip2Encoder, vit: torch.Tensor, to_host: bool = True):
         return out.float().cpu().numpy() if to_host else out
 
 
-def queued_batches(enc: Blip2Encoder, u8: np.ndarray, n: int) -> None:
-    """`n` batches through `embed_batch` with one queued ahead, collecting each as the indexer does."""
+def queued_batches(enc: Blip2Encoder, u8: np.ndarray, n: int, write=None, ahead: bool = True) -> None:
+    """`n` batches through `embed_batch`, each collected (and given to `write`) after the next one is queued,
+    as the indexer does; `ahead=False`: collected and written before the next one is queued."""
     from blip2_search.indexing.embed import embed_batch
 
     previous = None
     for _ in range(n):
         queued = embed_batch(enc, None, {enc.image_size: u8})
+        if not ahead:
+            queued, previous = None, queued
         if previous is not None:
-            previous.collect()
+            vectors = previous.collect().vectors
+            if write is not None:
+                write(vectors)
         previous = queued
-    previous.collect()
+    if previous is not None:
+        vectors = previous.collect().vectors
+        if write is not None:
+            write(vectors)
+
+
+class BlobWriter:
+    """Rows of float32 vectors into SQLite (WAL, synchronous=NORMAL, one transaction a batch), like the
+    metadata store's embedding rows; `seconds` holds each batch's write time."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, vectors BLOB)")
+        self.seconds: list[float] = []
+
+    def write(self, vectors: np.ndarray) -> None:
+        start = time.perf_counter()
+        with self.db:
+            self.db.executemany("INSERT INTO rows (vectors) VALUES (?)", [(v.tobytes(),) for v in vectors])
+        self.seconds.append(time.perf_counter() - start)
 
 
 def count_syncs(fn) -> int | str:
@@ -389,6 +417,15 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
         # previous one's results are collected (indexing.embed / indexing.pipeline), 4 batches a rep.
         t = timed(lambda: queued_batches(enc, u8, 4), device, reps)
         rec[f"indexer_uint8_img_s_b{b}"] = round(4 * b / statistics.median(t), 1)
+        # The same with each batch written to SQLite (32 KB of vectors an image, as the metadata store
+        # writes them), queued one ahead against written before the next batch starts.
+        with tempfile.TemporaryDirectory() as folder:
+            db = BlobWriter(Path(folder) / "vectors.sqlite")
+            t = timed(lambda: queued_batches(enc, u8, 4, write=db.write), device, reps)
+            rec[f"indexer_write_img_s_b{b}"] = round(4 * b / statistics.median(t), 1)
+            t = timed(lambda: queued_batches(enc, u8, 4, write=db.write, ahead=False), device, reps)
+            rec[f"serial_write_img_s_b{b}"] = round(4 * b / statistics.median(t), 1)
+            rec[f"sqlite_write_ms_per_img_b{b}"] = round(1000 * statistics.median(db.seconds) / b, 3)
         del px
 
     # Text query latency (tokenise, Q-Former text path, projection, copy to host).
