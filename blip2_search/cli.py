@@ -199,6 +199,8 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, store_vit
             report = lib.index(photo_dirs, progress=progress, store_vit=store_vit)
         finally:
             progress.close()
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
     data = {k: getattr(report, k) for k in ("scanned", "indexed", "unchanged", "reused", "failed", "deleted", "seconds")}
     if as_json:
         _emit(data)

@@ -228,11 +228,15 @@ class Library:
         roots = check_roots(dirs)
         with self._lock():
             info = self._embedder_info()
+            notes = []
             if self.reembed:
                 recorded = self.metadata.info().embedder
                 if recorded is not None and recorded != info:
                     self.metadata.reset_embedder(info)
                     self._vectors = None
+                elif recorded is not None:
+                    notes.append(f"the library's vectors already come from {self.model_name!r}, so --reembed had nothing to redo; "
+                                 "it re-embeds when --model names another model")
             self.metadata.ensure_embedder(info)
             kind = self.vector_index_kind()
             if self.metadata.vector_index() != kind:
@@ -250,7 +254,7 @@ class Library:
                 self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
                 # the index now holds exactly what the database committed
                 self.vectors.save(self.folder / VECTORS_FILENAME, generation=self.metadata.vectors_generation())
-            return report
+            return replace(report, notes=tuple(notes)) if notes else report
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

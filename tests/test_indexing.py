@@ -160,7 +160,9 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
         Library.open(lib_dir, model=str(other))
     with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
         r = lib.index([photos])
-        assert r.indexed == 7 and lib.status().model == str(other)
+        assert r.indexed == 7 and lib.status().model == str(other) and r.notes == ()
+    res = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--model", str(other), "--reembed"])
+    assert res.exit_code == 0 and "unchanged 7" in res.stdout and "nothing to redo" in res.stderr, res.output
     _check_consistent(lib_dir)
 
 

@@ -53,6 +53,7 @@ class IndexReport:
     deleted: int
     seconds: float
     interrupted: bool = False
+    notes: tuple[str, ...] = ()  # what the caller should know, e.g. an option that had nothing to do
 
 
 @dataclass(frozen=True)
