@@ -102,14 +102,17 @@ def get_captioner(captioner: str | Blip2Captioner = DEFAULT_CAPTIONER, *, device
 
 def _read_images(images: Sequence[ImageLike]) -> tuple[list[tuple[int, str | None, Image.Image]], list[ImageFailure]]:
     """Open paths (EXIF-rotated RGB); failures become `ImageFailure`s instead of stopping the batch."""
-    from .images import open_image
+    from .images import open_image, upright_rgb
 
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     loaded, errors = [], []
     for i, item in enumerate(images):
         if isinstance(item, Image.Image):
-            loaded.append((i, None, item))
+            try:
+                loaded.append((i, None, upright_rgb(item, f"<image {i}>")))
+            except Blip2SearchError as exc:
+                errors.append(ImageFailure(i, None, str(exc)))
             continue
         path = os.fspath(item)
         try:

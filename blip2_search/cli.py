@@ -245,21 +245,6 @@ def failures(library, as_json):
             click.echo(f"{r['path']}\t{r['error']}")
 
 
-def _parse_date(value: str | None, *, end_of_day: bool):
-    """YYYY-MM-DD (a whole day) or an ISO date-time; a bad value is a usage error naming the format."""
-    from datetime import datetime, time as dtime
-
-    if value is None:
-        return None
-    try:
-        if len(value) == 10:
-            day = datetime.strptime(value, "%Y-%m-%d")
-            return datetime.combine(day.date(), dtime.max if end_of_day else dtime.min)
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise UserError(f"date {value!r} is not YYYY-MM-DD or an ISO date-time; e.g. --after 2023-06-01") from None
-
-
 @main.command(cls=_QueryCommand)
 @click.argument("query", required=False)
 @library_option
@@ -285,8 +270,7 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
 
     if sum(x is not None for x in (query, image, queries_file)) != 1:
         raise UserError("give exactly one of QUERY, --image PATH or --queries FILE")
-    filters = dict(path=_absolute_glob(path_glob), after=_parse_date(after, end_of_day=False), before=_parse_date(before, end_of_day=True),
-                   min_score=min_score, sort=sort)
+    filters = dict(path=_absolute_glob(path_glob), after=after, before=before, min_score=min_score, sort=sort)
     with Library.open(library, device=device, dtype=dtype) as lib:
         if image is not None:
             _print_result(lib.similar(image, k, **filters), as_json)

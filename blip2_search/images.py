@@ -1,6 +1,6 @@
 """Decoding photos for the index: the public face of `blip2_search.imaging`.
 
-`open_image` gives an upright RGB image; `decode_for_model` gives the [size, size, 3] uint8
+`open_image` gives an upright RGB image (`upright_rgb` makes the same of an in-memory PIL image); `decode_for_model` gives the [size, size, 3] uint8
 pixels BLIP-2's processor would resize to (fast JPEG path by default); `read_info` reads the
 size, format, EXIF date and camera without decoding pixels. All raise `ImageDecodeError`.
 """
@@ -15,6 +15,7 @@ from .imaging import (
     decode_for_model,
     open_image,
     read_info,
+    upright_rgb,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "decode_for_model",
     "open_image",
     "read_info",
+    "upright_rgb",
 ]

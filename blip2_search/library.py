@@ -225,7 +225,7 @@ class Library:
         from .indexing.pipeline import Indexer
         from .indexing.scan import check_roots
 
-        roots = check_roots(dirs)
+        roots = check_roots([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)
         with self._lock():
             info = self._embedder_info()
             notes = []
@@ -311,35 +311,41 @@ class Library:
                rerank_source: str = "auto"):
         """Top `k` images for a text query (see docs/queries.md for composite terms); returns a `SearchResult`."""
         from .search.query import parse_query
-        from .search.results import Filters, check_k
+        from .search.results import check_k, make_filters
 
         check_k(k)
         q = parse_query(query)
-        filters = Filters(path_glob=path, after=after, before=before, min_score=min_score)
+        filters = make_filters(path, after, before, min_score)
         engine = self.engine
         rk = check_k(rerank_k, "rerank-k") if rerank_k is not None else self.default_rerank_k()
         if rerank and rk == 0:
             result = engine.search_text(q, k, filters=filters, rerank=False, fusion=fusion, sort=_check_sort(sort))
             note = ("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); "
                     "index with --store-vit, pass --rerank-k N to force it, or use a GPU")
-            return replace(result, notes=result.notes + (note,))
+            return _with_glob_note(replace(result, notes=result.notes + (note,)), path)
         source = self._vit_source(rerank_source) if rerank else None
-        return engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
+        result = engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
+        return _with_glob_note(result, path)
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
         """Images most like `image` (a path or PIL image), by their 32 query vectors."""
-        from .images import open_image
-        from .search.results import Filters, check_k
+        from .images import open_image, upright_rgb
+        from .search.results import check_k, make_filters
 
         check_k(k)
+        filters = make_filters(path, after, before, min_score)
         label = str(image) if not hasattr(image, "size") else "<image>"
-        pil = image if hasattr(image, "size") else open_image(image)
-        filters = Filters(path_glob=path, after=after, before=before, min_score=min_score)
-        return self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label)
+        pil = upright_rgb(image) if hasattr(image, "size") else open_image(image)
+        return _with_glob_note(self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path)
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
-        """ITM-rerank `hits` (from `search`) against `query`: ITM logit + ITC, best first."""
-        return self.engine.rerank(query, hits, vit_source=self._vit_source(rerank_source))
+        """ITM-rerank `hits` (from `search`) against `query` (the same syntax, scored as `search` reranks):
+        ITM logit + ITC, best first."""
+        from .search.query import parse_query
+
+        q = parse_query(query)
+        hits = list(hits)
+        return self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)) if hits else []
 
     def duplicates(self, threshold: float = 0.95) -> list[list]:
         """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""
@@ -394,3 +400,12 @@ def _canonical(name: str) -> str:
 
 
 __all__ = ["FailureRecord", "Library", "LibraryStatus", "default_library_path"]
+
+
+def _with_glob_note(result, glob: str | None):
+    """A path glob that can match no recorded (absolute) path gets a note saying how to write it."""
+    if glob and not os.path.isabs(glob) and glob[0] not in "*?[":
+        note = (f"path filter {glob!r} is relative, but photos are recorded by absolute path, so it matches none; "
+                "start it with '/' or '*/'")
+        return replace(result, notes=result.notes + (note,))
+    return result

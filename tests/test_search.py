@@ -17,6 +17,7 @@ from blip2_search.cli import main
 from blip2_search.errors import InvalidInputError, LibraryError
 from blip2_search.images import open_image
 from blip2_search.library import Library
+from blip2_search.search.results import Hit
 
 TEXTS = ["a red circle on the left", "blue square", "a photo of a dog on the beach"]
 
@@ -123,6 +124,61 @@ def test_filters_apply_inside_the_search(lib):
     by_date = lib.search(TEXTS[0], 10, rerank=False, fusion=False, sort="date")
     dates = [h.taken_at for h in by_date.hits if h.taken_at]
     assert dates == sorted(dates)
+
+
+def test_python_date_filters_take_dates_text_and_datetimes_alike(lib):
+    from datetime import date
+
+    def ids(**kw):
+        return [h.id for h in lib.search(TEXTS[0], 100, rerank=False, fusion=False, **kw).hits]
+
+    some = next(h for h in lib.search(TEXTS[0], 100, rerank=False, fusion=False).hits if h.taken_at)
+    day = some.taken_at.date()  # taken at 12:00 that day
+    whole_day = ids(after=datetime.combine(day, datetime.min.time()), before=datetime.combine(day, datetime.max.time()))
+    assert some.id in whole_day
+    assert ids(after=day.isoformat(), before=day.isoformat()) == whole_day == ids(after=day, before=day)
+    assert some.id not in ids(before=datetime.combine(day, datetime.min.time()))  # a datetime is a moment
+    for kw, fix in (({"after": "2023-13-01"}, "YYYY-MM-DD"), ({"after": "yesterday"}, "YYYY-MM-DD"),
+                    ({"after": "2023-01-01T00:00:00+02:00"}, "time zone"), ({"after": 5}, "not a date"),
+                    ({"after": "2023-05-01", "before": "2023-01-01"}, "swap"), ({"after": date(2023, 5, 1), "before": datetime(2023, 1, 1)}, "swap"),
+                    ({"min_score": "0.5"}, "not a number"), ({"min_score": float("nan")}, "finite"), ({"path": 5}, "not a glob")):
+        with pytest.raises(InvalidInputError, match=fix):
+            lib.search(TEXTS[0], 3, rerank=False, **kw)
+    note = lib.search(TEXTS[0], 3, rerank=False, path="2021/*")
+    assert not note.hits and "absolute" in note.notes[-1]
+
+
+def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
+    query = f'"{TEXTS[0]}" - "{TEXTS[1]}"'
+    searched = lib.search(query, 4, rerank_k=4, fusion=False).hits
+    again = lib.rerank(query, [Hit(h.id, h.path, 0.0, 0.0, None, h.caption, h.taken_at) for h in searched])
+    assert [h.id for h in again] == [h.id for h in searched]
+    np.testing.assert_allclose([h.score for h in again], [h.score for h in searched], atol=1e-5)
+    with pytest.raises(InvalidInputError, match="quote"):
+        lib.rerank('"unclosed', searched)
+    with pytest.raises(InvalidInputError):
+        lib.rerank("  ", [])
+
+
+def test_a_closed_library_says_so(lib_dir):
+    lib = Library.open(lib_dir)
+    lib.close()
+    with pytest.raises(LibraryError, match="closed"):
+        lib.search(TEXTS[0], 3, rerank=False)
+    with pytest.raises(LibraryError, match="closed"):
+        lib.status()
+
+
+def test_pil_images_are_read_like_files(lib, tmp_path):
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.linspace(20000, 50000, 40 * 56).reshape(40, 56)).astype(np.uint16)).save(deep)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)).convert("CMYK").save(cmyk)
+    for path in (deep, cmyk):
+        by_path = lib.similar(path, 5)
+        by_pil = lib.similar(Image.open(path), 5)
+        assert [h.id for h in by_pil.hits] == [h.id for h in by_path.hits]
+        np.testing.assert_allclose([h.score for h in by_pil.hits], [h.score for h in by_path.hits], atol=1e-6)
 
 
 def test_rerank_equals_hf_forward(lib):

@@ -12,6 +12,7 @@ from .decode import (
     decode_for_model,
     open_image,
     read_info,
+    upright_rgb,
 )
 from .metadata import ImageInfo
 from .sources import ImageSource
@@ -26,4 +27,5 @@ __all__ = [
     "decode_for_model",
     "open_image",
     "read_info",
+    "upright_rgb",
 ]

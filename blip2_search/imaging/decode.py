@@ -94,6 +94,17 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, dra
     return _upright_rgb(im, orientation)
 
 
+def upright_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
+    """An in-memory PIL image made what `open_image` makes of a file: upright (EXIF orientation applied)
+    8-bit RGB, alpha on white, 16-bit and CMYK converted as for files (not PIL's clipping `convert`)."""
+    try:
+        im.load()
+    except Exception as exc:  # a lazily opened file that is truncated or corrupt
+        raise ImageDecodeError(f"cannot decode image {name}: {_failure_reason(exc, im.format)}") from exc
+    orientation = orientation_of(read_exif(im))
+    return _upright_rgb(to_rgb(im, name), orientation)
+
+
 def decode_for_model(
     source: ImageSource,
     size: int,

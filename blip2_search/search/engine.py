@@ -153,15 +153,18 @@ class SearchEngine:
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
         return SearchResult(label, tuple(hits))
 
-    def rerank(self, text: str, hits: Sequence[Hit], *, vit_source: VitSource | None = None) -> list[Hit]:
-        """ITM-rerank given hits against `text` (all of them), best first; their ITC is recomputed for
-        `text` from the stored vectors, so hits from another query (or built from ids) score correctly."""
+    def rerank(self, query: Query, hits: Sequence[Hit], *, vit_source: VitSource | None = None) -> list[Hit]:
+        """ITM-rerank given hits against `query` (all of them), best first, scored as `search_text` reranks:
+        ITC (weighted over the terms) recomputed from the stored vectors, so hits from another query (or
+        built from ids) score correctly, plus the ITM logit of the positive terms."""
         hits = list(hits)
-        if hits:
-            emb = self.encoder.embed_texts([text])
-            itc = composite_itc(self.vectors.vectors_for(np.array([h.id for h in hits], dtype=np.int64)), emb, np.ones(1, np.float32))
-            hits = [replace(h, itc=float(c), score=float(c), itm_logit=None) for h, c in zip(hits, itc.tolist())]
-        return rerank_hits(self.encoder, vit_source or self.vit_source, text, hits)[0]
+        if not hits:
+            return []
+        emb = self.encoder.embed_texts([t.text for t in query.terms])
+        weights = np.array([t.weight for t in query.terms], dtype=np.float32)
+        itc = composite_itc(self.vectors.vectors_for(np.array([h.id for h in hits], dtype=np.int64)), emb, weights)
+        hits = [replace(h, itc=float(c), score=float(c), itm_logit=None) for h, c in zip(hits, itc.tolist())]
+        return rerank_hits(self.encoder, vit_source or self.vit_source, _rerank_text(query), hits)[0]
 
     # ------------------------------------------------------------------ near duplicates
     def duplicates(self, threshold: float, *, neighbours: int = 10) -> list[list[int]]:

@@ -4,11 +4,51 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time
 
 from ..errors import InvalidInputError
 
 MAX_K = 10_000
+
+
+def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
+    """A date filter bound from a `datetime`, a `date` (the whole day), or text: `YYYY-MM-DD` (the whole
+    day) or a naive ISO date-time; None or "" means no bound.
+
+    Capture times are camera-local and stored without a time zone, so an offset is refused rather
+    than silently compared with local times.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, date):
+        return datetime.combine(value, time.max if end_of_day else time.min)
+    elif isinstance(value, str):
+        try:
+            if len(value) == 10:
+                return datetime.combine(datetime.strptime(value, "%Y-%m-%d").date(), time.max if end_of_day else time.min)
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidInputError(f"{name} = {value!r} is not a date; pass YYYY-MM-DD or an ISO date-time, e.g. {name} 2023-06-01") from None
+    else:
+        raise InvalidInputError(f"{name} = {value!r} is a {type(value).__name__}, not a date; pass a datetime, a date or 'YYYY-MM-DD'")
+    if parsed.tzinfo is not None:
+        raise InvalidInputError(
+            f"{name} = {str(value)!r} has a time zone, but photo times are camera-local; drop the offset, "
+            f"e.g. {name} {parsed.replace(tzinfo=None).isoformat(timespec='minutes')}"
+        )
+    return parsed
+
+
+def make_filters(path=None, after=None, before=None, min_score=None) -> Filters:
+    """`Filters` from what a caller passed (dates as `parse_date` takes them), each value checked."""
+    if path is not None and not isinstance(path, str):
+        raise InvalidInputError(f"path filter {path!r} is a {type(path).__name__}, not a glob; pass a string such as '*/2023/*'")
+    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))):
+        raise InvalidInputError(f"score filter {min_score!r} is a {type(min_score).__name__}, not a number; pass e.g. 0.3")
+    return Filters(path_glob=path, after=parse_date(after, name="after", end_of_day=False),
+                   before=parse_date(before, name="before", end_of_day=True), min_score=None if min_score is None else float(min_score))
 
 
 @dataclass(frozen=True)
@@ -26,11 +66,11 @@ class Filters:
 
     def __post_init__(self):
         if self.after and self.before and self.after > self.before:
-            raise InvalidInputError(f"date filter: --after {self.after:%Y-%m-%d} is later than --before {self.before:%Y-%m-%d}; swap them")
+            raise InvalidInputError(f"date filter: after {self.after:%Y-%m-%d} is later than before {self.before:%Y-%m-%d}; swap them")
         if self.min_score is not None and not math.isfinite(self.min_score):
-            raise InvalidInputError(f"score filter {self.min_score} is not a finite number; pass e.g. --min-score 0.3, or drop it")
+            raise InvalidInputError(f"score filter {self.min_score} is not a finite number; pass e.g. 0.3, or drop it")
         if self.path_glob is not None and not self.path_glob.strip():
-            raise InvalidInputError("path filter is empty; pass a glob such as '*/2023/*' or drop --path")
+            raise InvalidInputError("path filter is empty; pass a glob such as '*/2023/*' or drop it")
 
     @property
     def restricts_ids(self) -> bool:

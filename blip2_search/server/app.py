@@ -28,9 +28,9 @@ from ..api import rerank as score_images
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError
 from ..images import DEFAULT_MAX_PIXELS, open_image
 from ..library import Library
-from ..search.results import Hit
+from ..search.results import Hit, parse_date
 from . import limits
-from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text, parse_date
+from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
 from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
 from .security import TOKEN_COOKIE, Guard, allowed_host_names, check_token, token_matches
@@ -173,7 +173,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         ids = list(dict.fromkeys(req.ids))
         records, refused = await runner.io(_checked_records, photos, ids)
         hits = [Hit(r.id, real, 0.0, 0.0, None, r.caption, r.taken_at) for r, real in records]
-        ranked = await runner.model(library.rerank, query, hits) if hits else []
+        ranked = await runner.model(library.rerank, query, hits)  # parses the query even when no id is readable
         recorded = {r.id: r.path for r, _ in records}
         results, errors = [], [{"id": i, "error": msg} for i, msg in refused]
         for h in ranked:

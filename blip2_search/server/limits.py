@@ -6,8 +6,6 @@ names the limit and how to stay under it.
 
 from __future__ import annotations
 
-from datetime import datetime, time
-
 from starlette.exceptions import HTTPException
 
 from ..errors import InvalidInputError
@@ -54,31 +52,6 @@ def check_query_text(text: str, name: str = "q") -> str:
     if not text.strip():
         raise InvalidInputError(f"{name} is empty; pass the text to search for, e.g. {name}=a dog on the beach")
     return text
-
-
-def parse_date(value: str | None, *, name: str, end_of_day: bool) -> datetime | None:
-    """`YYYY-MM-DD` (the whole day) or a naive ISO date-time; None or "" means no bound.
-
-    Capture times are camera-local and stored without a time zone, so an offset is refused rather
-    than silently compared with local times.
-    """
-    if value is None or value == "":
-        return None
-    try:
-        if len(value) == 10:
-            day = datetime.strptime(value, "%Y-%m-%d")
-            return datetime.combine(day.date(), time.max if end_of_day else time.min)
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidInputError(
-            f"{name} = {value!r} is not a date; pass YYYY-MM-DD or an ISO date-time, e.g. {name}=2023-06-01"
-        ) from None
-    if parsed.tzinfo is not None:
-        raise InvalidInputError(
-            f"{name} = {value!r} has a time zone, but photo times are camera-local; drop the offset, "
-            f"e.g. {name}={parsed.replace(tzinfo=None).isoformat(timespec='minutes')}"
-        )
-    return parsed
 
 
 # How to fix each request parameter, used in validation messages.
@@ -134,5 +107,4 @@ __all__ = [
     "MAX_UPLOAD_BYTES",
     "check_query_text",
     "describe_validation_errors",
-    "parse_date",
 ]

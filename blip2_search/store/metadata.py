@@ -127,14 +127,20 @@ class MetadataStore:
 
     def __init__(self, engine: Engine, location: str, path: Path | None) -> None:
         self._engine = engine
+        self._closed = False
         self.location = location
         """The SQLite file or the URL (password hidden), as named in messages."""
         self.path = path
         """The SQLite file, or None for a server database."""
 
     def close(self) -> None:
-        """Release all database connections."""
+        """Release all database connections; later reads and writes raise LibraryError."""
         self._engine.dispose()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LibraryError(f"library {self.location} was closed; open it again (Library.open) to use it")
 
     def __enter__(self) -> MetadataStore:
         return self
@@ -144,11 +150,13 @@ class MetadataStore:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
+        self._check_open()
         with translate_errors(self.location), read_transaction(self._engine) as connection:
             yield connection
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
+        self._check_open()
         with translate_errors(self.location), write_transaction(self._engine) as connection:
             yield connection
 
