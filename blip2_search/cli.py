@@ -58,6 +58,9 @@ class _QueryCommand(click.Command):
         takes_value = {opt for p in self.params if isinstance(p, click.Option) and not p.is_flag for opt in p.opts}
         fixed = []
         for i, arg in enumerate(args):
+            if arg == "--":  # what follows is never an option
+                fixed.extend(args[i:])
+                break
             follows_option = i > 0 and args[i - 1] in takes_value
             if not follows_option and arg.startswith("-") and not arg.startswith("--") and len(arg) > 1 and (
                 not arg[1].isalpha() or any(c.isspace() for c in arg)
@@ -67,8 +70,11 @@ class _QueryCommand(click.Command):
         try:
             rest = super().parse_args(ctx, fixed)
         except click.NoSuchOption as exc:
-            raise click.UsageError(f"{exc.format_message()}; a query that starts with '-' goes after '--': "
-                                   f"blip2-search search -- '{exc.option_name}...'", ctx) from None
+            token = next((a for a in args if a.startswith(exc.option_name)), exc.option_name)
+            if token.startswith("--"):
+                raise
+            raise click.UsageError(f"{exc.format_message()}; if {token!r} is the query, put it after '--': "
+                                   f"blip2-search search -- {token!r}", ctx) from None
         query = ctx.params.get("query")
         if query is not None and query.startswith(" -") and query[1:] in args:
             ctx.params["query"] = query[1:]
@@ -275,15 +281,20 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
         if image is not None:
             _print_result(lib.similar(image, k, **filters), as_json)
         elif queries_file is not None:
+            from .search.query import parse_query
+
             failed = 0
             for number, line in enumerate(queries_file, 1):
                 if not line.strip():
                     continue
                 try:
-                    _emit_line(lib.search(line.strip(), k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters).as_dict())
-                except Blip2SearchError as exc:  # one bad line does not stop the others
+                    parse_query(line.strip())
+                except Blip2SearchError as exc:  # a bad line does not stop the others
                     failed += 1
                     _emit_line({"query": line.strip(), "line": number, "error": str(exc)})
+                    continue
+                # anything else (an option, the library, the model) fails every line: stop at the first
+                _emit_line(lib.search(line.strip(), k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters).as_dict())
             if failed:
                 raise UserError(f"{failed} quer{'y' if failed == 1 else 'ies'} of {queries_file.name} failed (their lines carry an \"error\"); fix those lines and run them again")
         else:
@@ -293,9 +304,9 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
 def _absolute_glob(glob: str | None) -> str | None:
     """Stored paths are absolute: a relative glob ('photos/2023/*') is taken from the current folder;
     one that starts with a wildcard ('*/2023/*') already matches anywhere."""
-    if glob is None or not glob.strip() or os.path.isabs(glob) or glob[0] in "*?[":
+    if glob is None or not glob.strip() or glob[0] in "*?[":
         return glob
-    return os.path.join(os.path.abspath("."), glob)
+    return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))
 
 
 def _emit_line(data) -> None:
@@ -398,17 +409,17 @@ def eval_(annotations, images_dir, model, rerank_k, split, batch_size, device, d
 def serve(library, host, port, token, device, dtype):
     """Serve the search API and web page (docs/server.md) with the models kept loaded."""
     try:
-        from .server import check_bind, listen, serve as run
+        from .server import bind_socket, check_bind, serve as run
     except ImportError as exc:
         raise UserError(f"the server needs FastAPI and uvicorn ({exc.name} is missing); pip install 'blip2-search[server]'") from None
     from .library import Library
 
     check_bind(host, token)
-    with Library.open(library, device=device, dtype=dtype) as lib, listen(host, port) as sock:
+    with bind_socket(host, port) as sock, Library.open(library, device=device, dtype=dtype) as lib:
         shown = f"[{host}]" if ":" in host else host
         login = " (open /?token=TOKEN once in a browser)" if token else ""
-        click.echo(f"serving {lib.folder} on http://{shown}:{port}/{login}", err=True)
-        run(lib, host=host, port=port, token=token, sock=sock)
+        run(lib, host=host, port=port, token=token, sock=sock,
+            ready=lambda: click.echo(f"serving {lib.folder} on http://{shown}:{port}/{login}", err=True))
 
 
 if __name__ == "__main__":  # pragma: no cover

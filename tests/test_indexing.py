@@ -281,8 +281,18 @@ def test_kill_9_at_random_points_then_resume(tiny_itm_dir, tmp_path):
         assert lib.index([photos]).unchanged == n
 
 
-def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monkeypatch):
+def _queue_ahead(monkeypatch, ahead: bool) -> None:
+    """Make the indexer keep one batch queued (as on a GPU) on this CPU, or not."""
     from blip2_search.indexing import pipeline
+
+    monkeypatch.setattr(pipeline, "decode_during_forward", lambda devices: ahead)
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["cpu", "queued"])
+def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monkeypatch, ahead):
+    from blip2_search.indexing import pipeline
+
+    _queue_ahead(monkeypatch, ahead)
 
     calls = {"n": 0}
     real = pipeline.embed_batch
@@ -305,10 +315,13 @@ def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monke
     _check_consistent(lib_dir)
 
 
-def test_interrupt_while_decoding_commits_the_batch_already_embedded(tiny_itm_dir, photos, tmp_path, monkeypatch):
-    """The indexer keeps one embedded batch queued (on a GPU it runs while the previous one is written);
-    Ctrl-C anywhere, here in a decode, still commits it."""
+@pytest.mark.parametrize("ahead", [False, True], ids=["cpu", "queued"])
+def test_interrupt_while_decoding_commits_the_batch_already_embedded(tiny_itm_dir, photos, tmp_path, monkeypatch, ahead):
+    """On a GPU the indexer keeps one embedded batch queued while the previous one is written; Ctrl-C
+    anywhere, here in a decode, still commits it."""
     from blip2_search.indexing import pipeline
+
+    _queue_ahead(monkeypatch, ahead)
 
     real = pipeline.read_and_decode
     seen = []
@@ -332,8 +345,12 @@ def test_interrupt_while_decoding_commits_the_batch_already_embedded(tiny_itm_di
     _check_consistent(lib_dir)
 
 
-def test_each_batch_is_written_after_the_next_one_is_queued(tiny_itm_dir, photos, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [False, True], ids=["cpu", "queued"])
+def test_each_batch_is_written_after_the_next_one_is_queued(tiny_itm_dir, photos, tmp_path, monkeypatch, ahead):
+    """Queued (a GPU): batch i is written after batch i+1 is queued. On the CPU each is written at once."""
     from blip2_search.indexing import pipeline
+
+    _queue_ahead(monkeypatch, ahead)
 
     events = []
     real_embed, real_store = pipeline.embed_batch, pipeline.Indexer._store_batch
@@ -350,7 +367,32 @@ def test_each_batch_is_written_after_the_next_one_is_queued(tiny_itm_dir, photos
     monkeypatch.setattr(pipeline.Indexer, "_store_batch", store)
     with _open(tmp_path / "lib", tiny_itm_dir) as lib:
         assert lib.index([photos]).indexed == 7
-    assert events == [("queue", 3), ("queue", 3), ("write", 3), ("queue", 1), ("write", 3), ("write", 1)]
+    if ahead:
+        assert events == [("queue", 3), ("queue", 3), ("write", 3), ("queue", 1), ("write", 3), ("write", 1)]
+    else:
+        assert events == [("queue", 3), ("write", 3), ("queue", 3), ("write", 3), ("queue", 1), ("write", 1)]
+
+
+def test_a_failed_commit_does_not_hide_the_interrupt(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    from blip2_search.indexing import pipeline
+
+    _queue_ahead(monkeypatch, True)
+    real_embed, calls = pipeline.embed_batch, []
+
+    def embed(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_embed(*a, **kw)
+
+    def store(self, *a):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "embed_batch", embed)
+    monkeypatch.setattr(pipeline.Indexer, "_store_batch", store)
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        r = lib.index([photos])
+    assert r.interrupted and r.indexed == 0  # Ctrl-C is what the caller hears about, not the commit after it
 
 
 def test_captions_are_written_and_embedded(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):

@@ -240,6 +240,10 @@ def test_queries_that_start_with_a_minus_sign(lib_dir):
     assert run(negative) == run("--", negative)  # no '--' needed when it cannot be an option
     assert run("-5 degrees, " + TEXTS[0])["query"] == "-5 degrees, " + TEXTS[0]
     assert run("--path", "*", negative)["results"] == run(negative)["results"]
+    res = CliRunner().invoke(main, ["search", "--library", str(lib_dir), "--afetr", "2023-01-01", "cat"])
+    assert res.exit_code == 2 and "--afetr" in res.output and "'--'" not in res.output
+    res = CliRunner().invoke(main, ["search", "--library", str(lib_dir), "-car"])
+    assert res.exit_code == 2 and "blip2-search search -- '-car'" in res.output
 
 
 def test_relative_path_glob_is_taken_from_the_current_folder(lib_dir, lib, monkeypatch):
@@ -249,6 +253,8 @@ def test_relative_path_glob_is_taken_from_the_current_folder(lib_dir, lib, monke
     assert res.exit_code == 0 and json.loads(res.stdout)["results"], res.output
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", "elsewhere/*"])
     assert res.exit_code == 0 and "no results" in res.stderr
+    res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", f"./{folder.name}/../{folder.name}/*", "--json"])
+    assert json.loads(res.stdout)["results"], res.output
 
 
 def test_missing_library_exits_2(tmp_path):
@@ -278,6 +284,9 @@ def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
     assert res.exit_code == 2 and "1 query of" in res.stderr
     assert [x.get("line") for x in lines] == [None, 2, None] and "quote" in lines[1]["error"]
     assert [x["query"] for x in lines] == [TEXTS[0], '"unclosed', TEXTS[1]] and len(lines[2]["results"]) == 2
+    # a bad option is not a bad line: one error, at once
+    res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "-k", "0"])
+    assert res.exit_code == 2 and res.stdout == "" and "-k" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_long_query_is_truncated_with_a_note(lib):

@@ -612,3 +612,14 @@ def test_serve_on_a_port_in_use_is_one_line(lib):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"port {port}" in lines[0] and "--port" in lines[0] and "serving" not in proc.stderr
+
+
+def test_serve_on_an_empty_library_fails_before_saying_it_serves(tmp_path):
+    from blip2_search.store import open_metadata
+
+    open_metadata(tmp_path / "empty", create=True).close()
+    port = _free_port()
+    res = CliRunner().invoke(main, ["serve", "--library", str(tmp_path / "empty"), "--port", str(port)])
+    assert res.exit_code == 2 and "serving" not in res.output and "index" in res.output, res.output
+    with socket.socket() as s:  # and the port was let go
+        s.bind(("127.0.0.1", port))

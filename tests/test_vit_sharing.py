@@ -76,8 +76,9 @@ def test_embed_batch_shared_equals_two_passes(tiny_itm_dir, shared_captioner_dir
     np.testing.assert_allclose(shared.vectors, separate.vectors, atol=1e-6)
     assert shared.captions == separate.captions
     np.testing.assert_allclose(shared.caption_vectors, separate.caption_vectors, atol=1e-6)
-    np.testing.assert_allclose(shared.vit, separate.vit, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(shared.vit, enc.vit_tokens(enc.pixels_from_uint8(pixels[32])).numpy(), atol=1e-5)
+    np.testing.assert_allclose(shared.vit.astype(np.float32), separate.vit.astype(np.float32), atol=2e-3, rtol=0)
+    assert shared.vit.dtype == np.float16  # what the token store keeps
+    np.testing.assert_array_equal(shared.vit, enc.vit_tokens(enc.pixels_from_uint8(pixels[32])).half().numpy())
 
 
 def test_demo_models_share_their_vit():

@@ -203,10 +203,6 @@ def train_qformer(model, tokens: torch.Tensor, scene_ids: torch.Tensor, recipe: 
     ids, mask = text.input_ids, text.attention_mask
     changes = _one_attribute_changes()
     by_scene = [torch.nonzero(scene_ids == s).flatten() for s in range(len(ALL_SCENES))]
-    if recipe.itm_steps and any(len(b) == 0 for b in by_scene):
-        missing = sum(len(b) == 0 for b in by_scene)
-        raise ValueError(f"the Q-Former pool has no image of {missing} of the {len(ALL_SCENES)} scenes, which ITM negatives need; "
-                         "raise --qformer-pool (and --pool)")
     temp = nn.Parameter(torch.tensor(0.07))  # BLIP-2's learned ITC temperature, trained 10x slower
     params = [p for p in model.parameters() if p.requires_grad]
     post_ln = model.vision_model.post_layernorm
@@ -336,7 +332,8 @@ def run(out: Path, recipe: Recipe, workers: int = THREADS) -> dict:
 
     Runs with THREADS torch threads, deterministic kernels and fixed seeds; the caller's settings are
     restored afterwards."""
-    threads, deterministic, rng = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state()
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(MODEL_SEED)
@@ -344,7 +341,7 @@ def run(out: Path, recipe: Recipe, workers: int = THREADS) -> dict:
         return _run(out, recipe, workers)
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.random.set_rng_state(rng)
 
 
@@ -364,6 +361,10 @@ def _run(out: Path, recipe: Recipe, workers: int) -> dict:
     pool_u8, pool_ids = render_pool(recipe.pool, POOL_SEED, arch.IMAGE_SIZE, workers=workers, small_share=recipe.small_share)
     images, scene_ids = torch.from_numpy(pool_u8), torch.from_numpy(pool_ids)
     lap("render pool")
+    missing = len(ALL_SCENES) - len(set(pool_ids[: recipe.qformer_pool].tolist()))
+    if recipe.itm_steps and missing:  # checked before any training: ITM negatives need every scene
+        raise ValueError(f"the Q-Former pool has no image of {missing} of the {len(ALL_SCENES)} scenes, which ITM negatives need; "
+                         "raise --qformer-pool (and --pool)")
 
     itm = arch.new_itm_model(MODEL_SEED)
     _log(f"ITM model: {arch.count_parameters(itm):,} parameters; stage 1: ViT supervised heads")

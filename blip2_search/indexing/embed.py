@@ -31,7 +31,7 @@ class HostCopy:
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(tensor.device))
         else:
             self._host = tensor
 
@@ -44,7 +44,7 @@ class HostCopy:
 @dataclass(frozen=True, eq=False)
 class EmbeddedBatch:
     """`vectors [n, Q, D] float32` (L2-normalised per query); captions and `caption_vectors [n, D]` or None;
-    `vit [n, T, W] float32` the ViT tokens, or None when they were not asked for (the token store is off)."""
+    `vit [n, T, W] float16` the ViT tokens, or None when they were not asked for (the token store is off)."""
 
     vectors: np.ndarray
     captions: list[str] | None
@@ -90,6 +90,6 @@ def embed_batch(
         if captioner is not None:
             captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size], device=captioner.device))
     vectors = HostCopy(encoder.image_embeds(vit).float())
-    vit_copy = HostCopy(vit.float()) if keep_vit else None
+    vit_copy = HostCopy(vit.half()) if keep_vit else None  # the token store keeps float16
     caption_vectors = encoder.embed_texts(captions) if captions is not None else None
     return QueuedBatch(vectors, captions, caption_vectors, vit_copy)

@@ -90,6 +90,7 @@ class Indexer:
         fast_decode: bool = True,
         skip: Iterable[str] = (),
         vit_store=None,
+        queue_ahead: bool | None = None,
     ):
         self.metadata = metadata
         self.vectors = vectors
@@ -102,8 +103,11 @@ class Indexer:
         self.vit_store = vit_store if vit_store is not None and vit_store.enabled else None
         self._shared_vit: bool | None = None
         self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
+        self._store_failed = False
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
+        # Keep one embedded batch queued while the last is written: on a GPU (see `_write_batch`), or when asked.
+        self.queue_ahead = self.decode_during_forward if queue_ahead is None else queue_ahead
         self._not_in_forward = threading.Event()  # cleared while a forward runs, when decoding must wait
         self._not_in_forward.set()
 
@@ -139,7 +143,7 @@ class Indexer:
         sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
         # an indexed image always has its embedding row; pending ones (after --reembed) have none yet
         known_hashes = {k.content_hash for k in known.values() if k.content_hash and k.status == "indexed"}
-        self._queued = None
+        self._queued, self._store_failed = None, False
         pending: list[ReadResult] = []  # decoded images waiting for the next model batch
         failures: list[FailedFile] = []
         reuse: list[ReadResult] = []
@@ -176,10 +180,11 @@ class Indexer:
                 self._write_batch([], known_hashes, counts)  # the last queued batch
                 self._write_reuse(reuse, known, gone_by_hash, moved, counts)
                 self._write_failures(failures, counts)
-            except BaseException:
+            except BaseException as exc:
                 for fut in queue:
                     fut.cancel()
-                self._write_batch([], known_hashes, counts)  # the batch already embedded is still committed
+                queued, self._queued = self._queued, None
+                self._commit_after(exc, queued, known_hashes, counts)  # the batch already embedded
                 raise
 
     def _read(self, file, sizes: tuple[int, ...], known_hashes: set[str]) -> ReadResult:
@@ -188,11 +193,13 @@ class Indexer:
         return read_and_decode(file, sizes, known_hashes, fast=self.fast_decode)
 
     def _write_batch(self, pending: list[ReadResult], known_hashes: set[str], counts: _Counts) -> None:
-        """Queue the pending images on the models, then collect and commit the batch queued before them.
+        """Embed the pending images and commit them, each batch in one transaction.
 
-        One batch stays queued: on a GPU it runs while this one is written and the next one is gathered,
-        so the card does not wait for the database. Called with nothing pending, it commits the last one.
-        If queueing fails (or Ctrl-C lands there), the batch before it is still committed.
+        With `queue_ahead` (on a GPU) one batch stays queued: this queues the pending images on the model,
+        then collects and commits the batch queued before them, so the card runs while the database is
+        written and the next batch is gathered. Called with nothing pending, it commits the queued one.
+        If queueing fails (or Ctrl-C lands there), the batch before it is still committed, and that
+        exception is the one raised.
         """
         previous, self._queued = self._queued, None
         try:
@@ -200,9 +207,24 @@ class Indexer:
                 results = list(pending)
                 pending.clear()
                 self._queued = (results, self._embed(results))
-        finally:
-            if previous is not None:
-                self._store_batch(*previous, known_hashes, counts)
+        except BaseException as exc:
+            self._commit_after(exc, previous, known_hashes, counts)
+            raise
+        if not self.queue_ahead and self._queued is not None:
+            previous, self._queued = self._queued, None  # on the CPU it has run already: commit it now
+        if previous is not None:
+            self._store_batch(*previous, known_hashes, counts)
+
+    def _commit_after(self, exc: BaseException, queued, known_hashes: set[str], counts: _Counts) -> None:
+        """Commit a batch already embedded while `exc` stops the run; a failure to do so is noted on `exc`
+        (which stays the error raised), and nothing is tried after the database itself failed."""
+        if queued is None or self._store_failed:
+            return
+        try:
+            self._store_batch(*queued, known_hashes, counts)
+        except Exception as store_exc:
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"the batch embedded before it was not committed either ({type(store_exc).__name__}: {store_exc})")
 
     def _embed(self, results: list[ReadResult]) -> QueuedBatch:
         pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
@@ -217,6 +239,7 @@ class Indexer:
 
     def _store_batch(self, results: list[ReadResult], queued: QueuedBatch, known_hashes: set[str], counts: _Counts) -> None:
         """Wait for a queued batch's results and commit them (with captions) in one transaction."""
+        self._store_failed = True  # until this batch is committed
         batch = queued.collect()
         if self.vit_store is not None:
             for r, t in zip(results, batch.vit):
@@ -237,6 +260,7 @@ class Indexer:
         self.vectors.add(np.asarray(ids, dtype=np.int64), batch.vectors)
         known_hashes.update(r.content_hash for r in results)
         counts.indexed += len(results)
+        self._store_failed = False
 
     def _write_reuse(self, reuse: list[ReadResult], known, gone_by_hash, moved: set[int], counts: _Counts) -> None:
         """Files whose bytes are already embedded: a move/rename keeps its record; others share vectors."""

@@ -22,6 +22,7 @@ class Checkpoint:
         self.source = source
         self.placement = placement
         self._image_processor = None
+        self._norm_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def name(self) -> str:
@@ -71,9 +72,17 @@ class Checkpoint:
         elif device is not None:
             x = x.to(device)
         x = x.permute(0, 3, 1, 2).float() * float(proc.rescale_factor)
-        mean = torch.tensor(proc.image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(proc.image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._normalisation(x.device)
         return (x - mean) / std
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's mean and std `[1, 3, 1, 1] float32` on `device`, made once: making them for every
+        batch would copy from pageable memory, which makes the host wait for the GPU's queue."""
+        cache = self._norm_by_device
+        if device not in cache:
+            proc = self.image_processor
+            cache[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (proc.image_mean, proc.image_std))
+        return cache[device]
 
     def _from_pretrained(self, cls):
         """Load `cls` from the checkpoint in this placement, frozen, in eval mode."""

@@ -5,7 +5,7 @@ Modules: `app` (routes, error mapping, `serve`), `security` (bind rule, token, r
 parsing), `schemas` (OpenAPI shapes), `static/` (the page: plain HTML, CSS and JS, no build step).
 """
 
-from .app import create_app, listen, serve
+from .app import bind_socket, create_app, serve
 from .security import check_bind
 
-__all__ = ["check_bind", "create_app", "listen", "serve"]
+__all__ = ["bind_socket", "check_bind", "create_app", "serve"]

@@ -4,6 +4,7 @@ Model calls (search, similar, rerank) run one at a time in a worker thread, so t
 serving thumbnails and the page while a query runs. Routes are listed in docs/server.md.
 """
 
+import errno
 import io
 import logging
 import os
@@ -11,7 +12,7 @@ import socket
 import threading
 from dataclasses import asdict
 from importlib import resources
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 from urllib.parse import quote
 
 import uvicorn
@@ -333,31 +334,40 @@ def _openapi_with_security(app: FastAPI):
     return openapi
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port; a port in use (or a host not of this machine) is an InvalidInputError
-    naming the fix, raised before anything else starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn makes it listen once the app is ready, so early clients are
+    refused rather than left waiting). An address in use, a privileged port or a host that is not this
+    machine's is an InvalidInputError naming the fix, raised before anything else starts."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise InvalidInputError(f"cannot listen on --host {host} ({exc.strerror}); pass an address of this machine, e.g. 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed server's lingering port is free
-        sock.bind((host, port))
-        sock.listen(2048)
+        sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise InvalidInputError(f"cannot listen on {host} port {port} ({exc.strerror or exc}); pass another --port, "
-                                "or stop the program that uses it") from None
+        fix = {errno.EADDRINUSE: "pass another --port, or stop the program that uses it",
+               errno.EACCES: "ports below 1024 need privileges: pass a higher --port",
+               errno.EADDRNOTAVAIL: "that address is not this machine's: pass --host 127.0.0.1 or one of its addresses"}
+        raise InvalidInputError(f"cannot listen on {host} port {port} ({exc.strerror or exc}); "
+                                f"{fix.get(exc.errno, 'pass another --host or --port')}") from None
     return sock
 
 
 def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, log_level: str = "info",
-          sock: socket.socket | None = None) -> None:
-    """Serve `library` with uvicorn until interrupted, on `sock` (from `listen`) or a new one on host:port.
-    Loads the text model first, so a broken model or an empty library fails here, before requests come."""
+          sock: socket.socket | None = None, ready: Callable[[], None] | None = None) -> None:
+    """Serve `library` with uvicorn until interrupted, on `sock` (from `bind_socket`) or a new one on host:port.
+    Loads the text model first, so a broken model or an empty library fails here, before the port
+    listens; then calls `ready` (e.g. to say where it serves)."""
+    sock = sock if sock is not None else bind_socket(host, port)
     app = create_app(library, token=token, host=host)
     library.search("a photo", 1, rerank=False, fusion=False)
-    sock = sock if sock is not None else listen(host, port)
+    if ready is not None:
+        ready()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
     uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["create_app", "listen", "serve"]
+__all__ = ["bind_socket", "create_app", "serve"]
