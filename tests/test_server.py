@@ -436,6 +436,8 @@ def test_foreign_host_header_is_refused_without_a_token(client):
 def test_cross_site_post_is_refused(client, lib):
     rec_id = next(iter(_records(lib).values())).id
     _assert_error(client.post("/api/rerank", json={"query": "x", "ids": [rec_id]}, headers={"Origin": "http://evil.example"}), 403, "cross-site")
+    # sandboxed frames and file:// pages of any site send "Origin: null"
+    _assert_error(client.post("/api/rerank", json={"query": "x", "ids": [rec_id]}, headers={"Origin": "null"}), 403, "cross-site")
     assert client.post("/api/rerank", json={"query": "x", "ids": [rec_id]}, headers={"Origin": BASE}).status_code == 200
 
 
@@ -465,6 +467,12 @@ def test_bomb_upload_is_400(client):
 
 def test_undecodable_upload_is_400(client):
     _assert_error(client.post("/api/search", files={"image": ("notes.txt", b"hello, not an image", "text/plain")}), 400, "notes.txt")
+    picture = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(picture, "JPEG")
+    two = [("image", ("a.jpg", picture.getvalue(), "image/jpeg")), ("image", ("b.jpg", picture.getvalue(), "image/jpeg"))]
+    _assert_error(client.post("/api/search", files=two), 400, "exactly one picture")
+    _assert_error(client.post("/api/search", files={"image": ("a.jpg", picture.getvalue(), "image/jpeg")}, data={"junk": "x" * 30_000}),
+                  400, "8192-byte limit")
 
 
 def test_oversized_upload_is_413(client):
@@ -515,7 +523,7 @@ def test_bad_search_parameters_are_4xx_with_a_fix(client, params, status, needle
     ({"json": {"query": "x", "ids": []}}, 422, "ids"),
     ({"json": {"query": "x", "ids": [-3]}}, 422, "ids"),
     ({"json": {"query": "x", "ids": ["../etc/passwd"]}}, 422, "ids"),
-    ({"json": {"query": "", "ids": [1]}}, 422, "query"),
+    ({"json": {"query": "", "ids": [1]}}, 400, "empty"),  # as "  ": one status for an empty query
     ({"json": {"query": "  ", "ids": [1]}}, 400, "empty"),
     ({"json": {"ids": [1]}}, 422, "query"),
     ({"json": {"query": "x", "ids": [1], "path": "/etc/passwd"}}, 422, "path"),
@@ -529,9 +537,13 @@ def test_bad_rerank_requests_are_4xx(client, kwargs, status, needle):
     _assert_error(client.post("/api/rerank", **kwargs), status, needle)
 
 
-def test_unknown_endpoints_and_methods_are_json(client):
+def test_unknown_endpoints_and_methods_are_json(client, lib):
     _assert_error(client.get("/api/nope"), 404, "openapi")
     _assert_error(client.delete("/api/search"), 405, "openapi")
+    rec = next(iter(_records(lib).values()))
+    refused = client.post(f"/api/images/{rec.id}")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+    assert client.head("/").status_code == 200
 
 
 def test_model_calls_run_one_at_a_time_off_the_event_loop(client, lib, monkeypatch):

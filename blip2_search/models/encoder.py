@@ -104,9 +104,7 @@ class Blip2Encoder(Checkpoint):
         if self._full_model is not None:
             return self._full_model
         if self._text_model is None:
-            from transformers import Blip2TextModelWithProjection
-
-            self._text_model = self._from_pretrained(Blip2TextModelWithProjection)
+            self._text_model = self._from_pretrained(_text_path_class())
         return self._text_model
 
     # ---------------------------------------------------------------- text
@@ -240,6 +238,17 @@ class Blip2Encoder(Checkpoint):
             vits.append(vit)
             embeds.append(self.embed_vit_tokens(vit))
         return self.match(text, torch.cat(vits), np.concatenate(embeds))
+
+
+def _text_path_class():
+    """HF's `Blip2TextModelWithProjection`, told that a retrieval checkpoint's ViT, vision projection, ITM head
+    and query tokens are left out on purpose (otherwise transformers prints them as a load report)."""
+    from transformers import Blip2TextModelWithProjection
+
+    class Blip2TextPath(Blip2TextModelWithProjection):
+        _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^vision_projection\.", r"^itm_head\.", r"^query_tokens$"]
+
+    return Blip2TextPath
 
 
 def itc_scores(image_embeds: np.ndarray, text_embed: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 
 from .. import __version__
 from ..api import rerank as score_images
@@ -99,6 +100,8 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             return response
         return Response(pages["index.html"], media_type=_STATIC["index.html"], headers={"cache-control": "no-cache"})
 
+    app.add_api_route("/", index, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/app.js", include_in_schema=False)
     async def script() -> Response:
         return Response(pages["app.js"], media_type=_STATIC["app.js"], headers={"cache-control": "no-cache"})
@@ -139,7 +142,9 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         before: Annotated[str | None, Form(max_length=40, description=_BEFORE_HELP)] = None,
         min_score: Annotated[float | None, Form(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)] = None,
         sort: Annotated[Literal["score", "date"], Form(description="Order of the results.")] = "score",
+        request: Request = None,
     ) -> JSONResponse:
+        _check_search_form(await request.form())  # FastAPI has parsed it; the limits /api/rerank applies while parsing
         filters = _filters(path, after, before, min_score, sort)
         picture = await runner.io(_decode_upload, image)
         result = await runner.model(library.similar, picture, k, **filters)
@@ -238,6 +243,18 @@ def _filters(path: str | None, after: str | None, before: str | None, min_score:
             "before": parse_date(before, name="before", end_of_day=True), "min_score": min_score, "sort": sort}
 
 
+def _check_search_form(form) -> None:
+    """POST /api/search takes one picture in `image` and short text fields (docs/server.md's limits)."""
+    files = [key for key, value in form.multi_items() if isinstance(value, StarletteUploadFile)]
+    if files != ["image"]:
+        raise InvalidInputError(f"send exactly one picture, in the form field 'image' (got {len(files)} files"
+                                f"{': ' + ', '.join(repr(f) for f in sorted(set(files))) if files else ''})")
+    for key, value in form.multi_items():
+        if isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > limits.MAX_FORM_FIELD_BYTES:
+            raise InvalidInputError(f"form field {key!r} is {len(value.encode('utf-8', 'surrogatepass'))} bytes, over the "
+                                    f"{limits.MAX_FORM_FIELD_BYTES}-byte limit for a text field; shorten it")
+
+
 def _decode_upload(upload: UploadFile):
     """An uploaded picture decoded like an indexed photo (upright RGB, bomb cap); 413 over the size limit."""
     size = upload.size if upload.size is not None else upload.file.seek(0, os.SEEK_END)
@@ -288,7 +305,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}; the API is described at /api/openapi.json"
         elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}; see /api/openapi.json for the methods it takes"
+            allowed = sorted({m for route in request.app.routes if isinstance(route, BaseRoute) and route.matches(request.scope)[0] != Match.NONE
+                              for m in (getattr(route, "methods", None) or ())})
+            message = f"{request.method} is not allowed on {request.url.path}; it takes {', '.join(allowed) or 'no method'} (see /api/openapi.json)"
+            return JSONResponse({"error": message}, status_code=405, headers={"allow": ", ".join(allowed)})
         elif exc.status_code == 400:  # the form or JSON parser's words, e.g. "Missing boundary in multipart."
             message = (f"the request body could not be read ({message.rstrip('.')}); send JSON or multipart/form-data "
                        f"(at most {limits.MAX_RERANK_UPLOADS} files) as /api/openapi.json describes")

@@ -44,7 +44,7 @@ class RerankIds(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: str = Field(min_length=1, description="Text to match the images against (at most 4096 bytes).")
+    query: str = Field(description="Text to match the images against (not blank; at most 4096 bytes).")
     ids: list[Annotated[int, Field(ge=1, le=MAX_IMAGE_ID)]] = Field(min_length=1, max_length=MAX_RERANK_IDS)
 
 

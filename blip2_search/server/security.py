@@ -134,7 +134,7 @@ class Guard:
             return 403, (f"Host {host!r} is not this server's name; open it as http://127.0.0.1:PORT/ "
                          "(other names are refused to stop DNS-rebinding attacks)"), {}
         origin = headers.get("origin")
-        if scope["method"] not in _SAFE_METHODS and origin and origin != "null" and _netloc(origin) != headers.get("host", "").lower():
+        if scope["method"] not in _SAFE_METHODS and origin and (origin == "null" or _netloc(origin) != headers.get("host", "").lower()):
             return 403, f"cross-site request from {origin} refused; call the API from this server's own page or without an Origin header", {}
         if self.token and (path == "/api" or path.startswith("/api/")):
             given = bearer_token(headers) or cookie_token(headers)
