@@ -425,15 +425,16 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
         rec[f"embed_uint8_img_s_b{b}"] = round(b / statistics.median(t), 1)
         # As the indexer drives it: host uint8 batches through pinned memory, each batch queued before the
         # previous one's results are collected (indexing.embed / indexing.pipeline), 4 batches a rep.
-        t = timed(lambda: queued_batches(enc, u8, 4), device, reps)
+        loop_reps = min(reps, 3)  # 4 batches a rep
+        t = timed(lambda: queued_batches(enc, u8, 4), device, loop_reps)
         rec[f"indexer_uint8_img_s_b{b}"] = round(4 * b / statistics.median(t), 1)
         # The same with each batch written to SQLite (32 KB of vectors an image, as the metadata store
         # writes them), queued one ahead against written before the next batch starts.
         with tempfile.TemporaryDirectory() as folder:
             db = BlobWriter(Path(folder) / "vectors.sqlite")
-            t = timed(lambda: queued_batches(enc, u8, 4, write=db.write), device, reps)
+            t = timed(lambda: queued_batches(enc, u8, 4, write=db.write), device, loop_reps)
             rec[f"indexer_write_img_s_b{b}"] = round(4 * b / statistics.median(t), 1)
-            t = timed(lambda: queued_batches(enc, u8, 4, write=db.write, ahead=False), device, reps)
+            t = timed(lambda: queued_batches(enc, u8, 4, write=db.write, ahead=False), device, loop_reps)
             rec[f"serial_write_img_s_b{b}"] = round(4 * b / statistics.median(t), 1)
             rec[f"sqlite_write_ms_per_img_b{b}"] = round(1000 * statistics.median(db.seconds) / b, 3)
         del px
