@@ -39,7 +39,7 @@ from .security import TOKEN_COOKIE, Guard, allowed_host_names, check_token, toke
 
 log = logging.getLogger("blip2_search.server")
 
-_ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 422, 503)}  # every route can answer these
 _IMAGE_ID = Annotated[int, Path(ge=1, le=limits.MAX_IMAGE_ID, description="An id from /api/search results.")]
 _STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8", "index.html": "text/html; charset=utf-8"}
 _MEDIA_TYPES = {
