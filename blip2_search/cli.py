@@ -193,11 +193,11 @@ class _ProgressLine:
 def index(photo_dirs, library, model, captioner, no_captions, reembed, store_vit, batch_size, workers, vector_index, device, dtype, as_json):
     """Index PHOTO_DIRS into the library: new and changed files are embedded, moved ones keep their record."""
     from .indexing.scan import check_roots
-    from .library import Library
+    from .library import Library, default_library_path
 
     if no_captions and captioner is not None:
         raise UserError(f"--captioner {captioner} and --no-captions contradict each other; pass one of them")
-    check_roots(photo_dirs)  # before a new library is made for them
+    check_roots(photo_dirs, library=library if library is not None else default_library_path())  # before a library is made
     progress = _ProgressLine(not as_json)
     with Library.open(library, model=model, captioner=False if no_captions else captioner, create=True, reembed=reembed,
                       device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:

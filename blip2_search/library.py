@@ -27,6 +27,7 @@ from .store import (
 )
 from .store.engine import METADATA_FILENAME
 from .store.index_choice import VECTOR_INDEX_MODES
+from .store.index_files import saved_generation
 
 LOCK_FILENAME = "index.lock"
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
@@ -81,6 +82,7 @@ class Library:
         self._encoder = None
         self._captioner = None
         self._vectors: VectorStore | None = None
+        self._vectors_generation: int | None = None
         self._engine = None
 
     # ------------------------------------------------------------------ opening
@@ -185,9 +187,19 @@ class Library:
         another kind than the library's (`vector_index_kind`)."""
         if self._vectors is None:
             budget = int(float(settings.get("vector_memory_gb")) * 2**30)
-            self._vectors = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(),
-                                         memory_budget_bytes=budget).store
+            opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget)
+            self._vectors, self._vectors_generation = opened.store, opened.generation
         return self._vectors
+
+    def _follow_other_writers(self) -> None:
+        """Pick up what another process (an `index` run beside a server) committed and saved since the
+        vectors were loaded. While such a run is still going (its index file not yet saved at the
+        database's generation) the loaded vectors keep serving, rather than rebuilding on every batch."""
+        if self._vectors is None:
+            return
+        current = self.metadata.vectors_generation()
+        if current != self._vectors_generation and saved_generation(self.folder / VECTORS_FILENAME) == current:
+            self._vectors, self._engine = None, None
 
     @property
     def vit_store(self):
@@ -225,7 +237,7 @@ class Library:
         from .indexing.pipeline import Indexer
         from .indexing.scan import check_roots
 
-        roots = check_roots([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)
+        roots = check_roots([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs, library=self.folder)
         with self._lock():
             info = self._embedder_info()
             notes = []
@@ -253,7 +265,8 @@ class Library:
             if not report.interrupted:
                 self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
                 # the index now holds exactly what the database committed
-                self.vectors.save(self.folder / VECTORS_FILENAME, generation=self.metadata.vectors_generation())
+                self._vectors_generation = self.metadata.vectors_generation()
+                self.vectors.save(self.folder / VECTORS_FILENAME, generation=self._vectors_generation)
             return replace(report, notes=tuple(notes)) if notes else report
 
     @contextmanager
@@ -275,7 +288,9 @@ class Library:
     # ------------------------------------------------------------------ searching
     @property
     def engine(self):
-        """The search engine over this library (text-only queries load no ViT)."""
+        """The search engine over this library (text-only queries load no ViT); it follows changes that
+        another process committed (see `_follow_other_writers`)."""
+        self._follow_other_writers()
         if self._engine is None:
             from .search.engine import SearchEngine
 

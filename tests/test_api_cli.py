@@ -123,3 +123,5 @@ def test_index_refuses_before_making_a_library(photo_dir, tmp_path):
         res = CliRunner().invoke(main, ["index", *args, "--library", str(tmp_path / "lib"), "--model", "demo"])
         assert res.exit_code == 2 and fix in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert not (tmp_path / "lib").exists()
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", str(folder), "--model", "demo"])  # photos as the library
+    assert res.exit_code == 2 and "library folder or inside it" in res.output and not (folder / "metadata.sqlite").exists()

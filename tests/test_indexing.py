@@ -149,6 +149,54 @@ def test_a_moved_photo_and_a_copy_keep_its_date_size_and_camera(tiny_itm_dir, tm
     _check_consistent(lib_dir)
 
 
+def test_an_unreadable_folder_keeps_its_photos(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """A folder that cannot be listed (permissions, a drive gone for a moment) is a failure with a reason;
+    the photos indexed under it are not marked deleted (they would leave search and be re-embedded)."""
+    from blip2_search.indexing import scan as scan_module
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    blocked = str(photos / "sub dir")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.normpath(path) == blocked:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(scan_module.os, "scandir", scandir)
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.deleted, r.failed, r.unchanged) == (0, 1, 6)
+        assert [(f.path, "Permission denied" in f.error) for f in lib.failures()] == [(blocked, True)]
+        assert lib.status().indexed == 7
+    monkeypatch.setattr(scan_module.os, "scandir", real_scandir)
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        # nothing re-embedded; the folder's failure record is retired (counted as deleted, like a failed file gone)
+        assert (r.indexed, r.unchanged, r.deleted) == (0, 7, 1) and lib.failures() == []
+    _check_consistent(lib_dir)
+
+
+def test_renaming_the_indexed_folder_moves_its_records(tiny_itm_dir, photos, tmp_path):
+    """Indexing a renamed top folder: each photo keeps its record under the new path (no second copy of
+    every photo pointing at files that no longer exist)."""
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        before = {Path(p).relative_to(photos): k.id for p, k in lib.metadata.known_files().items()}
+    renamed = photos.with_name("photos renamed")
+    os.rename(photos, renamed)
+    with Library.open(lib_dir) as lib:
+        r = lib.index([renamed])
+        assert (r.reused, r.indexed) == (7, 0)
+        live = {p: k for p, k in lib.metadata.known_files().items() if k.status == "indexed"}
+        assert {Path(p).relative_to(renamed): k.id for p, k in live.items()} == before
+        assert lib.status().indexed == 7 and len(lib.search("red", 20, rerank=False).hits) == 7
+    _check_consistent(lib_dir)
+
+
 def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, photos, tmp_path):
     from tiny_models import make_tiny_itm
 

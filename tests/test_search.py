@@ -160,6 +160,28 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
         lib.rerank("  ", [])
 
 
+def test_a_long_lived_library_follows_an_index_run_of_another_process(tiny_itm_dir, tmp_path):
+    """A server's Library sees photos added and deleted by an `index` run in another process once that run
+    has saved its index (not mid-run)."""
+    photos = tmp_path / "photos"
+    for i in range(6):
+        _photo(photos / f"p{i}.jpg", 100 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([photos])
+    server = Library.open(tmp_path / "lib")
+    try:
+        assert len(server.search(TEXTS[0], 50, rerank=False).hits) == 6
+        (photos / "p0.jpg").unlink()
+        for i in range(6, 9):
+            _photo(photos / f"p{i}.jpg", 100 + i)
+        res = CliRunner().invoke(main, ["index", str(photos), "--library", str(tmp_path / "lib")])
+        assert res.exit_code == 0, res.output
+        paths = {Path(h.path).name for h in server.search(TEXTS[0], 50, rerank=False).hits}
+        assert paths == {f"p{i}.jpg" for i in range(1, 9)}
+    finally:
+        server.close()
+
+
 def test_a_closed_library_says_so(lib_dir):
     lib = Library.open(lib_dir)
     lib.close()

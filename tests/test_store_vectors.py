@@ -327,3 +327,23 @@ def test_gpu_search_equals_cpu(library):
     assert_same_ranking(
         gpu.search(queries, 10, allowed_ids=allowed), store.search(queries, 10, allowed_ids=allowed)
     )
+
+
+def test_saving_removes_stale_temporaries_and_keeps_the_folder_readable(tmp_path):
+    """A kill during a save leaves `vectors.faiss.XXXX.tmp`; the next save removes it once it is old
+    (a live save's temporary is young). Saved files are as readable as their folder, not 0600."""
+    import os
+    import time
+
+    from blip2_search.store.index_files import STALE_TEMPORARY_S, atomic_write
+
+    target = tmp_path / "vectors.faiss"
+    old, young = tmp_path / "vectors.faiss.dead.tmp", tmp_path / "vectors.faiss.live.tmp"
+    old.write_bytes(b"x" * 10)
+    young.write_bytes(b"y")
+    past = time.time() - STALE_TEMPORARY_S - 60
+    os.utime(old, (past, past))
+    tmp_path.chmod(0o755)
+    atomic_write(target, lambda p: p.write_bytes(b"index"))
+    assert target.read_bytes() == b"index" and not old.exists() and young.exists()
+    assert target.stat().st_mode & 0o777 == 0o644

@@ -267,8 +267,13 @@ class Indexer:
         if not reuse:
             return
         items, renames = [], []
+        # Records outside the folders being indexed whose file is gone (the top folder was renamed, or
+        # indexed under another name): a new path with their content is their move, not a copy.
+        new_paths = [r for r in reuse if r.file.path not in known and not gone_by_hash.get(r.content_hash)]
+        elsewhere = self.metadata.images_by_hash({r.content_hash for r in new_paths}) if new_paths else {}
+        vanished = {h: [rec.id for rec in recs if rec.id not in moved and not os.path.lexists(rec.path)] for h, recs in elsewhere.items()}
         for r in reuse:
-            candidates = gone_by_hash.get(r.content_hash) or []
+            candidates = gone_by_hash.get(r.content_hash) or vanished.get(r.content_hash) or []
             if r.file.path not in known and candidates:
                 image_id = candidates.pop(0)
                 moved.add(image_id)

@@ -28,6 +28,7 @@ class FoundFile:
     size: int
     mtime_ns: int
     error: str | None = None
+    folder: bool = False  # an unreadable folder: what is known under it is kept, not marked gone
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,21 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def check_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
-    """Absolute, existing directories; a missing or non-directory root is an InvalidInputError naming it."""
+def check_roots(roots: Iterable[str | os.PathLike], *, library: str | os.PathLike | None = None) -> list[str]:
+    """Absolute, existing directories; a missing or non-directory root, or one that is the `library`
+    folder or inside it (its photos would be skipped as library files), is an InvalidInputError naming it."""
     out = []
+    lib = os.path.realpath(os.path.expanduser(library)) if library is not None else None
     for root in roots:
         p = Path(root).expanduser()
         if not p.exists():
             raise InvalidInputError(f"photo folder {str(root)!r} does not exist; pass an existing folder to index")
         if not p.is_dir():
             raise InvalidInputError(f"photo folder {str(root)!r} is a file, not a folder; pass the folder that holds it")
+        real = os.path.realpath(p)
+        if lib is not None and (real == lib or real.startswith(lib.rstrip(os.sep) + os.sep)):
+            raise InvalidInputError(f"photo folder {str(root)!r} is the library folder or inside it; keep the library in its own "
+                                    "folder (--library indexes/NAME, or one beside the photos)")
         out.append(os.path.abspath(p))
     if not out:
         raise InvalidInputError("no photo folder given; pass at least one folder to index")
@@ -82,7 +89,10 @@ def scan(roots: Iterable[str], *, skip: Iterable[str] = ()) -> Iterator[FoundFil
         seen_dirs.add(key)
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            reason = (f"folder cannot be read ({exc.strerror}); the photos indexed under it are kept as they were; "
+                      "fix its permissions (or reconnect the drive) and index again")
+            yield FoundFile(os.path.normpath(d), 0, 0, reason, folder=True)
             continue
         subdirs = []
         for entry in entries:
@@ -133,5 +143,7 @@ def plan_changes(found: Iterable[FoundFile], known: Mapping[str, Known], roots: 
         else:
             work.append(f)
     prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
-    gone = [p for p, k in known.items() if k.status != "deleted" and p not in seen and p.startswith(prefixes)]
+    unseen = tuple(f.path.rstrip(os.sep) + os.sep for f in unreadable if f.folder)  # not listed: nothing there is gone
+    gone = [p for p, k in known.items()
+            if k.status != "deleted" and p not in seen and p.startswith(prefixes) and not p.startswith(unseen)]
     return ChangePlan(tuple(unchanged), tuple(work), tuple(unreadable), tuple(sorted(gone)))

@@ -8,9 +8,11 @@ sidecar reads as stale (the sidecar's generation is older), so the caller rebuil
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,14 +73,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
+STALE_TEMPORARY_S = 3600
+"""A temporary of `atomic_write` this old was left by a killed run (a save takes seconds): removed."""
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    now = time.time()
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_TEMPORARY_S:
+                leftover.unlink()
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Create ``path`` atomically: ``write`` fills a temporary file in the same folder, which is
     fsynced and moved over ``path``; the folder is fsynced. On error the temporary is removed."""
+    _remove_stale_temporaries(path)
     descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(descriptor)
     temporary = Path(name)
     try:
         write(temporary)
+        os.chmod(temporary, path.parent.stat().st_mode & 0o666)  # as readable as its folder (mkstemp makes 0600)
         descriptor = os.open(temporary, os.O_RDONLY)
         try:
             os.fsync(descriptor)
@@ -138,6 +156,14 @@ def save_vector_index(
         params=params,
     )
     return write_index_files(index, path, info)
+
+
+def saved_generation(path: str | os.PathLike[str]) -> int | None:
+    """The vectors generation an index file was saved at (from its sidecar), or None when unreadable."""
+    try:
+        return int(json.loads(sidecar_path(Path(path)).read_text(encoding="utf-8"))["vectors_generation"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 @dataclass(frozen=True)
