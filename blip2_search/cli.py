@@ -31,6 +31,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _shown(path: str) -> str:
+    """A path for a one-line table: control characters (a newline in a file name) escaped."""
+    return path if path.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+
+
 def _emit(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -43,7 +48,10 @@ class _Group(click.Group):
             raise UserError(str(exc)) from None
         except click.UsageError as exc:  # click's own checks: one line too, not the usage text
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            raise UserError(f"{exc.format_message()}; see '{where} --help'") from None
+            hint = ""
+            if isinstance(exc, click.NoSuchOption) and not exc.option_name.startswith("--") and "'--'" not in exc.format_message():
+                hint = "; a file or folder whose name starts with '-' can be written ./-name"
+            raise UserError(f"{exc.format_message().rstrip('.')}{hint}; see '{where} --help'") from None
 
 
 class _QueryCommand(click.Command):
@@ -114,7 +122,7 @@ def rerank(query, images, model, device, dtype, as_json):
         _emit({"query": ranking.query, "results": results, "errors": errors})
         return
     for r in results:
-        click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {r['path']}")
+        click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {_shown(r['path'])}")
     for e in errors:
         click.echo(f"error: {e['path']}: {e['error']}", err=True)
 
@@ -248,7 +256,7 @@ def failures(library, as_json):
         _emit(rows)
     else:
         for r in rows:
-            click.echo(f"{r['path']}\t{r['error']}")
+            click.echo(f"{_shown(r['path'])}\t{r['error']}")
 
 
 @main.command(cls=_QueryCommand)
@@ -329,7 +337,7 @@ def _print_result(result, as_json: bool) -> None:
         itm = f"  itm={h.itm_logit:6.3f}" if h.itm_logit is not None else ""
         date = f"  {h.taken_at:%Y-%m-%d}" if h.taken_at else ""
         cap = f"  \"{h.caption}\"" if h.caption else ""
-        click.echo(f"{h.score:8.4f}  itc={h.itc:.4f}{itm}{date}  {h.path}{cap}")
+        click.echo(f"{h.score:8.4f}  itc={h.itc:.4f}{itm}{date}  {_shown(h.path)}{cap}")
 
 
 @main.command()

@@ -197,6 +197,24 @@ def test_renaming_the_indexed_folder_moves_its_records(tiny_itm_dir, photos, tmp
     _check_consistent(lib_dir)
 
 
+def test_a_restored_photo_reuses_its_vectors_and_details(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        before = lib.metadata.get_by_paths([str(photos / "p0.jpg")])[str(photos / "p0.jpg")]
+    shutil.move(photos / "p0.jpg", tmp_path / "p0.jpg")
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).deleted == 1
+    shutil.move(tmp_path / "p0.jpg", photos / "p0.jpg")
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.reused, r.indexed) == (1, 0)  # its vectors were still stored: no second embedding
+        after = lib.metadata.get_by_paths([str(photos / "p0.jpg")])[str(photos / "p0.jpg")]
+        assert (after.id, after.status, after.width, after.height) == (before.id, "indexed", before.width, before.height)
+        assert lib.status().indexed == 7
+    _check_consistent(lib_dir)
+
+
 def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, photos, tmp_path):
     from tiny_models import make_tiny_itm
 

@@ -246,6 +246,16 @@ def test_bad_search_input_exits_2_with_the_fix(lib_dir, args, fix):
     assert (lib_dir / "metadata.sqlite").stat().st_mtime_ns == before
 
 
+def test_table_output_keeps_one_line_per_result(tiny_itm_dir, tmp_path):
+    photos = tmp_path / "photos"
+    _photo(photos / "two\nlines.jpg", 1)
+    _photo(photos / "plain.jpg", 2)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([photos])
+    res = CliRunner().invoke(main, ["search", "red", "--library", str(tmp_path / "lib"), "--no-rerank"])
+    assert res.exit_code == 0 and len(res.stdout.strip().splitlines()) == 2 and "two\\nlines.jpg" in res.stdout
+
+
 def test_bad_search_input_is_one_line(lib_dir):
     for args in (["red", "--sort", "size"], ["red", "--no-such-option"], ["-cat"], ["red", "-k", "ten"]):
         res = CliRunner().invoke(main, ["search", *args, "--library", str(lib_dir)])

@@ -22,6 +22,7 @@ import numpy as np
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
 from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
+from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING
 from ..models.sharing import share_vit
 from .embed import QueuedBatch, embed_batch
 from .read import ReadResult, read_and_decode
@@ -141,8 +142,7 @@ class Indexer:
     # ------------------------------------------------------------------ stages
     def _process(self, plan: ChangePlan, known, gone_by_hash, moved, counts: _Counts, progress) -> None:
         sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
-        # an indexed image always has its embedding row; pending ones (after --reembed) have none yet
-        known_hashes = {k.content_hash for k in known.values() if k.content_hash and k.status == "indexed"}
+        known_hashes = self.metadata.embedded_hashes()  # a restored photo, or a copy, reuses its vectors
         self._queued, self._store_failed = None, False
         pending: list[ReadResult] = []  # decoded images waiting for the next model batch
         failures: list[FailedFile] = []
@@ -283,7 +283,7 @@ class Indexer:
         if renames:
             self.metadata.rename([(i, p) for i, p, _ in renames])
         # What the photo's record says (size, date, camera): a moved photo keeps its own, a copy takes the first's.
-        templates = self.metadata.images_by_hash({r.content_hash for r in reuse})
+        templates = self.metadata.images_by_hash({r.content_hash for r in reuse}, statuses=(STATUS_INDEXED, STATUS_PENDING, STATUS_DELETED))
         own = {r.file.path: i for i, _, r in renames}
         upserts = []
         for r in items + [r for _, _, r in renames]:

@@ -255,6 +255,12 @@ class MetadataStore:
                     result.setdefault(row.content_hash, []).append(to_image_record(row))
         return result
 
+    def embedded_hashes(self) -> set[str]:
+        """Content hashes that have an embedding row (for the current embedder), whatever their images'
+        status: a deleted photo's vectors stay until its content is gone for good."""
+        with self._read() as connection:
+            return set(connection.scalars(select(embeddings.c.content_hash)))
+
     def get_embeddings(self, hashes: Iterable[str]) -> dict[str, EmbeddingRecord]:
         """Stored embedding rows for those of ``hashes`` that have one."""
         result: dict[str, EmbeddingRecord] = {}
