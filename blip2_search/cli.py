@@ -188,6 +188,7 @@ class _ProgressLine:
 @click.option("--captioner", default=None, help="Caption model [default: the library's; new libraries: demo with --model demo, else Salesforce/blip2-opt-2.7b].")
 @click.option("--no-captions", is_flag=True, help="Do not write captions.")
 @click.option("--reembed", is_flag=True, help="Re-embed every image when --model differs from the library's.")
+@click.option("--rehash", is_flag=True, help="Read and hash every file, also those with unchanged size and mtime (finds content replaced under the same size and time).")
 @click.option("--store-vit", is_flag=True, help="Keep each image's ViT tokens (fp16; 0.72 MB an image for ViT-g) so reranking need not rerun the ViT.")
 @click.option("--batch-size", default=None, type=click.IntRange(0, 4096), help="Images per model call [default: 0 = auto: 32 on the CPU or with captions, 256 on a GPU].")
 @click.option("--workers", default=None, type=click.IntRange(0, 256), help="Decode threads [default: one per CPU core].")
@@ -198,7 +199,7 @@ class _ProgressLine:
 @device_option
 @dtype_option
 @json_option
-def index(photo_dirs, library, model, captioner, no_captions, reembed, store_vit, batch_size, workers, vector_index, device, dtype, as_json):
+def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, store_vit, batch_size, workers, vector_index, device, dtype, as_json):
     """Index PHOTO_DIRS into the library: new and changed files are embedded, moved ones keep their record."""
     from .indexing.scan import check_roots
     from .library import Library, default_library_path
@@ -210,7 +211,7 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, store_vit
     with Library.open(library, model=model, captioner=False if no_captions else captioner, create=True, reembed=reembed,
                       device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:
         try:
-            report = lib.index(photo_dirs, progress=progress, store_vit=store_vit)
+            report = lib.index(photo_dirs, progress=progress, store_vit=store_vit, rehash=rehash)
         finally:
             progress.close()
     for note in report.notes:

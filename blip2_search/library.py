@@ -229,10 +229,13 @@ class Library:
         return EmbedderInfo(ModelRef(enc.name, enc.revision), enc.num_query_tokens, enc.embed_dim)
 
     # ------------------------------------------------------------------ indexing
-    def index(self, dirs: Iterable[str | os.PathLike], *, progress: Callable | None = None, fast_decode: bool = True, store_vit: bool = False):
+    def index(self, dirs: Iterable[str | os.PathLike], *, progress: Callable | None = None, fast_decode: bool = True, store_vit: bool = False,
+              rehash: bool = False):
         """Index photo folders (incremental; resumable after a crash). Returns an `IndexReport`.
 
         `store_vit`: from now on keep each image's ViT tokens (fp16) so reranking need not rerun the ViT.
+        `rehash`: read and hash every file, also those whose size and mtime are unchanged (finds content
+        replaced under the same size and time; unchanged content is reused, not embedded again).
         """
         from .indexing.pipeline import Indexer
         from .indexing.scan import check_roots
@@ -260,7 +263,7 @@ class Library:
             if store_vit:
                 self.vit_store.enable()
             indexer = Indexer(self.metadata, self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
-                              workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store)
+                              workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash)
             report = indexer.run(roots, progress)
             if not report.interrupted:
                 self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)

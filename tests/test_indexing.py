@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -212,6 +214,27 @@ def test_a_restored_photo_reuses_its_vectors_and_details(tiny_itm_dir, photos, t
         after = lib.metadata.get_by_paths([str(photos / "p0.jpg")])[str(photos / "p0.jpg")]
         assert (after.id, after.status, after.width, after.height) == (before.id, "indexed", before.width, before.height)
         assert lib.status().indexed == 7
+    _check_consistent(lib_dir)
+
+
+def test_rehash_finds_content_replaced_under_the_same_size_and_time(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    target = photos / "p3.jpg"
+    st = target.stat()
+    other = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(other, "JPEG")
+    data = other.getvalue()
+    assert len(data) < st.st_size
+    target.write_bytes(data + b"\0" * (st.st_size - len(data)))  # same size; JPEG readers stop at the end marker
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).unchanged == 7  # the documented (size, mtime) rule cannot see it
+        r = lib.index([photos], rehash=True)
+        assert (r.indexed, r.reused, r.unchanged) == (1, 6, 0)
+        digest = lib.metadata.get_by_paths([str(target)])[str(target)].content_hash
+        assert digest == hashlib.blake2b(target.read_bytes(), digest_size=20).hexdigest()
     _check_consistent(lib_dir)
 
 

@@ -92,6 +92,7 @@ class Indexer:
         skip: Iterable[str] = (),
         vit_store=None,
         queue_ahead: bool | None = None,
+        rehash: bool = False,
     ):
         self.metadata = metadata
         self.vectors = vectors
@@ -101,6 +102,7 @@ class Indexer:
         self.workers = workers or max(1, os.cpu_count() or 1)
         self.fast_decode = fast_decode
         self.skip = tuple(skip)
+        self.rehash = rehash  # read and hash every file, not only those whose size or mtime changed
         self.vit_store = vit_store if vit_store is not None and vit_store.enabled else None
         self._shared_vit: bool | None = None
         self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
@@ -117,7 +119,7 @@ class Indexer:
         start = time.perf_counter()
         known = self.metadata.known_files()
         found = list(scan(roots, skip=self.skip))
-        plan = plan_changes(found, known, roots)
+        plan = plan_changes(found, known, roots, rehash=self.rehash)
         counts = _Counts()
         self.metadata.mark_failed([FailedFile(f.path, f.error or "unreadable") for f in plan.unreadable])
         counts.failed += len(plan.unreadable)

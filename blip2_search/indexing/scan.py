@@ -126,10 +126,11 @@ def _stat_file(path: str) -> FoundFile:
     return FoundFile(path, st.st_size, st.st_mtime_ns)
 
 
-def plan_changes(found: Iterable[FoundFile], known: Mapping[str, Known], roots: Iterable[str]) -> ChangePlan:
+def plan_changes(found: Iterable[FoundFile], known: Mapping[str, Known], roots: Iterable[str], *, rehash: bool = False) -> ChangePlan:
     """Split what was found against what is known: unchanged (same size and mtime, indexed) are skipped
     without reading; new, changed and previously failed files are work; known live paths under `roots`
-    that were not found are gone."""
+    that were not found are gone. `rehash`: every file is work (read and hashed; content already
+    embedded is reused, so only files whose bytes changed are embedded)."""
     unchanged, work, unreadable = [], [], []
     seen: set[str] = set()
     for f in found:
@@ -138,7 +139,7 @@ def plan_changes(found: Iterable[FoundFile], known: Mapping[str, Known], roots: 
             unreadable.append(f)
             continue
         k = known.get(f.path)
-        if k is not None and k.status == "indexed" and k.size == f.size and k.mtime_ns == f.mtime_ns:
+        if not rehash and k is not None and k.status == "indexed" and k.size == f.size and k.mtime_ns == f.mtime_ns:
             unchanged.append(f.path)
         else:
             work.append(f)
