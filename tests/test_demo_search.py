@@ -62,6 +62,16 @@ def test_every_caption_finds_its_scene_at_rank_1(demo_library):
         assert r1_rerank == 1.0, misses
 
 
+def test_fusion_returns_as_many_results_as_asked(demo_library):
+    """Fusion merges the caption lists into the image ranking; it may not cut the ranking short (k=200
+    returned ~100: the image list was truncated to the fusion depth)."""
+    root, _ = demo_library
+    with Library.open(root / "lib") as lib:
+        for k in (150, 216, 300):
+            hits = lib.search("a red circle", k, rerank=False).hits
+            assert len(hits) == min(k, 216) and len({h.id for h in hits}) == len(hits)
+
+
 def test_caption_fusion_does_not_lower_r_at_1(demo_library):
     root, scene_of = demo_library
     with Library.open(root / "lib") as lib:

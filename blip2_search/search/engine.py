@@ -88,7 +88,8 @@ class SearchEngine:
         """Reciprocal rank fusion of the image ranking with caption full-text and caption-embedding ranks."""
         # each list maps id -> rank; equal caption scores share a rank (identical captions earn the same
         # bonus, so the image ranking decides between them)
-        lists: list[tuple[float, dict[int, int]]] = [(1.0, {i: r for r, i in enumerate(order[:FUSION_DEPTH])})]
+        # the image ranking enters whole (it is as deep as k asks), so fusion never returns fewer than k
+        lists: list[tuple[float, dict[int, int]]] = [(1.0, {i: r for r, i in enumerate(order)})]
         allowed_set = set(allowed.tolist()) if allowed is not None else None
         text = " ".join(t.text for t in query.terms if t.weight > 0)
         fts = [(i, s) for i, s in self.metadata.search_captions(text, FUSION_DEPTH * 2) if allowed_set is None or i in allowed_set]
