@@ -217,6 +217,44 @@ def test_choosing_a_file_searches_by_it(page, lib, base_url):
     assert _grid_ids(page)[0] == record.id
 
 
+def test_the_same_file_chosen_again_searches_again(page, lib, base_url):
+    record = next(r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if "green-square" in r.path)
+    page.goto(base_url + "/")
+    page.set_input_files("#example", record.path)
+    page.wait_for_selector("#results li")
+    posts = lambda: sum(1 for u in page.requests if u.endswith("/api/search"))  # noqa: E731
+    before = posts()
+    page.set_input_files("#example", record.path)
+    page.wait_for_function(f"() => performance.getEntriesByType('resource').filter(e => e.name.endsWith('/api/search')).length > {before}")
+    assert posts() > before
+
+
+def test_back_returns_to_the_previous_search_and_links_keep_their_settings(page, lib, base_url):
+    page.goto(base_url + "/")
+    for text in ("red circle", "blue square"):
+        page.fill("#q", text)
+        page.press("#q", "Enter")
+        page.wait_for_selector("#results li")
+    page.go_back()
+    page.wait_for_function("() => document.querySelector('#q').value === 'red circle'")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('red circle')")
+    page.goto(base_url + "/?q=red&k=10")  # a k the menu does not list
+    page.wait_for_selector("#results li")
+    assert page.locator("#k").input_value() == "10" and page.locator("#results li").count() <= 10
+    page.goto(base_url + "/?q=red&after=2021-13-01")  # not a date: said, not silently dropped
+    page.wait_for_selector("#error:not([hidden])")
+    assert "after=2021-13-01" in page.locator("#error").text_content() and page.locator("#results li").count() == 0
+    assert page.errors == []
+
+
+def test_narrow_screen_has_no_sideways_scroll(browser, base_url):
+    context = browser.new_context(viewport={"width": 375, "height": 800})
+    page = context.new_page()
+    page.goto(base_url + "/")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    context.close()
+
+
 def test_server_error_message_is_shown(page, base_url):
     page.goto(base_url + "/")
     page.fill("#q", '"unclosed')

@@ -14,6 +14,7 @@
   const exampleInput = $("example");
   const tokenForm = $("token-form");
   const FIELDS = ["path", "after", "before"];
+  const MAX_UPLOAD_BYTES = 20 * 1024 * 1024;
   let inFlight = null;
 
   function setStatus(text) {
@@ -123,7 +124,12 @@
   function render(result, label, reranked) {
     const hits = result.results || [];
     grid.replaceChildren(...hits.map((h, i) => hitItem(h, i + 1, reranked)));
-    showNotes(result.notes);
+    const notes = [...(result.notes || [])];
+    const rescored = hits.filter((h) => h.itm_logit !== null && h.itm_logit !== undefined).length;
+    if (rescored > 0 && rescored < hits.length) {
+      notes.push(`The first ${rescored} were reranked (score = ITM logit + ITC); the rest keep the first search's order and score.`);
+    }
+    showNotes(notes);
     const count = hits.length === 1 ? "1 photo" : `${hits.length} photos`;
     setStatus(hits.length ? `${count} for ${label}.` : `No photos matched ${label}.`);
   }
@@ -137,8 +143,10 @@
     } catch (err) {
       if (err.name === "AbortError") return;
       grid.replaceChildren();
+      showNotes([]);
       setStatus(`Search for ${label} failed.`);
-      showError(err.message);
+      // fetch's own TypeError ("Failed to fetch") means no answer came at all
+      showError(err instanceof TypeError ? "Cannot reach the server; is blip2-search serve still running?" : err.message);
     } finally {
       grid.removeAttribute("aria-busy");
     }
@@ -154,16 +162,27 @@
     const params = filterParams();
     params.set("q", q);
     params.set("rerank", $("rerank").checked ? "true" : "false");
-    history.replaceState(null, "", `/?${params}`);
+    if (location.search !== `?${params}`) history.pushState(null, "", `/?${params}`);
     runSearch(`“${q}”`, () => callApi(`/api/search?${params}`));
   }
 
   function searchImage(file) {
     if (!file) return;
+    const refuse = (message) => {
+      grid.replaceChildren();
+      showNotes([]);
+      setStatus("");
+      showError(message);
+    };
     if (file.type && !file.type.startsWith("image/")) {
-      showError(`${file.name} is not an image; drop a photo (JPEG, PNG, WebP, HEIC...).`);
+      refuse(`${file.name} is not an image; drop a photo (JPEG, PNG, WebP, HEIC...).`);
       return;
     }
+    if (file.size > MAX_UPLOAD_BYTES) {
+      refuse(`${file.name} is ${(file.size / 1e6).toFixed(1)} MB, over the 20 MB limit; resize or re-export it.`);
+      return;
+    }
+    if (location.search) history.pushState(null, "", "/");  // a reload must not rerun the last text search
     const body = new FormData();
     body.append("image", file, file.name);
     for (const [name, value] of filterParams()) body.append(name, value);
@@ -174,7 +193,10 @@
     event.preventDefault();
     searchText();
   });
-  exampleInput.addEventListener("change", () => searchImage(exampleInput.files[0]));
+  exampleInput.addEventListener("change", () => {
+    searchImage(exampleInput.files[0]);
+    exampleInput.value = "";  // so that choosing the same picture again (after changing a filter) searches again
+  });
 
   // Drag and drop anywhere on the page; the example box lights up while a file is over the page.
   let dragDepth = 0;
@@ -206,12 +228,46 @@
     showError("That token was not accepted; enter the --token the server was started with.");
     history.replaceState(null, "", "/");
   }
-  for (const name of FIELDS) if (initial.has(name)) $(name).value = initial.get(name);
-  if (initial.has("k")) $("k").value = initial.get("k");
-  $("rerank").checked = initial.get("rerank") === "true";
-  if (initial.get("q")) {
-    queryInput.value = initial.get("q");
-    searchText();
+  // Fill the form from an address (/?q=...&k=...); a value the form cannot show is an error, not dropped.
+  function restore(params) {
+    const problems = [];
+    for (const name of FIELDS) {
+      const wanted = params.get(name) || "";
+      $(name).value = wanted;
+      if ($(name).value !== wanted) {
+        $(name).value = "";
+        problems.push(`${name}=${wanted} (use YYYY-MM-DD)`);
+      }
+    }
+    const k = params.get("k");
+    if (k && /^\d+$/.test(k) && Number(k) >= 1 && Number(k) <= 200) {
+      if (![...$("k").options].some((o) => o.value === k)) $("k").add(new Option(k, k));
+      $("k").value = k;
+    } else if (k) {
+      problems.push(`k=${k} (1 to 200)`);
+    }
+    for (const name of ["min_score", "sort"]) if (params.has(name)) problems.push(`${name} (not a setting of this page)`);
+    $("rerank").checked = params.get("rerank") === "true";
+    queryInput.value = params.get("q") || "";
+    if (problems.length) {
+      showError(`This link has settings the page cannot use: ${problems.join(", ")}; fix them above and search again.`);
+      return false;
+    }
+    return true;
   }
+
+  if (restore(initial) && initial.get("q")) searchText();
+  window.addEventListener("popstate", () => {
+    const params = new URLSearchParams(location.search);
+    showError("");
+    if (restore(params) && params.get("q")) {
+      const q = params.get("q");
+      runSearch(`“${q}”`, () => callApi(`/api/search?${filterParams()}&q=${encodeURIComponent(q)}&rerank=${$("rerank").checked}`));
+    } else if (!params.get("q")) {
+      grid.replaceChildren();
+      showNotes([]);
+      setStatus("");
+    }
+  });
   if (tokenForm.hidden) queryInput.focus();
 })();
