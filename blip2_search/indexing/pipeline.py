@@ -269,11 +269,13 @@ class Indexer:
         if not reuse:
             return
         items, renames = [], []
-        # Records outside the folders being indexed whose file is gone (the top folder was renamed, or
+        # The records with these contents: what a photo's record says (size, date, camera) comes from them.
+        templates = self.metadata.images_by_hash({r.content_hash for r in reuse}, statuses=(STATUS_INDEXED, STATUS_PENDING, STATUS_DELETED))
+        # Live records outside the folders being indexed whose file is gone (the top folder was renamed, or
         # indexed under another name): a new path with their content is their move, not a copy.
-        new_paths = [r for r in reuse if r.file.path not in known and not gone_by_hash.get(r.content_hash)]
-        elsewhere = self.metadata.images_by_hash({r.content_hash for r in new_paths}) if new_paths else {}
-        vanished = {h: [rec.id for rec in recs if rec.id not in moved and not os.path.lexists(rec.path)] for h, recs in elsewhere.items()}
+        new_hashes = {r.content_hash for r in reuse if r.file.path not in known and not gone_by_hash.get(r.content_hash)}
+        vanished = {h: [rec.id for rec in templates.get(h, []) if rec.status != STATUS_DELETED and rec.id not in moved and not os.path.lexists(rec.path)]
+                    for h in new_hashes}
         for r in reuse:
             candidates = gone_by_hash.get(r.content_hash) or vanished.get(r.content_hash) or []
             if r.file.path not in known and candidates:
@@ -284,9 +286,7 @@ class Indexer:
                 items.append(r)
         if renames:
             self.metadata.rename([(i, p) for i, p, _ in renames])
-        # What the photo's record says (size, date, camera): a moved photo keeps its own, a copy takes the first's.
-        templates = self.metadata.images_by_hash({r.content_hash for r in reuse}, statuses=(STATUS_INDEXED, STATUS_PENDING, STATUS_DELETED))
-        own = {r.file.path: i for i, _, r in renames}
+        own = {r.file.path: i for i, _, r in renames}  # a moved photo keeps its own details, a copy takes the first's
         upserts = []
         for r in items + [r for _, _, r in renames]:
             same = templates.get(r.content_hash) or [None]

@@ -158,11 +158,16 @@ def save_vector_index(
     return write_index_files(index, path, info)
 
 
+def read_sidecar(path: str | os.PathLike[str]) -> IndexInfo:
+    """The sidecar of the index at ``path``; raises OSError, ValueError or TypeError when unreadable."""
+    return IndexInfo(**json.loads(sidecar_path(Path(path)).read_text(encoding="utf-8")))
+
+
 def saved_generation(path: str | os.PathLike[str]) -> int | None:
     """The vectors generation an index file was saved at (from its sidecar), or None when unreadable."""
     try:
-        return int(json.loads(sidecar_path(Path(path)).read_text(encoding="utf-8"))["vectors_generation"])
-    except (OSError, ValueError, TypeError, KeyError):
+        return read_sidecar(path).vectors_generation
+    except (OSError, ValueError, TypeError):
         return None
 
 
@@ -197,7 +202,7 @@ def read_index_files(
     if not target.exists() or not sidecar.exists():
         return ReadIndex("missing", f"no vector index at {target}")
     try:
-        info = IndexInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
+        info = read_sidecar(target)
     except (OSError, ValueError, TypeError) as error:
         return ReadIndex("invalid", f"unreadable sidecar {sidecar} ({error})")
     expected = (store, factory or info.factory, num_query_tokens, dim, SIDECAR_FORMAT)
