@@ -1,15 +1,18 @@
-"""Full-text search over captions: SQLite FTS5 with BM25, a plain substring fallback elsewhere.
+"""Full-text search over captions: SQLite FTS5 with BM25, PostgreSQL text search with ts_rank.
 
 User text never reaches FTS5 syntax: it is split into words and each word becomes a quoted
 FTS5 string, so quotes, ``AND``/``OR``/``NOT``/``NEAR``, ``*``, ``^``, ``:`` and parentheses in a
-query are matched as text (or dropped as punctuation), never parsed as operators.
+query are matched as text (or dropped as punctuation), never parsed as operators. On PostgreSQL
+each word is a bound parameter of ``plainto_tsquery``, which has no operators at all.
 """
 
 from __future__ import annotations
 
 import re
 
-from sqlalchemy import Connection, and_, or_, select, text
+from functools import reduce
+
+from sqlalchemy import Connection, and_, func, literal_column, or_, select, text
 
 from blip2_search.store.records import STATUS_INDEXED
 from blip2_search.store.schema import images
@@ -50,13 +53,15 @@ def search_captions(
 ) -> list[tuple[int, float]]:
     """Indexed images whose caption matches ``user_text``: ``[(image_id, rank)]``, best first.
 
-    On SQLite ``rank`` is FTS5's BM25 (lower, i.e. more negative, is better; ties by id).
-    Elsewhere every word must occur in the caption (case-insensitive) and rank is 0.0, ordered
-    by id.
+    On SQLite ``rank`` is FTS5's BM25 (lower, i.e. more negative, is better; ties by id). On
+    PostgreSQL it is minus ``ts_rank`` (same order: lower is better), over whole lower-cased words
+    as on SQLite, but diacritics must match. Elsewhere every word must occur in the caption
+    (case-insensitive substring) and rank is 0.0, ordered by id.
     """
     if limit <= 0:
         return []
-    if connection.dialect.name == "sqlite":
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
         query = fts5_query(user_text, require_all=require_all)
         if query is None:
             return []
@@ -65,6 +70,8 @@ def search_captions(
     terms = query_terms(user_text)
     if not terms:
         return []
+    if dialect == "postgresql":
+        return _search_postgres(connection, terms, limit, require_all=require_all)
     matches = [images.c.caption.ilike(f"%{term}%") for term in terms]
     condition = and_(*matches) if require_all else or_(*matches)
     statement = (
@@ -74,3 +81,20 @@ def search_captions(
         .limit(limit)
     )
     return [(int(image_id), 0.0) for image_id in connection.scalars(statement)]
+
+
+def _search_postgres(
+    connection: Connection, terms: list[str], limit: int, *, require_all: bool
+) -> list[tuple[int, float]]:
+    config = literal_column("'simple'::regconfig")
+    document = func.to_tsvector(config, func.coalesce(images.c.caption, literal_column("''")))  # = the index's
+    queries = [func.plainto_tsquery(config, term) for term in terms]
+    query = reduce(lambda a, b: a.op("&&" if require_all else "||")(b), queries)
+    rank = (-func.ts_rank(document, query)).label("rank")
+    statement = (
+        select(images.c.id, rank)
+        .where(images.c.status == STATUS_INDEXED, document.op("@@")(query))
+        .order_by(rank, images.c.id)
+        .limit(limit)
+    )
+    return [(int(image_id), float(score)) for image_id, score in connection.execute(statement)]

@@ -4,8 +4,13 @@ SQLite files get WAL journaling (readers never wait for the writer), ``synchrono
 (durable at each checkpoint, safe against corruption), foreign keys on, and a busy timeout.
 SQLAlchemy emits BEGIN itself (the sqlite3 driver would skip it before SELECT), so a read
 transaction is a consistent snapshot, and write transactions start with BEGIN IMMEDIATE so that
-a busy library waits for the lock instead of failing half-way. Other dialects (PostgreSQL by
-``postgresql://`` URL) get none of the SQLite-specific settings.
+a busy library waits for the lock instead of failing half-way.
+
+PostgreSQL (a ``postgresql+psycopg://`` URL) keeps the same two promises its own way: reads run
+at REPEATABLE READ (one snapshot per transaction, as WAL gives SQLite), and every write
+transaction first takes a transaction-scoped advisory lock, so writers run one at a time exactly
+as under SQLite's BEGIN IMMEDIATE, each seeing the previous writer's commit (READ COMMITTED), and
+give up after the same busy timeout with a "locked" error.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -28,6 +33,10 @@ SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 """A path with one of these suffixes names the SQLite file itself; any other path, a library folder."""
 
 _BEGIN_OPTION = "blip2_search_begin"
+_BUSY_TIMEOUT_OPTION = "blip2_search_busy_timeout_s"
+_WRITER_LOCK_KEY = 0x6232_7365_6172_6368  # 'b2search': one writer lock per database
+_POSTGRES_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :timeout, true)")
+_POSTGRES_WRITER_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _BEGIN_STATEMENTS = {"deferred": "BEGIN", "immediate": "BEGIN IMMEDIATE"}
 _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -66,7 +75,9 @@ def describe_url(url: URL) -> str:
 def create_library_engine(url: URL, *, busy_timeout_s: float) -> Engine:
     """Create the engine; for SQLite, install pragmas and explicit BEGIN handling."""
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True)
+        engine.update_execution_options(**{_BUSY_TIMEOUT_OPTION: busy_timeout_s})
+        return engine
     engine = create_engine(url, connect_args={"timeout": busy_timeout_s})
 
     @event.listens_for(engine, "connect")
@@ -90,8 +101,12 @@ def create_library_engine(url: URL, *, busy_timeout_s: float) -> Engine:
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
     """A connection inside a read transaction (a consistent snapshot on SQLite WAL)."""
-    with engine.connect() as connection, connection.begin():
-        yield connection
+    with engine.connect() as raw:
+        connection = raw
+        if raw.dialect.name == "postgresql":
+            connection = raw.execution_options(isolation_level="REPEATABLE READ")
+        with connection.begin():
+            yield connection
 
 
 @contextmanager
@@ -100,6 +115,10 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as raw:
         connection = raw.execution_options(**{_BEGIN_OPTION: "immediate"})
         with connection.begin():
+            if connection.dialect.name == "postgresql":
+                timeout_ms = int(connection.get_execution_options()[_BUSY_TIMEOUT_OPTION] * 1000)
+                connection.execute(_POSTGRES_LOCK_TIMEOUT, {"timeout": f"{timeout_ms}ms"})
+                connection.execute(_POSTGRES_WRITER_LOCK, {"key": _WRITER_LOCK_KEY})
             yield connection
 
 
@@ -109,7 +128,7 @@ def library_error(location: str, error: BaseException) -> LibraryError:
     lowered = detail.lower()
     if "database or disk is full" in lowered or "no space left" in lowered:
         fix = "the disk is full; free disk space and run the command again"
-    elif "locked" in lowered or "busy" in lowered:
+    elif "locked" in lowered or "busy" in lowered or "lock timeout" in lowered:
         fix = "another process is writing to it; wait for it to finish or stop it, then retry"
     elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
         fix = "the file is damaged; restore it from a backup or delete the library folder and re-index"

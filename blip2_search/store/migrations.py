@@ -20,6 +20,7 @@ from blip2_search.store.schema import (
     INFO_CREATED_AT,
     INFO_SCHEMA_VERSION,
     INFO_VECTORS_GENERATION,
+    POSTGRES_CAPTION_DDL,
     SQLITE_FTS_DDL,
     library_info,
     metadata,
@@ -36,11 +37,11 @@ class Migration:
 
 
 def _create_v1(connection: Connection) -> None:
-    """Create library_info, images, embeddings, and on SQLite the FTS5 caption index."""
+    """Create library_info, images, embeddings, and the caption word index of SQLite or PostgreSQL."""
     metadata.create_all(connection)
-    if connection.dialect.name == "sqlite":
-        for statement in SQLITE_FTS_DDL:
-            connection.exec_driver_sql(statement)
+    caption_ddl = {"sqlite": SQLITE_FTS_DDL, "postgresql": POSTGRES_CAPTION_DDL}
+    for statement in caption_ddl.get(connection.dialect.name, ()):
+        connection.exec_driver_sql(statement)
     connection.execute(
         insert(library_info),
         [

@@ -5,7 +5,8 @@ Tables:
 - ``images``: one row per file path ever seen; ``id`` is stable across renames and moves;
 - ``embeddings``: vectors keyed by content hash, shared by duplicate files.
 SQLite also gets ``images_fts`` (FTS5 over ``images.caption``, kept in sync by triggers); see
-``SQLITE_FTS_DDL``. Migrations in ``migrations.py`` create all of it.
+``SQLITE_FTS_DDL``. PostgreSQL gets a GIN word index over the captions instead
+(``POSTGRES_CAPTION_DDL``). Migrations in ``migrations.py`` create all of it.
 """
 
 from __future__ import annotations
@@ -134,4 +135,12 @@ SQLITE_FTS_DDL = (
     "CREATE TRIGGER images_fts_au AFTER UPDATE OF caption ON images BEGIN "
     "INSERT INTO images_fts(images_fts, rowid, caption) VALUES ('delete', old.id, old.caption); "
     "INSERT INTO images_fts(rowid, caption) VALUES (new.id, new.caption); END",
+)
+
+# PostgreSQL's caption index: a GIN index over the words of each caption ('simple' configuration:
+# lower-cased words, no stemming or stop words, as FTS5's unicode61; diacritics are kept).
+# captions.py queries this same expression, so the index serves them. Constant DDL.
+POSTGRES_CAPTION_DDL = (
+    "CREATE INDEX ix_images_caption_words ON images "
+    "USING gin (to_tsvector('simple'::regconfig, coalesce(caption, '')))",
 )
