@@ -227,10 +227,11 @@ def test_memory_per_image_and_index_choice(trained):
 # -- in a library ----------------------------------------------------------------------------------
 
 
-def test_open_vectors_switches_kind_and_rescores_from_the_database(tmp_path, monkeypatch):
+def test_open_vectors_switches_kind_and_rescores_from_the_database(tmp_path, metadata_location, monkeypatch):
     monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 50)
     vectors, queries = clustered(120, seed=5)
-    meta = open_metadata(tmp_path / "lib", create=True, embedder=EmbedderInfo(ModelRef("m"), Q, D))
+    (tmp_path / "lib").mkdir(exist_ok=True)
+    meta = open_metadata(metadata_location, create=True, embedder=EmbedderInfo(ModelRef("m"), Q, D))
     ids = np.array(meta.upsert_indexed(
         [IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(120)]
     ))

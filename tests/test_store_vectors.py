@@ -284,11 +284,11 @@ def test_a_crash_during_save_leaves_the_old_files_valid(library, tmp_path, monke
 # -- rebuild from the metadata store -------------------------------------------------------------------
 
 
-def test_rebuild_and_open_vectors_follow_the_metadata_generation(tmp_path):
+def test_rebuild_and_open_vectors_follow_the_metadata_generation(tmp_path, metadata_location):
     rng = np.random.default_rng(11)
     q, d = 4, 16
-    (tmp_path / "lib").mkdir()
-    meta = open_metadata(tmp_path / "lib", create=True, embedder=EmbedderInfo(ModelRef("m"), q, d))
+    (tmp_path / "lib").mkdir(exist_ok=True)
+    meta = open_metadata(metadata_location, create=True, embedder=EmbedderInfo(ModelRef("m"), q, d))
     vectors = unit(rng, 30, q, d)
     ids = meta.upsert_indexed(
         [IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(30)]
