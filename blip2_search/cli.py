@@ -246,6 +246,29 @@ def status(library, as_json):
 
 @main.command()
 @library_option
+@click.option("--older-than", "older_than", default=None, type=click.FloatRange(min=0), metavar="DAYS",
+              help="Only photos found deleted at least this many days ago [default: all deleted photos].")
+@json_option
+def prune(library, older_than, as_json):
+    """Forget photos deleted from disk: their records, vectors and ViT tokens go, and the library shrinks."""
+    from .library import Library
+
+    with Library.open(library) as lib:
+        report = lib.prune(older_than)
+    if as_json:
+        _emit(asdict(report))
+    else:
+        click.echo(f"forgot {report.images} deleted photos, {report.embeddings} stored vectors and "
+                   f"{report.vit_files} ViT token files; metadata {_megabytes(report.bytes_before)} -> "
+                   f"{_megabytes(report.bytes_after)}")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+@main.command()
+@library_option
 @json_option
 def failures(library, as_json):
     """Files that could not be indexed, with the reason."""

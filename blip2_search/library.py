@@ -10,6 +10,7 @@ import fcntl
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -47,6 +48,18 @@ class LibraryStatus:
     model: str | None
     captioner: str | None
     vit_tokens_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What `Library.prune` removed: image records, stored vectors, ViT token files, and the
+    metadata file's size (with its WAL) before and after."""
+
+    images: int
+    embeddings: int
+    vit_files: int
+    bytes_before: int
+    bytes_after: int
 
 
 @dataclass(frozen=True)
@@ -389,6 +402,30 @@ class Library:
             captioner=info.captioner.model_id if info.captioner else None,
             vit_tokens_bytes=self.vit_store.size_bytes(),
         )
+
+    def prune(self, older_than_days: float | None = None) -> PruneReport:
+        """Forget photos that were deleted from disk: their records, their stored vectors (unless a
+        live copy shares them) and ViT tokens go for good, and metadata.sqlite shrinks.
+
+        Until then a deleted photo that comes back reuses its vectors; after it, it is embedded
+        again. `older_than_days`: only photos found deleted at least this long ago.
+        """
+        if older_than_days is not None and not older_than_days >= 0:
+            raise InvalidInputError(f"older_than_days {older_than_days} is negative; pass 0 or more days, or None for all")
+        before = None
+        if older_than_days is not None:
+            before = datetime.now(timezone.utc) - timedelta(days=min(older_than_days, 36_500))  # beyond: none qualify
+        with self._lock():
+            size_before = self._metadata_bytes()
+            images, embeddings = self.metadata.forget_deleted(before)
+            live = (k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
+            vit_files = self.vit_store.prune(live)
+            self.metadata.vacuum()
+            return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes())
+
+    def _metadata_bytes(self) -> int:
+        files = (self.folder / METADATA_FILENAME, self.folder / f"{METADATA_FILENAME}-wal")
+        return sum(f.stat().st_size for f in files if f.exists())
 
     def failures(self) -> list[FailureRecord]:
         """Files that could not be indexed, with a one-line reason each, by path."""

@@ -217,6 +217,40 @@ def test_a_restored_photo_reuses_its_vectors_and_details(tiny_itm_dir, photos, t
     _check_consistent(lib_dir)
 
 
+def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    shutil.copy(photos / "p1.jpg", photos / "dup.jpg")
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        assert lib.metadata.counts().embeddings == 7  # 8 files, one content twice
+    shutil.move(photos / "p0.jpg", tmp_path / "p0.jpg")
+    (photos / "dup.jpg").unlink()
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).deleted == 2
+        recent = lib.prune(older_than_days=1)
+        assert (recent.images, recent.embeddings) == (0, 0)
+        with pytest.raises(InvalidInputError, match="negative"):
+            lib.prune(older_than_days=-1)
+    result = CliRunner().invoke(main, ["prune", "--library", str(lib_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    # both records go; p0's vectors go, dup's stay (the live p1 shares them)
+    assert (report["images"], report["embeddings"], report["vit_files"]) == (2, 1, 0)
+    assert report["bytes_after"] < report["bytes_before"]
+    with Library.open(lib_dir) as lib:
+        counts = lib.metadata.counts()
+        assert (counts.deleted, counts.indexed, counts.embeddings) == (0, 6, 6)
+        with lib.metadata._engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA freelist_count").scalar() == 0
+    shutil.move(tmp_path / "p0.jpg", photos / "p0.jpg")
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.indexed, r.reused) == (1, 0)  # forgotten: embedded again
+    _check_consistent(lib_dir)
+    result = CliRunner().invoke(main, ["prune", "--library", str(lib_dir)])
+    assert result.exit_code == 0 and result.output.startswith("forgot 0 deleted photos"), result.output
+
+
 def test_rehash_finds_content_replaced_under_the_same_size_and_time(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:

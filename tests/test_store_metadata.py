@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from blip2_search.store import (
     FailedFile,
     IndexedImage,
     ModelRef,
+    StatusCounts,
     open_metadata,
 )
 from blip2_search.store import engine as engine_module
@@ -427,7 +429,15 @@ def test_mark_deleted_leaves_search_and_purge(store, tmp_path, rng):
     with store.live_vectors() as live:
         assert [c.ids.tolist() for c in live.chunks()] == [[ids[1]]]
     assert store.known_files()[str(tmp_path / "a.jpg")].status == "deleted"
-    assert store.purge_unused_embeddings() == 1 and store.counts().embeddings == 1
+    assert store.forget_deleted() == (1, 1)
+    assert store.counts().embeddings == 1 and store.known_files().keys() == {str(tmp_path / "b.jpg")}
+    store.mark_deleted([ids[1]])
+    with pytest.raises(InvalidInputError, match="time zone"):
+        store.forget_deleted(datetime(2030, 1, 1))
+    assert store.forget_deleted(datetime.now(timezone.utc) - timedelta(hours=1)) == (0, 0)  # too recent
+    assert store.forget_deleted(datetime.now(timezone.utc) + timedelta(seconds=1)) == (1, 1)
+    assert store.counts() == StatusCounts(0, 0, 0, 0, 0, 0, 0)
+    store.vacuum()
 
 
 def test_corrupt_vector_row_is_detected(store, tmp_path, rng):

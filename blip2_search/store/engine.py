@@ -92,8 +92,10 @@ def create_library_engine(url: URL, *, busy_timeout_s: float) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        mode = connection.get_execution_options().get(_BEGIN_OPTION, "deferred")
-        connection.exec_driver_sql(_BEGIN_STATEMENTS[mode])
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":  # e.g. VACUUM, which no transaction may wrap
+            return
+        connection.exec_driver_sql(_BEGIN_STATEMENTS[options.get(_BEGIN_OPTION, "deferred")])
 
     return engine
 
@@ -120,6 +122,15 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
                 connection.execute(_POSTGRES_LOCK_TIMEOUT, {"timeout": f"{timeout_ms}ms"})
                 connection.execute(_POSTGRES_WRITER_LOCK, {"key": _WRITER_LOCK_KEY})
             yield connection
+
+
+def vacuum(engine: Engine) -> None:
+    """Rewrite the database without free pages (VACUUM runs outside any transaction)."""
+    with engine.connect() as raw:
+        connection = raw.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql("VACUUM")
+        if raw.dialect.name == "sqlite":  # VACUUM wrote the new file into the WAL: move it back now
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def library_error(location: str, error: BaseException) -> LibraryError:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Connection, Engine, func, select
 
-from blip2_search.errors import LibraryError, ModelMismatchError
+from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
 from blip2_search.store import updates
 from blip2_search.store.captions import search_captions
 from blip2_search.store.codec import blobs_to_vectors
@@ -29,6 +29,7 @@ from blip2_search.store.engine import (
     read_transaction,
     resolve_location,
     translate_errors,
+    vacuum,
     write_transaction,
 )
 from blip2_search.store.migrations import migrate
@@ -308,10 +309,23 @@ class MetadataStore:
         with self._write() as connection:
             return updates.mark_deleted(connection, ids)
 
-    def purge_unused_embeddings(self) -> int:
-        """Delete embedding rows no indexed or pending image uses; return how many."""
+    def forget_deleted(self, deleted_before: datetime | None = None) -> tuple[int, int]:
+        """Remove images marked deleted (before ``deleted_before``, an aware datetime, when given)
+        and the vectors no remaining image shares; return ``(images, embeddings)`` removed.
+
+        A photo restored afterwards is embedded again. Disk space returns with ``vacuum``.
+        """
+        if deleted_before is not None and deleted_before.utcoffset() is None:
+            raise InvalidInputError(f"deleted_before {deleted_before} has no time zone; pass an aware datetime")
         with self._write() as connection:
-            return updates.purge_unused_embeddings(connection)
+            forgotten = updates.forget_deleted(connection, deleted_before=deleted_before)
+            return forgotten, updates.purge_unreferenced_embeddings(connection)
+
+    def vacuum(self) -> None:
+        """Give the space of removed rows back to the disk (SQLite VACUUM; PostgreSQL VACUUM)."""
+        self._check_open()
+        with translate_errors(self.location):
+            vacuum(self._engine)
 
     def set_captions(self, captions: Sequence[CaptionUpdate]) -> None:
         """Store captions (and caption vectors); each also applies to same-content images."""

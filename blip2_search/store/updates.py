@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, exists, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, exists, insert, select, update
 
 from blip2_search.errors import InvalidInputError
 from blip2_search.store.codec import check_absolute, vectors_to_bytes
@@ -326,12 +326,23 @@ def mark_deleted(connection: Connection, image_ids: Sequence[int]) -> int:
     return changed
 
 
-def purge_unused_embeddings(connection: Connection) -> int:
-    """Delete embedding rows that no indexed or pending image references; return how many."""
-    used = exists().where(
-        images.c.content_hash == embeddings.c.content_hash,
-        images.c.status.in_([STATUS_INDEXED, STATUS_PENDING]),
-    )
+def forget_deleted(connection: Connection, *, deleted_before: datetime | None = None) -> int:
+    """Remove the rows of images marked deleted (before ``deleted_before`` when given); return how many.
+
+    Their vectors stay until ``purge_unreferenced_embeddings``; ids are never reused.
+    """
+    condition = images.c.status == STATUS_DELETED
+    if deleted_before is not None:
+        condition = and_(condition, images.c.updated_at < deleted_before)
+    return int(connection.execute(delete(images).where(condition)).rowcount)
+
+
+def purge_unreferenced_embeddings(connection: Connection) -> int:
+    """Delete embedding rows that no image row references (any status); return how many.
+
+    A deleted image's row keeps its vectors, so restoring the photo reuses them.
+    """
+    used = exists().where(images.c.content_hash == embeddings.c.content_hash)
     return int(connection.execute(delete(embeddings).where(~used)).rowcount)
 
 
