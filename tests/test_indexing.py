@@ -217,6 +217,29 @@ def test_a_restored_photo_reuses_its_vectors_and_details(tiny_itm_dir, photos, t
     _check_consistent(lib_dir)
 
 
+def test_a_folder_indexed_under_another_name_moves_its_records(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    alias = tmp_path / "alias"
+    alias.symlink_to(photos, target_is_directory=True)
+    (photos / "link.jpg").symlink_to(photos / "p1.jpg")  # a file symlink inside: its own record, every run
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        assert lib.index([photos]).indexed == 8
+        ids = {Path(p).name: k.id for p, k in lib.metadata.known_files().items()}
+    with Library.open(lib_dir) as lib:
+        r = lib.index([alias])  # the same files through a symlinked alias: moves, not copies
+        assert (r.scanned, r.indexed, r.reused, r.deleted) == (8, 0, 8, 0)
+        known = lib.metadata.known_files()
+        assert all(p.startswith(str(alias) + os.sep) for p in known) and len(known) == 8
+        assert {Path(p).name: k.id for p, k in known.items()} == ids
+        assert lib.status().indexed == 8
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.indexed, r.reused, r.deleted) == (0, 8, 0)
+        r = lib.index([photos])
+        assert (r.unchanged, r.reused) == (8, 0)
+    _check_consistent(lib_dir)
+
+
 def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     shutil.copy(photos / "p1.jpg", photos / "dup.jpg")

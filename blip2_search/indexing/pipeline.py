@@ -107,6 +107,7 @@ class Indexer:
         self._shared_vit: bool | None = None
         self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
         self._store_failed = False
+        self._found: set[str] = set()  # paths found by this run's scan
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
         # Keep one embedded batch queued while the last is written: on a GPU (see `_write_batch`), or when asked.
@@ -119,6 +120,7 @@ class Indexer:
         start = time.perf_counter()
         known = self.metadata.known_files()
         found = list(scan(roots, skip=self.skip))
+        self._found = {f.path for f in found}
         plan = plan_changes(found, known, roots, rehash=self.rehash)
         counts = _Counts()
         self.metadata.mark_failed([FailedFile(f.path, f.error or "unreadable") for f in plan.unreadable])
@@ -271,13 +273,11 @@ class Indexer:
         items, renames = [], []
         # The records with these contents: what a photo's record says (size, date, camera) comes from them.
         templates = self.metadata.images_by_hash({r.content_hash for r in reuse}, statuses=(STATUS_INDEXED, STATUS_PENDING, STATUS_DELETED))
-        # Live records outside the folders being indexed whose file is gone (the top folder was renamed, or
-        # indexed under another name): a new path with their content is their move, not a copy.
-        new_hashes = {r.content_hash for r in reuse if r.file.path not in known and not gone_by_hash.get(r.content_hash)}
-        vanished = {h: [rec.id for rec in templates.get(h, []) if rec.status != STATUS_DELETED and rec.id not in moved and not os.path.lexists(rec.path)]
-                    for h in new_hashes}
         for r in reuse:
-            candidates = gone_by_hash.get(r.content_hash) or vanished.get(r.content_hash) or []
+            candidates = gone_by_hash.get(r.content_hash) or []
+            if r.file.path not in known and not candidates:
+                candidates = [rec.id for rec in templates.get(r.content_hash, [])
+                              if rec.status != STATUS_DELETED and rec.id not in moved and self._elsewhere(rec.path, r.file.path)]
             if r.file.path not in known and candidates:
                 image_id = candidates.pop(0)
                 moved.add(image_id)
@@ -302,6 +302,14 @@ class Indexer:
         self.vectors.add(np.asarray(ids, dtype=np.int64), vecs)
         counts.reused += len(reuse)
         reuse.clear()
+
+    def _elsewhere(self, recorded: str, found: str) -> bool:
+        """Is the record at `recorded` (not found in this run) the file now `found`, so that `found` is its move?
+        Yes when its file is gone (the top folder was renamed), or when both paths name the same real file
+        (the folder was indexed under another name: a symlinked alias)."""
+        if recorded in self._found:
+            return False
+        return not os.path.lexists(recorded) or os.path.realpath(recorded) == os.path.realpath(found)
 
     def _write_failures(self, failures: list[FailedFile], counts: _Counts) -> None:
         if not failures:
