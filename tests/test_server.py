@@ -369,6 +369,30 @@ def test_symlinked_photo_whose_target_moves_outside_is_refused(tiny_itm_dir, tmp
                 assert response.status_code == 404 and b"root:" not in response.content
 
 
+def test_a_folder_repointed_between_the_check_and_the_open_is_refused(tiny_itm_dir, tmp_path, monkeypatch):
+    from blip2_search.server import photos as photos_module
+
+    photos = tmp_path / "photos"
+    _photo(photos / "album" / "p.jpg", 3)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "p.jpg").write_bytes(b"root:x:0:0:do not serve me")
+    checked = photos_module.check_photo_path
+
+    def check_then_swap(recorded, is_indexed):
+        real = checked(recorded, is_indexed)
+        (photos / "album").rename(photos / "album-old")  # the race: after the check, before the open
+        (photos / "album").symlink_to(outside, target_is_directory=True)
+        return real
+
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        image_id = _records(library)["p.jpg"].id
+        monkeypatch.setattr(photos_module, "check_photo_path", check_then_swap)
+        response = c.get(f"/api/images/{image_id}")
+        assert b"root:" not in response.content
+        _assert_error(response, 404, "changed while it was opened")
+
+
 # ---------------------------------------------------------------------------------------------
 # tokens, hosts and origins
 

@@ -4,7 +4,9 @@ Clients name images by id only; the path always comes from the library's record.
 opened its real path is checked (`check_photo_path`): a recorded path that is now a symlink to a
 file the library never indexed (e.g. a link re-pointed at /etc/passwd, or a photo moved out of the
 photo folders and the link updated) is refused. The file is then opened without following a
-last-moment symlink (O_NOFOLLOW) and must be a regular file.
+last-moment symlink (O_NOFOLLOW), must be the checked path (on Linux the kernel's own record of the
+opened file is compared, so a folder re-pointed between the check and the open is caught) and must
+be a regular file.
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def check_photo_path(recorded: str, is_indexed: Callable[[str], bool]) -> str:
     return real
 
 
+def _opened_path(fd: int) -> str | None:
+    """The path the kernel opened for `fd` (Linux /proc), or None where that cannot be known."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
 class Photos:
     """The files of one library's indexed images, and their thumbnails cached under `thumbs_dir`."""
 
@@ -121,6 +131,10 @@ class Photos:
         except OSError:
             raise PhotoUnavailable(f"the file of image {image_id} ({record.path}) cannot be opened; check it exists and is readable") from None
         f = os.fdopen(fd, "rb")
+        opened = _opened_path(fd)
+        if opened is not None and opened != real:  # a folder on the way was re-pointed after the check
+            f.close()
+            raise PhotoUnavailable(f"the file of image {image_id} ({record.path}) changed while it was opened; try again")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             f.close()
