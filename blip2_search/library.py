@@ -269,21 +269,33 @@ class Library:
             kind = self.vector_index_kind()
             if self.metadata.vector_index() != kind:
                 self.metadata.set_vector_index(kind)
-                self._vectors = None  # reopened (rebuilt when the kind of file differs) below
+                self._vectors = None
+                _ = self.vectors  # reopened now: rebuilt (and saved) when the file is of another kind
             if self.captioner_name:
                 cap = self.captioner
                 self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
             if store_vit:
                 self.vit_store.enable()
-            indexer = Indexer(self.metadata, self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
+            indexer = Indexer(self.metadata, lambda: self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
                               workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash)
             report = indexer.run(roots, progress)
             if not report.interrupted:
-                self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
-                # the index now holds exactly what the database committed
-                self._vectors_generation = self.metadata.vectors_generation()
-                self.vectors.save(self.folder / VECTORS_FILENAME, generation=self._vectors_generation)
+                if self.vit_store.enabled:
+                    self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
+                self._save_vectors()
             return replace(report, notes=tuple(notes)) if notes else report
+
+    def _save_vectors(self) -> None:
+        """Save the vector index at the database's generation unless its file already holds that generation
+        (a run that changed nothing neither reads nor writes the index; a stale file is opened and rebuilt)."""
+        path = self.folder / VECTORS_FILENAME
+        generation = self.metadata.vectors_generation()
+        saved = saved_generation(path) if path.exists() else None
+        if saved == generation and (self._vectors is None or self._vectors_generation == generation):
+            return
+        store = self.vectors  # opened before the run's changes, which it received: it matches the database
+        self._vectors_generation = generation
+        store.save(path, generation=generation)
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

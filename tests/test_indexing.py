@@ -89,6 +89,45 @@ def test_index_then_rerun_skips_everything(tiny_itm_dir, photos, tmp_path):
     _check_consistent(lib_dir)
 
 
+def test_a_run_that_changes_nothing_neither_reads_nor_writes_the_vector_index(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    import blip2_search.library as library_module
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    index_file = lib_dir / "vectors.faiss"
+    before = index_file.stat()
+    opened = []
+    real_open = library_module.open_vectors
+    monkeypatch.setattr(library_module, "open_vectors", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).unchanged == 7
+    after = index_file.stat()
+    assert opened == [] and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    (photos / "p0.jpg").unlink()
+    with Library.open(lib_dir) as lib:  # a change opens it before the database changes, and saves it
+        assert lib.index([photos]).deleted == 1
+    assert opened == [1] and index_file.stat().st_mtime_ns != before.st_mtime_ns
+    index_file.unlink()
+    with Library.open(lib_dir) as lib:  # nothing changed, but the file is missing: made again
+        lib.index([photos])
+    assert index_file.exists()
+    _check_consistent(lib_dir)
+
+
+def test_an_indexed_photo_that_became_unreadable_leaves_the_vector_index(tiny_itm_dir, photos, tmp_path):
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    (photos / "p0.jpg").unlink()
+    (photos / "p0.jpg").symlink_to(tmp_path / "nowhere.jpg")  # a broken link: the scan itself reports it
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).failed == 1
+        assert lib.status().indexed == 6
+        assert str(photos / "p0.jpg") not in [h.path for h in lib.search("a photo", k=10, rerank=False).hits]
+    _check_consistent(lib_dir)
+
+
 def test_move_rename_duplicate_delete_modify(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:

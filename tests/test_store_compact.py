@@ -251,6 +251,26 @@ def test_open_vectors_switches_kind_and_rescores_from_the_database(tmp_path, met
     meta.close()
 
 
+def test_a_compact_index_trained_while_loading_is_saved(tmp_path, monkeypatch):
+    """An 'auto' library under its memory budget saves exact vectors; with a smaller budget the next
+    open trains the compact codes, and must save them (it retrained in every process before)."""
+    monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 50)
+    vectors, _ = clustered(120, seed=6)
+    meta = open_metadata(tmp_path / "lib", create=True, embedder=EmbedderInfo(ModelRef("m"), Q, D))
+    meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(120)])
+    path = tmp_path / "lib" / "vectors.faiss"
+    roomy = open_vectors(meta, path, kind="auto", memory_budget_bytes=2**30, use_gpu=False)
+    assert not roomy.store.trained and not json.loads(sidecar_path(path).read_text())["params"].get("trained")
+    tight = open_vectors(meta, path, kind="auto", memory_budget_bytes=1, use_gpu=False)
+    assert tight.rebuilt_because is None and tight.store.trained  # trained on load, not rebuilt
+    assert json.loads(sidecar_path(path).read_text())["params"]["trained"]
+    trains = []
+    monkeypatch.setattr(CompactVectorStore, "train", lambda *a, **kw: trains.append(1))
+    again = open_vectors(meta, path, kind="auto", memory_budget_bytes=1, use_gpu=False)
+    assert again.store.trained and trains == []
+    meta.close()
+
+
 def test_library_index_and_search_with_compact_selected(tiny_itm_dir, tmp_path, monkeypatch):
     from blip2_search.cli import main
     from blip2_search.library import Library

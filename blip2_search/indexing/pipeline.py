@@ -82,7 +82,7 @@ class Indexer:
     def __init__(
         self,
         metadata: MetadataStore,
-        vectors: VectorStore,
+        vectors: Callable[[], VectorStore],
         encoder: Blip2Encoder,
         captioner: Blip2Captioner | None,
         *,
@@ -95,7 +95,8 @@ class Indexer:
         rehash: bool = False,
     ):
         self.metadata = metadata
-        self.vectors = vectors
+        self._open_vectors = vectors  # opened on first change: a run that changes nothing never reads the index
+        self._vectors: VectorStore | None = None
         self.encoder = encoder
         self.captioner = captioner
         self.batch_size = max(1, batch_size)
@@ -108,6 +109,7 @@ class Indexer:
         self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
         self._store_failed = False
         self._found: set[str] = set()  # paths found by this run's scan
+        self._live_ids: set[int] = set()  # images searchable when this run started
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
         # Keep one embedded batch queued while the last is written: on a GPU (see `_write_batch`), or when asked.
@@ -115,15 +117,28 @@ class Indexer:
         self._not_in_forward = threading.Event()  # cleared while a forward runs, when decoding must wait
         self._not_in_forward.set()
 
+    @property
+    def vectors(self) -> VectorStore:
+        """The library's vector index, opened on first use."""
+        if self._vectors is None:
+            self._vectors = self._open_vectors()
+        return self._vectors
+
     def run(self, roots: list[str], progress: Callable[[Progress], None] | None = None) -> IndexReport:
         """Index `roots` (absolute folders). Ctrl-C stops after committing nothing partial; see `interrupted`."""
         start = time.perf_counter()
         known = self.metadata.known_files()
+        self._live_ids = {k.id for k in known.values() if k.status == "indexed"}
         found = list(scan(roots, skip=self.skip))
         self._found = {f.path for f in found}
         plan = plan_changes(found, known, roots, rehash=self.rehash)
         counts = _Counts()
+        was_live = [known[f.path].id for f in plan.unreadable if f.path in known and known[f.path].id in self._live_ids]
+        if plan.work or plan.gone or was_live:
+            _ = self.vectors  # opened before the database changes, while its file still matches the database
         self.metadata.mark_failed([FailedFile(f.path, f.error or "unreadable") for f in plan.unreadable])
+        if was_live:
+            self.vectors.remove(np.array(was_live, dtype=np.int64))
         counts.failed += len(plan.unreadable)
         gone_by_hash: dict[str, list[int]] = {}
         for p in plan.gone:
@@ -139,7 +154,8 @@ class Indexer:
         if not interrupted:
             gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved]
             deleted = self.metadata.mark_deleted(gone_ids)
-            self.vectors.remove(np.array(gone_ids, dtype=np.int64))
+            if gone_ids:
+                self.vectors.remove(np.array(gone_ids, dtype=np.int64))
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
                            round(time.perf_counter() - start, 3), interrupted)
 
@@ -315,6 +331,8 @@ class Indexer:
         if not failures:
             return
         ids = self.metadata.mark_failed(failures)
-        self.vectors.remove(np.asarray(ids, dtype=np.int64))
+        was_live = [i for i in ids if i in self._live_ids]  # a changed photo that no longer reads leaves search
+        if was_live:
+            self.vectors.remove(np.asarray(was_live, dtype=np.int64))
         counts.failed += len(failures)
         failures.clear()

@@ -88,6 +88,8 @@ def open_vectors(
         if loaded.store is not None and loaded.store.needs_retraining():
             loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
     if loaded.store is not None:
+        if save and isinstance(loaded.store, CompactVectorStore) and loaded.store.trained and not loaded.info.params.get("trained"):
+            loaded.store.save(index_path, generation=info.vectors_generation)  # trained while loading an exact file: keep it
         return OpenedVectors(loaded.store, info.vectors_generation, None)
     if train_at is None:
         store: VectorStore = FaissVectorStore(q, d, use_gpu=use_gpu)
