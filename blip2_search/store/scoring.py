@@ -12,6 +12,7 @@ import numpy as np
 from blip2_search.errors import InvalidInputError
 
 _SCAN_CHUNK_FLOATS = 1 << 22  # scores held at once by max_scores (16 MiB)
+_GATHER_CHUNK_FLOATS = 1 << 24  # filtered images copied at once by max_scores (64 MiB: 2,048 ViT-g images)
 
 
 def rank(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -42,8 +43,16 @@ def max_scores(queries: np.ndarray, stored: np.ndarray, rows: np.ndarray | None 
     count = n if rows is None else len(rows)
     out = np.empty((len(queries), count), dtype=np.float32)
     step = max(1, _SCAN_CHUNK_FLOATS // (q * max(len(queries), 1)))
+    gathered = None
+    if rows is not None:  # the chosen images are copied a bounded chunk at a time into one buffer
+        step = min(step, max(1, _GATHER_CHUNK_FLOATS // (q * d)))
+        gathered = np.empty((min(step, count), q, d), dtype=stored.dtype)
     for start in range(0, count, step):
-        part = stored[start : start + step] if rows is None else stored[rows[start : start + step]]
+        if rows is None:
+            part = stored[start : start + step]
+        else:
+            chunk = rows[start : start + step]
+            part = np.take(stored, chunk, axis=0, out=gathered[: len(chunk)], mode="clip")  # rows are valid
         if len(queries) == 1:  # matrix-vector: no BLAS threads to wake for one query
             out[0, start : start + len(part)] = (part.reshape(-1, d) @ queries[0]).reshape(len(part), q).max(axis=1)
         else:
