@@ -688,3 +688,25 @@ def test_postgres_caption_search_uses_the_word_index(postgres_url, rng):
         with s._engine.connect() as c:
             plan = "\n".join(row[0] for row in c.exec_driver_sql("EXPLAIN " + statement, parameters))
     assert "ix_images_caption_words" in plan, plan
+
+
+def test_filter_ids_by_path_glob_and_dates(store, rng):
+    raw = os.fsdecode(b"/p/2023/caf\xe9.jpg")  # not UTF-8: stored escaped, matched as the real name
+    paths = ["/p/2023/a.jpg", "/p/2023/b.png", "/p/2024/a.jpg", raw, "/p/[x]/c.jpg"]
+    days = [datetime(2023, 1, 5), None, datetime(2024, 2, 1), datetime(2023, 6, 1), None]
+    ids = store.upsert_indexed(
+        [image(p, f"h{i}", unit(rng, Q, D), taken_at=t) for i, (p, t) in enumerate(zip(paths, days))]
+    )
+    store.mark_deleted([ids[1]])
+
+    def got(**kw):
+        return [ids.index(i) for i in store.filter_ids(**kw)]
+
+    assert got() == [0, 2, 3, 4]
+    assert got(path_glob="*/2023/*") == [0, 3]
+    assert got(path_glob="*.jpg") == [0, 2, 3, 4]
+    assert got(path_glob=os.fsdecode(b"*caf\xe9*")) == [3] and got(path_glob="*caf*") == [3]
+    assert got(path_glob="/p/[!2]*") == [4] and got(path_glob="/p/[[]x]/*") == [4]
+    assert got(path_glob="/P/*") == []  # case-sensitive
+    assert got(after=datetime(2023, 3, 1)) == [2, 3] and got(before=datetime(2023, 12, 31)) == [0, 3]
+    assert got(after=datetime(2023, 1, 1), path_glob="*a.jpg") == [0, 2]

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, Text, func, select, type_coerce
 
 from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
 from blip2_search.store import updates
 from blip2_search.store.captions import search_captions
-from blip2_search.store.codec import blobs_to_vectors
+from blip2_search.store.codec import ESCAPED_PREFIX, blobs_to_vectors, decode_path
 from blip2_search.store.engine import (
     create_library_engine,
     describe_url,
@@ -388,16 +389,21 @@ class MetadataStore:
         (``*.png``, ``*/2023/*``). ``after``/``before``: capture time (EXIF) bounds, inclusive;
         images without a capture time never match a date filter.
         """
-        statement = select(images.c.id, images.c.path).where(images.c.status == STATUS_INDEXED)
+        columns = [images.c.id] if path_glob is None else [images.c.id, type_coerce(images.c.path, Text)]  # stored text
+        statement = select(*columns).where(images.c.status == STATUS_INDEXED)
         if after is not None:
             statement = statement.where(images.c.taken_at >= after)
         if before is not None:
             statement = statement.where(images.c.taken_at <= before)
         with self._read() as connection:
             rows = connection.execute(statement.order_by(images.c.id)).all()
-        if path_glob is not None:
-            rows = [row for row in rows if fnmatch.fnmatchcase(row.path, path_glob)]
-        return np.array([row.id for row in rows], dtype=np.int64)
+        if path_glob is None:
+            return np.array([row[0] for row in rows], dtype=np.int64)
+        match = re.compile(fnmatch.translate(path_glob)).match  # as fnmatchcase, compiled once
+        return np.array(
+            [image_id for image_id, text in rows if match(decode_path(text) if text.startswith(ESCAPED_PREFIX) else text)],
+            dtype=np.int64,
+        )
 
     def uncaptioned(self, limit: int | None = None) -> list[ImageRecord]:
         """Indexed images without a caption, by ascending id."""
