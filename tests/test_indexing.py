@@ -115,6 +115,29 @@ def test_a_run_that_changes_nothing_neither_reads_nor_writes_the_vector_index(ti
     _check_consistent(lib_dir)
 
 
+def test_touched_and_moved_photos_keep_their_vectors_in_the_index(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    from blip2_search.store import FaissVectorStore
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        before = {h.path: h.itc for h in lib.search("a photo", k=10, rerank=False, fusion=False).hits}
+    for path in photos.rglob("*.*"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched: same bytes
+    shutil.move(photos / "p2.jpg", photos / "p2-renamed.jpg")
+    added = []
+    real_add = FaissVectorStore.add
+    monkeypatch.setattr(FaissVectorStore, "add", lambda self, ids, v: added.extend(ids.tolist()) or real_add(self, ids, v))
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.reused, r.indexed, r.deleted) == (7, 0, 0)
+        assert added == []  # their vectors are in the index already: no re-add (a compaction per batch)
+        after = {h.path: h.itc for h in lib.search("a photo", k=10, rerank=False, fusion=False).hits}
+    before[str(photos / "p2-renamed.jpg")] = before.pop(str(photos / "p2.jpg"))
+    assert after == before
+    _check_consistent(lib_dir)
+
+
 def test_an_indexed_photo_that_became_unreadable_leaves_the_vector_index(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:

@@ -109,7 +109,7 @@ class Indexer:
         self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
         self._store_failed = False
         self._found: set[str] = set()  # paths found by this run's scan
-        self._live_ids: set[int] = set()  # images searchable when this run started
+        self._live_ids: dict[int, str | None] = {}  # images searchable when this run started: their content hash
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
         # Keep one embedded batch queued while the last is written: on a GPU (see `_write_batch`), or when asked.
@@ -128,7 +128,7 @@ class Indexer:
         """Index `roots` (absolute folders). Ctrl-C stops after committing nothing partial; see `interrupted`."""
         start = time.perf_counter()
         known = self.metadata.known_files()
-        self._live_ids = {k.id for k in known.values() if k.status == "indexed"}
+        self._live_ids = {k.id: k.content_hash for k in known.values() if k.status == "indexed"}
         found = list(scan(roots, skip=self.skip))
         self._found = {f.path for f in found}
         plan = plan_changes(found, known, roots, rehash=self.rehash)
@@ -313,9 +313,13 @@ class Indexer:
                 camera_make=t.camera_make if t else None, camera_model=t.camera_model if t else None,
             ))
         ids = self.metadata.upsert_indexed(upserts)
-        stored = self.metadata.get_embeddings({r.content_hash for r in reuse})
-        vecs = np.stack([stored[u.content_hash].image_vectors for u in upserts])
-        self.vectors.add(np.asarray(ids, dtype=np.int64), vecs)
+        # A touched or moved photo whose record was searchable with this content has its vectors in the index
+        # already: re-adding them would cost a compaction of the whole exact index per batch.
+        new = [(i, u) for i, u in zip(ids, upserts) if self._live_ids.get(i, "") != u.content_hash]
+        if new:
+            stored = self.metadata.get_embeddings({u.content_hash for _, u in new})
+            vecs = np.stack([stored[u.content_hash].image_vectors for _, u in new])
+            self.vectors.add(np.asarray([i for i, _ in new], dtype=np.int64), vecs)
         counts.reused += len(reuse)
         reuse.clear()
 
