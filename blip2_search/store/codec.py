@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -77,19 +78,19 @@ def vectors_to_bytes(vectors: np.ndarray, shape: tuple[int, ...], what: str) -> 
     return array.tobytes()
 
 
-def blobs_to_vectors(blobs: list[bytes], shape: tuple[int, ...], what: str) -> np.ndarray:
+def blobs_to_vectors(blobs: Sequence[bytes], shape: tuple[int, ...], what: str | Callable[[int], str]) -> np.ndarray:
     """Read float32 little-endian blobs, each of ``shape``, as one ``[n, *shape]`` float32 array.
 
-    Copied straight into one output array (the compact index reads ~500 rows a query).
+    One join and one copy for all rows (per-row decoding cost ~19 us a row: 1.9 s for 100k caption
+    vectors). ``what`` names the rows in errors: a string, or a function of the row's position.
     Raises LibraryError when a byte length does not match the shape (a corrupt row).
     """
     expected = int(np.prod(shape)) * _VECTOR_DTYPE.itemsize
-    out = np.empty((len(blobs), *shape), dtype=np.float32)
     for position, blob in enumerate(blobs):
         if len(blob) != expected:
-            bytes_to_vectors(blob, shape, what)  # raises, naming the problem
-        out[position] = np.frombuffer(blob, dtype=_VECTOR_DTYPE).reshape(shape)
-    return out
+            bytes_to_vectors(blob, shape, what if isinstance(what, str) else what(position))  # raises, naming it
+    joined = np.frombuffer(b"".join(blobs), dtype=_VECTOR_DTYPE)
+    return joined.astype(np.float32, copy=True).reshape(len(blobs), *shape)
 
 
 def bytes_to_vectors(blob: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:

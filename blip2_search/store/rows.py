@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import Connection, func, select
 
 from blip2_search.errors import LibraryError
-from blip2_search.store.codec import bytes_to_vectors
+from blip2_search.store.codec import blobs_to_vectors, bytes_to_vectors
 from blip2_search.store.records import (
     STATUS_INDEXED,
     EmbedderInfo,
@@ -151,13 +151,8 @@ def iter_caption_vectors(
         if not rows:
             return
         ids = np.array([row.id for row in rows], dtype=np.int64)
-        vectors = np.stack(
-            [
-                bytes_to_vectors(row.caption_vector, (dim,), f"caption vector of image {row.id}")
-                for row in rows
-            ]
-        )
-        yield ids, vectors
+        blobs = [row.caption_vector for row in rows]
+        yield ids, blobs_to_vectors(blobs, (dim,), lambda i: f"caption vector of image {rows[i].id}")
         last_id = int(ids[-1])
 
 
@@ -196,8 +191,7 @@ class LiveVectors:
             if not rows:
                 return
             ids = np.array([row.id for row in rows], dtype=np.int64)
-            vectors = np.stack(
-                [bytes_to_vectors(row.image_vectors, shape, f"vectors of image {row.id}") for row in rows]
-            )
+            blobs = [row.image_vectors for row in rows]
+            vectors = blobs_to_vectors(blobs, shape, lambda i: f"vectors of image {rows[i].id}")
             yield VectorChunk(ids=ids, vectors=vectors)
             last_id = int(ids[-1])
