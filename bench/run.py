@@ -2,12 +2,13 @@
 
     python bench/run.py --quick          # <= 5 minutes on 2 cores: smaller sizes, same code paths
     python bench/run.py                  # full sizes (see each module's docstring), much longer
-    python bench/run.py --only search    # one section: pipeline, search, rerank
+    python bench/run.py --only search    # one section: pipeline, search, rerank, duplicates
     python bench/run.py --json out.json  # also write the figures as JSON
 
 Sections (each a module here with `run(quick) -> dict`): `pipeline.py` (indexing efficiency, decode
 speed-up and cosine, naive speed-up), `search.py` (exact and compact search latency, memory and
-recall), `rerank.py` (stored vs recomputed ViT tokens, one shared ViT pass). The GPU figures are a
+recall), `rerank.py` (stored vs recomputed ViT tokens, one shared ViT pass), `duplicates.py`
+(near-duplicate groups against the per-image exact search they replaced). The GPU figures are a
 separate script, `gpu.py`, for a CUDA machine. Results and machines: docs/benchmarks.md.
 """
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("pipeline", "search", "rerank")
+SECTIONS = ("pipeline", "search", "rerank", "duplicates")
 
 
 def main() -> None:

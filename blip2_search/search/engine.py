@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..models.encoder import Blip2Encoder
 from ..store import MetadataStore, VectorStore
+from .duplicates import duplicate_groups
 from .query import Query
 from .rerank import RecomputeVit, VitSource, rerank_hits
 from .results import Filters, Hit, SearchResult
@@ -22,7 +23,6 @@ RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 FUSION_DEPTH = 100  # candidates taken from each ranked list before fusing
 CAPTION_WEIGHT = 0.5  # each caption list counts half as much as the image ranking
 EXACT_COMPOSITE_LIMIT = 50_000  # composite queries score every image exactly up to this size (vectors in RAM)
-DUPLICATES_CHUNK = 1024  # images whose full vectors `duplicates` holds at once
 
 
 class SearchEngine:
@@ -169,27 +169,18 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ near duplicates
     def duplicates(self, threshold: float, *, neighbours: int = 10) -> list[list[int]]:
-        """Groups (>= 2 images) whose image-to-image score reaches `threshold`, each sorted by id."""
-        ids = self.vectors.image_ids()
-        parent = {int(i): int(i) for i in ids}
+        """Groups (>= 2 images) whose image-to-image score reaches `threshold`, each sorted by id
+        (candidates from summary vectors, scored exactly: see `duplicates.py`)."""
+        if self.vectors.holds_vectors:  # the exact store: read its vectors in place
+            all_ids, stored = self.vectors.stored()
+            order = np.argsort(all_ids)
+            sorted_ids = all_ids[order]
 
-        def find(x):
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
+            def read(ids: np.ndarray) -> np.ndarray:
+                return stored[order[np.searchsorted(sorted_ids, ids)]]
 
-        for start in range(0, len(ids), DUPLICATES_CHUNK):  # a chunk of full vectors at a time
-            part = ids[start : start + DUPLICATES_CHUNK]
-            for i, vecs in zip(part.tolist(), self.vectors.vectors_for(part)):
-                nid, sc = self.vectors.search_vectors(vecs[None], min(neighbours + 1, len(ids)))
-                for j, s in zip(nid[0].tolist(), sc[0].tolist()):
-                    if j != i and s >= threshold:
-                        parent[find(i)] = find(j)
-        groups: dict[int, list[int]] = {}
-        for i in parent:
-            groups.setdefault(find(i), []).append(i)
-        return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+            return duplicate_groups(sorted_ids, read, threshold, neighbours=neighbours)
+        return duplicate_groups(self.vectors.image_ids(), self.vectors.vectors_for, threshold, neighbours=neighbours)
 
 
 def _shared_ranks(ids: list[int], scores: np.ndarray) -> list[tuple[int, int]]:

@@ -1,0 +1,73 @@
+"""Near-duplicate groups: candidates from summary vectors, checked against all-pairs exact scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blip2_search.search import duplicates as duplicates_module
+from blip2_search.search.duplicates import duplicate_groups, exact_scores
+
+Q, D = 8, 32
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def library(n: int, seed: int = 0) -> np.ndarray:
+    """BLIP-2-like vectors (a direction shared by every image's slot, topics, noise) with near-duplicate
+    groups of 2-5 images whose copies differ by a little noise (scores from ~0.93 to ~1)."""
+    rng = np.random.default_rng(seed)
+    slot = unit(rng.standard_normal((Q, D)))
+    topics = unit(rng.standard_normal((8, D)))
+    content = unit(topics[rng.integers(0, 8, n)] + 0.6 * unit(rng.standard_normal((n, D))))
+    v = unit(0.6 * slot[None] + 0.6 * content[:, None] + 0.5 * unit(rng.standard_normal((n, Q, D))))
+    for g in range(n // 20):
+        for c in range(1 + g % 4):
+            v[n - 1 - (g * 5 + c)] = unit(v[g * 7] + (0.01 + 0.012 * (g % 10)) * rng.standard_normal((Q, D)))
+    return v
+
+
+def all_pairs(v: np.ndarray, ids: np.ndarray, threshold: float) -> list[list[int]]:
+    parent = list(range(len(v)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for i in range(len(v)):
+        for j in np.flatnonzero(exact_scores(v[i], v) >= threshold).tolist():
+            parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(v)):
+        groups.setdefault(find(i), []).append(int(ids[i]))
+    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_groups_equal_all_pairs_exact_scores(flat, monkeypatch):
+    if not flat:  # the IVF path for large libraries, on a small one
+        monkeypatch.setattr(duplicates_module, "EXACT_SUMMARY_MAX", 100)
+    v = library(800)
+    ids = np.arange(800) * 3 + 7  # ids are not positions
+    read_calls = []
+
+    def read(wanted: np.ndarray) -> np.ndarray:
+        read_calls.append(len(wanted))
+        return v[(wanted - 7) // 3]
+
+    for threshold in (0.95, 0.99, 0.999):
+        want = all_pairs(v, ids, threshold)
+        assert duplicate_groups(ids, read, threshold) == want
+    assert len(all_pairs(v, ids, 0.95)) > len(all_pairs(v, ids, 0.99)) > 0  # the thresholds cut groups
+    assert max(read_calls) <= 64 * 21 + 64 + 1024  # bounded reads, never the whole library
+
+
+def test_few_images():
+    v = library(20)
+    assert duplicate_groups(np.array([5]), lambda i: v[:1], 0.9) == []
+    assert duplicate_groups(np.zeros(0, np.int64), lambda i: v[:0], 0.9) == []
+    same = np.stack([v[0], v[0]])
+    assert duplicate_groups(np.array([4, 9]), lambda i: same[(i == 9).astype(int)], 0.999) == [[4, 9]]
