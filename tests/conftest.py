@@ -29,18 +29,27 @@ METADATA_BACKENDS = ["sqlite", *(["postgresql"] if os.environ.get(POSTGRES_ENV) 
 @pytest.fixture()
 def postgres_url():
     """A fresh, empty PostgreSQL database for one test (dropped after it); skips when unconfigured."""
+    import time
     import uuid
 
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ProgrammingError
 
     admin = os.environ.get(POSTGRES_ENV)
     if not admin:
         pytest.skip(f"set {POSTGRES_ENV} to a PostgreSQL URL to run the metadata tests on PostgreSQL")
     name = f"blip2_test_{uuid.uuid4().hex[:12]}"
     engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    for attempt in range(20):  # CREATE DATABASE fails while another session copies template1 at once
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            break
+        except ProgrammingError as error:
+            if "being accessed by other users" not in str(error) or attempt == 19:
+                raise
+            time.sleep(0.2)
     try:
         yield make_url(admin).set(database=name).render_as_string(hide_password=False)
     finally:

@@ -120,27 +120,71 @@ def test_schema_compiles_for_postgresql():
 def test_migration_runner_runs_new_steps_once_and_rolls_back_failures(tmp_path):
     engine = create_library_engine(create_engine(f"sqlite:///{tmp_path / 'm.sqlite'}").url, busy_timeout_s=1)
     calls = []
+    extra, broken = LATEST_VERSION + 1, LATEST_VERSION + 2
 
-    def v2(connection):
-        calls.append(2)
+    def add_extra(connection):
+        calls.append(extra)
         connection.exec_driver_sql("CREATE TABLE extra (x INTEGER)")
 
-    def v3_broken(connection):
+    def step_broken(connection):
         connection.exec_driver_sql("CREATE TABLE extra3 (x INTEGER)")
         raise RuntimeError("step 3 failed")
 
-    steps = (*MIGRATIONS, Migration(2, "add extra", v2))
-    assert migrate(engine, "m", create=True, migrations=steps) == 2
-    assert migrate(engine, "m", create=True, migrations=steps) == 2
-    assert calls == [2]
+    steps = (*MIGRATIONS, Migration(extra, "add extra", add_extra))
+    assert migrate(engine, "m", create=True, migrations=steps) == extra
+    assert migrate(engine, "m", create=True, migrations=steps) == extra
+    assert calls == [extra]
     with pytest.raises(RuntimeError, match="step 3"):
-        migrate(engine, "m", create=True, migrations=(*steps, Migration(3, "broken", v3_broken)))
+        migrate(engine, "m", create=True, migrations=(*steps, Migration(broken, "broken", step_broken)))
     with engine.connect() as c:
-        assert current_version(c) == 2
+        assert current_version(c) == extra
         assert not inspect(c).has_table("extra3")  # the failed step's DDL was rolled back
     with pytest.raises(ValueError, match="in order"):
-        migrate(engine, "m", create=True, migrations=(Migration(2, "x", v2),))
+        migrate(engine, "m", create=True, migrations=(Migration(2, "x", add_extra),))
     engine.dispose()
+
+
+def test_a_v1_library_moves_its_caption_vectors_to_their_own_table(metadata_location, rng):
+    """Schema v1 kept caption vectors inside the 32 KB embeddings rows; v2 moves them out."""
+    from sqlalchemy.engine import make_url
+
+    from blip2_search.store.engine import resolve_location
+
+    url, path = resolve_location(metadata_location)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_library_engine(make_url(url), busy_timeout_s=1)
+    assert migrate(engine, "v1", create=True, migrations=MIGRATIONS[:1]) == 1
+    vectors, caption = unit(rng, Q, D), unit(rng, D)
+    with engine.begin() as c:
+        for key, value in (("embedder_model", "test/embedder"), ("embedder_revision", "rev1"),
+                           ("num_query_tokens", str(Q)), ("dim", str(D))):
+            c.execute(text("INSERT INTO library_info (key, value) VALUES (:k, :v)"), {"k": key, "v": value})
+        c.execute(
+            text("INSERT INTO embeddings (content_hash, image_vectors, caption_vector, created_at) "
+                 "VALUES ('h1', :v, :c, :t), ('h2', :v, NULL, :t)"),
+            {"v": vectors.astype("<f4").tobytes(), "c": caption.astype("<f4").tobytes(), "t": datetime(2026, 1, 1)},
+        )
+        c.execute(
+            text("INSERT INTO images (path, content_hash, status, caption) VALUES "
+                 "('/p/a.jpg', 'h1', 'indexed', 'a dog'), ('/p/b.jpg', 'h2', 'indexed', NULL)")
+        )
+    engine.dispose()
+    with open_metadata(metadata_location, create=False, embedder=EMBEDDER) as s:
+        assert s.info().schema_version == LATEST_VERSION >= 2
+        (ids, got), = list(s.iter_caption_vectors())
+        assert ids.tolist() == [s.known_files()["/p/a.jpg"].id]
+        np.testing.assert_array_equal(got[0], caption)
+        stored = s.get_embeddings(["h1", "h2"])
+        np.testing.assert_array_equal(stored["h1"].caption_vector, caption)
+        assert stored["h2"].caption_vector is None
+        np.testing.assert_array_equal(stored["h2"].image_vectors, vectors)
+        b_id = s.known_files()["/p/b.jpg"].id
+        s.set_captions([CaptionUpdate(b_id, "a cat", "m", caption_vector=caption)])
+        assert len(list(s.iter_caption_vectors())[0][0]) == 2
+        s.mark_deleted([b_id])
+        assert s.forget_deleted() == (1, 1)
+        assert s.get_embeddings(["h2"]) == {}
 
 
 def test_newer_schema_is_refused_with_versions_and_fix(tmp_path):

@@ -52,6 +52,7 @@ from blip2_search.store.records import (
     StatusCounts,
 )
 from blip2_search.store.rows import (
+    EMBEDDING_ROWS,
     LiveVectors,
     chunks,
     iter_caption_vectors,
@@ -269,7 +270,7 @@ class MetadataStore:
         with self._read() as connection:
             embedder = read_embedder(connection)
             for part in chunks(list(dict.fromkeys(hashes))):
-                rows = connection.execute(select(embeddings).where(embeddings.c.content_hash.in_(part)))
+                rows = connection.execute(EMBEDDING_ROWS.where(embeddings.c.content_hash.in_(part)))
                 for row in rows:
                     result[row.content_hash] = to_embedding_record(row, embedder)
         return result

@@ -12,7 +12,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Connection, Engine, insert, inspect, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    insert,
+    inspect,
+    select,
+    update,
+)
 
 from blip2_search.errors import LibraryError
 from blip2_search.store.engine import read_transaction, write_transaction
@@ -22,6 +34,9 @@ from blip2_search.store.schema import (
     INFO_VECTORS_GENERATION,
     POSTGRES_CAPTION_DDL,
     SQLITE_FTS_DDL,
+    UtcDateTime,
+    caption_vectors,
+    images,
     library_info,
     metadata,
 )
@@ -36,9 +51,21 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
+_V1 = MetaData()
+_V1_EMBEDDINGS = Table(  # as released in schema v1: later steps change it, so v1 keeps its own copy
+    "embeddings",
+    _V1,
+    Column("content_hash", String(128), primary_key=True),
+    Column("image_vectors", LargeBinary, nullable=False),
+    Column("caption_vector", LargeBinary),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+
 def _create_v1(connection: Connection) -> None:
     """Create library_info, images, embeddings, and the caption word index of SQLite or PostgreSQL."""
-    metadata.create_all(connection)
+    metadata.create_all(connection, tables=[library_info, images])
+    _V1.create_all(connection)
     caption_ddl = {"sqlite": SQLITE_FTS_DDL, "postgresql": POSTGRES_CAPTION_DDL}
     for statement in caption_ddl.get(connection.dialect.name, ()):
         connection.exec_driver_sql(statement)
@@ -51,8 +78,22 @@ def _create_v1(connection: Connection) -> None:
     )
 
 
+def _caption_vectors_apart(connection: Connection) -> None:
+    """Move caption vectors out of the embeddings rows into their own table (left in place there)."""
+    metadata.create_all(connection, tables=[caption_vectors])
+    connection.execute(
+        insert(caption_vectors).from_select(
+            ["content_hash", "vector"],
+            select(_V1_EMBEDDINGS.c.content_hash, _V1_EMBEDDINGS.c.caption_vector).where(
+                _V1_EMBEDDINGS.c.caption_vector.is_not(None)
+            ),
+        )
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create library_info, images, embeddings and the SQLite caption index", _create_v1),
+    Migration(2, "caption vectors in their own table", _caption_vectors_apart),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 """The schema version this code writes."""

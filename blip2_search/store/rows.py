@@ -30,6 +30,7 @@ from blip2_search.store.schema import (
     INFO_NUM_QUERY_TOKENS,
     INFO_SCHEMA_VERSION,
     INFO_VECTORS_GENERATION,
+    caption_vectors,
     embeddings,
     images,
     library_info,
@@ -116,8 +117,14 @@ def to_image_record(row: Any) -> ImageRecord:
     )
 
 
+EMBEDDING_ROWS = select(
+    embeddings.c.content_hash, embeddings.c.image_vectors, caption_vectors.c.vector.label("caption_vector")
+).outerjoin(caption_vectors, embeddings.c.content_hash == caption_vectors.c.content_hash)
+"""Embedding rows with their caption vector (or None), for ``to_embedding_record``."""
+
+
 def to_embedding_record(row: Any, embedder: EmbedderInfo | None) -> EmbeddingRecord:
-    """An ``embeddings`` row as an ``EmbeddingRecord``, shapes checked against ``embedder``."""
+    """An ``EMBEDDING_ROWS`` row as an ``EmbeddingRecord``, shapes checked against ``embedder``."""
     q, d = (embedder.num_query_tokens, embedder.dim) if embedder else (0, 0)
     what = f"embedding {row.content_hash}"
     caption = row.caption_vector
@@ -138,20 +145,16 @@ def iter_caption_vectors(
     last_id = -1
     while True:
         rows = connection.execute(
-            select(images.c.id, embeddings.c.caption_vector)
-            .join(embeddings, images.c.content_hash == embeddings.c.content_hash)
-            .where(
-                images.c.status == STATUS_INDEXED,
-                embeddings.c.caption_vector.is_not(None),
-                images.c.id > last_id,
-            )
+            select(images.c.id, caption_vectors.c.vector)
+            .join(caption_vectors, images.c.content_hash == caption_vectors.c.content_hash)
+            .where(images.c.status == STATUS_INDEXED, images.c.id > last_id)
             .order_by(images.c.id)
             .limit(chunk_size)
         ).all()
         if not rows:
             return
         ids = np.array([row.id for row in rows], dtype=np.int64)
-        blobs = [row.caption_vector for row in rows]
+        blobs = [row.vector for row in rows]
         yield ids, blobs_to_vectors(blobs, (dim,), lambda i: f"caption vector of image {rows[i].id}")
         last_id = int(ids[-1])
 

@@ -3,7 +3,8 @@
 Tables:
 - ``library_info``: key/value text (see ``INFO_*`` keys);
 - ``images``: one row per file path ever seen; ``id`` is stable across renames and moves;
-- ``embeddings``: vectors keyed by content hash, shared by duplicate files.
+- ``embeddings``: image vectors keyed by content hash, shared by duplicate files;
+- ``caption_vectors``: the caption's text embedding per content hash (schema v2).
 SQLite also gets ``images_fts`` (FTS5 over ``images.caption``, kept in sync by triggers); see
 ``SQLITE_FTS_DDL``. PostgreSQL gets a GIN word index over the captions instead
 (``POSTGRES_CAPTION_DDL``). Migrations in ``migrations.py`` create all of it.
@@ -18,6 +19,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -120,8 +122,21 @@ embeddings = Table(
     metadata,
     Column("content_hash", String(128), primary_key=True),
     Column("image_vectors", LargeBinary, nullable=False),
-    Column("caption_vector", LargeBinary),
     Column("created_at", UtcDateTime, nullable=False),
+    # Schema v1 also has ``caption_vector BLOB`` here, no longer used (see ``caption_vectors``):
+    # dropping it would rewrite every row of a large library at its first open.
+)
+
+# The caption's text embedding per content, apart from the 32 KB image vectors: reading every
+# caption vector (fusion's first search) then reads ~1 KB a row instead of walking each row's
+# overflow pages past the image vectors (schema v2).
+caption_vectors = Table(
+    "caption_vectors",
+    metadata,
+    Column(
+        "content_hash", String(128), ForeignKey("embeddings.content_hash", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("vector", LargeBinary, nullable=False),
 )
 
 # External-content FTS5 index over images.caption; rowid = images.id. Constant DDL, no user input.

@@ -34,6 +34,7 @@ from blip2_search.store.schema import (
     INFO_EMBEDDER_REVISION,
     INFO_NUM_QUERY_TOKENS,
     INFO_VECTORS_GENERATION,
+    caption_vectors,
     embeddings,
     images,
     library_info,
@@ -103,6 +104,7 @@ def write_captioner(connection: Connection, captioner: ModelRef) -> None:
 
 def reset_embedder(connection: Connection, embedder: EmbedderInfo) -> int:
     """Delete every embedding, record ``embedder``, make indexed images pending; return that count."""
+    connection.execute(delete(caption_vectors))
     connection.execute(delete(embeddings))
     changed = connection.execute(
         update(images)
@@ -176,12 +178,14 @@ def _store_vectors(connection: Connection, items: Sequence[IndexedImage], embedd
             [{"h": h, "b": b} for h, b in replaced.items()],
         )
     if captions:
-        connection.execute(
-            update(embeddings)
-            .where(embeddings.c.content_hash == bindparam("h"))
-            .values(caption_vector=bindparam("b")),
-            [{"h": h, "b": b} for h, b in captions.items()],
-        )
+        _put_caption_vectors(connection, captions)
+
+
+def _put_caption_vectors(connection: Connection, blobs: dict[str, bytes]) -> None:
+    """Insert or replace caption vectors by content hash (the embedding rows must exist)."""
+    for part in chunks(list(blobs)):
+        connection.execute(delete(caption_vectors).where(caption_vectors.c.content_hash.in_(part)))
+    connection.execute(insert(caption_vectors), [{"content_hash": h, "vector": b} for h, b in blobs.items()])
 
 
 def _captions_by_hash(connection: Connection, hashes: Sequence[str]) -> dict[str, tuple[str, str | None]]:
@@ -343,6 +347,8 @@ def purge_unreferenced_embeddings(connection: Connection) -> int:
     A deleted image's row keeps its vectors, so restoring the photo reuses them.
     """
     used = exists().where(images.c.content_hash == embeddings.c.content_hash)
+    caption_used = exists().where(images.c.content_hash == caption_vectors.c.content_hash)
+    connection.execute(delete(caption_vectors).where(~caption_used))
     return int(connection.execute(delete(embeddings).where(~used)).rowcount)
 
 
@@ -368,8 +374,5 @@ def set_captions(connection: Connection, captions: Sequence[CaptionUpdate], loca
             blob = vectors_to_bytes(
                 caption.caption_vector, (embedder.dim,), f"caption vector of image {row.id}"
             )
-            connection.execute(
-                update(embeddings)
-                .where(embeddings.c.content_hash == row.content_hash)
-                .values(caption_vector=blob)
-            )
+            if connection.scalar(select(exists().where(embeddings.c.content_hash == row.content_hash))):
+                _put_caption_vectors(connection, {row.content_hash: blob})
