@@ -255,6 +255,8 @@ class Library:
 
         roots = check_roots([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs, library=self.folder)
         with self._lock():
+            if self._vectors is not None and self._vectors_generation != self.metadata.vectors_generation():
+                self._vectors = self._engine = None  # another process changed the library since: reopen
             info = self._embedder_info()
             notes = []
             if self.reembed:

@@ -302,6 +302,45 @@ def test_a_folder_indexed_under_another_name_moves_its_records(tiny_itm_dir, pho
     _check_consistent(lib_dir)
 
 
+def test_an_album_of_symlinks_to_photos_indexed_elsewhere_keeps_the_originals(tiny_itm_dir, tmp_path):
+    originals, albums = tmp_path / "originals", tmp_path / "albums"
+    for i in range(3):
+        _photo(originals / "2023" / f"o{i}.jpg", 40 + i)
+    _photo(originals / "other.jpg", 50)
+    albums.mkdir()
+    (albums / "best-of-2023").symlink_to(originals / "2023", target_is_directory=True)
+    (albums / "fav.jpg").symlink_to(originals / "other.jpg")
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([originals])
+        r = lib.index([albums])  # copies of photos that are still where they were: both kept
+        assert (r.reused, r.deleted) == (4, 0)
+        known = lib.metadata.known_files()
+        assert len(known) == 8 and all(k.status == "indexed" for k in known.values())
+        assert len(lib.search("a photo", k=20, rerank=False, path=str(originals / "*")).hits) == 4
+        r = lib.index([originals])  # stable: nothing moves back and forth
+        assert (r.unchanged, r.reused, r.deleted) == (4, 0, 0)
+    _check_consistent(lib_dir)
+
+
+def test_a_long_lived_library_indexes_after_another_process_did(tiny_itm_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(2):
+        _photo(a / f"a{i}.jpg", 60 + i)
+        _photo(b / f"b{i}.jpg", 70 + i)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as kept:
+        kept.index([a])
+        assert len(kept.search("a photo", k=10, rerank=False).hits) == 2  # its vectors are loaded
+        with Library.open(lib_dir) as other:  # another process adds b
+            other.index([b])
+        for path in b.iterdir():  # touched: same bytes, so not embedded again
+            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        kept.index([a, b])
+        assert len(kept.search("a photo", k=10, rerank=False).hits) == 4
+    _check_consistent(lib_dir)
+
+
 def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     shutil.copy(photos / "p1.jpg", photos / "dup.jpg")

@@ -4,7 +4,8 @@ Decoding runs in a pool of threads (Pillow and hashlib release the GIL) a batch 
 which runs the models, so the model is not left waiting. On a GPU the threads decode while the models
 compute; on the CPU they pause during each forward (see `decode_during_forward`). Every batch is
 committed in one transaction before the vector index sees it, so a kill at any point loses nothing
-committed; the FAISS file is saved at the end and rebuilt from the database when a crash left it behind.
+committed; the FAISS file is saved at the end when the run changed anything (a run that changes nothing
+never reads it), and rebuilt from the database when a crash left it behind.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class Indexer:
         self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
         self._store_failed = False
         self._found: set[str] = set()  # paths found by this run's scan
+        self._roots: list[str] = []  # the folders this run indexes
         self._live_ids: dict[int, str | None] = {}  # images searchable when this run started: their content hash
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
@@ -131,6 +133,7 @@ class Indexer:
         self._live_ids = {k.id: k.content_hash for k in known.values() if k.status == "indexed"}
         found = list(scan(roots, skip=self.skip))
         self._found = {f.path for f in found}
+        self._roots = list(roots)
         plan = plan_changes(found, known, roots, rehash=self.rehash)
         counts = _Counts()
         was_live = [known[f.path].id for f in plan.unreadable if f.path in known and known[f.path].id in self._live_ids]
@@ -325,11 +328,21 @@ class Indexer:
 
     def _elsewhere(self, recorded: str, found: str) -> bool:
         """Is the record at `recorded` (not found in this run) the file now `found`, so that `found` is its move?
-        Yes when its file is gone (the top folder was renamed), or when both paths name the same real file
-        (the folder was indexed under another name: a symlinked alias)."""
+        Yes when its file is gone (the top folder was renamed), or when it sits at the same relative path
+        under another name of the folder being indexed (a symlinked alias of it). A symlink inside the
+        folder to a photo elsewhere (an album of favourites) is a copy: the original keeps its record."""
         if recorded in self._found:
             return False
-        return not os.path.lexists(recorded) or os.path.realpath(recorded) == os.path.realpath(found)
+        if not os.path.lexists(recorded):
+            return True
+        for root in self._roots:  # the same relative path under another name of this very root
+            prefix = root.rstrip(os.sep) + os.sep
+            if found.startswith(prefix):
+                rel = found[len(prefix):]
+                if recorded.endswith(os.sep + rel):
+                    other = recorded[: -len(rel) - 1]
+                    return os.path.realpath(other) == os.path.realpath(root)
+        return False
 
     def _write_failures(self, failures: list[FailedFile], counts: _Counts) -> None:
         if not failures:
