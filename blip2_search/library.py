@@ -255,8 +255,7 @@ class Library:
 
         roots = check_roots([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs, library=self.folder)
         with self._lock():
-            if self._vectors is not None and self._vectors_generation != self.metadata.vectors_generation():
-                self._vectors = self._engine = None  # another process changed the library since: reopen
+            self._drop_stale_vectors()
             info = self._embedder_info()
             notes = []
             if self.reembed:
@@ -287,6 +286,11 @@ class Library:
                 self._save_vectors()
             return replace(report, notes=tuple(notes)) if notes else report
 
+    def _drop_stale_vectors(self) -> None:
+        """Forget loaded vectors that another process's changes made stale (they reopen on use)."""
+        if self._vectors is not None and self._vectors_generation != self.metadata.vectors_generation():
+            self._vectors = self._engine = None
+
     def _save_vectors(self) -> None:
         """Save the vector index at the database's generation unless its file already holds that generation
         (a run that changed nothing neither reads nor writes the index; a stale file is opened and rebuilt)."""
@@ -310,7 +314,7 @@ class Library:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise LibraryError(f"library {self.folder} is being indexed by another process; wait for it to finish") from exc
+                raise LibraryError(f"library {self.folder} is being indexed or pruned by another process; wait for it to finish") from exc
             yield
         finally:
             os.close(fd)
@@ -430,6 +434,11 @@ class Library:
         if older_than_days is not None:
             before = datetime.now(timezone.utc) - timedelta(days=min(older_than_days, 36_500))  # beyond: none qualify
         with self._lock():
+            # A run that marked photos deleted but died before saving left vectors.faiss behind the
+            # database; a server still serving it would look up the rows pruned here. Bring the file up
+            # to date first: servers then reload it (without those photos) at their next search.
+            self._drop_stale_vectors()
+            self._save_vectors()
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
             live = (k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
@@ -468,7 +477,7 @@ def _canonical(name: str) -> str:
     return str(p.absolute()) if p.exists() else name
 
 
-__all__ = ["FailureRecord", "Library", "LibraryStatus", "default_library_path"]
+__all__ = ["FailureRecord", "Library", "LibraryStatus", "PruneReport", "default_library_path"]
 
 
 def _with_glob_note(result, glob: str | None):

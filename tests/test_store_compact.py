@@ -307,3 +307,29 @@ def test_library_index_and_search_with_compact_selected(tiny_itm_dir, tmp_path, 
         assert lib.vector_index_kind() == "exact"
         assert [h.id for h in lib.search(text, k=13, rerank=False, fusion=False).hits] == truth[0].tolist()
         assert [[r.id for r in g] for g in lib.duplicates(0.99)] == groups
+
+
+def test_prune_after_a_run_that_died_before_saving_keeps_a_compact_server_searching(tiny_itm_dir, tmp_path, monkeypatch):
+    """An index run marked a photo deleted but died before saving vectors.faiss; a server still serves
+    its old compact index, whose exact rescoring would read the row prune removes. Prune saves the
+    index first, so the server reloads it at its next search."""
+    from blip2_search.library import Library
+
+    monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 8)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(12):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(photos / f"p{i:02d}.jpg")
+    lib_dir = tmp_path / "lib"
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, vector_index="compact") as lib:
+        lib.index([photos])
+    with Library.open(lib_dir) as server:
+        assert len(server.search("a photo", k=20, rerank=False, fusion=False).hits) == 12
+        (photos / "p03.jpg").unlink()
+        with Library.open(lib_dir) as dying, monkeypatch.context() as killed:
+            killed.setattr(Library, "_save_vectors", lambda self: None)  # killed before its save
+            assert dying.index([photos]).deleted == 1
+        with Library.open(lib_dir) as pruner:
+            assert pruner.prune().images == 1
+        hits = server.search("a photo", k=20, rerank=False, fusion=False).hits
+        assert len(hits) == 11 and not any(h.path.endswith("p03.jpg") for h in hits)

@@ -16,6 +16,7 @@ give up after the same busy timeout with a "locked" error.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 """A path with one of these suffixes names the SQLite file itself; any other path, a library folder."""
 
 _BEGIN_OPTION = "blip2_search_begin"
+_CHECKPOINT_TRIES = 10
 _BUSY_TIMEOUT_OPTION = "blip2_search_busy_timeout_s"
 _WRITER_LOCK_KEY = 0x6232_7365_6172_6368  # 'b2search': one writer lock per database
 _POSTGRES_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :timeout, true)")
@@ -129,8 +131,16 @@ def vacuum(engine: Engine) -> None:
     with engine.connect() as raw:
         connection = raw.execution_options(isolation_level="AUTOCOMMIT")
         connection.exec_driver_sql("VACUUM")
-        if raw.dialect.name == "sqlite":  # VACUUM wrote the new file into the WAL: move it back now
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        if raw.dialect.name != "sqlite":
+            return
+        # VACUUM wrote the new file into the WAL: move it back now. A reader in a transaction (a search
+        # of a running server) blocks that; searches are short, so try again for a few seconds, then
+        # leave it to SQLite's own checkpoints (the data is complete either way).
+        for _ in range(_CHECKPOINT_TRIES):
+            busy = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()[0]
+            if not busy:
+                return
+            time.sleep(0.5)
 
 
 def library_error(location: str, error: BaseException) -> LibraryError:

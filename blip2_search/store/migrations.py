@@ -79,8 +79,12 @@ def _create_v1(connection: Connection) -> None:
 
 
 def _caption_vectors_apart(connection: Connection) -> None:
-    """Move caption vectors out of the embeddings rows into their own table (left in place there)."""
+    """Move caption vectors out of the embeddings rows into their own table (left in place there); on
+    PostgreSQL also make the caption word index, which databases made before it was added lack."""
     metadata.create_all(connection, tables=[caption_vectors])
+    if connection.dialect.name == "postgresql":
+        for statement in POSTGRES_CAPTION_DDL:
+            connection.exec_driver_sql(statement)
     connection.execute(
         insert(caption_vectors).from_select(
             ["content_hash", "vector"],
@@ -92,7 +96,7 @@ def _caption_vectors_apart(connection: Connection) -> None:
 
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "create library_info, images, embeddings and the SQLite caption index", _create_v1),
+    Migration(1, "create library_info, images, embeddings and the caption word index", _create_v1),
     Migration(2, "caption vectors in their own table", _caption_vectors_apart),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -156,6 +156,6 @@ SQLITE_FTS_DDL = (
 # lower-cased words, no stemming or stop words, as FTS5's unicode61; diacritics are kept).
 # captions.py queries this same expression, so the index serves them. Constant DDL.
 POSTGRES_CAPTION_DDL = (
-    "CREATE INDEX ix_images_caption_words ON images "
+    "CREATE INDEX IF NOT EXISTS ix_images_caption_words ON images "
     "USING gin (to_tsvector('simple'::regconfig, coalesce(caption, '')))",
 )
