@@ -363,11 +363,14 @@ def set_captions(connection: Connection, captions: Sequence[CaptionUpdate], loca
             raise InvalidInputError(
                 f"cannot caption image {caption.image_id}: no such image id in the library"
             )
-        values = {"caption": caption.caption, "caption_model": caption.caption_model, "updated_at": _now()}
+        values = {"caption": caption.caption, "caption_model": caption.caption_model}
         target = (
             images.c.id == row.id if row.content_hash is None else images.c.content_hash == row.content_hash
         )
-        connection.execute(update(images).where(target).values(**values))
+        # a deleted copy takes the caption too (a restore reuses it) but keeps its updated_at: the
+        # time it was found deleted, which `forget_deleted(deleted_before=...)` goes by
+        connection.execute(update(images).where(target, images.c.status != STATUS_DELETED).values(**values, updated_at=_now()))
+        connection.execute(update(images).where(target, images.c.status == STATUS_DELETED).values(**values))
         if caption.caption_vector is not None and row.content_hash is not None:
             if embedder is None:
                 embedder = require_embedder(connection, location)
