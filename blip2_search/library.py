@@ -438,7 +438,8 @@ class Library:
             # database; a server still serving it would look up the rows pruned here. Bring the file up
             # to date first: servers then reload it (without those photos) at their next search.
             self._drop_stale_vectors()
-            self._save_vectors()
+            if self.metadata.info().embedder is not None:  # else nothing was ever embedded: no index
+                self._save_vectors()
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
             live = (k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)

@@ -373,6 +373,8 @@ def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, phot
     _check_consistent(lib_dir)
     result = CliRunner().invoke(main, ["prune", "--library", str(lib_dir)])
     assert result.exit_code == 0 and result.output.startswith("forgot 0 deleted photos"), result.output
+    with _open(tmp_path / "never-indexed", tiny_itm_dir) as empty:  # nothing embedded, nothing to prune
+        assert empty.prune().images == 0
 
 
 def test_rehash_finds_content_replaced_under_the_same_size_and_time(tiny_itm_dir, photos, tmp_path):
