@@ -281,10 +281,15 @@ class Library:
                               workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash)
             report = indexer.run(roots, progress)
             if not report.interrupted:
-                if self.vit_store.enabled:
-                    self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
+                self._prune_vit_tokens()
                 self._save_vectors()
             return replace(report, notes=tuple(notes)) if notes else report
+
+    def _prune_vit_tokens(self) -> int:
+        """Delete stored ViT tokens of content no indexed image has; return how many files went."""
+        if not self.vit_store.enabled:
+            return 0
+        return self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
 
     def _drop_stale_vectors(self) -> None:
         """Forget loaded vectors that another process's changes made stale (they reopen on use)."""
@@ -442,8 +447,7 @@ class Library:
                 self._save_vectors()
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
-            live = (k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
-            vit_files = self.vit_store.prune(live)
+            vit_files = self._prune_vit_tokens()
             self.metadata.vacuum()
             return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes())
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from blip2_search.search import duplicates as duplicates_module
-from blip2_search.search.duplicates import duplicate_groups, exact_scores
+from blip2_search.search.duplicates import duplicate_groups
+from blip2_search.store.scoring import mean_max
 
 Q, D = 8, 32
 
@@ -38,7 +39,7 @@ def all_pairs(v: np.ndarray, ids: np.ndarray, threshold: float) -> list[list[int
         return x
 
     for i in range(len(v)):
-        for j in np.flatnonzero(exact_scores(v[i], v) >= threshold).tolist():
+        for j in np.flatnonzero(mean_max(v[i], v) >= threshold).tolist():
             parent[find(i)] = find(j)
     groups: dict[int, list[int]] = {}
     for i in range(len(v)):

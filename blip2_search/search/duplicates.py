@@ -16,6 +16,8 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from ..store.scoring import mean_max
+
 EXACT_SUMMARY_MAX = 200_000
 """Up to this many images the summary neighbours come from a flat (exact) index; beyond, from IVF."""
 CANDIDATES_PER_NEIGHBOUR = 2
@@ -54,13 +56,6 @@ def summary_neighbours(summary: np.ndarray, k: int) -> np.ndarray:
     return positions
 
 
-def exact_scores(stored_a: np.ndarray, stored_b: np.ndarray) -> np.ndarray:
-    """Image-to-image scores of ``a [Q, D]`` against each of ``b [c, Q, D]``: ``[c]``."""
-    c, q, d = stored_b.shape
-    sims = (stored_b.reshape(c * q, d) @ stored_a.T).reshape(c, q, -1)  # [c, Q of b, Q of a]
-    return sims.max(axis=1).mean(axis=1)
-
-
 def duplicate_groups(
     ids: np.ndarray,
     read: Callable[[np.ndarray], np.ndarray],
@@ -94,7 +89,7 @@ def duplicate_groups(
             cands = np.array([c for c in cands.tolist() if c >= 0 and c != row], dtype=np.int64)
             if not len(cands):
                 continue
-            scores = exact_scores(vectors[where[row]], vectors[[where[c] for c in cands.tolist()]])
+            scores = mean_max(vectors[where[row]], vectors[[where[c] for c in cands.tolist()]])
             best = np.lexsort((ids[cands], -scores))[:neighbours]
             for c, s in zip(cands[best].tolist(), scores[best].tolist()):
                 if s >= threshold:
