@@ -251,6 +251,36 @@ def test_open_vectors_switches_kind_and_rescores_from_the_database(tmp_path, met
     meta.close()
 
 
+def test_images_pruned_while_a_search_runs_score_out_instead_of_failing_it(tmp_path, metadata_location, monkeypatch):
+    """A server's compact index was loaded before `prune` removed rows from the database; its searches
+    rescore from the database, so they must rank the vanished images out, not raise."""
+    monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 50)
+    vectors, queries = clustered(120, seed=7)
+    meta = open_metadata(metadata_location, create=True, embedder=EmbedderInfo(ModelRef("m"), Q, D))
+    ids = np.array(meta.upsert_indexed(
+        [IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(120)]
+    ))
+    store = open_vectors(meta, tmp_path / "vectors.faiss", kind="compact", use_gpu=False).store
+    assert isinstance(store, CompactVectorStore) and store.trained
+    before, _ = store.search(queries, 10)
+    gone = np.unique(before[:, :3])  # each query's best three
+    meta.mark_deleted(gone.tolist())
+    assert meta.forget_deleted() == (len(gone), len(gone))
+    kept = np.flatnonzero(~np.isin(ids, gone))
+    found, scores = store.search(queries, 10)  # the index still lists the pruned images
+    for row, (truth_ids, all_scores) in enumerate(brute_force(ids[kept], vectors[kept], queries, 10)):
+        np.testing.assert_array_equal(found[row], truth_ids)
+        check_exact_scores(found[row], scores[row], ids[kept], all_scores)
+    image_query = vectors[kept[:2]]
+    found, _ = store.search_vectors(image_query, 10)
+    assert not np.isin(found, gone).any()
+    with pytest.raises(LibraryError, match="removed from the library .a prune. after its vector index was loaded; search again"):
+        store.vectors_for(gone[:2])
+    np.testing.assert_array_equal(meta.vectors_for(ids[kept[:2]], missing="nan"), vectors[kept[:2]])
+    assert np.isnan(meta.vectors_for(gone[:1], missing="nan")).all()
+    meta.close()
+
+
 def test_a_compact_index_trained_while_loading_is_saved(tmp_path, monkeypatch):
     """An 'auto' library under its memory budget saves exact vectors; with a smaller budget the next
     open trains the compact codes, and must save them (it retrained in every process before)."""

@@ -51,7 +51,8 @@ from blip2_search.store.scoring import (
 from blip2_search.store.vectors import FaissVectorStore, LoadResult
 
 VectorsOf = Callable[[np.ndarray], np.ndarray]
-"""Full vectors by image id: ``ids [n] int64`` -> ``[n, Q, D] float32`` in that order."""
+"""Full vectors by image id: ``ids [n] int64`` -> ``[n, Q, D] float32`` in that order; NaN rows for
+images the source no longer holds (removed by ``prune`` while a search ran): they score -inf."""
 
 _TRAIN_VECTORS = 65_536  # at least this many training vectors when the library has them
 _CALIBRATION_VECTORS, _CALIBRATION_DIRECTIONS = 2048, 256
@@ -237,6 +238,21 @@ class CompactVectorStore:
 
     # -- reading full vectors ---------------------------------------------------------------
 
+    def _exact_scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact scores of ``ids`` (``rescore``); -inf for images the source no longer holds."""
+        scores = rescore(query, self._read(ids))
+        return np.where(np.isnan(scores), -np.inf, scores).astype(np.float32)
+
+    def _read_all_present(self, ids: np.ndarray) -> np.ndarray:
+        vectors = self._read(ids)
+        gone = np.isnan(vectors[:, 0, 0]) if len(ids) else np.zeros(0, dtype=bool)
+        if gone.any():
+            raise LibraryError(
+                f"images {ids[gone][:5].tolist()} were removed from the library (a prune) after its vector "
+                "index was loaded; search again"
+            )
+        return vectors
+
     def _read(self, ids: np.ndarray) -> np.ndarray:
         if self.vectors_of is None:
             raise LibraryError("the compact vector store has no source of full vectors; pass vectors_of")
@@ -259,14 +275,14 @@ class CompactVectorStore:
             raise InvalidInputError(
                 f"images {missing[:5].tolist()} are not in the vector index; search only returns indexed images"
             )
-        return self._read(ids)
+        return self._read_all_present(ids)
 
     def stored(self) -> tuple[np.ndarray, np.ndarray]:
         """Every image: ``(ids [n] int64, vectors [n, Q, D] float32)``; once trained this reads
         every image's vectors through ``vectors_of`` (n x Q x D x 4 bytes: small libraries only)."""
         if self._exact is not None:
             return self._exact.stored()
-        return self._ids.copy(), self._read(self._ids)
+        return self._ids.copy(), self._read_all_present(self._ids)
 
     # -- search ----------------------------------------------------------------------------
 
@@ -287,7 +303,7 @@ class CompactVectorStore:
         if self._exact is not None:
             return self._exact.search(queries, k, allowed_ids=allowed_ids)
         queries = check_queries(queries, 2, self.dim)
-        return self._search_each(queries, k, allowed_ids, lambda x, ids: rescore(x, self._read(ids)))
+        return self._search_each(queries, k, allowed_ids, self._exact_scores)
 
     def search_vectors(
         self, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None
@@ -297,7 +313,7 @@ class CompactVectorStore:
         if self._exact is not None:
             return self._exact.search_vectors(queries, k, allowed_ids=allowed_ids)
         queries = check_queries(queries, 3, self.dim)
-        return self._search_each(queries, k, allowed_ids, lambda x, ids: rescore(x, self._read(ids)))
+        return self._search_each(queries, k, allowed_ids, self._exact_scores)
 
     def _search_each(self, queries, k, allowed_ids, exact) -> tuple[np.ndarray, np.ndarray]:
         allowed = self._candidates(allowed_ids)

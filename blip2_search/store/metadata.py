@@ -425,12 +425,15 @@ class MetadataStore:
         with self._read() as connection:
             return search_captions(connection, query, limit, require_all=require_all)
 
-    def vectors_for(self, image_ids: Iterable[int]) -> np.ndarray:
+    def vectors_for(self, image_ids: Iterable[int], *, missing: str = "raise") -> np.ndarray:
         """Stored vectors of images by id, any status: ``[n, Q, D] float32`` in the given order.
 
-        This is the compact vector index's exact rescoring read. Raises LibraryError naming the
-        images that have no stored vectors.
+        This is the compact vector index's exact rescoring read. Images with no stored vectors:
+        ``missing="raise"`` raises LibraryError naming them; ``missing="nan"`` gives them NaN rows
+        (a search that started before ``prune`` removed them scores them out).
         """
+        if missing not in ("raise", "nan"):
+            raise ValueError(f"missing={missing!r}: expected 'raise' or 'nan'")
         ids = [int(image_id) for image_id in image_ids]
         found: dict[int, bytes] = {}
         with self._read() as connection:
@@ -441,13 +444,19 @@ class MetadataStore:
             )
             for part in chunks(list(dict.fromkeys(ids))):
                 found.update(connection.execute(statement.where(images.c.id.in_(part))).all())
-        missing = [image_id for image_id in ids if image_id not in found]
-        if missing:
+        absent = [image_id for image_id in ids if image_id not in found]
+        if absent and missing == "raise":
             raise LibraryError(
-                f"images {missing[:5]} have no stored vectors in library {self.location}; "
+                f"images {absent[:5]} have no stored vectors in library {self.location}; "
                 "delete vectors.faiss in the library folder so the index is rebuilt"
             )
-        return blobs_to_vectors([found[image_id] for image_id in ids], shape, f"vectors of images {ids[:5]}")
+        present = [image_id for image_id in ids if image_id in found]
+        vectors = blobs_to_vectors([found[image_id] for image_id in present], shape, f"vectors of images {ids[:5]}")
+        if not absent:
+            return vectors
+        out = np.full((len(ids), *shape), np.nan, dtype=np.float32)
+        out[[i for i, image_id in enumerate(ids) if image_id in found]] = vectors
+        return out
 
     @contextmanager
     def live_vectors(self, chunk_size: int = 1024) -> Iterator[LiveVectors]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -78,13 +79,14 @@ def open_vectors(
             f"library {metadata.location} has no embedder recorded, so it has no vectors; index photos first"
         )
     q, d = info.embedder.num_query_tokens, info.embedder.dim
+    vectors_of = partial(metadata.vectors_for, missing="nan")  # rows pruned while a search runs score -inf
     train_at = index_choice.compact_threshold(kind, q, d, memory_budget_bytes)
     common = {"expected_generation": info.vectors_generation, "num_query_tokens": q, "dim": d, "use_gpu": use_gpu}
     loaded: LoadResult
     if train_at is None:
         loaded = FaissVectorStore.load(index_path, **common)
     else:
-        loaded = CompactVectorStore.load(index_path, vectors_of=metadata.vectors_for, train_at=train_at, **common)
+        loaded = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **common)
         if loaded.store is not None and loaded.store.needs_retraining():
             loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
     if loaded.store is not None:
@@ -94,7 +96,7 @@ def open_vectors(
     if train_at is None:
         store: VectorStore = FaissVectorStore(q, d, use_gpu=use_gpu)
     else:
-        store = CompactVectorStore(q, d, vectors_of=metadata.vectors_for, train_at=train_at, use_gpu=use_gpu)
+        store = CompactVectorStore(q, d, vectors_of=vectors_of, train_at=train_at, use_gpu=use_gpu)
         count = metadata.counts().indexed
         if count >= train_at:
             store.train(training_sample(metadata, store.sample_size(count)), expected_images=count)
@@ -103,6 +105,6 @@ def open_vectors(
         store.save(index_path, generation=generation)
         if isinstance(store, CompactVectorStore) and store.trained:
             # adding grows FAISS's lists by doubling (up to 2x slack); the file reads back tight
-            reopened = CompactVectorStore.load(index_path, vectors_of=metadata.vectors_for, train_at=train_at, **common)
+            reopened = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **common)
             store = reopened.store or store
     return OpenedVectors(store, generation, loaded.reason)
