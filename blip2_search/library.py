@@ -133,8 +133,8 @@ class Library:
             from .models.loading import resolve_model
 
             source = resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
-            if captioner:  # and a captioner named for it
-                resolve_model(_canonical(str(captioner)), role="captioner")
+            if captioner is not False:  # and its captioner, named or the default
+                resolve_model(_canonical(str(captioner)) if captioner else _default_captioner(source.name), role="captioner")
         metadata = open_metadata(folder, create=create)
         info = metadata.info()
         recorded = info.embedder.model.model_id if info.embedder else None
@@ -152,7 +152,7 @@ class Library:
         elif info.embedder is not None:
             cap = info.captioner.model_id if info.captioner else None
         else:
-            cap = DEMO if name == DEMO else str(settings.get("captioner"))
+            cap = _default_captioner(name)
         return cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed, vector_index=vector_index,
                    embedder_source=source if source is not None and source.name == name else None,
                    batch_size=batch_size or int(settings.get("batch_size")), workers=workers if workers is not None else int(settings.get("workers")))
@@ -472,6 +472,11 @@ def _check_sort(sort: str) -> str:
     if sort not in ("score", "date"):
         raise InvalidInputError(f"sort {sort!r} is not 'score' or 'date'; pass --sort score or --sort date")
     return sort
+
+
+def _default_captioner(model: str) -> str:
+    """A new library's captioner when none is named: the demo one for the demo embedder, else the setting."""
+    return DEMO if model == DEMO else str(settings.get("captioner"))
 
 
 def _canonical(name: str) -> str:

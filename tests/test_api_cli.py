@@ -116,6 +116,19 @@ def test_a_missing_captioner_names_the_captioner_option(photo_dir, tmp_path, com
     assert not (tmp_path / "lib").exists()  # index: a bad captioner leaves no library behind either
 
 
+def test_an_unavailable_default_captioner_leaves_no_library_behind(tiny_itm_dir, photo_dir, tmp_path, monkeypatch):
+    """A new library with a local embedder and the default (hub) captioner, offline and not cached."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty cache"))
+    monkeypatch.setenv("BLIP2_SEARCH_CAPTIONER", "nobody/no-such-captioner")
+    folder, _ = photo_dir
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", str(tiny_itm_dir)])
+    assert res.exit_code == 2 and "nobody/no-such-captioner" in res.output and "--captioner" in res.output, res.output
+    assert not (tmp_path / "lib").exists()
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", str(tiny_itm_dir), "--no-captions"])
+    assert res.exit_code == 0, res.output
+
+
 def test_index_refuses_before_making_a_library(photo_dir, tmp_path):
     folder, paths = photo_dir
     for args, fix in ((["no such folder"], "existing folder"), ([str(paths[0])], "the folder that holds it"),
