@@ -8,6 +8,7 @@ is found by its caption; the eval protocol gives high recall on a synthetic spli
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from PIL import Image
 from blip2_search.cli import main
 from blip2_search.demo import CAPTIONER_DIR, ITM_DIR
 from blip2_search.demo.scenes import ALL_SCENES, Scene, encode, render
+from blip2_search.errors import InvalidInputError
 from blip2_search.library import Library
+from blip2_search.search.results import Hit
 
 pytestmark = pytest.mark.skipif(not (ITM_DIR / "config.json").is_file(), reason="demo models not built")
 
@@ -88,6 +91,39 @@ def test_generated_captions_are_the_scene_captions(demo_library):
         recs = lib.metadata.get_records(k.id for k in lib.metadata.known_files().values())
     exact = np.mean([r.caption == scene_of[r.path].caption for r in recs])
     assert exact >= 0.85
+
+
+def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_path, monkeypatch):
+    """A server's loaded vectors lag the database while an `index` run in another process goes on:
+    captions of the newly committed photos must not fail the searches (they wait for that run's save)."""
+    root, _ = demo_library
+    shutil.copytree(root / "lib", tmp_path / "lib")
+    rng = np.random.default_rng(SEED + 1)
+    scene = ALL_SCENES[5]
+    (tmp_path / "new").mkdir()
+    for rep in range(3):
+        data, ext = encode(render(scene, rng), rng)
+        (tmp_path / "new" / f"new_{rep}{ext}").write_bytes(data)
+    with Library.open(tmp_path / "lib") as server:
+        before = server.search(scene.caption, 10, rerank=False)
+        with monkeypatch.context() as running:
+            running.setattr(Library, "_save_vectors", lambda self: None)  # the run has committed, not yet saved
+            with Library.open(tmp_path / "lib") as other:
+                assert other.index([tmp_path / "new"]).indexed == 3
+        new_ids = {r.id for r in server.metadata.get_records(range(1, 300)) if "new" in Path(r.path).parent.name}
+        assert len(new_ids) == 3 and new_ids <= {i for i, _ in server.metadata.search_captions(scene.caption, 50)}
+        during = server.search(scene.caption, 10, rerank=False)
+        assert [h.id for h in during.hits] == [h.id for h in before.hits]  # the new photos wait for the save
+        hits = list(during.hits[:2]) + [Hit(i, "", 0.0, 0.0, None, None, None) for i in sorted(new_ids)]
+        reranked = server.rerank(scene.caption, hits)  # ids the loaded index does not hold yet
+        assert {h.id for h in reranked} == {h.id for h in hits}
+        text = server.encoder.embed_texts([scene.caption])[0]
+        for h in reranked:  # ITC from the database's vectors, computed here independently
+            assert h.itc == pytest.approx(float((server.metadata.vectors_for([h.id])[0] @ text).max()), abs=1e-5)
+        with monkeypatch.context() as gone:
+            gone.setattr(server.metadata, "vectors_for", lambda ids, missing="raise": np.full((len(ids), 32, 256), np.nan, np.float32))
+            with pytest.raises(InvalidInputError, match="no longer in library"):
+                server.rerank(scene.caption, hits[-1:])
 
 
 def test_exif_rotated_photo_is_found_by_its_caption(tmp_path):

@@ -166,6 +166,7 @@ def test_add_replace_remove_reset_after_training(data):
     got, scores = store.search(target[None], 3)
     assert got[0, 0] == ids[7] and np.isclose(scores[0, 0], 1.0, atol=1e-5) and len(store) == 1200
     assert store.remove(np.array([ids[7], 99_999_999])) == 1 and len(store) == 1199
+    assert store.present(np.array([ids[9], ids[7], 99_999_999, ids[9], ids[3]])).tolist() == sorted([ids[9], ids[3]])
     assert ids[7] not in store.search(target[None], 20)[0][0]
     with pytest.raises(InvalidInputError, match="not in the vector index"):
         store.vectors_for(ids[7:8])

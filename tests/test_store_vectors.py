@@ -199,6 +199,7 @@ def test_add_replaces_remove_and_validation():
     got, scores = store.search(v[1, :1], 3)
     assert got[0, -1] == 2 and np.isclose(scores[0, -1], (-v[1] @ v[1, 0]).max(), atol=1e-6)
     assert store.remove(np.array([2, 99])) == 1 and len(store) == 2 and store.image_ids().tolist() == [1, 3]
+    assert store.present(np.array([3, 2, 99, 1, 3])).tolist() == [1, 3] and store.present(np.array([], np.int64)).tolist() == []
     assert_same_ranking(store.search(v[0, :1], 5), brute_force([1, 3], v[[0, 2]], v[0, :1], 5))
     for bad in [
         lambda: store.add(np.array([1]), unit(rng, 1, 3, 4)),

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidInputError
 from ..models.encoder import Blip2Encoder
 from ..store import MetadataStore, VectorStore
 from .duplicates import duplicate_groups
@@ -109,10 +110,11 @@ class SearchEngine:
         for weight, ranks in lists:
             for image_id, rank in (ranks.items() if isinstance(ranks, dict) else ranks):
                 fused[image_id] = fused.get(image_id, 0.0) + weight / (RRF_K + rank + 1)
-        new = [i for i in fused if i not in itc_of]
-        if new:  # found only through captions: give them their exact ITC
-            stored = self.vectors.vectors_for(np.array(new, dtype=np.int64))
-            for i, s in zip(new, composite_itc(stored, emb, weights).tolist()):
+        # found only through captions: give them their exact ITC (those the database holds but the loaded
+        # vector index not yet, while an `index` run in another process goes on, wait for that run's save)
+        new = self.vectors.present(np.array([i for i in fused if i not in itc_of], dtype=np.int64))
+        if len(new):
+            for i, s in zip(new.tolist(), composite_itc(self.vectors.vectors_for(new), emb, weights).tolist()):
                 itc_of[i] = s
         if filters.min_score is not None:
             fused = {i: f for i, f in fused.items() if itc_of.get(i, -np.inf) >= filters.min_score}
@@ -163,9 +165,24 @@ class SearchEngine:
             return []
         emb = self.encoder.embed_texts([t.text for t in query.terms])
         weights = np.array([t.weight for t in query.terms], dtype=np.float32)
-        itc = composite_itc(self.vectors.vectors_for(np.array([h.id for h in hits], dtype=np.int64)), emb, weights)
+        itc = composite_itc(self._vectors_of([h.id for h in hits]), emb, weights)
         hits = [replace(h, itc=float(c), score=float(c), itm_logit=None) for h, c in zip(hits, itc.tolist())]
         return rerank_hits(self.encoder, vit_source or self.vit_source, _rerank_text(query), hits)[0]
+
+    def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
+        """Full vectors `[n, Q, D] float32` of any indexed images, in order: from the vector index, or
+        from the database for those newer than the loaded index; InvalidInputError for images no longer stored."""
+        ids_a = np.array(ids, dtype=np.int64)
+        held = np.isin(ids_a, self.vectors.present(ids_a))
+        if held.all():
+            return self.vectors.vectors_for(ids_a)
+        out = self.metadata.vectors_for(ids_a, missing="nan")
+        gone = np.isnan(out[:, 0, 0]) & ~held
+        if gone.any():
+            raise InvalidInputError(f"images {ids_a[gone][:5].tolist()} are no longer in library {self.metadata.location}; search again for current ids")
+        if held.any():
+            out[held] = self.vectors.vectors_for(ids_a[held])
+        return out
 
     # ------------------------------------------------------------------ near duplicates
     def duplicates(self, threshold: float, *, neighbours: int = 10) -> list[list[int]]:

@@ -121,6 +121,12 @@ class CompactVectorStore:
         """All image ids, ascending: ``[n] int64``."""
         return self._exact.image_ids() if self._exact is not None else self._ids.copy()
 
+    def present(self, image_ids: np.ndarray) -> np.ndarray:
+        """The given ids that the index holds, sorted and unique: ``[m] int64``."""
+        if self._exact is not None:
+            return self._exact.present(image_ids)
+        return self._present(check_ids(image_ids, self.num_query_tokens))
+
     def memory_bytes(self) -> int:
         """RAM of the index: codes (in 32-code blocks), their ids, the coarse quantiser, the PQ
         tables and the image id array; before training, that of the exact store."""

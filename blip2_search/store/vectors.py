@@ -93,6 +93,10 @@ class VectorStore(Protocol):
     def image_ids(self) -> np.ndarray:
         """All image ids, ascending: ``[n] int64``."""
 
+    def present(self, image_ids: np.ndarray) -> np.ndarray:
+        """The given ids that the index holds, sorted and unique: ``[m] int64`` (the database may be
+        ahead of a loaded index while an `index` run in another process goes on)."""
+
     def vectors_for(self, image_ids: np.ndarray) -> np.ndarray:
         """Full vectors of the given (present) images: ``[n, Q, D] float32``, in the given order."""
 
@@ -212,14 +216,18 @@ class FaissVectorStore:
         """All image ids, ascending: ``[n] int64``."""
         return np.array(sorted(self._image_ids), dtype=np.int64)
 
+    def present(self, image_ids: np.ndarray) -> np.ndarray:
+        """The given ids that the index holds, sorted and unique: ``[m] int64``."""
+        return np.array([i for i in np.unique(self._check_ids(image_ids)).tolist() if i in self._image_ids], dtype=np.int64)
+
     # -- search ----------------------------------------------------------------------------
 
     def _candidates(self, allowed_ids: np.ndarray | None) -> tuple[int, faiss.IDSelector | None]:
         """(number of candidate images, FAISS selector or None for all)."""
         if allowed_ids is None:
             return len(self), None
-        allowed = [i for i in np.unique(self._check_ids(allowed_ids)).tolist() if i in self._image_ids]
-        vector_ids = self._vector_ids(np.array(allowed, dtype=np.int64))
+        allowed = self.present(allowed_ids)
+        vector_ids = self._vector_ids(allowed)
         return len(allowed), faiss.IDSelectorBatch(vector_ids)
 
     def _search_raw(
