@@ -237,6 +237,25 @@ def test_thumbnail_is_rebuilt_when_the_photo_changes(tiny_itm_dir, tmp_path):
         assert len(list((library.folder / "thumbs").glob(f"{image_id}-*.jpg"))) == 1
 
 
+def test_a_file_name_that_is_not_utf8_is_served_and_shown_escaped(tiny_itm_dir, tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 must not turn searches or downloads into a 500."""
+    _photo(tmp_path / "photos" / "a.jpg", 1)
+    odd = os.path.join(os.fsencode(tmp_path / "photos"), b"bad\xff\xfename.jpg")
+    shutil.copyfile(tmp_path / "photos" / "a.jpg", odd)
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        image_id = _records(library)[os.fsdecode(b"bad\xff\xfename.jpg")].id
+        response = c.get("/api/search", params={"q": "a photo", "k": 5, "rerank": "false"})
+        assert response.status_code == 200, response.text
+        paths = {h["id"]: h["path"] for h in response.json()["results"]}
+        assert paths[image_id].endswith("/bad\\xff\\xfename.jpg")
+        assert paths[_records(library)["a.jpg"].id] == str(tmp_path / "photos" / "a.jpg")
+        original = c.get(f"/api/images/{image_id}")
+        assert original.status_code == 200 and original.content == Path(os.fsdecode(odd)).read_bytes()
+        assert original.headers["content-disposition"].endswith("bad%FF%FEname.jpg")
+        reranked = c.post("/api/rerank", json={"query": "a photo", "ids": [image_id]})
+        assert reranked.status_code == 200 and reranked.json()["results"][0]["path"].endswith("bad\\xff\\xfename.jpg")
+
+
 def test_original_bytes_are_served(client, lib):
     rec = _records(lib)["img05.jpg"]
     response = client.get(f"/api/images/{rec.id}")

@@ -18,7 +18,8 @@ from urllib.parse import quote
 import uvicorn
 from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse as _JSONResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUploadFile
@@ -54,6 +55,38 @@ _PATH_HELP = "Only paths matching this glob, e.g. */2023/* ('*' crosses '/')."
 _AFTER_HELP = "Only photos taken on or after this date (YYYY-MM-DD or ISO date-time, camera-local)."
 _BEFORE_HELP = "Only photos taken on or before this date (YYYY-MM-DD or ISO date-time, camera-local)."
 _MIN_HELP = "Only results whose ITC cosine is at least this."
+
+
+class JSONResponse(_JSONResponse):
+    """JSON whose strings are valid UTF-8: a file name that is not (Linux allows any bytes; Python holds
+    them as lone surrogates) is shown with its odd bytes escaped, ``bad\\xffname.jpg``. Ids, not
+    paths, name images in requests, so nothing needs to round-trip."""
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return super().render(_displayable(content))
+
+
+def _displayable(value):
+    """`value` with every string made encodable as UTF-8 (see `JSONResponse`)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape" if _only_escaped_bytes(value) else "backslashreplace").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_displayable(k): _displayable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_displayable(v) for v in value]
+    return value
+
+
+def _only_escaped_bytes(text: str) -> bool:
+    """True when every lone surrogate in `text` stands for an undecodable byte (os.fsdecode's escapes)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 class _Runner:
@@ -221,7 +254,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         media_type = _MEDIA_TYPES.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
         headers = {
             "content-length": str(photo.size),
-            "content-disposition": f"inline; filename*=UTF-8''{quote(name, safe='')}",
+            "content-disposition": f"inline; filename*=UTF-8''{quote(os.fsencode(name), safe='')}",
             "cache-control": "private, max-age=300",
         }
         if request.method == "HEAD":  # the same checks and headers, no body
