@@ -127,6 +127,10 @@ class Library:
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
+        # settings from the environment are checked before anything is made
+        batch_size = batch_size or int(settings.get("batch_size"))
+        workers = workers if workers is not None else int(settings.get("workers"))
+        settings.get("vector_memory_gb")
         source = None
         if create and not (folder / METADATA_FILENAME).exists():
             # A new library: find its embedder first, so a bad --model leaves no empty library behind.
@@ -155,7 +159,7 @@ class Library:
             cap = _default_captioner(name)
         return cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed, vector_index=vector_index,
                    embedder_source=source if source is not None and source.name == name else None,
-                   batch_size=batch_size or int(settings.get("batch_size")), workers=workers if workers is not None else int(settings.get("workers")))
+                   batch_size=batch_size, workers=workers)
 
     def close(self) -> None:
         """Release the database."""
@@ -257,6 +261,7 @@ class Library:
         with self._lock():
             self._drop_stale_vectors()
             info = self._embedder_info()
+            cap = self.captioner if self.captioner_name else None  # found before anything is recorded
             notes = []
             if self.reembed:
                 recorded = self.metadata.info().embedder
@@ -267,14 +272,13 @@ class Library:
                     notes.append(f"the library's vectors already come from {self.model_name!r}, so --reembed had nothing to redo; "
                                  "it re-embeds when --model names another model")
             self.metadata.ensure_embedder(info)
+            if cap is not None:  # with the embedder, so a run that fails later still captions next time
+                self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
             kind = self.vector_index_kind()
             if self.metadata.vector_index() != kind:
                 self.metadata.set_vector_index(kind)
                 self._vectors = None
                 _ = self.vectors  # reopened now: rebuilt (and saved) when the file is of another kind
-            if self.captioner_name:
-                cap = self.captioner
-                self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
             if store_vit:
                 self.vit_store.enable()
             indexer = Indexer(self.metadata, lambda: self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+
+from .errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -12,13 +15,30 @@ class Setting:
     default: object
     env: str | None
     help: str
+    minimum: float | None = None  # numbers: the smallest value allowed
+    positive: bool = False  # numbers: must be > 0
 
     def value(self):
-        """The environment's value when set, else the default (typed like the default)."""
+        """The environment's value when set, else the default (typed like the default).
+
+        Raises InvalidInputError naming the variable when its value is not such a number."""
         raw = os.environ.get(self.env) if self.env else None
         if raw is None or raw == "":
             return self.default
-        return type(self.default)(raw) if self.default is not None else raw
+        if not isinstance(self.default, (int, float)):
+            return raw
+        kind = "a whole number" if isinstance(self.default, int) else "a number"
+        try:
+            value = type(self.default)(raw.strip())
+        except ValueError:
+            value = None
+        low = "> 0" if self.positive else f">= {self.minimum:g}" if self.minimum is not None else ""
+        if value is None or not math.isfinite(value) or (self.positive and value <= 0) or (self.minimum is not None and value < self.minimum):
+            raise InvalidInputError(
+                f"environment variable {self.env}={raw!r} is not {kind}{' ' + low if low else ''}; "
+                f"set it to one (default {self.default}) or unset it"
+            )
+        return value
 
 
 SETTINGS = {
@@ -28,14 +48,14 @@ SETTINGS = {
         Setting("model", "Salesforce/blip2-itm-vit-g", "BLIP2_SEARCH_MODEL", "Embedder/ITM checkpoint for a new library: hub id, local dir or 'demo'."),
         Setting("captioner", "Salesforce/blip2-opt-2.7b", "BLIP2_SEARCH_CAPTIONER", "Caption model (BLIP-2 generation checkpoint) for a new library."),
         Setting("batch_size", 0, "BLIP2_SEARCH_BATCH_SIZE",
-                "Images per model call while indexing (0 = auto: 32 on the CPU or with captions, 256 on a GPU)."),
-        Setting("workers", 0, "BLIP2_SEARCH_WORKERS", "Decode workers while indexing (0 = one per CPU core)."),
+                "Images per model call while indexing (0 = auto: 32 on the CPU or with captions, 256 on a GPU).", minimum=0),
+        Setting("workers", 0, "BLIP2_SEARCH_WORKERS", "Decode workers while indexing (0 = one per CPU core).", minimum=0),
         Setting("vector_index", "auto", "BLIP2_SEARCH_VECTOR_INDEX",
                 "Vector index of a new library: exact (all vectors in RAM, ~34 KB an image), compact (4-bit PQ codes, "
                 "~1.3 KB an image, candidates rescored exactly from the database) or auto (exact until it would "
                 "outgrow vector_memory_gb, then compact)."),
         Setting("vector_memory_gb", 4.0, "BLIP2_SEARCH_VECTOR_MEMORY_GB",
-                "RAM (GiB) the exact vector index may use before an `auto` library moves to compact codes."),
+                "RAM (GiB) the exact vector index may use before an `auto` library moves to compact codes.", positive=True),
     ]
 }
 

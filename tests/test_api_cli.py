@@ -129,6 +129,19 @@ def test_an_unavailable_default_captioner_leaves_no_library_behind(tiny_itm_dir,
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.parametrize("env, value, fix", [
+    ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "abc", "not a number > 0"), ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "0", "not a number > 0"),
+    ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "nan", "not a number > 0"), ("BLIP2_SEARCH_BATCH_SIZE", "abc", "not a whole number >= 0"),
+    ("BLIP2_SEARCH_WORKERS", "-3", "not a whole number >= 0"), ("BLIP2_SEARCH_WORKERS", "2.5", "not a whole number"),
+])
+def test_a_bad_setting_in_the_environment_is_one_line_naming_it(photo_dir, tmp_path, monkeypatch, env, value, fix):
+    folder, _ = photo_dir
+    monkeypatch.setenv(env, value)
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", "demo", "--no-captions"])
+    assert res.exit_code == 2 and f"{env}={value!r}" in res.output and fix in res.output and "unset it" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "lib" / "metadata.sqlite").exists()
+
+
 def test_index_refuses_before_making_a_library(photo_dir, tmp_path):
     folder, paths = photo_dir
     for args, fix in ((["no such folder"], "existing folder"), ([str(paths[0])], "the folder that holds it"),

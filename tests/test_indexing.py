@@ -765,6 +765,26 @@ def test_a_bad_model_leaves_no_empty_library(tmp_path, monkeypatch):
     assert not (tmp_path / "lib").exists()
 
 
+def test_a_first_run_that_fails_to_find_its_captioner_records_nothing(tmp_path, photos, tiny_itm_dir, tiny_captioner_dir, monkeypatch):
+    """The captioner goes missing between `open` and `index`: the run fails before recording the
+    embedder, so the next run still captions (the library does not read as 'no captions wanted')."""
+    from blip2_search.errors import ModelNotFoundError
+
+    moved = tmp_path / "captioner"
+    shutil.copytree(tiny_captioner_dir, moved)
+    monkeypatch.setenv("BLIP2_SEARCH_CAPTIONER", str(moved))
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), create=True) as lib:
+        moved.rename(tmp_path / "away")
+        with pytest.raises(ModelNotFoundError, match="--captioner"):
+            lib.index([photos])
+        assert lib.metadata.info().embedder is None
+    (tmp_path / "away").rename(moved)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), create=True) as lib:
+        assert lib.captioner_name == str(moved)
+        lib.index([photos])
+        assert lib.status().captioned == lib.status().indexed > 0 and lib.metadata.info().captioner is not None
+
+
 def test_a_new_library_resolves_its_model_once(tmp_path, photos, tiny_itm_dir, monkeypatch):
     """`open` finds the embedder of a new library (to fail early); indexing reuses it instead of resolving again."""
     from blip2_search.models import encoder as encoder_module
