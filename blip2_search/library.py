@@ -36,8 +36,9 @@ SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candi
 
 @dataclass(frozen=True)
 class LibraryStatus:
-    """`images`: files known to the library (not deleted) that are on disk now; `vectors`: query vectors
-    searchable (indexed images x Q)."""
+    """`images`: files known to the library (not deleted) that are on disk now; `pending`: images that
+    wait to be embedded with the library's model after a `--reembed` (not searchable yet); `vectors`:
+    query vectors searchable (indexed images x Q)."""
 
     images: int
     indexed: int
@@ -48,6 +49,7 @@ class LibraryStatus:
     model: str | None
     captioner: str | None
     vit_tokens_bytes: int = 0
+    pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,11 @@ class Library:
             if not report.interrupted:
                 self._prune_vit_tokens()
                 self._save_vectors()
+                waiting = self.metadata.counts().pending
+                if waiting:
+                    notes.append(f"{waiting} photo{'s' if waiting != 1 else ''} still wait{'' if waiting != 1 else 's'} to be embedded with "
+                                 f"{self.model_name!r} and cannot be searched: their files were not found (a disconnected drive?); "
+                                 "reconnect them and run index again")
             return replace(report, notes=tuple(notes)) if notes else report
 
     def _prune_vit_tokens(self) -> int:
@@ -427,7 +434,7 @@ class Library:
             deleted=counts.deleted, vectors=counts.indexed * q,
             model=info.embedder.model.model_id if info.embedder else None,
             captioner=info.captioner.model_id if info.captioner else None,
-            vit_tokens_bytes=self.vit_store.size_bytes(),
+            vit_tokens_bytes=self.vit_store.size_bytes(), pending=counts.pending,
         )
 
     def prune(self, older_than_days: float | None = None) -> PruneReport:

@@ -21,6 +21,7 @@ from PIL import Image
 from blip2_search.cli import main
 from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
 from blip2_search.indexing.scan import FoundFile, Known, plan_changes
+from blip2_search.images import open_image
 from blip2_search.library import Library
 from blip2_search.store import open_metadata
 
@@ -412,6 +413,39 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
         assert r.indexed == 7 and lib.status().model == str(other) and r.notes == ()
     res = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--model", str(other), "--reembed"])
     assert res.exit_code == 0 and "unchanged 7" in res.stdout and "nothing to redo" in res.stderr, res.output
+    _check_consistent(lib_dir)
+
+
+def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_path):
+    """`--reembed` on one folder re-embeds the library's other folders too (else they drop out of search);
+    photos whose files are missing wait, and the run says so."""
+    from tiny_models import make_tiny_itm
+
+    second, third = tmp_path / "second", tmp_path / "third"
+    for i in range(3):
+        _photo(second / f"s{i}.jpg", 40 + i)
+        _photo(third / f"t{i}.jpg", 50 + i)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos, second, third])
+    shutil.move(third, tmp_path / "unplugged")  # a drive that is not connected during the re-embed
+    other = make_tiny_itm(tmp_path / "other", seed=5)
+    with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
+        r = lib.index([photos])
+        assert r.indexed == 7 + 3 and r.deleted == 0
+        assert len(r.notes) == 1 and "3 photos still wait to be embedded" in r.notes[0] and "reconnect" in r.notes[0]
+        counts = lib.metadata.counts()
+        assert (counts.indexed, counts.pending, lib.status().pending) == (10, 3, 3)
+        hits = lib.search("a photo", 20, rerank=False, fusion=False).hits
+        assert {Path(h.path).parent.name for h in hits} == {"photos", "sub dir", "second"}
+        outside = [h for h in hits if Path(h.path).parent == second]
+        fresh = lib.encoder.embed_images([open_image(h.path) for h in outside])  # the new model's vectors
+        np.testing.assert_allclose(lib.metadata.vectors_for([h.id for h in outside]), fresh, atol=1e-4)
+    shutil.move(tmp_path / "unplugged", third)
+    with Library.open(lib_dir) as lib:  # any later run picks up what waits
+        r = lib.index([photos])
+        assert (r.indexed, r.unchanged, r.notes) == (3, 7, ())
+        assert lib.metadata.counts().pending == 0
     _check_consistent(lib_dir)
 
 

@@ -16,18 +16,18 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
 from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
-from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING
+from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING, KnownFile
 from ..models.sharing import share_vit
 from .embed import QueuedBatch, embed_batch
 from .read import ReadResult, read_and_decode
-from .scan import ChangePlan, plan_changes, scan
+from .scan import ChangePlan, FoundFile, plan_changes, scan, stat_files
 
 
 def decode_during_forward(devices: Iterable[str]) -> bool:
@@ -132,6 +132,7 @@ class Indexer:
         known = self.metadata.known_files()
         self._live_ids = {k.id: k.content_hash for k in known.values() if k.status == "indexed"}
         found = list(scan(roots, skip=self.skip))
+        found += self._waiting_elsewhere(known, roots, {f.path for f in found})
         self._found = {f.path for f in found}
         self._roots = list(roots)
         plan = plan_changes(found, known, roots, rehash=self.rehash)
@@ -161,6 +162,18 @@ class Indexer:
                 self.vectors.remove(np.array(gone_ids, dtype=np.int64))
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
                            round(time.perf_counter() - start, 3), interrupted)
+
+    @staticmethod
+    def _waiting_elsewhere(known: Mapping[str, KnownFile], roots: list[str], seen: set[str]) -> list[FoundFile]:
+        """Photos outside `roots` that wait to be embedded (pending: a `--reembed` changed the model) and are
+        on disk: a re-embed covers the whole library, not only the folders named. A file that is one
+        of `roots` under another name is left to the scan (it moves its record)."""
+        waiting = [p for p, k in known.items() if k.status == STATUS_PENDING and p not in seen]
+        if not waiting:
+            return []
+        real_roots = tuple(os.path.realpath(r).rstrip(os.sep) + os.sep for r in roots)
+        elsewhere = [p for p in waiting if not os.path.realpath(p).startswith(real_roots)]
+        return [f for f in stat_files(elsewhere) if f.error is None]
 
     # ------------------------------------------------------------------ stages
     def _process(self, plan: ChangePlan, known, gone_by_hash, moved, counts: _Counts, progress) -> None:

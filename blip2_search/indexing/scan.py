@@ -110,6 +110,11 @@ def scan(roots: Iterable[str], *, skip: Iterable[str] = ()) -> Iterator[FoundFil
         stack.extend(reversed(subdirs))
 
 
+def stat_files(paths: Iterable[str]) -> list[FoundFile]:
+    """The files at `paths` as `scan` would report them (those that cannot be stat'ed carry `error`)."""
+    return [_stat_file(p) for p in paths]
+
+
 def _stat_file(path: str) -> FoundFile:
     try:
         st = os.stat(path)

@@ -101,6 +101,7 @@ class StatusOut(BaseModel):
     model: str | None
     captioner: str | None
     vit_tokens_bytes: int = 0
+    pending: int = 0
 
 
 RERANK_UPLOAD_FORM = {
