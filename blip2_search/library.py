@@ -289,6 +289,12 @@ class Library:
             if not report.interrupted:
                 self._prune_vit_tokens()
                 self._save_vectors()
+                try:
+                    filled = indexer.fill_vit_tokens()
+                except KeyboardInterrupt:
+                    report, filled = replace(report, interrupted=True), 0
+                if filled:
+                    notes.append(f"stored the ViT tokens of {filled} photo{'s' if filled != 1 else ''} indexed before --store-vit")
                 waiting = self.metadata.counts().pending
                 if waiting:
                     notes.append(f"{waiting} photo{'s' if waiting != 1 else ''} still wait{'' if waiting != 1 else 's'} to be embedded with "

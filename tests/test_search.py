@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -359,6 +360,31 @@ def test_stored_vit_tokens_rerank_like_recomputing(tiny_itm_dir, tmp_path):
     b = {h.id: h.itm_logit for h in fresh.hits}
     assert set(a) == set(b)
     np.testing.assert_allclose([a[i] for i in a], [b[i] for i in a], atol=0.05)
+
+
+def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_dir, tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(5):
+        _photo(photos / f"v{i}.jpg", 60 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=2) as lib:
+        lib.index([photos])
+        vectors = lib.metadata.vectors_for(range(1, 6))
+        lib.vit_store.enable()  # as if --store-vit had been passed once, then interrupted before any run stored a token
+        missing = lib.search(TEXTS[0], 3, rerank_k=3, fusion=False, rerank_source="stored")
+        assert all(h.itm_logit is None for h in missing.hits)
+        assert missing.notes == ("3 candidates could not be reranked (no ViT tokens stored for them; run index on their "
+                                 "folders to store them, or pass --rerank-source auto)",)
+        (photos / "v4.jpg").write_bytes(b"changed since indexing: not read as this photo's tokens")
+        os.utime(photos / "v4.jpg", ns=(1, 1))
+        report = lib.index([photos], store_vit=True)
+        assert report.notes == ("stored the ViT tokens of 4 photos indexed before --store-vit",) and report.failed == 1
+        np.testing.assert_array_equal(lib.metadata.vectors_for(range(1, 5)), vectors[:4])  # vectors untouched
+        stored = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
+        fresh = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="recompute")
+        assert stored.notes == () and all(h.itm_logit is not None for h in stored.hits)
+        a, b = ({h.id: h.itm_logit for h in r.hits} for r in (stored, fresh))
+        np.testing.assert_allclose([a[i] for i in a], [b[i] for i in a], atol=0.05)  # fp16 tokens, fast decode
+        assert lib.index([photos]).notes == ()  # nothing left to fill
 
 
 def test_stored_source_without_store_names_the_fix(lib):

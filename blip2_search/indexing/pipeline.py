@@ -25,7 +25,7 @@ from ..models.encoder import Blip2Encoder
 from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
 from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING, KnownFile
 from ..models.sharing import share_vit
-from .embed import QueuedBatch, embed_batch
+from .embed import HostCopy, QueuedBatch, embed_batch
 from .read import ReadResult, read_and_decode
 from .scan import ChangePlan, FoundFile, plan_changes, scan, stat_files
 
@@ -174,6 +174,49 @@ class Indexer:
         real_roots = tuple(os.path.realpath(r).rstrip(os.sep) + os.sep for r in roots)
         elsewhere = [p for p in waiting if not os.path.realpath(p).startswith(real_roots)]
         return [f for f in stat_files(elsewhere) if f.error is None]
+
+    def fill_vit_tokens(self) -> int:
+        """Store the ViT tokens of indexed photos that have none (indexed before `--store-vit`): one ViT
+        pass each, their vectors and captions untouched. A file changed since it was indexed is left to
+        the next run. Returns how many were stored; Ctrl-C keeps those already written."""
+        if self.vit_store is None:
+            return 0
+        todo: dict[str, FoundFile] = {}
+        for path, k in self.metadata.known_files().items():
+            if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in todo and not self.vit_store.has(k.content_hash):
+                todo[k.content_hash] = FoundFile(path, k.size, k.mtime_ns)
+        size, stored, batch = self.encoder.image_size, 0, []
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            files = iter(todo.items())
+            queue: deque[tuple[str, Future]] = deque()
+            for digest, f in files:
+                queue.append((digest, pool.submit(self._read, f, (size,), ())))
+                if len(queue) >= self.workers * 2 + self.batch_size:
+                    break
+            try:
+                while queue:
+                    digest, fut = queue.popleft()
+                    result: ReadResult = fut.result()
+                    nxt = next(files, None)
+                    if nxt is not None:
+                        queue.append((nxt[0], pool.submit(self._read, nxt[1], (size,), ())))
+                    if result.error is None and result.content_hash == digest:
+                        batch.append(result)
+                    if len(batch) >= self.batch_size or (batch and not queue):
+                        stored += self._put_vit_tokens(batch)
+                        batch = []
+            finally:
+                for _, fut in queue:
+                    fut.cancel()
+        return stored
+
+    def _put_vit_tokens(self, results: list[ReadResult]) -> int:
+        size = self.encoder.image_size
+        x = self.encoder.pixels_from_uint8(np.stack([r.pixels[size] for r in results]), device=self.encoder.device)
+        tokens = HostCopy(self.encoder.vit_tokens(x).half()).numpy()  # the token store keeps float16
+        for r, t in zip(results, tokens):
+            self.vit_store.put(r.content_hash, t)
+        return len(results)
 
     # ------------------------------------------------------------------ stages
     def _process(self, plan: ChangePlan, known, gone_by_hash, moved, counts: _Counts, progress) -> None:

@@ -57,10 +57,11 @@ class SearchEngine:
         pool = order[: max(k, rerank_k if rerank else 0)]
         hits = self._hits(pool, itc_of, fused)
         if rerank and hits:
-            head, n_missing = rerank_hits(self.encoder, vit_source or self.vit_source, _rerank_text(query), hits[:rerank_k])
+            source = vit_source or self.vit_source
+            head, n_missing = rerank_hits(self.encoder, source, _rerank_text(query), hits[:rerank_k])
             hits = head + hits[rerank_k:]
             if n_missing:
-                notes.append(f"{n_missing} candidates could not be reranked (file missing or unreadable); re-index to refresh")
+                notes.append(f"{n_missing} candidate{'s' if n_missing != 1 else ''} could not be reranked ({source.missing_reason})")
         hits = hits[:k]
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))

@@ -20,11 +20,15 @@ from .results import Hit
 class VitSource(Protocol):
     """Where a reranker gets ViT tokens: `[n, T, W]` for the readable hits, and which hits those are."""
 
+    missing_reason: str  # why some hits got no tokens, and the fix (for the search's note)
+
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]: ...
 
 
 class RecomputeVit:
     """Re-decode each hit's file and rerun the ViT (the reference preprocessing path)."""
+
+    missing_reason = "file missing or unreadable; re-index to refresh"
 
     def __init__(self, encoder: Blip2Encoder):
         self.encoder = encoder
@@ -53,6 +57,8 @@ class StoredVit:
         self.hash_of = hash_of
         self.recompute = RecomputeVit(encoder)
         self.stored_only = stored_only
+        self.missing_reason = ("no ViT tokens stored for them; run index on their folders to store them, or pass --rerank-source auto"
+                               if stored_only else RecomputeVit.missing_reason)
 
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]:
         hashes = self.hash_of([h.id for h in hits])

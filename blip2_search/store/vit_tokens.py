@@ -28,7 +28,7 @@ class VitTokenStore:
         return self.folder.is_dir()
 
     def enable(self) -> None:
-        """Start storing tokens for images indexed from now on."""
+        """Start storing tokens (the next `index` run also fills them in for images indexed before)."""
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, content_hash: str) -> Path:
@@ -42,6 +42,10 @@ class VitTokenStore:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(tokens, dtype=np.float16))
         os.replace(tmp, path)
+
+    def has(self, content_hash: str) -> bool:
+        """True when tokens for this content are stored."""
+        return self._path(content_hash).is_file()
 
     def get(self, content_hash: str | None) -> np.ndarray | None:
         """`[T, W] float16`, or None when not stored."""
