@@ -120,11 +120,21 @@ def rerank(query, images, model, device, dtype, as_json):
     errors = [{"path": e.path, "error": e.error} for e in ranking.errors]
     if as_json:
         _emit({"query": ranking.query, "results": results, "errors": errors})
+    else:
+        for r in results:
+            click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {_shown(r['path'])}")
+    _report_unread(ranking.errors, len(images), as_json)
+
+
+def _report_unread(errors, total: int, as_json: bool) -> None:
+    """After the results: each unreadable input on stderr (text mode; JSON carries them), then exit 2."""
+    if not errors:
         return
-    for r in results:
-        click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {_shown(r['path'])}")
-    for e in errors:
-        click.echo(f"error: {e['path']}: {e['error']}", err=True)
+    if not as_json:
+        for e in errors:
+            click.echo(f"error: {e.error if e.path in e.error else f'{e.path}: {e.error}'}", err=True)
+    where = 'their "errors" entries' if as_json else "above"
+    raise UserError(f"{len(errors)} of {total} images could not be read (see {where}); fix or leave them out and run again")
 
 
 @main.command()
@@ -147,11 +157,10 @@ def caption(images, captioner, beams, max_new_tokens, prompt, batch_size, device
     out = run(list(images), model)
     if as_json:
         _emit({"results": [{"path": r.path, "caption": r.caption} for r in out.results], "errors": [{"path": e.path, "error": e.error} for e in out.errors]})
-        return
-    for r in out.results:
-        click.echo(f"{r.path}\t{r.caption}")
-    for e in out.errors:
-        click.echo(f"error: {e.path}: {e.error}", err=True)
+    else:
+        for r in out.results:
+            click.echo(f"{r.path}\t{r.caption}")
+    _report_unread(out.errors, len(images), as_json)
 
 
 library_option = click.option(
@@ -187,7 +196,7 @@ class _ProgressLine:
 @click.option("--model", default=None, help="Embedder for a new library (default Salesforce/blip2-itm-vit-g; 'demo' for the demo model).")
 @click.option("--captioner", default=None, help="Caption model [default: the library's; new libraries: demo with --model demo, else Salesforce/blip2-opt-2.7b].")
 @click.option("--no-captions", is_flag=True, help="Do not write captions.")
-@click.option("--reembed", is_flag=True, help="Re-embed every image when --model differs from the library's.")
+@click.option("--reembed", is_flag=True, help="Re-embed every image of the library (all its folders) when --model differs from the library's.")
 @click.option("--rehash", is_flag=True, help="Read and hash every file, also those with unchanged size and mtime (finds content replaced under the same size and time).")
 @click.option("--store-vit", is_flag=True, help="Keep each image's ViT tokens (fp16; 0.72 MB an image for ViT-g) so reranking need not rerun the ViT.")
 @click.option("--batch-size", default=None, type=click.IntRange(0, 4096), help="Images per model call [default: 0 = auto: 32 on the CPU or with captions, 256 on a GPU].")
@@ -298,7 +307,7 @@ def failures(library, as_json):
 @click.option("--fusion/--no-fusion", default=True, show_default=True, help="Also match the generated captions (reciprocal rank fusion).")
 @click.option("--rerank-source", type=click.Choice(["auto", "stored", "recompute"]), default="auto", show_default=True,
               help="ViT tokens for reranking: stored by `index --store-vit`, or recomputed from the photo (auto: stored when kept).")
-@click.option("--queries", "queries_file", default=None, type=click.File("r", encoding="utf-8"), help="Run one query per line; print one JSON object per line.")
+@click.option("--queries", "queries_file", default=None, type=click.File("rb"), help="Run one query per line (UTF-8); print one JSON object per line.")
 @device_option
 @dtype_option
 @json_option
@@ -311,12 +320,12 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
     filters = dict(path=_absolute_glob(path_glob), after=after, before=before, min_score=min_score, sort=sort)
     with Library.open(library, device=device, dtype=dtype) as lib:
         if image is not None:
-            _print_result(lib.similar(image, k, **filters), as_json)
+            _print_result(lib.similar(image, k, **filters), as_json, filtered=_filtered(filters))
         elif queries_file is not None:
             from .search.query import parse_query
 
             failed = 0
-            for number, line in enumerate(queries_file, 1):
+            for number, line in enumerate(_text_lines(queries_file), 1):
                 if not line.strip():
                     continue
                 try:
@@ -330,7 +339,19 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
             if failed:
                 raise UserError(f"{failed} quer{'y' if failed == 1 else 'ies'} of {queries_file.name} failed (their lines carry an \"error\"); fix those lines and run them again")
         else:
-            _print_result(lib.search(query, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters), as_json)
+            _print_result(lib.search(query, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters), as_json,
+                          filtered=_filtered(filters))
+
+
+def _text_lines(file):
+    """The lines of a file opened in binary, as UTF-8 text (a leading BOM dropped); a line that is not UTF-8
+    is a UserError naming it, after the lines before it."""
+    for number, raw in enumerate(file, 1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{file.name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {number}); "
+                            "save it as UTF-8 and run it again") from None
 
 
 def _absolute_glob(glob: str | None) -> str | None:
@@ -345,14 +366,19 @@ def _emit_line(data) -> None:
     click.echo(json.dumps(data))
 
 
-def _print_result(result, as_json: bool) -> None:
+def _filtered(filters: dict) -> bool:
+    return any(filters[name] is not None for name in ("path", "after", "before", "min_score"))
+
+
+def _print_result(result, as_json: bool, *, filtered: bool) -> None:
     if as_json:
         _emit(result.as_dict())
         return
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if not result.hits:
-        click.echo("no results (filters: --path, --after, --before and --min-score narrow the search)", err=True)
+        click.echo("no results: no photo passes --path, --after, --before or --min-score; loosen them" if filtered else
+                   "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first", err=True)
     reranked = sum(h.itm_logit is not None for h in result.hits)
     if 0 < reranked < len(result.hits):
         click.echo(f"note: the first {reranked} were reranked (score = ITM logit + ITC); the rest keep the first stage's "

@@ -75,18 +75,30 @@ def load_annotations(path: Path, images_dir: Path, *, split: str = "test") -> Ev
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"annotations {path}: cannot read JSON ({exc}); pass a Karpathy dataset_*.json or a LAVIS annotation list") from exc
     rows: list[tuple[str, list[str]]] = []
-    if isinstance(data, dict) and isinstance(data.get("images"), list):
-        for item in data["images"]:
+    karpathy = isinstance(data, dict) and isinstance(data.get("images"), list)
+    if karpathy:
+        for i, item in enumerate(data["images"]):
+            if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
+                raise InvalidInputError(f"annotations {path}: images[{i}] has no 'filename' string; each image must be "
+                                        "{\"filename\": \"x.jpg\", \"split\": \"test\", \"sentences\": [{\"raw\": \"...\"}]}")
             if item.get("split", split) != split and not (split == "train" and item.get("split") == "restval"):
                 continue
-            rel = str(Path(item.get("filepath", "")) / item["filename"])
-            rows.append((rel, [s["raw"] if isinstance(s, dict) else str(s) for s in item.get("sentences", [])]))
+            sentences = item.get("sentences", [])
+            raws = [s.get("raw") if isinstance(s, dict) else s for s in sentences] if isinstance(sentences, list) else [None]
+            if not all(isinstance(r, str) for r in raws):
+                raise InvalidInputError(f"annotations {path}: images[{i}] ({item['filename']}) has a sentence without a 'raw' "
+                                        "string; each sentence must be {\"raw\": \"a caption\"}")
+            rows.append((str(Path(str(item.get("filepath", ""))) / item["filename"]), raws))
     elif isinstance(data, list):
         for i, item in enumerate(data):
             if not isinstance(item, dict) or "image" not in item or "caption" not in item:
                 raise InvalidInputError(f"annotations {path}: row {i} lacks 'image' or 'caption'; each row must be {{\"image\": \"rel/path.jpg\", \"caption\": [...]}}")
             caps = item["caption"]
-            rows.append((str(item["image"]), [caps] if isinstance(caps, str) else [str(c) for c in caps]))
+            caps = [caps] if isinstance(caps, str) else caps
+            if not isinstance(item["image"], str) or not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                raise InvalidInputError(f"annotations {path}: row {i} needs an 'image' path string and a 'caption' string or list of "
+                                        "strings; each row must be {\"image\": \"rel/path.jpg\", \"caption\": [...]}")
+            rows.append((item["image"], caps))
     else:
         raise InvalidInputError(f"annotations {path}: neither a Karpathy dataset (object with 'images') nor a LAVIS list; pass one of those formats")
 
@@ -99,7 +111,8 @@ def load_annotations(path: Path, images_dir: Path, *, split: str = "test") -> Ev
             texts.append(c)
             owner.append(idx)
     if not order or not texts:
-        raise InvalidInputError(f"annotations {path}: no images with captions in split {split!r}; check --split or the file")
+        where = f" in split {split!r}; check --split or the file" if karpathy else "; check the file"
+        raise InvalidInputError(f"annotations {path}: no images with captions{where}")
     images = tuple(Path(images_dir) / rel for rel in order)
     missing = [p for p in images if not p.is_file()]
     if missing:

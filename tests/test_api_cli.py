@@ -67,7 +67,8 @@ def test_cli_rerank_json_equals_hf_forward(tiny_itm_dir, photo_dir):
     d, paths = photo_dir
     args = ["rerank", "a red circle on the left", *map(str, paths), str(d / "broken.jpg"), str(d / "missing.jpg"), "--model", str(tiny_itm_dir), "--json"]
     res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 2 and res.stderr.strip() == (  # all scored, then the unreadable ones named: exit 2
+        f'Error: 2 of {len(paths) + 2} images could not be read (see their "errors" entries); fix or leave them out and run again'), res.output
     out = json.loads(res.stdout)
     assert set(out) == {"query", "results", "errors"} and out["query"] == "a red circle on the left"
     assert [set(r) for r in out["results"]] == [{"path", "score", "itc", "itm_logit", "match_probability"}] * len(paths)
@@ -82,11 +83,18 @@ def test_cli_rerank_json_equals_hf_forward(tiny_itm_dir, photo_dir):
 def test_cli_caption_json(tiny_captioner_dir, photo_dir):
     d, paths = photo_dir
     res = CliRunner().invoke(main, ["caption", *map(str, paths[:3]), str(d / "broken.jpg"), "--captioner", str(tiny_captioner_dir), "--json"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 2 and "1 of 4 images could not be read" in res.stderr, res.output
     out = json.loads(res.stdout)
     assert [r["path"] for r in out["results"]] == list(map(str, paths[:3]))
     assert all(isinstance(r["caption"], str) and r["caption"] for r in out["results"])
     assert [e["path"] for e in out["errors"]] == [str(d / "broken.jpg")]
+    good = CliRunner().invoke(main, ["caption", *map(str, paths[:2]), "--captioner", str(tiny_captioner_dir)])
+    assert good.exit_code == 0 and len(good.stdout.strip().splitlines()) == 2, good.output
+    res = CliRunner().invoke(main, ["caption", str(d / "missing.jpg"), "--captioner", str(tiny_captioner_dir)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and res.stdout == "" and len(lines) == 2, res.output
+    assert lines[0].startswith("error: ") and lines[0].count(str(d / "missing.jpg")) == 1  # named once
+    assert lines[1] == "Error: 1 of 1 images could not be read (see above); fix or leave them out and run again"
 
 
 def test_cli_missing_model_exits_2_without_traceback(photo_dir, tmp_path):

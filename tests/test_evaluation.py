@@ -102,6 +102,22 @@ def test_missing_images_and_bad_rows_name_the_fix(tmp_path, split):
     (tmp_path / "b.json").write_text(json.dumps([{"img": "x"}]))
     with pytest.raises(InvalidInputError, match="row 0"):
         load_annotations(tmp_path / "b.json", d)
+    for bad, needle in (
+        ({"images": [{"split": "test", "sentences": [{"raw": "x"}]}]}, r"images\[0\] has no 'filename'"),
+        ({"images": ["a.jpg"]}, r"images\[0\] has no 'filename'"),
+        ({"images": [{"filename": "a.jpg", "sentences": [{"text": "x"}]}]}, r"images\[0\] \(a.jpg\) has a sentence without a 'raw'"),
+        ({"images": [{"filename": "a.jpg", "sentences": "x"}]}, "without a 'raw'"),
+        ([{"image": "a.jpg", "caption": 5}], "row 0 needs an 'image' path string and a 'caption'"),
+        ([{"image": "a.jpg", "caption": ["x", None]}], "row 0 needs"),
+        ([{"image": ["a.jpg"], "caption": "x"}], "row 0 needs"),
+        ([], "no images with captions; check the file"),
+    ):
+        (tmp_path / "c.json").write_text(json.dumps(bad))
+        with pytest.raises(InvalidInputError, match=needle):
+            load_annotations(tmp_path / "c.json", d)
+    (tmp_path / "d.json").write_bytes(b'[{"image": "caf\xe9.jpg", "caption": "x"}]')  # Latin-1, not UTF-8
+    with pytest.raises(InvalidInputError, match="cannot read JSON"):
+        load_annotations(tmp_path / "d.json", d)
 
 
 @pytest.mark.parametrize("k", [3, 128])

@@ -285,9 +285,22 @@ def test_relative_path_glob_is_taken_from_the_current_folder(lib_dir, lib, monke
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", f"{folder.name}/*", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["results"], res.output
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", "elsewhere/*"])
-    assert res.exit_code == 0 and "no results" in res.stderr
+    assert res.exit_code == 0 and "no results: no photo passes --path" in res.stderr
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", f"./{folder.name}/../{folder.name}/*", "--json"])
     assert json.loads(res.stdout)["results"], res.output
+
+
+def test_no_results_without_filters_says_the_library_has_nothing_searchable(tiny_itm_dir, tmp_path):
+    photos = tmp_path / "photos"
+    _photo(photos / "only.jpg", 3)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([photos])
+    (photos / "only.jpg").unlink()
+    with Library.open(tmp_path / "lib") as lib:
+        lib.index([photos])
+    res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(tmp_path / "lib"), "--no-rerank"])
+    assert res.exit_code == 0 and res.stdout == "" and "filters" not in res.stderr and "--path" not in res.stderr
+    assert "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first" in res.stderr
 
 
 def test_missing_library_exits_2(tmp_path):
@@ -317,6 +330,11 @@ def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
     assert res.exit_code == 2 and "1 query of" in res.stderr
     assert [x.get("line") for x in lines] == [None, 2, None] and "quote" in lines[1]["error"]
     assert [x["query"] for x in lines] == [TEXTS[0], '"unclosed', TEXTS[1]] and len(lines[2]["results"]) == 2
+    # a file that is not UTF-8: the lines before the bad byte ran, then one line naming it
+    qf.write_bytes(f"{TEXTS[0]}\ncaf\xe9 red\n".encode("latin-1"))
+    res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
+    assert res.exit_code == 2 and len(res.stdout.splitlines()) == 1 and "Traceback" not in res.output
+    assert res.stderr.strip().splitlines()[-1] == f"Error: {qf} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8 and run it again"
     # a bad option is not a bad line: one error, at once
     res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "-k", "0"])
     assert res.exit_code == 2 and res.stdout == "" and "-k" in res.output and len(res.output.strip().splitlines()) == 1
