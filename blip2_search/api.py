@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
+import numpy as np
 from PIL import Image
 
 from .errors import Blip2SearchError, InvalidInputError
@@ -130,21 +131,34 @@ def rerank(
     device: str = "auto",
     dtype: str = "auto",
 ) -> Ranking:
-    """Score `images` (paths or PIL images) against `query`; best first, by ITM logit + ITC.
+    """Score `images` (paths or PIL images) against `query`; best first, by ITM logit + ITC, as `search`
+    reranks: the query syntax of docs/queries.md (weights, negatives) shapes the ITC, and ITM scores
+    the positive terms.
 
     Unreadable images are reported in `Ranking.errors` and the others are still scored.
     """
+    from .search.engine import composite_itc
+    from .search.query import parse_query
+
     if not isinstance(query, str) or not query.strip():
         raise InvalidInputError("rerank query is empty; pass the text to match the images against")
+    parsed = parse_query(query)
     encoder = get_encoder(model, device=device, dtype=dtype)
     loaded, errors = _read_images(images)
-    scores = encoder.score_images(query, [im for _, _, im in loaded])
+    pictures = [im for _, _, im in loaded]
+    if parsed.is_simple or not pictures:
+        scores = encoder.score_images(parsed.itm_text, pictures)
+    else:
+        vit, embeds = encoder.encode_images(pictures)
+        itm = encoder.match(parsed.itm_text, vit, embeds)
+        weights = np.array([t.weight for t in parsed.terms], dtype=np.float32)
+        scores = replace(itm, itc=composite_itc(embeds, encoder.embed_texts([t.text for t in parsed.terms]), weights))
     hits = [
         RerankHit(i, path, float(scores.score[j]), float(scores.itc[j]), float(scores.itm_logit[j]), float(scores.match_probability[j]))
         for j, (i, path, _) in enumerate(loaded)
     ]
     hits.sort(key=lambda h: (-h.score, h.index))
-    return Ranking(query, tuple(hits), tuple(errors))
+    return Ranking(parsed.raw, tuple(hits), tuple(errors))
 
 
 def caption(

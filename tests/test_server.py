@@ -185,6 +185,27 @@ def test_rerank_uploads_equals_api_rerank(client, lib):
     np.testing.assert_allclose([h["match_probability"] for h in got], [h.match_probability for h in expected], atol=1e-6)
 
 
+def test_rerank_of_uploads_and_of_ids_read_the_query_syntax_alike(client, lib):
+    """Weights and negatives shape the ITC of uploaded pictures as they do for ids (and a bad query is a 400)."""
+    recs = _records(lib)
+    names = ("img01.jpg", "img02.jpg", "img04.jpg")
+    query = '2:"a red circle" - "a blue square"'
+    files = [("images", (n, Path(recs[n].path).read_bytes(), "image/jpeg")) for n in names]
+    uploads = client.post("/api/rerank", data={"query": query}, files=files).json()["results"]
+    by_ids = client.post("/api/rerank", json={"query": query, "ids": [recs[n].id for n in names]}).json()["results"]
+    itc_up = {names[h["index"]]: h["itc"] for h in uploads}
+    itc_ids = {Path(h["path"]).name: h["itc"] for h in by_ids}
+    np.testing.assert_allclose([itc_up[n] for n in names], [itc_ids[n] for n in names], atol=0.02)  # PIL vs fast decode
+    emb = lib.encoder.embed_texts(["a red circle", "a blue square"])
+    stored = lib.metadata.vectors_for([recs[n].id for n in names])
+    by_hand = 2 * (stored @ emb[0]).max(axis=1) - (stored @ emb[1]).max(axis=1)  # computed here, independently
+    np.testing.assert_allclose([itc_ids[n] for n in names], by_hand, atol=1e-5)
+    itm_plain = {names[h.index]: h.itm_logit for h in api_rerank("a red circle", [recs[n].path for n in names], model=lib.encoder)}
+    np.testing.assert_allclose([h["itm_logit"] for h in uploads], [itm_plain[names[h["index"]]] for h in uploads], atol=1e-5)
+    bad = client.post("/api/rerank", data={"query": '"unclosed'}, files=files[:1])
+    _assert_error(bad, 400, "quote")
+
+
 def test_openapi_schema_lists_every_endpoint_and_the_token(client):
     schema = client.get("/api/openapi.json").json()
     assert {"/api/search", "/api/rerank", "/api/status", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail"} <= set(schema["paths"])

@@ -232,12 +232,16 @@ class Blip2Encoder(Checkpoint):
         if not images:
             empty = np.zeros((0,), np.float32)
             return MatchScores(empty, empty, empty)
+        return self.match(text, *self.encode_images(images))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, np.ndarray]:
+        """ViT tokens `[n, T, W]` (model dtype, on the device) and embeddings `[n, Q, D] float32` of PIL images."""
         vits, embeds = [], []
         for s in range(0, len(images), self.batch_size):
             vit = self.vit_tokens(self.preprocess(images[s : s + self.batch_size]))
             vits.append(vit)
             embeds.append(self.embed_vit_tokens(vit))
-        return self.match(text, torch.cat(vits), np.concatenate(embeds))
+        return torch.cat(vits), np.concatenate(embeds)
 
 
 def _text_path_class():

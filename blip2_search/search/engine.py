@@ -58,7 +58,7 @@ class SearchEngine:
         hits = self._hits(pool, itc_of, fused)
         if rerank and hits:
             source = vit_source or self.vit_source
-            head, n_missing = rerank_hits(self.encoder, source, _rerank_text(query), hits[:rerank_k])
+            head, n_missing = rerank_hits(self.encoder, source, query.itm_text, hits[:rerank_k])
             hits = head + hits[rerank_k:]
             if n_missing:
                 notes.append(f"{n_missing} candidate{'s' if n_missing != 1 else ''} could not be reranked ({source.missing_reason})")
@@ -168,7 +168,7 @@ class SearchEngine:
         weights = np.array([t.weight for t in query.terms], dtype=np.float32)
         itc = composite_itc(self._vectors_of([h.id for h in hits]), emb, weights)
         hits = [replace(h, itc=float(c), score=float(c), itm_logit=None) for h, c in zip(hits, itc.tolist())]
-        return rerank_hits(self.encoder, vit_source or self.vit_source, _rerank_text(query), hits)[0]
+        return rerank_hits(self.encoder, vit_source or self.vit_source, query.itm_text, hits)[0]
 
     def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         """Full vectors `[n, Q, D] float32` of any indexed images, in order: from the vector index, or
@@ -219,8 +219,3 @@ def composite_itc(stored: np.ndarray, term_embeds: np.ndarray, weights: np.ndarr
         return np.zeros(0, np.float32)
     sims = (stored.reshape(n * q, d) @ term_embeds.T).reshape(n, q, -1).max(axis=1)  # [n, m]
     return (sims @ weights).astype(np.float32)
-
-
-def _rerank_text(query: Query) -> str:
-    """ITM scores one text: the positive terms, in order (negatives already shaped the candidates)."""
-    return " ".join(t.text for t in query.terms if t.weight > 0)

@@ -82,6 +82,11 @@ class Query:
         return tuple(t for t in self.terms if t.weight < 0)
 
     @property
+    def itm_text(self) -> str:
+        """The one text ITM scores: the positive terms, in order (negatives shape the ITC ranking only)."""
+        return " ".join(t.text for t in self.positive)
+
+    @property
     def is_simple(self) -> bool:
         """True for a single term of weight 1.0: the engine can use its plain nearest-neighbour path."""
         return len(self.terms) == 1 and self.terms[0].weight == 1.0
