@@ -598,6 +598,44 @@ def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monke
     _check_consistent(lib_dir)
 
 
+@pytest.mark.parametrize("where", ["upsert_indexed", "mark_failed", "mark_deleted"])
+def test_a_ctrl_c_just_after_a_commit_is_counted_and_indexed(tiny_itm_dir, photos, tmp_path, monkeypatch, where):
+    """SIGINT landing right after a batch's commit (inside the database call, as the OS delivers it) used to
+    leave the report one batch short of the database and the vector index without that batch."""
+    import signal
+
+    from blip2_search.store import MetadataStore
+
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    lib_dir = tmp_path / "lib"
+    if where == "mark_deleted":  # a run that finds photos gone
+        with _open(lib_dir, tiny_itm_dir) as lib:
+            lib.index([photos])
+        (photos / "p0.jpg").unlink()
+    real = getattr(MetadataStore, where)
+
+    def commit_then_signal(self, *a, **kw):
+        out = real(self, *a, **kw)
+        signal.raise_signal(signal.SIGINT)  # delivered now, before the indexer's next line
+        return out
+
+    monkeypatch.setattr(MetadataStore, where, commit_then_signal)
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, batch_size=3, workers=1) as lib:
+        r = lib.index([photos])
+        assert r.interrupted
+        counts = lib.metadata.counts()
+        if where == "mark_deleted":
+            assert r.deleted == counts.deleted == 1
+        else:
+            assert (r.indexed, r.failed) == (counts.indexed, counts.failed) and r.indexed + r.failed > 0
+        assert sorted(lib.vectors.image_ids().tolist()) == sorted(k.id for k in lib.metadata.known_files().values() if k.status == "indexed")
+    monkeypatch.setattr(MetadataStore, where, real)
+    with Library.open(lib_dir) as lib:
+        r2 = lib.index([photos])
+        assert not r2.interrupted and lib.metadata.counts().indexed == 6 + (where != "mark_deleted")
+    _check_consistent(lib_dir)
+
+
 @pytest.mark.parametrize("ahead", [False, True], ids=["cpu", "queued"])
 def test_interrupt_while_decoding_commits_the_batch_already_embedded(tiny_itm_dir, photos, tmp_path, monkeypatch, ahead):
     """On a GPU the indexer keeps one embedded batch queued while the previous one is written; Ctrl-C

@@ -11,12 +11,14 @@ never reads it), and rebuilt from the database when a crash left it behind.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -40,6 +42,27 @@ def decode_during_forward(devices: Iterable[str]) -> bool:
     cores fairly would cost half of it; decoding between forwards, on every core, costs that half.
     """
     return all(d != "cpu" for d in devices)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise it: a commit and what must follow it (the
+    vector index, the counts) happen together or not at all. Only the main thread receives signals, so
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 @dataclass(frozen=True)
@@ -140,10 +163,6 @@ class Indexer:
         was_live = [known[f.path].id for f in plan.unreadable if f.path in known and known[f.path].id in self._live_ids]
         if plan.work or plan.gone or was_live:
             _ = self.vectors  # opened before the database changes, while its file still matches the database
-        self.metadata.mark_failed([FailedFile(f.path, f.error or "unreadable") for f in plan.unreadable])
-        if was_live:
-            self.vectors.remove(np.array(was_live, dtype=np.int64))
-        counts.failed += len(plan.unreadable)
         gone_by_hash: dict[str, list[int]] = {}
         for p in plan.gone:
             if known[p].content_hash and known[p].status in ("indexed", "pending"):
@@ -151,15 +170,25 @@ class Indexer:
         moved: set[int] = set()
         interrupted = False
         try:
+            if plan.unreadable:
+                with _interrupts_deferred():
+                    self.metadata.mark_failed([FailedFile(f.path, f.error or "unreadable") for f in plan.unreadable])
+                    if was_live:
+                        self.vectors.remove(np.array(was_live, dtype=np.int64))
+                    counts.failed += len(plan.unreadable)
             self._process(plan, known, gone_by_hash, moved, counts, progress)
         except KeyboardInterrupt:
             interrupted = True
         deleted = 0
         if not interrupted:
             gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved]
-            deleted = self.metadata.mark_deleted(gone_ids)
-            if gone_ids:
-                self.vectors.remove(np.array(gone_ids, dtype=np.int64))
+            try:
+                with _interrupts_deferred():
+                    deleted = self.metadata.mark_deleted(gone_ids)
+                    if gone_ids:
+                        self.vectors.remove(np.array(gone_ids, dtype=np.int64))
+            except KeyboardInterrupt:  # held until the deletions were complete
+                interrupted = True
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
                            round(time.perf_counter() - start, 3), interrupted)
 
@@ -335,11 +364,12 @@ class Indexer:
                 caption_model=self.captioner.name if self.captioner else None,
                 caption_vector=batch.caption_vectors[i] if batch.caption_vectors is not None else None,
             ))
-        ids = self.metadata.upsert_indexed(items)
-        self.vectors.add(np.asarray(ids, dtype=np.int64), batch.vectors)
-        known_hashes.update(r.content_hash for r in results)
-        counts.indexed += len(results)
-        self._store_failed = False
+        with _interrupts_deferred():  # a Ctrl-C after the commit would leave the index and the report behind it
+            ids = self.metadata.upsert_indexed(items)
+            self.vectors.add(np.asarray(ids, dtype=np.int64), batch.vectors)
+            known_hashes.update(r.content_hash for r in results)
+            counts.indexed += len(results)
+            self._store_failed = False
 
     def _write_reuse(self, reuse: list[ReadResult], known, gone_by_hash, moved: set[int], counts: _Counts) -> None:
         """Files whose bytes are already embedded: a move/rename keeps its record; others share vectors."""
@@ -359,28 +389,29 @@ class Indexer:
                 renames.append((image_id, r.file.path, r))
             else:
                 items.append(r)
-        if renames:
-            self.metadata.rename([(i, p) for i, p, _ in renames])
-        own = {r.file.path: i for i, _, r in renames}  # a moved photo keeps its own details, a copy takes the first's
-        upserts = []
-        for r in items + [r for _, _, r in renames]:
-            same = templates.get(r.content_hash) or [None]
-            t = next((rec for rec in same if rec is not None and rec.id == own.get(r.file.path)), same[0])
-            upserts.append(IndexedImage(
-                path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash,
-                width=t.width if t else None, height=t.height if t else None, taken_at=t.taken_at if t else None,
-                camera_make=t.camera_make if t else None, camera_model=t.camera_model if t else None,
-            ))
-        ids = self.metadata.upsert_indexed(upserts)
-        # A touched or moved photo whose record was searchable with this content has its vectors in the index
-        # already: re-adding them would cost a compaction of the whole exact index per batch.
-        new = [(i, u) for i, u in zip(ids, upserts) if self._live_ids.get(i, "") != u.content_hash]
-        if new:
-            stored = self.metadata.get_embeddings({u.content_hash for _, u in new})
-            vecs = np.stack([stored[u.content_hash].image_vectors for _, u in new])
-            self.vectors.add(np.asarray([i for i, _ in new], dtype=np.int64), vecs)
-        counts.reused += len(reuse)
-        reuse.clear()
+        with _interrupts_deferred():
+            if renames:
+                self.metadata.rename([(i, p) for i, p, _ in renames])
+            own = {r.file.path: i for i, _, r in renames}  # a moved photo keeps its own details, a copy takes the first's
+            upserts = []
+            for r in items + [r for _, _, r in renames]:
+                same = templates.get(r.content_hash) or [None]
+                t = next((rec for rec in same if rec is not None and rec.id == own.get(r.file.path)), same[0])
+                upserts.append(IndexedImage(
+                    path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash,
+                    width=t.width if t else None, height=t.height if t else None, taken_at=t.taken_at if t else None,
+                    camera_make=t.camera_make if t else None, camera_model=t.camera_model if t else None,
+                ))
+            ids = self.metadata.upsert_indexed(upserts)
+            # A touched or moved photo whose record was searchable with this content has its vectors in the index
+            # already: re-adding them would cost a compaction of the whole exact index per batch.
+            new = [(i, u) for i, u in zip(ids, upserts) if self._live_ids.get(i, "") != u.content_hash]
+            if new:
+                stored = self.metadata.get_embeddings({u.content_hash for _, u in new})
+                vecs = np.stack([stored[u.content_hash].image_vectors for _, u in new])
+                self.vectors.add(np.asarray([i for i, _ in new], dtype=np.int64), vecs)
+            counts.reused += len(reuse)
+            reuse.clear()
 
     def _elsewhere(self, recorded: str, found: str) -> bool:
         """Is the record at `recorded` (not found in this run) the file now `found`, so that `found` is its move?
@@ -403,9 +434,10 @@ class Indexer:
     def _write_failures(self, failures: list[FailedFile], counts: _Counts) -> None:
         if not failures:
             return
-        ids = self.metadata.mark_failed(failures)
-        was_live = [i for i in ids if i in self._live_ids]  # a changed photo that no longer reads leaves search
-        if was_live:
-            self.vectors.remove(np.asarray(was_live, dtype=np.int64))
-        counts.failed += len(failures)
-        failures.clear()
+        with _interrupts_deferred():
+            ids = self.metadata.mark_failed(failures)
+            was_live = [i for i in ids if i in self._live_ids]  # a changed photo that no longer reads leaves search
+            if was_live:
+                self.vectors.remove(np.asarray(was_live, dtype=np.int64))
+            counts.failed += len(failures)
+            failures.clear()
