@@ -280,6 +280,30 @@ def test_a_restored_photo_reuses_its_vectors_and_details(tiny_itm_dir, photos, t
     _check_consistent(lib_dir)
 
 
+def test_failures_follow_a_folder_indexed_under_another_name(tiny_itm_dir, photos, tmp_path):
+    """A failed file seen through a symlinked alias (and back) is one failure, not one per name, and a fix
+    seen under either name clears it."""
+    lib_dir = tmp_path / "lib"
+    alias = tmp_path / "alias"
+    alias.symlink_to(photos, target_is_directory=True)
+    (photos / "sub dir" / "empty.png").write_bytes(b"")
+    elsewhere = tmp_path / "other"  # a failure outside the alias's folder is left alone
+    elsewhere.mkdir()
+    (elsewhere / "bad.jpg").write_bytes(b"not a jpeg")
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos, elsewhere])
+        assert [Path(f.path).name for f in lib.failures()] == ["bad.jpg", "empty.png"]
+        lib.index([alias])
+        failures = lib.failures()
+        assert sorted(f.path for f in failures) == sorted([str(elsewhere / "bad.jpg"), str(alias / "sub dir" / "empty.png")])
+        assert lib.status().failed == 2
+        _photo(photos / "sub dir" / "empty.png", 5)  # fixed; then indexed under the folder's real name
+        lib.index([photos])
+        assert [f.path for f in lib.failures()] == [str(elsewhere / "bad.jpg")]
+        assert lib.status().indexed == 8 and lib.status().failed == 1
+    _check_consistent(lib_dir)
+
+
 def test_a_folder_indexed_under_another_name_moves_its_records(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     alias = tmp_path / "alias"

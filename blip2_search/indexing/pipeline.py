@@ -182,6 +182,7 @@ class Indexer:
         deleted = 0
         if not interrupted:
             gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved]
+            gone_ids += self._failed_twins(known, roots)
             try:
                 with _interrupts_deferred():
                     deleted = self.metadata.mark_deleted(gone_ids)
@@ -191,6 +192,23 @@ class Indexer:
                 interrupted = True
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
                            round(time.perf_counter() - start, 3), interrupted)
+
+    def _failed_twins(self, known: Mapping[str, KnownFile], roots: list[str]) -> list[int]:
+        """Failure records of files this run found under another name of a root (a symlinked alias, or the
+        real folder after an alias): the file's failure, or its record, now lives under the found name."""
+        prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
+        failed = [(p, k.id) for p, k in known.items() if k.status == "failed" and p not in self._found and not p.startswith(prefixes)]
+        if not failed:
+            return []
+        real_roots = [(os.path.realpath(r).rstrip(os.sep) + os.sep, r) for r in roots]
+        twins = []
+        for path, image_id in failed:
+            real = os.path.realpath(path)
+            for real_root, root in real_roots:
+                if real.startswith(real_root) and os.path.join(root, real[len(real_root):]) in self._found:
+                    twins.append(image_id)
+                    break
+        return twins
 
     @staticmethod
     def _waiting_elsewhere(known: Mapping[str, KnownFile], roots: list[str], seen: set[str]) -> list[FoundFile]:
