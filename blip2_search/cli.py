@@ -356,8 +356,11 @@ def _text_lines(file):
 
 def _absolute_glob(glob: str | None) -> str | None:
     """Stored paths are absolute: a relative glob ('photos/2023/*') is taken from the current folder;
-    one that starts with a wildcard ('*/2023/*') already matches anywhere."""
-    if glob is None or not glob.strip() or glob[0] in "*?[":
+    one that starts with a wildcard ('*/2023/*') already matches anywhere. An empty one is no filter
+    (as in the HTTP API), e.g. a script's unset variable."""
+    if glob is None or not glob.strip():
+        return None
+    if glob[0] in "*?[":
         return glob
     return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))
 

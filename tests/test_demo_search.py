@@ -168,6 +168,13 @@ def test_demo_command_runs_offline(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo"), "--photos", "72"])
     assert res.exit_code == 0, res.output
     assert "indexed 72" in res.output and "a red circle on the left" in res.output
+    (tmp_path / "demo" / "photos" / "mine.jpg").write_bytes(b"a file of the user's: kept")
+    again = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo"), "--photos", "10"])  # fewer, same folder
+    assert again.exit_code == 0 and "rendered 10 photos" in again.output and "indexed 10 " in again.output, again.output
+    hits = [line for line in again.stdout.splitlines() if "caption:" in line]
+    assert hits and all("(rendered as: " in line for line in hits)  # every hit is one of this run's renders
+    assert len(list((tmp_path / "demo" / "photos").glob("scene_*"))) == 10
+    assert (tmp_path / "demo" / "photos" / "mine.jpg").exists()
 
 
 def test_captioner_shares_the_embedders_vit_blocks():

@@ -42,6 +42,8 @@ def run_demo(folder: Path, *, n_photos: int = 144, seed: int = 2026, k: int = 3)
     resolve_model("demo", role="embedder"), resolve_model("demo", role="captioner")  # fail before writing anything
     photos, library = folder / "photos", folder / "library"
     written = write_folder(photos, n_photos, seed)
+    for old in set(photos.glob("scene_*.*")) - {p for p, _ in written}:  # an earlier demo's extra renders
+        old.unlink()
     scene_of = {str(p.absolute()): s for p, s in written}
     with Library.open(library, model="demo", captioner="demo", create=True) as lib:
         report = lib.index([photos])
@@ -51,4 +53,5 @@ def run_demo(folder: Path, *, n_photos: int = 144, seed: int = 2026, k: int = 3)
             res = lib.search(q, k)
             results.append(DemoQuery(q, tuple((h.path, h.caption, h.score, scene_of.get(h.path)) for h in res.hits)))
         search_seconds = time.perf_counter() - start
-    return DemoReport(photos, library, report.indexed + report.unchanged, report.seconds, tuple(results), round(search_seconds, 3))
+    searchable = report.indexed + report.reused + report.unchanged  # new, moved or copied, and kept from a run before
+    return DemoReport(photos, library, searchable, report.seconds, tuple(results), round(search_seconds, 3))

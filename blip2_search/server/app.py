@@ -312,7 +312,8 @@ def _checked_records(photos: Photos, ids: list[int]):
     unknown = [i for i in ids if i not in found]
     if unknown:
         shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
-        raise ApiError(404, f"ids {shown} are not indexed images of this library; use ids from /api/search results")
+        what = f"id {shown} is not an indexed image" if len(unknown) == 1 else f"ids {shown} are not indexed images"
+        raise ApiError(404, f"{what} of this library; use ids from /api/search results")
     records, refused = [], []
     for image_id in ids:
         try:

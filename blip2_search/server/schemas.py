@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .limits import MAX_IMAGE_ID, MAX_RERANK_IDS
 
@@ -45,7 +45,7 @@ class RerankIds(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(description="Text to match the images against (not blank; at most 4096 bytes).")
-    ids: list[Annotated[int, Field(ge=1, le=MAX_IMAGE_ID)]] = Field(min_length=1, max_length=MAX_RERANK_IDS)
+    ids: list[Annotated[StrictInt, Field(ge=1, le=MAX_IMAGE_ID)]] = Field(min_length=1, max_length=MAX_RERANK_IDS)  # true is not id 1
 
 
 class RerankIdHit(BaseModel):

@@ -154,8 +154,9 @@ class Guard:
 
 
 def _too_large(size: int | None, limit: int) -> str:
-    got = f"{size / 1e6:.1f} MB" if size is not None else "more"
-    return f"request body is {got}, over the {limit // (1024 * 1024)} MB limit; send a smaller image (resize or re-export it)"
+    """`size`: the declared body size, or None when a chunked body went past the limit while arriving."""
+    got = f"is {size / 1e6:.1f} MB, over" if size is not None else "goes over"
+    return f"request body {got} the {limit // (1024 * 1024)} MB limit; send a smaller image (resize or re-export it)"
 
 
 def _counting(receive: Receive, limit: int) -> Receive:
