@@ -407,6 +407,8 @@ def duplicates(library, threshold, as_json):
     if as_json:
         _emit(data)
         return
+    if not data:
+        click.echo(f"no near-duplicates at --threshold {threshold:g} (lower it, e.g. 0.9, to find looser matches)", err=True)
     for g in data:
         click.echo("\n".join(r["path"] for r in g) + "\n")
 

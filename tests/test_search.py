@@ -299,6 +299,8 @@ def test_no_results_without_filters_says_the_library_has_nothing_searchable(tiny
     _photo(photos / "only.jpg", 3)
     with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
         lib.index([photos])
+    res = CliRunner().invoke(main, ["duplicates", "--library", str(tmp_path / "lib")])
+    assert res.exit_code == 0 and res.stdout == "" and "no near-duplicates at --threshold 0.95" in res.stderr, res.output
     (photos / "only.jpg").unlink()
     with Library.open(tmp_path / "lib") as lib:
         lib.index([photos])
