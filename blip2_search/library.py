@@ -217,7 +217,16 @@ class Library:
         if self._vectors is None:
             return
         current = self.metadata.vectors_generation()
-        if current != self._vectors_generation and saved_generation(self.folder / VECTORS_FILENAME) == current:
+        if current == self._vectors_generation:
+            return
+        recorded = self.metadata.info().embedder
+        if recorded is not None and recorded != self._embedder_info():
+            raise LibraryError(
+                f"library {self.folder} is being re-embedded with {recorded.model.describe()} by another process (or was), "
+                f"so its vectors no longer match this process's model {self.model_name!r}; restart this process (the "
+                "server) once that `index --reembed` run has finished"
+            )
+        if saved_generation(self.folder / VECTORS_FILENAME) == current:
             self._vectors, self._engine = None, None
 
     @property

@@ -275,7 +275,7 @@ def test_images_pruned_while_a_search_runs_score_out_instead_of_failing_it(tmp_p
     image_query = vectors[kept[:2]]
     found, _ = store.search_vectors(image_query, 10)
     assert not np.isin(found, gone).any()
-    with pytest.raises(LibraryError, match="removed from the library .a prune. after its vector index was loaded; search again"):
+    with pytest.raises(LibraryError, match="no longer holds the vectors of images"):
         store.vectors_for(gone[:2])
     np.testing.assert_array_equal(meta.vectors_for(ids[kept[:2]], missing="nan"), vectors[kept[:2]])
     assert np.isnan(meta.vectors_for(gone[:1], missing="nan")).all()
@@ -338,6 +338,43 @@ def test_library_index_and_search_with_compact_selected(tiny_itm_dir, tmp_path, 
         assert lib.vector_index_kind() == "exact"
         assert [h.id for h in lib.search(text, k=13, rerank=False, fusion=False).hits] == truth[0].tolist()
         assert [[r.id for r in g] for g in lib.duplicates(0.99)] == groups
+
+
+def test_a_compact_server_beside_an_unsaved_run_that_changed_or_reembedded_photos(tiny_itm_dir, tmp_path, monkeypatch):
+    """The loaded compact index lists photos whose vectors the database no longer holds (a photo that
+    changed into garbage and was marked failed): they are not hits. A re-embed by another process is
+    a clear error, not scores from another model's vectors."""
+    from blip2_search.library import Library
+    from tiny_models import make_tiny_itm
+
+    monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 8)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(12):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(photos / f"p{i:02d}.jpg")
+    lib_dir = tmp_path / "lib"
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, vector_index="compact") as lib:
+        lib.index([photos])
+    server = Library.open(lib_dir)
+    try:
+        assert server.vectors.trained
+        every = server.search("a photo", k=12, rerank=False, fusion=False)
+        assert len(every.hits) == 12
+        (photos / "p01.jpg").write_bytes(b"changed into something unreadable")
+        with monkeypatch.context() as running:
+            running.setattr(Library, "_save_vectors", lambda self: None)  # the other run has not saved yet
+            with Library.open(lib_dir) as other:
+                assert other.index([photos]).failed == 1
+            after = server.search("a photo", k=12, rerank=False, fusion=False)
+            assert [h.id for h in after.hits] == [h.id for h in every.hits if not h.path.endswith("p01.jpg")]
+            assert all(np.isfinite(h.score) for h in after.hits)
+            other_model = make_tiny_itm(tmp_path / "other", seed=5)
+            with Library.open(lib_dir, model=str(other_model), reembed=True, captioner=False) as other:
+                other.index([photos])
+            with pytest.raises(LibraryError, match="being re-embedded with .* by another process .*restart this process"):
+                server.search("a photo", k=3, rerank=False)
+    finally:
+        server.close()
 
 
 def test_prune_after_a_run_that_died_before_saving_keeps_a_compact_server_searching(tiny_itm_dir, tmp_path, monkeypatch):

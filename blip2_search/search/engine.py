@@ -47,9 +47,8 @@ class SearchEngine:
         emb = self.encoder.embed_texts(texts)  # [m, D]
         depth = max(k, rerank_k if rerank else 0, FUSION_DEPTH if fusion else 0)
         ids, itc = self._first_stage(emb, weights, query.is_simple, depth, allowed)
-        if filters.min_score is not None:
-            keep = itc >= filters.min_score
-            ids, itc = ids[keep], itc[keep]
+        keep = np.isfinite(itc) if filters.min_score is None else np.isfinite(itc) & (itc >= filters.min_score)
+        ids, itc = ids[keep], itc[keep]  # -inf: a compact index's row the database no longer holds
         itc_of = dict(zip(ids.tolist(), itc.tolist()))
         order, fused = ids.tolist(), None
         if fusion:
@@ -149,9 +148,8 @@ class SearchEngine:
         q = self.encoder.embed_images([image])  # [1, Q, D]
         ids, scores = self.vectors.search_vectors(q, k, allowed_ids=allowed)
         ids, scores = ids[0], scores[0]
-        if filters.min_score is not None:
-            keep = scores >= filters.min_score
-            ids, scores = ids[keep], scores[keep]
+        keep = np.isfinite(scores) if filters.min_score is None else np.isfinite(scores) & (scores >= filters.min_score)
+        ids, scores = ids[keep], scores[keep]
         hits = self._hits(ids.tolist(), dict(zip(ids.tolist(), scores.tolist())), None)
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))

@@ -254,8 +254,8 @@ class CompactVectorStore:
         gone = np.isnan(vectors[:, 0, 0]) if len(ids) else np.zeros(0, dtype=bool)
         if gone.any():
             raise LibraryError(
-                f"images {ids[gone][:5].tolist()} were removed from the library (a prune) after its vector "
-                "index was loaded; search again"
+                f"the database no longer holds the vectors of images {ids[gone][:5].tolist()} (pruned, changed or "
+                "being re-embedded by another process since the vector index was loaded); search again"
             )
         return vectors
 
