@@ -304,12 +304,20 @@ class Library:
                     report, filled = replace(report, interrupted=True), 0
                 if filled:
                     notes.append(f"stored the ViT tokens of {filled} photo{'s' if filled != 1 else ''} indexed before --store-vit")
-                waiting = self.metadata.counts().pending
-                if waiting:
-                    notes.append(f"{waiting} photo{'s' if waiting != 1 else ''} still wait{'' if waiting != 1 else 's'} to be embedded with "
-                                 f"{self.model_name!r} and cannot be searched: their files were not found (a disconnected drive?); "
-                                 "reconnect them and run index again")
+                if self.metadata.counts().pending:
+                    notes.append(self._waiting_note())
             return replace(report, notes=tuple(notes)) if notes else report
+
+    def _waiting_note(self) -> str:
+        """What to do about photos still waiting to be embedded with the library's model (after --reembed)."""
+        waiting = [p for p, k in self.metadata.known_files().items() if k.status == "pending"]
+        missing = sum(1 for p in waiting if not os.path.lexists(p))
+        n = len(waiting)
+        head = f"{n} photo{'s' if n != 1 else ''} still wait{'' if n != 1 else 's'} to be embedded with {self.model_name!r} and cannot be searched"
+        if missing == n:
+            return f"{head}: their files were not found (a disconnected drive?); reconnect them and run index again"
+        return (f"{head} ({missing} of them not found on disk), e.g. {waiting[0]}; run index on the folders that hold them"
+                if missing else f"{head}, e.g. {waiting[0]}; run index on the folders that hold them")
 
     def _prune_vit_tokens(self) -> int:
         """Delete stored ViT tokens of content no indexed image has; return how many files went."""

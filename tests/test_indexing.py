@@ -473,6 +473,34 @@ def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_pa
     _check_consistent(lib_dir)
 
 
+@pytest.mark.parametrize("how", ["alias", "renamed"])
+def test_reembed_under_another_name_keeps_one_record_a_photo(tiny_itm_dir, photos, tmp_path, how):
+    """A library indexed through a symlinked alias (or before its folder was renamed), re-embedded under
+    the folder's other name: each photo keeps its record (id, caption), none waits forever."""
+    from tiny_models import make_tiny_itm
+
+    lib_dir = tmp_path / "lib"
+    first = tmp_path / "alias"
+    if how == "alias":
+        first.symlink_to(photos, target_is_directory=True)
+        later = photos
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([first if how == "alias" else photos])
+        before = {Path(p).name: k.id for p, k in lib.metadata.known_files().items()}
+    if how == "renamed":
+        later = tmp_path / "renamed"
+        photos.rename(later)
+    other = make_tiny_itm(tmp_path / "other", seed=5)
+    with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
+        r = lib.index([later])
+        assert r.notes == () and (r.indexed, r.deleted) == (7, 0)
+        known = lib.metadata.known_files()
+        assert len(known) == 7 and all(p.startswith(str(later) + os.sep) and k.status == "indexed" for p, k in known.items())
+        assert {Path(p).name: k.id for p, k in known.items()} == before
+        assert lib.status().pending == 0
+    _check_consistent(lib_dir)
+
+
 def test_missing_photo_dir_and_missing_library(tmp_path, tiny_itm_dir):
     with _open(tmp_path / "lib", tiny_itm_dir) as lib:
         with pytest.raises(InvalidInputError, match="does not exist"):

@@ -135,6 +135,9 @@ class Indexer:
         self._found: set[str] = set()  # paths found by this run's scan
         self._roots: list[str] = []  # the folders this run indexes
         self._live_ids: dict[int, str | None] = {}  # images searchable when this run started: their content hash
+        self._known: Mapping[str, KnownFile] = {}  # what the library knew when this run started, by path
+        self._gone_by_hash: dict[str, list[int]] = {}  # live records whose files this run found gone, by content
+        self._moved: set[int] = set()  # records this run moved to a new path
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
         # Keep one embedded batch queued while the last is written: on a GPU (see `_write_batch`), or when asked.
@@ -267,6 +270,7 @@ class Indexer:
 
     # ------------------------------------------------------------------ stages
     def _process(self, plan: ChangePlan, known, gone_by_hash, moved, counts: _Counts, progress) -> None:
+        self._known, self._gone_by_hash, self._moved = known, gone_by_hash, moved
         sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
         known_hashes = self.metadata.embedded_hashes()  # a restored photo, or a copy, reuses its vectors
         self._queued, self._store_failed = None, False
@@ -382,12 +386,34 @@ class Indexer:
                 caption_model=self.captioner.name if self.captioner else None,
                 caption_vector=batch.caption_vectors[i] if batch.caption_vectors is not None else None,
             ))
+        renames = self._claim_records([(r.file.path, r.content_hash) for r in results])
         with _interrupts_deferred():  # a Ctrl-C after the commit would leave the index and the report behind it
+            if renames:
+                self.metadata.rename(renames)
             ids = self.metadata.upsert_indexed(items)
             self.vectors.add(np.asarray(ids, dtype=np.int64), batch.vectors)
             known_hashes.update(r.content_hash for r in results)
             counts.indexed += len(results)
             self._store_failed = False
+
+    def _claim_records(self, files: list[tuple[str, str]]) -> list[tuple[int, str]]:
+        """`(record id, new path)` for embedded files (path, content hash) that are an earlier record moved:
+        its file gone, or the same file under another name of a root (`_elsewhere`). Only records waiting
+        to be embedded can match (after `--reembed`; content already embedded takes `_write_reuse`); the
+        record keeps its id and caption instead of a new one being made beside it."""
+        unknown = [(path, digest) for path, digest in files if path not in self._known]
+        if not unknown:
+            return []
+        templates = self.metadata.images_by_hash({d for _, d in unknown}, statuses=(STATUS_INDEXED, STATUS_PENDING))
+        claimed = []
+        for path, digest in unknown:
+            candidates = self._gone_by_hash.get(digest) or [
+                rec.id for rec in templates.get(digest, []) if rec.id not in self._moved and self._elsewhere(rec.path, path)]
+            if candidates:
+                image_id = candidates.pop(0)
+                self._moved.add(image_id)
+                claimed.append((image_id, path))
+        return claimed
 
     def _write_reuse(self, reuse: list[ReadResult], known, gone_by_hash, moved: set[int], counts: _Counts) -> None:
         """Files whose bytes are already embedded: a move/rename keeps its record; others share vectors."""
