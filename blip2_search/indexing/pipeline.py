@@ -49,8 +49,8 @@ def _interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) back until the block ends, then raise it: a commit and what must follow it (the
     vector index, the counts) happen together or not at all. Only the main thread receives signals, so
     elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler installed outside Python, which could not be put back
         return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
@@ -133,6 +133,7 @@ class Indexer:
         self._queued: tuple[list[ReadResult], QueuedBatch] | None = None  # embedded, not yet committed
         self._store_failed = False
         self._found: set[str] = set()  # paths found by this run's scan
+        self._found_by_name: dict[str, list[str]] | None = None
         self._roots: list[str] = []  # the folders this run indexes
         self._live_ids: dict[int, str | None] = {}  # images searchable when this run started: their content hash
         self._known: Mapping[str, KnownFile] = {}  # what the library knew when this run started, by path
@@ -159,7 +160,7 @@ class Indexer:
         self._live_ids = {k.id: k.content_hash for k in known.values() if k.status == "indexed"}
         found = list(scan(roots, skip=self.skip))
         found += self._waiting_elsewhere(known, roots, {f.path for f in found})
-        self._found = {f.path for f in found}
+        self._found, self._found_by_name = {f.path for f in found}, None
         self._roots = list(roots)
         plan = plan_changes(found, known, roots, rehash=self.rehash)
         counts = _Counts()
@@ -184,34 +185,44 @@ class Indexer:
             interrupted = True
         deleted = 0
         if not interrupted:
-            gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved]
-            gone_ids += self._failed_twins(known, roots)
             try:
+                gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved]
+                twins = self._failed_twins(known, roots)
                 with _interrupts_deferred():
                     deleted = self.metadata.mark_deleted(gone_ids)
                     if gone_ids:
                         self.vectors.remove(np.array(gone_ids, dtype=np.int64))
+                    self.metadata.mark_deleted(twins)  # retired failures: no photo was deleted, nothing was searchable
             except KeyboardInterrupt:  # held until the deletions were complete
                 interrupted = True
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
                            round(time.perf_counter() - start, 3), interrupted)
 
     def _failed_twins(self, known: Mapping[str, KnownFile], roots: list[str]) -> list[int]:
-        """Failure records of files this run found under another name of a root (a symlinked alias, or the
-        real folder after an alias): the file's failure, or its record, now lives under the found name."""
+        """Failure records of files this run found under another name of one of its folders (a symlinked
+        alias of it, or the folder itself after an alias): the failure now lives under the found name.
+        The same test as a move (`_elsewhere`: same relative path under another name of the root), so a
+        link inside an album to a broken photo elsewhere is a copy and leaves that failure alone.
+        A file-name check comes first: no disk access for failures of files this run did not see."""
         prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
         failed = [(p, k.id) for p, k in known.items() if k.status == "failed" and p not in self._found and not p.startswith(prefixes)]
         if not failed:
             return []
-        real_roots = [(os.path.realpath(r).rstrip(os.sep) + os.sep, r) for r in roots]
         twins = []
         for path, image_id in failed:
-            real = os.path.realpath(path)
-            for real_root, root in real_roots:
-                if real.startswith(real_root) and os.path.join(root, real[len(real_root):]) in self._found:
+            for found in self._found_named(os.path.basename(path)):
+                if self._same_file_under_another_root_name(path, found):
                     twins.append(image_id)
                     break
         return twins
+
+    def _found_named(self, name: str) -> list[str]:
+        """Paths found by this run whose file name is `name` (an index built on first use)."""
+        if self._found_by_name is None:
+            self._found_by_name = {}
+            for f in self._found:
+                self._found_by_name.setdefault(os.path.basename(f), []).append(f)
+        return self._found_by_name.get(name, [])
 
     @staticmethod
     def _waiting_elsewhere(known: Mapping[str, KnownFile], roots: list[str], seen: set[str]) -> list[FoundFile]:
@@ -466,7 +477,11 @@ class Indexer:
             return False
         if not os.path.lexists(recorded):
             return True
-        for root in self._roots:  # the same relative path under another name of this very root
+        return self._same_file_under_another_root_name(recorded, found)
+
+    def _same_file_under_another_root_name(self, recorded: str, found: str) -> bool:
+        """Is `recorded` at the same relative path as `found` under another name of `found`'s root?"""
+        for root in self._roots:
             prefix = root.rstrip(os.sep) + os.sep
             if found.startswith(prefix):
                 rel = found[len(prefix):]
