@@ -88,7 +88,7 @@ def load_annotations(path: Path, images_dir: Path, *, split: str = "test") -> Ev
             if not all(isinstance(r, str) for r in raws):
                 raise InvalidInputError(f"annotations {path}: images[{i}] ({item['filename']}) has a sentence without a 'raw' "
                                         "string; each sentence must be {\"raw\": \"a caption\"}")
-            rows.append((str(Path(str(item.get("filepath", ""))) / item["filename"]), raws))
+            rows.append((str(Path(str(item.get("filepath") or "")) / item["filename"]), raws))
     elif isinstance(data, list):
         for i, item in enumerate(data):
             if not isinstance(item, dict) or "image" not in item or "caption" not in item:

@@ -298,10 +298,14 @@ class Library:
             if not report.interrupted:
                 self._prune_vit_tokens()
                 self._save_vectors()
+                filled = 0
                 try:
-                    filled = indexer.fill_vit_tokens()
+                    filled = indexer.fill_vit_tokens() if store_vit else 0
                 except KeyboardInterrupt:
-                    report, filled = replace(report, interrupted=True), 0
+                    report = replace(report, interrupted=True)
+                except (OSError, MemoryError) as exc:  # the run itself is done: report it, and what went wrong
+                    notes.append(f"could not store the ViT tokens of the photos indexed before --store-vit ({exc}); "
+                                 "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")
                 if filled:
                     notes.append(f"stored the ViT tokens of {filled} photo{'s' if filled != 1 else ''} indexed before --store-vit")
                 if self.metadata.counts().pending:

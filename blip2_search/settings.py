@@ -16,6 +16,7 @@ class Setting:
     env: str | None
     help: str
     minimum: float | None = None  # numbers: the smallest value allowed
+    maximum: float | None = None  # numbers: the largest value allowed
     positive: bool = False  # numbers: must be > 0
 
     def value(self):
@@ -33,7 +34,9 @@ class Setting:
         except ValueError:
             value = None
         low = "> 0" if self.positive else f">= {self.minimum:g}" if self.minimum is not None else ""
-        if value is None or not math.isfinite(value) or (self.positive and value <= 0) or (self.minimum is not None and value < self.minimum):
+        low += f" and <= {self.maximum:g}" if self.maximum is not None else ""
+        if (value is None or not math.isfinite(value) or (self.positive and value <= 0)
+                or (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum)):
             raise InvalidInputError(
                 f"environment variable {self.env}={raw!r} is not {kind}{' ' + low if low else ''}; "
                 f"set it to one (default {self.default}) or unset it"
@@ -48,8 +51,8 @@ SETTINGS = {
         Setting("model", "Salesforce/blip2-itm-vit-g", "BLIP2_SEARCH_MODEL", "Embedder/ITM checkpoint for a new library: hub id, local dir or 'demo'."),
         Setting("captioner", "Salesforce/blip2-opt-2.7b", "BLIP2_SEARCH_CAPTIONER", "Caption model (BLIP-2 generation checkpoint) for a new library."),
         Setting("batch_size", 0, "BLIP2_SEARCH_BATCH_SIZE",
-                "Images per model call while indexing (0 = auto: 32 on the CPU or with captions, 256 on a GPU).", minimum=0),
-        Setting("workers", 0, "BLIP2_SEARCH_WORKERS", "Decode workers while indexing (0 = one per CPU core).", minimum=0),
+                "Images per model call while indexing (0 = auto: 32 on the CPU or with captions, 256 on a GPU).", minimum=0, maximum=4096),
+        Setting("workers", 0, "BLIP2_SEARCH_WORKERS", "Decode workers while indexing (0 = one per CPU core).", minimum=0, maximum=256),
         Setting("vector_index", "auto", "BLIP2_SEARCH_VECTOR_INDEX",
                 "Vector index of a new library: exact (all vectors in RAM, ~34 KB an image), compact (4-bit PQ codes, "
                 "~1.3 KB an image, candidates rescored exactly from the database) or auto (exact until it would "

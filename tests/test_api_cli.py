@@ -139,8 +139,9 @@ def test_an_unavailable_default_captioner_leaves_no_library_behind(tiny_itm_dir,
 
 @pytest.mark.parametrize("env, value, fix", [
     ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "abc", "not a number > 0"), ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "0", "not a number > 0"),
-    ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "nan", "not a number > 0"), ("BLIP2_SEARCH_BATCH_SIZE", "abc", "not a whole number >= 0"),
-    ("BLIP2_SEARCH_WORKERS", "-3", "not a whole number >= 0"), ("BLIP2_SEARCH_WORKERS", "2.5", "not a whole number"),
+    ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "nan", "not a number > 0"), ("BLIP2_SEARCH_BATCH_SIZE", "abc", "not a whole number >= 0 and <= 4096"),
+    ("BLIP2_SEARCH_WORKERS", "-3", "not a whole number >= 0 and <= 256"), ("BLIP2_SEARCH_WORKERS", "2.5", "not a whole number"),
+    ("BLIP2_SEARCH_WORKERS", "100000", "<= 256"), ("BLIP2_SEARCH_BATCH_SIZE", "1000000", "<= 4096"),
 ])
 def test_a_bad_setting_in_the_environment_is_one_line_naming_it(photo_dir, tmp_path, monkeypatch, env, value, fix):
     folder, _ = photo_dir

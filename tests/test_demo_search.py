@@ -122,8 +122,12 @@ def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_p
             assert h.itc == pytest.approx(float((server.metadata.vectors_for([h.id])[0] @ text).max()), abs=1e-5)
         with monkeypatch.context() as gone:
             gone.setattr(server.metadata, "vectors_for", lambda ids, missing="raise": np.full((len(ids), 32, 256), np.nan, np.float32))
-            with pytest.raises(InvalidInputError, match="no longer in library"):
+            with pytest.raises(InvalidInputError, match="are not searchable images of library"):
                 server.rerank(scene.caption, hits[-1:])
+        newest = max(new_ids)
+        server.metadata.mark_deleted([newest])  # a record the loaded index lacks, and not searchable: refused
+        with pytest.raises(InvalidInputError, match=rf"images \[{newest}\] are not searchable"):
+            server.rerank(scene.caption, [Hit(newest, "", 0.0, 0.0, None, None, None)])
 
 
 def test_exif_rotated_photo_is_found_by_its_caption(tmp_path):
@@ -169,12 +173,13 @@ def test_demo_command_runs_offline(tmp_path):
     assert res.exit_code == 0, res.output
     assert "indexed 72" in res.output and "a red circle on the left" in res.output
     (tmp_path / "demo" / "photos" / "mine.jpg").write_bytes(b"a file of the user's: kept")
+    (tmp_path / "demo" / "photos" / "scene_notes.txt").write_text("also kept")
     again = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo"), "--photos", "10"])  # fewer, same folder
     assert again.exit_code == 0 and "rendered 10 photos" in again.output and "indexed 10 " in again.output, again.output
     hits = [line for line in again.stdout.splitlines() if "caption:" in line]
     assert hits and all("(rendered as: " in line for line in hits)  # every hit is one of this run's renders
-    assert len(list((tmp_path / "demo" / "photos").glob("scene_*"))) == 10
-    assert (tmp_path / "demo" / "photos" / "mine.jpg").exists()
+    assert len(list((tmp_path / "demo" / "photos").glob("scene_0*"))) == 10
+    assert (tmp_path / "demo" / "photos" / "mine.jpg").exists() and (tmp_path / "demo" / "photos" / "scene_notes.txt").exists()
 
 
 def test_captioner_shares_the_embedders_vit_blocks():

@@ -398,17 +398,24 @@ def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_
         assert all(h.itm_logit is None for h in missing.hits)
         assert missing.notes == ("3 candidates could not be reranked (no ViT tokens stored for them; run index on their "
                                  "folders to store them, or pass --rerank-source auto)",)
-        (photos / "v4.jpg").write_bytes(b"changed since indexing: not read as this photo's tokens")
-        os.utime(photos / "v4.jpg", ns=(1, 1))
+        assert lib.index([photos]).notes == () and lib.status().vit_tokens_bytes == 0  # only --store-vit fills them in
+        # v4 changes in place with its size and mtime kept: the run sees it unchanged, the backfill reads other bytes
+        v4 = photos / "v4.jpg"
+        st = v4.stat()
+        other = tmp_path / "other.jpg"
+        _photo(other, 99)
+        v4.write_bytes(other.read_bytes()[: st.st_size].ljust(st.st_size, b"\0"))
+        os.utime(v4, ns=(st.st_atime_ns, st.st_mtime_ns))
         report = lib.index([photos], store_vit=True)
-        assert report.notes == ("stored the ViT tokens of 4 photos indexed before --store-vit",) and report.failed == 1
-        np.testing.assert_array_equal(lib.metadata.vectors_for(range(1, 5)), vectors[:4])  # vectors untouched
-        stored = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
-        fresh = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="recompute")
+        assert report.notes == ("stored the ViT tokens of 4 photos indexed before --store-vit",) and report.unchanged == 5
+        hashes = {r.path: r.content_hash for r in lib.metadata.get_records(range(1, 6))}
+        assert lib.vit_store.stored_hashes() == {h for p, h in hashes.items() if not p.endswith("v4.jpg")}  # not v4's
+        np.testing.assert_array_equal(lib.metadata.vectors_for(range(1, 6)), vectors)  # vectors untouched
+        stored = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored", path="*/v[0-3].jpg")
+        fresh = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="recompute", path="*/v[0-3].jpg")
         assert stored.notes == () and all(h.itm_logit is not None for h in stored.hits)
         a, b = ({h.id: h.itm_logit for h in r.hits} for r in (stored, fresh))
         np.testing.assert_allclose([a[i] for i in a], [b[i] for i in a], atol=0.05)  # fp16 tokens, fast decode
-        assert lib.index([photos]).notes == ()  # nothing left to fill
 
 
 def test_stored_source_without_store_names_the_fix(lib):

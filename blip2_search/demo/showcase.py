@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .scenes import Scene, write_folder
+
+_RENDER_NAME = re.compile(r"scene_\d{5}\.(jpg|png)")
 
 DEMO_QUERIES = (
     "a red circle on the left",
@@ -42,8 +45,10 @@ def run_demo(folder: Path, *, n_photos: int = 144, seed: int = 2026, k: int = 3)
     resolve_model("demo", role="embedder"), resolve_model("demo", role="captioner")  # fail before writing anything
     photos, library = folder / "photos", folder / "library"
     written = write_folder(photos, n_photos, seed)
-    for old in set(photos.glob("scene_*.*")) - {p for p, _ in written}:  # an earlier demo's extra renders
-        old.unlink()
+    ours = {p for p, _ in written}
+    for old in photos.iterdir():  # an earlier demo's extra renders (write_folder's names), nothing else
+        if old not in ours and _RENDER_NAME.fullmatch(old.name) and old.is_file() and not old.is_symlink():
+            old.unlink()
     scene_of = {str(p.absolute()): s for p, s in written}
     with Library.open(library, model="demo", captioner="demo", create=True) as lib:
         report = lib.index([photos])

@@ -243,10 +243,11 @@ class Indexer:
         if self.vit_store is None:
             return 0
         todo: dict[str, FoundFile] = {}
+        stored = self.vit_store.stored_hashes()
         for path, k in self.metadata.known_files().items():
-            if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in todo and not self.vit_store.has(k.content_hash):
+            if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in stored and k.content_hash not in todo:
                 todo[k.content_hash] = FoundFile(path, k.size, k.mtime_ns)
-        size, stored, batch = self.encoder.image_size, 0, []
+        size, done, batch = self.encoder.image_size, 0, []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
             files = iter(todo.items())
             queue: deque[tuple[str, Future]] = deque()
@@ -264,12 +265,12 @@ class Indexer:
                     if result.error is None and result.content_hash == digest:
                         batch.append(result)
                     if len(batch) >= self.batch_size or (batch and not queue):
-                        stored += self._put_vit_tokens(batch)
+                        done += self._put_vit_tokens(batch)
                         batch = []
             finally:
                 for _, fut in queue:
                     fut.cancel()
-        return stored
+        return done
 
     def _put_vit_tokens(self, results: list[ReadResult]) -> int:
         size = self.encoder.image_size

@@ -175,10 +175,13 @@ class SearchEngine:
         held = np.isin(ids_a, self.vectors.present(ids_a))
         if held.all():
             return self.vectors.vectors_for(ids_a)
+        newer = ids_a[~held]
+        indexed = {r.id for r in self.metadata.get_records(newer.tolist()) if r.status == "indexed"}
         out = self.metadata.vectors_for(ids_a, missing="nan")
-        gone = np.isnan(out[:, 0, 0]) & ~held
+        gone = ~held & (np.isnan(out[:, 0, 0]) | ~np.isin(ids_a, list(indexed)))
         if gone.any():
-            raise InvalidInputError(f"images {ids_a[gone][:5].tolist()} are no longer in library {self.metadata.location}; search again for current ids")
+            raise InvalidInputError(f"images {ids_a[gone][:5].tolist()} are not searchable images of library {self.metadata.location} "
+                                    "(gone, unreadable or waiting to be re-embedded); pass ids from current search results")
         if held.any():
             out[held] = self.vectors.vectors_for(ids_a[held])
         return out

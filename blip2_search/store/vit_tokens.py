@@ -43,9 +43,11 @@ class VitTokenStore:
             np.save(f, np.ascontiguousarray(tokens, dtype=np.float16))
         os.replace(tmp, path)
 
-    def has(self, content_hash: str) -> bool:
-        """True when tokens for this content are stored."""
-        return self._path(content_hash).is_file()
+    def stored_hashes(self) -> set[str]:
+        """The content hashes whose tokens are stored (one listing of the store, no file opened)."""
+        if not self.enabled:
+            return set()
+        return {p.stem for p in self.folder.glob("*/*.npy")}
 
     def get(self, content_hash: str | None) -> np.ndarray | None:
         """`[T, W] float16`, or None when not stored."""
