@@ -257,16 +257,20 @@ def status(library, as_json):
 @library_option
 @click.option("--older-than", "older_than", default=None, type=click.FloatRange(min=0), metavar="DAYS",
               help="Only photos found deleted at least this many days ago [default: all deleted photos].")
+@click.option("--missing", is_flag=True, help="First mark deleted every photo whose file is not on disk now, wherever it is "
+              "(a drive gone for good); a disconnected drive's photos are forgotten too.")
 @json_option
-def prune(library, older_than, as_json):
+def prune(library, older_than, missing, as_json):
     """Forget photos deleted from disk: their records, vectors and ViT tokens go, and the library shrinks."""
     from .library import Library
 
     with Library.open(library) as lib:
-        report = lib.prune(older_than)
+        report = lib.prune(older_than, missing=missing)
     if as_json:
         _emit(asdict(report))
     else:
+        if missing:
+            click.echo(f"marked {report.missing} photos deleted: their files are not on disk", err=True)
         click.echo(f"forgot {report.images} deleted photos, {report.embeddings} stored vectors and "
                    f"{report.vit_files} ViT token files; metadata {_megabytes(report.bytes_before)} -> "
                    f"{_megabytes(report.bytes_after)}")

@@ -14,6 +14,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
+
 from . import settings
 from .errors import InvalidInputError, LibraryError, ModelMismatchError
 from .models.loading import DEMO
@@ -62,6 +64,7 @@ class PruneReport:
     vit_files: int
     bytes_before: int
     bytes_after: int
+    missing: int = 0  # photos marked deleted first because their files were not on disk (`missing=True`)
 
 
 @dataclass(frozen=True)
@@ -319,7 +322,8 @@ class Library:
         n = len(waiting)
         head = f"{n} photo{'s' if n != 1 else ''} still wait{'' if n != 1 else 's'} to be embedded with {self.model_name!r} and cannot be searched"
         if missing == n:
-            return f"{head}: their files were not found (a disconnected drive?); reconnect them and run index again"
+            return (f"{head}: their files were not found (a disconnected drive?); reconnect them and run index again, "
+                    "or forget them with `prune --missing`")
         return (f"{head} ({missing} of them not found on disk), e.g. {waiting[0]}; run index on the folders that hold them"
                 if missing else f"{head}, e.g. {waiting[0]}; run index on the folders that hold them")
 
@@ -464,12 +468,15 @@ class Library:
             vit_tokens_bytes=self.vit_store.size_bytes(), pending=counts.pending,
         )
 
-    def prune(self, older_than_days: float | None = None) -> PruneReport:
+    def prune(self, older_than_days: float | None = None, *, missing: bool = False) -> PruneReport:
         """Forget photos that were deleted from disk: their records, their stored vectors (unless a
         live copy shares them) and ViT tokens go for good, and metadata.sqlite shrinks.
 
         Until then a deleted photo that comes back reuses its vectors; after it, it is embedded
-        again. `older_than_days`: only photos found deleted at least this long ago.
+        again. `older_than_days`: only photos found deleted at least this long ago. `missing`: first
+        mark deleted every photo whose file is not on disk now, wherever it is (a drive gone for
+        good, a folder nobody will index again); a drive that is only disconnected loses its
+        photos' records and vectors too.
         """
         if older_than_days is not None and not older_than_days >= 0:
             raise InvalidInputError(f"older_than_days {older_than_days} is negative; pass 0 or more days, or None for all")
@@ -481,13 +488,20 @@ class Library:
             # database; a server still serving it would look up the rows pruned here. Bring the file up
             # to date first: servers then reload it (without those photos) at their next search.
             self._drop_stale_vectors()
-            if self.metadata.info().embedder is not None:  # else nothing was ever embedded: no index
+            embedded = self.metadata.info().embedder is not None  # else nothing was ever embedded: no index
+            gone = []
+            if missing:
+                gone = [k.id for p, k in self.metadata.known_files().items() if k.status != "deleted" and not os.path.lexists(p)]
+            if gone and embedded:
+                self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
+            self.metadata.mark_deleted(gone)
+            if embedded:
                 self._save_vectors()
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
             vit_files = self._prune_vit_tokens()
             self.metadata.vacuum()
-            return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes())
+            return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes(), len(gone))
 
     def _metadata_bytes(self) -> int:
         files = (self.folder / METADATA_FILENAME, self.folder / f"{METADATA_FILENAME}-wal")

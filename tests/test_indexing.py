@@ -409,6 +409,34 @@ def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, phot
         assert empty.prune().images == 0
 
 
+def test_prune_missing_forgets_photos_of_a_drive_gone_for_good(tiny_itm_dir, photos, tmp_path):
+    """Photos under a folder that no longer exists cannot be marked deleted by an index run (the folder
+    is refused): `prune --missing` forgets them, and searches stop returning them."""
+    drive = tmp_path / "usb"
+    for i in range(3):
+        _photo(drive / f"u{i}.jpg", 80 + i)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos, drive])
+        assert len(lib.search("a photo", 20, rerank=False).hits) == 10
+    server = Library.open(lib_dir)  # a server with the index loaded
+    try:
+        assert len(server.search("a photo", 20, rerank=False).hits) == 10
+        shutil.rmtree(drive)
+        result = CliRunner().invoke(main, ["prune", "--library", str(lib_dir), "--missing", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert (report["missing"], report["images"], report["embeddings"]) == (3, 3, 3)
+        hits = server.search("a photo", 20, rerank=False).hits  # it reloads the saved index
+        assert len(hits) == 7 and not any("usb" in h.path for h in hits)
+    finally:
+        server.close()
+    with Library.open(lib_dir) as lib:
+        assert lib.metadata.counts().indexed == 7 and lib.prune(missing=True).missing == 0
+        assert lib.index([photos]).unchanged == 7
+    _check_consistent(lib_dir)
+
+
 def test_rehash_finds_content_replaced_under_the_same_size_and_time(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:
