@@ -315,6 +315,20 @@ class Library:
                     notes.append(self._waiting_note())
             return replace(report, notes=tuple(notes)) if notes else report
 
+    def _prune_thumbnails(self) -> int:
+        """Delete the server's cached thumbnails (`thumbs/ID-...jpg`) of images the library no longer has."""
+        folder = self.folder / THUMBS_DIRNAME
+        if not folder.is_dir():
+            return 0
+        known = {k.id for k in self.metadata.known_files().values()}
+        removed = 0
+        for path in folder.glob("*.jpg"):
+            head = path.name.split("-", 1)[0]
+            if head.isdigit() and int(head) not in known:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def _waiting_note(self) -> str:
         """What to do about photos still waiting to be embedded with the library's model (after --reembed)."""
         waiting = [p for p, k in self.metadata.known_files().items() if k.status == "pending"]
@@ -500,6 +514,7 @@ class Library:
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
             vit_files = self._prune_vit_tokens()
+            self._prune_thumbnails()
             self.metadata.vacuum()
             return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes(), len(gone))
 
@@ -524,6 +539,9 @@ def _check_sort(sort: str) -> str:
     if sort not in ("score", "date"):
         raise InvalidInputError(f"sort {sort!r} is not 'score' or 'date'; pass --sort score or --sort date")
     return sort
+
+
+THUMBS_DIRNAME = "thumbs"  # the server's thumbnail cache inside the library folder (server/photos.py)
 
 
 def _default_captioner(model: str) -> str:

@@ -277,6 +277,21 @@ def test_a_file_name_that_is_not_utf8_is_served_and_shown_escaped(tiny_itm_dir, 
         assert reranked.status_code == 200 and reranked.json()["results"][0]["path"].endswith("bad\\xff\\xfename.jpg")
 
 
+def test_prune_removes_the_thumbnails_of_the_photos_it_forgets(tiny_itm_dir, tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        _photo(tmp_path / "photos" / name, len(name) + ord(name[0]))
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        ids = {n: _records(library)[n].id for n in ("a.jpg", "b.jpg")}
+        for image_id in ids.values():
+            assert c.get(f"/api/images/{image_id}/thumbnail").status_code == 200
+    (tmp_path / "photos" / "a.jpg").unlink()
+    with Library.open(tmp_path / "lib") as library:
+        library.index([tmp_path / "photos"])
+        library.prune()
+    left = sorted(p.name.split("-")[0] for p in (tmp_path / "lib" / "thumbs").iterdir())
+    assert left == [str(ids["b.jpg"])]
+
+
 def test_original_bytes_are_served(client, lib):
     rec = _records(lib)["img05.jpg"]
     response = client.get(f"/api/images/{rec.id}")

@@ -177,7 +177,8 @@ def _open_capped(src: OpenedSource, max_pixels: int) -> Image.Image:
     if width * height > limit:
         raise ImageDecodeError(
             f"cannot decode image {src.name}: {width}x{height} is {_megapixels(width * height)}, over the "
-            f"{_megapixels(limit)} limit that guards against decompression bombs; pass a larger max_pixels if you trust the file"
+            f"{_megapixels(limit)} limit that guards against decompression bombs; if you trust the file, save a copy "
+            f"below {_megapixels(limit)} (in Python, open_image takes a larger max_pixels)"
         )
     return im
 
@@ -227,7 +228,7 @@ def _pillow_errors(src: OpenedSource) -> Iterator[None]:
             pixels = _megapixels(int(found.group(1))) if found else "too many pixels"
             raise ImageDecodeError(
                 f"cannot decode image {name}: {pixels}, over Pillow's decompression-bomb limit; if you trust the file, "
-                "raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels"
+                "save a smaller copy (in Python, raise PIL.Image.MAX_IMAGE_PIXELS and open_image's max_pixels)"
             ) from exc
         except MemoryError as exc:
             raise ImageDecodeError(

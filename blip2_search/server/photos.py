@@ -23,13 +23,12 @@ from PIL import Image
 
 from ..errors import Blip2SearchError
 from ..images import open_image
+from ..library import THUMBS_DIRNAME
 from ..store.records import STATUS_INDEXED, ImageRecord
 
 THUMBNAIL_SIDE = 320
 """Long side of a thumbnail, in pixels."""
 THUMBNAIL_QUALITY = 85
-THUMBS_DIRNAME = "thumbs"
-"""Thumbnail cache folder inside the library folder."""
 _CHUNK = 256 * 1024
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 

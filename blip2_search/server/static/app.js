@@ -67,7 +67,7 @@
   }
 
   function baseName(path) {
-    const parts = path.split(/[\\/]/);
+    const parts = path.split("/");  // paths are POSIX; a backslash is part of a name (or of an escaped byte)
     return parts[parts.length - 1] || path;
   }
 
