@@ -340,12 +340,9 @@ def test_library_index_and_search_with_compact_selected(tiny_itm_dir, tmp_path, 
         assert [[r.id for r in g] for g in lib.duplicates(0.99)] == groups
 
 
-def test_a_compact_server_beside_an_unsaved_run_that_changed_or_reembedded_photos(tiny_itm_dir, tmp_path, monkeypatch):
-    """The loaded compact index lists photos whose vectors the database no longer holds (a photo that
-    changed into garbage and was marked failed): they are not hits. A re-embed by another process is
-    a clear error, not scores from another model's vectors."""
+def _compact_library(tiny_itm_dir, tmp_path, monkeypatch):
+    """12 random photos indexed into a library whose vector index is compact (trained at 8 images)."""
     from blip2_search.library import Library
-    from tiny_models import make_tiny_itm
 
     monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 8)
     photos = tmp_path / "photos"
@@ -355,6 +352,17 @@ def test_a_compact_server_beside_an_unsaved_run_that_changed_or_reembedded_photo
     lib_dir = tmp_path / "lib"
     with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, vector_index="compact") as lib:
         lib.index([photos])
+    return photos, lib_dir
+
+
+def test_a_compact_server_beside_an_unsaved_run_that_changed_or_reembedded_photos(tiny_itm_dir, tmp_path, monkeypatch):
+    """The loaded compact index lists photos whose vectors the database no longer holds (a photo that
+    changed into garbage and was marked failed): they are not hits. A re-embed by another process is
+    a clear error, not scores from another model's vectors."""
+    from blip2_search.library import Library
+    from tiny_models import make_tiny_itm
+
+    photos, lib_dir = _compact_library(tiny_itm_dir, tmp_path, monkeypatch)
     server = Library.open(lib_dir)
     try:
         assert server.vectors.trained
@@ -383,14 +391,7 @@ def test_prune_after_a_run_that_died_before_saving_keeps_a_compact_server_search
     index first, so the server reloads it at its next search."""
     from blip2_search.library import Library
 
-    monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 8)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(12):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(photos / f"p{i:02d}.jpg")
-    lib_dir = tmp_path / "lib"
-    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, vector_index="compact") as lib:
-        lib.index([photos])
+    photos, lib_dir = _compact_library(tiny_itm_dir, tmp_path, monkeypatch)
     with Library.open(lib_dir) as server:
         assert len(server.search("a photo", k=20, rerank=False, fusion=False).hits) == 12
         (photos / "p03.jpg").unlink()

@@ -314,13 +314,13 @@ class Indexer:
                     if len(pending) >= self.batch_size:
                         self._write_batch(pending, known_hashes, counts)
                     if len(reuse) >= 256 or len(failures) >= 256:
-                        self._write_reuse(reuse, known, gone_by_hash, moved, counts)
+                        self._write_reuse(reuse, counts)
                         self._write_failures(failures, counts)
                     if progress:
                         progress(Progress(counts.done, total, counts.indexed, counts.reused, counts.failed + len(failures)))
                 self._write_batch(pending, known_hashes, counts)
                 self._write_batch([], known_hashes, counts)  # the last queued batch
-                self._write_reuse(reuse, known, gone_by_hash, moved, counts)
+                self._write_reuse(reuse, counts)
                 self._write_failures(failures, counts)
             except BaseException as exc:
                 for fut in queue:
@@ -409,25 +409,32 @@ class Indexer:
             self._store_failed = False
 
     def _claim_records(self, files: list[tuple[str, str]]) -> list[tuple[int, str]]:
-        """`(record id, new path)` for embedded files (path, content hash) that are an earlier record moved:
-        its file gone, or the same file under another name of a root (`_elsewhere`). Only records waiting
-        to be embedded can match (after `--reembed`; content already embedded takes `_write_reuse`); the
-        record keeps its id and caption instead of a new one being made beside it."""
+        """`(record id, new path)` for embedded files (path, content hash) that are an earlier record moved
+        (`_claim`). Only records waiting to be embedded can match (after `--reembed`; content already
+        embedded takes `_write_reuse`); the record keeps its id and caption instead of a new one beside it."""
         unknown = [(path, digest) for path, digest in files if path not in self._known]
         if not unknown:
             return []
         templates = self.metadata.images_by_hash({d for _, d in unknown}, statuses=(STATUS_INDEXED, STATUS_PENDING))
-        claimed = []
-        for path, digest in unknown:
-            candidates = self._gone_by_hash.get(digest) or [
-                rec.id for rec in templates.get(digest, []) if rec.id not in self._moved and self._elsewhere(rec.path, path)]
-            if candidates:
-                image_id = candidates.pop(0)
-                self._moved.add(image_id)
-                claimed.append((image_id, path))
-        return claimed
+        claimed = [(self._claim(path, digest, templates), path) for path, digest in unknown]
+        return [(image_id, path) for image_id, path in claimed if image_id is not None]
 
-    def _write_reuse(self, reuse: list[ReadResult], known, gone_by_hash, moved: set[int], counts: _Counts) -> None:
+    def _claim(self, path: str, digest: str, templates: dict) -> int | None:
+        """The id of the record that file `path` (new to the library, content `digest`) is a move of, now
+        taken by it: a record found gone with that content, else one of `templates` (records by content)
+        that `_elsewhere` says is this file; None for a new photo or a copy."""
+        if path in self._known:
+            return None
+        candidates = self._gone_by_hash.get(digest) or [
+            rec.id for rec in templates.get(digest, [])
+            if rec.status != STATUS_DELETED and rec.id not in self._moved and self._elsewhere(rec.path, path)]
+        if not candidates:
+            return None
+        image_id = candidates.pop(0)
+        self._moved.add(image_id)
+        return image_id
+
+    def _write_reuse(self, reuse: list[ReadResult], counts: _Counts) -> None:
         """Files whose bytes are already embedded: a move/rename keeps its record; others share vectors."""
         if not reuse:
             return
@@ -435,13 +442,8 @@ class Indexer:
         # The records with these contents: what a photo's record says (size, date, camera) comes from them.
         templates = self.metadata.images_by_hash({r.content_hash for r in reuse}, statuses=(STATUS_INDEXED, STATUS_PENDING, STATUS_DELETED))
         for r in reuse:
-            candidates = gone_by_hash.get(r.content_hash) or []
-            if r.file.path not in known and not candidates:
-                candidates = [rec.id for rec in templates.get(r.content_hash, [])
-                              if rec.status != STATUS_DELETED and rec.id not in moved and self._elsewhere(rec.path, r.file.path)]
-            if r.file.path not in known and candidates:
-                image_id = candidates.pop(0)
-                moved.add(image_id)
+            image_id = self._claim(r.file.path, r.content_hash, templates)
+            if image_id is not None:
                 renames.append((image_id, r.file.path, r))
             else:
                 items.append(r)
