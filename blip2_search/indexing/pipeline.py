@@ -15,7 +15,8 @@ import signal
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from itertools import islice
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
@@ -248,28 +249,17 @@ class Indexer:
             if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in stored and k.content_hash not in todo:
                 todo[k.content_hash] = FoundFile(path, k.size, k.mtime_ns)
         size, done, batch = self.encoder.image_size, 0, []
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            files = iter(todo.items())
-            queue: deque[tuple[str, Future]] = deque()
-            for digest, f in files:
-                queue.append((digest, pool.submit(self._read, f, (size,), ())))
-                if len(queue) >= self.workers * 2 + self.batch_size:
-                    break
-            try:
-                while queue:
-                    digest, fut = queue.popleft()
-                    result: ReadResult = fut.result()
-                    nxt = next(files, None)
-                    if nxt is not None:
-                        queue.append((nxt[0], pool.submit(self._read, nxt[1], (size,), ())))
-                    if result.error is None and result.content_hash == digest:
-                        batch.append(result)
-                    if len(batch) >= self.batch_size or (batch and not queue):
-                        done += self._put_vit_tokens(batch)
-                        batch = []
-            finally:
-                for _, fut in queue:
-                    fut.cancel()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
+                closing(self._read_ahead(pool, list(todo.values()), (size,), ())) as results:
+            expected = iter(todo)
+            for result in results:
+                if result.error is None and result.content_hash == next(expected):
+                    batch.append(result)
+                if len(batch) >= self.batch_size:
+                    done += self._put_vit_tokens(batch)
+                    batch = []
+            if batch:
+                done += self._put_vit_tokens(batch)
         return done
 
     def _put_vit_tokens(self, results: list[ReadResult]) -> int:
@@ -289,21 +279,11 @@ class Indexer:
         pending: list[ReadResult] = []  # decoded images waiting for the next model batch
         failures: list[FailedFile] = []
         reuse: list[ReadResult] = []
-        window = self.workers * 2 + self.batch_size
         total = len(plan.work)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            queue: deque[Future] = deque()
-            todo = iter(plan.work)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
+                closing(self._read_ahead(pool, plan.work, sizes, known_hashes)) as results:
             try:
-                for f in todo:
-                    queue.append(pool.submit(self._read, f, sizes, known_hashes))
-                    if len(queue) >= window:
-                        break
-                while queue:
-                    result: ReadResult = queue.popleft().result()
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        queue.append(pool.submit(self._read, nxt, sizes, known_hashes))
+                for result in results:
                     counts.done += 1
                     if result.error:
                         failures.append(FailedFile(result.file.path, result.error, result.size, result.mtime_ns, result.content_hash))
@@ -323,11 +303,27 @@ class Indexer:
                 self._write_reuse(reuse, counts)
                 self._write_failures(failures, counts)
             except BaseException as exc:
-                for fut in queue:
-                    fut.cancel()
+                results.close()  # reads not started are cancelled
                 queued, self._queued = self._queued, None
                 self._commit_after(exc, queued, known_hashes, counts)  # the batch already embedded
                 raise
+
+    def _read_ahead(self, pool: ThreadPoolExecutor, files: Iterable[FoundFile], sizes: tuple[int, ...], known_hashes) -> Iterator[ReadResult]:
+        """`read_and_decode` of `files` in `pool`, in order, at most a window of files ahead of the consumer
+        (decoded images wait in memory only that far). Closing it cancels the reads not started."""
+        todo = iter(files)
+        queue: deque[Future] = deque(pool.submit(self._read, f, sizes, known_hashes)
+                                     for f in islice(todo, self.workers * 2 + self.batch_size))
+        try:
+            while queue:
+                result: ReadResult = queue.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    queue.append(pool.submit(self._read, nxt, sizes, known_hashes))
+                yield result
+        finally:
+            for fut in queue:
+                fut.cancel()
 
     def _read(self, file, sizes: tuple[int, ...], known_hashes: set[str]) -> ReadResult:
         """The read stage in a decode thread; it starts no new file while a CPU forward runs."""
