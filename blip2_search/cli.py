@@ -175,15 +175,23 @@ class _ProgressLine:
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
         self.start = None
+        self.stage = "index"
 
     def __call__(self, p) -> None:
         import time
 
         if not self.enabled:
             return
+        if p.stage != self.stage:  # a new stage: a new line, and its own rate
+            if self.start:
+                click.echo("", err=True)
+            self.start, self.stage = None, p.stage
         self.start = self.start or time.perf_counter()
         rate = p.done / max(time.perf_counter() - self.start, 1e-9)
-        click.echo(f"\r{p.done}/{p.total} files  indexed {p.indexed}  reused {p.reused}  failed {p.failed}  {rate:.1f} files/s", nl=False, err=True)
+        if p.stage == "caption":
+            click.echo(f"\rcaptioning photos indexed without captions: {p.done}/{p.total}  {rate:.1f} photos/s", nl=False, err=True)
+        else:
+            click.echo(f"\r{p.done}/{p.total} files  indexed {p.indexed}  reused {p.reused}  failed {p.failed}  {rate:.1f} files/s", nl=False, err=True)
 
     def close(self) -> None:
         if self.enabled and self.start:

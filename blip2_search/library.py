@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import settings
 from .errors import InvalidInputError, LibraryError, ModelMismatchError
@@ -102,6 +103,7 @@ class Library:
         self._vectors: VectorStore | None = None
         self._vectors_generation: int | None = None
         self._engine = None
+        self._captions_generation: int | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -217,6 +219,8 @@ class Library:
         """Pick up what another process (an `index` run beside a server) committed and saved since the
         vectors were loaded. While such a run is still going (its index file not yet saved at the
         database's generation) the loaded vectors keep serving, rather than rebuilding on every batch."""
+        if self._engine is not None and self.metadata.captions_generation() != self._captions_generation:
+            self._engine = None  # captions written since (after an `index` that captioned earlier photos)
         if self._vectors is None:
             return
         current = self.metadata.vectors_generation()
@@ -301,19 +305,38 @@ class Library:
             if not report.interrupted:
                 self._prune_vit_tokens()
                 self._save_vectors()
-                filled = 0
                 try:
-                    filled = indexer.fill_vit_tokens() if store_vit else 0
+                    self._fill_in(indexer, store_vit, progress, notes)
                 except KeyboardInterrupt:
                     report = replace(report, interrupted=True)
-                except (OSError, MemoryError) as exc:  # the run itself is done: report it, and what went wrong
-                    notes.append(f"could not store the ViT tokens of the photos indexed before --store-vit ({exc}); "
-                                 "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")
-                if filled:
-                    notes.append(f"stored the ViT tokens of {filled} photo{'s' if filled != 1 else ''} indexed before --store-vit")
                 if self.metadata.counts().pending:
                     notes.append(self._waiting_note())
             return replace(report, notes=tuple(notes)) if notes else report
+
+    def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str]) -> None:
+        """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when
+        the library has a captioner (photos indexed with captions off). Appends to `notes`; the run itself is
+        done and saved, so an error here is a note, not a lost report (Ctrl-C is raised)."""
+        filled = 0
+        try:
+            filled = indexer.fill_vit_tokens() if store_vit else 0
+        except (OSError, MemoryError) as exc:
+            notes.append(f"could not store the ViT tokens of the photos indexed before --store-vit ({exc}); "
+                         "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")
+        if filled:
+            notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed before --store-vit")
+        if indexer.captioner is None:
+            return
+        captioned = unreadable = 0
+        try:
+            captioned, unreadable = indexer.fill_captions(progress)
+        except (OSError, MemoryError, SQLAlchemyError) as exc:
+            notes.append(f"could not caption the photos indexed without captions ({exc}); fix that and run index again")
+        if captioned:
+            notes.append(f"captioned {captioned} photo{_s(captioned)} indexed without captions")
+        if unreadable:
+            notes.append(f"{unreadable} photo{_s(unreadable)} indexed without captions could not be read to caption (changed or "
+                         "missing since); run index on their folders, or `prune --missing` for photos gone for good")
 
     def _prune_thumbnails(self) -> int:
         """Delete the server's cached thumbnails (`thumbs/ID-...jpg`) of images the library no longer has."""
@@ -399,6 +422,7 @@ class Library:
                     f"library {self.folder} was built with {recorded.describe()} but the files of {enc.name!r} are now revision "
                     f"{enc.revision}; re-index with --reembed, or restore the original model files"
                 )
+            self._captions_generation = self.metadata.captions_generation()
             self._engine = SearchEngine(self.metadata, self.vectors, enc)
         return self._engine
 
@@ -567,3 +591,8 @@ def _with_glob_note(result, glob: str | None):
                 "start it with '/' or '*/'")
         return replace(result, notes=result.notes + (note,))
     return result
+
+
+def _s(n: int) -> str:
+    """The plural ending for `n` things."""
+    return "" if n == 1 else "s"

@@ -964,3 +964,49 @@ def test_a_new_library_resolves_its_model_once(tmp_path, photos, tiny_itm_dir, m
     with _open(tmp_path / "lib", tiny_itm_dir) as lib:  # an existing library resolves when it loads the model
         lib.encoder
     assert len(calls) == 2
+
+
+def test_captions_turned_on_later_reach_the_photos_indexed_without(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
+    """A library indexed with captions off, then indexed with a captioner: the photos already indexed are
+    captioned (as a captioning run would have), with their caption vectors; a second run has nothing to do."""
+    with Library.open(tmp_path / "with", model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=4) as lib:
+        lib.index([photos])
+        want = {r.path: r.caption for r in lib.metadata.get_records([k.id for k in lib.metadata.known_files().values()])}
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        lib.index([photos])
+        assert lib.status().captioned == 0
+    seen = []
+    with Library.open(tmp_path / "lib", captioner=str(tiny_captioner_dir), batch_size=4) as lib:
+        report = lib.index([photos], progress=seen.append)
+        assert report.unchanged == 7 and report.indexed == 0
+        assert "captioned 7 photos indexed without captions" in report.notes
+        assert [p.done for p in seen if p.stage == "caption"] == [4, 7] and seen[-1].total == 7
+        records = lib.metadata.get_records([k.id for k in lib.metadata.known_files().values()])
+        assert {r.path: r.caption for r in records} == want
+        assert {r.caption_model for r in records} == {str(tiny_captioner_dir)}
+        ids, vecs = next(lib.metadata.iter_caption_vectors())
+        by_id = {r.id: r.caption for r in records}
+        assert len(ids) == 7
+        np.testing.assert_allclose(vecs, lib.encoder.embed_texts([by_id[int(i)] for i in ids]), atol=1e-5)
+        assert lib.index([photos]).notes == ()
+
+
+def test_caption_backfill_skips_photos_it_cannot_read_and_says_so(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
+    """Photos of another folder, gone or changed since they were indexed, stay uncaptioned with a note; a
+    copy of one photo is captioned with it; a long-lived reader (a server) sees the new captions."""
+    other = tmp_path / "other"
+    _photo(other / "gone.jpg", 40)
+    _photo(other / "changed.jpg", 41)
+    shutil.copy(photos / "p0.jpg", other / "copy of p0.jpg")
+    with _open(tmp_path / "lib", tiny_itm_dir) as server:
+        server.index([photos, other])
+        assert len(server.engine._captions()[0]) == 0
+        (other / "gone.jpg").unlink()
+        _photo(other / "changed.jpg", 42)
+        with Library.open(tmp_path / "lib", captioner=str(tiny_captioner_dir)) as lib:
+            report = lib.index([photos])
+            assert "captioned 8 photos indexed without captions" in report.notes  # 7 and the copy
+            assert any(n.startswith("2 photos indexed without captions could not be read") for n in report.notes)
+            uncaptioned = sorted(os.path.basename(r.path) for r in lib.metadata.uncaptioned())
+            assert uncaptioned == ["changed.jpg", "gone.jpg"]
+        assert len(server.engine._captions()[0]) == 8

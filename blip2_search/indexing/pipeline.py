@@ -25,7 +25,7 @@ import numpy as np
 
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
-from ..store import FailedFile, IndexedImage, MetadataStore, VectorStore
+from ..store import CaptionUpdate, FailedFile, IndexedImage, MetadataStore, VectorStore
 from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING, KnownFile
 from ..models.sharing import share_vit
 from .embed import HostCopy, QueuedBatch, embed_batch
@@ -84,13 +84,15 @@ class IndexReport:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a run is: `done` of `total` files needing work."""
+    """Where a run is: `done` of `total` files needing work. `stage`: `index` (the files found), or `caption`
+    (photos indexed without captions, captioned after the run; `indexed` counts those captioned)."""
 
     done: int
     total: int
     indexed: int
     reused: int
     failed: int
+    stage: str = "index"
 
 
 @dataclass
@@ -261,6 +263,63 @@ class Indexer:
             if batch:
                 done += self._put_vit_tokens(batch)
         return done
+
+    def fill_captions(self, progress: Callable[[Progress], None] | None = None) -> tuple[int, int]:
+        """Caption indexed photos that have no caption (indexed with captions off): decode each at the
+        captioner's size, caption it, embed the caption, store both; vectors untouched. One photo per
+        content (a caption applies to every copy). A file changed or missing since it was indexed is left
+        uncaptioned (the next run of its folder re-indexes it). Returns `(captioned, unreadable)` in photos;
+        Ctrl-C keeps the batches already written."""
+        if self.captioner is None:
+            return 0, 0
+        page = max(1024, self.batch_size)
+        records = self.metadata.uncaptioned(limit=page)
+        if not records:  # the usual case: nothing to count
+            return 0, 0
+        counts = self.metadata.counts()
+        total, done, captioned, unreadable, after = counts.indexed - counts.captioned, 0, 0, 0, 0
+        size = (self.captioner.image_size,)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            while records:
+                after = records[-1].id
+                photos: dict[str | None, tuple[int, int]] = {}  # content -> (its first record here, how many records)
+                for r in records:
+                    first, n = photos.get(r.content_hash, (r.id, 0))
+                    photos[r.content_hash] = (first, n + 1)
+                by_id = {r.id: r for r in records}
+                files = [FoundFile(by_id[i].path, by_id[i].size, by_id[i].mtime_ns) for i, _ in photos.values()]
+                batch: list[tuple[int, int, ReadResult]] = []
+                with closing(self._read_ahead(pool, files, size, ())) as results:
+                    for (digest, (image_id, n)), result in zip(photos.items(), results):
+                        if digest is not None and result.error is None and result.content_hash == digest:
+                            batch.append((image_id, n, result))
+                        else:
+                            unreadable, done = unreadable + n, done + n
+                        if len(batch) >= self.batch_size:
+                            captioned, done = self._put_captions(batch, captioned, done, total, progress)
+                            batch = []
+                    if batch:
+                        captioned, done = self._put_captions(batch, captioned, done, total, progress)
+                records = self.metadata.uncaptioned(limit=page, after=after)
+        return captioned, unreadable
+
+    def _put_captions(self, batch: list[tuple[int, int, ReadResult]], captioned: int, done: int, total: int, progress) -> tuple[int, int]:
+        """Caption a batch of `(record id, records of that content, decoded photo)` and commit it; the new counts."""
+        cap = self.captioner
+        if not self.decode_during_forward:
+            self._not_in_forward.clear()
+        try:
+            texts = cap.caption_pixels(cap.pixels_from_uint8(np.stack([r.pixels[cap.image_size] for _, _, r in batch]), device=cap.device))
+            vectors = self.encoder.embed_texts(texts)
+        finally:
+            self._not_in_forward.set()
+        n = sum(n for _, n, _ in batch)
+        with _interrupts_deferred():
+            self.metadata.set_captions([CaptionUpdate(i, text, cap.name, vec) for (i, _, _), text, vec in zip(batch, texts, vectors)])
+            captioned, done = captioned + n, done + n
+        if progress:
+            progress(Progress(done, total, captioned, 0, 0, stage="caption"))
+        return captioned, done
 
     def _put_vit_tokens(self, results: list[ReadResult]) -> int:
         size = self.encoder.image_size

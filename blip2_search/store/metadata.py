@@ -63,6 +63,7 @@ from blip2_search.store.rows import (
     to_image_record,
 )
 from blip2_search.store.schema import (
+    INFO_CAPTIONS_GENERATION,
     INFO_VECTOR_INDEX,
     INFO_VECTORS_GENERATION,
     embeddings,
@@ -174,6 +175,11 @@ class MetadataStore:
         """The counter bumped by every committed change to the live vectors."""
         with self._read() as connection:
             return int(read_info(connection)[INFO_VECTORS_GENERATION])
+
+    def captions_generation(self) -> int:
+        """The counter bumped by every `set_captions` (captions written after their images were indexed)."""
+        with self._read() as connection:
+            return int(read_info(connection).get(INFO_CAPTIONS_GENERATION, 0))
 
     def ensure_embedder(self, embedder: EmbedderInfo) -> None:
         """Record ``embedder`` if none is recorded; raise ModelMismatchError if another one is."""
@@ -406,11 +412,11 @@ class MetadataStore:
             dtype=np.int64,
         )
 
-    def uncaptioned(self, limit: int | None = None) -> list[ImageRecord]:
-        """Indexed images without a caption, by ascending id."""
+    def uncaptioned(self, limit: int | None = None, *, after: int = 0) -> list[ImageRecord]:
+        """Indexed images without a caption and with an id above ``after``, by ascending id."""
         statement = (
             select(images)
-            .where(images.c.status == STATUS_INDEXED, images.c.caption.is_(None))
+            .where(images.c.status == STATUS_INDEXED, images.c.caption.is_(None), images.c.id > after)
             .order_by(images.c.id)
             .limit(limit)
         )

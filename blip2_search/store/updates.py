@@ -33,6 +33,7 @@ from blip2_search.store.schema import (
     INFO_EMBEDDER_MODEL,
     INFO_EMBEDDER_REVISION,
     INFO_NUM_QUERY_TOKENS,
+    INFO_CAPTIONS_GENERATION,
     INFO_VECTORS_GENERATION,
     caption_vectors,
     embeddings,
@@ -379,3 +380,6 @@ def set_captions(connection: Connection, captions: Sequence[CaptionUpdate], loca
             )
             if connection.scalar(select(exists().where(embeddings.c.content_hash == row.content_hash))):
                 _put_caption_vectors(connection, {row.content_hash: blob})
+    if captions:
+        current = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_CAPTIONS_GENERATION))
+        _set_info(connection, {INFO_CAPTIONS_GENERATION: str(int(current or 0) + 1)})
