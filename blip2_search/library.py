@@ -474,12 +474,14 @@ class Library:
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
         """ITM-rerank `hits` (from `search`) against `query` (the same syntax, scored as `search` reranks):
-        ITM logit + ITC, best first."""
+        a `SearchResult`, best first by ITM logit + ITC; hits whose photo could not be read come last (by
+        ITC, `itm_logit` None), with a note."""
         from .search.query import parse_query
+        from .search.results import SearchResult
 
         q = parse_query(query)
         hits = list(hits)
-        return self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)) if hits else []
+        return self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)) if hits else SearchResult(q.raw, ())
 
     def duplicates(self, threshold: float = 0.95) -> list[list]:
         """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""

@@ -115,7 +115,7 @@ def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_p
         during = server.search(scene.caption, 10, rerank=False)
         assert [h.id for h in during.hits] == [h.id for h in before.hits]  # the new photos wait for the save
         hits = list(during.hits[:2]) + [Hit(i, "", 0.0, 0.0, None, None, None) for i in sorted(new_ids)]
-        reranked = server.rerank(scene.caption, hits)  # ids the loaded index does not hold yet
+        reranked = server.rerank(scene.caption, hits).hits  # ids the loaded index does not hold yet
         assert {h.id for h in reranked} == {h.id for h in hits}
         text = server.encoder.embed_texts([scene.caption])[0]
         for h in reranked:  # ITC from the database's vectors, computed here independently

@@ -153,8 +153,14 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     query = f'"{TEXTS[0]}" - "{TEXTS[1]}"'
     searched = lib.search(query, 4, rerank_k=4, fusion=False).hits
     again = lib.rerank(query, [Hit(h.id, h.path, 0.0, 0.0, None, h.caption, h.taken_at) for h in searched])
-    assert [h.id for h in again] == [h.id for h in searched]
-    np.testing.assert_allclose([h.score for h in again], [h.score for h in searched], atol=1e-5)
+    assert [h.id for h in again.hits] == [h.id for h in searched] and again.notes == ()
+    np.testing.assert_allclose([h.score for h in again.hits], [h.score for h in searched], atol=1e-5)
+    unreadable = [Hit(h.id, h.path if n % 2 else "/nowhere/gone.jpg", 0.0, 0.0, None, h.caption, h.taken_at) for n, h in enumerate(searched)]
+    partly = lib.rerank(query, unreadable)
+    assert [h.id for h in partly.hits[:2]] == [h.id for h in again.hits if h.id in {searched[1].id, searched[3].id}]
+    assert [h.itm_logit for h in partly.hits[2:]] == [None, None]
+    assert [h.itc for h in partly.hits[2:]] == sorted((h.itc for h in partly.hits[2:]), reverse=True)  # the unread by ITC
+    assert partly.notes == ("2 candidates could not be reranked (file missing or unreadable; re-index to refresh)",)
     with pytest.raises(InvalidInputError, match="quote"):
         lib.rerank('"unclosed', searched)
     with pytest.raises(InvalidInputError):

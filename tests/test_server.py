@@ -161,7 +161,7 @@ def test_rerank_by_ids_equals_library_rerank(client, lib):
     response = client.post("/api/rerank", json={"query": "a red circle", "ids": [r.id for r in recs]})
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = lib.rerank("a red circle", [Hit(r.id, r.path, 0.0, 0.0, None, r.caption, r.taken_at) for r in recs])
+    expected = lib.rerank("a red circle", [Hit(r.id, r.path, 0.0, 0.0, None, r.caption, r.taken_at) for r in recs]).hits
     assert [h["id"] for h in body["results"]] == [h.id for h in expected]
     np.testing.assert_allclose([h["itm_logit"] for h in body["results"]], [h.itm_logit for h in expected], atol=1e-6)
     np.testing.assert_allclose([h["itc"] for h in body["results"]], [h.itc for h in expected], atol=1e-6)

@@ -60,7 +60,7 @@ class SearchEngine:
             head, n_missing = rerank_hits(self.encoder, source, query.itm_text, hits[:rerank_k])
             hits = head + hits[rerank_k:]
             if n_missing:
-                notes.append(f"{n_missing} candidate{'s' if n_missing != 1 else ''} could not be reranked ({source.missing_reason})")
+                notes.append(_not_reranked(n_missing, source))
         hits = hits[:k]
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
@@ -155,18 +155,24 @@ class SearchEngine:
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
         return SearchResult(label, tuple(hits))
 
-    def rerank(self, query: Query, hits: Sequence[Hit], *, vit_source: VitSource | None = None) -> list[Hit]:
+    def rerank(self, query: Query, hits: Sequence[Hit], *, vit_source: VitSource | None = None) -> SearchResult:
         """ITM-rerank given hits against `query` (all of them), best first, scored as `search_text` reranks:
         ITC (weighted over the terms) recomputed from the stored vectors, so hits from another query (or
-        built from ids) score correctly, plus the ITM logit of the positive terms."""
+        built from ids) score correctly, plus the ITM logit of the positive terms. Hits that could not be
+        read come last, by ITC, with `itm_logit` None and a note."""
         hits = list(hits)
         if not hits:
-            return []
+            return SearchResult(query.raw, ())
         emb = self.encoder.embed_texts([t.text for t in query.terms])
         weights = np.array([t.weight for t in query.terms], dtype=np.float32)
         itc = composite_itc(self._vectors_of([h.id for h in hits]), emb, weights)
         hits = [replace(h, itc=float(c), score=float(c), itm_logit=None) for h, c in zip(hits, itc.tolist())]
-        return rerank_hits(self.encoder, vit_source or self.vit_source, query.itm_text, hits)[0]
+        source = vit_source or self.vit_source
+        ranked, n_missing = rerank_hits(self.encoder, source, query.itm_text, hits)
+        head = ranked[: len(ranked) - n_missing]
+        tail = sorted(ranked[len(head):], key=lambda h: (-h.itc, h.id))
+        notes = (_not_reranked(n_missing, source),) if n_missing else ()
+        return SearchResult(query.raw, tuple(head + tail), notes)
 
     def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         """Full vectors `[n, Q, D] float32` of any indexed images, in order: from the vector index, or
@@ -200,6 +206,10 @@ class SearchEngine:
 
             return duplicate_groups(sorted_ids, read, threshold, neighbours=neighbours)
         return duplicate_groups(self.vectors.image_ids(), self.vectors.vectors_for, threshold, neighbours=neighbours)
+
+
+def _not_reranked(n: int, source: VitSource) -> str:
+    return f"{n} candidate{'s' if n != 1 else ''} could not be reranked ({source.missing_reason})"
 
 
 def _shared_ranks(ids: list[int], scores: np.ndarray) -> list[tuple[int, int]]:

@@ -215,7 +215,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         ranked = await runner.model(library.rerank, query, hits)  # parses the query even when no id is readable
         recorded = {r.id: r.path for r, _ in records}
         results, errors = [], [{"id": i, "error": msg} for i, msg in refused]
-        for h in ranked:
+        for h in ranked.hits:
             if h.itm_logit is None:
                 errors.append({"id": h.id, "error": f"image {h.id} could not be read for reranking; re-index its folder"})
                 continue
