@@ -337,12 +337,16 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
             from .search.query import parse_query
 
             failed = 0
-            for number, line in enumerate(_text_lines(queries_file), 1):
+            for number, line, bad in _text_lines(queries_file):
+                if bad is not None:  # a bad line does not stop the others
+                    failed += 1
+                    _emit_line({"query": line, "line": number, "error": bad})
+                    continue
                 if not line.strip():
                     continue
                 try:
                     parse_query(line.strip())
-                except Blip2SearchError as exc:  # a bad line does not stop the others
+                except Blip2SearchError as exc:
                     failed += 1
                     _emit_line({"query": line.strip(), "line": number, "error": str(exc)})
                     continue
@@ -356,14 +360,19 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
 
 
 def _text_lines(file):
-    """The lines of a file opened in binary, as UTF-8 text (a leading BOM dropped); a line that is not UTF-8
-    is a UserError naming it, after the lines before it."""
-    for number, raw in enumerate(file, 1):
-        try:
-            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{file.name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {number}); "
-                            "save it as UTF-8 and run it again") from None
+    """`(number, text, None)` for each line of a file opened in binary, as UTF-8 text (a leading BOM dropped);
+    a line ends at LF, CRLF or a lone CR (old Mac files). A line that is not UTF-8 comes as
+    `(number, text with the odd bytes replaced, reason and fix)`."""
+    number = 0
+    for raw in file:
+        body = raw[:-1] if raw.endswith(b"\n") else raw
+        for part in (body[:-1] if body.endswith(b"\r") else body).split(b"\r"):
+            number += 1
+            try:
+                yield number, part.decode("utf-8-sig" if number == 1 else "utf-8"), None
+            except UnicodeDecodeError as exc:
+                yield (number, part.decode("utf-8", "replace"),
+                       f"line {number} of {file.name} is not UTF-8 text (byte 0x{part[exc.start]:02x}); save the file as UTF-8")
 
 
 def _absolute_glob(glob: str | None) -> str | None:

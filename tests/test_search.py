@@ -342,11 +342,13 @@ def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
     assert res.exit_code == 2 and "1 query of" in res.stderr
     assert [x.get("line") for x in lines] == [None, 2, None] and "quote" in lines[1]["error"]
     assert [x["query"] for x in lines] == [TEXTS[0], '"unclosed', TEXTS[1]] and len(lines[2]["results"]) == 2
-    # a file that is not UTF-8: the lines before the bad byte ran, then one line naming it
-    qf.write_bytes(f"{TEXTS[0]}\ncaf\xe9 red\n".encode("latin-1"))
+    # a line that is not UTF-8 is a bad line like any other; a lone CR ends a line too (old Mac files)
+    qf.write_bytes(f"{TEXTS[0]}\ncaf\xe9 red\r{TEXTS[1]}\r\n".encode("latin-1"))
     res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
-    assert res.exit_code == 2 and len(res.stdout.splitlines()) == 1 and "Traceback" not in res.output
-    assert res.stderr.strip().splitlines()[-1] == f"Error: {qf} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8 and run it again"
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert res.exit_code == 2 and "Traceback" not in res.output and "1 query of" in res.stderr
+    assert [x["query"] for x in lines] == [TEXTS[0], "caf\ufffd red", TEXTS[1]] and len(lines[2]["results"]) == 2
+    assert lines[1]["error"] == f"line 2 of {qf} is not UTF-8 text (byte 0xe9); save the file as UTF-8"
     # a bad option is not a bad line: one error, at once
     res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "-k", "0"])
     assert res.exit_code == 2 and res.stdout == "" and "-k" in res.output and len(res.output.strip().splitlines()) == 1
