@@ -138,6 +138,9 @@ COMPOSITE = [
     ('.5:"a" + 3.:"b" + 007:"c"', [("a", 0.5), ("b", 3.0), ("c", 7.0)]),
     ('"🐶" - "🐱"', [("🐶", 1.0), ("🐱", -1.0)]),
     ('"a" 0,5 b', [("a 0,5 b", 1.0)]),  # a comma number not touching a quote is text
+    ('"clock" + 12:30', [("clock", 1.0), ("12:30", 1.0)]),  # a time or ratio starting a term is text
+    ('"tv" + 16:9 screen', [("tv", 1.0), ("16:9 screen", 1.0)]),
+    ('"cake" + step 2:mix', [("cake", 1.0), ("step 2:mix", 1.0)]),  # W:text inside a term is text
 ]
 
 
@@ -188,7 +191,13 @@ ERRORS = [
     ('100.5:"a"', 1, '100.5:"a"', "above 0 and at most 100"),
     ('"a" - 200:"b"', 7, '200:"b"', "above 0 and at most 100"),
     ("9" * 400 + ':"a"', 1, "9" * 12, "above 0 and at most 100"),
+    ('"sunset" -0.5:people', 11, "0.5:people", 'quote the text: 0.5:"people"'),  # W:text starting a term
+    ('"sunset" - 0.5:people', 12, "0.5:people", 'quote the text: 0.5:"people"'),
+    ('"a" + 2:dogs', 7, "2:dogs", 'quote the text: 2:"dogs"'),
+    ('"a" +-2:dogs', 5, "+-2:dogs", "keep one"),
     ('0,5:"a"', 1, '0,5:"a"', "write a decimal with a dot"),
+    ('- 1e2:"people"', 3, '1e2:"people"', "write a decimal with a dot"),
+    ('"a" + 1e-2:"b"', 7, '1e-2:"b"', "write a decimal with a dot"),
     ('"a" + 1.2.3:"b"', 7, '1.2.3:"b"', "write a decimal with a dot"),
     ('car 2:"red"', 5, '2:"red"', "put + or - before it"),
     ('"a" 2:"b"', 5, '2:"b"', "put + or - before it"),

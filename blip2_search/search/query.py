@@ -28,8 +28,11 @@ _QUOTES = frozenset('"\u201c\u201d')
 _OPERATORS = frozenset("+-")
 # A weight chunk: optional operator signs, a plain decimal, a colon. Only ASCII digits count.
 _WEIGHT = re.compile(r"(?P<signs>[+-]*)(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+):")
-# Something that was meant as a weight but is not a decimal, e.g. 0,5: or 1.2.3:
-_NUMBERISH = re.compile(r"(?P<signs>[+-]*)(?P<num>[0-9.,]*[0-9][0-9.,]*):")
+# Something that was meant as a weight but is not a decimal, e.g. 0,5: or 1.2.3: or 1e2:
+_NUMBERISH = re.compile(r"(?P<signs>[+-]*)(?P<num>[0-9.,]*[0-9](?:[0-9.,]|[eE][+-]?[0-9])*):")
+# A weight glued to unquoted text, e.g. 0.5:people (meant 0.5:"people"); a digit after the colon is a
+# time or a ratio (12:30, 16:9), plain text.
+_WEIGHT_ON_TEXT = re.compile(r"(?P<signs>[+-]*)(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+):(?P<rest>[^0-9:].*)", re.DOTALL)
 _SNIPPET_CHARS = 12
 
 
@@ -270,6 +273,15 @@ class _Parser:
         if m is None:
             m = _NUMBERISH.fullmatch(raw)
             kind = "bad_weight" if m is not None and glued else None
+        if kind is None and raw == literal and (on_text := _WEIGHT_ON_TEXT.fullmatch(raw)):
+            # `W:text`: a weight missing its quotes when it starts a term (see _term), else text; a sign in
+            # front makes it start one, as before a weight (`-0.5:people`).
+            signs, cut = on_text.group("signs"), on_text.start("rest")
+            if len(signs) > 1:
+                raise self._fail("two operators in a row {at}", start, "keep one: + to add a term, - to exclude it")
+            items = [_Item("op", signs, start, start + 1)] if signs else []
+            return items + [_Item("loose_weight", raw[len(signs) : cut], start + len(signs), start + cut),
+                            _Item("word", raw[cut:], start + cut, end)]
         if kind is None:
             return [_Item("word", literal, start, end)]
         signs, num = m.group("signs"), m.group("num")
@@ -333,8 +345,10 @@ class _Parser:
                 raise self._fail(
                     f"weight {label} {{at}} is not a number", start, 'write a decimal with a dot, e.g. 0.5:"people"'
                 )
+            glued = items[1].text if len(items) > 1 and items[1].start == first.end and items[1].kind == "word" else None
             raise self._fail(
                 f"weight {label}: {{at}} is not directly followed by a quoted term", start,
+                f'quote the text: {label}:"{glued}", or remove the weight' if glued else
                 f'write {label}:"text" with no space after the colon, or remove the weight',
             )
         for item in items[1:]:
