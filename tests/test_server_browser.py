@@ -64,6 +64,7 @@ def lib(tiny_itm_dir, tiny_captioner_dir, tmp_path_factory):
         shape = ("circle", "square", "triangle")[i % 3]
         year = 2020 + i % 3
         _scene(root / "photos" / str(year) / f"{color}-{shape}-{i:02d}.jpg", color, shape, bool(rng.integers(2)), BACKGROUNDS[i % 3])
+    _scene(root / "photos" / "2022" / "back\\slash.jpg", "red", "circle", True, BACKGROUNDS[0])  # a name with a backslash
     with Library.open(root / "lib", model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=8) as library:
         assert library.index([root / "photos"]).failed == 0
     with Library.open(root / "lib") as library:
@@ -151,6 +152,19 @@ def test_typed_query_and_enter_show_the_top_hit_first(page, lib, base_url):
     if os.environ.get("BLIP2_SEARCH_SCREENSHOT"):
         page.screenshot(path=os.environ["BLIP2_SEARCH_SCREENSHOT"], full_page=True)
     assert all(u.startswith(base_url) or u.startswith(("data:", "blob:")) for u in page.requests), page.requests
+    assert page.errors == []
+
+
+def test_file_names_are_cut_at_slashes_only(page, lib, base_url):
+    """Paths are POSIX: a backslash belongs to the file name (as do the escapes of non-UTF-8 bytes)."""
+    (odd,) = [r for r in lib.metadata.get_records(range(1, 100)) if r.path.endswith("back\\slash.jpg")]
+    page.goto(base_url + "/")
+    page.keyboard.type(QUERY)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f'#results li[data-id="{odd.id}"]')
+    item = page.locator(f'#results li[data-id="{odd.id}"]')
+    assert item.locator(".file").text_content() == "back\\slash.jpg"
+    assert item.locator(".file").get_attribute("title") == odd.path
     assert page.errors == []
 
 
