@@ -130,13 +130,15 @@ class Library:
         `captioner`: a checkpoint name, False for no captions, None for the library's own (new
         libraries: the demo captioner with `model="demo"`, else the BLIP-2 OPT-2.7B checkpoint).
         """
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"library path {path!r} ({type(path).__name__}) is not a path; pass a folder as str or Path")
         folder = Path(path) if path is not None else default_library_path()
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
-        # settings from the environment are checked before anything is made
-        batch_size = batch_size or int(settings.get("batch_size"))
-        workers = workers if workers is not None else int(settings.get("workers"))
+        # settings, given or from the environment, are checked before anything is made
+        batch_size = settings.given("batch_size", batch_size) or int(settings.get("batch_size"))
+        workers = int(settings.given("workers", workers))
         settings.get("vector_memory_gb")
         source = None
         if create and not (folder / METADATA_FILENAME).exists():
@@ -473,22 +475,42 @@ class Library:
         return _with_glob_note(self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path)
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
-        """ITM-rerank `hits` (from `search`) against `query` (the same syntax, scored as `search` reranks):
-        a `SearchResult`, best first by ITM logit + ITC; hits whose photo could not be read come last (by
-        ITC, `itm_logit` None), with a note."""
+        """ITM-rerank `hits` (`Hit`s from `search`, or image ids) against `query` (the same syntax, scored as
+        `search` reranks): a `SearchResult`, best first by ITM logit + ITC; hits whose photo could not be read
+        come last (by ITC, `itm_logit` None), with a note."""
         from .search.query import parse_query
-        from .search.results import SearchResult
+        from .search.results import Hit, SearchResult
 
         q = parse_query(query)
+        if isinstance(hits, (str, bytes, Hit)) or not isinstance(hits, Iterable):
+            raise InvalidInputError(f"hits to rerank must be a list of Hit (from search) or image ids, not {type(hits).__name__}")
         hits = list(hits)
+        ids = [h for h in hits if not isinstance(h, Hit)]
+        if ids:
+            hits = self._hits_of(hits, ids)
         return self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)) if hits else SearchResult(q.raw, ())
+
+    def _hits_of(self, items: list, ids: list) -> list:
+        """`items` (Hits and image ids) as Hits; InvalidInputError for anything else and for ids that are
+        not indexed images."""
+        from .search.results import Hit
+
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if bad:
+            raise InvalidInputError(f"cannot rerank {bad[0]!r} ({type(bad[0]).__name__}); pass Hits from search or integer image ids")
+        records = {r.id: r for r in self.metadata.get_records([int(i) for i in ids]) if r.status == "indexed"}
+        unknown = [int(i) for i in ids if int(i) not in records]
+        if unknown:
+            raise InvalidInputError(f"images {unknown[:5]} are not indexed images of library {self.folder}; pass ids from search results")
+        return [h if isinstance(h, Hit) else Hit(int(h), records[int(h)].path, 0.0, 0.0, None, records[int(h)].caption, records[int(h)].taken_at)
+                for h in items]
 
     def duplicates(self, threshold: float = 0.95) -> list[list]:
         """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""
         from .errors import InvalidInputError
 
-        if not 0.0 < threshold <= 1.0:
-            raise InvalidInputError(f"duplicate threshold {threshold} must be in (0, 1]; try --threshold 0.95")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise InvalidInputError(f"duplicate threshold {threshold!r} is not a number in (0, 1]; try --threshold 0.95")
         groups = self.engine.duplicates(threshold)
         records = {r.id: r for r in self.metadata.get_records([i for g in groups for i in g])}
         return [[records[i] for i in g if i in records] for g in groups]

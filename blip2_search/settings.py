@@ -28,20 +28,34 @@ class Setting:
             return self.default
         if not isinstance(self.default, (int, float)):
             return raw
-        kind = "a whole number" if isinstance(self.default, int) else "a number"
         try:
             value = type(self.default)(raw.strip())
         except ValueError:
             value = None
-        low = "> 0" if self.positive else f">= {self.minimum:g}" if self.minimum is not None else ""
-        low += f" and <= {self.maximum:g}" if self.maximum is not None else ""
-        if (value is None or not math.isfinite(value) or (self.positive and value <= 0)
-                or (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum)):
+        if not self._allowed(value):
             raise InvalidInputError(
-                f"environment variable {self.env}={raw!r} is not {kind}{' ' + low if low else ''}; "
-                f"set it to one (default {self.default}) or unset it"
+                f"environment variable {self.env}={raw!r} is not {self._wanted()}; set it to one (default {self.default}) or unset it"
             )
         return value
+
+    def check(self, value):
+        """`value` passed in Python for this setting, checked as the environment's is (InvalidInputError naming it)."""
+        typed = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if isinstance(self.default, int) and not isinstance(typed, int):
+            typed = None
+        if not self._allowed(typed):
+            raise InvalidInputError(f"{self.name}={value!r} is not {self._wanted()}; pass one (default {self.default})")
+        return typed
+
+    def _allowed(self, value) -> bool:
+        return not (value is None or not math.isfinite(value) or (self.positive and value <= 0)
+                    or (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum))
+
+    def _wanted(self) -> str:
+        kind = "a whole number" if isinstance(self.default, int) else "a number"
+        low = "> 0" if self.positive else f">= {self.minimum:g}" if self.minimum is not None else ""
+        low += f" and <= {self.maximum:g}" if self.maximum is not None else ""
+        return f"{kind} {low}" if low else kind
 
 
 SETTINGS = {
@@ -66,3 +80,8 @@ SETTINGS = {
 def get(name: str):
     """Current value of setting `name`."""
     return SETTINGS[name].value()
+
+
+def given(name: str, value):
+    """`value` for setting `name` when given (checked like the environment's), else the setting's current value."""
+    return SETTINGS[name].value() if value is None else SETTINGS[name].check(value)

@@ -161,6 +161,9 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     assert [h.itm_logit for h in partly.hits[2:]] == [None, None]
     assert [h.itc for h in partly.hits[2:]] == sorted((h.itc for h in partly.hits[2:]), reverse=True)  # the unread by ITC
     assert partly.notes == ("2 candidates could not be reranked (file missing or unreadable; re-index to refresh)",)
+    by_id = lib.rerank(query, [h.id for h in searched[:2]] + [searched[2]])  # image ids or hits
+    assert [h.id for h in by_id.hits] == [h.id for h in again.hits if h.id in {h.id for h in searched[:3]}]
+    np.testing.assert_allclose([h.score for h in by_id.hits], [h.score for h in again.hits if h.id in {h.id for h in by_id.hits}], atol=1e-5)
     with pytest.raises(InvalidInputError, match="quote"):
         lib.rerank('"unclosed', searched)
     with pytest.raises(InvalidInputError):
@@ -439,3 +442,29 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
         res = lib.search(TEXTS[0], 3)
         assert all(h.itm_logit is None for h in res.hits) and any("--store-vit" in n for n in res.notes)
         assert lib.search(TEXTS[0], 3, rerank_k=2).hits[0].itm_logit is not None  # forcing it still works
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda lib: lib.rerank("red", "abc"), "must be a list of Hit"),
+    (lambda lib: lib.rerank("red", [1, "2"]), r"cannot rerank '2' \(str\)"),
+    (lambda lib: lib.rerank("red", [True]), r"cannot rerank True \(bool\)"),
+    (lambda lib: lib.rerank("red", [987654]), r"images \[987654\] are not indexed images"),
+    (lambda lib: lib.duplicates("0.9"), "threshold '0.9' is not a number"),
+    (lambda lib: lib.duplicates(1.5), "threshold 1.5 is not a number in"),
+])
+def test_python_api_arguments_of_the_wrong_kind_are_one_line_errors(lib, call, message):
+    with pytest.raises(InvalidInputError, match=message) as caught:
+        call(lib)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"path": 5}, r"library path 5 \(int\) is not a path"),
+    ({"workers": -1}, "workers=-1 is not a whole number >= 0 and <= 256"),
+    ({"workers": 2.5}, "workers=2.5 is not a whole number"),
+    ({"batch_size": "8"}, "batch_size='8' is not a whole number >= 0 and <= 4096"),
+    ({"batch_size": 5000}, "batch_size=5000 is not"),
+])
+def test_library_open_checks_its_arguments(lib_dir, kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        Library.open(**{"path": lib_dir, **kwargs})
