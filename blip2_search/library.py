@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -78,7 +79,20 @@ class FailureRecord:
 
 def default_library_path() -> Path:
     """`BLIP2_SEARCH_LIBRARY`, else `indexes/default` under the current directory."""
-    return Path(settings.get("library"))
+    return Path(_not_a_url(settings.get("library")))
+
+
+def _not_a_url(path):
+    """`path`, unless it is a URL (`postgresql://...`): a library is a folder, and a URL taken as one would
+    make a folder named after it (with its password). InvalidInputError, the password hidden."""
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        shown = re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", text)
+        raise InvalidInputError(
+            f"library {shown} is a URL, but a library is a folder (its metadata in metadata.sqlite inside it); pass a folder "
+            "with --library (metadata on a PostgreSQL server is tested at the store level only, not yet reachable from here)"
+        )
+    return path
 
 
 class Library:
@@ -132,7 +146,7 @@ class Library:
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"library path {path!r} ({type(path).__name__}) is not a path; pass a folder as str or Path")
-        folder = Path(path) if path is not None else default_library_path()
+        folder = Path(_not_a_url(path)) if path is not None else default_library_path()
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")

@@ -14,6 +14,8 @@ from PIL import Image
 
 import blip2_search
 from blip2_search.cli import main
+from blip2_search.errors import InvalidInputError
+from blip2_search.library import Library
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +162,20 @@ def test_index_refuses_before_making_a_library(photo_dir, tmp_path):
         assert not (tmp_path / "lib").exists()
     res = CliRunner().invoke(main, ["index", str(folder), "--library", str(folder), "--model", "demo"])  # photos as the library
     assert res.exit_code == 2 and "library folder or inside it" in res.output and not (folder / "metadata.sqlite").exists()
+
+
+def test_a_database_url_as_the_library_is_refused_without_its_password(photo_dir, tmp_path, monkeypatch):
+    """A URL is no folder: taken as one it made `./postgresql+psycopg:/user:secret@host/db/metadata.sqlite`."""
+    folder, _ = photo_dir
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql+psycopg://blip:s3cret@localhost/photos"
+    for args, env in ((["--library", url], None), ([], url)):
+        if env:
+            monkeypatch.setenv("BLIP2_SEARCH_LIBRARY", env)
+        for command in (["index", str(folder), "--model", "demo", "--no-captions"], ["status"], ["search", "red"]):
+            res = CliRunner().invoke(main, [*command, *args])
+            assert res.exit_code == 2 and "is a URL, but a library is a folder" in res.output, res.output
+            assert "s3cret" not in res.output and "blip:***@localhost" in res.output
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InvalidInputError, match="is a URL"):
+        Library.open("sqlite:///x.db", create=True)
