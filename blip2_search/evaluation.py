@@ -106,10 +106,17 @@ def load_annotations(path: Path, images_dir: Path, *, split: str = "test") -> Ev
     texts: list[str] = []
     owner: list[int] = []
     for rel, caps in rows:
+        if not all(c.strip() for c in caps):
+            raise InvalidInputError(f"annotations {path}: image {rel} has an empty caption; remove it or write the caption")
         idx = order.setdefault(rel, len(order))
         for c in caps:
             texts.append(c)
             owner.append(idx)
+    uncaptioned = sorted(set(range(len(order))) - set(owner))
+    if texts and uncaptioned:  # it would count as found at rank 1 (the argmax of no match)
+        rel = list(order)[uncaptioned[0]]
+        raise InvalidInputError(f"annotations {path}: {len(uncaptioned)} image{'s' if len(uncaptioned) != 1 else ''} without captions, "
+                                f"e.g. {rel}; give each image at least one caption, or remove it")
     if not order or not texts:
         where = f" in split {split!r}; check --split or the file" if karpathy else "; check the file"
         raise InvalidInputError(f"annotations {path}: no images with captions{where}")
@@ -126,6 +133,8 @@ def recall_at(scores_i2t: np.ndarray, text_image: np.ndarray) -> Recall:
     order_i2t = np.argsort(-scores_i2t, axis=1, kind="stable")
     # rank of the best-ranked caption that belongs to the image
     belongs = text_image[order_i2t] == np.arange(n_img)[:, None]
+    if not belongs.any(axis=1).all():
+        raise InvalidInputError(f"image {int(np.flatnonzero(~belongs.any(axis=1))[0])} has no caption to rank; every image needs one")
     txt_rank = belongs.argmax(axis=1)
     order_t2i = np.argsort(-scores_i2t.T, axis=1, kind="stable")
     img_rank = (order_t2i == text_image[:, None]).argmax(axis=1)

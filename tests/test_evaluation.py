@@ -111,6 +111,9 @@ def test_missing_images_and_bad_rows_name_the_fix(tmp_path, split):
         ([{"image": "a.jpg", "caption": ["x", None]}], "row 0 needs"),
         ([{"image": ["a.jpg"], "caption": "x"}], "row 0 needs"),
         ([], "no images with captions; check the file"),
+        ([{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg", "caption": []}], "1 image without captions, e.g. b.jpg"),
+        ({"images": [{"filename": "a.jpg", "sentences": [{"raw": "x"}]}, {"filename": "b.jpg", "sentences": []}]}, "without captions, e.g. b.jpg"),
+        ([{"image": "a.jpg", "caption": ["x", "  "]}], "image a.jpg has an empty caption"),
     ):
         (tmp_path / "c.json").write_text(json.dumps(bad))
         with pytest.raises(InvalidInputError, match=needle):
@@ -135,6 +138,8 @@ def test_recall_counts_any_caption_of_the_image():
     scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.2, 0.3]])  # image 0 owns texts 0, 1; image 1 owns text 2
     r = recall_at(scores, np.array([0, 0, 1]))
     assert r.txt_r1 == 50.0 and r.img_r1 == pytest.approx(200 / 3)
+    with pytest.raises(InvalidInputError, match="image 2 has no caption"):  # not a hit at rank 1
+        recall_at(np.zeros((3, 3)), np.array([0, 0, 1]))
 
 
 def test_cli_eval_json(tiny_itm_dir, split):
