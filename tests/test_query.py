@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blip2_search.errors import InvalidInputError
-from blip2_search.search.query import MAX_QUERY_CHARS, MAX_TERMS, MAX_WEIGHT, Query, Term, parse_query
+from blip2_search.search.query import MAX_QUERY_CHARS, MAX_TERMS, MAX_WEIGHT, Query, Term, is_blank, parse_query
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "queries.md"
 
@@ -169,6 +169,8 @@ ERRORS = [
     # (query, column, snippet at that column, a fragment of the fix)
     ("", 1, None, "type a description"),
     ("   \n\t ", 1, None, "type a description"),
+    ("\u200b \ufeff\x00", 1, None, "type a description"),  # invisible characters only
+    ('"a" + "\u200b"', 7, '"\u200b"', "put text between the quotes"),
     ('a "red circle', 3, '"red circle', 'close it with "'),
     ('"abc\\" d', 1, '"abc\\" d', "literal quote mark, not the end"),
     ('"a" - "b', 7, '"b', 'close it with "'),
@@ -313,6 +315,13 @@ def test_truncation_drops_a_dangling_operator_or_weight():
         assert [t.weight for t in q.terms] == [1.0], tail
 
 
+def test_truncation_keeps_the_syntax_of_a_query_whose_quotes_were_cut_off():
+    """Quotes only after the cut: the kept part still reads as syntax, so its dangling operator goes."""
+    for tail in ('- "bbbbbbbbbb"', '+ 2:"bbbbbbbbbb"'):
+        q = parse_query("a " * 499 + tail)
+        assert q.truncated and [t.text for t in q.terms] == [" ".join(["a"] * 499)], tail
+
+
 def test_truncation_does_not_hide_errors_before_the_cut():
     message = raises('"a" + + "b" ' + "word " * 500)
     assert "two operators in a row at column 5" in message
@@ -407,7 +416,7 @@ FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_
 _QUOTE_CHARS = '"\u201c\u201d'
 no_quotes = st.text(
     alphabet=st.characters(blacklist_characters=_QUOTE_CHARS, blacklist_categories=("Cs",)), min_size=1, max_size=80
-).filter(lambda s: s.strip())
+).filter(lambda s: not is_blank(s))
 
 
 @FAST
@@ -445,7 +454,7 @@ def test_bare_text_beside_a_quoted_term_stays_one_term(words, op):
 
 term_text = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20
-).map(norm).filter(bool)
+).map(norm).filter(lambda t: not is_blank(t))
 weights = st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.5, 100.0])
 terms = st.lists(st.tuples(term_text, weights, st.booleans()), min_size=1, max_size=MAX_TERMS).filter(
     lambda ts: any(not negative for _, _, negative in ts)

@@ -718,3 +718,12 @@ def test_serve_on_an_empty_library_fails_before_saying_it_serves(tmp_path):
     assert res.exit_code == 2 and "serving" not in res.output and "index" in res.output, res.output
     with socket.socket() as s:  # and the port was let go
         s.bind(("127.0.0.1", port))
+
+
+def test_invisible_or_undecodable_query_text_is_a_400(client):
+    """A zero-width space shows nothing (the tokenizer drops it), and %ff is no UTF-8: both were searched."""
+    for q in ("%E2%80%8B", "%E2%80%8B%20%EF%BB%BF", "%00%01"):
+        _assert_error(client.get(f"/api/search?q={q}"), 400, "empty (or only invisible characters)")
+    _assert_error(client.get("/api/search?q=%ff%fe"), 400, "not UTF-8")
+    _assert_error(client.get("/api/search?q=red&path=%ff"), 400, "not UTF-8")
+    assert client.get("/api/search?q=caf%C3%A9%E2%80%8B&rerank=false").status_code == 200

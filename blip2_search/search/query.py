@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import unicodedata
 from dataclasses import dataclass
 from itertools import pairwise
 
 from ..errors import InvalidInputError
 
-__all__ = ["MAX_QUERY_CHARS", "MAX_TERMS", "MAX_WEIGHT", "Query", "Term", "parse_query"]
+__all__ = ["MAX_QUERY_CHARS", "MAX_TERMS", "MAX_WEIGHT", "Query", "Term", "is_blank", "parse_query"]
 
 MAX_QUERY_CHARS = 1000
 MAX_TERMS = 16
@@ -44,7 +45,7 @@ class Term:
     weight: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.text, str) or not self.text or self.text != self.text.strip():
+        if not isinstance(self.text, str) or is_blank(self.text) or self.text != self.text.strip():
             raise InvalidInputError(
                 f"query term {self.text!r} is empty or has surrounding whitespace; pass stripped, non-empty text"
             )
@@ -95,6 +96,12 @@ class Query:
         return len(self.terms) == 1 and self.terms[0].weight == 1.0
 
 
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only whitespace, control and format characters (a zero-width space,
+    a byte-order mark), which the tokenizer drops."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 def parse_query(text: str) -> Query:
     """Parse a search box query into weighted terms (syntax: docs/queries.md).
 
@@ -105,7 +112,7 @@ def parse_query(text: str) -> Query:
     if not isinstance(text, str):
         raise InvalidInputError(f"query must be text, got {type(text).__name__}; pass a str such as 'a red car'")
     body, offset, truncated = _truncate(text)
-    terms = _Parser(body, offset, truncated).terms()
+    terms = _Parser(body, offset, truncated, syntax=any(c in _QUOTES for c in text)).terms()
     return Query(terms, body if truncated else text, truncated)
 
 
@@ -150,8 +157,9 @@ class _Item:
 class _Parser:
     """Turns one (possibly truncated) query text into terms; every error names its column."""
 
-    def __init__(self, text: str, offset: int, truncated: bool):
+    def __init__(self, text: str, offset: int, truncated: bool, *, syntax: bool):
         self.text = text
+        self.syntax = syntax  # the query as typed has a quote (the part kept after a cut may not)
         self.offset = offset
         self.truncated = truncated
 
@@ -172,12 +180,12 @@ class _Parser:
 
     def terms(self) -> tuple[Term, ...]:
         """The terms of the query, in the order written."""
-        if not self.text.strip():
+        if is_blank(self.text):
             raise InvalidInputError(
-                f"query: nothing to search for at column {self.offset + 1} (the query is empty or only whitespace); "
+                f"query: nothing to search for at column {self.offset + 1} (the query is empty, or only whitespace and invisible characters); "
                 "type a description of the photos, e.g. a red car on a beach"
             )
-        if not any(c in _QUOTES for c in self.text):
+        if not self.syntax:
             return (Term(" ".join(self.text.split()), 1.0),)
         segments = self._segments(self._attach_weights(self._lex()))
         if not segments:
@@ -257,7 +265,7 @@ class _Parser:
             content = "".join(chars).strip()
             return _Item("phrase", content, start, n) if content else None
         content = " ".join("".join(chars).split())
-        if not content:
+        if is_blank(content):
             raise self._fail("empty quoted term {at}", start, "put text between the quotes or remove them")
         return _Item("phrase", content, start, j + 1)
 

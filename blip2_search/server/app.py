@@ -13,7 +13,7 @@ import threading
 from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Callable, Literal
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import uvicorn
 from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
@@ -160,7 +160,9 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         before: Annotated[str | None, Query(max_length=40, description=_BEFORE_HELP)] = None,
         min_score: Annotated[float | None, Query(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)] = None,
         sort: Annotated[Literal["score", "date"], Query(description="Order of the results.")] = "score",
+        request: Request = None,
     ) -> JSONResponse:
+        _check_utf8_query_string(request)
         check_query_text(q)
         filters = _filters(path, after, before, min_score, sort)
         result = await runner.model(library.search, q, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
@@ -274,6 +276,15 @@ def _filters(path: str | None, after: str | None, before: str | None, min_score:
     path = path if path and path.strip() else None  # an empty form field means no filter
     return {"path": path, "after": parse_date(after, name="after", end_of_day=False),
             "before": parse_date(before, name="before", end_of_day=True), "min_score": min_score, "sort": sort}
+
+
+def _check_utf8_query_string(request: Request) -> None:
+    """Refuse a query string whose percent-escapes are not UTF-8 (Starlette would search U+FFFD instead)."""
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    try:
+        parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidInputError("the query string is not UTF-8; percent-encode the text as UTF-8 (e.g. caf%C3%A9)") from None
 
 
 def _check_search_form(form) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 
 from ..errors import InvalidInputError
+from ..search.query import is_blank
 
 MAX_K = 200
 """Most results one search may return (the library allows more; a web page does not need them)."""
@@ -49,8 +50,8 @@ def check_query_text(text: str, name: str = "q") -> str:
             f"{name} is {size} bytes long, over the {MAX_QUERY_BYTES}-byte limit (searches use at most 1000 characters); "
             "shorten the query"
         )
-    if not text.strip():
-        raise InvalidInputError(f"{name} is empty; pass the text to search for, e.g. {name}=a dog on the beach")
+    if is_blank(text):
+        raise InvalidInputError(f"{name} is empty (or only invisible characters); pass the text to search for, e.g. {name}=a dog on the beach")
     return text
 
 
