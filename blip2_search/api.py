@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -91,14 +91,27 @@ def get_encoder(model: str | Blip2Encoder = DEFAULT_EMBEDDER, *, device: str = "
     """An encoder for `model` (hub id, directory or "demo"), reused across calls with the same arguments."""
     if isinstance(model, Blip2Encoder):
         return model
-    return _cached(Blip2Encoder, str(model), device=device, dtype=dtype)
+    return _cached(Blip2Encoder, _model_name(model, "model"), device=device, dtype=dtype)
+
+
+def _model_name(model, what: str) -> str:
+    if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
+        raise InvalidInputError(f"{what} {model!r} is not a checkpoint name; pass a hub id, a local folder or 'demo'")
+    return os.fspath(model)
 
 
 def get_captioner(captioner: str | Blip2Captioner = DEFAULT_CAPTIONER, *, device: str = "auto", dtype: str = "auto", settings: CaptionSettings | None = None) -> Blip2Captioner:
     """A captioner for `captioner` (hub id, directory or "demo"), reused across calls with the same arguments."""
     if isinstance(captioner, Blip2Captioner):
         return captioner
-    return _cached(Blip2Captioner, str(captioner), device=device, dtype=dtype, settings=settings)
+    if isinstance(settings, dict):  # the fields of CaptionSettings
+        try:
+            settings = CaptionSettings(**settings)
+        except TypeError:
+            raise InvalidInputError(f"caption settings {settings!r} name unknown fields; use num_beams, max_new_tokens, min_new_tokens, prompt") from None
+    if settings is not None and not isinstance(settings, CaptionSettings):
+        raise InvalidInputError(f"caption settings {settings!r} are not CaptionSettings; pass CaptionSettings(num_beams=5) or a dict of its fields")
+    return _cached(Blip2Captioner, _model_name(captioner, "captioner"), device=device, dtype=dtype, settings=settings)
 
 
 def _read_images(images: Sequence[ImageLike]) -> tuple[list[tuple[int, str | None, Image.Image]], list[ImageFailure]]:
@@ -107,6 +120,12 @@ def _read_images(images: Sequence[ImageLike]) -> tuple[list[tuple[int, str | Non
 
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
+    if isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
+        raise InvalidInputError(f"images {images!r} are not a list of paths or PIL images; pass e.g. ['a.jpg', pil_image]")
+    images = list(images)
+    odd = next((i for i, item in enumerate(images) if not isinstance(item, (str, os.PathLike, Image.Image))), None)
+    if odd is not None:
+        raise InvalidInputError(f"image {odd} ({images[odd]!r}, of type {type(images[odd]).__name__}) is not a path or a PIL image; pass one of those")
     loaded, errors = [], []
     for i, item in enumerate(images):
         if isinstance(item, Image.Image):

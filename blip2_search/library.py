@@ -267,8 +267,7 @@ class Library:
             return RecomputeVit(enc)
         if rerank_source == "stored" and not self.vit_store.enabled:
             raise InvalidInputError(f"library {self.folder} stores no ViT tokens; index with --store-vit first, or pass --rerank-source recompute")
-        if rerank_source not in ("auto", "stored"):
-            raise InvalidInputError(f"rerank source {rerank_source!r} is not auto, stored or recompute")
+        _check_rerank_source(rerank_source)
 
         def hash_of(ids):
             return {r.id: r.content_hash for r in self.metadata.get_records(ids)}
@@ -291,7 +290,12 @@ class Library:
         from .indexing.pipeline import Indexer
         from .indexing.scan import check_roots
 
-        roots = check_roots([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs, library=self.folder)
+        if isinstance(dirs, (str, os.PathLike)):
+            dirs = [dirs]
+        dirs = list(dirs) if isinstance(dirs, Iterable) and not isinstance(dirs, bytes) else dirs
+        if not isinstance(dirs, list) or not all(isinstance(d, (str, os.PathLike)) for d in dirs):
+            raise InvalidInputError(f"folders to index {dirs!r} are not paths; pass a folder or a list of folders (str or Path)")
+        roots = check_roots(dirs, library=self.folder)
         with self._lock():
             self._drop_stale_vectors()
             info = self._embedder_info()
@@ -466,6 +470,8 @@ class Library:
         check_k(k)
         q = parse_query(query)
         filters = make_filters(path, after, before, min_score)
+        _check_flags(rerank=rerank, fusion=fusion)
+        _check_rerank_source(rerank_source)
         engine = self.engine
         rk = check_k(rerank_k, "rerank-k") if rerank_k is not None else self.default_rerank_k()
         if rerank and rk == 0:
@@ -489,15 +495,17 @@ class Library:
         return _with_glob_note(self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path)
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
-        """ITM-rerank `hits` (`Hit`s from `search`, or image ids) against `query` (the same syntax, scored as
+        """ITM-rerank `hits` (a `search` result, its `Hit`s, or image ids) against `query` (the same syntax, scored as
         `search` reranks): a `SearchResult`, best first by ITM logit + ITC; hits whose photo could not be read
         come last (by ITC, `itm_logit` None), with a note."""
         from .search.query import parse_query
         from .search.results import Hit, SearchResult
 
         q = parse_query(query)
+        if isinstance(hits, SearchResult):
+            hits = hits.hits
         if isinstance(hits, (str, bytes, Hit)) or not isinstance(hits, Iterable):
-            raise InvalidInputError(f"hits to rerank must be a list of Hit (from search) or image ids, not {type(hits).__name__}")
+            raise InvalidInputError(f"hits to rerank must be a search result, a list of its Hits or image ids, not {type(hits).__name__}")
         hits = list(hits)
         ids = [h for h in hits if not isinstance(h, Hit)]
         if ids:
@@ -554,8 +562,10 @@ class Library:
         good, a folder nobody will index again); a drive that is only disconnected loses its
         photos' records and vectors too.
         """
-        if older_than_days is not None and not older_than_days >= 0:
-            raise InvalidInputError(f"older_than_days {older_than_days} is negative; pass 0 or more days, or None for all")
+        if older_than_days is not None and (isinstance(older_than_days, bool) or not isinstance(older_than_days, (int, float))
+                                            or not older_than_days >= 0):
+            reason = "negative" if isinstance(older_than_days, (int, float)) and older_than_days < 0 else "not a number of days"
+            raise InvalidInputError(f"older_than_days {older_than_days!r} is {reason}; pass 0 or more days, or None for all")
         before = None
         if older_than_days is not None:
             before = datetime.now(timezone.utc) - timedelta(days=min(older_than_days, 36_500))  # beyond: none qualify
@@ -634,3 +644,15 @@ def _with_glob_note(result, glob: str | None):
 def _s(n: int) -> str:
     """The plural ending for `n` things."""
     return "" if n == 1 else "s"
+
+
+def _check_rerank_source(source) -> None:
+    if source not in ("auto", "stored", "recompute"):
+        raise InvalidInputError(f"rerank source {source!r} is not auto, stored or recompute; pass one of those")
+
+
+def _check_flags(**flags) -> None:
+    """Yes/no arguments must be bools: a string such as "no" would read as True."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidInputError(f"{name}={value!r} is a {type(value).__name__}; pass True or False")

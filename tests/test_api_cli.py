@@ -179,3 +179,27 @@ def test_a_database_url_as_the_library_is_refused_without_its_password(photo_dir
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(InvalidInputError, match="is a URL"):
         Library.open("sqlite:///x.db", create=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, c: blip2_search.rerank("red", None, model=m), "images None are not a list of paths or PIL images"),
+    (lambda m, c: blip2_search.rerank("red", {"a.jpg": 1}, model=m), "are not a list of paths"),
+    (lambda m, c: blip2_search.rerank("red", ["a.jpg", 5], model=m), r"image 1 \(5, of type int\) is not a path or a PIL image"),
+    (lambda m, c: blip2_search.rerank("red", [b"a.jpg"], model=m), "of type bytes"),
+    (lambda m, c: blip2_search.rerank("red", ["a.jpg"], model=None), "model None is not a checkpoint name"),
+    (lambda m, c: blip2_search.caption(None, c), "images None are not a list"),
+    (lambda m, c: blip2_search.caption(["a.jpg"], c, settings={"beams": 2}), "name unknown fields; use num_beams"),
+    (lambda m, c: blip2_search.caption(["a.jpg"], c, settings={"num_beams": "2"}), "num_beams='2' is not a whole number"),
+    (lambda m, c: blip2_search.caption(["a.jpg"], c, settings=5), "are not CaptionSettings"),
+])
+def test_python_api_arguments_of_the_wrong_kind_are_one_line_errors(tiny_itm_dir, tiny_captioner_dir, call, message):
+    with pytest.raises(InvalidInputError, match=message) as caught:
+        call(str(tiny_itm_dir), str(tiny_captioner_dir))
+    assert "\n" not in str(caught.value)
+
+
+def test_python_caption_settings_may_be_a_dict(tiny_captioner_dir):
+    pil = Image.new("RGB", (32, 32), (30, 60, 220))
+    from_dict = blip2_search.caption([pil], str(tiny_captioner_dir), settings={"max_new_tokens": 3}).results[0].caption
+    from blip2_search.models.captioner import CaptionSettings
+    assert from_dict == blip2_search.caption([pil], str(tiny_captioner_dir), settings=CaptionSettings(max_new_tokens=3)).results[0].caption

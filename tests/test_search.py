@@ -445,17 +445,32 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda lib: lib.rerank("red", "abc"), "must be a list of Hit"),
+    (lambda lib: lib.rerank("red", "abc"), "must be a search result, a list of its Hits or image ids"),
     (lambda lib: lib.rerank("red", [1, "2"]), r"cannot rerank '2' \(str\)"),
     (lambda lib: lib.rerank("red", [True]), r"cannot rerank True \(bool\)"),
     (lambda lib: lib.rerank("red", [987654]), r"images \[987654\] are not indexed images"),
     (lambda lib: lib.duplicates("0.9"), "threshold '0.9' is not a number"),
     (lambda lib: lib.duplicates(1.5), "threshold 1.5 is not a number in"),
+    (lambda lib: lib.index(None), "folders to index None are not paths"),
+    (lambda lib: lib.index([5]), r"folders to index \[5\] are not paths"),
+    (lambda lib: lib.prune("30"), "older_than_days '30' is not a number of days"),
+    (lambda lib: lib.prune(float("nan")), "older_than_days nan is not a number of days"),
+    (lambda lib: lib.prune(-1), "older_than_days -1 is negative"),
+    (lambda lib: lib.search("red", rerank="no"), "rerank='no' is a str; pass True or False"),
+    (lambda lib: lib.search("red", fusion=None), "fusion=None is a NoneType"),
+    (lambda lib: lib.search("red", rerank=False, rerank_source="foo"), "rerank source 'foo' is not auto, stored or recompute"),
+    (lambda lib: lib.search("red", k="5"), "k = '5' is a str, not a whole number"),
 ])
 def test_python_api_arguments_of_the_wrong_kind_are_one_line_errors(lib, call, message):
     with pytest.raises(InvalidInputError, match=message) as caught:
         call(lib)
     assert "\n" not in str(caught.value)
+
+
+def test_an_empty_path_filter_is_no_filter_in_python_too(lib):
+    assert [h.id for h in lib.search(TEXTS[0], 3, rerank=False, path="").hits] == [h.id for h in lib.search(TEXTS[0], 3, rerank=False).hits]
+    searched = lib.search(TEXTS[0], 3, rerank=False)
+    assert [h.id for h in lib.rerank(TEXTS[0], searched).hits] == [h.id for h in lib.rerank(TEXTS[0], searched.hits).hits]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -24,6 +24,12 @@ class CaptionSettings:
     prompt: str = ""
 
     def __post_init__(self):
+        for name in ("num_beams", "max_new_tokens", "min_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidInputError(f"caption setting {name}={value!r} is not a whole number; pass e.g. {name}=5")
+        if not isinstance(self.prompt, str):
+            raise InvalidInputError(f"caption prompt {self.prompt!r} is not text; pass e.g. prompt='a photo of'")
         if self.num_beams < 1:
             raise InvalidInputError(f"num_beams {self.num_beams} must be >= 1; pass --beams 1 for greedy decoding")
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:

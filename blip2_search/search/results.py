@@ -45,6 +45,7 @@ def make_filters(path=None, after=None, before=None, min_score=None) -> Filters:
     """`Filters` from what a caller passed (dates as `parse_date` takes them), each value checked."""
     if path is not None and not isinstance(path, str):
         raise InvalidInputError(f"path filter {path!r} is a {type(path).__name__}, not a glob; pass a string such as '*/2023/*'")
+    path = path if path is None or path.strip() else None  # an empty glob is no filter, as in the CLI and HTTP API
     if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))):
         raise InvalidInputError(f"score filter {min_score!r} is a {type(min_score).__name__}, not a number; pass e.g. 0.3")
     return Filters(path_glob=path, after=parse_date(after, name="after", end_of_day=False),
@@ -113,5 +114,6 @@ class SearchResult:
 def check_k(k: int, name: str = "k") -> int:
     """A result count must be 1..MAX_K."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_K:
-        raise InvalidInputError(f"{name} = {k!r} is out of range; pass -{'k' if name == 'k' else '-' + name} between 1 and {MAX_K}")
+        what = "out of range" if isinstance(k, int) and not isinstance(k, bool) else f"a {type(k).__name__}, not a whole number"
+        raise InvalidInputError(f"{name} = {k!r} is {what}; pass -{'k' if name == 'k' else '-' + name} between 1 and {MAX_K}")
     return k
