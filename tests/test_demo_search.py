@@ -208,3 +208,24 @@ def test_composite_queries_add_and_subtract_meaning(demo_library):
     assert sorted(scene_of[h.path].caption for h in both) == ["a green triangle on the left"] * 3 + ["a green triangle on the right"] * 3
     assert top[0] == 0 and max(top) < min(negated), (top, negated)
     assert min(negated) > max(plain), (plain, negated)  # the negative term moved every one of them down
+
+
+def test_composite_candidates_find_what_scoring_every_image_finds(demo_library, monkeypatch):
+    """Past EXACT_COMPOSITE_LIMIT a composite query scores candidates only: with a strong negative term the
+    positive terms' own top lists are the images that match the negative too, and the true top 10 lay
+    below them. Here the candidate path (short lists) must find the top 10 that scoring every image finds."""
+    from blip2_search.search import engine as engine_module
+
+    root, _ = demo_library
+    rng = np.random.default_rng(SEED + 5)
+    captions = [s.caption for s in ALL_SCENES]
+    queries = ['"a red circle on the left" - "a red circle on the top"']
+    queries += [f'"{a}" - {w}:"{b}"' for a, b, w in (
+        (*rng.choice(captions, 2, replace=False), rng.choice(["0.5", "1", "2"])) for _ in range(20))]
+    with Library.open(root / "lib") as lib:
+        truth = [[h.id for h in lib.search(q, 10, rerank=False, fusion=False).hits] for q in queries]
+        monkeypatch.setattr(engine_module, "EXACT_COMPOSITE_LIMIT", 0)
+        monkeypatch.setattr(engine_module, "COMPOSITE_CANDIDATES", 12)  # 40 of 216 images a list
+        got = [[h.id for h in lib.search(q, 10, rerank=False, fusion=False).hits] for q in queries]
+    recall = [len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]
+    assert got[0] == truth[0] and np.mean(recall) >= 0.95, recall

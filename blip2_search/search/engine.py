@@ -24,6 +24,7 @@ RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 FUSION_DEPTH = 100  # candidates taken from each ranked list before fusing
 CAPTION_WEIGHT = 0.5  # each caption list counts half as much as the image ranking
 EXACT_COMPOSITE_LIMIT = 50_000  # composite queries score every image exactly up to this size (vectors in RAM)
+COMPOSITE_CANDIDATES = 200  # beyond it, at least this many candidates from each list (see `_first_stage`)
 
 
 class SearchEngine:
@@ -76,10 +77,19 @@ class SearchEngine:
             if allowed is not None:
                 rows = np.flatnonzero(np.isin(cand, allowed))
                 cand, stored = cand[rows], stored[rows]
-        else:  # union of each positive term's exact top list, then exact composite rescoring
-            pos = emb[weights > 0]
-            found, _ = self.vectors.search(pos, max(4 * depth, 200), allowed_ids=allowed)
-            cand = np.unique(found)
+        else:
+            # Candidates: each positive term's top list, and the top list of the query's combined direction
+            # sum_i w_i t_i, which finds the images that match the positive terms but not the negative ones
+            # (a positive list alone can be all images that match a negative term too); then exact
+            # composite rescoring. Recall@10 of scoring every image, 81 queries with negative terms, 1,100
+            # demo photos, compact index: 0.828 from the positive lists alone, 1.000 with the combined
+            # list (bench/composite.py).
+            lists = emb[weights > 0]
+            combined = (weights[:, None] * emb).sum(axis=0)
+            if len(weights) > 1 and np.linalg.norm(combined) > 0:
+                lists = np.vstack([lists, combined / np.linalg.norm(combined)])
+            found, _ = self.vectors.search(lists, max(4 * depth, COMPOSITE_CANDIDATES), allowed_ids=allowed)
+            cand = np.unique(found[found >= 0])
             stored = self.vectors.vectors_for(cand)
         scores = composite_itc(stored, emb, weights)
         order = np.lexsort((cand, -scores))[:depth]
