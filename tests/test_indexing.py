@@ -23,7 +23,7 @@ from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchEr
 from blip2_search.indexing.scan import FoundFile, Known, plan_changes
 from blip2_search.images import open_image
 from blip2_search.library import Library
-from blip2_search.store import open_metadata
+from blip2_search.store import CaptionUpdate, open_metadata
 
 
 def _photo(path: Path, seed: int, size=(64, 48), fmt=None):
@@ -1010,3 +1010,27 @@ def test_caption_backfill_skips_photos_it_cannot_read_and_says_so(tiny_itm_dir, 
             uncaptioned = sorted(os.path.basename(r.path) for r in lib.metadata.uncaptioned())
             assert uncaptioned == ["changed.jpg", "gone.jpg"]
         assert len(server.engine._captions()[0]) == 8
+
+
+def test_a_photo_moved_across_two_runs_keeps_its_record(tiny_itm_dir, photos, tmp_path):
+    """Moved out of the indexed folder (one run finds it gone), later into another folder indexed
+    separately: it is the same photo (id, caption, links), not a new record beside a deleted one."""
+    lib_dir, other = tmp_path / "lib", tmp_path / "other"
+    other.mkdir()
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        before = lib.metadata.get_by_paths([str(photos / "p0.jpg")])[str(photos / "p0.jpg")]
+        lib.metadata.set_captions([CaptionUpdate(before.id, "a kept caption", "m")])
+        shutil.move(photos / "p0.jpg", tmp_path / "p0.jpg")
+        assert lib.index([photos]).deleted == 1
+        shutil.move(tmp_path / "p0.jpg", other / "p0 moved.jpg")
+        shutil.copy(photos / "p1.jpg", other / "copy of p1.jpg")  # a copy of a live photo stays a copy
+        r = lib.index([other])
+        assert (r.reused, r.indexed) == (2, 0)
+        known = lib.metadata.known_files()
+        assert str(photos / "p0.jpg") not in known
+        moved = lib.metadata.get_records([known[str(other / "p0 moved.jpg")].id])[0]
+        assert (moved.id, moved.status, moved.caption) == (before.id, "indexed", "a kept caption")
+        assert known[str(other / "copy of p1.jpg")].id != known[str(photos / "p1.jpg")].id
+        assert lib.status().indexed == 8 and lib.status().deleted == 0
+    _check_consistent(lib_dir)

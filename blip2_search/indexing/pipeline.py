@@ -476,13 +476,16 @@ class Indexer:
 
     def _claim(self, path: str, digest: str, templates: dict) -> int | None:
         """The id of the record that file `path` (new to the library, content `digest`) is a move of, now
-        taken by it: a record found gone with that content, else one of `templates` (records by content)
-        that `_elsewhere` says is this file; None for a new photo or a copy."""
+        taken by it: a record found gone with that content in this run, else one of `templates` (records by
+        content) that `_elsewhere` says is this file, else a deleted one whose file is still gone (a move
+        seen by two runs: out of one folder, later into another); None for a new photo or a copy."""
         if path in self._known:
             return None
-        candidates = self._gone_by_hash.get(digest) or [
-            rec.id for rec in templates.get(digest, [])
-            if rec.status != STATUS_DELETED and rec.id not in self._moved and self._elsewhere(rec.path, path)]
+        same = [rec for rec in templates.get(digest, []) if rec.id not in self._moved]
+        candidates = (self._gone_by_hash.get(digest)
+                      or [rec.id for rec in same if rec.status != STATUS_DELETED and self._elsewhere(rec.path, path)]
+                      # a photo found gone by an earlier run (moved out of its folder then), now found here
+                      or [rec.id for rec in same if rec.status == STATUS_DELETED and not os.path.lexists(rec.path)])
         if not candidates:
             return None
         image_id = candidates.pop(0)
