@@ -190,6 +190,8 @@ class _ProgressLine:
         rate = p.done / max(time.perf_counter() - self.start, 1e-9)
         if p.stage == "caption":
             click.echo(f"\rcaptioning photos indexed without captions: {p.done}/{p.total}  {rate:.1f} photos/s", nl=False, err=True)
+        elif p.stage == "vit":
+            click.echo(f"\rstoring the ViT tokens of photos indexed before --store-vit: {p.done}/{p.total}  {rate:.1f} photos/s", nl=False, err=True)
         else:
             click.echo(f"\r{p.done}/{p.total} files  indexed {p.indexed}  reused {p.reused}  failed {p.failed}  {rate:.1f} files/s", nl=False, err=True)
 

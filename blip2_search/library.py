@@ -339,7 +339,7 @@ class Library:
         done and saved, so an error here is a note, not a lost report (Ctrl-C is raised)."""
         filled = 0
         try:
-            filled = indexer.fill_vit_tokens() if store_vit else 0
+            filled = indexer.fill_vit_tokens(progress) if store_vit else 0
         except (OSError, MemoryError) as exc:
             notes.append(f"could not store the ViT tokens of the photos indexed before --store-vit ({exc}); "
                          "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")

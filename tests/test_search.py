@@ -417,8 +417,11 @@ def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_
         _photo(other, 99)
         v4.write_bytes(other.read_bytes()[: st.st_size].ljust(st.st_size, b"\0"))
         os.utime(v4, ns=(st.st_atime_ns, st.st_mtime_ns))
-        report = lib.index([photos], store_vit=True)
+        seen = []
+        report = lib.index([photos], store_vit=True, progress=seen.append)
         assert report.notes == ("stored the ViT tokens of 4 photos indexed before --store-vit",) and report.unchanged == 5
+        last = [p for p in seen if p.stage == "vit"][-1]
+        assert (last.done, last.total, last.indexed, last.failed) == (5, 5, 4, 1)  # a progress line for the backfill
         hashes = {r.path: r.content_hash for r in lib.metadata.get_records(range(1, 6))}
         assert lib.vit_store.stored_hashes() == {h for p, h in hashes.items() if not p.endswith("v4.jpg")}  # not v4's
         np.testing.assert_array_equal(lib.metadata.vectors_for(range(1, 6)), vectors)  # vectors untouched

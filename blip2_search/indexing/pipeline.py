@@ -84,8 +84,9 @@ class IndexReport:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a run is: `done` of `total` files needing work. `stage`: `index` (the files found), or `caption`
-    (photos indexed without captions, captioned after the run; `indexed` counts those captioned)."""
+    """Where a run is: `done` of `total` files needing work. `stage`: `index` (the files found), `vit` (photos
+    indexed before --store-vit, their tokens stored after the run; `indexed` counts those stored, `failed`
+    those unreadable), or `caption` (photos indexed without captions; `indexed` counts those captioned)."""
 
     done: int
     total: int
@@ -239,7 +240,7 @@ class Indexer:
         elsewhere = [p for p in waiting if not os.path.realpath(p).startswith(real_roots)]
         return [f for f in stat_files(elsewhere) if f.error is None]
 
-    def fill_vit_tokens(self) -> int:
+    def fill_vit_tokens(self, progress: Callable[[Progress], None] | None = None) -> int:
         """Store the ViT tokens of indexed photos that have none (indexed before `--store-vit`): one ViT
         pass each, their vectors and captions untouched. A file changed since it was indexed is left to
         the next run. Returns how many were stored; Ctrl-C keeps those already written."""
@@ -250,18 +251,19 @@ class Indexer:
         for path, k in self.metadata.known_files().items():
             if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in stored and k.content_hash not in todo:
                 todo[k.content_hash] = FoundFile(path, k.size, k.mtime_ns)
-        size, done, batch = self.encoder.image_size, 0, []
+        size, done, seen, batch = self.encoder.image_size, 0, 0, []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
                 closing(self._read_ahead(pool, list(todo.values()), (size,), ())) as results:
             expected = iter(todo)
             for result in results:
+                seen += 1
                 if result.error is None and result.content_hash == next(expected):
                     batch.append(result)
-                if len(batch) >= self.batch_size:
-                    done += self._put_vit_tokens(batch)
+                if len(batch) >= self.batch_size or seen == len(todo):
+                    done += self._put_vit_tokens(batch) if batch else 0
                     batch = []
-            if batch:
-                done += self._put_vit_tokens(batch)
+                    if progress:
+                        progress(Progress(seen, len(todo), done, 0, seen - done, stage="vit"))
         return done
 
     def fill_captions(self, progress: Callable[[Progress], None] | None = None) -> tuple[int, int]:
