@@ -1034,3 +1034,20 @@ def test_a_photo_moved_across_two_runs_keeps_its_record(tiny_itm_dir, photos, tm
         assert known[str(other / "copy of p1.jpg")].id != known[str(photos / "p1.jpg")].id
         assert lib.status().indexed == 8 and lib.status().deleted == 0
     _check_consistent(lib_dir)
+
+
+def test_caption_backfill_reads_a_copy_when_the_first_file_is_gone(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
+    """One caption per content, from whichever copy reads; the server hears once, not once a batch."""
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(photos / "p0.jpg", other / "copy of p0.jpg")
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        lib.index([photos])
+        lib.index([other])  # the copy's record comes after p0's
+    (photos / "p0.jpg").unlink()  # gone, but its folder is not indexed in the next run: its record stays
+    with Library.open(tmp_path / "lib", captioner=str(tiny_captioner_dir), batch_size=3) as lib:
+        report = lib.index([other])
+        assert report.notes == ("captioned 8 photos indexed without captions",)
+        assert lib.metadata.uncaptioned() == [] and lib.metadata.captions_generation() == 1  # 3 batches, one reload
+        p0, copy = (lib.metadata.get_by_paths([str(p)])[str(p)] for p in (photos / "p0.jpg", other / "copy of p0.jpg"))
+        assert p0.caption == copy.caption and p0.caption

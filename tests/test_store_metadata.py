@@ -413,7 +413,7 @@ def test_set_captions_applies_to_duplicates_and_stores_vectors(store, tmp_path, 
     cv = unit(rng, D)
     assert [r.id for r in store.uncaptioned(after=ids[0])] == ids[1:] and store.captions_generation() == 0
     store.set_captions([CaptionUpdate(ids[0], "two dogs", "cap", cv)])
-    assert store.captions_generation() == 1  # long-lived readers reload the caption vectors
+    assert store.captions_generation() == 0 and store.captions_changed() == 1 == store.captions_generation()
     assert [r.caption for r in store.get_records(ids)] == ["two dogs", "two dogs", None]
     assert store.counts().captioned == 2
     got = list(store.iter_caption_vectors(chunk_size=1))

@@ -104,6 +104,16 @@ class _Counts:
     done: int = 0
 
 
+@dataclass
+class _CaptionCounts:
+    """Where the caption backfill is, in photos (records)."""
+
+    total: int
+    captioned: int = 0
+    unreadable: int = 0
+    done: int = 0
+
+
 class Indexer:
     """Runs the stages for one library; collaborators are passed in."""
 
@@ -269,44 +279,58 @@ class Indexer:
     def fill_captions(self, progress: Callable[[Progress], None] | None = None) -> tuple[int, int]:
         """Caption indexed photos that have no caption (indexed with captions off): decode each at the
         captioner's size, caption it, embed the caption, store both; vectors untouched. One photo per
-        content (a caption applies to every copy). A file changed or missing since it was indexed is left
-        uncaptioned (the next run of its folder re-indexes it). Returns `(captioned, unreadable)` in photos;
-        Ctrl-C keeps the batches already written."""
+        content (a caption applies to every copy), read from whichever of its records' files reads. A photo
+        none of whose files reads as indexed (changed or missing since) is left uncaptioned. Returns
+        `(captioned, unreadable)` in photos; Ctrl-C keeps the batches already written. A long-lived reader
+        (a server) is told once, at the end, to reload the caption vectors."""
         if self.captioner is None:
             return 0, 0
         page = max(1024, self.batch_size)
         records = self.metadata.uncaptioned(limit=page)
         if not records:  # the usual case: nothing to count
             return 0, 0
-        counts = self.metadata.counts()
-        total, done, captioned, unreadable, after = counts.indexed - counts.captioned, 0, 0, 0, 0
-        size = (self.captioner.image_size,)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            while records:
-                after = records[-1].id
-                photos: dict[str | None, tuple[int, int]] = {}  # content -> (its first record here, how many records)
-                for r in records:
-                    first, n = photos.get(r.content_hash, (r.id, 0))
-                    photos[r.content_hash] = (first, n + 1)
-                by_id = {r.id: r for r in records}
-                files = [FoundFile(by_id[i].path, by_id[i].size, by_id[i].mtime_ns) for i, _ in photos.values()]
-                batch: list[tuple[int, int, ReadResult]] = []
-                with closing(self._read_ahead(pool, files, size, ())) as results:
-                    for (digest, (image_id, n)), result in zip(photos.items(), results):
-                        if digest is not None and result.error is None and result.content_hash == digest:
-                            batch.append((image_id, n, result))
-                        else:
-                            unreadable, done = unreadable + n, done + n
-                        if len(batch) >= self.batch_size:
-                            captioned, done = self._put_captions(batch, captioned, done, total, progress)
-                            batch = []
-                    if batch:
-                        captioned, done = self._put_captions(batch, captioned, done, total, progress)
-                records = self.metadata.uncaptioned(limit=page, after=after)
-        return captioned, unreadable
+        status = self.metadata.counts()
+        counts = _CaptionCounts(total=status.indexed - status.captioned)
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+                while records:
+                    self._caption_page(pool, records, counts, progress)
+                    records = self.metadata.uncaptioned(limit=page, after=records[-1].id)
+        finally:
+            if counts.captioned:
+                self.metadata.captions_changed()
+        return counts.captioned, counts.unreadable
 
-    def _put_captions(self, batch: list[tuple[int, int, ReadResult]], captioned: int, done: int, total: int, progress) -> tuple[int, int]:
-        """Caption a batch of `(record id, records of that content, decoded photo)` and commit it; the new counts."""
+    def _caption_page(self, pool: ThreadPoolExecutor, records, counts: _CaptionCounts, progress) -> None:
+        """Caption one page of uncaptioned records: per content, the first record whose file reads as indexed."""
+        by_content: dict[str | None, list] = {}
+        for r in records:
+            by_content.setdefault(r.content_hash, []).append(r)
+        tries = {digest: iter(recs) for digest, recs in by_content.items() if digest is not None}
+        none = sum(len(recs) for digest, recs in by_content.items() if digest is None)
+        counts.unreadable += none
+        counts.done += none
+        batch: list[tuple[int, int, ReadResult]] = []
+        while tries:
+            attempt = {digest: rec for digest, it in tries.items() if (rec := next(it, None)) is not None}
+            for digest in set(tries) - set(attempt):  # every file of this content failed
+                counts.unreadable += len(by_content[digest])
+                counts.done += len(by_content[digest])
+                del tries[digest]
+            files = [FoundFile(rec.path, rec.size, rec.mtime_ns) for rec in attempt.values()]
+            with closing(self._read_ahead(pool, files, (self.captioner.image_size,), ())) as results:
+                for (digest, rec), result in zip(attempt.items(), results):
+                    if result.error is None and result.content_hash == digest:
+                        batch.append((rec.id, len(by_content[digest]), result))
+                        del tries[digest]
+                    if len(batch) >= self.batch_size:
+                        self._put_captions(batch, counts, progress)
+                        batch = []
+        if batch:
+            self._put_captions(batch, counts, progress)
+
+    def _put_captions(self, batch: list[tuple[int, int, ReadResult]], counts: _CaptionCounts, progress) -> None:
+        """Caption a batch of `(record id, records of that content, decoded photo)` and commit it."""
         cap = self.captioner
         if not self.decode_during_forward:
             self._not_in_forward.clear()
@@ -318,10 +342,10 @@ class Indexer:
         n = sum(n for _, n, _ in batch)
         with _interrupts_deferred():
             self.metadata.set_captions([CaptionUpdate(i, text, cap.name, vec) for (i, _, _), text, vec in zip(batch, texts, vectors)])
-            captioned, done = captioned + n, done + n
+            counts.captioned += n
+            counts.done += n
         if progress:
-            progress(Progress(done, total, captioned, 0, 0, stage="caption"))
-        return captioned, done
+            progress(Progress(counts.done, counts.total, counts.captioned, 0, counts.unreadable, stage="caption"))
 
     def _put_vit_tokens(self, results: list[ReadResult]) -> int:
         size = self.encoder.image_size

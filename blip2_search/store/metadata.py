@@ -177,9 +177,15 @@ class MetadataStore:
             return int(read_info(connection)[INFO_VECTORS_GENERATION])
 
     def captions_generation(self) -> int:
-        """The counter bumped by every `set_captions` (captions written after their images were indexed)."""
+        """The counter bumped by `captions_changed` (captions written after their images were indexed)."""
         with self._read() as connection:
             return int(read_info(connection).get(INFO_CAPTIONS_GENERATION, 0))
+
+    def captions_changed(self) -> int:
+        """Tell long-lived readers (a server) to reload the caption vectors: once after a run of `set_captions`,
+        not per batch (each reload reads every caption vector)."""
+        with self._write() as connection:
+            return updates.bump_captions_generation(connection)
 
     def ensure_embedder(self, embedder: EmbedderInfo) -> None:
         """Record ``embedder`` if none is recorded; raise ModelMismatchError if another one is."""

@@ -380,6 +380,10 @@ def set_captions(connection: Connection, captions: Sequence[CaptionUpdate], loca
             )
             if connection.scalar(select(exists().where(embeddings.c.content_hash == row.content_hash))):
                 _put_caption_vectors(connection, {row.content_hash: blob})
-    if captions:
-        current = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_CAPTIONS_GENERATION))
-        _set_info(connection, {INFO_CAPTIONS_GENERATION: str(int(current or 0) + 1)})
+
+
+def bump_captions_generation(connection: Connection) -> int:
+    """Increment ``captions_generation`` (captions written after indexing); return the new value."""
+    current = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_CAPTIONS_GENERATION))
+    _set_info(connection, {INFO_CAPTIONS_GENERATION: str(int(current or 0) + 1)})
+    return int(current or 0) + 1
