@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
@@ -114,18 +115,28 @@ def get_captioner(captioner: str | Blip2Captioner = DEFAULT_CAPTIONER, *, device
     return _cached(Blip2Captioner, _model_name(captioner, "captioner"), device=device, dtype=dtype, settings=settings)
 
 
+def _short(value) -> str:
+    """A value named in a one-line message: its type, and a short repr (a numpy array by its shape)."""
+    if isinstance(value, np.ndarray):
+        return f"a numpy array {value.shape} of {value.dtype}"
+    return f"{reprlib.repr(value)}, of type {type(value).__name__}"
+
+
 def _read_images(images: Sequence[ImageLike]) -> tuple[list[tuple[int, str | None, Image.Image]], list[ImageFailure]]:
     """Open paths (EXIF-rotated RGB); failures become `ImageFailure`s instead of stopping the batch."""
     from .images import open_image, upright_rgb
 
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise InvalidInputError(f"images is one numpy array {images.shape}, not a list of pictures; pass [Image.fromarray(a)]")
     if isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
-        raise InvalidInputError(f"images {images!r} are not a list of paths or PIL images; pass e.g. ['a.jpg', pil_image]")
+        raise InvalidInputError(f"images ({_short(images)}) are not a list of paths or PIL images; pass e.g. ['a.jpg', pil_image]")
     images = list(images)
     odd = next((i for i, item in enumerate(images) if not isinstance(item, (str, os.PathLike, Image.Image))), None)
     if odd is not None:
-        raise InvalidInputError(f"image {odd} ({images[odd]!r}, of type {type(images[odd]).__name__}) is not a path or a PIL image; pass one of those")
+        fix = "convert it with Image.fromarray(a)" if isinstance(images[odd], np.ndarray) else "pass a path or a PIL image"
+        raise InvalidInputError(f"image {odd} ({_short(images[odd])}) is not a path or a PIL image; {fix}")
     loaded, errors = [], []
     for i, item in enumerate(images):
         if isinstance(item, Image.Image):

@@ -7,6 +7,7 @@ models load on first use, so `status` and `failures` never touch torch weights.
 from __future__ import annotations
 
 import fcntl
+import numbers
 import os
 import re
 from contextlib import contextmanager
@@ -467,7 +468,7 @@ class Library:
         from .search.query import parse_query
         from .search.results import check_k, make_filters
 
-        check_k(k)
+        k = check_k(k)
         q = parse_query(query)
         filters = make_filters(path, after, before, min_score)
         _check_flags(rerank=rerank, fusion=fusion)
@@ -488,7 +489,7 @@ class Library:
         from .images import open_image, upright_rgb
         from .search.results import check_k, make_filters
 
-        check_k(k)
+        k = check_k(k)
         filters = make_filters(path, after, before, min_score)
         label = str(image) if not hasattr(image, "size") else "<image>"
         pil = upright_rgb(image) if hasattr(image, "size") else open_image(image)
@@ -531,9 +532,9 @@ class Library:
         """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""
         from .errors import InvalidInputError
 
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
             raise InvalidInputError(f"duplicate threshold {threshold!r} is not a number in (0, 1]; try --threshold 0.95")
-        groups = self.engine.duplicates(threshold)
+        groups = self.engine.duplicates(float(threshold))
         records = {r.id: r for r in self.metadata.get_records([i for g in groups for i in g])}
         return [[records[i] for i in g if i in records] for g in groups]
 
@@ -562,13 +563,12 @@ class Library:
         good, a folder nobody will index again); a drive that is only disconnected loses its
         photos' records and vectors too.
         """
-        if older_than_days is not None and (isinstance(older_than_days, bool) or not isinstance(older_than_days, (int, float))
-                                            or not older_than_days >= 0):
-            reason = "negative" if isinstance(older_than_days, (int, float)) and older_than_days < 0 else "not a number of days"
+        if older_than_days is not None and (not _is_number(older_than_days) or not older_than_days >= 0):
+            reason = "negative" if _is_number(older_than_days) and older_than_days < 0 else "not a number of days"
             raise InvalidInputError(f"older_than_days {older_than_days!r} is {reason}; pass 0 or more days, or None for all")
         before = None
         if older_than_days is not None:
-            before = datetime.now(timezone.utc) - timedelta(days=min(older_than_days, 36_500))  # beyond: none qualify
+            before = datetime.now(timezone.utc) - timedelta(days=min(float(older_than_days), 36_500))  # beyond: none qualify
         with self._lock():
             # A run that marked photos deleted but died before saving left vectors.faiss behind the
             # database; a server still serving it would look up the rows pruned here. Bring the file up
@@ -652,7 +652,12 @@ def _check_rerank_source(source) -> None:
 
 
 def _check_flags(**flags) -> None:
-    """Yes/no arguments must be bools: a string such as "no" would read as True."""
+    """Yes/no arguments must be bools (or 0/1): a string such as "no" would read as True."""
     for name, value in flags.items():
-        if not isinstance(value, (bool, np.bool_)):
+        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
             raise InvalidInputError(f"{name}={value!r} is a {type(value).__name__}; pass True or False")
+
+
+def _is_number(value) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))

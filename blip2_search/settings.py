@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import InvalidInputError
 
@@ -40,9 +43,11 @@ class Setting:
 
     def check(self, value):
         """`value` passed in Python for this setting, checked as the environment's is (InvalidInputError naming it)."""
-        typed = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        if isinstance(self.default, int) and not isinstance(typed, int):
-            typed = None
+        typed = None  # numpy numbers count as numbers
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+            typed = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(self.default, int):
+            typed = float(value)
         if not self._allowed(typed):
             raise InvalidInputError(f"{self.name}={value!r} is not {self._wanted()}; pass one (default {self.default})")
         return typed

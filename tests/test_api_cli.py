@@ -182,12 +182,15 @@ def test_a_database_url_as_the_library_is_refused_without_its_password(photo_dir
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda m, c: blip2_search.rerank("red", None, model=m), "images None are not a list of paths or PIL images"),
+    (lambda m, c: blip2_search.rerank("red", None, model=m), r"images \(None, of type NoneType\) are not a list of paths or PIL images"),
+    (lambda m, c: blip2_search.rerank("red", [np.zeros((8, 8, 3), np.uint8)], model=m),
+     r"image 0 \(a numpy array \(8, 8, 3\) of uint8\) is not a path or a PIL image; convert it with Image.fromarray"),
+    (lambda m, c: blip2_search.rerank("red", np.zeros((8, 8, 3), np.uint8), model=m), r"one numpy array \(8, 8, 3\)"),
     (lambda m, c: blip2_search.rerank("red", {"a.jpg": 1}, model=m), "are not a list of paths"),
     (lambda m, c: blip2_search.rerank("red", ["a.jpg", 5], model=m), r"image 1 \(5, of type int\) is not a path or a PIL image"),
     (lambda m, c: blip2_search.rerank("red", [b"a.jpg"], model=m), "of type bytes"),
     (lambda m, c: blip2_search.rerank("red", ["a.jpg"], model=None), "model None is not a checkpoint name"),
-    (lambda m, c: blip2_search.caption(None, c), "images None are not a list"),
+    (lambda m, c: blip2_search.caption(None, c), r"images \(None, of type NoneType\) are not a list"),
     (lambda m, c: blip2_search.caption(["a.jpg"], c, settings={"beams": 2}), "name unknown fields; use num_beams"),
     (lambda m, c: blip2_search.caption(["a.jpg"], c, settings={"num_beams": "2"}), "num_beams='2' is not a whole number"),
     (lambda m, c: blip2_search.caption(["a.jpg"], c, settings=5), "are not CaptionSettings"),

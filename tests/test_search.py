@@ -470,6 +470,15 @@ def test_python_api_arguments_of_the_wrong_kind_are_one_line_errors(lib, call, m
     assert "\n" not in str(caught.value)
 
 
+def test_numpy_numbers_are_numbers_and_a_result_reads_as_its_hits(lib, lib_dir):
+    result = lib.search(TEXTS[0], np.int64(3), rerank=0, min_score=np.float32(-1.0))
+    assert len(result) == 3 and list(result) == list(result.hits) and result[0] == result.hits[0]
+    assert [h.id for h in lib.rerank(TEXTS[0], result)] == [h.id for h in lib.rerank(TEXTS[0], list(result.hits))]
+    assert lib.duplicates(np.float32(0.99)) == lib.duplicates(0.99)
+    with Library.open(lib_dir, batch_size=np.int64(8), workers=np.int32(1)) as again:
+        assert (again.batch_size, again.workers) == (8, 1)
+
+
 def test_an_empty_path_filter_is_no_filter_in_python_too(lib):
     assert [h.id for h in lib.search(TEXTS[0], 3, rerank=False, path="").hits] == [h.id for h in lib.search(TEXTS[0], 3, rerank=False).hits]
     searched = lib.search(TEXTS[0], 3, rerank=False)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from datetime import date, datetime, time
+
+import numpy as np
 
 from ..errors import InvalidInputError
 
@@ -46,7 +49,7 @@ def make_filters(path=None, after=None, before=None, min_score=None) -> Filters:
     if path is not None and not isinstance(path, str):
         raise InvalidInputError(f"path filter {path!r} is a {type(path).__name__}, not a glob; pass a string such as '*/2023/*'")
     path = path if path is None or path.strip() else None  # an empty glob is no filter, as in the CLI and HTTP API
-    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))):
+    if min_score is not None and (isinstance(min_score, (bool, np.bool_)) or not isinstance(min_score, numbers.Real)):
         raise InvalidInputError(f"score filter {min_score!r} is a {type(min_score).__name__}, not a number; pass e.g. 0.3")
     return Filters(path_glob=path, after=parse_date(after, name="after", end_of_day=False),
                    before=parse_date(before, name="before", end_of_day=True), min_score=None if min_score is None else float(min_score))
@@ -104,6 +107,15 @@ class SearchResult:
     hits: tuple[Hit, ...]
     notes: tuple[str, ...] = ()
 
+    def __iter__(self):  # a result reads as its hits: `for hit in lib.search(...)`, `result[0]`, `len(result)`
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, index):
+        return self.hits[index]
+
     def as_dict(self) -> dict:
         out = {"query": self.query, "results": [h.as_dict() for h in self.hits]}
         if self.notes:
@@ -113,7 +125,8 @@ class SearchResult:
 
 def check_k(k: int, name: str = "k") -> int:
     """A result count must be 1..MAX_K."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_K:
-        what = "out of range" if isinstance(k, int) and not isinstance(k, bool) else f"a {type(k).__name__}, not a whole number"
+    whole = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))  # numpy integers too
+    if not whole or k < 1 or k > MAX_K:
+        what = "out of range" if whole else f"a {type(k).__name__}, not a whole number"
         raise InvalidInputError(f"{name} = {k!r} is {what}; pass -{'k' if name == 'k' else '-' + name} between 1 and {MAX_K}")
-    return k
+    return int(k)
