@@ -367,6 +367,9 @@ def _text_lines(file):
     `(number, text with the odd bytes replaced, reason and fix)`."""
     number = 0
     for raw in file:
+        if number == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) or b"\x00" in raw:
+            raise UserError(f"{file.name} is UTF-16 or UTF-32 text (as PowerShell's > writes), not UTF-8; save it as UTF-8 "
+                            "(e.g. Out-File -Encoding utf8, or iconv -f utf-16 -t utf-8)")
         body = raw[:-1] if raw.endswith(b"\n") else raw
         for part in (body[:-1] if body.endswith(b"\r") else body).split(b"\r"):
             number += 1

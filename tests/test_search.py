@@ -352,7 +352,15 @@ def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output and "1 query of" in res.stderr
     assert [x["query"] for x in lines] == [TEXTS[0], "caf\ufffd red", TEXTS[1]] and len(lines[2]["results"]) == 2
     assert lines[1]["error"] == f"line 2 of {qf} is not UTF-8 text (byte 0xe9); save the file as UTF-8"
+    # UTF-16 (PowerShell's >) is refused whole: read as UTF-8 its lines would search NUL-laced garbage
+    qf.write_bytes(f"{TEXTS[0]}\n{TEXTS[1]}\n".encode("utf-16"))
+    res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
+    assert res.exit_code == 2 and res.stdout == "" and "UTF-16 or UTF-32" in res.output and "Traceback" not in res.output
+    qf.write_bytes(f"{TEXTS[0]}\n".encode("utf-16-le"))  # without a BOM
+    res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
+    assert res.exit_code == 2 and res.stdout == "" and "UTF-16 or UTF-32" in res.output
     # a bad option is not a bad line: one error, at once
+    qf.write_text("\n".join(TEXTS) + "\n")
     res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "-k", "0"])
     assert res.exit_code == 2 and res.stdout == "" and "-k" in res.output and len(res.output.strip().splitlines()) == 1
 
