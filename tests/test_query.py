@@ -315,11 +315,16 @@ def test_truncation_drops_a_dangling_operator_or_weight():
         assert [t.weight for t in q.terms] == [1.0], tail
 
 
-def test_truncation_keeps_the_syntax_of_a_query_whose_quotes_were_cut_off():
-    """Quotes only after the cut: the kept part still reads as syntax, so its dangling operator goes."""
-    for tail in ('- "bbbbbbbbbb"', '+ 2:"bbbbbbbbbb"'):
+def test_a_cut_that_keeps_no_quote_reads_plain_and_drops_what_dangles():
+    """The kept text decides: without a quote it is one plain term (a '-' inside it stays text, never an
+    exclusion), and an operator or weight the cut separated from its quoted term is dropped."""
+    for tail in ('- "bbbbbbbbbb"', '+ 2:"bbbbbbbbbb"', '-0.5:"bbbbbbbbbb"'):
         q = parse_query("a " * 499 + tail)
         assert q.truncated and [t.text for t in q.terms] == [" ".join(["a"] * 499)], tail
+    long = "a beach at sunset - no people " + "word " * 200 + 'he said "hi"'
+    q = parse_query(long)
+    assert q.truncated and [(t.text, t.weight) for t in q.terms] == [(" ".join(q.raw.split()), 1.0)] and "- no people" in q.raw
+    assert parse_query("2: mix the flour " + "word " * 200 + '"hi"').terms[0].text.startswith("2: mix the flour")
 
 
 def test_truncation_does_not_hide_errors_before_the_cut():

@@ -34,6 +34,8 @@ _NUMBERISH = re.compile(r"(?P<signs>[+-]*)(?P<num>[0-9.,]*[0-9](?:[0-9.,]|[eE][+
 # A weight glued to unquoted text, e.g. 0.5:people (meant 0.5:"people"); a digit after the colon is a
 # time or a ratio (12:30, 16:9), plain text.
 _WEIGHT_ON_TEXT = re.compile(r"(?P<signs>[+-]*)(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+):(?P<rest>[^0-9:].*)", re.DOTALL)
+# What a cut can leave dangling at the end of the kept text: an operator, or a weight (with its sign).
+_DANGLING = re.compile(r"[+-]+|[+-]*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+):")
 _SNIPPET_CHARS = 12
 
 
@@ -112,7 +114,7 @@ def parse_query(text: str) -> Query:
     if not isinstance(text, str):
         raise InvalidInputError(f"query must be text, got {type(text).__name__}; pass a str such as 'a red car'")
     body, offset, truncated = _truncate(text)
-    terms = _Parser(body, offset, truncated, syntax=any(c in _QUOTES for c in text)).terms()
+    terms = _Parser(body, offset, truncated).terms()
     return Query(terms, body if truncated else text, truncated)
 
 
@@ -157,9 +159,8 @@ class _Item:
 class _Parser:
     """Turns one (possibly truncated) query text into terms; every error names its column."""
 
-    def __init__(self, text: str, offset: int, truncated: bool, *, syntax: bool):
+    def __init__(self, text: str, offset: int, truncated: bool):
         self.text = text
-        self.syntax = syntax  # the query as typed has a quote (the part kept after a cut may not)
         self.offset = offset
         self.truncated = truncated
 
@@ -185,8 +186,11 @@ class _Parser:
                 f"query: nothing to search for at column {self.offset + 1} (the query is empty, or only whitespace and invisible characters); "
                 "type a description of the photos, e.g. a red car on a beach"
             )
-        if not self.syntax:
-            return (Term(" ".join(self.text.split()), 1.0),)
+        if not any(c in _QUOTES for c in self.text):
+            words = self.text.split()
+            while self.truncated and len(words) > 1 and _DANGLING.fullmatch(words[-1]):
+                words.pop()  # an operator or weight the cut separated from its (quoted) term
+            return (Term(" ".join(words), 1.0),)
         segments = self._segments(self._attach_weights(self._lex()))
         if not segments:
             raise InvalidInputError(
