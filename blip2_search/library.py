@@ -83,12 +83,18 @@ def default_library_path() -> Path:
     return Path(_not_a_url(settings.get("library")))
 
 
+def _without_password(url: str) -> str:
+    """`url` with everything between :// and its last @ (user and password: a password may hold '/' or '@')
+    shown as ***."""
+    return re.sub(r"://.*@", "://***@", url, flags=re.DOTALL)
+
+
 def _not_a_url(path):
     """`path`, unless it is a URL (`postgresql://...`): a library is a folder, and a URL taken as one would
     make a folder named after it (with its password). InvalidInputError, the password hidden."""
     text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-        shown = re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", text)
+        shown = _without_password(text)
         raise InvalidInputError(
             f"library {shown} is a URL, but a library is a folder (its metadata in metadata.sqlite inside it); pass a folder "
             "with --library (metadata on a PostgreSQL server is tested at the store level only, not yet reachable from here)"

@@ -175,10 +175,14 @@ def test_a_database_url_as_the_library_is_refused_without_its_password(photo_dir
         for command in (["index", str(folder), "--model", "demo", "--no-captions"], ["status"], ["search", "red"]):
             res = CliRunner().invoke(main, [*command, *args])
             assert res.exit_code == 2 and "is a URL, but a library is a folder" in res.output, res.output
-            assert "s3cret" not in res.output and "blip:***@localhost" in res.output
+            assert "s3cret" not in res.output and "postgresql+psycopg://***@localhost/photos" in res.output
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(InvalidInputError, match="is a URL"):
         Library.open("sqlite:///x.db", create=True)
+    for url in ("postgresql://blip:pa/ss@db.example/photos", "postgresql://blip:p@ss@db.example/photos", "s3://key:sec/ret@bucket/x"):
+        with pytest.raises(InvalidInputError) as caught:
+            Library.open(url)
+        assert "ss" not in str(caught.value).split(" is a URL")[0].replace("postgresql", "") and "***@" in str(caught.value), caught.value
 
 
 @pytest.mark.parametrize("call, message", [
