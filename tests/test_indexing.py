@@ -1033,6 +1033,17 @@ def test_a_photo_moved_across_two_runs_keeps_its_record(tiny_itm_dir, photos, tm
         assert (moved.id, moved.status, moved.caption) == (before.id, "indexed", "a kept caption")
         assert known[str(other / "copy of p1.jpg")].id != known[str(photos / "p1.jpg")].id
         assert lib.status().indexed == 8 and lib.status().deleted == 0
+        # a folder that went away whole (an unplugged drive): a copy found elsewhere is a copy, not its move
+        shutil.move(photos / "sub dir", tmp_path / "unplugged")
+        assert lib.index([photos]).deleted == 1
+        nested = lib.metadata.get_by_paths([str(photos / "sub dir" / "nested é.png")])[str(photos / "sub dir" / "nested é.png")]
+        shutil.copy(tmp_path / "unplugged" / "nested é.png", other / "from the phone.png")
+        lib.index([other])
+        assert lib.metadata.known_files()[str(other / "from the phone.png")].id != nested.id
+        shutil.move(tmp_path / "unplugged", photos / "sub dir")
+        assert lib.index([photos]).reused == 1
+        back = lib.metadata.get_by_paths([nested.path])[nested.path]
+        assert (back.id, back.status) == (nested.id, "indexed")  # the photo came back under its own record
     _check_consistent(lib_dir)
 
 

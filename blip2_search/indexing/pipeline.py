@@ -503,15 +503,18 @@ class Indexer:
     def _claim(self, path: str, digest: str, templates: dict) -> int | None:
         """The id of the record that file `path` (new to the library, content `digest`) is a move of, now
         taken by it: a record found gone with that content in this run, else one of `templates` (records by
-        content) that `_elsewhere` says is this file, else a deleted one whose file is still gone (a move
-        seen by two runs: out of one folder, later into another); None for a new photo or a copy."""
+        content) that `_elsewhere` says is this file, else a deleted one whose file is still gone from a folder
+        that is still there (a move seen by two runs: out of one folder, later into another); None for a new
+        photo or a copy."""
         if path in self._known:
             return None
         same = [rec for rec in templates.get(digest, []) if rec.id not in self._moved]
         candidates = (self._gone_by_hash.get(digest)
                       or [rec.id for rec in same if rec.status != STATUS_DELETED and self._elsewhere(rec.path, path)]
-                      # a photo found gone by an earlier run (moved out of its folder then), now found here
-                      or [rec.id for rec in same if rec.status == STATUS_DELETED and not os.path.lexists(rec.path)])
+                      # a photo found gone by an earlier run (moved out of its folder then), now found here; not
+                      # when its folder is gone too (a drive unplugged: this file is a copy, the photo comes back)
+                      or [rec.id for rec in same if rec.status == STATUS_DELETED and not os.path.lexists(rec.path)
+                          and os.path.isdir(os.path.dirname(rec.path))])
         if not candidates:
             return None
         image_id = candidates.pop(0)
