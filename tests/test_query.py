@@ -199,6 +199,7 @@ ERRORS = [
     ('"a" +-2:dogs', 5, "+-2:dogs", "keep one"),
     ('0,5:"a"', 1, '0,5:"a"', "write a decimal with a dot"),
     ('- 1e2:"people"', 3, '1e2:"people"', "write a decimal with a dot"),
+    ('"x" 1e2:"y"', 5, '1e2:"y"', "write a decimal with a dot"),  # inside a term too
     ('"a" + 1e-2:"b"', 7, '1e-2:"b"', "write a decimal with a dot"),
     ('"a" + 1.2.3:"b"', 7, '1.2.3:"b"', "write a decimal with a dot"),
     ('car 2:"red"', 5, '2:"red"', "put + or - before it"),

@@ -364,6 +364,8 @@ class _Parser:
                 f'write {label}:"text" with no space after the colon, or remove the weight',
             )
         for item in items[1:]:
+            if item.kind == "bad_weight":
+                raise self._fail(f"weight {item.text[:-1]} {{at}} is not a number", item.start, 'write a decimal with a dot, e.g. 0.5:"people"')
             if item.weight is not None:
                 raise self._fail(
                     "weight {at} is in the middle of a term", item.weight_start,
