@@ -364,10 +364,10 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
 def _text_lines(file):
     """`(number, text, None)` for each line of a file opened in binary, as UTF-8 text (a leading BOM dropped);
     a line ends at LF, CRLF or a lone CR (old Mac files). A line that is not UTF-8 comes as
-    `(number, text with the odd bytes replaced, reason and fix)`."""
+    `(number, text with the odd bytes replaced, reason and fix)`; a UTF-16/32 file is a UserError."""
     number = 0
     for raw in file:
-        if number == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) or b"\x00" in raw:
+        if (number == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff"))) or b"\x00" in raw:
             raise UserError(f"{file.name} is UTF-16 or UTF-32 text (as PowerShell's > writes), not UTF-8; save it as UTF-8 "
                             "(e.g. Out-File -Encoding utf8, or iconv -f utf-16 -t utf-8)")
         body = raw[:-1] if raw.endswith(b"\n") else raw

@@ -10,6 +10,7 @@ import fcntl
 import numbers
 import os
 import re
+import reprlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -301,7 +302,7 @@ class Library:
             dirs = [dirs]
         dirs = list(dirs) if isinstance(dirs, Iterable) and not isinstance(dirs, bytes) else dirs
         if not isinstance(dirs, list) or not all(isinstance(d, (str, os.PathLike)) for d in dirs):
-            raise InvalidInputError(f"folders to index {dirs!r} are not paths; pass a folder or a list of folders (str or Path)")
+            raise InvalidInputError(f"folders to index {reprlib.repr(dirs)} are not paths; pass a folder or a list of folders (str or Path)")
         roots = check_roots(dirs, library=self.folder)
         with self._lock():
             self._drop_stale_vectors()
@@ -524,7 +525,7 @@ class Library:
         not indexed images."""
         from .search.results import Hit
 
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        bad = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, (bool, np.bool_))]
         if bad:
             raise InvalidInputError(f"cannot rerank {bad[0]!r} ({type(bad[0]).__name__}); pass Hits from search or integer image ids")
         records = {r.id: r for r in self.metadata.get_records([int(i) for i in ids]) if r.status == "indexed"}

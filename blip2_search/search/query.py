@@ -348,15 +348,17 @@ class _Parser:
             )
         return segments
 
+    def _not_a_number(self, weight: _Item) -> InvalidInputError:
+        """The error for a `bad_weight` item (0,5: or 1e2: before a quote)."""
+        return self._fail(f"weight {weight.text[:-1]} {{at}} is not a number", weight.start, 'write a decimal with a dot, e.g. 0.5:"people"')
+
     def _term(self, sign: _Item | None, items: list[_Item]) -> Term:
         """One term from the items between two operators; `sign` is the operator before them, if any."""
         first = items[0]
         if first.kind in ("loose_weight", "bad_weight"):
             start, label = first.start, first.text[:-1]
             if first.kind == "bad_weight":
-                raise self._fail(
-                    f"weight {label} {{at}} is not a number", start, 'write a decimal with a dot, e.g. 0.5:"people"'
-                )
+                raise self._not_a_number(first)
             glued = items[1].text if len(items) > 1 and items[1].start == first.end and items[1].kind == "word" else None
             raise self._fail(
                 f"weight {label}: {{at}} is not directly followed by a quoted term", start,
@@ -365,7 +367,7 @@ class _Parser:
             )
         for item in items[1:]:
             if item.kind == "bad_weight":
-                raise self._fail(f"weight {item.text[:-1]} {{at}} is not a number", item.start, 'write a decimal with a dot, e.g. 0.5:"people"')
+                raise self._not_a_number(item)
             if item.weight is not None:
                 raise self._fail(
                     "weight {at} is in the middle of a term", item.weight_start,
