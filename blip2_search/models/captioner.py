@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,8 +28,9 @@ class CaptionSettings:
     def __post_init__(self):
         for name in ("num_beams", "max_new_tokens", "min_new_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise InvalidInputError(f"caption setting {name}={value!r} is not a whole number; pass e.g. {name}=5")
+            object.__setattr__(self, name, int(value))
         if not isinstance(self.prompt, str):
             raise InvalidInputError(f"caption prompt {self.prompt!r} is not text; pass e.g. prompt='a photo of'")
         if self.num_beams < 1:

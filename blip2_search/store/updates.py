@@ -74,11 +74,19 @@ def _set_info(connection: Connection, values: dict[str, str | None]) -> None:
 
 def bump_generation(connection: Connection) -> int:
     """Increment ``vectors_generation``; return the new value."""
-    current = connection.scalar(
-        select(library_info.c.value).where(library_info.c.key == INFO_VECTORS_GENERATION).with_for_update()
-    )
+    return _bump(connection, INFO_VECTORS_GENERATION)
+
+
+def bump_captions_generation(connection: Connection) -> int:
+    """Increment ``captions_generation`` (captions written after indexing); return the new value."""
+    return _bump(connection, INFO_CAPTIONS_GENERATION)
+
+
+def _bump(connection: Connection, key: str) -> int:
+    """Increment the ``library_info`` counter ``key`` (0 when missing), the row locked on PostgreSQL."""
+    current = connection.scalar(select(library_info.c.value).where(library_info.c.key == key).with_for_update())
     new = int(current or 0) + 1
-    _set_info(connection, {INFO_VECTORS_GENERATION: str(new)})
+    _set_info(connection, {key: str(new)})
     return new
 
 
@@ -380,10 +388,3 @@ def set_captions(connection: Connection, captions: Sequence[CaptionUpdate], loca
             )
             if connection.scalar(select(exists().where(embeddings.c.content_hash == row.content_hash))):
                 _put_caption_vectors(connection, {row.content_hash: blob})
-
-
-def bump_captions_generation(connection: Connection) -> int:
-    """Increment ``captions_generation`` (captions written after indexing); return the new value."""
-    current = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_CAPTIONS_GENERATION))
-    _set_info(connection, {INFO_CAPTIONS_GENERATION: str(int(current or 0) + 1)})
-    return int(current or 0) + 1
