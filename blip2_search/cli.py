@@ -276,6 +276,8 @@ def prune(library, older_than, missing, as_json):
 
     with Library.open(library) as lib:
         report = lib.prune(older_than, missing=missing)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         _emit(asdict(report))
     else:

@@ -34,7 +34,7 @@ from .store import (
 )
 from .store.engine import METADATA_FILENAME
 from .store.index_choice import VECTOR_INDEX_MODES
-from .store.index_files import saved_generation
+from .store.index_files import saved_generation, sidecar_path
 
 LOCK_FILENAME = "index.lock"
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
@@ -69,6 +69,7 @@ class PruneReport:
     bytes_before: int
     bytes_after: int
     missing: int = 0  # photos marked deleted first because their files were not on disk (`missing=True`)
+    notes: tuple[str, ...] = ()  # what the caller should know (the vector index could not be saved)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Library:
         self._vectors_generation: int | None = None
         self._engine = None
         self._captions_generation: int | None = None
+        self._unsaved_index: str | None = None  # why the rebuilt vector index is in memory only
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -237,6 +239,7 @@ class Library:
             budget = int(float(settings.get("vector_memory_gb")) * 2**30)
             opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget)
             self._vectors, self._vectors_generation = opened.store, opened.generation
+            self._unsaved_index = opened.unsaved
         return self._vectors
 
     def _follow_other_writers(self) -> None:
@@ -486,10 +489,18 @@ class Library:
             result = engine.search_text(q, k, filters=filters, rerank=False, fusion=fusion, sort=_check_sort(sort))
             note = ("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); "
                     "index with --store-vit, pass --rerank-k N to force it, or use a GPU")
-            return _with_glob_note(replace(result, notes=result.notes + (note,)), path)
+            return self._with_index_note(_with_glob_note(replace(result, notes=result.notes + (note,)), path))
         source = self._vit_source(rerank_source) if rerank else None
         result = engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
-        return _with_glob_note(result, path)
+        return self._with_index_note(_with_glob_note(result, path))
+
+    def _with_index_note(self, result):
+        """`result`, noting a vector index that had to be rebuilt and could not be saved (each process rebuilds it)."""
+        if self._unsaved_index is None:
+            return result
+        note = (f"the vector index was rebuilt in memory but not saved ({self._unsaved_index}); every process rebuilds it "
+                f"until then (deleting the stale {VECTORS_FILENAME} also frees its space)")
+        return replace(result, notes=result.notes + (note,))
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
         """Images most like `image` (a path or PIL image), by their 32 query vectors."""
@@ -500,7 +511,7 @@ class Library:
         filters = make_filters(path, after, before, min_score)
         label = str(image) if not hasattr(image, "size") else "<image>"
         pil = upright_rgb(image) if hasattr(image, "size") else open_image(image)
-        return _with_glob_note(self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path)
+        return self._with_index_note(_with_glob_note(self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path))
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
         """ITM-rerank `hits` (a `search` result, its `Hit`s, or image ids) against `query` (the same syntax, scored as
@@ -588,14 +599,20 @@ class Library:
             if gone and embedded:
                 self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
             self.metadata.mark_deleted(gone)
+            notes = []
             if embedded:
-                self._save_vectors()
+                try:
+                    self._save_vectors()
+                except LibraryError as exc:  # a full disk: drop the stale file (a rebuild follows), free the space anyway
+                    for stale in (self.folder / VECTORS_FILENAME, sidecar_path(self.folder / VECTORS_FILENAME)):
+                        stale.unlink(missing_ok=True)
+                    notes.append(f"{exc}; removed the stale {VECTORS_FILENAME} instead (the next command rebuilds it)")
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
             vit_files = self._prune_vit_tokens()
             self._prune_thumbnails()
             self.metadata.vacuum()
-            return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes(), len(gone))
+            return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes(), len(gone), tuple(notes))
 
     def _metadata_bytes(self) -> int:
         files = (self.folder / METADATA_FILENAME, self.folder / f"{METADATA_FILENAME}-wal")

@@ -1062,3 +1062,40 @@ def test_caption_backfill_reads_a_copy_when_the_first_file_is_gone(tiny_itm_dir,
         assert lib.metadata.uncaptioned() == [] and lib.metadata.captions_generation() == 1  # 3 batches, one reload
         p0, copy = (lib.metadata.get_by_paths([str(p)])[str(p)] for p in (photos / "p0.jpg", other / "copy of p0.jpg"))
         assert p0.caption == copy.caption and p0.caption
+
+
+def test_a_full_disk_leaves_search_and_prune_working(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """With no space to write the vector index, searches rebuild it in memory (with a note) and prune still
+    forgets photos, dropping the stale index file instead (user review: both refused, so the disk stayed full)."""
+    import errno
+
+    from blip2_search.store import index_files
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        want = [h.id for h in lib.search("a red circle", 3, rerank=False, fusion=False).hits]
+    (lib_dir / "vectors.faiss").unlink()
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as disk:
+        disk.setattr(index_files, "atomic_write", full)
+        with Library.open(lib_dir) as lib:
+            result = lib.search("a red circle", 3, rerank=False, fusion=False)
+            assert [h.id for h in result.hits] == want
+            assert any("rebuilt in memory but not saved" in n and "No space left" in n for n in result.notes)
+    with Library.open(lib_dir) as lib:  # space again: rebuilt and saved
+        assert lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
+    assert (lib_dir / "vectors.faiss").exists()
+    os.remove(photos / "p0.jpg")
+    with monkeypatch.context() as disk:
+        disk.setattr(index_files, "atomic_write", full)
+        with Library.open(lib_dir) as lib:
+            report = lib.prune(missing=True)
+            assert (report.missing, report.images) == (1, 1) and "removed the stale vectors.faiss" in report.notes[0]
+    assert not (lib_dir / "vectors.faiss").exists()
+    with Library.open(lib_dir) as lib:
+        assert lib.status().indexed == 6 and lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
+    _check_consistent(lib_dir)

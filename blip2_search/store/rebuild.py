@@ -55,6 +55,7 @@ class OpenedVectors:
     store: VectorStore
     generation: int
     rebuilt_because: str | None
+    unsaved: str | None = None  # why the rebuilt index could not be written back (a full disk): it serves from memory
 
 
 def open_vectors(
@@ -102,7 +103,10 @@ def open_vectors(
             store.train(training_sample(metadata, store.sample_size(count)), expected_images=count)
     generation = rebuild(metadata, store)
     if save:
-        store.save(index_path, generation=generation)
+        try:
+            store.save(index_path, generation=generation)
+        except LibraryError as exc:  # a full disk must not stop searches (nor the prune that frees it)
+            return OpenedVectors(store, generation, loaded.reason, unsaved=str(exc))
         if isinstance(store, CompactVectorStore) and store.trained:
             # adding grows FAISS's lists by doubling (up to 2x slack); the file reads back tight
             reopened = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **common)
