@@ -396,10 +396,12 @@ class Library:
                 if missing else f"{head}, e.g. {waiting[0]}; run index on the folders that hold them")
 
     def _prune_vit_tokens(self) -> int:
-        """Delete stored ViT tokens of content no indexed image has; return how many files went."""
+        """Delete stored ViT tokens of content no indexed or deleted image has (a deleted photo keeps them, as
+        it keeps its vectors, for when it comes back; `prune` forgets both); return how many files went."""
         if not self.vit_store.enabled:
             return 0
-        return self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed" and k.content_hash)
+        return self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values()
+                                    if k.status in ("indexed", "deleted") and k.content_hash)
 
     def _drop_stale_vectors(self) -> None:
         """Forget loaded vectors that another process's changes made stale (they reopen on use)."""

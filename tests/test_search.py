@@ -398,6 +398,14 @@ def test_stored_vit_tokens_rerank_like_recomputing(tiny_itm_dir, tmp_path):
         assert lib.status().vit_tokens_bytes > 0
         stored = lib.search(TEXTS[0], 5, rerank_k=5, fusion=False, rerank_source="stored")
         fresh = lib.search(TEXTS[0], 5, rerank_k=5, fusion=False, rerank_source="recompute")
+        # a photo moved out and back in another run keeps its tokens, as it keeps its vectors
+        tokens = lib.status().vit_tokens_bytes
+        shutil.move(photos / "v0.jpg", tmp_path / "v0.jpg")
+        assert lib.index([photos]).deleted == 1 and lib.status().vit_tokens_bytes == tokens
+        shutil.move(tmp_path / "v0.jpg", photos / "v0.jpg")
+        assert lib.index([photos]).reused == 1
+        assert lib.search(TEXTS[0], 8, rerank_k=8, fusion=False, rerank_source="stored").notes == ()
+        assert lib.prune(missing=True).vit_files == 0
     # stored tokens are fp16 and come from the fast decode path: close to, not equal to, recomputing
     a = {h.id: h.itm_logit for h in stored.hits}
     b = {h.id: h.itm_logit for h in fresh.hits}
@@ -415,8 +423,8 @@ def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_
         lib.vit_store.enable()  # as if --store-vit had been passed once, then interrupted before any run stored a token
         missing = lib.search(TEXTS[0], 3, rerank_k=3, fusion=False, rerank_source="stored")
         assert all(h.itm_logit is None for h in missing.hits)
-        assert missing.notes == ("3 candidates could not be reranked (no ViT tokens stored for them; run index on their "
-                                 "folders to store them, or pass --rerank-source auto)",)
+        assert missing.notes == ("3 candidates could not be reranked (no ViT tokens stored for them; run index --store-vit "
+                                 "to store the missing ones, or pass --rerank-source auto)",)
         assert lib.index([photos]).notes == () and lib.status().vit_tokens_bytes == 0  # only --store-vit fills them in
         # v4 changes in place with its size and mtime kept: the run sees it unchanged, the backfill reads other bytes
         v4 = photos / "v4.jpg"

@@ -57,7 +57,7 @@ class StoredVit:
         self.hash_of = hash_of
         self.recompute = RecomputeVit(encoder)
         self.stored_only = stored_only
-        self.missing_reason = ("no ViT tokens stored for them; run index on their folders to store them, or pass --rerank-source auto"
+        self.missing_reason = ("no ViT tokens stored for them; run index --store-vit to store the missing ones, or pass --rerank-source auto"
                                if stored_only else RecomputeVit.missing_reason)
 
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]:
