@@ -402,3 +402,23 @@ def test_prune_after_a_run_that_died_before_saving_keeps_a_compact_server_search
             assert pruner.prune().images == 1
         hits = server.search("a photo", k=20, rerank=False, fusion=False).hits
         assert len(hits) == 11 and not any(h.path.endswith("p03.jpg") for h in hits)
+
+
+def test_a_server_follows_vector_index_switches_and_auto_leaves_compact_when_small(tiny_itm_dir, tmp_path, monkeypatch):
+    """Day-2 review: switching the index kind by `index --vector-index` left a running server on the old
+    kind (no generation change), and `auto` after `compact` kept the compact codes of a small library."""
+    from blip2_search.library import Library
+    from blip2_search.store import CompactVectorStore, FaissVectorStore
+
+    photos, lib_dir = _compact_library(tiny_itm_dir, tmp_path, monkeypatch)
+    with Library.open(lib_dir) as server:
+        server.search("a photo", k=3, rerank=False, fusion=False)
+        assert isinstance(server.vectors, CompactVectorStore) and server.vectors.trained
+        for kind, expected in (("exact", FaissVectorStore), ("compact", CompactVectorStore), ("auto", FaissVectorStore)):
+            with Library.open(lib_dir, vector_index=kind) as other:
+                assert other.index([photos]).unchanged == 12
+            assert len(server.search("a photo", k=12, rerank=False, fusion=False).hits) == 12
+            held = server.vectors._exact if isinstance(server.vectors, CompactVectorStore) and not server.vectors.trained else server.vectors
+            assert isinstance(held, expected), (kind, type(server.vectors))
+    sidecar = json.loads((lib_dir / "vectors.faiss.json").read_text())
+    assert not sidecar["params"].get("trained")  # auto at 12 images (threshold far above): exact vectors on disk

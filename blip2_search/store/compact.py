@@ -415,6 +415,9 @@ class CompactVectorStore:
         store._exact, store.factory = None, info.factory
         store.calibration = Calibration(**calibration)
         store._ids = _stored_image_ids(store._ivf, num_query_tokens)
+        if train_at is not None and len(store._ids) < train_at:  # e.g. `auto` after `compact`, or a library pruned small
+            return LoadResult(None, "stale", f"index {path} holds compact codes of {len(store._ids)} images, fewer than the "
+                              f"{train_at} at which this library's index turns compact", info)
         return LoadResult(store, "ok", outcome.reason, info)
 
 

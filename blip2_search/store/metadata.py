@@ -223,9 +223,11 @@ class MetadataStore:
             return read_info(connection).get(INFO_VECTOR_INDEX)
 
     def set_vector_index(self, kind: str) -> None:
-        """Record the vector index kind (checked by the caller, see ``index_choice``)."""
+        """Record the vector index kind (checked by the caller, see ``index_choice``); bumps the vectors
+        generation, so the index file is rebuilt in that kind and long-lived readers (a server) reload it."""
         with self._write() as connection:
             updates.set_info(connection, {INFO_VECTOR_INDEX: kind})
+            updates.bump_generation(connection)
 
     # -- change detection ------------------------------------------------------------------
 
