@@ -11,6 +11,7 @@ import numbers
 import os
 import re
 import reprlib
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -336,10 +337,12 @@ class Library:
             if not report.interrupted:
                 self._prune_vit_tokens()
                 self._save_vectors()
+                started = time.perf_counter()
                 try:
                     self._fill_in(indexer, store_vit, progress, notes)
                 except KeyboardInterrupt:
                     report = replace(report, interrupted=True)
+                report = replace(report, seconds=round(report.seconds + time.perf_counter() - started, 3))
                 if self.metadata.counts().pending:
                     notes.append(self._waiting_note())
             return replace(report, notes=tuple(notes)) if notes else report
@@ -358,16 +361,17 @@ class Library:
             notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed before --store-vit")
         if indexer.captioner is None:
             return
-        captioned = unreadable = 0
         try:
-            captioned, unreadable = indexer.fill_captions(progress)
+            indexer.fill_captions(progress)
         except (OSError, MemoryError, SQLAlchemyError) as exc:
             notes.append(f"could not caption the photos indexed without captions ({exc}); fix that and run index again")
-        if captioned:
-            notes.append(f"captioned {captioned} photo{_s(captioned)} indexed without captions")
-        if unreadable:
-            notes.append(f"{unreadable} photo{_s(unreadable)} indexed without captions could not be read to caption (changed or "
-                         "missing since); run index on their folders, or `prune --missing` for photos gone for good")
+        finally:  # also after Ctrl-C: what was done is kept, and said
+            counts = indexer.caption_counts
+            if counts.captioned:
+                notes.append(f"captioned {counts.captioned} photo{_s(counts.captioned)} indexed without captions")
+            if counts.unreadable:
+                notes.append(f"{counts.unreadable} photo{_s(counts.unreadable)} indexed without captions could not be read to caption "
+                             "(changed or missing since); run index on their folders, or `prune --missing` for photos gone for good")
 
     def _prune_thumbnails(self) -> int:
         """Delete the server's cached thumbnails (`thumbs/ID-...jpg`) of images the library no longer has."""

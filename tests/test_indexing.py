@@ -1099,3 +1099,28 @@ def test_a_full_disk_leaves_search_and_prune_working(tiny_itm_dir, photos, tmp_p
     with Library.open(lib_dir) as lib:
         assert lib.status().indexed == 6 and lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
     _check_consistent(lib_dir)
+
+
+def test_caption_backfill_interrupted_says_what_it_did_and_signals_servers_as_it_goes(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path, monkeypatch):
+    """Ctrl-C in the backfill keeps and reports the batches written; a run killed outright has told servers
+    to reload at least every CAPTIONS_SIGNAL_S; the report's seconds include the backfill."""
+    from blip2_search.indexing import pipeline
+
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        lib.index([photos])
+    real, calls = pipeline.Indexer._put_captions, []
+
+    def interrupted_second(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(self, *args)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(pipeline.Indexer, "_put_captions", interrupted_second)
+    monkeypatch.setattr(pipeline, "CAPTIONS_SIGNAL_S", 0.0)
+    with Library.open(tmp_path / "lib", captioner=str(tiny_captioner_dir), batch_size=3) as lib:
+        report = lib.index([photos])
+        assert report.interrupted and report.notes == ("captioned 3 photos indexed without captions",)
+        assert report.seconds >= 0.3 and lib.status().captioned == 3
+        assert lib.metadata.captions_generation() == 2  # after the batch (signal period 0), and at the end

@@ -18,7 +18,7 @@ from collections import deque
 from contextlib import closing, contextmanager
 from itertools import islice
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -104,14 +104,19 @@ class _Counts:
     done: int = 0
 
 
+CAPTIONS_SIGNAL_S = 300.0
+"""How often a long caption backfill tells servers to reload the caption vectors (each reload reads them all)."""
+
+
 @dataclass
-class _CaptionCounts:
+class CaptionCounts:
     """Where the caption backfill is, in photos (records)."""
 
-    total: int
+    total: int = 0
     captioned: int = 0
     unreadable: int = 0
     done: int = 0
+    signalled: float = field(default_factory=time.monotonic)  # when servers were last told to reload
 
 
 class Indexer:
@@ -159,6 +164,7 @@ class Indexer:
         self.queue_ahead = self.decode_during_forward if queue_ahead is None else queue_ahead
         self._not_in_forward = threading.Event()  # cleared while a forward runs, when decoding must wait
         self._not_in_forward.set()
+        self.caption_counts = CaptionCounts()  # of the last `fill_captions`
 
     @property
     def vectors(self) -> VectorStore:
@@ -281,8 +287,9 @@ class Indexer:
         captioner's size, caption it, embed the caption, store both; vectors untouched. One photo per
         content (a caption applies to every copy), read from whichever of its records' files reads. A photo
         none of whose files reads as indexed (changed or missing since) is left uncaptioned. Returns
-        `(captioned, unreadable)` in photos; Ctrl-C keeps the batches already written. A long-lived reader
-        (a server) is told once, at the end, to reload the caption vectors."""
+        `(captioned, unreadable)` in photos, also kept in `caption_counts` (read it after Ctrl-C, which
+        keeps the batches already written). Long-lived readers (a server) are told to reload the caption
+        vectors at the end and every CAPTIONS_SIGNAL_S seconds (a killed run leaves them at most that stale)."""
         if self.captioner is None:
             return 0, 0
         page = max(1024, self.batch_size)
@@ -290,7 +297,7 @@ class Indexer:
         if not records:  # the usual case: nothing to count
             return 0, 0
         status = self.metadata.counts()
-        counts = _CaptionCounts(total=status.indexed - status.captioned)
+        counts = self.caption_counts = CaptionCounts(total=status.indexed - status.captioned)
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
                 while records:
@@ -301,7 +308,7 @@ class Indexer:
                 self.metadata.captions_changed()
         return counts.captioned, counts.unreadable
 
-    def _caption_page(self, pool: ThreadPoolExecutor, records, counts: _CaptionCounts, progress) -> None:
+    def _caption_page(self, pool: ThreadPoolExecutor, records, counts: CaptionCounts, progress) -> None:
         """Caption one page of uncaptioned records: per content, the first record whose file reads as indexed."""
         by_content: dict[str | None, list] = {}
         for r in records:
@@ -329,7 +336,7 @@ class Indexer:
         if batch:
             self._put_captions(batch, counts, progress)
 
-    def _put_captions(self, batch: list[tuple[int, int, ReadResult]], counts: _CaptionCounts, progress) -> None:
+    def _put_captions(self, batch: list[tuple[int, int, ReadResult]], counts: CaptionCounts, progress) -> None:
         """Caption a batch of `(record id, records of that content, decoded photo)` and commit it."""
         cap = self.captioner
         if not self.decode_during_forward:
@@ -344,6 +351,9 @@ class Indexer:
             self.metadata.set_captions([CaptionUpdate(i, text, cap.name, vec) for (i, _, _), text, vec in zip(batch, texts, vectors)])
             counts.captioned += n
             counts.done += n
+        if time.monotonic() - counts.signalled >= CAPTIONS_SIGNAL_S:
+            self.metadata.captions_changed()
+            counts.signalled = time.monotonic()
         if progress:
             progress(Progress(counts.done, counts.total, counts.captioned, 0, counts.unreadable, stage="caption"))
 
