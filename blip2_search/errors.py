@@ -33,3 +33,7 @@ class LibraryError(Blip2SearchError):
 
 class ModelMismatchError(LibraryError):
     """A library was built with a different model than the one asked for."""
+
+
+class CorruptIndexError(LibraryError):
+    """The vector index file returned impossible scores (damaged on disk); it can be rebuilt from the database."""

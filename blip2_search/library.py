@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import settings
-from .errors import InvalidInputError, LibraryError, ModelMismatchError
+from .errors import CorruptIndexError, InvalidInputError, LibraryError, ModelMismatchError
 from .models.loading import DEMO
 from .store import (
     VECTORS_FILENAME,
@@ -489,6 +489,23 @@ class Library:
         filters = make_filters(path, after, before, min_score)
         _check_flags(rerank=rerank, fusion=fusion)
         _check_rerank_source(rerank_source)
+        return self._rebuilt_if_damaged(lambda: self._search(q, k, rerank, rerank_k, filters, sort, fusion, rerank_source, path))
+
+    def _rebuilt_if_damaged(self, search):
+        """`search()`, once more after rebuilding the vector index from the database if its file turned out damaged."""
+        try:
+            return search()
+        except CorruptIndexError:
+            for stale in (self.folder / VECTORS_FILENAME, sidecar_path(self.folder / VECTORS_FILENAME)):
+                stale.unlink(missing_ok=True)
+            self._vectors = self._engine = None
+            result = search()
+            note = f"{VECTORS_FILENAME} was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
+            return replace(result, notes=result.notes + (note,))
+
+    def _search(self, q, k, rerank, rerank_k, filters, sort, fusion, rerank_source, path):
+        from .search.results import check_k
+
         engine = self.engine
         rk = check_k(rerank_k, "rerank-k") if rerank_k is not None else self.default_rerank_k()
         if rerank and rk == 0:
@@ -517,7 +534,8 @@ class Library:
         filters = make_filters(path, after, before, min_score)
         label = str(image) if not hasattr(image, "size") else "<image>"
         pil = upright_rgb(image) if hasattr(image, "size") else open_image(image)
-        return self._with_index_note(_with_glob_note(self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path))
+        return self._rebuilt_if_damaged(lambda: self._with_index_note(_with_glob_note(
+            self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path)))
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
         """ITM-rerank `hits` (a `search` result, its `Hit`s, or image ids) against `query` (the same syntax, scored as

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -1124,3 +1125,33 @@ def test_caption_backfill_interrupted_says_what_it_did_and_signals_servers_as_it
         assert report.interrupted and report.notes == ("captioned 3 photos indexed without captions",)
         assert report.seconds >= 0.3 and lib.status().captioned == 3
         assert lib.metadata.captions_generation() == 2  # after the batch (signal period 0), and at the end
+
+
+def test_a_damaged_vector_index_of_the_right_size_is_rebuilt(tiny_itm_dir, photos, tmp_path):
+    """Bytes overwritten inside vectors.faiss (size, generation and count still right) gave scores like 1e37
+    as hits; scores of unit vectors cannot pass 1, so the file is rebuilt from the database, with a note."""
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:  # compact ones rescore from the database
+        lib.index([photos])
+        want = lib.search("a red circle", 3, rerank=False, fusion=False)
+    index = lib_dir / "vectors.faiss"
+    damaged = faiss.read_index(str(index))  # one image's 32 vectors overwritten in place: same size and count
+    codes = faiss.rev_swig_ptr(faiss.downcast_index(damaged.index).get_xb(), damaged.ntotal * 256)
+    codes[: 32 * 256] = np.random.default_rng(0).normal(size=32 * 256) * 100
+    faiss.write_index(damaged, str(index))
+    data = index.read_bytes()
+    for search in (lambda lib: lib.search("a red circle", 3, rerank=False, fusion=False),
+                   lambda lib: lib.similar(photos / "p1.jpg", 3)):
+        with Library.open(lib_dir) as lib:
+            got = search(lib)
+            assert all(-1.001 <= h.itc <= 1.001 for h in got.hits)
+            assert got.notes == ("vectors.faiss was damaged (it gave scores impossible for unit vectors): rebuilt it from the database",)
+            assert lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
+        with Library.open(lib_dir) as lib:
+            assert [h.id for h in lib.search("a red circle", 3, rerank=False, fusion=False).hits] == [h.id for h in want.hits]
+        index.write_bytes(data)  # damaged again for the image search
+    codes[: 32 * 256] = np.nan  # not numbers at all: those images had dropped out of every search silently
+    faiss.write_index(damaged, str(index))
+    with Library.open(lib_dir) as lib:
+        got = lib.search("a red circle", 3, rerank=False, fusion=False)
+        assert [h.id for h in got.hits] == [h.id for h in want.hits] and "damaged" in got.notes[0]

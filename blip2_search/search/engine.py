@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import InvalidInputError
+from ..errors import CorruptIndexError, InvalidInputError
 from ..models.encoder import Blip2Encoder
 from ..store import MetadataStore, VectorStore
 from .duplicates import duplicate_groups
@@ -71,7 +71,7 @@ class SearchEngine:
         """Ids and ITC scores, best first (ties by id). Exact for simple queries at any depth."""
         if simple:
             ids, scores = self.vectors.search(emb[:1], depth, allowed_ids=allowed)
-            return ids[0], scores[0]
+            return ids[0], _checked(scores[0], 1.0)
         if self.vectors.holds_vectors and len(self.vectors) <= EXACT_COMPOSITE_LIMIT:
             cand, stored = self.vectors.stored()
             if allowed is not None:
@@ -93,7 +93,7 @@ class SearchEngine:
             stored = self.vectors.vectors_for(cand)
         scores = composite_itc(stored, emb, weights)
         order = np.lexsort((cand, -scores))[:depth]
-        return cand[order], scores[order]
+        return cand[order], _checked(scores[order], float(np.abs(weights).sum()))
 
     def _fuse(self, query: Query, emb, weights, order: list[int], allowed, itc_of: dict, filters: Filters):
         """Reciprocal rank fusion of the image ranking with caption full-text and caption-embedding ranks."""
@@ -157,7 +157,7 @@ class SearchEngine:
         allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
         q = self.encoder.embed_images([image])  # [1, Q, D]
         ids, scores = self.vectors.search_vectors(q, k, allowed_ids=allowed)
-        ids, scores = ids[0], scores[0]
+        ids, scores = ids[0], _checked(scores[0], 1.0)
         keep = np.isfinite(scores) if filters.min_score is None else np.isfinite(scores) & (scores >= filters.min_score)
         ids, scores = ids[keep], scores[keep]
         hits = self._hits(ids.tolist(), dict(zip(ids.tolist(), scores.tolist())), None)
@@ -216,6 +216,16 @@ class SearchEngine:
 
             return duplicate_groups(sorted_ids, read, threshold, neighbours=neighbours)
         return duplicate_groups(self.vectors.image_ids(), self.vectors.vectors_for, threshold, neighbours=neighbours)
+
+
+def _checked(scores: np.ndarray, bound: float) -> np.ndarray:
+    """`scores` of unit vectors, which cannot pass `bound` (1 for one term; the sum of |weights| for several):
+    a larger one comes from a damaged index file (CorruptIndexError), not from the photos."""
+    finite = scores[np.isfinite(scores)]
+    if len(finite) and float(np.abs(finite).max()) > bound + 1e-3:
+        raise CorruptIndexError(f"the vector index returned a score of {float(np.abs(finite).max()):.4g}, impossible for unit "
+                                "vectors: its file is damaged; delete vectors.faiss in the library and it is rebuilt from the database")
+    return scores
 
 
 def _not_reranked(n: int, source: VitSource) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from blip2_search.errors import InvalidInputError
+from blip2_search.errors import CorruptIndexError, InvalidInputError
 from blip2_search.store.index_choice import EXACT_FACTORY, exact_bytes_per_image
 from blip2_search.store.index_files import (
     EXACT_STORE,
@@ -293,6 +293,9 @@ class FaissVectorStore:
         if k_out == 0:
             return out_ids, out_scores
         scores = max_scores(queries, stored, rows)
+        if not np.isfinite(scores).all():  # unit vectors cannot score NaN or inf: the file was damaged
+            raise CorruptIndexError("the vector index holds vectors that are not numbers (NaN or inf): its file is damaged; "
+                                    "delete vectors.faiss in the library and it is rebuilt from the database")
         for row in range(len(queries)):
             out_ids[row], out_scores[row] = top_k(candidates, scores[row], k_out)
         return out_ids, out_scores
