@@ -261,7 +261,8 @@ class Library:
                 f"so its vectors no longer match this process's model {self.model_name!r}; restart this process (the "
                 "server) once that `index --reembed` run has finished"
             )
-        if saved_generation(self.folder / VECTORS_FILENAME) == current:
+        path = self.folder / VECTORS_FILENAME
+        if not path.exists() or saved_generation(path) == current:  # saved by that run, or removed (a full disk's prune)
             self._vectors, self._engine = None, None
 
     @property
@@ -496,12 +497,18 @@ class Library:
         try:
             return search()
         except CorruptIndexError:
-            for stale in (self.folder / VECTORS_FILENAME, sidecar_path(self.folder / VECTORS_FILENAME)):
-                stale.unlink(missing_ok=True)
+            path = self.folder / VECTORS_FILENAME
+            if path.exists() and saved_generation(path) == self._vectors_generation:  # the file loaded, not a newer one
+                for stale in (path, sidecar_path(path)):
+                    stale.unlink(missing_ok=True)
             self._vectors = self._engine = None
+        try:
             result = search()
-            note = f"{VECTORS_FILENAME} was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
-            return replace(result, notes=result.notes + (note,))
+        except CorruptIndexError as exc:  # rebuilt from the database and still impossible: the stored vectors are bad
+            raise LibraryError(f"library {self.folder}: {exc}; it persists after rebuilding the index from the database, so "
+                               "the stored vectors are wrong: re-index with --reembed") from None
+        note = f"{VECTORS_FILENAME} was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
+        return replace(result, notes=result.notes + (note,))
 
     def _search(self, q, k, rerank, rerank_k, filters, sort, fusion, rerank_source, path):
         from .search.results import check_k

@@ -1090,13 +1090,17 @@ def test_a_full_disk_leaves_search_and_prune_working(tiny_itm_dir, photos, tmp_p
     with Library.open(lib_dir) as lib:  # space again: rebuilt and saved
         assert lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
     assert (lib_dir / "vectors.faiss").exists()
-    os.remove(photos / "p0.jpg")
+    shutil.move(photos / "p0.jpg", tmp_path / "p0 elsewhere.jpg")  # gone from the library; kept as a query image
+    server = Library.open(lib_dir)
+    assert len(server.search("a red circle", 7, rerank=False, fusion=False).hits) == 7
     with monkeypatch.context() as disk:
         disk.setattr(index_files, "atomic_write", full)
         with Library.open(lib_dir) as lib:
             report = lib.prune(missing=True)
             assert (report.missing, report.images) == (1, 1) and "removed the stale vectors.faiss" in report.notes[0]
     assert not (lib_dir / "vectors.faiss").exists()
+    assert len(server.similar(tmp_path / "p0 elsewhere.jpg", 6).hits) == 6  # it follows the prune: 6 live photos
+    server.close()
     with Library.open(lib_dir) as lib:
         assert lib.status().indexed == 6 and lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
     _check_consistent(lib_dir)

@@ -405,7 +405,9 @@ def test_stored_vit_tokens_rerank_like_recomputing(tiny_itm_dir, tmp_path):
         shutil.move(tmp_path / "v0.jpg", photos / "v0.jpg")
         assert lib.index([photos]).reused == 1
         assert lib.search(TEXTS[0], 8, rerank_k=8, fusion=False, rerank_source="stored").notes == ()
-        assert lib.prune(missing=True).vit_files == 0
+        shutil.move(photos / "v0.jpg", tmp_path / "v0.jpg")  # gone for good: prune forgets its tokens with it
+        assert lib.index([photos]).deleted == 1 and lib.prune().vit_files == 1
+        assert lib.status().vit_tokens_bytes < tokens
     # stored tokens are fp16 and come from the fast decode path: close to, not equal to, recomputing
     a = {h.id: h.itm_logit for h in stored.hits}
     b = {h.id: h.itm_logit for h in fresh.hits}
@@ -511,3 +513,18 @@ def test_an_empty_path_filter_is_no_filter_in_python_too(lib):
 def test_library_open_checks_its_arguments(lib_dir, kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         Library.open(**{"path": lib_dir, **kwargs})
+
+
+def test_bfloat16_vectors_are_not_taken_for_a_damaged_index(tiny_itm_dir, tmp_path):
+    """A photo searched by itself scores ~1; vectors normalised in bf16 had norms off by up to 0.5%, which
+    the damage check took for a damaged index (deleted, rebuilt, still failing)."""
+    photos = tmp_path / "photos"
+    for i in range(24):
+        _photo(photos / f"b{i}.jpg", 200 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, dtype="bfloat16", vector_index="exact") as lib:
+        lib.index([photos])
+        vectors = lib.metadata.vectors_for(range(1, 25))
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)  # unit in float32
+        for i in range(24):
+            found = lib.similar(photos / f"b{i}.jpg", 1)
+            assert found.notes == () and found.hits[0].itc <= 1.0 + 1e-5

@@ -422,3 +422,18 @@ def test_a_server_follows_vector_index_switches_and_auto_leaves_compact_when_sma
             assert isinstance(held, expected), (kind, type(server.vectors))
     sidecar = json.loads((lib_dir / "vectors.faiss.json").read_text())
     assert not sidecar["params"].get("trained")  # auto at 12 images (threshold far above): exact vectors on disk
+
+
+def test_a_compact_library_just_under_its_threshold_keeps_its_codes(tiny_itm_dir, tmp_path, monkeypatch):
+    """Hysteresis: a photo moved away takes the library one under the threshold; rebuilding exact vectors
+    there (and retraining when it comes back) at every crossing would cost a full rebuild each time."""
+    from blip2_search.library import Library
+
+    photos, lib_dir = _compact_library(tiny_itm_dir, tmp_path, monkeypatch)
+    monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 12)
+    (photos / "p00.jpg").rename(tmp_path / "p00.jpg")
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).deleted == 1
+    assert json.loads((lib_dir / "vectors.faiss.json").read_text())["params"].get("trained")
+    with Library.open(lib_dir) as lib:
+        assert lib.vectors.trained and len(lib.search("a photo", k=20, rerank=False, fusion=False).hits) == 11

@@ -415,10 +415,15 @@ class CompactVectorStore:
         store._exact, store.factory = None, info.factory
         store.calibration = Calibration(**calibration)
         store._ids = _stored_image_ids(store._ivf, num_query_tokens)
-        if train_at is not None and len(store._ids) < train_at:  # e.g. `auto` after `compact`, or a library pruned small
-            return LoadResult(None, "stale", f"index {path} holds compact codes of {len(store._ids)} images, fewer than the "
+        if train_at is not None and len(store._ids) < SHRINK_BACK * train_at:  # `auto` after `compact`, a library pruned small
+            return LoadResult(None, "stale", f"index {path} holds compact codes of {len(store._ids)} images, well under the "
                               f"{train_at} at which this library's index turns compact", info)
         return LoadResult(store, "ok", outcome.reason, info)
+
+
+SHRINK_BACK = 0.9
+"""A trained compact index goes back to exact vectors only below this share of its threshold, so a library
+near it (an unplugged drive, a prune) does not rebuild and retrain at every crossing."""
 
 
 def _stored_image_ids(ivf: faiss.IndexIVF, num_query_tokens: int) -> np.ndarray:
