@@ -270,6 +270,22 @@ def test_disk_full_is_a_library_error(sqlite_store, tmp_path, rng):
     assert "disk is full" in str(info.value) and "free disk space" in str(info.value)
 
 
+def test_disk_io_error_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    """With no byte free SQLite cannot create its -shm file and reports only 'disk I/O error'."""
+    import shutil as shutil_module
+    import sqlite3
+    from collections import namedtuple
+
+    from blip2_search.store.engine import library_error
+
+    error = sqlite3.OperationalError("disk I/O error")
+    location = str(tmp_path / "metadata.sqlite")
+    assert "check the library location" in str(library_error(location, error))  # this disk has room
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    assert "disk I/O error; the disk is full; free disk space" in str(library_error(location, error))
+
+
 def test_locked_library_is_a_library_error_and_readers_still_read(tmp_path, rng):
     path = tmp_path / "metadata.sqlite"
     s = open_metadata(path, create=True, embedder=EMBEDDER, busy_timeout_s=0.2)

@@ -16,6 +16,7 @@ give up after the same busy timeout with a "locked" error.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,9 +158,20 @@ def library_error(location: str, error: BaseException) -> LibraryError:
         fix = "it is read-only; make the library folder writable or choose another --library folder"
     elif "unable to open" in lowered:
         fix = "the file cannot be opened; check that the library folder exists and is writable"
+    elif "disk i/o error" in lowered and _disk_full(location):  # SQLite could not create its -shm file
+        fix = "the disk is full; free disk space and run the command again"
     else:
         fix = "check the library location and run the command again"
     return LibraryError(f"library {location}: {detail}; {fix}")
+
+
+def _disk_full(location: str) -> bool:
+    """Whether the disk holding `location` (a database file or URL) has no room left; False when unknown."""
+    folder = os.path.dirname(location) if "://" not in location else ""
+    try:
+        return bool(folder) and shutil.disk_usage(folder).free < 64 * 1024
+    except OSError:
+        return False
 
 
 @contextmanager
