@@ -408,6 +408,12 @@ class Library:
         return self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values()
                                     if k.status in ("indexed", "deleted") and k.content_hash)
 
+    def _remove_index_file(self) -> None:
+        """Delete vectors.faiss and its sidecar (damaged, or stale and unsavable): the next open rebuilds them."""
+        path = self.folder / VECTORS_FILENAME
+        for stale in (path, sidecar_path(path)):
+            stale.unlink(missing_ok=True)
+
     def _drop_stale_vectors(self) -> None:
         """Forget loaded vectors that another process's changes made stale (they reopen on use)."""
         if self._vectors is not None and self._vectors_generation != self.metadata.vectors_generation():
@@ -499,8 +505,7 @@ class Library:
         except CorruptIndexError:
             path = self.folder / VECTORS_FILENAME
             if path.exists() and saved_generation(path) == self._vectors_generation:  # the file loaded, not a newer one
-                for stale in (path, sidecar_path(path)):
-                    stale.unlink(missing_ok=True)
+                self._remove_index_file()
             self._vectors = self._engine = None
         try:
             result = search()
@@ -635,8 +640,7 @@ class Library:
                 try:
                     self._save_vectors()
                 except LibraryError as exc:  # a full disk: drop the stale file (a rebuild follows), free the space anyway
-                    for stale in (self.folder / VECTORS_FILENAME, sidecar_path(self.folder / VECTORS_FILENAME)):
-                        stale.unlink(missing_ok=True)
+                    self._remove_index_file()
                     notes.append(f"{exc}; removed the stale {VECTORS_FILENAME} instead (the next command rebuilds it)")
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
