@@ -360,6 +360,9 @@ class Library:
                          "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")
         if filled:
             notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed before --store-vit")
+        embedded = indexer.fill_caption_vectors()
+        if embedded:
+            notes.append(f"embedded the captions of {embedded} photo{_s(embedded)} that had none embedded (after a re-embed without captions)")
         if indexer.captioner is None:
             return
         try:

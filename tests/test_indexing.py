@@ -1159,3 +1159,21 @@ def test_a_damaged_vector_index_of_the_right_size_is_rebuilt(tiny_itm_dir, photo
     with Library.open(lib_dir) as lib:
         got = lib.search("a red circle", 3, rerank=False, fusion=False)
         assert [h.id for h in got.hits] == [h.id for h in want.hits] and "damaged" in got.notes[0]
+
+
+def test_a_reembed_without_captions_embeds_the_kept_captions_again(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
+    """--reembed drops every caption vector (they came from the old model); with captions off nothing wrote
+    new ones, so caption fusion lost every photo. The kept caption texts are embedded with the new model."""
+    from tiny_models import make_tiny_itm
+
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=4) as lib:
+        lib.index([photos])
+    other = make_tiny_itm(tmp_path / "other", seed=5)
+    with Library.open(tmp_path / "lib", model=str(other), captioner=False, reembed=True, batch_size=4) as lib:
+        report = lib.index([photos])
+        assert "embedded the captions of 7 photos that had none embedded (after a re-embed without captions)" in report.notes
+        records = {r.id: r for r in lib.metadata.get_records(range(1, 20))}
+        ids, vecs = next(lib.metadata.iter_caption_vectors())
+        assert len(ids) == 7 and all(records[int(i)].caption for i in ids)
+        np.testing.assert_allclose(vecs, lib.encoder.embed_texts([records[int(i)].caption for i in ids]), atol=1e-5)
+        assert lib.metadata.captions_without_vectors() == [] and "embedded the captions" not in " ".join(lib.index([photos]).notes)

@@ -308,6 +308,23 @@ class Indexer:
                 self.metadata.captions_changed()
         return counts.captioned, counts.unreadable
 
+    def fill_caption_vectors(self) -> int:
+        """Embed the captions of indexed photos that have a caption but no caption vector (a re-embed with
+        captions off reset the vectors and wrote none): the text encoder only, no image read. Returns how
+        many photos (records) got one; servers are told to reload the caption vectors."""
+        done, after = 0, 0
+        while records := self.metadata.captions_without_vectors(limit=max(1024, self.batch_size), after=after):
+            after = records[-1].id
+            first = {r.content_hash: r for r in reversed(records)}  # one per content: a caption applies to every copy
+            texts = [r.caption for r in first.values()]
+            vectors = self.encoder.embed_texts(texts)
+            with _interrupts_deferred():
+                self.metadata.set_captions([CaptionUpdate(r.id, r.caption, r.caption_model or "", v) for r, v in zip(first.values(), vectors)])
+                done += len(records)
+        if done:
+            self.metadata.captions_changed()
+        return done
+
     def _caption_page(self, pool: ThreadPoolExecutor, records, counts: CaptionCounts, progress) -> None:
         """Caption one page of uncaptioned records: per content, the first record whose file reads as indexed."""
         by_content: dict[str | None, list] = {}

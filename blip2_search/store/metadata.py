@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Text, func, select, type_coerce
+from sqlalchemy import Connection, Engine, Text, exists, func, select, type_coerce
 
 from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
 from blip2_search.store import updates
@@ -66,6 +66,7 @@ from blip2_search.store.schema import (
     INFO_CAPTIONS_GENERATION,
     INFO_VECTOR_INDEX,
     INFO_VECTORS_GENERATION,
+    caption_vectors,
     embeddings,
     images,
 )
@@ -425,6 +426,19 @@ class MetadataStore:
         statement = (
             select(images)
             .where(images.c.status == STATUS_INDEXED, images.c.caption.is_(None), images.c.id > after)
+            .order_by(images.c.id)
+            .limit(limit)
+        )
+        with self._read() as connection:
+            return [to_image_record(row) for row in connection.execute(statement)]
+
+    def captions_without_vectors(self, limit: int | None = None, *, after: int = 0) -> list[ImageRecord]:
+        """Indexed images with a caption but no caption vector for their content (their vectors were reset by a
+        re-embed that wrote no captions), id above ``after``, by ascending id."""
+        has_vector = exists().where(caption_vectors.c.content_hash == images.c.content_hash)
+        statement = (
+            select(images)
+            .where(images.c.status == STATUS_INDEXED, images.c.caption.is_not(None), images.c.id > after, ~has_vector)
             .order_by(images.c.id)
             .limit(limit)
         )
