@@ -247,11 +247,11 @@ class Library:
         """Pick up what another process (an `index` run beside a server) committed and saved since the
         vectors were loaded. While such a run is still going (its index file not yet saved at the
         database's generation) the loaded vectors keep serving, rather than rebuilding on every batch."""
-        if self._engine is not None and self.metadata.captions_generation() != self._captions_generation:
+        current, captions = self.metadata.generations()  # one database read per search
+        if self._engine is not None and captions != self._captions_generation:
             self._engine = None  # captions written since (after an `index` that captioned earlier photos)
         if self._vectors is None:
             return
-        current = self.metadata.vectors_generation()
         if current == self._vectors_generation:
             return
         recorded = self.metadata.info().embedder

@@ -182,6 +182,12 @@ class MetadataStore:
         with self._read() as connection:
             return int(read_info(connection).get(INFO_CAPTIONS_GENERATION, 0))
 
+    def generations(self) -> tuple[int, int]:
+        """``(vectors_generation, captions_generation)`` in one read: what a long-lived reader checks per request."""
+        with self._read() as connection:
+            info = read_info(connection)
+        return int(info[INFO_VECTORS_GENERATION]), int(info.get(INFO_CAPTIONS_GENERATION, 0))
+
     def captions_changed(self) -> int:
         """Tell long-lived readers (a server) to reload the caption vectors: once after a run of `set_captions`,
         not per batch (each reload reads every caption vector)."""
