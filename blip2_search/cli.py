@@ -204,8 +204,8 @@ class _ProgressLine:
 @click.argument("photo_dirs", nargs=-1, required=True, type=click.Path(path_type=str))
 @library_option
 @click.option("--model", default=None, help="Embedder for a new library (default Salesforce/blip2-itm-vit-g; 'demo' for the demo model).")
-@click.option("--captioner", default=None, help="Caption model [default: the library's; new libraries: demo with --model demo, else Salesforce/blip2-opt-2.7b].")
-@click.option("--no-captions", is_flag=True, help="Do not write captions.")
+@click.option("--captioner", default=None, help="Caption model [default: the library's; new libraries: demo with --model demo, else Salesforce/blip2-opt-2.7b]; 'none': stop captioning this library (captions written stay).")
+@click.option("--no-captions", is_flag=True, help="Do not write captions in this run.")
 @click.option("--reembed", is_flag=True, help="Re-embed every image of the library (all its folders) when --model differs from the library's.")
 @click.option("--rehash", is_flag=True, help="Read and hash every file, also those with unchanged size and mtime (finds content replaced under the same size and time).")
 @click.option("--store-vit", is_flag=True, help="Keep each image's ViT tokens (fp16; 0.72 MB an image for ViT-g) so reranking need not rerun the ViT.")
@@ -223,7 +223,7 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, s
     from .indexing.scan import check_roots
     from .library import Library, default_library_path
 
-    if no_captions and captioner is not None:
+    if no_captions and captioner not in (None, "none"):
         raise UserError(f"--captioner {captioner} and --no-captions contradict each other; pass one of them")
     check_roots(photo_dirs, library=library if library is not None else default_library_path())  # before a library is made
     progress = _ProgressLine(not as_json)

@@ -40,6 +40,8 @@ from .store.index_files import saved_generation, sidecar_path
 LOCK_FILENAME = "index.lock"
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
 
+NO_CAPTIONER = "none"  # captioner= value that stops a library captioning (a checkpoint folder named so: ./none)
+
 
 @dataclass(frozen=True)
 class LibraryStatus:
@@ -129,6 +131,7 @@ class Library:
         self._engine = None
         self._captions_generation: int | None = None
         self._unsaved_index: str | None = None  # why the rebuilt vector index is in memory only
+        self._forget_captioner = False  # opened with captioner="none": the next index run clears the record
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -152,12 +155,16 @@ class Library:
         A different model than recorded raises ModelMismatchError unless `reembed`.
         `vector_index`: `exact`, `compact` or `auto`, recorded by the next `index` run; None keeps
         the library's (new libraries: the `vector_index` setting, `auto`).
-        `captioner`: a checkpoint name, False for no captions, None for the library's own (new
-        libraries: the demo captioner with `model="demo"`, else the BLIP-2 OPT-2.7B checkpoint).
+        `captioner`: a checkpoint name, False for no captions in this run, `"none"` for no captions from the
+        next `index` on (it forgets the library's captioner; captions already written stay), None for the
+        library's own (new libraries: the demo captioner with `model="demo"`, else the BLIP-2 OPT-2.7B checkpoint).
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"library path {path!r} ({type(path).__name__}) is not a path; pass a folder as str or Path")
         folder = Path(_not_a_url(path)) if path is not None else default_library_path()
+        forget_captioner = captioner == NO_CAPTIONER
+        if forget_captioner:
+            captioner = False
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
@@ -191,9 +198,11 @@ class Library:
             cap = info.captioner.model_id if info.captioner else None
         else:
             cap = _default_captioner(name)
-        return cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed, vector_index=vector_index,
-                   embedder_source=source if source is not None and source.name == name else None,
-                   batch_size=batch_size, workers=workers)
+        library = cls(folder, metadata, model=name, captioner=cap, device=device, dtype=dtype, reembed=reembed, vector_index=vector_index,
+                      embedder_source=source if source is not None and source.name == name else None,
+                      batch_size=batch_size, workers=workers)
+        library._forget_captioner = forget_captioner
+        return library
 
     def close(self) -> None:
         """Release the database."""
@@ -325,6 +334,10 @@ class Library:
             self.metadata.ensure_embedder(info)
             if cap is not None:  # with the embedder, so a run that fails later still captions next time
                 self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
+            elif self._forget_captioner and self.metadata.info().captioner is not None:
+                self.metadata.set_captioner(None)
+                notes.append("the library no longer captions new photos (captions already written stay in search); "
+                             "index with --captioner C to caption again")
             kind = self.vector_index_kind()
             if self.metadata.vector_index() != kind:
                 self.metadata.set_vector_index(kind)

@@ -1177,3 +1177,35 @@ def test_a_reembed_without_captions_embeds_the_kept_captions_again(tiny_itm_dir,
         assert len(ids) == 7 and all(records[int(i)].caption for i in ids)
         np.testing.assert_allclose(vecs, lib.encoder.embed_texts([records[int(i)].caption for i in ids]), atol=1e-5)
         assert lib.metadata.captions_without_vectors() == [] and "embedded the captions" not in " ".join(lib.index([photos]).notes)
+
+
+def test_captioner_none_stops_captioning_for_good_and_keeps_written_captions(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
+    """`captioner="none"` (CLI `--captioner none`) forgets the library's captioner: later plain runs write no
+    captions and backfill none; captions already written stay; naming a captioner again turns them back on."""
+    lib_dir = tmp_path / "lib"
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=4) as lib:
+        lib.index([photos])
+    _photo(photos / "new1.jpg", 201)
+    with Library.open(lib_dir, captioner="none", batch_size=4) as lib:
+        report = lib.index([photos])
+        assert report.indexed == 1 and any("no longer captions" in n for n in report.notes)
+        assert lib.status().captioner is None and lib.status().captioned == 7
+    _photo(photos / "new2.jpg", 202)
+    with Library.open(lib_dir, batch_size=4) as lib:  # a plain run: no captions, no backfill
+        report = lib.index([photos])
+        assert report.indexed == 1 and report.notes == ()
+        assert lib.status().captioned == 7
+    result = CliRunner().invoke(main, ["status", "--library", str(lib_dir), "--json"])
+    assert json.loads(result.output)["captioner"] is None
+    with Library.open(lib_dir, captioner=str(tiny_captioner_dir), batch_size=4) as lib:
+        assert "captioned 2 photos indexed without captions" in lib.index([photos]).notes
+        assert lib.status().captioned == 9
+
+
+def test_a_new_library_with_captioner_none_needs_no_captioner(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP2_SEARCH_CAPTIONER", str(tmp_path / "no such captioner"))
+    result = CliRunner().invoke(main, ["index", str(photos), "--library", str(tmp_path / "lib"), "--model", str(tiny_itm_dir),
+                                       "--captioner", "none", "--batch-size", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    with Library.open(tmp_path / "lib") as lib:
+        assert lib.status().captioner is None and lib.status().captioned == 0 and lib.status().indexed == 7

@@ -219,8 +219,8 @@ class MetadataStore:
         with self._write() as connection:
             return updates.reset_embedder(connection, embedder)
 
-    def set_captioner(self, captioner: ModelRef) -> None:
-        """Record the captioner used for new captions."""
+    def set_captioner(self, captioner: ModelRef | None) -> None:
+        """Record the captioner used for new captions (None: the library writes none)."""
         with self._write() as connection:
             updates.write_captioner(connection, captioner)
 

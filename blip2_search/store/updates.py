@@ -103,11 +103,11 @@ def write_embedder(connection: Connection, embedder: EmbedderInfo) -> None:
     )
 
 
-def write_captioner(connection: Connection, captioner: ModelRef) -> None:
-    """Record ``captioner`` in ``library_info``."""
+def write_captioner(connection: Connection, captioner: ModelRef | None) -> None:
+    """Record ``captioner`` in ``library_info`` (None deletes the record)."""
     _set_info(
         connection,
-        {INFO_CAPTIONER_MODEL: captioner.model_id, INFO_CAPTIONER_REVISION: captioner.revision},
+        {INFO_CAPTIONER_MODEL: captioner.model_id if captioner else None, INFO_CAPTIONER_REVISION: captioner.revision if captioner else None},
     )
 
 
