@@ -102,8 +102,12 @@ def test_a_run_that_changes_nothing_neither_reads_nor_writes_the_vector_index(ti
     opened = []
     real_open = library_module.open_vectors
     monkeypatch.setattr(library_module, "open_vectors", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
-    with Library.open(lib_dir) as lib:
-        assert lib.index([photos]).unchanged == 7
+    from blip2_search.models.checkpoint import Checkpoint
+
+    with monkeypatch.context() as patched:  # nor loads a model's processor (its import alone costs seconds)
+        patched.setattr(Checkpoint, "image_processor", property(lambda self: pytest.fail("processor loaded by a run with nothing to read")))
+        with Library.open(lib_dir) as lib:
+            assert lib.index([photos]).unchanged == 7
     after = index_file.stat()
     assert opened == [] and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     (photos / "p0.jpg").unlink()

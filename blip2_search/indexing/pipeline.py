@@ -200,7 +200,8 @@ class Indexer:
                     if was_live:
                         self.vectors.remove(np.array(was_live, dtype=np.int64))
                     counts.failed += len(plan.unreadable)
-            self._process(plan, known, gone_by_hash, moved, counts, progress)
+            if plan.work:  # else nothing to read: the models (their processors' imports cost seconds) stay unloaded
+                self._process(plan, known, gone_by_hash, moved, counts, progress)
         except KeyboardInterrupt:
             interrupted = True
         deleted = 0
