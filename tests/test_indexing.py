@@ -1213,3 +1213,54 @@ def test_a_new_library_with_captioner_none_needs_no_captioner(tiny_itm_dir, phot
     assert result.exit_code == 0, result.output
     with Library.open(tmp_path / "lib") as lib:
         assert lib.status().captioner is None and lib.status().captioned == 0 and lib.status().indexed == 7
+
+
+@pytest.mark.parametrize("how", ["index the real folder after its alias", "index the alias after the real folder", "rename the folder"])
+def test_a_photo_deleted_from_a_folder_indexed_under_another_name_leaves_search(tiny_itm_dir, tmp_path, how):
+    """A folder indexed under one name (a symlink to it, the folder behind a symlink, or before `mv`), a photo
+    deleted, the folder indexed under its other name: the deleted photo is marked deleted, also on a later
+    run; the others keep their records. A folder that is only absent (an unplugged drive) keeps its photos."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    for i in range(3):
+        _photo(real / "a" / f"q{i}.jpg", 60 + i)
+    link.symlink_to(real, target_is_directory=True)
+    first, second = {"index the real folder after its alias": (link, real), "index the alias after the real folder": (real, link),
+                     "rename the folder": (real, tmp_path / "renamed")}[how]
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([first])
+        ids = {Path(p).name: k.id for p, k in lib.metadata.known_files().items()}
+    (real / "a" / "q0.jpg").unlink()
+    if how == "rename the folder":
+        link.unlink()
+        real.rename(second)
+    with Library.open(lib_dir) as lib:
+        report = lib.index([second])
+        assert (report.deleted, report.reused) == (1, 2)
+        known = lib.metadata.known_files()
+        assert {Path(p).name: (k.id, k.status) for p, k in known.items()} == {
+            "q0.jpg": (ids["q0.jpg"], "deleted"), "q1.jpg": (ids["q1.jpg"], "indexed"), "q2.jpg": (ids["q2.jpg"], "indexed")}
+        assert {Path(h.path).name for h in lib.search("a photo", k=5, rerank=False, fusion=False).hits} == {"q1.jpg", "q2.jpg"}
+        assert lib.index([second]).deleted == 0
+    _check_consistent(lib_dir)
+
+
+def test_an_unplugged_drive_keeps_its_photos_while_an_alias_loses_its_deleted_one(tiny_itm_dir, tmp_path):
+    """The alias check marks deleted only photos gone from a folder that is a root under another name: a
+    photo on another folder that is merely absent (an unplugged drive) stays indexed."""
+    real, link, drive = tmp_path / "real", tmp_path / "link", tmp_path / "drive"
+    for i in range(2):
+        _photo(real / f"q{i}.jpg", 70 + i)
+    _photo(drive / "d.jpg", 80)
+    link.symlink_to(real, target_is_directory=True)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([real])
+        lib.index([drive])
+    (real / "q0.jpg").unlink()
+    shutil.rmtree(drive)
+    with Library.open(lib_dir) as lib:
+        assert lib.index([link]).deleted == 1
+        statuses = {Path(p).name: k.status for p, k in lib.metadata.known_files().items()}
+        assert statuses == {"q0.jpg": "deleted", "q1.jpg": "indexed", "d.jpg": "indexed"}
+
