@@ -132,6 +132,7 @@ class Library:
         self._captions_generation: int | None = None
         self._unsaved_index: str | None = None  # why the rebuilt vector index is in memory only
         self._forget_captioner = False  # opened with captioner="none": the next index run clears the record
+        self._model_pending = False  # no model named and none recorded when opened: read the record at first use
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -202,6 +203,7 @@ class Library:
                       embedder_source=source if source is not None and source.name == name else None,
                       batch_size=batch_size, workers=workers)
         library._forget_captioner = forget_captioner
+        library._model_pending = not model and recorded is None  # another process's first `index` may record one
         return library
 
     def close(self) -> None:
@@ -221,6 +223,11 @@ class Library:
         if self._encoder is None:
             from .models.encoder import Blip2Encoder
             from .models.policy import indexing_batch_size
+
+            if self._model_pending:  # a library whose first index run (another process) has recorded its model since
+                recorded = self.metadata.info().embedder
+                if recorded is not None and recorded.model.model_id != self.model_name:
+                    self.model_name, self._embedder_source = recorded.model.model_id, None
 
             encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
             encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))

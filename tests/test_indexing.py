@@ -1264,3 +1264,16 @@ def test_an_unplugged_drive_keeps_its_photos_while_an_alias_loses_its_deleted_on
         statuses = {Path(p).name: k.status for p, k in lib.metadata.known_files().items()}
         assert statuses == {"q0.jpg": "deleted", "q1.jpg": "indexed", "d.jpg": "indexed"}
 
+
+def test_a_search_opened_before_the_first_index_run_recorded_its_model_uses_that_model(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """A search that opens a new library while its first `index` (another process) is still resolving the
+    model finds no model recorded; by its first search one is: it must use that one, not the default
+    checkpoint (which would be downloaded)."""
+    monkeypatch.setenv("BLIP2_SEARCH_MODEL", str(tmp_path / "the default, never to be loaded"))
+    lib_dir = tmp_path / "lib"
+    open_metadata(lib_dir, create=True).close()  # what the indexing process has made so far
+    with Library.open(lib_dir) as searcher:
+        with _open(lib_dir, tiny_itm_dir) as indexer:
+            indexer.index([photos])
+        hits = searcher.search("a photo", k=3, rerank=False).hits
+        assert len(hits) == 3 and searcher.encoder.name == str(tiny_itm_dir)
