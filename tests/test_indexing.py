@@ -691,10 +691,13 @@ def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monke
 
 
 @pytest.mark.parametrize("where", ["upsert_indexed", "mark_failed", "mark_deleted"])
-def test_a_ctrl_c_just_after_a_commit_is_counted_and_indexed(tiny_itm_dir, photos, tmp_path, monkeypatch, where):
+def test_a_ctrl_c_just_after_a_commit_is_counted_and_indexed(tiny_itm_dir, photos, tmp_path, monkeypatch, where, request):
     """SIGINT landing right after a batch's commit (inside the database call, as the OS delivers it) used to
     leave the report one batch short of the database and the vector index without that batch."""
     import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job (`cmd &`) ignores SIGINT
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     from blip2_search.store import MetadataStore
 
