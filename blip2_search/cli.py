@@ -55,7 +55,7 @@ class _Group(click.Group):
 
 
 class _QueryCommand(click.Command):
-    """`search`: a query may start with '-' (a negative term, "-5 degrees"), which click would take for an option.
+    """`search` and `rerank`: a query may start with '-' (a negative term, "-5 degrees"), which click would take for an option.
 
     An argument that starts with one '-' and cannot be an option (a space, a quote or a digit after the
     '-') and does not follow an option that takes a value is read as the query; anything else that
@@ -81,11 +81,13 @@ class _QueryCommand(click.Command):
             token = next((a for a in args if a.startswith(exc.option_name)), exc.option_name)
             if token.startswith("--"):
                 raise
-            raise click.UsageError(f"{exc.format_message()}; if {token!r} is the query, put it after '--': "
-                                   f"blip2-search search -- {token!r}", ctx) from None
-        query = ctx.params.get("query")
-        if query is not None and query.startswith(" -") and query[1:] in args:
-            ctx.params["query"] = query[1:]
+            raise click.UsageError(f"{exc.format_message().rstrip('.')}; if {token!r} is the query, put it after '--': "
+                                   f"{ctx.command_path} -- {token!r}", ctx) from None
+        def unspaced(value):
+            return value[1:] if isinstance(value, str) and value.startswith(" -") and value[1:] in args else value
+
+        for name, value in ctx.params.items():  # the query, and for `rerank` its images (a file named -5.jpg)
+            ctx.params[name] = tuple(map(unspaced, value)) if isinstance(value, tuple) else unspaced(value)
         return rest
 
 
@@ -104,7 +106,7 @@ def main() -> None:
     _quiet_libraries()
 
 
-@main.command()
+@main.command(cls=_QueryCommand)
 @click.argument("query")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--model", default=DEFAULT_EMBEDDER, show_default=True, help="ITM checkpoint: hub id, local directory, or 'demo'.")

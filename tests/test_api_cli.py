@@ -210,3 +210,24 @@ def test_python_caption_settings_may_be_a_dict(tiny_captioner_dir):
     from_dict = blip2_search.caption([pil], str(tiny_captioner_dir), settings={"max_new_tokens": 3}).results[0].caption
     from blip2_search.models.captioner import CaptionSettings
     assert from_dict == blip2_search.caption([pil], str(tiny_captioner_dir), settings=CaptionSettings(max_new_tokens=3)).results[0].caption
+
+
+def test_cli_rerank_takes_queries_and_files_that_start_with_a_minus_sign(tiny_itm_dir, photo_dir, tmp_path, monkeypatch):
+    """As `search`: a negative first term or "-5 degrees" is the query without '--' (docs/queries.md), an image
+    named -5.jpg is an image, and what could be an option names '--' for the rerank command."""
+    _, paths = photo_dir
+    minus = tmp_path / "-5.jpg"
+    minus.write_bytes(paths[1].read_bytes())
+
+    def run(*args):
+        res = CliRunner().invoke(main, ["rerank", "--model", str(tiny_itm_dir), "--json", *args])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    for query in ('-"a blue square" + "a red circle"', "-5 degrees, a red circle"):
+        out = run(query, str(paths[0]))
+        assert out["query"] == query and out == run("--", query, str(paths[0]))
+    monkeypatch.chdir(tmp_path)
+    assert [r["path"] for r in run("a red circle", "-5.jpg")["results"]] == ["-5.jpg"]
+    res = CliRunner().invoke(main, ["rerank", "-car", str(paths[0]), "--model", str(tiny_itm_dir)])
+    assert res.exit_code == 2 and "rerank -- '-car'" in res.output and len(res.output.strip().splitlines()) == 1, res.output
