@@ -178,6 +178,9 @@ class Library:
             # A new library: find its embedder first, so a bad --model leaves no empty library behind.
             from .models.loading import resolve_model
 
+            from .models.policy import detect_placement
+
+            detect_placement(device, dtype)  # a --device or --dtype this machine cannot do, too
             source = resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
             if captioner is not False:  # and its captioner, named or the default
                 resolve_model(_canonical(str(captioner)) if captioner else _default_captioner(source.name), role="captioner")

@@ -930,6 +930,12 @@ def test_a_bad_model_leaves_no_empty_library(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError):
         Library.open(tmp_path / "lib", create=True)
     assert not (tmp_path / "lib").exists()
+    import torch
+
+    for bad in ({"dtype": "float16"}, {"device": "cuda"}) if not torch.cuda.is_available() else ():  # nor a device this machine lacks
+        with pytest.raises(InvalidInputError, match="--d"):
+            Library.open(tmp_path / "lib", model="demo", create=True, **bad)
+        assert not (tmp_path / "lib").exists()
 
 
 def test_a_first_run_that_fails_to_find_its_captioner_records_nothing(tmp_path, photos, tiny_itm_dir, tiny_captioner_dir, monkeypatch):
