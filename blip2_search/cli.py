@@ -46,6 +46,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except Blip2SearchError as exc:
             raise UserError(str(exc)) from None
+        except KeyboardInterrupt:  # click would print "Aborted!" and exit 1, which reads as a failure
+            click.echo("interrupted", err=True)
+            sys.exit(130)
         except click.UsageError as exc:  # click's own checks: one line too, not the usage text
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             hint = ""
@@ -239,7 +242,7 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, s
         click.echo(f"note: {note}", err=True)
     data = {k: getattr(report, k) for k in ("scanned", "indexed", "unchanged", "reused", "failed", "deleted", "seconds")}
     if as_json:
-        _emit(data)
+        _emit({**data, "interrupted": report.interrupted, "notes": list(report.notes)})
     else:
         click.echo("  ".join(f"{k} {v}" for k, v in data.items()))
     if report.interrupted:
@@ -511,8 +514,11 @@ def serve(library, host, port, token, device, dtype):
     with bind_socket(host, port) as sock, Library.open(library, device=device, dtype=dtype) as lib:
         shown = f"[{host}]" if ":" in host else host
         login = " (open /?token=TOKEN once in a browser)" if token else ""
-        run(lib, host=host, port=port, token=token, sock=sock,
-            ready=lambda: click.echo(f"serving {lib.folder} on http://{shown}:{port}/{login}", err=True))
+        try:
+            run(lib, host=host, port=port, token=token, sock=sock,
+                ready=lambda: click.echo(f"serving {lib.folder} on http://{shown}:{port}/{login}", err=True))
+        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: a normal end
+            click.echo("stopped", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

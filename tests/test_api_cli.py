@@ -231,3 +231,28 @@ def test_cli_rerank_takes_queries_and_files_that_start_with_a_minus_sign(tiny_it
     assert [r["path"] for r in run("a red circle", "-5.jpg")["results"]] == ["-5.jpg"]
     res = CliRunner().invoke(main, ["rerank", "-car", str(paths[0]), "--model", str(tiny_itm_dir)])
     assert res.exit_code == 2 and "rerank -- '-car'" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_code_130(tiny_itm_dir, photo_dir, monkeypatch):
+    """Not click's "Aborted!" with exit code 1, which reads as a failure (`index` says more, tested there)."""
+    _, paths = photo_dir
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    import blip2_search.api
+
+    monkeypatch.setattr(blip2_search.api, "rerank", interrupted)
+    res = CliRunner().invoke(main, ["rerank", "a red circle", str(paths[0]), "--model", str(tiny_itm_dir)])
+    assert res.exit_code == 130 and res.stderr == "interrupted\n", res.output
+
+
+def test_an_interrupted_index_says_so_in_its_json(photo_dir, tmp_path, monkeypatch):
+    from blip2_search.indexing.pipeline import IndexReport
+
+    folder, _ = photo_dir
+    monkeypatch.setattr(Library, "index", lambda self, *a, **kw: IndexReport(9, 3, 0, 0, 0, 0, 1.5, interrupted=True, notes=("a note",)))
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", "demo", "--no-captions", "--json"])
+    assert res.exit_code == 130 and "interrupted" in res.stderr and "note: a note" in res.stderr, res.output
+    out = json.loads(res.stdout)
+    assert (out["indexed"], out["interrupted"], out["notes"]) == (3, True, ["a note"])

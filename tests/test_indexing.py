@@ -589,6 +589,8 @@ def test_every_bad_file_is_recorded_and_the_run_goes_on(tiny_itm_dir, photos, tm
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["failed"] == len(expected) and report["indexed"] == 8  # 7 photos + the odd-named one
+    assert list(report) == ["scanned", "indexed", "unchanged", "reused", "failed", "deleted", "seconds", "interrupted", "notes"]
+    assert report["interrupted"] is False and report["notes"] == []
     res = CliRunner().invoke(main, ["failures", "--library", str(lib_dir), "--json"])
     rows = {Path(r["path"]).name: r["error"] for r in json.loads(res.stdout)}
     assert set(rows) == set(expected)

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import signal
 import subprocess
 import sys
 import threading
@@ -674,7 +675,8 @@ def test_serve_command_serves_the_library(lib):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BLIP2_SEARCH_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "blip2_search.cli", "serve", "--library", str(lib.folder), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as in a background job
     try:
         deadline = time.time() + 60
         while True:
@@ -690,9 +692,13 @@ def test_serve_command_serves_the_library(lib):
         search = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "dog", "rerank": "false"},
                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         assert search.json() == _same_json(lib.search("dog", 10, rerank=False).as_dict())
-    finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, the documented way to stop it: a normal end
         _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0 and err.rstrip().endswith("stopped") and "Aborted" not in err, err
     assert "serving" in err and "/?token=TOKEN" in err and TOKEN not in err
 
 
