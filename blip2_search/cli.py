@@ -338,6 +338,14 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
 
     if sum(x is not None for x in (query, image, queries_file)) != 1:
         raise UserError("give exactly one of QUERY, --image PATH or --queries FILE")
+    if image is not None:  # text-only options are refused, not ignored
+        ctx = click.get_current_context()
+        given = [name for name, param, value in (("--rerank", "rerank", True), ("--rerank-k", "rerank_k", None),
+                                                 ("--rerank-source", "rerank_source", None), ("--fusion", "fusion", True))
+                 if ctx.get_parameter_source(param) == click.core.ParameterSource.COMMANDLINE and value in (None, ctx.params[param])]
+        if given:
+            raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to text queries only: an image search ranks by "
+                            "its 32 query vectors, with no ITM rerank and no captions; leave it out")
     filters = dict(path=_absolute_glob(path_glob), after=after, before=before, min_score=min_score, sort=sort)
     with Library.open(library, device=device, dtype=dtype) as lib:
         if image is not None:

@@ -528,3 +528,17 @@ def test_bfloat16_vectors_are_not_taken_for_a_damaged_index(tiny_itm_dir, tmp_pa
         for i in range(24):
             found = lib.similar(photos / f"b{i}.jpg", 1)
             assert found.notes == () and found.hits[0].itc <= 1.0 + 1e-5
+
+
+def test_cli_image_search_refuses_text_only_options(lib_dir, lib):
+    """`search --image` with --rerank, --rerank-k, --rerank-source or --fusion: refused, not silently ignored;
+    --no-rerank and --no-fusion (what an image search does anyway) pass."""
+    photo = lib.search(TEXTS[0], 1, rerank=False).hits[0].path
+    base = ["search", "--image", photo, "--library", str(lib_dir), "-k", "2", "--json"]
+    for extra in (["--rerank"], ["--rerank-k", "4"], ["--rerank-source", "stored"], ["--fusion"]):
+        res = CliRunner().invoke(main, [*base, *extra])
+        assert res.exit_code == 2 and f"{extra[0]} applies to text queries only" in res.output, res.output
+    plain = CliRunner().invoke(main, base)
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["results"][0]["path"] == photo
+    for extra in (["--no-rerank"], ["--no-fusion"]):
+        assert CliRunner().invoke(main, [*base, *extra]).stdout == plain.stdout

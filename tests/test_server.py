@@ -155,6 +155,9 @@ def test_image_upload_search_applies_filters(client, lib):
     response = client.post("/api/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "10", "path": "*/2020/*"})
     assert response.status_code == 200
     assert response.json()["results"] and all("/2020/" in h["path"] for h in response.json()["results"])
+    for field in ({"rerank": "true"}, {"q": "a dog"}):  # options of text search are refused, not ignored
+        _assert_error(client.post("/api/search", files={"image": ("q.jpg", data, "image/jpeg")}, data=field), 422,
+                      f"no form field {next(iter(field))!r}", "image, k, path")
 
 
 def test_rerank_by_ids_equals_library_rerank(client, lib):
@@ -566,6 +569,8 @@ def test_oversized_upload_is_413(client):
 
     response = client.post("/api/rerank", content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
     assert _assert_error(response, 413).startswith("request body goes over the 25 MB limit; send a smaller image")
+    too_long = client.post("/api/rerank", json={"query": "a" * 70_000, "ids": [1]})  # the query is what is too long
+    _assert_error(too_long, 413, "65536-byte limit", "a query of at most 4096 bytes")
 
 
 @pytest.mark.parametrize("k", ["0", "-1", "201", "100000", "abc", "1.5", ""])

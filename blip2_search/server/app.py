@@ -205,7 +205,8 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     async def _rerank_ids(request: Request) -> dict:
         body = await request.body()
         if len(body) > limits.MAX_JSON_BYTES:
-            raise ApiError(413, f"JSON body is {len(body)} bytes, over the {limits.MAX_JSON_BYTES}-byte limit; send at most {limits.MAX_RERANK_IDS} ids")
+            raise ApiError(413, f"JSON body is {len(body)} bytes, over the {limits.MAX_JSON_BYTES}-byte limit; send a query of at most "
+                                f"{limits.MAX_QUERY_BYTES} bytes and at most {limits.MAX_RERANK_IDS} ids")
         try:
             req = RerankIds.model_validate_json(body)
         except ValidationError as exc:
@@ -287,6 +288,9 @@ def _check_utf8_query_string(request: Request) -> None:
         raise InvalidInputError("the query string is not UTF-8; percent-encode the text as UTF-8 (e.g. caf%C3%A9)") from None
 
 
+SEARCH_FORM_FIELDS = ("image", "k", "path", "after", "before", "min_score", "sort")  # POST /api/search's parameters
+
+
 def _check_search_form(form) -> None:
     """POST /api/search takes one picture in `image` and short text fields (docs/server.md's limits)."""
     files = [key for key, value in form.multi_items() if isinstance(value, StarletteUploadFile)]
@@ -297,6 +301,10 @@ def _check_search_form(form) -> None:
         if isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > limits.MAX_FORM_FIELD_BYTES:
             raise InvalidInputError(f"form field {key!r} is {len(value.encode('utf-8', 'surrogatepass'))} bytes, over the "
                                     f"{limits.MAX_FORM_FIELD_BYTES}-byte limit for a text field; shorten it")
+    unknown = sorted({key for key in form.keys() if key not in SEARCH_FORM_FIELDS})
+    if unknown:  # as unknown JSON fields are: an option the caller thinks applies, and does not
+        raise ApiError(422, f"POST /api/search takes no form field {', '.join(map(repr, unknown))} (it takes {', '.join(SEARCH_FORM_FIELDS)}); "
+                            "an image search is not reranked and has no query text; leave it out")
 
 
 def _decode_upload(upload: UploadFile):
