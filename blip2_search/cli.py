@@ -40,6 +40,9 @@ def _emit(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+LIBRARY_MODELS = ("search", "serve", "duplicates", "status", "prune", "failures")  # commands that use the library's models
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -50,11 +53,20 @@ class _Group(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except click.UsageError as exc:  # click's own checks: one line too, not the usage text
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            where = exc.ctx.command_path if exc.ctx is not None and exc.ctx is not ctx else (
+                f"{ctx.command_path} {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ctx.command_path)
             hint = ""
-            if isinstance(exc, click.NoSuchOption) and not exc.option_name.startswith("--") and "'--'" not in exc.format_message():
+            if isinstance(exc, click.NoSuchOption) and exc.option_name in ("--model", "--captioner") and where.split()[-1] in LIBRARY_MODELS:
+                hint = (f"; {where.split()[-1]} uses the models the library was indexed with (recorded in it), so leave "
+                        f"{exc.option_name} out (index --reembed --model M changes the library's)")
+            elif isinstance(exc, click.NoSuchOption) and not exc.option_name.startswith("--") and "'--'" not in exc.format_message():
                 hint = "; a file or folder whose name starts with '-' can be written ./-name"
-            raise UserError(f"{exc.format_message().rstrip('.')}{hint}; see '{where} --help'") from None
+            elif exc.format_message().startswith("Got unexpected extra argument") and where.endswith(" search"):
+                hint = f"; put a query of several words in quotes: {where} \"a red car\""
+            message = exc.format_message().rstrip(".")
+            if hint and isinstance(exc, click.NoSuchOption):
+                message = f"No such option '{exc.option_name}'"  # not click's guess ("Did you mean '--help'?")
+            raise UserError(f"{message}{hint}; see '{where} --help'") from None
 
 
 class _QueryCommand(click.Command):

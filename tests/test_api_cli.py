@@ -256,3 +256,15 @@ def test_an_interrupted_index_says_so_in_its_json(photo_dir, tmp_path, monkeypat
     assert res.exit_code == 130 and "interrupted" in res.stderr and "note: a note" in res.stderr, res.output
     out = json.loads(res.stdout)
     assert (out["indexed"], out["interrupted"], out["notes"]) == (3, True, ["a note"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["search", "a", "red", "circle"], 'put a query of several words in quotes: main search "a red car"'),
+    (["search", "x", "--model", "demo"], "search uses the models the library was indexed with"),
+    (["serve", "--captioner", "demo"], "serve uses the models the library was indexed with"),
+    (["search", "x", "-k"], "Option '-k' requires an argument; see 'main search --help'"),
+    (["status", "--jsn"], "Did you mean '--json'?; see 'main status --help'"),
+])
+def test_usage_mistakes_name_the_fix_and_the_command(args, says, tmp_path):
+    res = CliRunner().invoke(main, [*args, "--library", str(tmp_path / "lib")] if args[0] != "search" or "-k" not in args else args)
+    assert res.exit_code == 2 and says in res.output and len(res.output.strip().splitlines()) == 1, res.output
