@@ -158,7 +158,7 @@ class Indexer:
         self._known: Mapping[str, KnownFile] = {}  # what the library knew when this run started, by path
         self._gone_by_hash: dict[str, list[int]] = {}  # live records whose files this run found gone, by content
         self._moved: set[int] = set()  # records this run moved to a new path
-        self._renamed: set[str] = set()  # old names (ending in a separator) of folders this run found renamed
+        self._aliases: set[str] = set()  # other names (ending in a separator) of this run's folders, seen to resolve to them
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
         # Keep one embedded batch queued while the last is written: on a GPU (see `_write_batch`), or when asked.
@@ -193,7 +193,7 @@ class Indexer:
             if known[p].content_hash and known[p].status in ("indexed", "pending"):
                 gone_by_hash.setdefault(known[p].content_hash, []).append(known[p].id)
         moved: set[int] = set()
-        self._moved, self._renamed = moved, set()
+        self._moved, self._aliases = moved, set()
         interrupted = False
         try:
             if plan.unreadable:
@@ -209,7 +209,10 @@ class Indexer:
         deleted = 0
         if not interrupted:
             try:
-                gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved] + self._gone_under_other_names(known, roots)
+                aliased = self._gone_under_other_names(known)
+                if aliased:
+                    _ = self.vectors  # opened before the database changes (a run with nothing else to do has not yet)
+                gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved] + aliased
                 twins = self._failed_twins(known, roots)
                 with _interrupts_deferred():
                     deleted = self.metadata.mark_deleted(gone_ids)
@@ -221,27 +224,24 @@ class Indexer:
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
                            round(time.perf_counter() - start, 3), interrupted)
 
-    def _gone_under_other_names(self, known: Mapping[str, KnownFile], roots: list[str]) -> list[int]:
-        """Records outside `roots` (by name) whose file is gone from a folder that is one of `roots` under
-        another name: a symlinked alias (either way round), or an old name of a root this run found renamed
-        (its photos moved here). Their photos were deleted like those found gone under the roots' own names.
-        A folder that is merely absent (an unplugged drive) is no alias: its photos stay. One `realpath` per
-        folder, one `lexists` per record of an alias folder."""
-        prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
-        outside = [(p, k.id) for p, k in known.items()
-                   if k.status != STATUS_DELETED and k.id not in self._moved and p not in self._found and not p.startswith(prefixes)]
-        if not outside:
+    def _gone_under_other_names(self, known: Mapping[str, KnownFile]) -> list[int]:
+        """Records under another name of one of this run's folders (a symlinked alias of it, either way round,
+        seen when a photo found here was recorded there) whose file is gone: deleted like those found gone
+        under the folder's own name. Only a missing file counts (not one behind a folder that cannot be read),
+        and only under a name that resolves to the folder now: an absent folder (an unplugged drive, a folder
+        renamed) is never taken for one, as a copy of its photo found here cannot tell those apart."""
+        if not self._aliases:
             return []
-        real_roots = tuple(os.path.realpath(r).rstrip(os.sep) + os.sep for r in roots)
-        renamed = tuple(self._renamed)
-        alias: dict[str, bool] = {}
+        aliases = tuple(self._aliases)
         gone = []
-        for path, image_id in outside:
-            folder = path.rpartition(os.sep)[0] or os.sep  # os.path.dirname, 4x faster (recorded paths are absolute)
-            if folder not in alias:
-                alias[folder] = (folder + os.sep).startswith(renamed) or (os.path.realpath(folder) + os.sep).startswith(real_roots)
-            if alias[folder] and not os.path.lexists(path):
-                gone.append(image_id)
+        for path, k in known.items():
+            if path.startswith(aliases) and k.status != STATUS_DELETED and k.id not in self._moved and path not in self._found:
+                try:
+                    os.lstat(path)
+                except (FileNotFoundError, NotADirectoryError):
+                    gone.append(k.id)
+                except OSError:  # unreadable (a folder without permission): its photo is kept as it was
+                    pass
         return gone
 
     def _failed_twins(self, known: Mapping[str, KnownFile], roots: list[str]) -> list[int]:
@@ -572,22 +572,7 @@ class Indexer:
             return None
         image_id = candidates.pop(0)
         self._moved.add(image_id)
-        # only a record from outside the roots can name a rename; `_note_rename` ignores the others
-        self._note_rename(next((rec.path for rec in same if rec.id == image_id), None), path)
         return image_id
-
-    def _note_rename(self, recorded: str | None, found: str) -> None:
-        """A record at `recorded` moved to `found`, at the same relative path under a root: when the folder
-        that held it under that root's place no longer exists, it is an old name of the root (`mv a b`)."""
-        if recorded is None:
-            return
-        for root in self._roots:
-            prefix = root.rstrip(os.sep) + os.sep
-            if found.startswith(prefix) and recorded.endswith(os.sep + found[len(prefix):]):
-                old = recorded[: -len(found) + len(prefix)]
-                if old != prefix and old not in self._renamed and not os.path.lexists(old):
-                    self._renamed.add(old)
-                return
 
     def _write_reuse(self, reuse: list[ReadResult], counts: _Counts) -> None:
         """Files whose bytes are already embedded: a move/rename keeps its record; others share vectors."""
@@ -645,7 +630,10 @@ class Indexer:
                 rel = found[len(prefix):]
                 if recorded.endswith(os.sep + rel):
                     other = recorded[: -len(rel) - 1]
-                    return os.path.realpath(other) == os.path.realpath(root)
+                    if os.path.realpath(other) != os.path.realpath(root):
+                        return False
+                    self._aliases.add(other.rstrip(os.sep) + os.sep)  # its photos gone since are gone (`_gone_under_other_names`)
+                    return True
         return False
 
     def _write_failures(self, failures: list[FailedFile], counts: _Counts) -> None:
