@@ -40,7 +40,7 @@ def _emit(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-LIBRARY_MODELS = ("search", "serve", "duplicates", "status", "prune", "failures")  # commands that use the library's models
+LIBRARY_COMMANDS = ("search", "serve", "duplicates", "status", "prune", "failures")  # commands that take no --model: the library's
 
 
 class _Group(click.Group):
@@ -56,9 +56,11 @@ class _Group(click.Group):
             where = exc.ctx.command_path if exc.ctx is not None and exc.ctx is not ctx else (
                 f"{ctx.command_path} {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ctx.command_path)
             hint = ""
-            if isinstance(exc, click.NoSuchOption) and exc.option_name in ("--model", "--captioner") and where.split()[-1] in LIBRARY_MODELS:
-                hint = (f"; {where.split()[-1]} uses the models the library was indexed with (recorded in it), so leave "
-                        f"{exc.option_name} out (index --reembed --model M changes the library's)")
+            command = where.split()[-1]
+            if isinstance(exc, click.NoSuchOption) and exc.option_name in ("--model", "--captioner") and command in LIBRARY_COMMANDS:
+                uses = "uses the model the library was indexed with" if command in ("search", "serve", "duplicates") else "loads no model"
+                change = "index --reembed --model M" if exc.option_name == "--model" else "index --captioner C"
+                hint = f"; {command} {uses}, so leave {exc.option_name} out ({change} changes the library's)"
             elif isinstance(exc, click.NoSuchOption) and not exc.option_name.startswith("--") and "'--'" not in exc.format_message():
                 hint = "; a file or folder whose name starts with '-' can be written ./-name"
             elif exc.format_message().startswith("Got unexpected extra argument") and where.endswith(" search"):
@@ -96,8 +98,9 @@ class _QueryCommand(click.Command):
             token = next((a for a in args if a.startswith(exc.option_name)), exc.option_name)
             if token.startswith("--"):
                 raise
+            files = "; if it is an image, write it ./" + token if any(isinstance(p, click.Argument) and p.name == "images" for p in self.params) else ""
             raise click.UsageError(f"{exc.format_message().rstrip('.')}; if {token!r} is the query, put it after '--': "
-                                   f"{ctx.command_path} -- {token!r}", ctx) from None
+                                   f"{ctx.command_path} [OPTIONS] -- {token!r}{files}", ctx) from None
         def unspaced(value):
             return value[1:] if isinstance(value, str) and value.startswith(" -") and value[1:] in args else value
 
@@ -244,7 +247,7 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, s
         raise UserError(f"--captioner {captioner} and --no-captions contradict each other; pass one of them")
     check_roots(photo_dirs, library=library if library is not None else default_library_path())  # before a library is made
     progress = _ProgressLine(not as_json)
-    with Library.open(library, model=model, captioner=False if no_captions else captioner, create=True, reembed=reembed,
+    with Library.open(library, model=model, captioner=captioner if captioner == "none" or not no_captions else False, create=True, reembed=reembed,
                       device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:
         try:
             report = lib.index(photo_dirs, progress=progress, store_vit=store_vit, rehash=rehash)

@@ -177,13 +177,13 @@ class Library:
         if create and not (folder / METADATA_FILENAME).exists():
             # A new library: find its embedder first, so a bad --model leaves no empty library behind.
             from .models.loading import resolve_model
-
             from .models.policy import detect_placement
 
             detect_placement(device, dtype)  # a --device or --dtype this machine cannot do, too
             source = resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
-            if captioner is not False:  # and its captioner, named or the default
-                resolve_model(_canonical(str(captioner)) if captioner else _default_captioner(source.name), role="captioner")
+            if captioner is not False:  # and its captioner, named or the default (Flan-T5 refuses float16)
+                cap_source = resolve_model(_canonical(str(captioner)) if captioner else _default_captioner(source.name), role="captioner")
+                detect_placement(device, dtype, is_t5=(cap_source.config().get("text_config") or {}).get("model_type") == "t5")
         metadata = open_metadata(folder, create=create)
         info = metadata.info()
         recorded = info.embedder.model.model_id if info.embedder else None

@@ -24,7 +24,7 @@ from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchEr
 from blip2_search.indexing.scan import FoundFile, Known, plan_changes
 from blip2_search.images import open_image
 from blip2_search.library import Library
-from blip2_search.store import CaptionUpdate, open_metadata
+from blip2_search.store import CaptionUpdate, ModelRef, open_metadata
 
 
 def _photo(path: Path, seed: int, size=(64, 48), fmt=None):
@@ -1212,6 +1212,10 @@ def test_captioner_none_stops_captioning_for_good_and_keeps_written_captions(tin
         assert lib.status().captioned == 7
     result = CliRunner().invoke(main, ["status", "--library", str(lib_dir), "--json"])
     assert json.loads(result.output)["captioner"] is None
+    with Library.open(lib_dir, captioner=str(tiny_captioner_dir), batch_size=4) as lib:
+        lib.metadata.set_captioner(ModelRef(str(tiny_captioner_dir), None))
+    result = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--captioner", "none", "--no-captions"])
+    assert result.exit_code == 0 and "no longer captions" in result.output, result.output  # 'none' wins over a one-run switch
     with Library.open(lib_dir, captioner=str(tiny_captioner_dir), batch_size=4) as lib:
         assert "captioned 2 photos indexed without captions" in lib.index([photos]).notes
         assert lib.status().captioned == 9

@@ -285,7 +285,7 @@ def test_queries_that_start_with_a_minus_sign(lib_dir):
     res = CliRunner().invoke(main, ["search", "--library", str(lib_dir), "--afetr", "2023-01-01", "cat"])
     assert res.exit_code == 2 and "--afetr" in res.output and "'--'" not in res.output
     res = CliRunner().invoke(main, ["search", "--library", str(lib_dir), "-car"])
-    assert res.exit_code == 2 and "search -- '-car'" in res.output
+    assert res.exit_code == 2 and "search [OPTIONS] -- '-car'" in res.output
 
 
 def test_relative_path_glob_is_taken_from_the_current_folder(lib_dir, lib, monkeypatch):
