@@ -101,6 +101,7 @@ class _QueryCommand(click.Command):
             files = "; if it is an image, write it ./" + token if any(isinstance(p, click.Argument) and p.name == "images" for p in self.params) else ""
             raise click.UsageError(f"{exc.format_message().rstrip('.')}; if {token!r} is the query, put it after '--': "
                                    f"{ctx.command_path} [OPTIONS] -- {token!r}{files}", ctx) from None
+
         def unspaced(value):
             return value[1:] if isinstance(value, str) and value.startswith(" -") and value[1:] in args else value
 
