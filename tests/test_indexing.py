@@ -1348,3 +1348,43 @@ def test_a_search_opened_before_the_first_index_run_recorded_its_model_uses_that
             indexer.index([photos])
         hits = searcher.search("a photo", k=3, rerank=False).hits
         assert len(hits) == 3 and searcher.encoder.name == str(tiny_itm_dir)
+
+
+def test_a_backup_that_mirrors_the_whole_disk_is_no_alias_of_it(tiny_itm_dir, tmp_path, monkeypatch):
+    """`cd BACKUP; index .` where BACKUP mirrors / : a found BACKUP/<path> sits at the same relative path as the
+    recorded <path> under the name '' ('/'), and realpath('') is the current folder, BACKUP itself. That is no
+    alias of the backup: an unplugged drive's photo stays, and the original photo keeps its record."""
+    photos, usb, backup = tmp_path / "photos", tmp_path / "usb", tmp_path / "backup"
+    _photo(photos / "x.jpg", 200)
+    _photo(usb / "d.jpg", 201)
+    mirror = backup / str(photos).lstrip(os.sep)
+    mirror.mkdir(parents=True)
+    shutil.copy2(photos / "x.jpg", mirror / "x.jpg")
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        lib.index([usb])
+    usb.rename(tmp_path / "unplugged")
+    monkeypatch.chdir(backup)
+    with Library.open(lib_dir) as lib:
+        assert lib.index(["."]).deleted == 0
+        statuses = _statuses(lib)
+    assert statuses["usb/d.jpg"] == statuses["photos/x.jpg"] == statuses[os.path.relpath(mirror / "x.jpg", tmp_path)] == "indexed"
+
+
+def test_a_hidden_folder_indexed_by_name_is_not_gone_when_its_parent_is_indexed(tiny_itm_dir, tmp_path):
+    """`index` does not enter hidden folders ('.trip'); one named as a folder to index is indexed, and a later
+    run on its parent must not take its photos for deleted. A photo deleted from it is found by its own run."""
+    parent = tmp_path / "p"
+    _photo(parent / "a.jpg", 210)
+    _photo(parent / ".trip" / "x.jpg", 211)
+    _photo(parent / ".trip" / "y.jpg", 212)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([parent / ".trip"])
+        report = lib.index([parent])
+        assert (report.scanned, report.indexed, report.deleted) == (1, 1, 0)
+        assert set(_statuses(lib).values()) == {"indexed"}
+        (parent / ".trip" / "x.jpg").unlink()
+        assert lib.index([parent]).deleted == 0
+        assert lib.index([parent, parent / ".trip"]).deleted == 1  # both named: the hidden one is scanned, x is gone

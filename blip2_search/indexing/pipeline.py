@@ -630,7 +630,7 @@ class Indexer:
                 rel = found[len(prefix):]
                 if recorded.endswith(os.sep + rel):
                     other = recorded[: -len(rel) - 1]
-                    if os.path.realpath(other) != os.path.realpath(root):
+                    if not other or os.path.realpath(other) != os.path.realpath(root):  # "": '/' (realpath("") is the cwd)
                         return False
                     self._aliases.add(other.rstrip(os.sep) + os.sep)  # its photos gone since are gone (`_gone_under_other_names`)
                     return True

@@ -151,5 +151,13 @@ def plan_changes(found: Iterable[FoundFile], known: Mapping[str, Known], roots: 
     prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
     unseen = tuple(f.path.rstrip(os.sep) + os.sep for f in unreadable if f.folder)  # not listed: nothing there is gone
     gone = [p for p, k in known.items()
-            if k.status != "deleted" and p not in seen and p.startswith(prefixes) and not p.startswith(unseen)]
+            if k.status != "deleted" and p not in seen and p.startswith(prefixes) and not p.startswith(unseen)
+            and not _hidden_under(p, prefixes)]
     return ChangePlan(tuple(unchanged), tuple(work), tuple(unreadable), tuple(sorted(gone)))
+
+
+def _hidden_under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Is `path` inside a hidden entry (".name") below the root it is under? `scan` does not enter those, so a
+    photo indexed there (its folder named as a root itself) is not gone when its parent folder is indexed."""
+    root = max((p for p in prefixes if path.startswith(p)), key=len)  # the closest root (one may be hidden itself)
+    return any(part.startswith(".") for part in path[len(root):].split(os.sep))
