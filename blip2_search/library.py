@@ -369,7 +369,7 @@ class Library:
                 report = replace(report, seconds=round(report.seconds + time.perf_counter() - started, 3))
                 if self.metadata.counts().pending:
                     notes.append(self._waiting_note())
-            return replace(report, notes=tuple(notes)) if notes else report
+            return replace(report, notes=report.notes + tuple(notes)) if notes else report
 
     def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str]) -> None:
         """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when

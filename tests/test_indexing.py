@@ -1388,3 +1388,26 @@ def test_a_hidden_folder_indexed_by_name_is_not_gone_when_its_parent_is_indexed(
         (parent / ".trip" / "x.jpg").unlink()
         assert lib.index([parent]).deleted == 0
         assert lib.index([parent, parent / ".trip"]).deleted == 1  # both named: the hidden one is scanned, x is gone
+
+
+def test_photos_behind_a_link_to_an_unplugged_drive_are_kept(tiny_itm_dir, tmp_path):
+    """A folder of the photo library that is a symlink to a drive: unplugged (the link dangles), its photos
+    are unreachable, not deleted, with a note; plugged back, nothing is embedded again. A photo deleted
+    elsewhere in the same run is still found gone."""
+    real, usb = tmp_path / "real", tmp_path / "usb"
+    _photo(real / "a.jpg", 220)
+    _photo(real / "b.jpg", 221)
+    _photo(usb / "trip" / "d.jpg", 222)
+    (real / "drive").symlink_to(usb, target_is_directory=True)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        assert lib.index([real]).indexed == 3
+        usb.rename(tmp_path / "unplugged")
+        (real / "b.jpg").unlink()
+        report = lib.index([real])
+        assert report.deleted == 1 and len(report.notes) == 1, report
+        assert f"1 photo under {str(real / 'drive')!r}" in report.notes[0] and "prune --missing" in report.notes[0]
+        assert _statuses(lib) == {"real/a.jpg": "indexed", "real/b.jpg": "deleted", "real/drive/trip/d.jpg": "indexed"}
+        (tmp_path / "unplugged").rename(usb)
+        report = lib.index([real])
+        assert (report.unchanged, report.indexed, report.deleted, report.notes) == (2, 0, 0, ())

@@ -18,7 +18,7 @@ from collections import deque
 from contextlib import closing, contextmanager
 from itertools import islice
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -184,6 +184,9 @@ class Indexer:
         self._found, self._found_by_name = {f.path for f in found}, None
         self._roots = list(roots)
         plan = plan_changes(found, known, roots, rehash=self.rehash)
+        unreachable = self._behind_dangling_links(plan.gone, roots)
+        if unreachable:
+            plan = replace(plan, gone=tuple(p for p in plan.gone if p not in unreachable))
         counts = _Counts()
         was_live = [known[f.path].id for f in plan.unreadable if f.path in known and known[f.path].id in self._live_ids]
         if plan.work or plan.gone or was_live:
@@ -221,8 +224,34 @@ class Indexer:
                     self.metadata.mark_deleted(twins)  # retired failures: no photo was deleted, nothing was searchable
             except KeyboardInterrupt:  # held until the deletions were complete
                 interrupted = True
+        notes = ()
+        if unreachable:
+            links = sorted(unreachable.values())
+            notes = (f"{len(unreachable)} photo{'' if len(unreachable) == 1 else 's'} under {links[0]!r}"
+                     f"{f' and {len(set(links)) - 1} other links' if len(set(links)) > 1 else ''}, a link to a folder that is missing "
+                     "(a drive unplugged?), kept as they were; reconnect it and index again, or `prune --missing` if it is gone for good",)
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
-                           round(time.perf_counter() - start, 3), interrupted)
+                           round(time.perf_counter() - start, 3), interrupted, notes)
+
+    @staticmethod
+    def _behind_dangling_links(gone: tuple[str, ...], roots: list[str]) -> dict[str, str]:
+        """Of the paths `gone` (not found under `roots`), those below a symlink inside a root whose target is
+        missing (a folder linked from a drive that is unplugged, or a share not mounted): unreachable, not
+        deleted, like the photos of a folder that cannot be read. Path -> the link. One lstat per folder."""
+        prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
+        dangling: dict[str, bool] = {}
+        out = {}
+        for path in gone:
+            root = max((p for p in prefixes if path.startswith(p)), key=len)
+            folder = root.rstrip(os.sep)
+            for part in path[len(root):].split(os.sep)[:-1]:
+                folder = folder + os.sep + part
+                if folder not in dangling:
+                    dangling[folder] = os.path.islink(folder) and not os.path.exists(folder)
+                if dangling[folder]:
+                    out[path] = folder
+                    break
+        return out
 
     def _gone_under_other_names(self, known: Mapping[str, KnownFile]) -> list[int]:
         """Records under another name of one of this run's folders (a symlinked alias of it, either way round,
