@@ -30,7 +30,7 @@ from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING, Know
 from ..models.sharing import share_vit
 from .embed import HostCopy, QueuedBatch, embed_batch
 from .read import ReadResult, read_and_decode
-from .scan import ChangePlan, FoundFile, plan_changes, scan, stat_files
+from .scan import ChangePlan, FoundFile, closest_root, plan_changes, scan, stat_files
 
 
 def decode_during_forward(devices: Iterable[str]) -> bool:
@@ -242,7 +242,7 @@ class Indexer:
         dangling: dict[str, bool] = {}
         out = {}
         for path in gone:
-            root = max((p for p in prefixes if path.startswith(p)), key=len)
+            root = closest_root(path, prefixes)
             folder = root.rstrip(os.sep)
             for part in path[len(root):].split(os.sep)[:-1]:
                 folder = folder + os.sep + part

@@ -159,5 +159,10 @@ def plan_changes(found: Iterable[FoundFile], known: Mapping[str, Known], roots: 
 def _hidden_under(path: str, prefixes: tuple[str, ...]) -> bool:
     """Is `path` inside a hidden entry (".name") below the root it is under? `scan` does not enter those, so a
     photo indexed there (its folder named as a root itself) is not gone when its parent folder is indexed."""
-    root = max((p for p in prefixes if path.startswith(p)), key=len)  # the closest root (one may be hidden itself)
+    root = closest_root(path, prefixes)  # (one root may be hidden itself)
     return any(part.startswith(".") for part in path[len(root):].split(os.sep))
+
+
+def closest_root(path: str, prefixes: tuple[str, ...]) -> str:
+    """The longest of `prefixes` (roots ending in a separator) that `path` starts with: the root it is under."""
+    return max((p for p in prefixes if path.startswith(p)), key=len)
