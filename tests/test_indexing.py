@@ -1230,15 +1230,17 @@ def test_a_new_library_with_captioner_none_needs_no_captioner(tiny_itm_dir, phot
         assert lib.status().captioner is None and lib.status().captioned == 0 and lib.status().indexed == 7
 
 
-@pytest.mark.parametrize("how", ["index the real folder after its alias", "index the alias after the real folder"])
+@pytest.mark.parametrize("how", ["index the real folder after its alias", "index the alias after the real folder",
+                                 "index the parent after a link to its subfolder"])
 def test_a_photo_deleted_from_a_folder_indexed_under_another_name_leaves_search(tiny_itm_dir, tmp_path, how):
-    """A folder indexed under one name (a symlink to it, or the folder behind a symlink), a photo deleted, the
-    folder indexed under its other name: the deleted photo is marked deleted; the others keep their records."""
+    """A folder indexed under one name (a symlink to it or to a folder inside it, or the folder behind a
+    symlink), a photo deleted, the folder indexed under its other name: the deleted photo is marked deleted;
+    the others keep their records (no second record each, which searched as duplicates)."""
     real, link = tmp_path / "real", tmp_path / "link"
     for i in range(3):
         _photo(real / "a" / f"q{i}.jpg", 60 + i)
-    link.symlink_to(real, target_is_directory=True)
-    first, second = (link, real) if how == "index the real folder after its alias" else (real, link)
+    link.symlink_to(real / "a" if "subfolder" in how else real, target_is_directory=True)
+    first, second = (real, link) if how == "index the alias after the real folder" else (link, real)
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:
         lib.index([first])
@@ -1411,3 +1413,4 @@ def test_photos_behind_a_link_to_an_unplugged_drive_are_kept(tiny_itm_dir, tmp_p
         (tmp_path / "unplugged").rename(usb)
         report = lib.index([real])
         assert (report.unchanged, report.indexed, report.deleted, report.notes) == (2, 0, 0, ())
+

@@ -652,17 +652,29 @@ class Indexer:
         return self._same_file_under_another_root_name(recorded, found)
 
     def _same_file_under_another_root_name(self, recorded: str, found: str) -> bool:
-        """Is `recorded` at the same relative path as `found` under another name of `found`'s root?"""
+        """Is `recorded` the file `found` under another name of `found`'s root, or of a folder inside it (a
+        symlink to it, or it behind a symlink)? Same relative path below the two names, which resolve to one
+        folder. Below the root, `found`'s folders must be real: a link inside the root to a folder elsewhere
+        (an album of favourites) is a copy, and the photo keeps its record where it is."""
         for root in self._roots:
             prefix = root.rstrip(os.sep) + os.sep
-            if found.startswith(prefix):
-                rel = found[len(prefix):]
-                if recorded.endswith(os.sep + rel):
-                    other = recorded[: -len(rel) - 1]
-                    if not other or os.path.realpath(other) != os.path.realpath(root):  # "": '/' (realpath("") is the cwd)
-                        return False
-                    self._aliases.add(other.rstrip(os.sep) + os.sep)  # its photos gone since are gone (`_gone_under_other_names`)
-                    return True
+            if not found.startswith(prefix):
+                continue
+            parts = found[len(prefix):].split(os.sep)
+            real_root = os.path.realpath(root)
+            for depth in range(len(parts)):  # the folder of `found` named otherwise: the root, then its subfolders
+                rel = os.sep.join(parts[depth:])
+                if not recorded.endswith(os.sep + rel):
+                    continue
+                other = recorded[: -len(rel) - 1]
+                inside = os.sep.join(parts[:depth])
+                here = os.path.join(root, inside) if inside else root
+                if not other or os.path.realpath(other) != os.path.realpath(here):  # "": '/' (realpath("") is the cwd)
+                    continue
+                if inside and os.path.realpath(here) != os.path.join(real_root, inside):  # through a link inside the root
+                    continue
+                self._aliases.add(other.rstrip(os.sep) + os.sep)  # its photos gone since are gone (`_gone_under_other_names`)
+                return True
         return False
 
     def _write_failures(self, failures: list[FailedFile], counts: _Counts) -> None:
