@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .errors import Blip2SearchError, InvalidInputError
@@ -91,7 +92,7 @@ def _cached(kind: type, name: str, **kwargs):
 def get_encoder(model: str | Blip2Encoder = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto") -> Blip2Encoder:
     """An encoder for `model` (hub id, directory or "demo"), reused across calls with the same arguments."""
     if isinstance(model, Blip2Encoder):
-        return model
+        return _loaded(model, "model", device, dtype)
     return _cached(Blip2Encoder, _model_name(model, "model"), device=device, dtype=dtype)
 
 
@@ -101,18 +102,37 @@ def _model_name(model, what: str) -> str:
     return os.fspath(model)
 
 
-def get_captioner(captioner: str | Blip2Captioner = DEFAULT_CAPTIONER, *, device: str = "auto", dtype: str = "auto", settings: CaptionSettings | None = None) -> Blip2Captioner:
-    """A captioner for `captioner` (hub id, directory or "demo"), reused across calls with the same arguments."""
-    if isinstance(captioner, Blip2Captioner):
-        return captioner
+def _loaded(checkpoint, what: str, device: str, dtype: str):
+    """A model passed loaded runs where it was placed: a device or dtype asked for as well is refused."""
+    if device != "auto" or dtype != "auto":
+        placed = f"{checkpoint.placement.device} in {checkpoint.placement.dtype}"
+        raise InvalidInputError(f"device={device!r}, dtype={dtype!r} cannot move the {what} passed in (it runs on {placed}); "
+                                f"pass the {what}'s name with them, or load it with that device and dtype")
+    return checkpoint
+
+
+def _caption_settings(settings) -> CaptionSettings | None:
     if isinstance(settings, dict):  # the fields of CaptionSettings
         try:
             settings = CaptionSettings(**settings)
         except TypeError:
             raise InvalidInputError(f"caption settings {settings!r} name unknown fields; use num_beams, max_new_tokens, min_new_tokens, prompt") from None
     if settings is not None and not isinstance(settings, CaptionSettings):
-        raise InvalidInputError(f"caption settings {settings!r} are not CaptionSettings; pass CaptionSettings(num_beams=5) or a dict of its fields")
-    return _cached(Blip2Captioner, _model_name(captioner, "captioner"), device=device, dtype=dtype, settings=settings)
+        raise InvalidInputError(f"caption settings {_short(settings)} are not CaptionSettings; pass CaptionSettings(num_beams=5) or a dict of its fields")
+    return settings
+
+
+def get_captioner(captioner: str | Blip2Captioner = DEFAULT_CAPTIONER, *, device: str = "auto", dtype: str = "auto", settings: CaptionSettings | dict | None = None) -> Blip2Captioner:
+    """A captioner for `captioner` (hub id, directory or "demo"), reused across calls with the same arguments.
+
+    With `settings`, a captioner whose captions use them by default; it shares the weights of the one
+    without (other settings load nothing again)."""
+    settings = _caption_settings(settings)
+    if isinstance(captioner, Blip2Captioner):
+        model = _loaded(captioner, "captioner", device, dtype)
+    else:
+        model = _cached(Blip2Captioner, _model_name(captioner, "captioner"), device=device, dtype=dtype)
+    return model if settings is None or settings == model.settings else model.with_settings(settings)
 
 
 def _short(value) -> str:
@@ -122,10 +142,8 @@ def _short(value) -> str:
     return f"{reprlib.repr(value)}, of type {type(value).__name__}"
 
 
-def _read_images(images: Sequence[ImageLike]) -> tuple[list[tuple[int, str | None, Image.Image]], list[ImageFailure]]:
-    """Open paths (EXIF-rotated RGB); failures become `ImageFailure`s instead of stopping the batch."""
-    from .images import open_image, upright_rgb
-
+def _inputs(images: Sequence[ImageLike]) -> list[ImageLike]:
+    """`images` as a list of paths and PIL images; InvalidInputError for anything else."""
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     if isinstance(images, np.ndarray) and images.ndim == 3:
@@ -137,20 +155,30 @@ def _read_images(images: Sequence[ImageLike]) -> tuple[list[tuple[int, str | Non
     if odd is not None:
         fix = "convert it with Image.fromarray(a)" if isinstance(images[odd], np.ndarray) else "pass a path or a PIL image"
         raise InvalidInputError(f"image {odd} ({_short(images[odd])}) is not a path or a PIL image; {fix}")
-    loaded, errors = [], []
-    for i, item in enumerate(images):
-        if isinstance(item, Image.Image):
+    return images
+
+
+def _pixel_batches(checkpoint, images: list[ImageLike], size: int) -> Iterator[tuple[list[tuple[int, str | None]], torch.Tensor | None, list[ImageFailure]]]:
+    """`size` inputs at a time: (index, path) of those read, their pixel_values, and the failures.
+
+    Each picture goes to the checkpoint's processor as soon as it is decoded, so one full-size picture is
+    in memory at a time whatever the number of inputs (a 24 MP photo decodes to 72 MB).
+    """
+    from .images import open_image, upright_rgb
+
+    for start in range(0, len(images), size):
+        read, pixels, failed = [], [], []
+        for i in range(start, min(start + size, len(images))):
+            item = images[i]
+            path = None if isinstance(item, Image.Image) else os.fspath(item)
             try:
-                loaded.append((i, None, upright_rgb(item, f"<image {i}>")))
+                picture = upright_rgb(item, f"<image {i}>") if path is None else open_image(Path(path))
             except Blip2SearchError as exc:
-                errors.append(ImageFailure(i, None, str(exc)))
-            continue
-        path = os.fspath(item)
-        try:
-            loaded.append((i, path, open_image(Path(path))))
-        except Blip2SearchError as exc:
-            errors.append(ImageFailure(i, path, str(exc)))
-    return loaded, errors
+                failed.append(ImageFailure(i, path, str(exc)))
+                continue
+            pixels.append(checkpoint.preprocess([picture]))
+            read.append((i, path))
+        yield read, (torch.cat(pixels) if pixels else None), failed
 
 
 def rerank(
@@ -170,23 +198,30 @@ def rerank(
     from .search.engine import composite_itc
     from .search.query import parse_query
 
-    if not isinstance(query, str) or not query.strip():
+    if not isinstance(query, str):
+        raise InvalidInputError(f"rerank query ({_short(query)}) is not text; pass the text to match the images against")
+    if not query.strip():
         raise InvalidInputError("rerank query is empty; pass the text to match the images against")
     parsed = parse_query(query)
     encoder = get_encoder(model, device=device, dtype=dtype)
-    loaded, errors = _read_images(images)
-    pictures = [im for _, _, im in loaded]
-    if parsed.is_simple or not pictures:
-        scores = encoder.score_images(parsed.itm_text, pictures)
-    else:
-        vit, embeds = encoder.encode_images(pictures)
-        itm = encoder.match(parsed.itm_text, vit, embeds)
-        weights = np.array([t.weight for t in parsed.terms], dtype=np.float32)
-        scores = replace(itm, itc=composite_itc(embeds, encoder.embed_texts([t.text for t in parsed.terms]), weights))
-    hits = [
-        RerankHit(i, path, float(scores.score[j]), float(scores.itc[j]), float(scores.itm_logit[j]), float(scores.match_probability[j]))
-        for j, (i, path, _) in enumerate(loaded)
-    ]
+    images = _inputs(images)
+    terms = None
+    if not parsed.is_simple:
+        terms = (encoder.embed_texts([t.text for t in parsed.terms]), np.array([t.weight for t in parsed.terms], dtype=np.float32))
+    hits, errors = [], []
+    for read, pixels, failed in _pixel_batches(encoder, images, encoder.batch_size):
+        errors += failed
+        if not read:
+            continue
+        vit = encoder.vit_tokens(pixels)
+        embeds = encoder.embed_vit_tokens(vit)
+        scores = encoder.match(parsed.itm_text, vit, embeds)
+        if terms is not None:
+            scores = replace(scores, itc=composite_itc(embeds, *terms))
+        hits += [
+            RerankHit(i, path, float(scores.score[j]), float(scores.itc[j]), float(scores.itm_logit[j]), float(scores.match_probability[j]))
+            for j, (i, path) in enumerate(read)
+        ]
     hits.sort(key=lambda h: (-h.score, h.index))
     return Ranking(parsed.raw, tuple(hits), tuple(errors))
 
@@ -197,10 +232,17 @@ def caption(
     *,
     device: str = "auto",
     dtype: str = "auto",
-    settings: CaptionSettings | None = None,
+    settings: CaptionSettings | dict | None = None,
 ) -> Captions:
-    """Caption `images` (paths or PIL images) in input order; unreadable ones go to `Captions.errors`."""
-    model = get_captioner(captioner, device=device, dtype=dtype, settings=settings)
-    loaded, errors = _read_images(images)
-    texts = model.caption([im for _, _, im in loaded])
-    return Captions(tuple(CaptionResult(i, path, t) for (i, path, _), t in zip(loaded, texts)), tuple(errors))
+    """Caption `images` (paths or PIL images) in input order; unreadable ones go to `Captions.errors`.
+
+    `settings` (CaptionSettings or a dict of its fields) apply to this call, also with a loaded captioner
+    (whose own settings apply otherwise)."""
+    settings = _caption_settings(settings)
+    model = get_captioner(captioner, device=device, dtype=dtype)
+    results, errors = [], []
+    for read, pixels, failed in _pixel_batches(model, _inputs(images), model.batch_size):
+        errors += failed
+        if read:
+            results += [CaptionResult(i, path, text) for (i, path), text in zip(read, model.caption_pixels(pixels, settings))]
+    return Captions(tuple(results), tuple(errors))

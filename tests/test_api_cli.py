@@ -194,6 +194,7 @@ def test_a_database_url_as_the_library_is_refused_without_its_password(photo_dir
     (lambda m, c: blip2_search.rerank("red", ["a.jpg", 5], model=m), r"image 1 \(5, of type int\) is not a path or a PIL image"),
     (lambda m, c: blip2_search.rerank("red", [b"a.jpg"], model=m), "of type bytes"),
     (lambda m, c: blip2_search.rerank("red", ["a.jpg"], model=None), "model None is not a checkpoint name"),
+    (lambda m, c: blip2_search.rerank(None, ["a.jpg"], model=m), r"rerank query \(None, of type NoneType\) is not text"),
     (lambda m, c: blip2_search.caption(None, c), r"images \(None, of type NoneType\) are not a list"),
     (lambda m, c: blip2_search.caption(["a.jpg"], c, settings={"beams": 2}), "name unknown fields; use num_beams"),
     (lambda m, c: blip2_search.caption(["a.jpg"], c, settings={"num_beams": "2"}), "num_beams='2' is not a whole number"),
@@ -210,6 +211,65 @@ def test_python_caption_settings_may_be_a_dict(tiny_captioner_dir):
     from_dict = blip2_search.caption([pil], str(tiny_captioner_dir), settings={"max_new_tokens": 3}).results[0].caption
     from blip2_search.models.captioner import CaptionSettings
     assert from_dict == blip2_search.caption([pil], str(tiny_captioner_dir), settings=CaptionSettings(max_new_tokens=3)).results[0].caption
+
+
+@pytest.mark.parametrize("call", ["rerank", "caption"])
+def test_python_api_holds_one_full_size_picture_at_a_time(tiny_itm_dir, tiny_captioner_dir, photo_dir, monkeypatch, call):
+    import weakref
+
+    import blip2_search.images
+    from blip2_search.models.checkpoint import Checkpoint
+
+    d, paths = photo_dir
+    decoded, most_alive = [], []
+    real_open, real_preprocess = blip2_search.images.open_image, Checkpoint.preprocess
+
+    def open_image(*args, **kwargs):
+        picture = real_open(*args, **kwargs)
+        decoded.append(weakref.ref(picture))
+        return picture
+
+    def preprocess(self, images):
+        most_alive.append(sum(ref() is not None for ref in decoded))
+        return real_preprocess(self, images)
+
+    monkeypatch.setattr(blip2_search.images, "open_image", open_image)
+    monkeypatch.setattr(Checkpoint, "preprocess", preprocess)
+    many = paths * 12  # 60 photos: more than a batch (32 on the CPU)
+    if call == "rerank":
+        got = blip2_search.rerank("a red circle", many, model=str(tiny_itm_dir))
+        assert sorted(h.index for h in got) == list(range(len(many)))
+    else:
+        got = blip2_search.caption(many, str(tiny_captioner_dir), settings={"max_new_tokens": 2})
+        assert [r.index for r in got.results] == list(range(len(many)))
+    assert len(decoded) == len(many) and max(most_alive) == 1, most_alive
+
+
+def test_python_caption_settings_apply_to_a_loaded_captioner_and_share_its_weights(tiny_captioner_dir):
+    from blip2_search.api import get_captioner
+
+    pil = Image.new("RGB", (32, 32), (30, 60, 220))
+    short = {"max_new_tokens": 3}
+    loaded = get_captioner(str(tiny_captioner_dir))
+    by_name = blip2_search.caption([pil], str(tiny_captioner_dir), settings=short).results[0].caption
+    assert blip2_search.caption([pil], loaded, settings=short).results[0].caption == by_name
+    assert 0 < len(by_name.split()) < len(blip2_search.caption([pil], loaded).results[0].caption.split())
+    other = get_captioner(str(tiny_captioner_dir), settings=short)
+    assert other.settings.max_new_tokens == 3 and loaded.settings.max_new_tokens == 30
+    assert other.model is loaded.model and get_captioner(str(tiny_captioner_dir)) is loaded  # no second load
+
+
+@pytest.mark.parametrize("call", [
+    lambda enc, cap: blip2_search.rerank("red", [], model=enc, device="cuda"),
+    lambda enc, cap: blip2_search.rerank("red", [], model=enc, dtype="nonsense"),
+    lambda enc, cap: blip2_search.caption([], cap, dtype="float16"),
+])
+def test_python_api_refuses_to_move_a_model_passed_loaded(tiny_itm_dir, tiny_captioner_dir, call):
+    from blip2_search.api import get_captioner, get_encoder
+
+    with pytest.raises(InvalidInputError, match=r"cannot move the (model|captioner) passed in \(it runs on cpu in float32\); pass the") as caught:
+        call(get_encoder(str(tiny_itm_dir)), get_captioner(str(tiny_captioner_dir)))
+    assert "\n" not in str(caught.value)
 
 
 def test_cli_rerank_takes_queries_and_files_that_start_with_a_minus_sign(tiny_itm_dir, photo_dir, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 from dataclasses import dataclass
@@ -80,6 +81,13 @@ class Blip2Captioner(Checkpoint):
             self._model = model
         return self._model
 
+    def with_settings(self, settings: CaptionSettings) -> "Blip2Captioner":
+        """This captioner with other decoding settings, sharing its weights (loaded now if not yet)."""
+        other = copy.copy(self)
+        other.settings = settings
+        other._model, other._tokenizer = self.model, self.tokenizer
+        return other
+
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
         """One caption per PIL image, in order."""
         out: list[str] = []
@@ -88,14 +96,15 @@ class Blip2Captioner(Checkpoint):
         return out
 
     @torch.inference_mode()
-    def caption_pixels(self, pixel_values: torch.Tensor) -> list[str]:
-        """pixel_values `[n, 3, S, S]` -> n captions (stripped; the prompt is not repeated)."""
+    def caption_pixels(self, pixel_values: torch.Tensor, settings: CaptionSettings | None = None) -> list[str]:
+        """pixel_values `[n, 3, S, S]` -> n captions (stripped; the prompt is not repeated), decoded with
+        `settings` (default: this captioner's)."""
         if len(pixel_values) == 0:
             return []
         m = self.model
         n = pixel_values.shape[0]
-        st = self.settings
-        input_ids = self._prompt_ids(n)
+        st = settings or self.settings
+        input_ids = self._prompt_ids(n, st.prompt)
         generated = m.generate(
             pixel_values=pixel_values.to(self.placement.device, self.placement.torch_dtype),
             input_ids=input_ids,
@@ -125,7 +134,7 @@ class Blip2Captioner(Checkpoint):
             query_embeds=m.query_tokens.expand(n, -1, -1), encoder_hidden_states=image_embeds, encoder_attention_mask=ones
         ).last_hidden_state
         language_inputs = m.language_projection(query_output.to(image_embeds.dtype))
-        input_ids = self._prompt_ids(n)
+        input_ids = self._prompt_ids(n, self.settings.prompt)
         inputs_embeds = m.get_input_embeddings()(input_ids)
         image_slots = (input_ids == m.config.image_token_index).unsqueeze(-1)
         inputs_embeds = inputs_embeds.masked_scatter(image_slots, language_inputs.to(inputs_embeds.dtype))
@@ -146,14 +155,14 @@ class Blip2Captioner(Checkpoint):
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 
-    def _prompt_ids(self, n: int) -> torch.Tensor:
+    def _prompt_ids(self, n: int, prompt: str) -> torch.Tensor:
         """`[n, Q + len(prompt ids)]`: Q image placeholders, then the tokenised prompt (equal rows: no padding).
 
         Decoder-only LMs (OPT) start the text with BOS, as HF's own no-prompt path does; T5 encodes the prompt
         as its tokenizer makes it (ending with EOS).
         """
         m = self.model
-        prompt_ids = list(self.tokenizer(self.settings.prompt, add_special_tokens=True)["input_ids"])
+        prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         bos = m.config.text_config.bos_token_id
         if m.config.use_decoder_only_language_model and bos is not None and prompt_ids[:1] != [bos]:
             prompt_ids = [bos] + prompt_ids
