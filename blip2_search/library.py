@@ -583,30 +583,32 @@ class Library:
         from .search.results import Hit, SearchResult
 
         q = parse_query(query)
+        source = self._vit_source(rerank_source)
         if isinstance(hits, SearchResult):
             hits = hits.hits
         if isinstance(hits, (str, bytes, Hit)) or not isinstance(hits, Iterable):
             raise InvalidInputError(f"hits to rerank must be a search result, a list of its Hits or image ids, not {type(hits).__name__}")
-        hits = list(hits)
-        ids = [h for h in hits if not isinstance(h, Hit)]
-        if ids:
-            hits = self._hits_of(hits, ids)
-        return self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)) if hits else SearchResult(q.raw, ())
+        hits = self._hits_of(list(hits))
+        return self.engine.rerank(q, hits, vit_source=source) if hits else SearchResult(q.raw, ())
 
-    def _hits_of(self, items: list, ids: list) -> list:
-        """`items` (Hits and image ids) as Hits; InvalidInputError for anything else and for ids that are
-        not indexed images."""
+    def _hits_of(self, items: list) -> list:
+        """`items` (Hits and image ids) as Hits of this library; InvalidInputError for anything else, for
+        ids that are not indexed images, and for a Hit whose path is not its id's (another library's)."""
         from .search.results import Hit
 
-        bad = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, (bool, np.bool_))]
+        bad = [i for i in items if not isinstance(i, Hit) and (not isinstance(i, numbers.Integral) or isinstance(i, (bool, np.bool_)))]
         if bad:
             raise InvalidInputError(f"cannot rerank {bad[0]!r} ({type(bad[0]).__name__}); pass Hits from search or integer image ids")
-        records = {r.id: r for r in self.metadata.get_records([int(i) for i in ids]) if r.status == "indexed"}
-        unknown = [int(i) for i in ids if int(i) not in records]
+        ids = [h.id if isinstance(h, Hit) else int(h) for h in items]
+        records = {r.id: r for r in self.metadata.get_records(ids) if r.status == "indexed"}
+        unknown = [i for i in ids if i not in records]
         if unknown:
             raise InvalidInputError(f"images {unknown[:5]} are not indexed images of library {self.folder}; pass ids from search results")
-        return [h if isinstance(h, Hit) else Hit(int(h), records[int(h)].path, 0.0, 0.0, None, records[int(h)].caption, records[int(h)].taken_at)
-                for h in items]
+        foreign = next((h for h in items if isinstance(h, Hit) and h.path != records[h.id].path), None)
+        if foreign is not None:
+            raise InvalidInputError(f"hit {foreign.id} ({foreign.path}) is not image {foreign.id} of library {self.folder}, which is "
+                                    f"{records[foreign.id].path}; rerank hits of this library's own search results, or pass image ids")
+        return [h if isinstance(h, Hit) else Hit(h, records[h].path, 0.0, 0.0, None, records[h].caption, records[h].taken_at) for h in ids]
 
     def duplicates(self, threshold: float = 0.95) -> list[list]:
         """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""

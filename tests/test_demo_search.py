@@ -21,7 +21,6 @@ from blip2_search.demo import CAPTIONER_DIR, ITM_DIR
 from blip2_search.demo.scenes import ALL_SCENES, Scene, encode, render
 from blip2_search.errors import InvalidInputError
 from blip2_search.library import Library
-from blip2_search.search.results import Hit
 
 pytestmark = pytest.mark.skipif(not (ITM_DIR / "config.json").is_file(), reason="demo models not built")
 
@@ -114,20 +113,20 @@ def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_p
         assert len(new_ids) == 3 and new_ids <= {i for i, _ in server.metadata.search_captions(scene.caption, 50)}
         during = server.search(scene.caption, 10, rerank=False)
         assert [h.id for h in during.hits] == [h.id for h in before.hits]  # the new photos wait for the save
-        hits = list(during.hits[:2]) + [Hit(i, "", 0.0, 0.0, None, None, None) for i in sorted(new_ids)]
+        hits = list(during.hits[:2]) + sorted(new_ids)
         reranked = server.rerank(scene.caption, hits).hits  # ids the loaded index does not hold yet
-        assert {h.id for h in reranked} == {h.id for h in hits}
+        assert {h.id for h in reranked} == {h.id for h in during.hits[:2]} | new_ids
         text = server.encoder.embed_texts([scene.caption])[0]
         for h in reranked:  # ITC from the database's vectors, computed here independently
             assert h.itc == pytest.approx(float((server.metadata.vectors_for([h.id])[0] @ text).max()), abs=1e-5)
         with monkeypatch.context() as gone:
             gone.setattr(server.metadata, "vectors_for", lambda ids, missing="raise": np.full((len(ids), 32, 256), np.nan, np.float32))
             with pytest.raises(InvalidInputError, match="are not searchable images of library"):
-                server.rerank(scene.caption, hits[-1:])
+                server.rerank(scene.caption, [max(new_ids)])
         newest = max(new_ids)
         server.metadata.mark_deleted([newest])  # a record the loaded index lacks, and not searchable: refused
-        with pytest.raises(InvalidInputError, match=rf"images \[{newest}\] are not searchable"):
-            server.rerank(scene.caption, [Hit(newest, "", 0.0, 0.0, None, None, None)])
+        with pytest.raises(InvalidInputError, match=rf"images \[{newest}\] are not indexed images of library"):
+            server.rerank(scene.caption, [newest])
 
 
 def test_exif_rotated_photo_is_found_by_its_caption(tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -155,8 +157,14 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     again = lib.rerank(query, [Hit(h.id, h.path, 0.0, 0.0, None, h.caption, h.taken_at) for h in searched])
     assert [h.id for h in again.hits] == [h.id for h in searched] and again.notes == ()
     np.testing.assert_allclose([h.score for h in again.hits], [h.score for h in searched], atol=1e-5)
-    unreadable = [Hit(h.id, h.path if n % 2 else "/nowhere/gone.jpg", 0.0, 0.0, None, h.caption, h.taken_at) for n, h in enumerate(searched)]
-    partly = lib.rerank(query, unreadable)
+    moved = [Path(h.path) for h in searched[::2]]
+    for p in moved:
+        p.rename(p.with_name(p.name + ".away"))
+    try:
+        partly = lib.rerank(query, searched)  # two of the four photos cannot be read now
+    finally:
+        for p in moved:
+            p.with_name(p.name + ".away").rename(p)
     assert [h.id for h in partly.hits[:2]] == [h.id for h in again.hits if h.id in {searched[1].id, searched[3].id}]
     assert [h.itm_logit for h in partly.hits[2:]] == [None, None]
     assert [h.itc for h in partly.hits[2:]] == sorted((h.itc for h in partly.hits[2:]), reverse=True)  # the unread by ITC
@@ -164,6 +172,12 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     by_id = lib.rerank(query, [h.id for h in searched[:2]] + [searched[2]])  # image ids or hits
     assert [h.id for h in by_id.hits] == [h.id for h in again.hits if h.id in {h.id for h in searched[:3]}]
     np.testing.assert_allclose([h.score for h in by_id.hits], [h.score for h in again.hits if h.id in {h.id for h in by_id.hits}], atol=1e-5)
+    other = replace(searched[0], path=searched[1].path)  # e.g. a hit of another library's search: refused, not mixed
+    with pytest.raises(InvalidInputError, match=rf"hit {other.id} \({re.escape(other.path)}\) is not image {other.id} of library .*, which is "
+                       rf"{re.escape(searched[0].path)}; rerank hits of this library's own search results, or pass image ids"):
+        lib.rerank(query, [searched[1], other])
+    with pytest.raises(InvalidInputError, match="rerank source 'bogus'"):
+        lib.rerank(query, [], rerank_source="bogus")
     with pytest.raises(InvalidInputError, match="quote"):
         lib.rerank('"unclosed', searched)
     with pytest.raises(InvalidInputError):
