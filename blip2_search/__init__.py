@@ -7,6 +7,7 @@ pay for importing torch and transformers.
 from .errors import (
     Blip2SearchError,
     ImageDecodeError,
+    IndexInterrupted,
     InvalidInputError,
     LibraryError,
     ModelLoadError,
@@ -27,6 +28,7 @@ __all__ = [
     "Captions",
     "ImageDecodeError",
     "ImageFailure",
+    "IndexInterrupted",
     "InvalidInputError",
     "LibraryError",
     "ModelLoadError",

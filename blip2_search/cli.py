@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import click
 
-from .errors import Blip2SearchError
+from .errors import Blip2SearchError, IndexInterrupted
 from .models.loading import DEFAULT_CAPTIONER, DEFAULT_EMBEDDER
 
 EXIT_USAGE = 2
@@ -252,6 +252,8 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, s
                       device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:
         try:
             report = lib.index(photo_dirs, progress=progress, store_vit=store_vit, rehash=rehash)
+        except IndexInterrupted as stop:  # what was committed is said, then exit 130 below
+            report = stop.report
         finally:
             progress.close()
     for note in report.notes:

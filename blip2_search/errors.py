@@ -37,3 +37,12 @@ class ModelMismatchError(LibraryError):
 
 class CorruptIndexError(LibraryError):
     """The vector index file returned impossible scores (damaged on disk); it can be rebuilt from the database."""
+
+
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `Library.index` after it had committed what it had done: `report` says what
+    (`interrupted` True). A KeyboardInterrupt, so a script stops as at any Ctrl-C; run again to resume."""
+
+    def __init__(self, report) -> None:
+        super().__init__("index run interrupted: what was committed is kept; run it again to resume")
+        self.report = report

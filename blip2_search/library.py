@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import settings
-from .errors import CorruptIndexError, InvalidInputError, LibraryError, ModelMismatchError
+from .errors import CorruptIndexError, IndexInterrupted, InvalidInputError, LibraryError, ModelMismatchError
 from .models.loading import DEMO
 from .store import (
     VECTORS_FILENAME,
@@ -315,6 +315,9 @@ class Library:
               rehash: bool = False):
         """Index photo folders (incremental; resumable after a crash). Returns an `IndexReport`.
 
+        Ctrl-C commits what was done, then raises `IndexInterrupted` (a KeyboardInterrupt) whose `report`
+        says what; running again resumes.
+
         `store_vit`: from now on keep each image's ViT tokens (fp16) so reranking need not rerun the ViT.
         `rehash`: read and hash every file, also those whose size and mtime are unchanged (finds content
         replaced under the same size and time; unchanged content is reused, not embedded again).
@@ -369,7 +372,10 @@ class Library:
                 report = replace(report, seconds=round(report.seconds + time.perf_counter() - started, 3))
                 if self.metadata.counts().pending:
                     notes.append(self._waiting_note())
-            return replace(report, notes=report.notes + tuple(notes)) if notes else report
+            report = replace(report, notes=report.notes + tuple(notes)) if notes else report
+            if report.interrupted:
+                raise IndexInterrupted(report)
+            return report
 
     def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str]) -> None:
         """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when

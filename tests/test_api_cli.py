@@ -14,7 +14,7 @@ from PIL import Image
 
 import blip2_search
 from blip2_search.cli import main
-from blip2_search.errors import InvalidInputError
+from blip2_search.errors import IndexInterrupted, InvalidInputError
 from blip2_search.library import Library
 
 
@@ -312,7 +312,10 @@ def test_an_interrupted_index_says_so_in_its_json(photo_dir, tmp_path, monkeypat
     from blip2_search.indexing.pipeline import IndexReport
 
     folder, _ = photo_dir
-    monkeypatch.setattr(Library, "index", lambda self, *a, **kw: IndexReport(9, 3, 0, 0, 0, 0, 1.5, interrupted=True, notes=("a note",)))
+    def interrupted(self, *args, **kwargs):
+        raise IndexInterrupted(IndexReport(9, 3, 0, 0, 0, 0, 1.5, interrupted=True, notes=("a note",)))
+
+    monkeypatch.setattr(Library, "index", interrupted)
     res = CliRunner().invoke(main, ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", "demo", "--no-captions", "--json"])
     assert res.exit_code == 130 and "interrupted" in res.stderr and "note: a note" in res.stderr, res.output
     out = json.loads(res.stdout)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from blip2_search.cli import main
-from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
+from blip2_search.errors import IndexInterrupted, InvalidInputError, LibraryError, ModelMismatchError
 from blip2_search.indexing.scan import FoundFile, Known, plan_changes
 from blip2_search.images import open_image
 from blip2_search.library import Library
@@ -45,6 +45,14 @@ def photos(tmp_path):
 
 def _open(lib_dir, model_dir, **kw):
     return Library.open(lib_dir, model=str(model_dir), captioner=False, create=True, batch_size=3, workers=2, **kw)
+
+
+def _interrupted(lib, dirs):
+    """The report of an index run stopped by Ctrl-C: Library.index raises IndexInterrupted (a KeyboardInterrupt)."""
+    with pytest.raises(IndexInterrupted) as stop:
+        lib.index(dirs)
+    assert isinstance(stop.value, KeyboardInterrupt)
+    return stop.value.report
 
 
 def _check_consistent(lib_dir: Path):
@@ -683,7 +691,7 @@ def test_interrupt_commits_nothing_partial(tiny_itm_dir, photos, tmp_path, monke
     monkeypatch.setattr(pipeline, "embed_batch", flaky)
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:
-        r = lib.index([photos])
+        r = _interrupted(lib, [photos])
     assert r.interrupted and r.indexed == 3
     monkeypatch.setattr(pipeline, "embed_batch", real)
     with Library.open(lib_dir) as lib:
@@ -718,7 +726,7 @@ def test_a_ctrl_c_just_after_a_commit_is_counted_and_indexed(tiny_itm_dir, photo
 
     monkeypatch.setattr(MetadataStore, where, commit_then_signal)
     with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, batch_size=3, workers=1) as lib:
-        r = lib.index([photos])
+        r = _interrupted(lib, [photos])
         assert r.interrupted
         counts = lib.metadata.counts()
         if where == "mark_deleted":
@@ -753,7 +761,7 @@ def test_interrupt_while_decoding_commits_the_batch_already_embedded(tiny_itm_di
     monkeypatch.setattr(pipeline, "read_and_decode", flaky)
     lib_dir = tmp_path / "lib"
     with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, batch_size=3, workers=1) as lib:
-        r = lib.index([photos])
+        r = _interrupted(lib, [photos])
     assert r.interrupted and r.indexed == 3
     monkeypatch.setattr(pipeline, "read_and_decode", real)
     with Library.open(lib_dir) as lib:
@@ -809,7 +817,7 @@ def test_a_failed_commit_does_not_hide_the_interrupt(tiny_itm_dir, photos, tmp_p
     monkeypatch.setattr(pipeline, "embed_batch", embed)
     monkeypatch.setattr(pipeline.Indexer, "_store_batch", store)
     with _open(tmp_path / "lib", tiny_itm_dir) as lib:
-        r = lib.index([photos])
+        r = _interrupted(lib, [photos])
     assert r.interrupted and r.indexed == 0  # Ctrl-C is what the caller hears about, not the commit after it
 
 
@@ -982,6 +990,17 @@ def test_a_new_library_resolves_its_model_once(tmp_path, photos, tiny_itm_dir, m
     assert len(calls) == 2
 
 
+def test_the_last_progress_report_counts_what_the_run_wrote(tiny_itm_dir, photos, tmp_path):
+    (photos.parent / "other").mkdir(exist_ok=True)
+    (photos.parent / "other" / "broken.jpg").write_bytes(b"not a jpeg")
+    seen = []
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=32) as lib:
+        report = lib.index([photos, photos.parent / "other"], progress=seen.append)  # one batch: written after the last file
+    last = seen[-1]
+    assert report.indexed > 0 and report.failed == 1
+    assert (last.done, last.total, last.indexed, last.reused, last.failed) == (report.scanned, report.scanned, report.indexed, report.reused, 1)
+
+
 def test_captions_turned_on_later_reach_the_photos_indexed_without(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
     """A library indexed with captions off, then indexed with a captioner: the photos already indexed are
     captioned (as a captioning run would have), with their caption vectors; a second run has nothing to do."""
@@ -1140,7 +1159,7 @@ def test_caption_backfill_interrupted_says_what_it_did_and_signals_servers_as_it
     monkeypatch.setattr(pipeline.Indexer, "_put_captions", interrupted_second)
     monkeypatch.setattr(pipeline, "CAPTIONS_SIGNAL_S", 0.0)
     with Library.open(tmp_path / "lib", captioner=str(tiny_captioner_dir), batch_size=3) as lib:
-        report = lib.index([photos])
+        report = _interrupted(lib, [photos])
         assert report.interrupted and report.notes == ("captioned 3 photos indexed without captions",)
         assert report.seconds >= 0.3 and lib.status().captioned == 3
         assert lib.metadata.captions_generation() == 2  # after the batch (signal period 0), and at the end

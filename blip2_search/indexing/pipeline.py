@@ -469,6 +469,8 @@ class Indexer:
                 self._write_batch([], known_hashes, counts)  # the last queued batch
                 self._write_reuse(reuse, counts)
                 self._write_failures(failures, counts)
+                if progress:  # the last batches were written after the last file's report
+                    progress(Progress(counts.done, total, counts.indexed, counts.reused, counts.failed))
             except BaseException as exc:
                 results.close()  # reads not started are cancelled
                 queued, self._queued = self._queued, None
