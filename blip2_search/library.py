@@ -570,14 +570,22 @@ class Library:
         return replace(result, notes=result.notes + (note,))
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
-        """Images most like `image` (a path or PIL image), by their 32 query vectors."""
+        """Images most like `image` (a path, a PIL image or an image file's bytes), by their 32 query vectors."""
+        from PIL import Image
+
         from .images import open_image, upright_rgb
         from .search.results import check_k, make_filters
 
         k = check_k(k)
         filters = make_filters(path, after, before, min_score)
-        label = str(image) if not hasattr(image, "size") else "<image>"
-        pil = upright_rgb(image) if hasattr(image, "size") else open_image(image)
+        if isinstance(image, Image.Image):
+            label, pil = "<image>", upright_rgb(image)
+        elif isinstance(image, (str, os.PathLike, bytes)):
+            label = "<image bytes>" if isinstance(image, bytes) else os.fspath(image)
+            pil = open_image(image)
+        else:
+            fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image or the bytes of an image file"
+            raise InvalidInputError(f"example image {reprlib.repr(image)} ({type(image).__name__}) is not a picture; {fix}")
         return self._rebuilt_if_damaged(lambda: self._with_index_note(_with_glob_note(
             self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path)))
 

@@ -488,6 +488,9 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
     (lambda lib: lib.duplicates(1.5), "threshold 1.5 is not a number in"),
     (lambda lib: lib.index(None), "folders to index None are not paths"),
     (lambda lib: lib.index([5]), r"folders to index \[5\] are not paths"),
+    (lambda lib: lib.index(""), r"photo folder '' is empty; pass a folder to index \('.' for the current one\)"),
+    (lambda lib: lib.similar(np.zeros((8, 8, 3), np.uint8)), r"example image .* \(ndarray\) is not a picture; convert it with Image.fromarray"),
+    (lambda lib: lib.similar(5), r"example image 5 \(int\) is not a picture; pass a path, a PIL image or the bytes"),
     (lambda lib: lib.prune("30"), "older_than_days '30' is not a number of days"),
     (lambda lib: lib.prune(float("nan")), "older_than_days nan is not a number of days"),
     (lambda lib: lib.prune(-1), "older_than_days -1 is negative"),
@@ -509,6 +512,14 @@ def test_numpy_numbers_are_numbers_and_a_result_reads_as_its_hits(lib, lib_dir):
     assert lib.duplicates(np.float32(0.99)) == lib.duplicates(0.99)
     with Library.open(lib_dir, batch_size=np.int64(8), workers=np.int32(1)) as again:
         assert (again.batch_size, again.workers) == (8, 1)
+
+
+def test_similar_takes_a_path_a_pil_image_or_the_bytes_of_a_file(lib):
+    some = lib.search(TEXTS[0], 1, rerank=False).hits[0]
+    by_path = [(h.id, round(h.score, 5)) for h in lib.similar(some.path, 3).hits]
+    assert by_path[0][0] == some.id
+    assert [(h.id, round(h.score, 5)) for h in lib.similar(Path(some.path).read_bytes(), 3).hits] == by_path
+    assert [h.id for h in lib.similar(open_image(some.path), 3).hits][0] == some.id
 
 
 def test_an_empty_path_filter_is_no_filter_in_python_too(lib):

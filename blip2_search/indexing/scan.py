@@ -53,6 +53,8 @@ def check_roots(roots: Iterable[str | os.PathLike], *, library: str | os.PathLik
     out = []
     lib = os.path.realpath(os.path.expanduser(library)) if library is not None else None
     for root in roots:
+        if not os.fspath(root):  # Path('') is the current folder: an unset variable would index it
+            raise InvalidInputError(f"photo folder {os.fspath(root)!r} is empty; pass a folder to index ('.' for the current one)")
         p = Path(root).expanduser()
         if not p.exists():
             raise InvalidInputError(f"photo folder {str(root)!r} does not exist; pass an existing folder to index")
