@@ -184,6 +184,20 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
         lib.rerank("  ", [])
 
 
+def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib):
+    first = lib.search(TEXTS[0], 8, rerank=False, fusion=False).hits
+    top = Path(first[0].path)
+    top.rename(top.with_name(top.name + ".away"))
+    try:
+        got = lib.search(TEXTS[0], 3, rerank_k=8, fusion=False)
+    finally:
+        top.with_name(top.name + ".away").rename(top)
+    assert got.hits[0].id == first[0].id and got.hits[0].itm_logit is None  # was appended after all 8, then cut at 3
+    others = [h.id for h in lib.rerank(TEXTS[0], [h.id for h in first[1:]]).hits]
+    assert [h.id for h in got.hits[1:]] == others[:2]  # the rest reranked as without it
+    assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; re-index to refresh)",)
+
+
 def test_a_long_lived_library_follows_an_index_run_of_another_process(tiny_itm_dir, tmp_path):
     """A server's Library sees photos added and deleted by an `index` run in another process once that run
     has saved its index (not mid-run)."""

@@ -59,9 +59,10 @@ class SearchEngine:
         if rerank and hits:
             source = vit_source or self.vit_source
             head, n_missing = rerank_hits(self.encoder, source, query.itm_text, hits[:rerank_k])
-            hits = head + hits[rerank_k:]
             if n_missing:
+                head = _unread_in_place(hits[:rerank_k], head, n_missing)
                 notes.append(_not_reranked(n_missing, source))
+            hits = head + hits[rerank_k:]
         hits = hits[:k]
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
@@ -226,6 +227,14 @@ def _checked(scores: np.ndarray, bound: float) -> np.ndarray:
         raise CorruptIndexError(f"the vector index returned a score of {float(np.abs(finite).max()):.4g}, impossible for unit "
                                 "vectors: its file is damaged; delete vectors.faiss in the library and it is rebuilt from the database")
     return scores
+
+
+def _unread_in_place(before: list[Hit], ranked: list[Hit], n_unread: int) -> list[Hit]:
+    """`ranked` (reranked, then the `n_unread` that could not be read) with those at their first-stage places:
+    the best ITC match stays near the top when its file is briefly unreadable, instead of dropping below `k`."""
+    unread = {h.id for h in ranked[len(ranked) - n_unread :]}
+    reranked = iter(ranked[: len(ranked) - n_unread])
+    return [h if h.id in unread else next(reranked) for h in before]
 
 
 def _not_reranked(n: int, source: VitSource) -> str:
