@@ -43,11 +43,13 @@ class ImageFailure:
 
 @dataclass(frozen=True)
 class Ranking:
-    """Images sorted by `score`, descending (ties keep input order); iterating yields the hits."""
+    """Images sorted by `score`, descending (ties keep input order); iterating yields the hits. `notes`: what
+    the caller should know about the scoring, e.g. a query longer than BLIP-2 reads."""
 
     query: str
     hits: tuple[RerankHit, ...]
     errors: tuple[ImageFailure, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())
 
     def __iter__(self) -> Iterator[RerankHit]:
         return iter(self.hits)
@@ -195,7 +197,7 @@ def rerank(
 
     Unreadable images are reported in `Ranking.errors` and the others are still scored.
     """
-    from .search.engine import composite_itc
+    from .search.engine import composite_itc, query_notes
     from .search.query import parse_query
 
     if not isinstance(query, str):
@@ -223,7 +225,7 @@ def rerank(
             for j, (i, path) in enumerate(read)
         ]
     hits.sort(key=lambda h: (-h.score, h.index))
-    return Ranking(parsed.raw, tuple(hits), tuple(errors))
+    return Ranking(parsed.raw, tuple(hits), tuple(errors), tuple(query_notes(encoder, parsed)))
 
 
 def caption(

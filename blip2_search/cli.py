@@ -140,8 +140,10 @@ def rerank(query, images, model, device, dtype, as_json):
     results = [{"path": h.path, "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit, "match_probability": h.match_probability} for h in ranking]
     errors = [{"path": e.path, "error": e.error} for e in ranking.errors]
     if as_json:
-        _emit({"query": ranking.query, "results": results, "errors": errors})
+        _emit({"query": ranking.query, "results": results, "errors": errors, **({"notes": list(ranking.notes)} if ranking.notes else {})})
     else:
+        for note in ranking.notes:
+            click.echo(f"note: {note}", err=True)
         for r in results:
             click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {_shown(r['path'])}")
     _report_unread(ranking.errors, len(images), as_json)

@@ -82,6 +82,18 @@ def test_cli_rerank_json_equals_hf_forward(tiny_itm_dir, photo_dir):
         np.testing.assert_allclose((r["score"], r["itc"], r["itm_logit"], r["match_probability"]), ref[r["path"]], atol=1e-5)
 
 
+def test_rerank_says_when_the_query_is_longer_than_blip2_reads(tiny_itm_dir, photo_dir):
+    _, paths = photo_dir
+    words = "a photo of a dog on the beach " * 6  # 48 one-token words: BLIP-2 reads 33 of them
+    ranking = blip2_search.rerank(words, paths[:2], model=str(tiny_itm_dir))
+    assert len(ranking.notes) == 1 and "only the words up to 'on the beach a' were searched" in ranking.notes[0]
+    assert blip2_search.rerank("a photo of a dog", paths[:2], model=str(tiny_itm_dir)).notes == ()
+    res = CliRunner().invoke(main, ["rerank", words, *map(str, paths[:2]), "--model", str(tiny_itm_dir), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["notes"] == list(ranking.notes), res.output
+    res = CliRunner().invoke(main, ["rerank", words, *map(str, paths[:2]), "--model", str(tiny_itm_dir)])
+    assert res.exit_code == 0 and res.stderr == f"note: {ranking.notes[0]}\n", res.output
+
+
 def test_cli_caption_json(tiny_captioner_dir, photo_dir):
     d, paths = photo_dir
     res = CliRunner().invoke(main, ["caption", *map(str, paths[:3]), str(d / "broken.jpg"), "--captioner", str(tiny_captioner_dir), "--json"])

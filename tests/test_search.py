@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 import shutil
 from dataclasses import replace
 from datetime import datetime
@@ -196,6 +197,21 @@ def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib):
     others = [h.id for h in lib.rerank(TEXTS[0], [h.id for h in first[1:]]).hits]
     assert [h.id for h in got.hits[1:]] == others[:2]  # the rest reranked as without it
     assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; re-index to refresh)",)
+
+
+def test_a_query_longer_than_blip2_reads_says_where_it_was_cut(lib):
+    words = (TEXTS[2] + " ") * 6  # 48 words, one token each in the test vocabulary; BLIP-2 reads [CLS] + 33 + [SEP]
+    ws = words.split()
+    cut = lib.search(words, 3, rerank=False, fusion=False)
+    assert cut.notes == (f"the query is longer than the 35 tokens BLIP-2 reads: only the words up to {' '.join(ws[29:33])!r} were "
+                         "searched; shorten it, or split it into terms (docs/queries.md)",)
+    read = lib.search(" ".join(ws[:33]), 3, rerank=False, fusion=False)  # what was read: the same scores, nothing cut
+    assert read.notes == () and [(h.id, h.score) for h in read.hits] == [(h.id, h.score) for h in cut.hits]
+    assert len(lib.search(" ".join(ws[:34]), 3, rerank=False, fusion=False).notes) == 1
+    term = lib.search(f'"{words}" - "{TEXTS[1]}"', 3, rerank=False, fusion=False)
+    assert term.notes == (f"the term {reprlib.repr(words.strip())} is longer than the 35 tokens BLIP-2 reads: only the words up to "
+                          f"{' '.join(ws[29:33])!r} were searched; shorten it, or split it into terms (docs/queries.md)",)
+    assert lib.rerank(words, cut.hits).notes == cut.notes
 
 
 def test_a_long_lived_library_follows_an_index_run_of_another_process(tiny_itm_dir, tmp_path):

@@ -115,6 +115,17 @@ class Blip2Encoder(Checkpoint):
         )
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
+    def cut_short(self, text: str) -> str | None:
+        """None when `text` fits the 35 tokens BLIP-2 reads; else the last words it reads (`tokenize` cuts there),
+        or "" when the tokenizer cannot say where that is."""
+        clean = pre_caption(text)
+        if len(self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS + 1)["input_ids"]) <= MAX_TOKENS:
+            return None
+        if not self.tokenizer.is_fast:  # no character offsets
+            return ""
+        ends = [end for _, end in self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS, return_offsets_mapping=True)["offset_mapping"]]
+        return " ".join(clean[: max(ends)].split()[-4:])  # special tokens have (0, 0)
+
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings `[n, D] float32`, L2-normalised, from the [CLS] token."""

@@ -6,6 +6,7 @@ fusion with caption matches -> optional ITM rerank -> hits with metadata.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import replace
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from ..errors import CorruptIndexError, InvalidInputError
 from ..models.encoder import Blip2Encoder
+from ..models.text import MAX_TOKENS
 from ..store import MetadataStore, VectorStore
 from .duplicates import duplicate_groups
 from .query import Query
@@ -42,7 +44,7 @@ class SearchEngine:
                     fusion: bool = True, sort: str = "score", vit_source: VitSource | None = None) -> SearchResult:
         """Top `k` images for a (possibly composite) text query."""
         allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
-        notes = [f"query truncated to {len(query.raw)} characters"] if query.truncated else []
+        notes = query_notes(self.encoder, query)
         texts = [t.text for t in query.terms]
         weights = np.array([t.weight for t in query.terms], dtype=np.float32)
         emb = self.encoder.embed_texts(texts)  # [m, D]
@@ -182,8 +184,8 @@ class SearchEngine:
         ranked, n_missing = rerank_hits(self.encoder, source, query.itm_text, hits)
         head = ranked[: len(ranked) - n_missing]
         tail = sorted(ranked[len(head):], key=lambda h: (-h.itc, h.id))
-        notes = (_not_reranked(n_missing, source),) if n_missing else ()
-        return SearchResult(query.raw, tuple(head + tail), notes)
+        notes = query_notes(self.encoder, query) + ([_not_reranked(n_missing, source)] if n_missing else [])
+        return SearchResult(query.raw, tuple(head + tail), tuple(notes))
 
     def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         """Full vectors `[n, Q, D] float32` of any indexed images, in order: from the vector index, or
@@ -227,6 +229,19 @@ def _checked(scores: np.ndarray, bound: float) -> np.ndarray:
         raise CorruptIndexError(f"the vector index returned a score of {float(np.abs(finite).max()):.4g}, impossible for unit "
                                 "vectors: its file is damaged; delete vectors.faiss in the library and it is rebuilt from the database")
     return scores
+
+
+def query_notes(encoder: Blip2Encoder, query: Query) -> list[str]:
+    """What was not read of `query`: past the character limit, and in each term past the 35 tokens BLIP-2 reads."""
+    notes = [f"query truncated to {len(query.raw)} characters"] if query.truncated else []
+    for term in query.terms:
+        last = encoder.cut_short(term.text)
+        if last is not None:
+            what = "the query" if len(query.terms) == 1 else f"the term {reprlib.repr(term.text)}"
+            read = f"only the words up to {last!r} were searched" if last else "only its beginning was searched"
+            notes.append(f"{what} is longer than the {MAX_TOKENS} tokens BLIP-2 reads: {read}; "
+                         "shorten it, or split it into terms (docs/queries.md)")
+    return notes
 
 
 def _unread_in_place(before: list[Hit], ranked: list[Hit], n_unread: int) -> list[Hit]:
