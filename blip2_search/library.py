@@ -163,6 +163,9 @@ class Library:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"library path {path!r} ({type(path).__name__}) is not a path; pass a folder as str or Path")
         folder = Path(_not_a_url(path)) if path is not None else default_library_path()
+        _check_model_name(model, "model", "None for the library's own")
+        if captioner is not False:
+            _check_model_name(captioner, "captioner", "False for no captions in this run, 'none' to stop captioning, None for the library's own")
         forget_captioner = captioner == NO_CAPTIONER
         if forget_captioner:
             captioner = False
@@ -174,12 +177,15 @@ class Library:
         workers = int(settings.given("workers", workers))
         settings.get("vector_memory_gb")
         source = None
+        if device != "auto" or dtype != "auto":  # a --device or --dtype this machine cannot do: said now, not at the first search
+            from .models.policy import detect_placement
+
+            detect_placement(device, dtype)
         if create and not (folder / METADATA_FILENAME).exists():
             # A new library: find its embedder first, so a bad --model leaves no empty library behind.
             from .models.loading import resolve_model
             from .models.policy import detect_placement
 
-            detect_placement(device, dtype)  # a --device or --dtype this machine cannot do, too
             source = resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
             if captioner is not False:  # and its captioner, named or the default (Flan-T5 refuses float16)
                 cap_source = resolve_model(_canonical(str(captioner)) if captioner else _default_captioner(source.name), role="captioner")
@@ -493,6 +499,11 @@ class Library:
                 raise LibraryError(f"library {self.folder} has no indexed images yet; run `blip2-search index PHOTO_DIR --library {self.folder}` first")
             enc = self.encoder
             recorded = info.embedder.model
+            if recorded.model_id != enc.name:  # opened with --reembed and another model: its index run comes first
+                raise ModelMismatchError(
+                    f"library {self.folder}'s vectors come from {recorded.describe()}, not {enc.name!r}; run "
+                    f"`blip2-search index PHOTO_DIR --library {self.folder} --model {enc.name} --reembed` to re-embed them before searching, "
+                    "or open the library without --model to search with its own")
             if recorded.revision and recorded.revision != enc.revision:
                 raise ModelMismatchError(
                     f"library {self.folder} was built with {recorded.describe()} but the files of {enc.name!r} are now revision "
@@ -715,6 +726,11 @@ def _check_sort(sort: str) -> str:
 
 
 THUMBS_DIRNAME = "thumbs"  # the server's thumbnail cache inside the library folder (server/photos.py)
+
+
+def _check_model_name(name, what: str, other: str) -> None:
+    if name is not None and (not isinstance(name, (str, os.PathLike)) or not os.fspath(name)):
+        raise InvalidInputError(f"{what} {name!r} is not a checkpoint name; pass a hub id, a local folder or 'demo', or {other}")
 
 
 def _default_captioner(model: str) -> str:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -481,11 +482,30 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
     with pytest.raises(ModelMismatchError, match="--reembed"):
         Library.open(lib_dir, model=str(other))
     with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
+        with pytest.raises(ModelMismatchError, match=rf"vectors come from {re.escape(str(tiny_itm_dir))}.*, not '{re.escape(str(other))}'; run "
+                           rf"`blip2-search index PHOTO_DIR --library {re.escape(str(lib_dir))} --model {re.escape(str(other))} --reembed` to re-embed"):
+            lib.search("a red circle", 3)  # before the index run that re-embeds: says so (not "the files changed revision")
         r = lib.index([photos])
         assert r.indexed == 7 and lib.status().model == str(other) and r.notes == ()
+        assert len(lib.search("a red circle", 3).hits) == 3
     res = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--model", str(other), "--reembed"])
     assert res.exit_code == 0 and "unchanged 7" in res.stdout and "nothing to redo" in res.stderr, res.output
     _check_consistent(lib_dir)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"captioner": True}, r"captioner True is not a checkpoint name; pass a hub id, a local folder or 'demo', or False for no captions"),
+    ({"captioner": 5}, "captioner 5 is not a checkpoint name"),
+    ({"captioner": ""}, "captioner '' is not a checkpoint name"),
+    ({"model": 5}, r"model 5 is not a checkpoint name; pass a hub id, a local folder or 'demo', or None for the library's own"),
+    ({"device": "gpu"}, "gpu"),
+])
+def test_open_refuses_model_captioner_and_device_values_it_cannot_use(tiny_itm_dir, photos, tmp_path, kwargs, message):
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        lib.index([photos])
+    with pytest.raises(InvalidInputError, match=message) as caught:
+        Library.open(tmp_path / "lib", **kwargs)
+    assert "\n" not in str(caught.value)
 
 
 def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_path):
