@@ -530,7 +530,11 @@ class Library:
     def search(self, query: str, k: int = 10, *, rerank: bool = True, rerank_k: int | None = None, path: str | None = None,
                after=None, before=None, min_score: float | None = None, sort: str = "score", fusion: bool = True,
                rerank_source: str = "auto"):
-        """Top `k` images for a text query (see docs/queries.md for composite terms); returns a `SearchResult`."""
+        """Top `k` images for a text query (see docs/queries.md for composite terms); returns a `SearchResult`.
+
+        `path`: a glob on the absolute recorded path, matched as given (`*` crosses `/`): unlike the CLI's
+        --path, a relative glob is not taken from the current folder (a server's folder says nothing about
+        its callers); it matches nothing, with a note. `after`/`before`: 'YYYY-MM-DD', a date or a datetime."""
         from .search.query import parse_query
         from .search.results import check_k, make_filters
 
