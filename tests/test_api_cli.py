@@ -65,6 +65,15 @@ def test_python_rerank_sorted_with_scores_and_errors(tiny_itm_dir, photo_dir):
             np.testing.assert_allclose((h.score, h.itc, h.itm_logit, h.match_probability), ref[h.path], atol=1e-5)
 
 
+def test_a_closed_pil_image_is_named_as_closed_not_corrupt(tiny_itm_dir, photo_dir):
+    _, paths = photo_dir
+    closed = Image.new("RGB", (32, 32), (30, 60, 220))
+    closed.close()
+    ranking = blip2_search.rerank("a red circle", [paths[0], closed], model=str(tiny_itm_dir))
+    assert [h.index for h in ranking] == [0]
+    assert [(e.index, e.error) for e in ranking.errors] == [(1, "image <image 1> is a closed PIL image; pass it before closing it, or open the file again")]
+
+
 def test_cli_rerank_json_equals_hf_forward(tiny_itm_dir, photo_dir):
     d, paths = photo_dir
     args = ["rerank", "a red circle on the left", *map(str, paths), str(d / "broken.jpg"), str(d / "missing.jpg"), "--model", str(tiny_itm_dir), "--json"]

@@ -99,6 +99,10 @@ def upright_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
     8-bit RGB, alpha on white, 16-bit and CMYK converted as for files (not PIL's clipping `convert`)."""
     try:
         im.load()
+    except ValueError as exc:
+        if "closed image" not in str(exc):
+            raise ImageDecodeError(f"cannot decode image {name}: {_failure_reason(exc, im.format)}") from exc
+        raise InvalidInputError(f"image {name} is a closed PIL image; pass it before closing it, or open the file again") from None
     except Exception as exc:  # a lazily opened file that is truncated or corrupt
         raise ImageDecodeError(f"cannot decode image {name}: {_failure_reason(exc, im.format)}") from exc
     orientation = orientation_of(read_exif(im))
