@@ -654,7 +654,7 @@ class Library:
         """Counts of images by state, and the models on record."""
         info = self.metadata.info()
         counts = self.metadata.counts()
-        on_disk = sum(1 for p, k in self.metadata.known_files().items() if k.status != "deleted" and os.path.lexists(p))
+        on_disk = sum(1 for _, p in self.metadata.live_paths() if os.path.lexists(p))
         q = info.embedder.num_query_tokens if info.embedder else 0
         return LibraryStatus(
             images=on_disk, indexed=counts.indexed, captioned=counts.captioned, failed=counts.failed,
@@ -688,7 +688,7 @@ class Library:
             embedded = self.metadata.info().embedder is not None  # else nothing was ever embedded: no index
             gone = []
             if missing:
-                gone = [k.id for p, k in self.metadata.known_files().items() if k.status != "deleted" and not os.path.lexists(p)]
+                gone = [i for i, p in self.metadata.live_paths() if not os.path.lexists(p)]
             if gone and embedded:
                 self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
             self.metadata.mark_deleted(gone)

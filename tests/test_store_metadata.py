@@ -495,6 +495,7 @@ def test_mark_deleted_leaves_search_and_purge(store, tmp_path, rng):
     with store.live_vectors() as live:
         assert [c.ids.tolist() for c in live.chunks()] == [[ids[1]]]
     assert store.known_files()[str(tmp_path / "a.jpg")].status == "deleted"
+    assert store.live_paths() == [(ids[1], str(tmp_path / "b.jpg"))]
     assert store.forget_deleted() == (1, 1)
     assert store.counts().embeddings == 1 and store.known_files().keys() == {str(tmp_path / "b.jpg")}
     store.mark_deleted([ids[1]])
