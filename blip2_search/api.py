@@ -105,11 +105,15 @@ def _model_name(model, what: str) -> str:
 
 
 def _loaded(checkpoint, what: str, device: str, dtype: str):
-    """A model passed loaded runs where it was placed: a device or dtype asked for as well is refused."""
-    if device != "auto" or dtype != "auto":
-        placed = f"{checkpoint.placement.device} in {checkpoint.placement.dtype}"
-        raise InvalidInputError(f"device={device!r}, dtype={dtype!r} cannot move the {what} passed in (it runs on {placed}); "
-                                f"pass the {what}'s name with them, or load it with that device and dtype")
+    """A model passed loaded runs where it was placed: a device or dtype asked for as well must be that one."""
+    if device == "auto" and dtype == "auto":
+        return checkpoint
+    from .models.policy import detect_placement
+
+    wanted, placed = detect_placement(device, dtype), checkpoint.placement  # a device or dtype that cannot be is said first
+    if (device != "auto" and wanted.device != placed.device) or (dtype != "auto" and wanted.dtype != placed.dtype):
+        raise InvalidInputError(f"device={device!r}, dtype={dtype!r} cannot move the {what} passed in (it runs on {placed.device} in "
+                                f"{placed.dtype}); pass the {what}'s name with them, or load it with that device and dtype")
     return checkpoint
 
 
@@ -225,7 +229,7 @@ def rerank(
             for j, (i, path) in enumerate(read)
         ]
     hits.sort(key=lambda h: (-h.score, h.index))
-    return Ranking(parsed.raw, tuple(hits), tuple(errors), tuple(query_notes(encoder, parsed)))
+    return Ranking(parsed.raw, tuple(hits), tuple(errors), tuple(query_notes(encoder, parsed, reranked=True)))
 
 
 def caption(

@@ -445,8 +445,12 @@ def _print_result(result, as_json: bool, *, filtered: bool) -> None:
                    "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first", err=True)
     reranked = sum(h.itm_logit is not None for h in result.hits)
     if 0 < reranked < len(result.hits):
-        click.echo(f"note: the first {reranked} were reranked (score = ITM logit + ITC); the rest keep the first stage's "
-                   "order and score", err=True)
+        if all(h.itm_logit is not None for h in result.hits[:reranked]):
+            note = f"the first {reranked} were reranked (score = ITM logit + ITC); the rest keep the first stage's order and score"
+        else:  # a candidate that could not be reread keeps its first-stage place
+            note = (f"{reranked} of these were reranked (those with itm=; score = ITM logit + ITC); the others keep their "
+                    "first-stage place and score")
+        click.echo(f"note: {note}", err=True)
     for h in result.hits:
         itm = f"  itm={h.itm_logit:6.3f}" if h.itm_logit is not None else ""
         date = f"  {h.taken_at:%Y-%m-%d}" if h.taken_at else ""

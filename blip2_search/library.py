@@ -163,9 +163,8 @@ class Library:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"library path {path!r} ({type(path).__name__}) is not a path; pass a folder as str or Path")
         folder = Path(_not_a_url(path)) if path is not None else default_library_path()
-        _check_model_name(model, "model", "None for the library's own")
-        if captioner is not False:
-            _check_model_name(captioner, "captioner", "False for no captions in this run, 'none' to stop captioning, None for the library's own")
+        model = _model_name(model, "model")
+        captioner = captioner if captioner is False else _model_name(captioner, "captioner")
         forget_captioner = captioner == NO_CAPTIONER
         if forget_captioner:
             captioner = False
@@ -281,14 +280,17 @@ class Library:
             return
         recorded = self.metadata.info().embedder
         if recorded is not None and recorded != self._embedder_info():
-            raise LibraryError(
-                f"library {self.folder} is being re-embedded with {recorded.model.describe()} by another process (or was), "
-                f"so its vectors no longer match this process's model {self.model_name!r}; restart this process (the "
-                "server) once that `index --reembed` run has finished"
-            )
+            raise self._reembedded_elsewhere(recorded.model)
         path = self.folder / VECTORS_FILENAME
         if not path.exists() or saved_generation(path) == current:  # saved by that run, or removed (a full disk's prune)
             self._vectors, self._engine = None, None
+
+    def _reembedded_elsewhere(self, recorded: ModelRef) -> LibraryError:
+        return LibraryError(
+            f"library {self.folder} is being re-embedded with {recorded.describe()} by another process (or was), "
+            f"so its vectors no longer match this process's model {self.model_name!r}; restart this process (the "
+            "server) once that `index --reembed` run has finished"
+        )
 
     @property
     def vit_store(self):
@@ -499,11 +501,13 @@ class Library:
                 raise LibraryError(f"library {self.folder} has no indexed images yet; run `blip2-search index PHOTO_DIR --library {self.folder}` first")
             enc = self.encoder
             recorded = info.embedder.model
-            if recorded.model_id != enc.name:  # opened with --reembed and another model: its index run comes first
+            if recorded.model_id != enc.name and self.reembed:  # opened to re-embed with another model: its index run comes first
                 raise ModelMismatchError(
                     f"library {self.folder}'s vectors come from {recorded.describe()}, not {enc.name!r}; run "
                     f"`blip2-search index PHOTO_DIR --library {self.folder} --model {enc.name} --reembed` to re-embed them before searching, "
                     "or open the library without --model to search with its own")
+            if recorded.model_id != enc.name:  # another process re-embedded it since this one chose its model
+                raise self._reembedded_elsewhere(recorded)
             if recorded.revision and recorded.revision != enc.revision:
                 raise ModelMismatchError(
                     f"library {self.folder} was built with {recorded.describe()} but the files of {enc.name!r} are now revision "
@@ -585,7 +589,7 @@ class Library:
         return replace(result, notes=result.notes + (note,))
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
-        """Images most like `image` (a path, a PIL image or an image file's bytes), by their 32 query vectors."""
+        """Images most like `image` (a path, a PIL image, or an image file's bytes or binary file object), by their 32 query vectors."""
         from PIL import Image
 
         from .images import open_image, upright_rgb
@@ -595,11 +599,11 @@ class Library:
         filters = make_filters(path, after, before, min_score)
         if isinstance(image, Image.Image):
             label, pil = "<image>", upright_rgb(image)
-        elif isinstance(image, (str, os.PathLike, bytes)):
-            label = "<image bytes>" if isinstance(image, bytes) else os.fspath(image)
+        elif isinstance(image, (str, os.PathLike, bytes)) or hasattr(image, "read"):  # what open_image reads
+            label = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<image bytes>"
             pil = open_image(image)
         else:
-            fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image or the bytes of an image file"
+            fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image, or an image file's bytes"
             raise InvalidInputError(f"example image {reprlib.repr(image)} ({type(image).__name__}) is not a picture; {fix}")
         return self._rebuilt_if_damaged(lambda: self._with_index_note(_with_glob_note(
             self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path)))
@@ -612,13 +616,13 @@ class Library:
         from .search.results import Hit, SearchResult
 
         q = parse_query(query)
-        source = self._vit_source(rerank_source)
+        _check_rerank_source(rerank_source)
         if isinstance(hits, SearchResult):
             hits = hits.hits
         if isinstance(hits, (str, bytes, Hit)) or not isinstance(hits, Iterable):
             raise InvalidInputError(f"hits to rerank must be a search result, a list of its Hits or image ids, not {type(hits).__name__}")
         hits = self._hits_of(list(hits))
-        return self.engine.rerank(q, hits, vit_source=source) if hits else SearchResult(q.raw, ())
+        return self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)) if hits else SearchResult(q.raw, ())
 
     def _hits_of(self, items: list) -> list:
         """`items` (Hits and image ids) as Hits of this library; InvalidInputError for anything else, for
@@ -633,7 +637,8 @@ class Library:
         unknown = [i for i in ids if i not in records]
         if unknown:
             raise InvalidInputError(f"images {unknown[:5]} are not indexed images of library {self.folder}; pass ids from search results")
-        foreign = next((h for h in items if isinstance(h, Hit) and h.path != records[h.id].path), None)
+        foreign = next((h for h in items if isinstance(h, Hit) and h.path != records[h.id].path
+                        and os.path.realpath(h.path) != os.path.realpath(records[h.id].path)), None)
         if foreign is not None:
             raise InvalidInputError(f"hit {foreign.id} ({foreign.path}) is not image {foreign.id} of library {self.folder}, which is "
                                     f"{records[foreign.id].path}; rerank hits of this library's own search results, or pass image ids")
@@ -732,9 +737,11 @@ def _check_sort(sort: str) -> str:
 THUMBS_DIRNAME = "thumbs"  # the server's thumbnail cache inside the library folder (server/photos.py)
 
 
-def _check_model_name(name, what: str, other: str) -> None:
+def _model_name(name, what: str) -> str | None:
+    """`name` as text (a Path too); InvalidInputError for anything that cannot name a checkpoint."""
     if name is not None and (not isinstance(name, (str, os.PathLike)) or not os.fspath(name)):
-        raise InvalidInputError(f"{what} {name!r} is not a checkpoint name; pass a hub id, a local folder or 'demo', or {other}")
+        raise InvalidInputError(f"{what} {name!r} is not a checkpoint name; pass a hub id, a local folder or 'demo'")
+    return None if name is None else os.fspath(name)
 
 
 def _default_captioner(model: str) -> str:

@@ -481,6 +481,12 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
     other = make_tiny_itm(tmp_path / "other", seed=5)
     with pytest.raises(ModelMismatchError, match="--reembed"):
         Library.open(lib_dir, model=str(other))
+    server = Library.open(lib_dir)  # long-lived processes, one searching before another one re-embeds, one not
+    assert len(server.search("a red circle", 3, rerank=False).hits) == 3
+    idle = Library.open(lib_dir)
+    _ = idle.encoder
+    with Library.open(lib_dir, model=Path(tiny_itm_dir), captioner=Path("none")) as same:  # Paths name models as str do
+        assert same.model_name == str(tiny_itm_dir) and same.captioner_name is None and same._forget_captioner
     with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
         with pytest.raises(ModelMismatchError, match=rf"vectors come from {re.escape(str(tiny_itm_dir))}.*, not '{re.escape(str(other))}'; run "
                            rf"`blip2-search index PHOTO_DIR --library {re.escape(str(lib_dir))} --model {re.escape(str(other))} --reembed` to re-embed"):
@@ -488,16 +494,21 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
         r = lib.index([photos])
         assert r.indexed == 7 and lib.status().model == str(other) and r.notes == ()
         assert len(lib.search("a red circle", 3).hits) == 3
+    for process in (server, idle):
+        with pytest.raises(LibraryError, match=rf"library {re.escape(str(lib_dir))} is being re-embedded with {re.escape(str(other))}.* by another "
+                           rf"process \(or was\), so its vectors no longer match this process's model '{re.escape(str(tiny_itm_dir))}'; restart"):
+            process.search("a red circle", 3, rerank=False)
+        process.close()
     res = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--model", str(other), "--reembed"])
     assert res.exit_code == 0 and "unchanged 7" in res.stdout and "nothing to redo" in res.stderr, res.output
     _check_consistent(lib_dir)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"captioner": True}, r"captioner True is not a checkpoint name; pass a hub id, a local folder or 'demo', or False for no captions"),
+    ({"captioner": True}, r"captioner True is not a checkpoint name; pass a hub id, a local folder or 'demo'$"),
     ({"captioner": 5}, "captioner 5 is not a checkpoint name"),
     ({"captioner": ""}, "captioner '' is not a checkpoint name"),
-    ({"model": 5}, r"model 5 is not a checkpoint name; pass a hub id, a local folder or 'demo', or None for the library's own"),
+    ({"model": 5}, r"model 5 is not a checkpoint name; pass a hub id, a local folder or 'demo'$"),
     ({"device": "gpu"}, "gpu"),
 ])
 def test_open_refuses_model_captioner_and_device_values_it_cannot_use(tiny_itm_dir, photos, tmp_path, kwargs, message):

@@ -179,24 +179,39 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
         lib.rerank(query, [searched[1], other])
     with pytest.raises(InvalidInputError, match="rerank source 'bogus'"):
         lib.rerank(query, [], rerank_source="bogus")
+    link = Path(searched[0].path).parent / ".link-to-first.jpg"  # the same photo by another name (the server passes real paths)
+    link.symlink_to(searched[0].path)
+    try:
+        assert [h.id for h in lib.rerank(query, [replace(searched[0], path=str(link))]).hits] == [searched[0].id]
+    finally:
+        link.unlink()
     with pytest.raises(InvalidInputError, match="quote"):
         lib.rerank('"unclosed', searched)
     with pytest.raises(InvalidInputError):
         lib.rerank("  ", [])
 
 
-def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib):
+def test_reranking_no_hits_loads_no_model(tiny_itm_dir, tmp_path):
+    Library.open(tmp_path / "lib", model=str(tiny_itm_dir), create=True, captioner=False).close()  # nothing indexed or recorded yet
+    with Library.open(tmp_path / "lib") as lib:  # the default model (not on this machine) until an index run records one
+        assert lib.rerank("a red circle", []).hits == () and lib._encoder is None
+
+
+def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib, lib_dir):
     first = lib.search(TEXTS[0], 8, rerank=False, fusion=False).hits
     top = Path(first[0].path)
     top.rename(top.with_name(top.name + ".away"))
     try:
         got = lib.search(TEXTS[0], 3, rerank_k=8, fusion=False)
+        cli = CliRunner().invoke(main, ["search", TEXTS[0], "-k", "3", "--rerank-k", "8", "--no-fusion", "--library", str(lib_dir)])
     finally:
         top.with_name(top.name + ".away").rename(top)
     assert got.hits[0].id == first[0].id and got.hits[0].itm_logit is None  # was appended after all 8, then cut at 3
     others = [h.id for h in lib.rerank(TEXTS[0], [h.id for h in first[1:]]).hits]
     assert [h.id for h in got.hits[1:]] == others[:2]  # the rest reranked as without it
     assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; re-index to refresh)",)
+    assert cli.exit_code == 0 and cli.stderr.splitlines()[-1] == (
+        "note: 2 of these were reranked (those with itm=; score = ITM logit + ITC); the others keep their first-stage place and score"), cli.output
 
 
 def test_a_query_longer_than_blip2_reads_says_where_it_was_cut(lib):
@@ -212,6 +227,13 @@ def test_a_query_longer_than_blip2_reads_says_where_it_was_cut(lib):
     assert term.notes == (f"the term {reprlib.repr(words.strip())} is longer than the 35 tokens BLIP-2 reads: only the words up to "
                           f"{' '.join(ws[29:33])!r} were searched; shorten it, or split it into terms (docs/queries.md)",)
     assert lib.rerank(words, cut.hits).notes == cut.notes
+    half = " ".join(ws[:24])  # two terms that each fit; joined for the reranker, 48 words do not
+    joined = f"{half} {half}".split()
+    two = f'"{half}" + "{half}"'
+    assert lib.search(two, 3, rerank=False, fusion=False).notes == ()
+    assert lib.search(two, 3, rerank_k=4, fusion=False).notes == lib.rerank(two, cut.hits).notes == (
+        f"reranking reads the positive terms joined, and only their first 35 tokens (up to {' '.join(joined[29:33])!r}); "
+        "shorten the terms to have all of them reranked",)
 
 
 def test_a_long_lived_library_follows_an_index_run_of_another_process(tiny_itm_dir, tmp_path):
@@ -520,7 +542,7 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
     (lambda lib: lib.index([5]), r"folders to index \[5\] are not paths"),
     (lambda lib: lib.index(""), r"photo folder '' is empty; pass a folder to index \('.' for the current one\)"),
     (lambda lib: lib.similar(np.zeros((8, 8, 3), np.uint8)), r"example image .* \(ndarray\) is not a picture; convert it with Image.fromarray"),
-    (lambda lib: lib.similar(5), r"example image 5 \(int\) is not a picture; pass a path, a PIL image or the bytes"),
+    (lambda lib: lib.similar(5), r"example image 5 \(int\) is not a picture; pass a path, a PIL image, or an image file's bytes"),
     (lambda lib: lib.prune("30"), "older_than_days '30' is not a number of days"),
     (lambda lib: lib.prune(float("nan")), "older_than_days nan is not a number of days"),
     (lambda lib: lib.prune(-1), "older_than_days -1 is negative"),
@@ -550,6 +572,8 @@ def test_similar_takes_a_path_a_pil_image_or_the_bytes_of_a_file(lib):
     assert by_path[0][0] == some.id
     assert [(h.id, round(h.score, 5)) for h in lib.similar(Path(some.path).read_bytes(), 3).hits] == by_path
     assert [h.id for h in lib.similar(open_image(some.path), 3).hits][0] == some.id
+    with open(some.path, "rb") as f:
+        assert [(h.id, round(h.score, 5)) for h in lib.similar(f, 3).hits] == by_path
 
 
 def test_an_empty_path_filter_is_no_filter_in_python_too(lib):

@@ -44,7 +44,7 @@ class SearchEngine:
                     fusion: bool = True, sort: str = "score", vit_source: VitSource | None = None) -> SearchResult:
         """Top `k` images for a (possibly composite) text query."""
         allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
-        notes = query_notes(self.encoder, query)
+        notes = query_notes(self.encoder, query, reranked=rerank and rerank_k > 0)
         texts = [t.text for t in query.terms]
         weights = np.array([t.weight for t in query.terms], dtype=np.float32)
         emb = self.encoder.embed_texts(texts)  # [m, D]
@@ -184,7 +184,7 @@ class SearchEngine:
         ranked, n_missing = rerank_hits(self.encoder, source, query.itm_text, hits)
         head = ranked[: len(ranked) - n_missing]
         tail = sorted(ranked[len(head):], key=lambda h: (-h.itc, h.id))
-        notes = query_notes(self.encoder, query) + ([_not_reranked(n_missing, source)] if n_missing else [])
+        notes = query_notes(self.encoder, query, reranked=True) + ([_not_reranked(n_missing, source)] if n_missing else [])
         return SearchResult(query.raw, tuple(head + tail), tuple(notes))
 
     def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
@@ -231,9 +231,16 @@ def _checked(scores: np.ndarray, bound: float) -> np.ndarray:
     return scores
 
 
-def query_notes(encoder: Blip2Encoder, query: Query) -> list[str]:
-    """What was not read of `query`: past the character limit, and in each term past the 35 tokens BLIP-2 reads."""
+def query_notes(encoder: Blip2Encoder, query: Query, *, reranked: bool = False) -> list[str]:
+    """What was not read of `query`: past the character limit, in each term past the 35 tokens BLIP-2 reads,
+    and (`reranked`) past 35 tokens of the positive terms joined, which is what ITM reads."""
     notes = [f"query truncated to {len(query.raw)} characters"] if query.truncated else []
+    if reranked and sum(t.weight > 0 for t in query.terms) > 1:  # one term: its own note says it
+        last = encoder.cut_short(query.itm_text)
+        if last is not None:
+            read = f"up to {last!r}" if last else "only their beginning"
+            notes.append(f"reranking reads the positive terms joined, and only their first {MAX_TOKENS} tokens ({read}); "
+                         "shorten the terms to have all of them reranked")
     for term in query.terms:
         last = encoder.cut_short(term.text)
         if last is not None:
