@@ -7,6 +7,7 @@ import os
 import re
 import reprlib
 import shutil
+import subprocess
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -195,6 +196,57 @@ def test_reranking_no_hits_loads_no_model(tiny_itm_dir, tmp_path):
     Library.open(tmp_path / "lib", model=str(tiny_itm_dir), create=True, captioner=False).close()  # nothing indexed or recorded yet
     with Library.open(tmp_path / "lib") as lib:  # the default model (not on this machine) until an index run records one
         assert lib.rerank("a red circle", []).hits == () and lib._encoder is None
+
+
+def _read_only_copy(lib_dir, tmp_path, monkeypatch):
+    """A copy of the library that opens as if on read-only media (a DVD, a read-only share or snapshot)."""
+    import blip2_search.store.metadata as metadata_module
+
+    copy = tmp_path / "ro-lib"
+    shutil.copytree(lib_dir, copy)
+    real_access = os.access
+    monkeypatch.setattr(metadata_module, "on_read_only_media", lambda folder: Path(folder) == copy)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == copy and mode == os.W_OK else real_access(p, mode, **kw))
+    return copy
+
+
+def test_a_library_on_read_only_media_is_searched_without_writing(lib, lib_dir, tmp_path, monkeypatch):
+    copy = _read_only_copy(lib_dir, tmp_path, monkeypatch)
+    want = lib.search(TEXTS[0], 5, rerank_k=4)
+    with Library.open(copy) as ro:
+        got = ro.search(TEXTS[0], 5, rerank_k=4)
+        assert [(h.id, round(h.score, 5)) for h in got.hits] == [(h.id, round(h.score, 5)) for h in want.hits] and got.notes == want.notes
+        assert ro.status().indexed == 26 and [h.id for h in ro.similar(want.hits[0].path, 2).hits][0] == want.hits[0].id
+        with pytest.raises(LibraryError, match="read-only"):  # opened read-only: SQLite refuses any write
+            ro.metadata.mark_deleted([want.hits[0].id])
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in lib_dir.iterdir())  # no journal, no file made
+
+
+def test_a_read_only_library_with_an_unfinished_journal_says_how_to_fold_it_in(lib_dir, tmp_path, monkeypatch):
+    copy = _read_only_copy(lib_dir, tmp_path, monkeypatch)
+    (copy / "metadata.sqlite-wal").write_bytes(b"\0" * 4096)  # copied while a process had it open
+    with pytest.raises(LibraryError, match=r"is on read-only media with an unfinished write-ahead log \(metadata.sqlite-wal\), which a read-only "
+                       r"opening cannot fold in; open the library once where it is writable"):
+        Library.open(copy)
+
+
+def test_a_read_only_bind_mount_is_searched(lib, lib_dir, tmp_path):
+    """The same on a real read-only mount, where this machine lets the tests make one."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    made = subprocess.run(["mount", "--bind", str(lib_dir.parent), str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({made.stderr.decode().strip()}); the simulated test covers the logic")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here; the simulated test covers the logic")
+        with Library.open(mount / lib_dir.name) as ro:
+            assert [h.id for h in ro.search(TEXTS[0], 5, rerank=False).hits] == [h.id for h in lib.search(TEXTS[0], 5, rerank=False).hits]
+        res = CliRunner().invoke(main, ["index", str(mount / "photos"), "--library", str(mount / lib_dir.name)])
+        assert res.exit_code == 2 and "Read-only file system" in res.stderr, res.output
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # busy: detached now, gone when released
 
 
 def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib, lib_dir):

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Text, exists, func, select, type_coerce
+from sqlalchemy import URL, Connection, Engine, Text, exists, func, select, type_coerce
 
 from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
 from blip2_search.store import updates
@@ -92,8 +93,8 @@ def open_metadata(
     text = os.fspath(url_or_path)
     url, path = resolve_location(text)
     location = str(path) if path is not None else describe_url(url)
-    if path is not None:
-        _check_sqlite_file(path, location, create=create, check_folder="://" not in text)
+    if path is not None and _check_sqlite_file(path, location, create=create, check_folder="://" not in text):
+        url = read_only_url(path)  # a library on read-only media: searched, never written
     engine = create_library_engine(url, busy_timeout_s=busy_timeout_s)
     try:
         with translate_errors(location):
@@ -107,7 +108,8 @@ def open_metadata(
     return store
 
 
-def _check_sqlite_file(path: Path, location: str, *, create: bool, check_folder: bool) -> None:
+def _check_sqlite_file(path: Path, location: str, *, create: bool, check_folder: bool) -> bool:
+    """Whether the library is on read-only media (it then opens read-only); LibraryError when it cannot open."""
     if not path.exists():
         if not create:
             raise LibraryError(
@@ -120,11 +122,33 @@ def _check_sqlite_file(path: Path, location: str, *, create: bool, check_folder:
                 f"cannot create library folder {path.parent} ({error.strerror}); "
                 "choose a writable --library folder"
             ) from error
-    if check_folder and not os.access(path.parent, os.W_OK):
+    if not check_folder or os.access(path.parent, os.W_OK):
+        return False
+    if not on_read_only_media(path.parent):  # only unwritable to us: its owner may be writing it, which SQLite must see
         raise LibraryError(
             f"library folder {path.parent} is read-only (SQLite needs to write its journal there); "
             "make it writable or copy the library to a writable folder"
         )
+    journal = path.with_name(path.name + "-wal")
+    if journal.exists() and journal.stat().st_size:
+        raise LibraryError(
+            f"library {location} is on read-only media with an unfinished write-ahead log ({journal.name}), which a "
+            "read-only opening cannot fold in; open the library once where it is writable (e.g. `blip2-search status`), then copy it again"
+        )
+    return True
+
+
+def on_read_only_media(folder: Path) -> bool:
+    """Whether `folder` is on a file system mounted read-only (a DVD, a read-only share or snapshot)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return False
+
+
+def read_only_url(path: Path) -> URL:
+    """A SQLite URL that opens `path` read-only and immutable: no journal, no locks (nothing can change it)."""
+    return URL.create("sqlite", database=f"file:{quote(str(path.absolute()), safe='/')}", query={"mode": "ro", "immutable": "1", "uri": "true"})
 
 
 class MetadataStore:
