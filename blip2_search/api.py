@@ -6,7 +6,7 @@ import os
 import reprlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import BinaryIO, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,12 +17,13 @@ from .models.captioner import Blip2Captioner, CaptionSettings
 from .models.encoder import Blip2Encoder
 from .models.loading import DEFAULT_CAPTIONER, DEFAULT_EMBEDDER
 
-ImageLike = Union[str, os.PathLike, Image.Image]
+ImageLike = Union[str, os.PathLike, Image.Image, BinaryIO]
+"""A path, a PIL image, or a binary file object (read from its start, e.g. an upload)."""
 
 
 @dataclass(frozen=True)
 class RerankHit:
-    """One scored image. `path` is None for an in-memory PIL image; `index` is its position in the input."""
+    """One scored image. `path` is None for a PIL image or a file object; `index` is its position in the input."""
 
     index: int
     path: str | None
@@ -148,27 +149,32 @@ def _short(value) -> str:
     return f"{reprlib.repr(value)}, of type {type(value).__name__}"
 
 
+def _is_image_like(item) -> bool:
+    return isinstance(item, (str, os.PathLike, Image.Image)) or (hasattr(item, "read") and not isinstance(item, type))
+
+
 def _inputs(images: Sequence[ImageLike]) -> list[ImageLike]:
-    """`images` as a list of paths and PIL images; InvalidInputError for anything else."""
-    if isinstance(images, (str, os.PathLike, Image.Image)):
+    """`images` as a list of paths, PIL images and binary files; InvalidInputError for anything else."""
+    if _is_image_like(images):  # one picture (a file object is iterable too, by lines)
         images = [images]
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise InvalidInputError(f"images is one numpy array {images.shape}, not a list of pictures; pass [Image.fromarray(a)]")
     if isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
-        raise InvalidInputError(f"images ({_short(images)}) are not a list of paths or PIL images; pass e.g. ['a.jpg', pil_image]")
+        raise InvalidInputError(f"images ({_short(images)}) are not a list of paths, PIL images or binary files; pass e.g. ['a.jpg', pil_image]")
     images = list(images)
-    odd = next((i for i, item in enumerate(images) if not isinstance(item, (str, os.PathLike, Image.Image))), None)
+    odd = next((i for i, item in enumerate(images) if not _is_image_like(item)), None)
     if odd is not None:
-        fix = "convert it with Image.fromarray(a)" if isinstance(images[odd], np.ndarray) else "pass a path or a PIL image"
-        raise InvalidInputError(f"image {odd} ({_short(images[odd])}) is not a path or a PIL image; {fix}")
+        fix = "convert it with Image.fromarray(a)" if isinstance(images[odd], np.ndarray) else "pass a path, a PIL image or a file opened with 'rb'"
+        raise InvalidInputError(f"image {odd} ({_short(images[odd])}) is not a path, a PIL image or a binary file; {fix}")
     return images
 
 
 def _pixel_batches(checkpoint, images: list[ImageLike], size: int) -> Iterator[tuple[list[tuple[int, str | None]], torch.Tensor | None, list[ImageFailure]]]:
     """`size` inputs at a time: (index, path) of those read, their pixel_values, and the failures.
 
-    Each picture goes to the checkpoint's processor as soon as it is decoded, so one full-size picture is
-    in memory at a time whatever the number of inputs (a 24 MP photo decodes to 72 MB).
+    Each picture goes to the checkpoint's processor as soon as it is decoded and is dropped before the next
+    is decoded, so one full-size picture is in memory at a time whatever the number of inputs (a 24 MP photo
+    decodes to 72 MB; a 160 MP one, with the processor's float copies, to about 2 GB).
     """
     from .images import open_image, upright_rgb
 
@@ -176,13 +182,17 @@ def _pixel_batches(checkpoint, images: list[ImageLike], size: int) -> Iterator[t
         read, pixels, failed = [], [], []
         for i in range(start, min(start + size, len(images))):
             item = images[i]
-            path = None if isinstance(item, Image.Image) else os.fspath(item)
+            path = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
             try:
-                picture = upright_rgb(item, f"<image {i}>") if path is None else open_image(Path(path))
+                if isinstance(item, Image.Image):
+                    picture = upright_rgb(item, f"<image {i}>")
+                else:
+                    picture = open_image(item if path is None else Path(path))
             except Blip2SearchError as exc:
                 failed.append(ImageFailure(i, path, str(exc)))
                 continue
             pixels.append(checkpoint.preprocess([picture]))
+            del picture  # before the next decode, not after it
             read.append((i, path))
         yield read, (torch.cat(pixels) if pixels else None), failed
 
@@ -195,7 +205,7 @@ def rerank(
     device: str = "auto",
     dtype: str = "auto",
 ) -> Ranking:
-    """Score `images` (paths or PIL images) against `query`; best first, by ITM logit + ITC, as `search`
+    """Score `images` (paths, PIL images or binary files) against `query`; best first, by ITM logit + ITC, as `search`
     reranks: the query syntax of docs/queries.md (weights, negatives) shapes the ITC, and ITM scores
     the positive terms.
 
@@ -240,7 +250,7 @@ def caption(
     dtype: str = "auto",
     settings: CaptionSettings | dict | None = None,
 ) -> Captions:
-    """Caption `images` (paths or PIL images) in input order; unreadable ones go to `Captions.errors`.
+    """Caption `images` (paths, PIL images or binary files) in input order; unreadable ones go to `Captions.errors`.
 
     `settings` (CaptionSettings or a dict of its fields) apply to this call, also with a loaded captioner
     (whose own settings apply otherwise)."""

@@ -207,12 +207,12 @@ def test_a_database_url_as_the_library_is_refused_without_its_password(photo_dir
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda m, c: blip2_search.rerank("red", None, model=m), r"images \(None, of type NoneType\) are not a list of paths or PIL images"),
+    (lambda m, c: blip2_search.rerank("red", None, model=m), r"images \(None, of type NoneType\) are not a list of paths, PIL images or binary files"),
     (lambda m, c: blip2_search.rerank("red", [np.zeros((8, 8, 3), np.uint8)], model=m),
-     r"image 0 \(a numpy array \(8, 8, 3\) of uint8\) is not a path or a PIL image; convert it with Image.fromarray"),
+     r"image 0 \(a numpy array \(8, 8, 3\) of uint8\) is not a path, a PIL image or a binary file; convert it with Image.fromarray"),
     (lambda m, c: blip2_search.rerank("red", np.zeros((8, 8, 3), np.uint8), model=m), r"one numpy array \(8, 8, 3\)"),
     (lambda m, c: blip2_search.rerank("red", {"a.jpg": 1}, model=m), "are not a list of paths"),
-    (lambda m, c: blip2_search.rerank("red", ["a.jpg", 5], model=m), r"image 1 \(5, of type int\) is not a path or a PIL image"),
+    (lambda m, c: blip2_search.rerank("red", ["a.jpg", 5], model=m), r"image 1 \(5, of type int\) is not a path, a PIL image or a binary file"),
     (lambda m, c: blip2_search.rerank("red", [b"a.jpg"], model=m), "of type bytes"),
     (lambda m, c: blip2_search.rerank("red", ["a.jpg"], model=None), "model None is not a checkpoint name"),
     (lambda m, c: blip2_search.rerank(None, ["a.jpg"], model=m), r"rerank query \(None, of type NoneType\) is not text"),

@@ -189,6 +189,50 @@ def test_rerank_uploads_equals_api_rerank(client, lib):
     np.testing.assert_allclose([h["match_probability"] for h in got], [h.match_probability for h in expected], atol=1e-6)
 
 
+def test_uploads_are_decoded_one_at_a_time(client, lib, monkeypatch):
+    """Six 160 MP uploads held at once took 8.2 GB: each must be model input before the next is decoded."""
+    import weakref
+
+    from blip2_search import images
+    from blip2_search.server import app as app_module
+
+    live, seen = [0], []
+    decode = images.open_image
+
+    def counting(*args, **kwargs):
+        seen.append(live[0])  # full-size pictures still alive when another decode starts
+        picture = decode(*args, **kwargs)
+        live[0] += 1
+        weakref.finalize(picture, lambda: live.__setitem__(0, live[0] - 1))
+        return picture
+
+    monkeypatch.setattr(images, "open_image", counting)
+    monkeypatch.setattr(app_module, "open_image", counting)
+    data = [Path(_records(lib)[n].path).read_bytes() for n in ("img01.jpg", "img02.jpg", "img04.jpg")]
+    response = client.post("/api/rerank", data={"query": "a red circle"}, files=[("images", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(data)])
+    assert response.status_code == 200, response.text
+    assert seen == [0, 0, 0]
+    seen.clear()
+
+    # an image search waiting for the model holds its upload, not the decoded picture
+    release, running, real_search = threading.Event(), threading.Event(), lib.search
+    monkeypatch.setattr(lib, "search", lambda *a, **kw: (running.set(), release.wait(10), real_search(*a, **kw))[-1])
+    text = threading.Thread(target=lambda: client.get("/api/search", params={"q": "dog", "rerank": "false"}))
+    text.start()
+    assert running.wait(10)
+    answers = []
+    image = threading.Thread(target=lambda: answers.append(client.post("/api/search", files={"image": ("q.jpg", data[0], "image/jpeg")})))
+    image.start()
+    try:
+        time.sleep(0.5)
+        assert seen == []
+    finally:
+        release.set()
+        for t in (text, image):
+            t.join(20)
+    assert answers[0].status_code == 200 and seen == [0]
+
+
 def test_rerank_of_uploads_and_of_ids_read_the_query_syntax_alike(client, lib):
     """Weights and negatives shape the ITC of uploaded pictures as they do for ids (and a bad query is a 400)."""
     recs = _records(lib)

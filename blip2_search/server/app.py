@@ -5,7 +5,6 @@ serving thumbnails and the page while a query runs. Routes are listed in docs/se
 """
 
 import errno
-import io
 import logging
 import os
 import socket
@@ -181,8 +180,9 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     ) -> JSONResponse:
         _check_search_form(await request.form())  # FastAPI has parsed it; the limits /api/rerank applies while parsing
         filters = _filters(path, after, before, min_score, sort)
-        picture = await runner.io(_decode_upload, image)
-        result = await runner.model(library.similar, picture, k, **filters)
+        _check_upload_size(image)
+        # decoded in its turn for the model: queued image searches hold their uploads, not full-size pictures
+        result = await runner.model(lambda: library.similar(_decode_upload(image), k, **filters))
         return JSONResponse(result.as_dict())
 
     @app.post(
@@ -235,12 +235,16 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             if not files or not all(isinstance(f, StarletteUploadFile) for f in files):
                 raise InvalidInputError(f"no images; send 1 to {limits.MAX_RERANK_UPLOADS} pictures as multipart form fields named 'images'")
             check_query_text(query, "query")
-            pictures = [await runner.io(_decode_upload, f) for f in files]
-            names = [f.filename for f in files]
-        ranking = await runner.model(lambda: score_images(query, pictures, model=library.encoder))
+            for f in files:
+                _check_upload_size(f)
+            # api.rerank decodes one upload at a time and keeps only its model input (not 16 full-size pictures)
+            ranking = await runner.model(lambda: score_images(query, [_NamedUpload(f) for f in files], model=library.encoder))
+        if ranking.errors:  # a picture the client sent must be one: a 400, as for an image search
+            raise ImageDecodeError(_upload_fix(ranking.errors[0].error))
+        names = [f.filename for f in files]
         results = [{"index": h.index, "filename": names[h.index], "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit,
                     "match_probability": h.match_probability} for h in ranking]
-        return {"query": ranking.query, "results": results, "errors": [{"index": e.index, "error": e.error} for e in ranking.errors]}
+        return {"query": ranking.query, "results": results, "errors": []}
 
     @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
              response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")
@@ -307,22 +311,37 @@ def _check_search_form(form) -> None:
                             "an image search is not reranked and has no query text; leave it out")
 
 
-def _decode_upload(upload: UploadFile):
-    """An uploaded picture decoded like an indexed photo (upright RGB, bomb cap); 413 over the size limit."""
+class _NamedUpload:
+    """An upload's (spooled) file under the name the client gave it, so decode errors name the upload."""
+
+    def __init__(self, upload: UploadFile):
+        self._file = upload.file
+        self.name = upload.filename or "upload"
+
+    def __getattr__(self, attr):
+        return getattr(self._file, attr)
+
+
+def _check_upload_size(upload: UploadFile) -> None:
+    """413 for an upload over MAX_UPLOAD_BYTES, before any work is queued for it."""
     size = upload.size if upload.size is not None else upload.file.seek(0, os.SEEK_END)
-    name = upload.filename or "upload"
     if size > limits.MAX_UPLOAD_BYTES:
-        raise ApiError(413, f"upload {name!r} is {size / 1e6:.1f} MB, over the {limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MB limit; "
-                            "resize or re-export the image")
-    upload.file.seek(0)
-    data = io.BytesIO(upload.file.read(limits.MAX_UPLOAD_BYTES + 1))
-    data.name = name  # error messages name the upload
+        raise ApiError(413, f"upload {upload.filename or 'upload'!r} is {size / 1e6:.1f} MB, over the "
+                            f"{limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MB limit; resize or re-export the image")
+
+
+def _upload_fix(message: str) -> str:
+    """A decode error of an upload, with the fix for someone uploading (the library's speaks to callers of open_image)."""
+    return (f"{message.rsplit('; ', 1)[0]}; upload a JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC or AVIF picture of at most "
+            f"{DEFAULT_MAX_PIXELS // 1_000_000} megapixels")
+
+
+def _decode_upload(upload: UploadFile):
+    """An uploaded picture (size already checked) decoded like an indexed photo: upright RGB, bomb cap."""
     try:
-        return open_image(data)
+        return open_image(_NamedUpload(upload))
     except ImageDecodeError as exc:
-        reason = str(exc).rsplit("; ", 1)[0]  # the library's fix speaks to callers of open_image
-        raise ImageDecodeError(f"{reason}; upload a JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC or AVIF picture of at most "
-                               f"{DEFAULT_MAX_PIXELS // 1_000_000} megapixels") from None
+        raise ImageDecodeError(_upload_fix(str(exc))) from None
 
 
 def _checked_records(photos: Photos, ids: list[int]):
