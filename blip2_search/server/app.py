@@ -1,14 +1,15 @@
 """The HTTP API and web page over one open `Library`: parse the request, call one library method, render.
 
-Model calls (search, similar, rerank) run one at a time in a worker thread, so the event loop keeps
-serving thumbnails and the page while a query runs. Routes are listed in docs/server.md.
+Model calls (search, similar, rerank) run one at a time in a worker thread, and wait for their turn in
+the event loop, so thumbnails, status and the page are served while queries run and queue. Routes are
+listed in docs/server.md.
 """
 
+import asyncio
 import errno
 import logging
 import os
 import socket
-import threading
 from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Callable, Literal
@@ -89,17 +90,24 @@ def _only_escaped_bytes(text: str) -> bool:
 
 
 class _Runner:
-    """Runs library calls in worker threads; model calls one at a time (one model, one lock)."""
+    """Runs library calls in worker threads; model calls one at a time (one model, one lock).
+
+    A model call waits for its turn in the event loop, not in a worker thread: however many queries
+    queue, the pool stays free for thumbnails, originals and status."""
 
     def __init__(self):
-        self._model_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def _model_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # an asyncio lock belongs to one loop (an app may be served by several in turn)
+            self._loop, self._lock = loop, asyncio.Lock()
+        return self._lock
 
     async def model(self, fn, *args, **kwargs):
-        def locked():
-            with self._model_lock:
-                return fn(*args, **kwargs)
-
-        return await run_in_threadpool(locked)
+        async with self._model_lock():  # FIFO; held until the thread returns, also if the request is cancelled
+            return await run_in_threadpool(fn, *args, **kwargs)
 
     async def io(self, fn, *args, **kwargs):
         return await run_in_threadpool(fn, *args, **kwargs)
