@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ from blip2_search.errors import InvalidInputError  # noqa: E402
 from blip2_search.images import open_image  # noqa: E402
 from blip2_search.library import Library  # noqa: E402
 from blip2_search.search.results import Hit  # noqa: E402
-from blip2_search.server import check_bind, create_app  # noqa: E402
+from blip2_search.server import check_bind, create_app, limits  # noqa: E402
 from blip2_search.server.photos import PhotoUnavailable, check_photo_path  # noqa: E402
 
 BASE = "http://127.0.0.1:8765"
@@ -694,6 +695,7 @@ def test_model_calls_run_one_at_a_time_off_the_event_loop(client, lib, monkeypat
         return real_search(*args, **kwargs)
 
     monkeypatch.setattr(lib, "search", slow_search)
+    monkeypatch.setattr(limits, "MAX_QUEUED_MODEL_CALLS", 100)
     results = []
     threads = [threading.Thread(target=lambda: results.append(client.get("/api/search", params={"q": "dog", "rerank": "false"})))
                for _ in range(45)]  # more than the 40 worker threads
@@ -716,6 +718,64 @@ def test_model_calls_run_one_at_a_time_off_the_event_loop(client, lib, monkeypat
     assert max(overlap) == 1  # never two model calls at once
 
 
+def _held_search(lib, monkeypatch):
+    """lib.search made to wait, in its first call, until the returned event is set; returns (release, running, queries run)."""
+    release, running, queries = threading.Event(), threading.Event(), []
+    real_search = lib.search
+
+    def search(q, *args, **kwargs):
+        queries.append(q)
+        running.set()
+        release.wait(10)
+        return real_search(q, *args, **kwargs)
+
+    monkeypatch.setattr(lib, "search", search)
+    return release, running, queries
+
+
+def test_a_query_whose_client_went_away_is_not_run(lib, monkeypatch):
+    """The page aborts a search for a newer one: 20 abandoned reranked searches made the next wait 27 s."""
+    import httpx
+
+    release, running, queries = _held_search(lib, monkeypatch)
+    with _serving(create_app(lib)) as url:
+        first = threading.Thread(target=lambda: httpx.get(f"{url}/api/search", params={"q": "first", "rerank": "false"}, timeout=30))
+        first.start()
+        try:
+            assert running.wait(10)
+            port = int(url.rsplit(":", 1)[1])
+            for i in range(3):
+                with socket.create_connection(("127.0.0.1", port)) as gone:
+                    gone.sendall(f"GET /api/search?q=abandoned{i} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+                    time.sleep(0.2)  # read and queued; then the client hangs up
+            time.sleep(0.3)
+        finally:
+            release.set()
+            first.join(20)
+        assert httpx.get(f"{url}/api/search", params={"q": "next", "rerank": "false"}, timeout=30).status_code == 200
+    assert queries == ["first", "next"]
+
+
+def test_too_many_queued_queries_are_503_with_retry_after(client, lib, monkeypatch):
+    release, running, queries = _held_search(lib, monkeypatch)
+    monkeypatch.setattr(limits, "MAX_QUEUED_MODEL_CALLS", 1)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(client.get("/api/search", params={"q": "dog", "rerank": "false"}))) for _ in range(2)]
+    try:
+        threads[0].start()
+        assert running.wait(10)
+        threads[1].start()  # waits for the model
+        time.sleep(1)
+        refused = client.get("/api/search", params={"q": "dog", "rerank": "false"})
+        _assert_error(refused, 503, "1 queries are already waiting", "retry in a few seconds")
+        assert refused.headers["retry-after"] == "5"
+    finally:
+        release.set()
+        for t in threads:
+            t.join(20)
+    assert [a.status_code for a in answers] == [200, 200] and len(queries) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # the real command
 
@@ -724,6 +784,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """uvicorn in a background thread on a free loopback port; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_serve_command_serves_the_library(lib):

@@ -93,11 +93,13 @@ class _Runner:
     """Runs library calls in worker threads; model calls one at a time (one model, one lock).
 
     A model call waits for its turn in the event loop, not in a worker thread: however many queries
-    queue, the pool stays free for thumbnails, originals and status."""
+    queue, the pool stays free for thumbnails, originals and status. At most MAX_QUEUED_MODEL_CALLS
+    wait (more get a 503), and a call whose client went away while it waited is not run."""
 
     def __init__(self):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
+        self._waiting = 0
 
     def _model_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -105,9 +107,23 @@ class _Runner:
             self._loop, self._lock = loop, asyncio.Lock()
         return self._lock
 
-    async def model(self, fn, *args, **kwargs):
-        async with self._model_lock():  # FIFO; held until the thread returns, also if the request is cancelled
-            return await run_in_threadpool(fn, *args, **kwargs)
+    async def model(self, request: Request, fn, *args, **kwargs):
+        lock = self._model_lock()
+        if lock.locked() and self._waiting >= limits.MAX_QUEUED_MODEL_CALLS:
+            raise ApiError(503, f"{self._waiting} queries are already waiting for the model, the most this server queues; "
+                                f"retry in a few seconds, or send fewer queries at once", headers={"retry-after": "5"})
+        self._waiting += 1
+        try:
+            await lock.acquire()  # FIFO
+        finally:
+            self._waiting -= 1
+        try:
+            if await request.is_disconnected():  # e.g. the page aborted it for a newer search
+                raise ApiError(499, f"{request.method} {request.url.path}: the client closed the connection while the query "
+                                    "waited for the model; it was not run")
+            return await run_in_threadpool(fn, *args, **kwargs)  # the lock is held until the thread returns, also on cancel
+        finally:
+            lock.release()
 
     async def io(self, fn, *args, **kwargs):
         return await run_in_threadpool(fn, *args, **kwargs)
@@ -172,7 +188,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         _check_utf8_query_string(request)
         check_query_text(q)
         filters = _filters(path, after, before, min_score, sort)
-        result = await runner.model(library.search, q, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
+        result = await runner.model(request, library.search, q, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
         return JSONResponse(result.as_dict())
 
     @app.post("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by example image (search --image)")
@@ -190,7 +206,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         filters = _filters(path, after, before, min_score, sort)
         _check_upload_size(image)
         # decoded in its turn for the model: queued image searches hold their uploads, not full-size pictures
-        result = await runner.model(lambda: library.similar(_decode_upload(image), k, **filters))
+        result = await runner.model(request, lambda: library.similar(_decode_upload(image), k, **filters))
         return JSONResponse(result.as_dict())
 
     @app.post(
@@ -223,7 +239,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         ids = list(dict.fromkeys(req.ids))
         records, refused = await runner.io(_checked_records, photos, ids)
         hits = [Hit(r.id, real, 0.0, 0.0, None, r.caption, r.taken_at) for r, real in records]
-        ranked = await runner.model(library.rerank, query, hits)  # parses the query even when no id is readable
+        ranked = await runner.model(request, library.rerank, query, hits)  # parses the query even when no id is readable
         recorded = {r.id: r.path for r, _ in records}
         results, errors = [], [{"id": i, "error": msg} for i, msg in refused]
         for h in ranked.hits:
@@ -246,7 +262,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             for f in files:
                 _check_upload_size(f)
             # api.rerank decodes one upload at a time and keeps only its model input (not 16 full-size pictures)
-            ranking = await runner.model(lambda: score_images(query, [_NamedUpload(f) for f in files], model=library.encoder))
+            ranking = await runner.model(request, lambda: score_images(query, [_NamedUpload(f) for f in files], model=library.encoder))
         if ranking.errors:  # a picture the client sent must be one: a 400, as for an image search
             raise ImageDecodeError(_upload_fix(ranking.errors[0].error))
         names = [f.filename for f in files]

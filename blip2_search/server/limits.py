@@ -33,13 +33,15 @@ MAX_MIN_SCORE = 10_000.0
 """Bound on |min_score|: a composite score is at most 16 terms x weight 100 x cosine 1 = 1600."""
 MAX_IMAGE_ID = 2**63 - 1
 """Ids are SQLite integers; anything larger cannot name an image."""
+MAX_QUEUED_MODEL_CALLS = 32
+"""Most queries waiting for the model at once (one more runs); more get 503 with Retry-After."""
 
 
 class ApiError(HTTPException):
     """An HTTP error raised by this server, whose message already names the object, the reason and the fix."""
 
-    def __init__(self, status_code: int, message: str):
-        super().__init__(status_code, message)
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(status_code, message, headers)
 
 
 def check_query_text(text: str, name: str = "q") -> str:
@@ -103,6 +105,7 @@ __all__ = [
     "MAX_MIN_SCORE",
     "MAX_PATH_GLOB_CHARS",
     "MAX_QUERY_BYTES",
+    "MAX_QUEUED_MODEL_CALLS",
     "MAX_RERANK_IDS",
     "MAX_RERANK_UPLOADS",
     "MAX_UPLOAD_BYTES",
