@@ -528,8 +528,25 @@ def test_browser_login_sets_a_cookie_and_drops_the_token_from_the_url(lib):
         assert "httponly" in cookie and "samesite=strict" in cookie
         assert c.get("/api/status").status_code == 200  # the client kept the cookie
         c.cookies.clear()
-        c.cookies.set("blip2_search_token", "wrong-token-wrong-token")
+        c.cookies.set("blip2_search_token_8765", "wrong-token-wrong-token")
         assert c.get("/api/status").status_code == 401
+
+
+def test_servers_on_one_host_keep_their_own_login_cookies(lib):
+    """Cookies go to every port of a host: one name for all servers logged each other out and handed out the token."""
+    other_token = "another-token-0123456789abcdef"
+    cookies = []
+    for port, token in ((8765, TOKEN), (8766, other_token)):
+        with TestClient(create_app(lib, token=token), base_url=f"http://127.0.0.1:{port}", follow_redirects=False) as c:
+            cookie = c.get("/", params={"token": token}).headers["set-cookie"]
+            assert cookie.startswith(f"blip2_search_token_{port}=") and token not in cookie
+            cookies.append(cookie.split(";", 1)[0])
+    jar = "; ".join(cookies)  # what a browser sends to either port
+    for port, token in ((8765, TOKEN), (8766, other_token)):
+        with TestClient(create_app(lib, token=token), base_url=f"http://127.0.0.1:{port}") as c:
+            assert c.get("/api/status", headers={"Cookie": jar}).status_code == 200
+            assert c.get("/api/status", headers={"Cookie": cookies[port == 8765]}).status_code == 401  # the other server's
+            assert c.get("/api/status", headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
 def test_non_loopback_host_needs_a_token():

@@ -36,7 +36,7 @@ from . import limits
 from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
 from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
-from .security import TOKEN_COOKIE, Guard, allowed_host_names, check_token, token_matches
+from .security import TOKEN_COOKIE, Guard, allowed_host_names, check_token, token_cookie, token_matches
 
 log = logging.getLogger("blip2_search.server")
 
@@ -146,13 +146,13 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
 
     # ------------------------------------------------------------------ the web page
     @app.get("/", include_in_schema=False)
-    async def index(token_param: Annotated[str | None, Query(alias="token")] = None) -> Response:
+    async def index(request: Request, token_param: Annotated[str | None, Query(alias="token")] = None) -> Response:
         if token_param is not None and token:
             # Log the browser in: the cookie lets <img> tags send the token; the redirect drops it from the URL.
             if not token_matches(token, token_param):
                 return RedirectResponse("/#bad-token", status_code=303)
             response = RedirectResponse("/", status_code=303)
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+            response.set_cookie(*token_cookie(request.scope, token), httponly=True, samesite="strict", path="/")
             return response
         return Response(pages["index.html"], media_type=_STATIC["index.html"], headers={"cache-control": "no-cache"})
 
@@ -441,7 +441,8 @@ def _openapi_with_security(app: FastAPI):
             schema = generate()
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "The --token the server was started with."},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": TOKEN_COOKIE, "description": "Set by opening /?token=TOKEN."},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": f"{TOKEN_COOKIE}_PORT",
+                           "description": "Set by opening /?token=TOKEN; PORT is the server's port."},
             }
             schema["security"] = [{"bearer": []}, {"cookie": []}, {}]
             app.openapi_schema = schema

@@ -5,7 +5,9 @@ The guard (outermost application middleware) does, in order:
    which defeats DNS rebinding (a web page making the browser call 127.0.0.1 under its own name).
 2. Cross-site check: a POST whose `Origin` is not this server is refused (CSRF).
 3. Token check on `/api/...` when a token is set: `Authorization: Bearer T` or the cookie set by
-   opening `/?token=T` once; compared in constant time.
+   opening `/?token=T` once; compared in constant time. Browsers send a host's cookies to all its
+   ports, so the cookie is this server's own: its port is in the name, and its value is derived
+   from the token and the port (other services on the host never see the token itself).
 4. Body size: `Content-Length` over the limit is refused at once; a chunked body is counted as it
    is read and refused when it passes the limit.
 It also adds security headers (CSP, nosniff, no framing, no referrer) to every response.
@@ -13,6 +15,7 @@ It also adds security headers (CSP, nosniff, no framing, no referrer) to every r
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -26,7 +29,8 @@ from ..errors import InvalidInputError
 from .limits import ApiError
 
 TOKEN_COOKIE = "blip2_search_token"
-"""Cookie that carries the token for the web page (its <img> tags cannot send a header)."""
+"""Start of the name of the cookie that logs the web page in (its <img> tags cannot send a header);
+`token_cookie` adds the server's port."""
 MIN_TOKEN_CHARS = 16
 # URL-unreserved characters only: the token travels in a query string (?token=) and a cookie unquoted.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]+")
@@ -89,11 +93,20 @@ def bearer_token(headers: Headers) -> str | None:
     return credentials.strip() if scheme.lower() == "bearer" else None
 
 
-def cookie_token(headers: Headers) -> str | None:
-    """The token cookie, if any (parsed by hand: a malformed Cookie header must not raise)."""
+def token_cookie(scope: Scope, token: str) -> tuple[str, str]:
+    """(name, value) of this server's login cookie: `blip2_search_token_PORT`, PORT being the port the
+    request came in on, and an HMAC of the token for that port (the token itself stays out of cookies)."""
+    server = scope.get("server") or ()
+    port = server[1] if len(server) > 1 and server[1] else ""
+    value = hmac.new(token.encode("utf-8"), f"blip2-search cookie {port}".encode(), hashlib.sha256).hexdigest()
+    return (f"{TOKEN_COOKIE}_{port}" if port else TOKEN_COOKIE), value
+
+
+def cookie_value(headers: Headers, name: str) -> str | None:
+    """The value of cookie `name`, if any (parsed by hand: a malformed Cookie header must not raise)."""
     for part in headers.get("cookie", "").split(";"):
-        name, _, value = part.strip().partition("=")
-        if name == TOKEN_COOKIE:
+        key, _, value = part.strip().partition("=")
+        if key == name:
             return value
     return None
 
@@ -137,11 +150,12 @@ class Guard:
         if scope["method"] not in _SAFE_METHODS and origin and (origin == "null" or _netloc(origin) != headers.get("host", "").lower()):
             return 403, f"cross-site request from {origin} refused; call the API from this server's own page or without an Origin header", {}
         if self.token and (path == "/api" or path.startswith("/api/")):
-            given = bearer_token(headers) or cookie_token(headers)
-            if given is None:
+            cookie_name, expected_cookie = token_cookie(scope, self.token)
+            bearer, cookie = bearer_token(headers), cookie_value(headers, cookie_name)
+            if bearer is None and cookie is None:
                 return 401, ("this server needs a token: send 'Authorization: Bearer TOKEN', or open /?token=TOKEN once "
                              "in the browser (TOKEN is the --token the server was started with)"), {"www-authenticate": "Bearer"}
-            if not token_matches(self.token, given):
+            if not (token_matches(self.token, bearer) if bearer is not None else token_matches(expected_cookie, cookie)):
                 return 401, ("the token is wrong; use the --token the server was started with "
                              "(in the browser open /?token=TOKEN again)"), {"www-authenticate": 'Bearer error="invalid_token"'}
         length = headers.get("content-length")
@@ -223,7 +237,8 @@ __all__ = [
     "bearer_token",
     "check_bind",
     "check_token",
-    "cookie_token",
+    "cookie_value",
     "is_loopback",
+    "token_cookie",
     "token_matches",
 ]
