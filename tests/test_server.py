@@ -842,17 +842,27 @@ def test_serve_command_serves_the_library(lib):
                 time.sleep(0.3)
         assert response.status_code == 200 and response.json()["indexed"] == lib.status().indexed
         assert httpx.get(f"http://127.0.0.1:{port}/api/status").status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/", params={"token": TOKEN}).status_code == 303  # the login URL
         search = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "dog", "rerank": "false"},
                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         assert search.json() == _same_json(lib.search("dog", 10, rerank=False).as_dict())
         proc.send_signal(signal.SIGINT)  # Ctrl-C, the documented way to stop it: a normal end
-        _, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.communicate(timeout=30)
     assert proc.returncode == 0 and err.rstrip().endswith("stopped") and "Aborted" not in err, err
-    assert "serving" in err and "/?token=TOKEN" in err and TOKEN not in err
+    assert "serving" in err and "/?token=TOKEN" in err and TOKEN not in err + out
+    assert '"GET /?token=REDACTED HTTP/1.1" 303' in out + err  # uvicorn's access log
+
+
+def test_access_log_redacts_the_token():
+    from blip2_search.server.security import redact_token
+
+    assert redact_token(f"/?token={TOKEN}") == "/?token=REDACTED"
+    assert redact_token(f"/?a=1&%74oken={TOKEN}&b=token") == "/?a=1&%74oken=REDACTED&b=token"
+    assert redact_token("/api/search?q=token&k=3") == "/api/search?q=token&k=3"
 
 
 def test_serve_on_a_port_in_use_is_one_line(lib):

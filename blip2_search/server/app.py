@@ -36,9 +36,10 @@ from . import limits
 from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
 from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
-from .security import TOKEN_COOKIE, Guard, allowed_host_names, check_token, token_cookie, token_matches
+from .security import TOKEN_COOKIE, Guard, RedactTokenFilter, allowed_host_names, check_token, token_cookie, token_matches
 
 log = logging.getLogger("blip2_search.server")
+_REDACT_TOKEN = RedactTokenFilter()
 
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 422, 503)}  # every route can answer these
 _IMAGE_ID = Annotated[int, Path(ge=1, le=limits.MAX_IMAGE_ID, description="An id from /api/search results.")]
@@ -484,6 +485,7 @@ def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token:
     if ready is not None:
         ready()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
+    logging.getLogger("uvicorn.access").addFilter(_REDACT_TOKEN)  # after Config, which sets up uvicorn's logging
     uvicorn.Server(config).run(sockets=[sock])
 
 

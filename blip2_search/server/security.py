@@ -19,8 +19,9 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -167,6 +168,25 @@ class Guard:
         return None
 
 
+def redact_token(target: str) -> str:
+    """A request target (path?query) with the value of every `token` parameter replaced by REDACTED."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    parts = [part.partition("=")[0] + "=REDACTED" if unquote_plus(part.partition("=")[0]) == "token" else part
+             for part in query.split("&")]
+    return f"{path}?{'&'.join(parts)}"
+
+
+class RedactTokenFilter(logging.Filter):
+    """For uvicorn's access log: the login URL /?token=T is logged as /?token=REDACTED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "?" in a for a in record.args):
+            record.args = tuple(redact_token(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
 def _too_large(size: int | None, limit: int) -> str:
     """`size`: the declared body size, or None when a chunked body went past the limit while arriving."""
     got = f"is {size / 1e6:.1f} MB, over" if size is not None else "goes over"
@@ -232,6 +252,7 @@ __all__ = [
     "CONTENT_SECURITY_POLICY",
     "Guard",
     "MIN_TOKEN_CHARS",
+    "RedactTokenFilter",
     "TOKEN_COOKIE",
     "allowed_host_names",
     "bearer_token",
@@ -239,6 +260,7 @@ __all__ = [
     "check_token",
     "cookie_value",
     "is_loopback",
+    "redact_token",
     "token_cookie",
     "token_matches",
 ]
