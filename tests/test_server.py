@@ -473,6 +473,35 @@ def test_symlinked_photo_whose_target_moves_outside_is_refused(tiny_itm_dir, tmp
                 assert response.status_code == 404 and b"root:" not in response.content
 
 
+def test_symlinked_photo_of_a_folder_indexed_through_a_symlink_is_served(tiny_itm_dir, tmp_path):
+    """The recorded paths are under link_root/, the link's target resolves under real/: both name one indexed photo."""
+    real = tmp_path / "real"
+    _photo(real / "a.jpg", 1)
+    _photo(real / "b.jpg", 2)
+    (real / "alias.jpg").symlink_to("a.jpg")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:do not serve me")
+    (tmp_path / "photos").symlink_to(real, target_is_directory=True)  # the folder indexed is a link to real/
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        recs = _records(library)
+        assert recs["alias.jpg"].path == str(tmp_path / "photos" / "alias.jpg")
+        alias, b = recs["alias.jpg"].id, recs["b.jpg"].id
+        original = c.get(f"/api/images/{alias}")
+        assert original.status_code == 200 and original.content == (real / "a.jpg").read_bytes()
+        assert c.get(f"/api/images/{alias}/thumbnail").status_code == 200
+        assert c.post("/api/rerank", json={"query": "a photo", "ids": [alias]}).json()["errors"] == []
+
+        (real / "alias.jpg").unlink()
+        (real / "alias.jpg").symlink_to(secret)  # re-pointed outside: still refused
+        (real / "b.jpg").unlink()
+        (real / "b.jpg").symlink_to("../secret.txt")
+        for image_id in (alias, b):
+            for url in (f"/api/images/{image_id}", f"/api/images/{image_id}/thumbnail"):
+                response = c.get(url)
+                assert b"root:" not in response.content
+                _assert_error(response, 404, "outside the indexed photos")
+
+
 def test_a_folder_repointed_between_the_check_and_the_open_is_refused(tiny_itm_dir, tmp_path, monkeypatch):
     from blip2_search.server import photos as photos_module
 

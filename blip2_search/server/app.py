@@ -31,7 +31,7 @@ from ..api import rerank as score_images
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError
 from ..images import DEFAULT_MAX_PIXELS, open_image
 from ..library import Library
-from ..search.results import Hit, parse_date
+from ..search.results import parse_date
 from . import limits
 from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
@@ -238,16 +238,14 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
         query = check_query_text(req.query, "query")
         ids = list(dict.fromkeys(req.ids))
-        records, refused = await runner.io(_checked_records, photos, ids)
-        hits = [Hit(r.id, real, 0.0, 0.0, None, r.caption, r.taken_at) for r, real in records]
-        ranked = await runner.model(request, library.rerank, query, hits)  # parses the query even when no id is readable
-        recorded = {r.id: r.path for r, _ in records}
+        readable, refused = await runner.io(_checked_ids, photos, ids)
+        ranked = await runner.model(request, library.rerank, query, readable)  # parses the query even when no id is readable
         results, errors = [], [{"id": i, "error": msg} for i, msg in refused]
         for h in ranked.hits:
             if h.itm_logit is None:
                 errors.append({"id": h.id, "error": f"image {h.id} could not be read for reranking; re-index its folder"})
                 continue
-            results.append({**h.as_dict(), "path": recorded[h.id]})
+            results.append(h.as_dict())
         return {"query": query, "results": results, "errors": errors}
 
     async def _rerank_uploads(request: Request) -> dict:
@@ -369,21 +367,22 @@ def _decode_upload(upload: UploadFile):
         raise ImageDecodeError(_upload_fix(str(exc))) from None
 
 
-def _checked_records(photos: Photos, ids: list[int]):
-    """([(record, real path)], [(id, why refused)]) for rerank by id; unknown ids are a 404."""
+def _checked_ids(photos: Photos, ids: list[int]) -> tuple[list[int], list[tuple[int, str]]]:
+    """([id whose file may be read], [(id, why refused)]) for rerank by id; unknown ids are a 404."""
     found = {r.id: r for r in photos.records(ids)}
     unknown = [i for i in ids if i not in found]
     if unknown:
         shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
         what = f"id {shown} is not an indexed image" if len(unknown) == 1 else f"ids {shown} are not indexed images"
         raise ApiError(404, f"{what} of this library; use ids from /api/search results")
-    records, refused = [], []
+    readable, refused = [], []
     for image_id in ids:
         try:
-            records.append((found[image_id], photos.real_path(found[image_id])))
+            photos.real_path(found[image_id])
+            readable.append(image_id)
         except PhotoUnavailable as exc:
             refused.append((image_id, str(exc)))
-    return records, refused
+    return readable, refused
 
 
 # ---------------------------------------------------------------------- errors at the edge

@@ -64,7 +64,9 @@ def check_photo_path(recorded: str, is_indexed: Callable[[str], bool]) -> str:
     """The real path to read for the recorded path of an indexed image, or PhotoUnavailable.
 
     Allowed: the recorded file itself, reached through its (possibly symlinked) folders; or, when the
-    recorded path is a symlink, a target that is itself an indexed image (`is_indexed(real_path)`).
+    recorded path is a symlink, a target that is itself an indexed image: `is_indexed` holds for the
+    target's real path, or for the path that reaches it through a symlinked folder of `recorded`
+    (a folder indexed through a link records its photos under the link's name).
     Refused: a symlink whose target is not an indexed image (moved out of the photo folders, or
     re-pointed elsewhere), a missing file, and anything that is not a regular file.
     """
@@ -72,7 +74,7 @@ def check_photo_path(recorded: str, is_indexed: Callable[[str], bool]) -> str:
         raise PhotoUnavailable(f"the recorded path {recorded!r} is not a normal absolute path; re-index the folder that holds it")
     real = os.path.realpath(recorded)
     in_place = os.path.join(os.path.realpath(os.path.dirname(recorded)), os.path.basename(recorded))
-    if real != in_place and not is_indexed(real):
+    if real != in_place and not any(is_indexed(name) for name in _names_of(real, recorded)):
         raise PhotoUnavailable(
             f"{recorded} is a symlink to a file outside the indexed photos; point it back at an indexed photo, "
             "or replace the link with the file and re-index"
@@ -84,6 +86,23 @@ def check_photo_path(recorded: str, is_indexed: Callable[[str], bool]) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise PhotoUnavailable(f"{recorded} is no longer a regular file; re-index its folder to update the library")
     return real
+
+
+def _names_of(real: str, recorded: str) -> Iterator[str]:
+    """Paths under which the file at `real` may have been indexed: `real`, and for each folder on the way to
+    `recorded` that is (under) a symlink, the path through that folder that resolves to `real` itself."""
+    yield real
+    folder = os.path.dirname(recorded)
+    while True:
+        resolved = os.path.realpath(folder)
+        inside = resolved.rstrip("/") + "/"
+        if resolved != folder and real.startswith(inside):
+            candidate = os.path.join(folder, real[len(inside):])
+            if os.path.realpath(candidate) == real:
+                yield candidate
+        if os.path.dirname(folder) == folder:
+            return
+        folder = os.path.dirname(folder)
 
 
 def _opened_path(fd: int) -> str | None:
