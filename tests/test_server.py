@@ -664,6 +664,32 @@ def test_oversized_upload_is_413(client):
     _assert_error(too_long, 413, "65536-byte limit", "a query of at most 4096 bytes")
 
 
+def test_a_streamed_json_body_is_refused_at_the_limit_not_read_in_full(client):
+    """A chunked 20 MB JSON body (under the 25 MB body limit) was read whole before the 64 KB check."""
+    chunk, received = b" " * 65536, [0]
+
+    async def run():
+        sent = []
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/api/rerank", "raw_path": b"/api/rerank", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"127.0.0.1:8765"), (b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8765)}
+
+        async def receive():
+            received[0] += 1
+            return {"type": "http.request", "body": chunk, "more_body": received[0] < 320}
+
+        async def send(message):
+            sent.append(message)
+
+        await client.app(scope, receive, send)
+        return next(m["status"] for m in sent if m["type"] == "http.response.start"), b"".join(m.get("body", b"") for m in sent)
+
+    status, body = anyio.run(run)
+    assert status == 413 and "goes over the 65536-byte limit" in json.loads(body)["error"]
+    assert received[0] <= 2  # stopped at the limit, not after 20 MB
+
+
 @pytest.mark.parametrize("k", ["0", "-1", "201", "100000", "abc", "1.5", ""])
 def test_k_out_of_range_is_422(client, k):
     _assert_error(client.get("/api/search", params={"q": "dog", "k": k}), 422, "k", "between 1 and 200")

@@ -228,10 +228,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
                             f"(query, images), not {kind or 'a body without Content-Type'}; set the Content-Type header")
 
     async def _rerank_ids(request: Request) -> dict:
-        body = await request.body()
-        if len(body) > limits.MAX_JSON_BYTES:
-            raise ApiError(413, f"JSON body is {len(body)} bytes, over the {limits.MAX_JSON_BYTES}-byte limit; send a query of at most "
-                                f"{limits.MAX_QUERY_BYTES} bytes and at most {limits.MAX_RERANK_IDS} ids")
+        body = await _json_body(request)
         try:
             req = RerankIds.model_validate_json(body)
         except ValidationError as exc:
@@ -297,6 +294,21 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
                           operation_id=f"head_{endpoint.__name__}", summary="The GET's headers (checks included), no body")
 
     return app
+
+
+async def _json_body(request: Request) -> bytes:
+    """The body, read only up to MAX_JSON_BYTES: 413 for a larger Content-Length before reading, and for a
+    streamed (chunked) body as soon as it goes past the limit."""
+    fix = f"send a query of at most {limits.MAX_QUERY_BYTES} bytes and at most {limits.MAX_RERANK_IDS} ids"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.MAX_JSON_BYTES:
+        raise ApiError(413, f"JSON body is {int(declared)} bytes, over the {limits.MAX_JSON_BYTES}-byte limit; {fix}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.MAX_JSON_BYTES:
+            raise ApiError(413, f"JSON body goes over the {limits.MAX_JSON_BYTES}-byte limit; {fix}")
+    return bytes(body)
 
 
 def _filters(path: str | None, after: str | None, before: str | None, min_score: float | None, sort: str) -> dict:
