@@ -367,6 +367,26 @@ def test_unknown_ids_are_404(client):
     _assert_error(client.post("/api/rerank", json={"query": "x", "ids": [1, 999999]}), 404, "999999")
 
 
+def test_photos_waiting_to_be_re_embedded_are_shown_and_not_reranked(tiny_itm_dir, tmp_path):
+    """During index --reembed the page's results were 404s and rerank by id failed as a whole."""
+    import sqlite3
+
+    for name in ("a.jpg", "b.jpg"):
+        _photo(tmp_path / "photos" / name, ord(name[0]))
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        a, b = _records(library)["a.jpg"].id, _records(library)["b.jpg"].id
+        with sqlite3.connect(library.folder / "metadata.sqlite") as db:  # as reset_embedder leaves a photo not re-embedded yet
+            db.execute("UPDATE images SET status = 'pending' WHERE id = ?", (a,))
+        original = c.get(f"/api/images/{a}")
+        assert original.status_code == 200 and original.content == (tmp_path / "photos" / "a.jpg").read_bytes()
+        assert c.get(f"/api/images/{a}/thumbnail").status_code == 200
+        ranked = c.post("/api/rerank", json={"query": "a photo", "ids": [a, b]})
+        assert ranked.status_code == 200, ranked.text
+        assert [h["id"] for h in ranked.json()["results"]] == [b]
+        [error] = ranked.json()["errors"]
+        assert error["id"] == a and "waiting to be re-embedded" in error["error"] and "retry after" in error["error"]
+
+
 def _raw_get(app, path: str, raw_path: bytes | None = None, headers: list | None = None) -> tuple[int, bytes]:
     """Call the ASGI app as uvicorn would, with a path no HTTP client would normalise first."""
 

@@ -32,6 +32,7 @@ from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, Libr
 from ..images import DEFAULT_MAX_PIXELS, open_image
 from ..library import Library
 from ..search.results import parse_date
+from ..store.records import STATUS_PENDING
 from . import limits
 from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
@@ -389,6 +390,10 @@ def _checked_ids(photos: Photos, ids: list[int]) -> tuple[list[int], list[tuple[
         raise ApiError(404, f"{what} of this library; use ids from /api/search results")
     readable, refused = [], []
     for image_id in ids:
+        if found[image_id].status == STATUS_PENDING:  # its vectors are being recomputed with the library's new model
+            refused.append((image_id, f"image {image_id} is waiting to be re-embedded with the library's new model (index --reembed); "
+                                      "retry after that index run"))
+            continue
         try:
             photos.real_path(found[image_id])
             readable.append(image_id)

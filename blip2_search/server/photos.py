@@ -24,12 +24,14 @@ from PIL import Image
 from ..errors import Blip2SearchError
 from ..images import open_image
 from ..library import THUMBS_DIRNAME
-from ..store.records import STATUS_INDEXED, ImageRecord
+from ..store.records import STATUS_INDEXED, STATUS_PENDING, ImageRecord
 
 THUMBNAIL_SIDE = 320
 """Long side of a thumbnail, in pixels."""
 THUMBNAIL_QUALITY = 85
 _CHUNK = 256 * 1024
+SERVED_STATUSES = (STATUS_INDEXED, STATUS_PENDING)
+"""Images whose files are served: indexed ones, and those waiting to be re-embedded (`index --reembed`)."""
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -122,11 +124,12 @@ class Photos:
         self.side = side
 
     def records(self, image_ids: list[int]) -> list[ImageRecord]:
-        """Records of those ids that are indexed images (unknown, failed and deleted ones are left out)."""
-        return [r for r in self.metadata.get_records(image_ids) if r.status == STATUS_INDEXED]
+        """Records of those ids that are indexed images or wait to be re-embedded (unknown, failed and deleted
+        ones are left out)."""
+        return [r for r in self.metadata.get_records(image_ids) if r.status in SERVED_STATUSES]
 
     def record(self, image_id: int) -> ImageRecord:
-        """The record of an indexed image; PhotoUnavailable for unknown, failed or deleted ids."""
+        """The record of an indexed (or pending) image; PhotoUnavailable for unknown, failed or deleted ids."""
         found = self.records([image_id])
         if not found:
             raise PhotoUnavailable(f"image {image_id} is not an indexed image of this library; use an id from /api/search results")
@@ -134,7 +137,7 @@ class Photos:
 
     def _is_indexed(self, path: str) -> bool:
         rec = self.metadata.get_by_paths([path]).get(path)
-        return rec is not None and rec.status == STATUS_INDEXED
+        return rec is not None and rec.status in SERVED_STATUSES
 
     def real_path(self, record: ImageRecord) -> str:
         """`check_photo_path` for a record."""
@@ -201,4 +204,4 @@ class Photos:
                 old.unlink(missing_ok=True)
 
 
-__all__ = ["PhotoFile", "PhotoUnavailable", "Photos", "THUMBNAIL_SIDE", "THUMBS_DIRNAME", "check_photo_path"]
+__all__ = ["PhotoFile", "PhotoUnavailable", "Photos", "SERVED_STATUSES", "THUMBNAIL_SIDE", "THUMBS_DIRNAME", "check_photo_path"]
