@@ -261,6 +261,16 @@ def test_back_returns_to_the_previous_search_and_links_keep_their_settings(page,
     assert page.errors == []
 
 
+def test_opening_a_search_link_adds_one_history_entry(page, base_url):
+    """Back from /?q=... must leave it: the restored search rewrote the address with pushState (Back twice)."""
+    page.goto(base_url + "/")
+    before = page.evaluate("() => history.length")
+    page.goto(base_url + "/?q=red")
+    page.wait_for_selector("#results li")
+    assert page.evaluate("() => history.length") == before + 1
+    assert page.evaluate("() => location.search").startswith("?k=")  # the address names every setting of the search
+
+
 def test_narrow_screen_has_no_sideways_scroll(browser, base_url):
     context = browser.new_context(viewport={"width": 375, "height": 800})
     page = context.new_page()

@@ -152,7 +152,8 @@
     }
   }
 
-  function searchText() {
+  // replace: the address is already this search's (opened from a link), so it gets no new history entry.
+  function searchText(replace = false) {
     const q = queryInput.value.trim();
     if (!q) {
       setStatus("Type a description first.");
@@ -162,7 +163,7 @@
     const params = filterParams();
     params.set("q", q);
     params.set("rerank", $("rerank").checked ? "true" : "false");
-    if (location.search !== `?${params}`) history.pushState(null, "", `/?${params}`);
+    if (location.search !== `?${params}`) history[replace ? "replaceState" : "pushState"](null, "", `/?${params}`);
     runSearch(`“${q}”`, () => callApi(`/api/search?${params}`));
   }
 
@@ -256,7 +257,7 @@
     return true;
   }
 
-  if (restore(initial) && initial.get("q")) searchText();
+  if (restore(initial) && initial.get("q")) searchText(true);
   window.addEventListener("popstate", () => {
     const params = new URLSearchParams(location.search);
     showError("");
