@@ -763,6 +763,20 @@ def test_bad_rerank_requests_are_4xx(client, kwargs, status, needle):
     _assert_error(client.post("/api/rerank", **kwargs), status, needle)
 
 
+def test_unknown_or_repeated_parameters_are_422(client, lib):
+    """A misspelt filter (min_scor=0.9) was ignored: 200 with unfiltered results; k=5&k=7 used one of them."""
+    _assert_error(client.get("/api/search?q=red&min_scor=0.9"), 422, "takes no query parameter 'min_scor'", "q, k, rerank", "spelling")
+    _assert_error(client.get("/api/search?q=red&k=5&k=7"), 422, "'k' is given more than once")
+    _assert_error(client.get("/api/search?q=red&q=blue"), 422, "'q' is given more than once")
+    picture = Path(_records(lib)["img01.jpg"].path).read_bytes()
+    upload = [("images", ("a.jpg", picture, "image/jpeg"))]
+    _assert_error(client.post("/api/rerank", data={"query": "red", "k": "3"}, files=upload), 422, "takes no form field 'k'", "query, images")
+    _assert_error(client.post("/api/rerank", data={"query": ["red", "blue"]}, files=upload), 422, "'query' is given more than once")
+    assert client.post("/api/rerank", data={"query": "red"}, files=upload * 2).status_code == 200  # images repeat
+    _assert_error(client.post("/api/search", data={"k": ["5", "7"]}, files={"image": ("a.jpg", picture, "image/jpeg")}), 422,
+                  "'k' is given more than once")
+
+
 def test_unknown_endpoints_and_methods_are_json(client, lib):
     _assert_error(client.get("/api/nope"), 404, "openapi")
     _assert_error(client.delete("/api/search"), 405, "openapi")

@@ -187,7 +187,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         sort: Annotated[Literal["score", "date"], Query(description="Order of the results.")] = "score",
         request: Request = None,
     ) -> JSONResponse:
-        _check_utf8_query_string(request)
+        _check_query_string(request, SEARCH_QUERY_PARAMS)
         check_query_text(q)
         filters = _filters(path, after, before, min_score, sort)
         result = await runner.model(request, library.search, q, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
@@ -255,6 +255,8 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
                 raise InvalidInputError("query is missing; send the text as the multipart form field 'query'")
             if not files or not all(isinstance(f, StarletteUploadFile) for f in files):
                 raise InvalidInputError(f"no images; send 1 to {limits.MAX_RERANK_UPLOADS} pictures as multipart form fields named 'images'")
+            _check_names("POST /api/rerank", "form field", [key for key, _ in form.multi_items()], RERANK_FORM_FIELDS,
+                         "check its spelling, or leave it out", repeatable=("images",))
             check_query_text(query, "query")
             for f in files:
                 _check_upload_size(f)
@@ -319,16 +321,32 @@ def _filters(path: str | None, after: str | None, before: str | None, min_score:
             "before": parse_date(before, name="before", end_of_day=True), "min_score": min_score, "sort": sort}
 
 
-def _check_utf8_query_string(request: Request) -> None:
-    """Refuse a query string whose percent-escapes are not UTF-8 (Starlette would search U+FFFD instead)."""
+SEARCH_QUERY_PARAMS = ("q", "k", "rerank", "rerank_k", "fusion", "path", "after", "before", "min_score", "sort")  # GET /api/search's
+SEARCH_FORM_FIELDS = ("image", "k", "path", "after", "before", "min_score", "sort")  # POST /api/search's parameters
+RERANK_FORM_FIELDS = ("query", "images")  # POST /api/rerank's, multipart
+
+
+def _check_query_string(request: Request, allowed: tuple[str, ...]) -> None:
+    """Refuse percent-escapes that are not UTF-8 (Starlette would search U+FFFD instead), and unknown or
+    repeated parameters (see `_check_names`)."""
     raw = request.scope.get("query_string", b"").decode("latin-1")
     try:
-        parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
+        pairs = parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
         raise InvalidInputError("the query string is not UTF-8; percent-encode the text as UTF-8 (e.g. caf%C3%A9)") from None
+    _check_names(f"{request.method} {request.url.path}", "query parameter", [name for name, _ in pairs], allowed,
+                 "check its spelling, or leave it out")
 
 
-SEARCH_FORM_FIELDS = ("image", "k", "path", "after", "before", "min_score", "sort")  # POST /api/search's parameters
+def _check_names(route: str, kind: str, names: list[str], allowed: tuple[str, ...], fix: str, *, repeatable: tuple[str, ...] = ()) -> None:
+    """422 for a parameter `route` does not take (a misspelt filter would be ignored: unfiltered results) and
+    for one given more than once (only one value would count)."""
+    unknown = sorted({name for name in names if name not in allowed})
+    if unknown:
+        raise ApiError(422, f"{route} takes no {kind} {', '.join(map(repr, unknown))} (it takes {', '.join(allowed)}); {fix}")
+    repeated = sorted({name for name in names if names.count(name) > 1 and name not in repeatable})
+    if repeated:
+        raise ApiError(422, f"{route}: {kind} {', '.join(map(repr, repeated))} is given more than once; give it once")
 
 
 def _check_search_form(form) -> None:
@@ -341,10 +359,8 @@ def _check_search_form(form) -> None:
         if isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > limits.MAX_FORM_FIELD_BYTES:
             raise InvalidInputError(f"form field {key!r} is {len(value.encode('utf-8', 'surrogatepass'))} bytes, over the "
                                     f"{limits.MAX_FORM_FIELD_BYTES}-byte limit for a text field; shorten it")
-    unknown = sorted({key for key in form.keys() if key not in SEARCH_FORM_FIELDS})
-    if unknown:  # as unknown JSON fields are: an option the caller thinks applies, and does not
-        raise ApiError(422, f"POST /api/search takes no form field {', '.join(map(repr, unknown))} (it takes {', '.join(SEARCH_FORM_FIELDS)}); "
-                            "an image search is not reranked and has no query text; leave it out")
+    _check_names("POST /api/search", "form field", [key for key, _ in form.multi_items()], SEARCH_FORM_FIELDS,
+                 "an image search is not reranked and has no query text; leave it out")
 
 
 class _NamedUpload:
