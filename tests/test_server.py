@@ -361,6 +361,18 @@ def test_head_gives_the_get_headers_without_a_body(client, lib):
     assert client.head("/api/images/999999").status_code == 404
 
 
+def test_every_get_route_answers_head(client, lib):
+    """HEAD /api/status, /api/search, /app.js and /app.css answered 405, with an Allow header without HEAD."""
+    for url in ("/", "/app.js", "/app.css", "/api/status", "/api/search?q=dog&rerank=false", "/api/openapi.json"):
+        got, head = client.get(url), client.head(url)
+        assert head.status_code == 200 and head.content == b"", url
+        for name in ("content-type", "content-length"):
+            assert head.headers[name] == got.headers[name], (url, name)
+    assert client.head("/api/search").status_code == 422  # the same checks as GET
+    refused = client.post("/api/status")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+
+
 def test_unknown_ids_are_404(client):
     for url in ("/api/images/999999", "/api/images/999999/thumbnail"):
         _assert_error(client.get(url), 404, "999999", "/api/search")

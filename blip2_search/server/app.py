@@ -20,6 +20,7 @@ from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as _JSONResponse
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUploadFile
@@ -158,8 +159,6 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             return response
         return Response(pages["index.html"], media_type=_STATIC["index.html"], headers={"cache-control": "no-cache"})
 
-    app.add_api_route("/", index, methods=["HEAD"], include_in_schema=False)
-
     @app.get("/app.js", include_in_schema=False)
     async def script() -> Response:
         return Response(pages["app.js"], media_type=_STATIC["app.js"], headers={"cache-control": "no-cache"})
@@ -295,6 +294,10 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     for path, endpoint in (("/api/images/{image_id}/thumbnail", thumbnail), ("/api/images/{image_id}", original)):
         app.add_api_route(path, endpoint, methods=["HEAD"], response_class=Response, responses=_ERRORS,
                           operation_id=f"head_{endpoint.__name__}", summary="The GET's headers (checks included), no body")
+    # Every other GET answers HEAD too: the same work and headers, the body dropped (by the Guard).
+    headed = {route.path for route in app.routes if isinstance(route, APIRoute) and "HEAD" in route.methods}
+    for route in [r for r in app.routes if isinstance(r, APIRoute) and "GET" in r.methods and r.path not in headed]:
+        app.add_api_route(route.path, route.endpoint, methods=["HEAD"], response_class=route.response_class, include_in_schema=False)
 
     return app
 

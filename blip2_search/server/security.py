@@ -10,7 +10,8 @@ The guard (outermost application middleware) does, in order:
    from the token and the port (other services on the host never see the token itself).
 4. Body size: `Content-Length` over the limit is refused at once; a chunked body is counted as it
    is read and refused when it passes the limit.
-It also adds security headers (CSP, nosniff, no framing, no referrer) to every response.
+It also adds security headers (CSP, nosniff, no framing, no referrer) to every response, and drops
+the body of an answer to HEAD (its headers, Content-Length included, stay the GET's).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class Guard:
             return
         headers = Headers(scope=scope)
         path = scope["path"]
-        send = _with_security_headers(send, api=path.startswith("/api/"))
+        send = _with_security_headers(send, api=path.startswith("/api/"), head=scope["method"] == "HEAD")
         refusal = self._refusal(scope, headers, path)
         if refusal is not None:
             status, message, extra = refusal
@@ -209,7 +210,7 @@ def _counting(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-def _with_security_headers(send: Send, *, api: bool) -> Send:
+def _with_security_headers(send: Send, *, api: bool, head: bool) -> Send:
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = MutableHeaders(scope=message)
@@ -220,6 +221,8 @@ def _with_security_headers(send: Send, *, api: bool) -> Send:
             headers.setdefault("cross-origin-resource-policy", "same-origin")
             if api:
                 headers.setdefault("cache-control", "no-store")
+        elif message["type"] == "http.response.body" and head and message.get("body"):
+            message = {**message, "body": b""}
         await send(message)
 
     return wrapped
