@@ -542,7 +542,8 @@ def serve(library, host, port, token, device, dtype):
         raise UserError(f"the server needs FastAPI and uvicorn ({exc.name} is missing); pip install 'blip2-search[server]'") from None
     from .library import Library
 
-    check_bind(host, token)
+    from_env = click.get_current_context().get_parameter_source("token") == click.core.ParameterSource.ENVIRONMENT
+    check_bind(host, token, "BLIP2_SEARCH_TOKEN" if from_env else "--token")
     with bind_socket(host, port) as sock, Library.open(library, device=device, dtype=dtype) as lib:
         shown = f"[{host}]" if ":" in host else host
         login = " (open /?token=TOKEN once in a browser)" if token else ""

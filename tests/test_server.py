@@ -635,8 +635,26 @@ def test_serve_command_refuses_non_loopback_host_without_token(tmp_path, monkeyp
 
 
 def test_foreign_host_header_is_refused_without_a_token(client):
-    _assert_error(client.get("/api/status", headers={"Host": "evil.example:8765"}), 403, "DNS")
-    assert client.get("/api/status", headers={"Host": "localhost:8765"}).status_code == 200
+    message = _assert_error(client.get("/api/status", headers={"Host": "evil.example:8765"}), 403, "DNS", "open it as http://127.0.0.1:8765/")
+    assert "PORT" not in message
+    for name in ("localhost:8765", "localhost.:8765", "LOCALHOST", "127.0.0.1", "[::1]:8765"):
+        assert client.get("/api/status", headers={"Host": name}).status_code == 200, name
+
+
+def test_malformed_multipart_gets_the_fix_of_its_endpoint(client):
+    broken = {"Content-Type": "multipart/form-data"}  # no boundary
+    message = _assert_error(client.post("/api/search", content=b"x", headers=broken), 400, "could not be read", "picture in 'image'")
+    assert "16 files" not in message
+    _assert_error(client.post("/api/rerank", content=b"x", headers=broken), 400, "could not be read", "at most 16 files")
+
+
+def test_a_bad_token_from_the_environment_is_named_as_such(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP2_SEARCH_TOKEN", "short")
+    result = CliRunner().invoke(main, ["serve", "--library", str(tmp_path / "lib")])
+    assert result.exit_code == 2 and "BLIP2_SEARCH_TOKEN must be at least 16 characters" in result.output, result.output
+    assert "--token must" not in result.output
+    result = CliRunner().invoke(main, ["serve", "--library", str(tmp_path / "lib"), "--token", "short"])
+    assert result.exit_code == 2 and "--token must be at least 16 characters" in result.output, result.output
 
 
 def test_cross_site_post_is_refused(client, lib):
@@ -692,6 +710,9 @@ def test_oversized_upload_is_413(client):
 
     response = client.post("/api/rerank", content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
     assert _assert_error(response, 413).startswith("request body goes over the 25 MB limit; send a smaller image")
+    json_body = client.post("/api/rerank", content=bytes(26 * 1024 * 1024), headers={"Content-Type": "application/json"})
+    message = _assert_error(json_body, 413, "25 MB limit", "JSON body is at most 64 KB")
+    assert "smaller image" not in message
     too_long = client.post("/api/rerank", json={"query": "a" * 70_000, "ids": [1]})  # the query is what is too long
     _assert_error(too_long, 413, "65536-byte limit", "a query of at most 4096 bytes")
 

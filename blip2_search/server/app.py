@@ -442,8 +442,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"{request.method} is not allowed on {request.url.path}; it takes {', '.join(allowed) or 'no method'} (see /api/openapi.json)"
             return JSONResponse({"error": message}, status_code=405, headers={"allow": ", ".join(allowed)})
         elif exc.status_code == 400:  # the form or JSON parser's words, e.g. "Missing boundary in multipart."
-            message = (f"the request body could not be read ({message.rstrip('.')}); send JSON or multipart/form-data "
-                       f"(at most {limits.MAX_RERANK_UPLOADS} files) as /api/openapi.json describes")
+            wanted = ("multipart/form-data with the picture in 'image'" if request.url.path == "/api/search" else
+                      f"JSON, or multipart/form-data with at most {limits.MAX_RERANK_UPLOADS} files")
+            message = f"the request body could not be read ({message.rstrip('.')}); send {wanted} as /api/openapi.json describes"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -28,7 +28,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InvalidInputError
-from .limits import ApiError
+from .limits import MAX_JSON_BYTES, MAX_QUERY_BYTES, MAX_RERANK_IDS, ApiError
 
 TOKEN_COOKIE = "blip2_search_token"
 """Start of the name of the cookie that logs the web page in (its <img> tags cannot send a header);
@@ -56,21 +56,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_token(token: str | None) -> str | None:
-    """None (no token) or a token fit for URLs, headers and cookies: >= 16 characters of `A-Za-z0-9._~-`."""
+def check_token(token: str | None, source: str = "--token") -> str | None:
+    """None (no token) or a token fit for URLs, headers and cookies: >= 16 characters of `A-Za-z0-9._~-`.
+    `source` is where it came from, for the message (`--token`, or `BLIP2_SEARCH_TOKEN` for the env var)."""
     if token is None:
         return None
     if len(token) < MIN_TOKEN_CHARS or not _TOKEN_RE.fullmatch(token):
         raise InvalidInputError(
-            f"--token must be at least {MIN_TOKEN_CHARS} characters of letters, digits and -._~; "
+            f"{source} must be at least {MIN_TOKEN_CHARS} characters of letters, digits and -._~; "
             "make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
         )
     return token
 
 
-def check_bind(host: str, token: str | None) -> None:
+def check_bind(host: str, token: str | None, token_source: str = "--token") -> None:
     """Refuse to listen beyond this machine without a token (InvalidInputError naming both fixes)."""
-    check_token(token)
+    check_token(token, token_source)
     if not is_loopback(host) and not token:
         raise InvalidInputError(
             f"refusing to serve on --host {host} without a token: other machines could read your photos; "
@@ -117,7 +118,7 @@ def allowed_host_names(host: str, token: str | None) -> frozenset[str] | None:
     """Host header names served: loopback names when bound to loopback without a token, else any (None)."""
     if token or not is_loopback(host):
         return None
-    return frozenset({"localhost", "127.0.0.1", "::1", host.strip().lower().strip("[]")})
+    return frozenset({*_LOOPBACK_NAMES, "127.0.0.1", "::1", host.strip().lower().strip("[]")})
 
 
 class Guard:
@@ -141,12 +142,12 @@ class Guard:
             status, message, extra = refusal
             await _send_json(send, status, message, extra)
             return
-        await self.app(scope, _counting(receive, self.max_body), send)
+        await self.app(scope, _counting(receive, self.max_body, headers), send)
 
     def _refusal(self, scope: Scope, headers: Headers, path: str) -> tuple[int, str, dict] | None:
         host = _host_name(headers.get("host", ""))
         if self.allowed_hosts is not None and host not in self.allowed_hosts:
-            return 403, (f"Host {host!r} is not this server's name; open it as http://127.0.0.1:PORT/ "
+            return 403, (f"Host {host!r} is not this server's name; open it as {_own_url(scope)} "
                          "(other names are refused to stop DNS-rebinding attacks)"), {}
         origin = headers.get("origin")
         if scope["method"] not in _SAFE_METHODS and origin and (origin == "null" or _netloc(origin) != headers.get("host", "").lower()):
@@ -165,8 +166,16 @@ class Guard:
             if not length.isdigit():
                 return 400, f"Content-Length {length!r} is not a number; send a valid HTTP request", {}
             if int(length) > self.max_body:
-                return 413, _too_large(int(length), self.max_body), {}
+                return 413, _too_large(int(length), self.max_body, headers), {}
         return None
+
+
+def _own_url(scope: Scope) -> str:
+    """http://ADDRESS:PORT/ of the socket the request came in on (a loopback address here)."""
+    address, port = (tuple(scope.get("server") or ()) + (None, None))[:2]
+    if not address or not port:
+        return "http://127.0.0.1:PORT/"
+    return f"http://[{address}]:{port}/" if ":" in address else f"http://{address}:{port}/"
 
 
 def redact_token(target: str) -> str:
@@ -188,13 +197,18 @@ class RedactTokenFilter(logging.Filter):
         return True
 
 
-def _too_large(size: int | None, limit: int) -> str:
+def _too_large(size: int | None, limit: int, headers: Headers) -> str:
     """`size`: the declared body size, or None when a chunked body went past the limit while arriving."""
     got = f"is {size / 1e6:.1f} MB, over" if size is not None else "goes over"
-    return f"request body {got} the {limit // (1024 * 1024)} MB limit; send a smaller image (resize or re-export it)"
+    if headers.get("content-type", "").lower().startswith("multipart/"):
+        fix = "send a smaller image (resize or re-export it)"
+    else:
+        fix = (f"images go as multipart/form-data; a JSON body is at most {MAX_JSON_BYTES // 1024} KB "
+               f"(a query of at most {MAX_QUERY_BYTES} bytes and at most {MAX_RERANK_IDS} ids)")
+    return f"request body {got} the {limit // (1024 * 1024)} MB limit; {fix}"
 
 
-def _counting(receive: Receive, limit: int) -> Receive:
+def _counting(receive: Receive, limit: int, headers: Headers) -> Receive:
     """`receive` that raises 413 once more than `limit` body bytes have arrived (chunked uploads)."""
     total = 0
 
@@ -204,7 +218,7 @@ def _counting(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             total += len(message.get("body", b""))
             if total > limit:
-                raise ApiError(413, _too_large(None, limit))
+                raise ApiError(413, _too_large(None, limit, headers))
         return message
 
     return wrapped
