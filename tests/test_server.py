@@ -255,6 +255,18 @@ def test_rerank_of_uploads_and_of_ids_read_the_query_syntax_alike(client, lib):
     _assert_error(bad, 400, "quote")
 
 
+def test_rerank_answers_carry_the_query_notes(client, lib):
+    recs = _records(lib)
+    names = ("img01.jpg", "img02.jpg")
+    long = "a photo of a dog on the beach " * 6  # 48 one-token words: BLIP-2 reads 33
+    files = [("images", (n, Path(recs[n].path).read_bytes(), "image/jpeg")) for n in names]
+    expected = list(lib.rerank(long, [recs[n].id for n in names]).notes)
+    assert len(expected) == 1 and "only the words up to" in expected[0]
+    assert client.post("/api/rerank", json={"query": long, "ids": [recs[n].id for n in names]}).json()["notes"] == expected
+    assert client.post("/api/rerank", data={"query": long}, files=files).json()["notes"] == expected
+    assert "notes" not in client.post("/api/rerank", json={"query": "a dog", "ids": [recs[names[0]].id]}).json()
+
+
 def test_openapi_schema_lists_every_endpoint_and_the_token(client):
     schema = client.get("/api/openapi.json").json()
     assert {"/api/search", "/api/rerank", "/api/status", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail"} <= set(schema["paths"])

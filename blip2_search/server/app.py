@@ -243,7 +243,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
                 errors.append({"id": h.id, "error": f"image {h.id} could not be read for reranking; re-index its folder"})
                 continue
             results.append(h.as_dict())
-        return {"query": query, "results": results, "errors": errors}
+        return {"query": query, "results": results, "errors": errors, **_notes_of(ranked.notes)}
 
     async def _rerank_uploads(request: Request) -> dict:
         async with request.form(max_files=limits.MAX_RERANK_UPLOADS, max_fields=limits.MAX_RERANK_UPLOADS + 4,
@@ -266,7 +266,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         names = [f.filename for f in files]
         results = [{"index": h.index, "filename": names[h.index], "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit,
                     "match_probability": h.match_probability} for h in ranking]
-        return {"query": ranking.query, "results": results, "errors": []}
+        return {"query": ranking.query, "results": results, "errors": [], **_notes_of(ranking.notes)}
 
     @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
              response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")
@@ -315,6 +315,11 @@ async def _json_body(request: Request) -> bytes:
         if len(body) > limits.MAX_JSON_BYTES:
             raise ApiError(413, f"JSON body goes over the {limits.MAX_JSON_BYTES}-byte limit; {fix}")
     return bytes(body)
+
+
+def _notes_of(notes) -> dict:
+    """A rerank answer's `notes` (e.g. a query longer than BLIP-2 reads), present only when there are some, as search's."""
+    return {"notes": list(notes)} if notes else {}
 
 
 def _filters(path: str | None, after: str | None, before: str | None, min_score: float | None, sort: str) -> dict:

@@ -85,6 +85,7 @@ class RerankOut(BaseModel):
     query: str
     results: list[RerankIdHit | RerankUploadHit]
     errors: list[RerankError]
+    notes: list[str] | None = None
 
 
 class StatusOut(BaseModel):

@@ -127,7 +127,10 @@
     const notes = [...(result.notes || [])];
     const rescored = hits.filter((h) => h.itm_logit !== null && h.itm_logit !== undefined).length;
     if (rescored > 0 && rescored < hits.length) {
-      notes.push(`The first ${rescored} were reranked (score = ITM logit + ITC); the rest keep the first search's order and score.`);
+      const isRescored = (h) => h.itm_logit !== null && h.itm_logit !== undefined;
+      notes.push(hits.slice(0, rescored).every(isRescored)
+        ? `The first ${rescored} were reranked (score = ITM logit + ITC); the rest keep the first search's order and score.`
+        : `${rescored} of these were reranked (score = ITM logit + ITC); the others keep their first-search place and score.`);
     }
     showNotes(notes);
     const count = hits.length === 1 ? "1 photo" : `${hits.length} photos`;
