@@ -133,6 +133,7 @@ class Library:
         self._unsaved_index: str | None = None  # why the rebuilt vector index is in memory only
         self._forget_captioner = False  # opened with captioner="none": the next index run clears the record
         self._model_pending = False  # no model named and none recorded when opened: read the record at first use
+        self._locked = False  # this process holds the library lock (an index or prune of its own runs)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -262,7 +263,10 @@ class Library:
         another kind than the library's (`vector_index_kind`)."""
         if self._vectors is None:
             budget = int(float(settings.get("vector_memory_gb")) * 2**30)
-            opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget)
+            # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
+            # two writers' index and sidecar files could interleave (a file that passes as current but is not).
+            opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
+                                  save=self._locked or not self._writer_running())
             self._vectors, self._vectors_generation = opened.store, opened.generation
             self._unsaved_index = opened.unsaved
         return self._vectors
@@ -282,8 +286,22 @@ class Library:
         if recorded is not None and recorded != self._embedder_info():
             raise self._reembedded_elsewhere(recorded.model)
         path = self.folder / VECTORS_FILENAME
-        if not path.exists() or saved_generation(path) == current:  # saved by that run, or removed (a full disk's prune)
-            self._vectors, self._engine = None, None
+        if not path.exists() or saved_generation(path) == current or not self._writer_running():
+            self._vectors, self._engine = None, None  # saved by that run, removed (a full disk's prune), or its run died
+
+    def _writer_running(self) -> bool:
+        """Whether an `index` or `prune` holds the library's lock now (one killed, e.g. by SIGKILL, holds nothing)."""
+        try:
+            fd = os.open(self.folder / LOCK_FILENAME, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def _reembedded_elsewhere(self, recorded: ModelRef) -> LibraryError:
         return LibraryError(
@@ -369,6 +387,11 @@ class Library:
             indexer = Indexer(self.metadata, lambda: self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
                               workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash)
             report = indexer.run(roots, progress)
+            if report.interrupted and self._vectors is not None:
+                try:  # it holds what was committed: servers follow it, and the next run needs no rebuild
+                    self._save_vectors()
+                except (KeyboardInterrupt, LibraryError):  # a second Ctrl-C, or a full disk: the next command rebuilds it
+                    pass
             if not report.interrupted:
                 self._prune_vit_tokens()
                 self._save_vectors()
@@ -397,6 +420,12 @@ class Library:
                          "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")
         if filled:
             notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed before --store-vit")
+        elif not store_vit and self.vit_store.enabled:  # e.g. a --store-vit run that was killed: say so, fill in only when asked
+            stored = self.vit_store.stored_hashes()
+            lacking = len({k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed"} - stored)
+            if lacking:
+                notes.append(f"{lacking} photo{_s(lacking)} of the library {'has' if lacking == 1 else 'have'} no stored ViT tokens "
+                             "(a --store-vit run that was stopped?), so reranking reruns the ViT for them; run index --store-vit to store them")
         embedded = indexer.fill_caption_vectors()
         if embedded:
             notes.append(f"embedded the captions of {embedded} photo{_s(embedded)} that had none embedded (after a re-embed without captions)")
@@ -483,8 +512,10 @@ class Library:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
                 raise LibraryError(f"library {self.folder} is being indexed or pruned by another process; wait for it to finish") from exc
+            self._locked = True
             yield
         finally:
+            self._locked = False
             os.close(fd)
 
     # ------------------------------------------------------------------ searching
@@ -581,12 +612,17 @@ class Library:
         return self._with_index_note(_with_glob_note(result, path))
 
     def _with_index_note(self, result):
-        """`result`, noting a vector index that had to be rebuilt and could not be saved (each process rebuilds it)."""
-        if self._unsaved_index is None:
-            return result
-        note = (f"the vector index was rebuilt in memory but not saved ({self._unsaved_index}); every process rebuilds it "
-                f"until then (deleting the stale {VECTORS_FILENAME} also frees its space)")
-        return replace(result, notes=result.notes + (note,))
+        """`result`, noting photos not searchable yet (waiting to be re-embedded), and a vector index that had to be
+        rebuilt and could not be saved (each process rebuilds it)."""
+        notes = []
+        pending = self.metadata.pending_count()
+        if pending:
+            notes.append(f"{pending} photo{_s(pending)} of the library wait{'s' if pending == 1 else ''} to be embedded with its model and "
+                         "cannot be found yet (an `index --reembed` run is going on, or was stopped); run index on their folders")
+        if self._unsaved_index is not None:
+            notes.append(f"the vector index was rebuilt in memory but not saved ({self._unsaved_index}); every process rebuilds it "
+                         f"until then (deleting the stale {VECTORS_FILENAME} also frees its space)")
+        return replace(result, notes=result.notes + tuple(notes)) if notes else result
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
         """Images most like `image` (a path, a PIL image, or an image file's bytes or binary file object), by their 32 query vectors."""

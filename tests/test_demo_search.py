@@ -7,7 +7,9 @@ is found by its caption; the eval protocol gives high recall on a synthetic spli
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -111,8 +113,14 @@ def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_p
                 assert other.index([tmp_path / "new"]).indexed == 3
         new_ids = {r.id for r in server.metadata.get_records(range(1, 300)) if "new" in Path(r.path).parent.name}
         assert len(new_ids) == 3 and new_ids <= {i for i, _ in server.metadata.search_captions(scene.caption, 50)}
+        writer = os.open(tmp_path / "lib" / "index.lock", os.O_RDWR)
+        fcntl.flock(writer, fcntl.LOCK_EX)  # the run goes on (a run that has stopped holds no lock: see below)
         during = server.search(scene.caption, 10, rerank=False)
         assert [h.id for h in during.hits] == [h.id for h in before.hits]  # the new photos wait for the save
+        saved = (tmp_path / "lib" / "vectors.faiss").stat().st_mtime_ns
+        with Library.open(tmp_path / "lib") as fresh:  # a process started meanwhile rebuilds the stale file in memory...
+            assert new_ids <= {h.id for h in fresh.search(scene.caption, 20, rerank=False).hits}
+        assert (tmp_path / "lib" / "vectors.faiss").stat().st_mtime_ns == saved  # ...and leaves saving to the running run
         hits = list(during.hits[:2]) + sorted(new_ids)
         reranked = server.rerank(scene.caption, hits).hits  # ids the loaded index does not hold yet
         assert {h.id for h in reranked} == {h.id for h in during.hits[:2]} | new_ids
@@ -127,6 +135,9 @@ def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_p
         server.metadata.mark_deleted([newest])  # a record the loaded index lacks, and not searchable: refused
         with pytest.raises(InvalidInputError, match=rf"images \[{newest}\] are not indexed images of library"):
             server.rerank(scene.caption, [newest])
+        os.close(writer)  # the run died before saving (SIGKILL): the server follows the database instead of waiting
+        after = {h.id for h in server.search(scene.caption, 20, rerank=False).hits}
+        assert new_ids - {newest} <= after and newest not in after
 
 
 def test_exif_rotated_photo_is_found_by_its_caption(tmp_path):

@@ -539,8 +539,11 @@ def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_pa
         assert len(r.notes) == 1 and "3 photos still wait to be embedded" in r.notes[0] and "reconnect" in r.notes[0]
         counts = lib.metadata.counts()
         assert (counts.indexed, counts.pending, lib.status().pending) == (10, 3, 3)
-        hits = lib.search("a photo", 20, rerank=False, fusion=False).hits
+        searched = lib.search("a photo", 20, rerank=False, fusion=False)
+        hits = searched.hits
         assert {Path(h.path).parent.name for h in hits} == {"photos", "sub dir", "second"}
+        assert searched.notes == ("3 photos of the library wait to be embedded with its model and cannot be found yet (an `index "
+                                  "--reembed` run is going on, or was stopped); run index on their folders",)
         outside = [h for h in hits if Path(h.path).parent == second]
         fresh = lib.encoder.embed_images([open_image(h.path) for h in outside])  # the new model's vectors
         np.testing.assert_allclose(lib.metadata.vectors_for([h.id for h in outside]), fresh, atol=1e-4)
@@ -548,7 +551,7 @@ def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_pa
     with Library.open(lib_dir) as lib:  # any later run picks up what waits
         r = lib.index([photos])
         assert (r.indexed, r.unchanged, r.notes) == (3, 7, ())
-        assert lib.metadata.counts().pending == 0
+        assert lib.metadata.counts().pending == 0 and lib.search("a photo", 3, rerank=False).notes == ()
     _check_consistent(lib_dir)
 
 
@@ -759,6 +762,8 @@ def test_a_ctrl_c_just_after_a_commit_is_counted_and_indexed(tiny_itm_dir, photo
     with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, batch_size=3, workers=1) as lib:
         r = _interrupted(lib, [photos])
         assert r.interrupted
+        from blip2_search.store.index_files import saved_generation
+        assert saved_generation(lib_dir / "vectors.faiss") == lib.metadata.vectors_generation()  # saved: servers follow it
         counts = lib.metadata.counts()
         if where == "mark_deleted":
             assert r.deleted == counts.deleted == 1

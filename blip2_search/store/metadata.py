@@ -278,6 +278,11 @@ class MetadataStore:
                 for id_, path, size, mtime_ns, content_hash, status in connection.execute(statement)
             }
 
+    def pending_count(self) -> int:
+        """How many images wait to be embedded with the library's model (after a re-embed began): one index lookup."""
+        with self._read() as connection:
+            return int(connection.scalar(select(func.count()).where(images.c.status == STATUS_PENDING)) or 0)
+
     def live_paths(self) -> list[tuple[int, str]]:
         """(id, path) of every image not marked deleted: what `status` and `prune --missing` look for on disk."""
         with self._read() as connection:
