@@ -35,7 +35,7 @@ from .store import (
 )
 from .store.engine import METADATA_FILENAME
 from .store.index_choice import VECTOR_INDEX_MODES
-from .store.index_files import saved_generation, sidecar_path
+from .store.index_files import remove_temporaries, saved_generation, sidecar_path
 
 LOCK_FILENAME = "index.lock"
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
@@ -513,6 +513,7 @@ class Library:
             except BlockingIOError as exc:
                 raise LibraryError(f"library {self.folder} is being indexed or pruned by another process; wait for it to finish") from exc
             self._locked = True
+            remove_temporaries(self.folder / VECTORS_FILENAME)  # a save killed midway left one (an index-sized file)
             yield
         finally:
             self._locked = False

@@ -1026,6 +1026,18 @@ def test_a_new_library_resolves_its_model_once(tmp_path, photos, tiny_itm_dir, m
     assert len(calls) == 2
 
 
+def test_an_index_run_removes_what_a_save_killed_midway_left(tiny_itm_dir, photos, tmp_path):
+    """A SIGKILL between writing the index's temporary and moving it into place leaves an index-sized file;
+    a save removes only old ones (another process may be saving), but the lock's holder removes any."""
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        lib.index([photos])
+    leftover = tmp_path / "lib" / "vectors.faiss.x1y2z3.tmp"
+    leftover.write_bytes((tmp_path / "lib" / "vectors.faiss").read_bytes())  # written just now: young
+    with Library.open(tmp_path / "lib") as lib:
+        assert lib.index([photos]).unchanged == 7
+    assert not leftover.exists()
+
+
 def test_the_last_progress_report_counts_what_the_run_wrote(tiny_itm_dir, photos, tmp_path):
     (photos.parent / "other").mkdir(exist_ok=True)
     (photos.parent / "other" / "broken.jpg").write_bytes(b"not a jpeg")

@@ -77,14 +77,20 @@ STALE_TEMPORARY_S = 3600
 """A temporary of `atomic_write` this old was left by a killed run (a save takes seconds): removed."""
 
 
-def _remove_stale_temporaries(path: Path) -> None:
+def _remove_stale_temporaries(path: Path, older_than_s: float = STALE_TEMPORARY_S) -> None:
     now = time.time()
     for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
         try:
-            if now - leftover.stat().st_mtime > STALE_TEMPORARY_S:
+            if now - leftover.stat().st_mtime >= older_than_s:
                 leftover.unlink()
         except OSError:
             pass  # gone meanwhile, or not ours to remove
+
+
+def remove_temporaries(path: str | os.PathLike[str]) -> None:
+    """Remove every temporary of `atomic_write` beside `path`, whatever its age: for the holder of the library's
+    lock, when no other save of its kind can be running (one killed mid-save left an index-sized file)."""
+    _remove_stale_temporaries(Path(path), older_than_s=0)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
