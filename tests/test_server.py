@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[server,test]'")
 from fastapi.testclient import TestClient  # noqa: E402
+from live_server import free_port, serving  # noqa: E402
 
 from blip2_search.api import rerank as api_rerank  # noqa: E402
 from blip2_search.cli import main  # noqa: E402
@@ -889,7 +889,7 @@ def test_a_query_whose_client_went_away_is_not_run(lib, monkeypatch):
     import httpx
 
     release, running, queries = _held_search(lib, monkeypatch)
-    with _serving(create_app(lib)) as url:
+    with serving(create_app(lib)) as url:
         first = threading.Thread(target=lambda: httpx.get(f"{url}/api/search", params={"q": "first", "rerank": "false"}, timeout=30))
         first.start()
         try:
@@ -931,35 +931,10 @@ def test_too_many_queued_queries_are_503_with_retry_after(client, lib, monkeypat
 # the real command
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serving(app):
-    """uvicorn in a background thread on a free loopback port; yields the base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_serve_command_serves_the_library(lib):
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BLIP2_SEARCH_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "blip2_search.cli", "serve", "--library", str(lib.folder), "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -1016,7 +991,7 @@ def test_serve_on_an_empty_library_fails_before_saying_it_serves(tmp_path):
     from blip2_search.store import open_metadata
 
     open_metadata(tmp_path / "empty", create=True).close()
-    port = _free_port()
+    port = free_port()
     res = CliRunner().invoke(main, ["serve", "--library", str(tmp_path / "empty"), "--port", str(port)])
     assert res.exit_code == 2 and "serving" not in res.output and "index" in res.output, res.output
     with socket.socket() as s:  # and the port was let go

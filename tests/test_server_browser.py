@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +26,7 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing; {INSTALL}", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason=f"the playwright package is missing; {INSTALL}")
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[server,test]'")
-import uvicorn  # noqa: E402
+from live_server import serving  # noqa: E402
 
 from blip2_search.library import Library  # noqa: E402
 from blip2_search.server import create_app  # noqa: E402
@@ -71,30 +67,6 @@ def lib(tiny_itm_dir, tiny_captioner_dir, tmp_path_factory):
         yield library
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _serving(app):
-    """uvicorn in a background thread on a free loopback port; yields the base URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
@@ -105,7 +77,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def base_url(lib):
-    with _serving(create_app(lib)) as url:
+    with serving(create_app(lib)) as url:
         yield url
 
 
@@ -289,7 +261,7 @@ def test_server_error_message_is_shown(page, base_url):
 
 
 def test_token_login_in_the_browser(browser, lib):
-    with _serving(create_app(lib, token=TOKEN)) as url:
+    with serving(create_app(lib, token=TOKEN)) as url:
         context = browser.new_context()
         page = context.new_page()
         page.goto(url + "/")
