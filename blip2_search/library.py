@@ -393,11 +393,12 @@ class Library:
                 except (KeyboardInterrupt, LibraryError):  # a second Ctrl-C, or a full disk: the next command rebuilds it
                     pass
             if not report.interrupted:
-                self._prune_vit_tokens()
+                known = self.metadata.known_files() if self.vit_store.enabled else {}  # read once for the token store's two uses
+                self._prune_vit_tokens(known)
                 self._save_vectors()
                 started = time.perf_counter()
                 try:
-                    self._fill_in(indexer, store_vit, progress, notes)
+                    self._fill_in(indexer, store_vit, progress, notes, known)
                 except KeyboardInterrupt:
                     report = replace(report, interrupted=True)
                 report = replace(report, seconds=round(report.seconds + time.perf_counter() - started, 3))
@@ -408,7 +409,7 @@ class Library:
                 raise IndexInterrupted(report)
             return report
 
-    def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str]) -> None:
+    def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str], known: dict) -> None:
         """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when
         the library has a captioner (photos indexed with captions off). Appends to `notes`; the run itself is
         done and saved, so an error here is a note, not a lost report (Ctrl-C is raised)."""
@@ -422,7 +423,7 @@ class Library:
             notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed before --store-vit")
         elif not store_vit and self.vit_store.enabled:  # e.g. a --store-vit run that was killed: say so, fill in only when asked
             stored = self.vit_store.stored_hashes()
-            lacking = len({k.content_hash for k in self.metadata.known_files().values() if k.status == "indexed"} - stored)
+            lacking = len({k.content_hash for k in known.values() if k.status == "indexed"} - stored)
             if lacking:
                 notes.append(f"{lacking} photo{_s(lacking)} of the library {'has' if lacking == 1 else 'have'} no stored ViT tokens "
                              "(a --store-vit run that was stopped?), so reranking reruns the ViT for them; run index --store-vit to store them")
@@ -469,13 +470,14 @@ class Library:
         return (f"{head} ({missing} of them not found on disk), e.g. {waiting[0]}; run index on the folders that hold them"
                 if missing else f"{head}, e.g. {waiting[0]}; run index on the folders that hold them")
 
-    def _prune_vit_tokens(self) -> int:
+    def _prune_vit_tokens(self, known: dict | None = None) -> int:
         """Delete stored ViT tokens of content no indexed or deleted image has (a deleted photo keeps them, as
-        it keeps its vectors, for when it comes back; `prune` forgets both); return how many files went."""
+        it keeps its vectors, for when it comes back; `prune` forgets both); return how many files went.
+        `known`: the library's known files, when the caller has read them."""
         if not self.vit_store.enabled:
             return 0
-        return self.vit_store.prune(k.content_hash for k in self.metadata.known_files().values()
-                                    if k.status in ("indexed", "deleted") and k.content_hash)
+        known = self.metadata.known_files() if known is None else known
+        return self.vit_store.prune(k.content_hash for k in known.values() if k.status in ("indexed", "deleted") and k.content_hash)
 
     def _remove_index_file(self) -> None:
         """Delete vectors.faiss and its sidecar (damaged, or stale and unsavable): the next open rebuilds them."""
