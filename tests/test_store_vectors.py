@@ -273,13 +273,99 @@ def test_a_crash_during_save_leaves_the_old_files_valid(library, tmp_path, monke
         store.save(path, generation=2)
     old = FaissVectorStore.load(path, expected_generation=1, num_query_tokens=4, dim=16)
     assert old.ok and len(old.store) == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json", "vectors.faiss.lock"]
     calls.clear()
     monkeypatch.setattr(index_files.os, "replace", crash_on(2))  # new index, sidecar not yet replaced
     with pytest.raises(LibraryError):
         store.save(path, generation=2)
     for generation in (1, 2):  # neither pairing is accepted: the caller rebuilds
         assert not FaissVectorStore.load(path, expected_generation=generation, num_query_tokens=4, dim=16).ok
+
+
+def _same_size_stores(seed: int = 5) -> tuple[FaissVectorStore, FaissVectorStore]:
+    """Two exact stores of the same images (same file size) with different vectors."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(1, 41, dtype=np.int64)
+    stores = []
+    for _ in range(2):
+        store = FaissVectorStore(4, 16, use_gpu=False)
+        store.add(ids, unit(rng, 40, 4, 16))
+        stores.append(store)
+    return stores[0], stores[1]
+
+
+def _pause_after_first_write(monkeypatch, entered, release):
+    """Make `atomic_write` stop between a save's index file and its sidecar."""
+    real = index_files.atomic_write
+    seen = []
+
+    def atomic_write(path, write):
+        real(path, write)
+        seen.append(path)
+        if len(seen) == 1:
+            entered.set()
+            assert release.wait(10)
+
+    monkeypatch.setattr(index_files, "atomic_write", atomic_write)
+
+
+def test_two_saves_at_once_never_pair_one_index_with_the_others_sidecar(tmp_path, monkeypatch):
+    """An index run and a search that rebuilt a stale file may save at once: the second save waits
+    for the first one's two writes, so the files on disk always come from one save (an old index
+    under a newer sidecar of the same size would otherwise pass as current)."""
+    import threading
+
+    newer, older = _same_size_stores()
+    path = tmp_path / "vectors.faiss"
+    entered, release = threading.Event(), threading.Event()
+    _pause_after_first_write(monkeypatch, entered, release)
+    first = threading.Thread(target=lambda: newer.save(path, generation=6))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=lambda: older.save(path, generation=5))
+    second.start()
+    second.join(1.0)  # without the lock it writes both files now, between the first save's two
+    release.set()
+    first.join(10)
+    second.join(10)
+    generation = index_files.saved_generation(path)
+    loaded = FaissVectorStore.load(path, expected_generation=generation, num_query_tokens=4, dim=16)
+    assert loaded.ok
+    expected = {6: newer, 5: older}[generation]
+    np.testing.assert_array_equal(loaded.store.stored()[1], expected.stored()[1])
+
+
+def test_a_read_never_pairs_a_sidecar_with_a_later_saves_index(tmp_path, monkeypatch):
+    """A process reading the index while another saves gets both files from one save."""
+    import threading
+
+    current, other = _same_size_stores(6)
+    path = tmp_path / "vectors.faiss"
+    current.save(path, generation=6)
+    entered, release = threading.Event(), threading.Event()
+    real_read = index_files.faiss.read_index
+
+    def read_index(name, *args):  # the sidecar has been read: pause before the index file
+        entered.set()
+        assert release.wait(10)
+        return real_read(name, *args)
+
+    monkeypatch.setattr(index_files.faiss, "read_index", read_index)
+    results = []
+    reader = threading.Thread(
+        target=lambda: results.append(FaissVectorStore.load(path, expected_generation=6, num_query_tokens=4, dim=16))
+    )
+    reader.start()
+    assert entered.wait(10)
+    writer = threading.Thread(target=lambda: other.save(path, generation=5))
+    writer.start()
+    writer.join(1.0)  # without the lock it replaces both files now, under the reader
+    release.set()
+    reader.join(10)
+    writer.join(10)
+    (loaded,) = results
+    if loaded.ok:
+        np.testing.assert_array_equal(loaded.store.stored()[1], current.stored()[1])
 
 
 # -- rebuild from the metadata store -------------------------------------------------------------------

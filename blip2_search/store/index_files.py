@@ -4,16 +4,23 @@
 in the same folder, fsync it, ``os.replace`` it over the old one, fsync the folder. A crash at any
 point leaves either the old or the new version of each file, and a new index beside an old
 sidecar reads as stale (the sidecar's generation is older), so the caller rebuilds.
+
+Two processes may save the same index (an `index` run, and a search that rebuilt a stale file), and
+a third may read it meanwhile: ``vectors.faiss.lock`` is held exclusively for a save's two writes and
+shared for a read of both files, so neither a saved pair nor a pair read mixes two saves (an old
+index under a newer sidecar of the same size would otherwise pass as current).
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +30,7 @@ import faiss
 from blip2_search.errors import LibraryError
 
 SIDECAR_SUFFIX = ".json"
+LOCK_SUFFIX = ".lock"
 SIDECAR_FORMAT = 1
 EXACT_STORE = "exact"
 COMPACT_STORE = "compact"
@@ -60,6 +68,34 @@ def sidecar_path(index_path: str | os.PathLike[str]) -> Path:
     """The JSON sidecar beside ``index_path`` (``<index>.json``)."""
     path = Path(index_path)
     return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def lock_path(index_path: str | os.PathLike[str]) -> Path:
+    """The lock file beside ``index_path`` (``<index>.lock``) that keeps its two files a pair."""
+    path = Path(index_path)
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def _pair_lock(index_path: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold the index's lock file: exclusively to write the index and its sidecar, shared to read them.
+    A reader that cannot create the lock file (read-only media, where nothing saves) reads unlocked."""
+    target = lock_path(index_path)
+    try:
+        descriptor = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive:
+            raise
+        try:
+            descriptor = os.open(target, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -124,10 +160,11 @@ def write_index_files(index: faiss.Index, path: str | os.PathLike[str], info: In
     written = info
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda temporary: faiss.write_index(index, str(temporary)))
-        written = IndexInfo(**{**asdict(info), "index_bytes": target.stat().st_size})
-        text = json.dumps(asdict(written), indent=2, sort_keys=True)
-        atomic_write(sidecar_path(target), lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        with _pair_lock(target, exclusive=True):
+            atomic_write(target, lambda temporary: faiss.write_index(index, str(temporary)))
+            written = IndexInfo(**{**asdict(info), "index_bytes": target.stat().st_size})
+            text = json.dumps(asdict(written), indent=2, sort_keys=True)
+            atomic_write(sidecar_path(target), lambda temporary: temporary.write_text(text, encoding="utf-8"))
     except (OSError, RuntimeError) as error:
         raise LibraryError(
             f"cannot save vector index {target} ({error}); free disk space or make the folder "
@@ -204,6 +241,15 @@ def read_index_files(
     ``expected_generation``), or ``ok``.
     """
     target = Path(path)
+    if not target.exists() or not sidecar_path(target).exists():
+        return ReadIndex("missing", f"no vector index at {target}")
+    with _pair_lock(target, exclusive=False):  # both files from one save
+        return _read_pair(target, expected_generation, factory, num_query_tokens, dim, store)
+
+
+def _read_pair(
+    target: Path, expected_generation: int, factory: str | None, num_query_tokens: int, dim: int, store: str
+) -> ReadIndex:
     sidecar = sidecar_path(target)
     if not target.exists() or not sidecar.exists():
         return ReadIndex("missing", f"no vector index at {target}")
