@@ -711,6 +711,21 @@ def test_undecodable_upload_is_400(client):
                   400, "8192-byte limit")
 
 
+def test_rerank_scores_the_readable_uploads_and_lists_the_others(client, lib):
+    """As `blip2-search rerank`: one bad file among the uploads costs only its own score (all bad: a 400)."""
+    good = Path(_records(lib)["img01.jpg"].path)
+    files = [("images", ("notes.txt", b"hello, not an image", "text/plain")), ("images", (good.name, good.read_bytes(), "image/jpeg"))]
+    response = client.post("/api/rerank", data={"query": "a red circle"}, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = api_rerank("a red circle", [good], model=lib.encoder)
+    assert [(h["index"], h["filename"]) for h in body["results"]] == [(1, good.name)]
+    np.testing.assert_allclose(body["results"][0]["score"], expected.hits[0].score, atol=1e-6)
+    ((error,),) = [body["errors"]]
+    assert (error["index"], error["filename"]) == (0, "notes.txt") and "upload a JPEG" in error["error"]
+    _assert_error(client.post("/api/rerank", data={"query": "x"}, files=files[:1] * 2), 400, "notes.txt")
+
+
 def test_oversized_upload_is_413(client):
     big = b"\xff\xd8\xff" + bytes(21 * 1024 * 1024)
     _assert_error(client.post("/api/search", files={"image": ("big.jpg", big, "image/jpeg")}), 413, "20 MB")

@@ -261,12 +261,13 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
                 _check_upload_size(f)
             # api.rerank decodes one upload at a time and keeps only its model input (not 16 full-size pictures)
             ranking = await runner.model(request, lambda: score_images(query, [_NamedUpload(f) for f in files], model=library.encoder))
-        if ranking.errors:  # a picture the client sent must be one: a 400, as for an image search
+        if ranking.errors and not len(ranking):  # nothing the client sent was a picture: a 400, as for an image search
             raise ImageDecodeError(_upload_fix(ranking.errors[0].error))
         names = [f.filename for f in files]
         results = [{"index": h.index, "filename": names[h.index], "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit,
                     "match_probability": h.match_probability} for h in ranking]
-        return {"query": ranking.query, "results": results, "errors": [], **_notes_of(ranking.notes)}
+        errors = [{"index": e.index, "filename": names[e.index], "error": _upload_fix(e.error)} for e in ranking.errors]
+        return {"query": ranking.query, "results": results, "errors": errors, **_notes_of(ranking.notes)}
 
     @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
              response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")

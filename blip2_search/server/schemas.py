@@ -75,7 +75,8 @@ class RerankError(BaseModel):
     """An image that could not be scored."""
 
     id: int | None = None
-    index: int | None = None
+    index: int | None = Field(default=None, description="Position of an uploaded image in the request.")
+    filename: str | None = None
     error: str
 
 
