@@ -369,7 +369,7 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
     filters = dict(path=_absolute_glob(path_glob), after=after, before=before, min_score=min_score, sort=sort)
     with Library.open(library, device=device, dtype=dtype) as lib:
         if image is not None:
-            _print_result(lib.similar(image, k, **filters), as_json, filtered=_filtered(filters))
+            _print_result(lib.similar(image, k, **filters), as_json)
         elif queries_file is not None:
             from .search.query import parse_query
 
@@ -392,8 +392,7 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
             if failed:
                 raise UserError(f"{failed} quer{'y' if failed == 1 else 'ies'} of {queries_file.name} failed (their lines carry an \"error\"); fix those lines and run them again")
         else:
-            _print_result(lib.search(query, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters), as_json,
-                          filtered=_filtered(filters))
+            _print_result(lib.search(query, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters), as_json)
 
 
 def _text_lines(file):
@@ -430,27 +429,12 @@ def _emit_line(data) -> None:
     click.echo(json.dumps(data))
 
 
-def _filtered(filters: dict) -> bool:
-    return any(filters[name] is not None for name in ("path", "after", "before", "min_score"))
-
-
-def _print_result(result, as_json: bool, *, filtered: bool) -> None:
+def _print_result(result, as_json: bool) -> None:
     if as_json:
         _emit(result.as_dict())
         return
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    if not result.hits:
-        click.echo("no results: no photo passes --path, --after, --before or --min-score; loosen them" if filtered else
-                   "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first", err=True)
-    reranked = sum(h.itm_logit is not None for h in result.hits)
-    if 0 < reranked < len(result.hits):
-        if all(h.itm_logit is not None for h in result.hits[:reranked]):
-            note = f"the first {reranked} were reranked (score = ITM logit + ITC); the rest keep the first stage's order and score"
-        else:  # a candidate that could not be reread keeps its first-stage place
-            note = (f"{reranked} of these were reranked (those with itm=; score = ITM logit + ITC); the others keep their "
-                    "first-stage place and score")
-        click.echo(f"note: {note}", err=True)
+    for note in result.notes:  # also why there are no results, and which were reranked when only some were
+        click.echo(note if note.startswith("no results:") else f"note: {note}", err=True)
     for h in result.hits:
         itm = f"  itm={h.itm_logit:6.3f}" if h.itm_logit is not None else ""
         date = f"  {h.taken_at:%Y-%m-%d}" if h.taken_at else ""

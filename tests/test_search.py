@@ -261,9 +261,11 @@ def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib, lib_
     assert got.hits[0].id == first[0].id and got.hits[0].itm_logit is None  # was appended after all 8, then cut at 3
     others = [h.id for h in lib.rerank(TEXTS[0], [h.id for h in first[1:]]).hits]
     assert [h.id for h in got.hits[1:]] == others[:2]  # the rest reranked as without it
-    assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; re-index to refresh)",)
+    assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; re-index to refresh)",
+                         "2 of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their "
+                         "first-stage place and score")
     assert cli.exit_code == 0 and cli.stderr.splitlines()[-1] == (
-        "note: 2 of these were reranked (those with itm=; score = ITM logit + ITC); the others keep their first-stage place and score"), cli.output
+        "note: 2 of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their first-stage place and score"), cli.output
 
 
 def test_a_query_longer_than_blip2_reads_says_where_it_was_cut(lib):
@@ -412,13 +414,27 @@ def test_relative_path_glob_is_taken_from_the_current_folder(lib_dir, lib, monke
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", f"{folder.name}/*", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["results"], res.output
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", "elsewhere/*"])
-    assert res.exit_code == 0 and "no results: no photo passes --path" in res.stderr
+    assert res.exit_code == 0 and "no results: no photo passes the path, after, before or min-score filters" in res.stderr
     unfiltered = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--json"])
     for empty in ("", "  "):  # no filter, as an empty `path` in the HTTP API
         res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", empty, "--json"])
         assert res.exit_code == 0 and json.loads(res.stdout) == json.loads(unfiltered.stdout), res.output
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", f"./{folder.name}/../{folder.name}/*", "--json"])
     assert json.loads(res.stdout)["results"], res.output
+
+
+def test_json_answers_say_which_hits_were_reranked_and_why_there_are_none(lib_dir, lib):
+    """Scores of reranked hits (ITM logit + ITC) and of the rest (first stage) are on different scales, and an
+    empty answer has a reason: JSON (and HTTP) readers get the notes the text output prints."""
+    got = lib.search(TEXTS[0], 5, rerank_k=2)
+    assert [h.itm_logit is not None for h in got.hits] == [True, True, False, False, False]
+    assert "the first 2 were reranked (score = ITM logit + ITC); the rest keep the first stage's order and score" in got.notes
+    assert not any("reranked" in n for n in lib.search(TEXTS[0], 2, rerank_k=2).notes + lib.search(TEXTS[0], 5, rerank=False).notes)
+    res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--path", "*/nowhere/*", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == {
+        "query": TEXTS[0], "results": [], "notes": ["no results: no photo passes the path, after, before or min-score filters; loosen them"]}
+    image = lib.search(TEXTS[0], 1, rerank=False).hits[0].path
+    assert lib.similar(image, 3, min_score=1.5).notes == ("no results: no photo passes the path, after, before or min-score filters; loosen them",)
 
 
 def test_no_results_without_filters_says_the_library_has_nothing_searchable(tiny_itm_dir, tmp_path):

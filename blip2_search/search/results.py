@@ -77,6 +77,11 @@ class Filters:
             raise InvalidInputError("path filter is empty; pass a glob such as '*/2023/*' or drop it")
 
     @property
+    def active(self) -> bool:
+        """Any filter given (each can leave no image)."""
+        return self.restricts_ids or self.min_score is not None
+
+    @property
     def restricts_ids(self) -> bool:
         return self.path_glob is not None or self.after is not None or self.before is not None
 

@@ -124,15 +124,7 @@
   function render(result, label, reranked) {
     const hits = result.results || [];
     grid.replaceChildren(...hits.map((h, i) => hitItem(h, i + 1, reranked)));
-    const notes = [...(result.notes || [])];
-    const rescored = hits.filter((h) => h.itm_logit !== null && h.itm_logit !== undefined).length;
-    if (rescored > 0 && rescored < hits.length) {
-      const isRescored = (h) => h.itm_logit !== null && h.itm_logit !== undefined;
-      notes.push(hits.slice(0, rescored).every(isRescored)
-        ? `The first ${rescored} were reranked (score = ITM logit + ITC); the rest keep the first search's order and score.`
-        : `${rescored} of these were reranked (score = ITM logit + ITC); the others keep their first-search place and score.`);
-    }
-    showNotes(notes);
+    showNotes(result.notes);  // the server's: also which hits were reranked when only some were
     const count = hits.length === 1 ? "1 photo" : `${hits.length} photos`;
     setStatus(hits.length ? `${count} for ${label}.` : `No photos matched ${label}.`);
   }
