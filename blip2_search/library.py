@@ -356,6 +356,7 @@ class Library:
         dirs = list(dirs) if isinstance(dirs, Iterable) and not isinstance(dirs, bytes) else dirs
         if not isinstance(dirs, list) or not all(isinstance(d, (str, os.PathLike)) for d in dirs):
             raise InvalidInputError(f"folders to index {reprlib.repr(dirs)} are not paths; pass a folder or a list of folders (str or Path)")
+        self._check_gone_folders(dirs)
         roots = check_roots(dirs, library=self.folder)
         with self._lock():
             self._drop_stale_vectors()
@@ -408,6 +409,20 @@ class Library:
             if report.interrupted:
                 raise IndexInterrupted(report)
             return report
+
+    def _check_gone_folders(self, dirs: list) -> None:
+        """A named folder that is gone but holds photos of the library: say how to keep or forget them (indexing cannot
+        tell a folder removed for good from a drive that is unplugged)."""
+        for folder in dirs:
+            path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+            if not os.fspath(folder) or os.path.lexists(path):
+                continue
+            inside = path.rstrip(os.sep) + os.sep
+            recorded = sum(1 for _, p in self.metadata.live_paths() if p.startswith(inside))
+            if recorded:
+                raise InvalidInputError(f"photo folder {os.fspath(folder)!r} does not exist, but the library has {recorded} photo{_s(recorded)} "
+                                        f"recorded under {path}; reconnect its drive (or move it back) and index it again, or forget "
+                                        "photos gone for good with `prune --missing`")
 
     def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str], known: dict) -> None:
         """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when

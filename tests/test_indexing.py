@@ -585,8 +585,14 @@ def test_reembed_under_another_name_keeps_one_record_a_photo(tiny_itm_dir, photo
 
 def test_missing_photo_dir_and_missing_library(tmp_path, tiny_itm_dir):
     with _open(tmp_path / "lib", tiny_itm_dir) as lib:
-        with pytest.raises(InvalidInputError, match="does not exist"):
+        with pytest.raises(InvalidInputError, match="does not exist; pass an existing folder"):
             lib.index([tmp_path / "nope"])
+        _photo(tmp_path / "drive" / "a.jpg", 1)
+        _photo(tmp_path / "drive" / "b.jpg", 2)
+        lib.index([tmp_path / "drive"])
+        (tmp_path / "drive").rename(tmp_path / "unplugged")  # a folder with photos of the library is gone: say how to forget them
+        with pytest.raises(InvalidInputError, match=r"does not exist, but the library has 2 photos recorded under .*drive; .*`prune --missing`"):
+            lib.index([tmp_path / "drive"])
     with pytest.raises(LibraryError, match="--library"):
         Library.open(tmp_path / "no-library")
 

@@ -170,7 +170,8 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     assert [h.id for h in partly.hits[:2]] == [h.id for h in again.hits if h.id in {searched[1].id, searched[3].id}]
     assert [h.itm_logit for h in partly.hits[2:]] == [None, None]
     assert [h.itc for h in partly.hits[2:]] == sorted((h.itc for h in partly.hits[2:]), reverse=True)  # the unread by ITC
-    assert partly.notes == ("2 candidates could not be reranked (file missing or unreadable; re-index to refresh)",)
+    assert partly.notes == ("2 candidates could not be reranked (file missing or unreadable; index its folder again to refresh it, or "
+                           "forget photos whose files are gone for good with `prune --missing`)",)
     by_id = lib.rerank(query, [h.id for h in searched[:2]] + [searched[2]])  # image ids or hits
     assert [h.id for h in by_id.hits] == [h.id for h in again.hits if h.id in {h.id for h in searched[:3]}]
     np.testing.assert_allclose([h.score for h in by_id.hits], [h.score for h in again.hits if h.id in {h.id for h in by_id.hits}], atol=1e-5)
@@ -261,7 +262,8 @@ def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib, lib_
     assert got.hits[0].id == first[0].id and got.hits[0].itm_logit is None  # was appended after all 8, then cut at 3
     others = [h.id for h in lib.rerank(TEXTS[0], [h.id for h in first[1:]]).hits]
     assert [h.id for h in got.hits[1:]] == others[:2]  # the rest reranked as without it
-    assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; re-index to refresh)",
+    assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; index its folder again to refresh it, or "
+                         "forget photos whose files are gone for good with `prune --missing`)",
                          "2 of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their "
                          "first-stage place and score")
     assert cli.exit_code == 0 and cli.stderr.splitlines()[-1] == (

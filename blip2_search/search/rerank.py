@@ -28,7 +28,8 @@ class VitSource(Protocol):
 class RecomputeVit:
     """Re-decode each hit's file and rerun the ViT (the reference preprocessing path)."""
 
-    missing_reason = "file missing or unreadable; re-index to refresh"
+    missing_reason = ("file missing or unreadable; index its folder again to refresh it, or forget photos whose files are gone "
+                      "for good with `prune --missing`")
 
     def __init__(self, encoder: Blip2Encoder):
         self.encoder = encoder
