@@ -190,6 +190,12 @@ class Library:
             if captioner is not False:  # and its captioner, named or the default (Flan-T5 refuses float16)
                 cap_source = resolve_model(_canonical(str(captioner)) if captioner else _default_captioner(source.name), role="captioner")
                 detect_placement(device, dtype, is_t5=(cap_source.config().get("text_config") or {}).get("model_type") == "t5")
+        if path is None and not create and not (folder / METADATA_FILENAME).exists():  # the default is under the current folder
+            if os.environ.get("BLIP2_SEARCH_LIBRARY"):
+                raise LibraryError(f"no library at {folder} (named by $BLIP2_SEARCH_LIBRARY); check that variable, pass --library DIR, "
+                                   "or index photos first")
+            raise LibraryError(f"no library at {folder} (the default library is indexes/default under the current folder); run the "
+                               "command from the folder you indexed from, pass --library DIR (or set BLIP2_SEARCH_LIBRARY), or index photos first")
         metadata = open_metadata(folder, create=create)
         info = metadata.info()
         recorded = info.embedder.model.model_id if info.embedder else None

@@ -460,6 +460,18 @@ def test_missing_library_exits_2(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_missing_default_library_says_it_is_under_the_current_folder(tmp_path, monkeypatch):
+    """Indexing in ~ and searching elsewhere finds no library: the message says where the default one is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BLIP2_SEARCH_LIBRARY", raising=False)
+    res = CliRunner().invoke(main, ["status"])
+    assert res.exit_code == 2 and "indexes/default under the current folder); run the command from the folder you indexed from" in res.output
+    monkeypatch.setenv("BLIP2_SEARCH_LIBRARY", str(tmp_path / "gone"))
+    res = CliRunner().invoke(main, ["status"])
+    assert res.exit_code == 2 and "(named by $BLIP2_SEARCH_LIBRARY); check that variable" in res.output
+    assert not (tmp_path / "indexes").exists() and not (tmp_path / "gone").exists()
+
+
 def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "-k", "3", "--rerank-k", "3", "--json"])
     assert res.exit_code == 0, res.output
