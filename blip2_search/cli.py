@@ -250,14 +250,19 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, s
         raise UserError(f"--captioner {captioner} and --no-captions contradict each other; pass one of them")
     check_roots(photo_dirs, library=library if library is not None else default_library_path())  # before a library is made
     progress = _ProgressLine(not as_json)
-    with Library.open(library, model=model, captioner=captioner if captioner == "none" or not no_captions else False, create=True, reembed=reembed,
-                      device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:
-        try:
-            report = lib.index(photo_dirs, progress=progress, store_vit=store_vit, rehash=rehash)
-        except IndexInterrupted as stop:  # what was committed is said, then exit 130 below
-            report = stop.report
-        finally:
-            progress.close()
+    try:
+        with Library.open(library, model=model, captioner=captioner if captioner == "none" or not no_captions else False, create=True,
+                          reembed=reembed, device=device, dtype=dtype, batch_size=batch_size, workers=workers, vector_index=vector_index) as lib:
+            try:
+                report = lib.index(photo_dirs, progress=progress, store_vit=store_vit, rehash=rehash)
+            except IndexInterrupted as stop:  # what was committed is said, then exit 130 below
+                report = stop.report
+            finally:
+                progress.close()
+    except KeyboardInterrupt:  # before the run had counts (e.g. loading the model): a script reading stdout still gets JSON
+        if as_json:
+            _emit({"interrupted": True})
+        raise
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     data = {k: getattr(report, k) for k in ("scanned", "indexed", "unchanged", "reused", "failed", "deleted", "seconds")}

@@ -345,6 +345,21 @@ def test_an_interrupted_index_says_so_in_its_json(photo_dir, tmp_path, monkeypat
     assert (out["indexed"], out["interrupted"], out["notes"]) == (3, True, ["a note"])
 
 
+def test_an_index_stopped_before_it_started_still_answers_in_json(photo_dir, tmp_path, monkeypatch):
+    """Ctrl-C while the library opens (the model loading): no counts yet, but stdout is still JSON."""
+    folder, _ = photo_dir
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Library, "open", interrupted)
+    args = ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", "demo", "--no-captions"]
+    res = CliRunner().invoke(main, [*args, "--json"])
+    assert res.exit_code == 130 and res.stderr == "interrupted\n" and json.loads(res.stdout) == {"interrupted": True}, res.output
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 130 and res.stdout == "", res.output
+
+
 @pytest.mark.parametrize("args, says", [
     (["search", "a", "red", "circle"], 'put a query of several words in quotes: main search "a red car"'),
     (["search", "x", "--model", "demo"], "search uses the model the library was indexed with, so leave --model out"),
