@@ -650,6 +650,21 @@ def test_every_bad_file_is_recorded_and_the_run_goes_on(tiny_itm_dir, photos, tm
     assert st["indexed"] == 8 and st["failed"] == len(expected) and st["vectors"] == 8 * 32 and st["images"] == 8 + len(expected)
 
 
+def test_a_named_folder_without_image_files_gets_a_note(tiny_itm_dir, tmp_path):
+    """Not a silent "scanned 0": the folder named, with the extensions that are indexed; not said of a folder with a photo."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hi")
+    _photo(tmp_path / "notes" / ".hidden.jpg", 1)
+    _photo(tmp_path / "photos" / "p.jpg", 2)
+    res = CliRunner().invoke(main, ["index", str(tmp_path / "notes"), str(tmp_path / "photos"), "--library", str(tmp_path / "lib"),
+                                    "--model", str(tiny_itm_dir), "--no-captions", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["indexed"] == 1 and len(report["notes"]) == 1, report
+    assert report["notes"][0].startswith(f"no image files found under {str(tmp_path / 'notes')!r} (supported: .avif, .bmp,")
+    assert ".jpg, .png" in report["notes"][0] and f"note: {report['notes'][0]}" in res.stderr
+
+
 def test_cli_index_missing_dir_exits_2(tiny_itm_dir, tmp_path):
     res = CliRunner().invoke(main, ["index", str(tmp_path / "nope"), "--library", str(tmp_path / "lib"), "--model", str(tiny_itm_dir)])
     assert res.exit_code == 2 and "does not exist" in res.output

@@ -30,7 +30,7 @@ from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING, Know
 from ..models.sharing import share_vit
 from .embed import HostCopy, QueuedBatch, embed_batch
 from .read import ReadResult, read_and_decode
-from .scan import ChangePlan, FoundFile, closest_root, plan_changes, scan, stat_files
+from .scan import ChangePlan, FoundFile, closest_root, empty_roots, no_images_note, plan_changes, scan, stat_files
 
 
 def decode_during_forward(devices: Iterable[str]) -> bool:
@@ -180,6 +180,7 @@ class Indexer:
         known = self.metadata.known_files()
         self._live_ids = {k.id: k.content_hash for k in known.values() if k.status == "indexed"}
         found = list(scan(roots, skip=self.skip))
+        empty = empty_roots(roots, found)
         found += self._waiting_elsewhere(known, roots, {f.path for f in found})
         self._found, self._found_by_name = {f.path for f in found}, None
         self._roots = list(roots)
@@ -224,10 +225,10 @@ class Indexer:
                     self.metadata.mark_deleted(twins)  # retired failures: no photo was deleted, nothing was searchable
             except KeyboardInterrupt:  # held until the deletions were complete
                 interrupted = True
-        notes = ()
+        notes = tuple(no_images_note(r) for r in empty)
         if unreachable:
             links = sorted(unreachable.values())
-            notes = (f"{len(unreachable)} photo{'' if len(unreachable) == 1 else 's'} under {links[0]!r}"
+            notes += (f"{len(unreachable)} photo{'' if len(unreachable) == 1 else 's'} under {links[0]!r}"
                      f"{f' and {len(set(links)) - 1} other links' if len(set(links)) > 1 else ''}, a link to a folder that is missing "
                      "(a drive unplugged?), kept as they were; reconnect it and index again, or `prune --missing` if it is gone for good",)
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,

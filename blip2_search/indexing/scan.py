@@ -112,6 +112,19 @@ def scan(roots: Iterable[str], *, skip: Iterable[str] = ()) -> Iterator[FoundFil
         stack.extend(reversed(subdirs))
 
 
+def empty_roots(roots: Iterable[str], found: Iterable[FoundFile]) -> list[str]:
+    """The `roots` under which `found` (what `scan` yielded) holds nothing at all: no image file, and no
+    entry that could not be read either."""
+    paths = [f.path for f in found]
+    return [r for r in roots if not any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for p in paths)]
+
+
+def no_images_note(root: str) -> str:
+    """What a run says of a folder named to index in which the scan found no image file."""
+    return (f"no image files found under {root!r} (supported: {', '.join(sorted(IMAGE_EXTENSIONS))}; names starting with '.' "
+            "are skipped); check that it is the folder that holds the photos")
+
+
 def stat_files(paths: Iterable[str]) -> list[FoundFile]:
     """The files at `paths` as `scan` would report them (those that cannot be stat'ed carry `error`)."""
     return [_stat_file(p) for p in paths]
