@@ -290,7 +290,7 @@ def status(library, as_json):
     else:
         width = max(map(len, data))
         for k, v in data.items():
-            click.echo(f"{k:{width}}  {v}")
+            click.echo(f"{k:{width}}  {'none' if v is None else v}")  # as `--captioner none` writes it; JSON keeps null
 
 
 @main.command()

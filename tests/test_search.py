@@ -454,6 +454,13 @@ def test_no_results_without_filters_says_the_library_has_nothing_searchable(tiny
     assert "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first" in res.stderr
 
 
+def test_status_says_none_for_a_library_without_a_captioner(lib_dir):
+    res = CliRunner().invoke(main, ["status", "--library", str(lib_dir)])
+    assert res.exit_code == 0 and re.search(r"^captioner +none$", res.stdout, re.M) and "None" not in res.stdout, res.output
+    res = CliRunner().invoke(main, ["status", "--library", str(lib_dir), "--json"])
+    assert json.loads(res.stdout)["captioner"] is None
+
+
 def test_missing_library_exits_2(tmp_path):
     res = CliRunner().invoke(main, ["search", "red", "--library", str(tmp_path / "none")])
     assert res.exit_code == 2 and "--library" in res.output
