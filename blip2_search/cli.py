@@ -63,7 +63,7 @@ class _Group(click.Group):
                 hint = f"; {command} {uses}, so leave {exc.option_name} out ({change} changes the library's)"
             elif isinstance(exc, click.NoSuchOption) and not exc.option_name.startswith("--") and "'--'" not in exc.format_message():
                 hint = "; a file or folder whose name starts with '-' can be written ./-name"
-            elif exc.format_message().startswith("Got unexpected extra argument") and where.endswith(" search"):
+            elif exc.format_message().startswith("Got unexpected extra argument") and where.endswith(" search") and "'--'" not in exc.format_message():
                 hint = f"; put a query of several words in quotes: {where} \"a red car\""
             message = exc.format_message().rstrip(".")
             if hint and isinstance(exc, click.NoSuchOption):
@@ -101,6 +101,17 @@ class _QueryCommand(click.Command):
             files = "; if it is an image, write it ./" + token if any(isinstance(p, click.Argument) and p.name == "images" for p in self.params) else ""
             raise click.UsageError(f"{exc.format_message().rstrip('.')}; if {token!r} is the query, put it after '--': "
                                    f"{ctx.command_path} [OPTIONS] -- {token!r}{files}", ctx) from None
+        except click.UsageError as exc:  # `search -- -cat --library D`: after '--' nothing is an option
+            after = args[args.index("--") + 1:] if "--" in args else []
+            query = ctx.params.get("query")
+            extra = after[1:] if after[:1] == [query] else after
+            options = [i for i, a in enumerate(extra) if a.startswith("-") and len(a) > 1]
+            if not exc.format_message().startswith("Got unexpected extra argument") or not options:
+                raise
+            words = extra[:options[0]]  # `-- a red car --library D`: the query's other words came first
+            also = ", and a query of several words in quotes" if words else ""
+            raise click.UsageError(f"{exc.format_message().rstrip('.')}; options go before '--'{also}: "
+                                   f"{ctx.command_path} [OPTIONS] -- {' '.join([query, *words])!r}", ctx) from None
 
         def unspaced(value):
             return value[1:] if isinstance(value, str) and value.startswith(" -") and value[1:] in args else value
