@@ -349,6 +349,13 @@ def failures(library, as_json):
             click.echo(f"{_shown(r['path'])}\t{r['error']}")
 
 
+def _date_option(ctx, param, value):
+    """--after / --before read as the library reads them, but a bad value is named by its option."""
+    from .search.results import parse_date
+
+    return parse_date(value, name=param.opts[0], end_of_day=param.name == "before")
+
+
 @main.command(cls=_QueryCommand)
 @click.argument("query", required=False)
 @library_option
@@ -357,8 +364,8 @@ def failures(library, as_json):
 @click.option("--rerank-k", default=None, type=int, help="Candidates to rerank [default: 128 on GPU, 16 on CPU].")
 @click.option("--image", "image", default=None, type=click.Path(path_type=str), help="Search by example image instead of text.")
 @click.option("--path", "path_glob", default=None, help="Only paths matching this glob, e.g. '*/2023/*' ('*' crosses '/'; a relative glob is taken from the current folder).")
-@click.option("--after", default=None, help="Only photos taken on or after this date (YYYY-MM-DD, EXIF time).")
-@click.option("--before", default=None, help="Only photos taken on or before this date (YYYY-MM-DD, EXIF time).")
+@click.option("--after", default=None, callback=_date_option, help="Only photos taken on or after this date (YYYY-MM-DD, EXIF time).")
+@click.option("--before", default=None, callback=_date_option, help="Only photos taken on or before this date (YYYY-MM-DD, EXIF time).")
 @click.option("--min-score", default=None, type=float, help="Only results whose ITC cosine is at least this.")
 @click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True)
 @click.option("--fusion/--no-fusion", default=True, show_default=True, help="Also match the generated captions (reciprocal rank fusion).")

@@ -365,7 +365,8 @@ def test_duplicates_groups_the_copy(lib):
 
 @pytest.mark.parametrize("args,fix", [
     (["", "--no-rerank"], "empty"), (["red", "-k", "0"], "-k"), (["red", "-k", "1000000"], "-k"),
-    (["red", "--after", "2021-13-01"], "YYYY-MM-DD"),
+    (["red", "--after", "2021-13-01"], "YYYY-MM-DD"), (["red", "--after", "yesterday"], "--after 'yesterday' is not a date"),
+    (["red", "--after", "yesterday"], "e.g. --after 2023-06-01"), (["red", "--before", "2023-01-01T00:00+02:00"], "e.g. --before 2023-01-01T00:00"),
     (["red", "--after", "2022-01-01", "--before", "2021-01-01"], "swap"), (['red "unclosed'], "quote"),
     (["red", "--min-score", "nan"], "finite"), (["-cat"], "after '--'"), (["red", "--sort", "size"], "--help"),
     (["red", "--queries", "no such file.txt"], "--help"),

@@ -19,10 +19,12 @@ def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
     day) or a naive ISO date-time; None or "" means no bound.
 
     Capture times are camera-local and stored without a time zone, so an offset is refused rather
-    than silently compared with local times.
+    than silently compared with local times. `name` is what messages call the bound: a keyword
+    (`after = 'x'`) or a command-line option (`--after 'x'`).
     """
     if value is None or value == "":
         return None
+    given = f"{name} {str(value)!r}" if name.startswith("-") else f"{name} = {value!r}"
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, date):
@@ -33,12 +35,12 @@ def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
                 return datetime.combine(datetime.strptime(value, "%Y-%m-%d").date(), time.max if end_of_day else time.min)
             parsed = datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidInputError(f"{name} = {value!r} is not a date; pass YYYY-MM-DD or an ISO date-time, e.g. {name} 2023-06-01") from None
+            raise InvalidInputError(f"{given} is not a date; pass YYYY-MM-DD or an ISO date-time, e.g. {name} 2023-06-01") from None
     else:
-        raise InvalidInputError(f"{name} = {value!r} is a {type(value).__name__}, not a date; pass a datetime, a date or 'YYYY-MM-DD'")
+        raise InvalidInputError(f"{given} is a {type(value).__name__}, not a date; pass a datetime, a date or 'YYYY-MM-DD'")
     if parsed.tzinfo is not None:
         raise InvalidInputError(
-            f"{name} = {str(value)!r} has a time zone, but photo times are camera-local; drop the offset, "
+            f"{given} has a time zone, but photo times are camera-local; drop the offset, "
             f"e.g. {name} {parsed.replace(tzinfo=None).isoformat(timespec='minutes')}"
         )
     return parsed
