@@ -431,6 +431,14 @@ def test_text_file_named_jpg(tmp_path):
     assert "not an image" in message and "'.jpg'" in message and repr(str(path)) in message
 
 
+def test_a_text_file_named_txt_is_not_said_to_defy_its_extension(tmp_path):
+    """"despite its extension" only where the extension is one of an image we read (a .JPG too)."""
+    for name, despite in (("notes.txt", False), ("README", False), ("photo.JPG", True)):
+        (tmp_path / name).write_text("shopping list: eggs, milk\n")
+        message = decode_error(tmp_path / name)
+        assert "not an image file (content not recognised" in message and ("despite" in message) == despite, message
+
+
 def test_unsupported_formats(tmp_path):
     pdf = save(Image.fromarray(blocks()), tmp_path / "doc.pdf", "PDF")
     assert "unsupported format (PDF)" in decode_error(pdf)

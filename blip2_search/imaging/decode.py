@@ -30,7 +30,7 @@ from PIL import Image
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError
 from .color import to_rgb
 from .metadata import ImageInfo, forget_orientation, image_info, orientation_of, read_exif, upright
-from .sources import ImageSource, OpenedSource, ensure_heif_plugin, open_source, sniff
+from .sources import IMAGE_EXTENSIONS, ImageSource, OpenedSource, ensure_heif_plugin, open_source, sniff
 
 DEFAULT_MAX_PIXELS = 160_000_000
 """Largest image decoded by default (width x height of the stored image), 160 MP.
@@ -244,7 +244,7 @@ def _pillow_errors(src: OpenedSource) -> Iterator[None]:
 
 def _unidentified_reason(label: str | None, suffix: str) -> str:
     if label is None:
-        despite = f" despite its {suffix!r} extension" if suffix else ""
+        despite = f" despite its {suffix!r} extension" if suffix.lower() in IMAGE_EXTENSIONS else ""  # a .txt is no surprise
         return f"not an image file (content not recognised{despite}); replace it with an image file, or remove it"
     if label in _SUPPORTED_LABELS:
         return f"corrupt or truncated {label} file (its header cannot be parsed); re-copy or re-export it"

@@ -24,6 +24,11 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Binar
 
 PREFIX_BYTES = 32
 
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".dib", ".heic", ".heif", ".hif", ".avif"}
+)
+"""File name endings (lower case) of the image files indexed; a decode error trusts them to say a file is meant as an image."""
+
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"})
 # Generic still-image / sequence brands: the file may be HEIC or AVIF; the ftyp box's other brands decide.
 _HEIF_OR_AVIF_BRANDS = frozenset({b"mif1", b"msf1", b"mif2"})

@@ -13,11 +13,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..errors import InvalidInputError
+from ..imaging.sources import IMAGE_EXTENSIONS
 from ..store.records import KnownFile as Known
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".dib", ".heic", ".heif", ".hif", ".avif"}
-)
 
 
 @dataclass(frozen=True)
