@@ -40,6 +40,16 @@ def _emit(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def _clause(exc: click.UsageError) -> str:
+    """click's message as one clause that '; ...' can follow: "No such option '--devce' (did you mean '--device'?)",
+    not click's "No such option '--devce'. Did you mean '--device'?" with its own full stop and question mark."""
+    guesses = sorted(getattr(exc, "possibilities", None) or ())
+    if not guesses:
+        return exc.format_message().rstrip(".")
+    named = ", ".join(map(repr, guesses[:-1])) + " or " + repr(guesses[-1]) if len(guesses) > 1 else repr(guesses[0])
+    return f"{exc.message.rstrip('.')} (did you mean {named}?)"
+
+
 LIBRARY_COMMANDS = ("search", "serve", "duplicates", "status", "prune", "failures")  # commands that take no --model: the library's
 
 
@@ -65,7 +75,7 @@ class _Group(click.Group):
                 hint = "; a file or folder whose name starts with '-' can be written ./-name"
             elif exc.format_message().startswith("Got unexpected extra argument") and where.endswith(" search") and "'--'" not in exc.format_message():
                 hint = f"; put a query of several words in quotes: {where} \"a red car\""
-            message = exc.format_message().rstrip(".")
+            message = _clause(exc)
             if hint and isinstance(exc, click.NoSuchOption):
                 message = f"No such option '{exc.option_name}'"  # not click's guess ("Did you mean '--help'?")
             raise UserError(f"{message}{hint}; see '{where} --help'") from None
@@ -99,7 +109,7 @@ class _QueryCommand(click.Command):
             if token.startswith("--"):
                 raise
             files = "; if it is an image, write it ./" + token if any(isinstance(p, click.Argument) and p.name == "images" for p in self.params) else ""
-            raise click.UsageError(f"{exc.format_message().rstrip('.')}; if {token!r} is the query, put it after '--': "
+            raise click.UsageError(f"{_clause(exc)}; if {token!r} is the query, put it after '--': "
                                    f"{ctx.command_path} [OPTIONS] -- {token!r}{files}", ctx) from None
         except click.UsageError as exc:  # `search -- -cat --library D`: after '--' nothing is an option
             after = args[args.index("--") + 1:] if "--" in args else []
@@ -110,7 +120,7 @@ class _QueryCommand(click.Command):
                 raise
             words = extra[:options[0]]  # `-- a red car --library D`: the query's other words came first
             also = ", and a query of several words in quotes" if words else ""
-            raise click.UsageError(f"{exc.format_message().rstrip('.')}; options go before '--'{also}: "
+            raise click.UsageError(f"{_clause(exc)}; options go before '--'{also}: "
                                    f"{ctx.command_path} [OPTIONS] -- {' '.join([query, *words])!r}", ctx) from None
 
         def unspaced(value):

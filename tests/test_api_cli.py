@@ -368,7 +368,10 @@ def test_an_index_stopped_before_it_started_still_answers_in_json(photo_dir, tmp
     (["serve", "--captioner", "demo"], "leave --captioner out (index --captioner C changes the library's)"),
     (["status", "--model", "demo"], "status loads no model, so leave --model out"),
     (["search", "x", "-k"], "Option '-k' requires an argument; see 'main search --help'"),
-    (["status", "--jsn"], "Did you mean '--json'?; see 'main status --help'"),
+    (["status", "--jsn"], "No such option '--jsn' (did you mean '--json'?); see 'main status --help'"),
+    (["demo", "--device", "cpu"], "No such option '--device' (did you mean '--dir'?); see 'main demo --help'"),
+    (["search", "x", "--rerank-sorce", "auto"], "(did you mean '--rerank', '--rerank-k' or '--rerank-source'?); see"),
+    (["serach", "x"], "No such command 'serach' (did you mean 'search'?); see 'main --help'"),
 ])
 def test_usage_mistakes_name_the_fix_and_the_command(args, says, tmp_path):
     res = CliRunner().invoke(main, [*args, "--library", str(tmp_path / "lib")] if args[0] != "search" or "-k" not in args else args)
