@@ -421,7 +421,8 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
                     _emit_line({"query": line.strip(), "line": number, "error": str(exc)})
                     continue
                 # anything else (an option, the library, the model) fails every line: stop at the first
-                _emit_line(lib.search(line.strip(), k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters).as_dict())
+                answer = lib.search(line.strip(), k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, rerank_source=rerank_source, **filters).as_dict()
+                _emit_line({"query": answer.pop("query"), "line": number, **answer})  # blank lines are skipped: the number maps it back
             if failed:
                 raise UserError(f"{failed} quer{'y' if failed == 1 else 'ies'} of {queries_file.name} failed (their lines carry an \"error\"); fix those lines and run them again")
         else:
