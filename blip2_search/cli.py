@@ -334,7 +334,7 @@ def prune(library, older_than, missing, as_json):
     else:
         if missing:
             click.echo(f"marked {report.missing} photos deleted: their files are not on disk", err=True)
-        click.echo(f"forgot {report.images} deleted photos, {report.embeddings} stored vectors and "
+        click.echo(f"forgot {report.images} deleted photos, {report.embeddings} embeddings ({report.vectors} vectors) and "
                    f"{report.vit_files} ViT token files; metadata {_megabytes(report.bytes_before)} -> "
                    f"{_megabytes(report.bytes_after)}")
 

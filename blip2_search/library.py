@@ -63,11 +63,13 @@ class LibraryStatus:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """What `Library.prune` removed: image records, stored vectors, ViT token files, and the
-    metadata file's size (with its WAL) before and after."""
+    """What `Library.prune` removed: image records, stored embeddings (`vectors`: their query vectors,
+    embeddings x Q, the unit of `LibraryStatus.vectors`), ViT token files, and the metadata file's size
+    (with its WAL) before and after."""
 
     images: int
     embeddings: int
+    vectors: int
     vit_files: int
     bytes_before: int
     bytes_after: int
@@ -750,7 +752,8 @@ class Library:
             # database; a server still serving it would look up the rows pruned here. Bring the file up
             # to date first: servers then reload it (without those photos) at their next search.
             self._drop_stale_vectors()
-            embedded = self.metadata.info().embedder is not None  # else nothing was ever embedded: no index
+            embedder = self.metadata.info().embedder
+            embedded = embedder is not None  # else nothing was ever embedded: no index
             gone = []
             if missing:
                 gone = [i for i, p in self.metadata.live_paths() if not os.path.lexists(p)]
@@ -769,7 +772,8 @@ class Library:
             vit_files = self._prune_vit_tokens()
             self._prune_thumbnails()
             self.metadata.vacuum()
-            return PruneReport(images, embeddings, vit_files, size_before, self._metadata_bytes(), len(gone), tuple(notes))
+            return PruneReport(images, embeddings, embeddings * (embedder.num_query_tokens if embedded else 0), vit_files, size_before,
+                               self._metadata_bytes(), len(gone), tuple(notes))
 
     def _metadata_bytes(self) -> int:
         files = (self.folder / METADATA_FILENAME, self.folder / f"{METADATA_FILENAME}-wal")

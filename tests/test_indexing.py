@@ -397,6 +397,7 @@ def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, phot
     (photos / "dup.jpg").unlink()
     with Library.open(lib_dir) as lib:
         assert lib.index([photos]).deleted == 2
+        q = lib.encoder.num_query_tokens
         recent = lib.prune(older_than_days=1)
         assert (recent.images, recent.embeddings) == (0, 0)
         with pytest.raises(InvalidInputError, match="negative"):
@@ -404,8 +405,8 @@ def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, phot
     result = CliRunner().invoke(main, ["prune", "--library", str(lib_dir), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    # both records go; p0's vectors go, dup's stay (the live p1 shares them)
-    assert (report["images"], report["embeddings"], report["vit_files"]) == (2, 1, 0)
+    # both records go; p0's vectors go, dup's stay (the live p1 shares them); `vectors` in status's unit
+    assert (report["images"], report["embeddings"], report["vectors"], report["vit_files"]) == (2, 1, q, 0)
     assert report["bytes_after"] < report["bytes_before"]
     with Library.open(lib_dir) as lib:
         counts = lib.metadata.counts()
@@ -418,7 +419,7 @@ def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, phot
         assert (r.indexed, r.reused) == (1, 0)  # forgotten: embedded again
     _check_consistent(lib_dir)
     result = CliRunner().invoke(main, ["prune", "--library", str(lib_dir)])
-    assert result.exit_code == 0 and result.output.startswith("forgot 0 deleted photos"), result.output
+    assert result.exit_code == 0 and result.output.startswith("forgot 0 deleted photos, 0 embeddings (0 vectors) and 0 ViT"), result.output
     with _open(tmp_path / "never-indexed", tiny_itm_dir) as empty:  # nothing embedded, nothing to prune
         assert empty.prune().images == 0
 
