@@ -123,6 +123,14 @@ class _QueryCommand(click.Command):
             raise click.UsageError(f"{_clause(exc)}; options go before '--'{also}: "
                                    f"{ctx.command_path} [OPTIONS] -- {' '.join([query, *words])!r}", ctx) from None
 
+        if "--" in args and any(isinstance(p, click.Argument) and p.name == "images" for p in self.params):
+            # `rerank -- -car a.jpg --json`: after '--' an option is taken for an image file (unless one has its name)
+            names = {opt for p in self.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)}
+            misplaced = [a for a in args[args.index("--") + 1:] if a.split("=", 1)[0] in names and not os.path.lexists(a)]
+            if misplaced:
+                raise click.UsageError(f"{misplaced[0]!r} after '--' would be read as an image; options go before '--': "
+                                       f"{ctx.command_path} [OPTIONS] -- QUERY IMAGE...", ctx)
+
         def unspaced(value):
             return value[1:] if isinstance(value, str) and value.startswith(" -") and value[1:] in args else value
 
