@@ -494,14 +494,14 @@ def duplicates(library, threshold, as_json):
 
     with Library.open(library) as lib:
         groups = lib.duplicates(threshold)
-    data = [[{"id": r.id, "path": r.path} for r in g] for g in groups]
+    data = [[{"id": p.id, "path": p.path, "score": p.score} for p in g] for g in groups]
     if as_json:
         _emit(data)
         return
     if not data:
         click.echo(f"no near-duplicates at --threshold {threshold:g} (lower it, e.g. 0.9, to find looser matches)", err=True)
-    for g in data:
-        click.echo("\n".join(r["path"] for r in g) + "\n")
+    for g in data:  # each photo with its best score with another photo of the group
+        click.echo("\n".join(f"{p['score']:.4f}  {_shown(p['path'])}" for p in g) + "\n")
 
 
 @main.command()

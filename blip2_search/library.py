@@ -27,6 +27,7 @@ from .models.loading import DEMO
 from .store import (
     VECTORS_FILENAME,
     EmbedderInfo,
+    ImageRecord,
     MetadataStore,
     ModelRef,
     VectorStore,
@@ -75,6 +76,17 @@ class PruneReport:
     bytes_after: int
     missing: int = 0  # photos marked deleted first because their files were not on disk (`missing=True`)
     notes: tuple[str, ...] = ()  # what the caller should know (the vector index could not be saved)
+
+
+@dataclass(frozen=True)
+class DuplicatePhoto:
+    """A photo of a near-duplicate group: `score` is its best image-to-image score with another photo of the
+    group (mean over one photo's query vectors of the best match among the other's, the higher direction)."""
+
+    id: int
+    path: str
+    score: float
+    record: ImageRecord
 
 
 @dataclass(frozen=True)
@@ -706,15 +718,23 @@ class Library:
                                     f"{records[foreign.id].path}; rerank hits of this library's own search results, or pass image ids")
         return [h if isinstance(h, Hit) else Hit(h, records[h].path, 0.0, 0.0, None, records[h].caption, records[h].taken_at) for h in ids]
 
-    def duplicates(self, threshold: float = 0.95) -> list[list]:
-        """Groups of near-duplicate images (image-to-image score >= threshold), as image records."""
+    def duplicates(self, threshold: float = 0.95) -> list[list[DuplicatePhoto]]:
+        """Groups of near-duplicate images (image-to-image score >= threshold), each photo with its best score
+        with another photo of its group (a group is linked pair by pair, so two of its photos may score lower)."""
         from .errors import InvalidInputError
 
         if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
             raise InvalidInputError(f"duplicate threshold {threshold!r} is not a number in (0, 1]; try --threshold 0.95")
-        groups = self.engine.duplicates(float(threshold))
+        engine = self.engine
+        groups = engine.duplicates(float(threshold))
         records = {r.id: r for r in self.metadata.get_records([i for g in groups for i in g])}
-        return [[records[i] for i in g if i in records] for g in groups]
+        out = []
+        for group in groups:
+            members = [records[i] for i in group if i in records]
+            if len(members) > 1:
+                scores = engine.closest_in_group([r.id for r in members])
+                out.append([DuplicatePhoto(r.id, r.path, float(s), r) for r, s in zip(members, scores)])
+        return out
 
     # ------------------------------------------------------------------ reading
     def status(self) -> LibraryStatus:
@@ -821,7 +841,7 @@ def _canonical(name: str) -> str:
     return str(p.absolute()) if p.exists() else name
 
 
-__all__ = ["FailureRecord", "Library", "LibraryStatus", "PruneReport", "default_library_path"]
+__all__ = ["DuplicatePhoto", "FailureRecord", "Library", "LibraryStatus", "PruneReport", "default_library_path"]
 
 
 def _with_result_notes(result, glob: str | None, filters):

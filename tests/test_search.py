@@ -358,9 +358,31 @@ def test_image_query_finds_itself_and_its_copy_first(lib):
     assert res.hits[0].score == pytest.approx(1.0, abs=1e-3)
 
 
-def test_duplicates_groups_the_copy(lib):
+def test_duplicates_groups_the_copy(lib, lib_dir):
     groups = lib.duplicates(0.999)
     assert [sorted(Path(r.path).name for r in g) for g in groups] == [["copy.jpg", "img00.jpg"]]
+    assert [p.score for p in groups[0]] == pytest.approx([1.0, 1.0], abs=1e-4) and groups[0][0].record.path == groups[0][0].path
+    res = CliRunner().invoke(main, ["duplicates", "--threshold", "0.999", "--library", str(lib_dir), "--json"])
+    assert res.exit_code == 0 and [[(p["id"], p["path"], p["score"]) for p in g] for g in json.loads(res.stdout)] == [
+        [(p.id, p.path, p.score) for p in groups[0]]]
+    res = CliRunner().invoke(main, ["duplicates", "--threshold", "0.999", "--library", str(lib_dir)])
+    assert res.stdout == "".join(f"{p.score:.4f}  {p.path}\n" for p in groups[0]) + "\n", res.output
+
+
+def test_closest_in_group_is_each_photos_best_score_with_another_in_either_direction():
+    """What `duplicates` shows for each photo, against scores computed pair by pair."""
+    from blip2_search.search.duplicates import closest_in_group
+
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((4, 5, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+
+    def score(i, j):  # image j's score for image i: mean over i's vectors of the best match among j's
+        return np.mean([max(float(a @ b) for b in v[j]) for a in v[i]])
+
+    expected = [max(max(score(i, j), score(j, i)) for j in range(4) if j != i) for i in range(4)]
+    assert score(0, 1) != pytest.approx(score(1, 0))  # the two directions differ
+    np.testing.assert_allclose(closest_in_group(v), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("args,fix", [

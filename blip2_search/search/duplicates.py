@@ -56,6 +56,14 @@ def summary_neighbours(summary: np.ndarray, k: int) -> np.ndarray:
     return positions
 
 
+def closest_in_group(vectors: np.ndarray) -> np.ndarray:
+    """For each image of a group (``[m, Q, D]`` vectors, m >= 2), its best exact score with another member, in
+    either direction (a pair joins a group when one of its two scores reaches the threshold): ``[m] float32``."""
+    scores = np.stack([mean_max(v, vectors) for v in vectors])  # scores[i, j]: image j's score for image i
+    np.fill_diagonal(scores, -np.inf)
+    return np.maximum(scores.max(axis=1), scores.max(axis=0)).astype(np.float32)
+
+
 def duplicate_groups(
     ids: np.ndarray,
     read: Callable[[np.ndarray], np.ndarray],

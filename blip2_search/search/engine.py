@@ -17,7 +17,7 @@ from ..errors import CorruptIndexError, InvalidInputError
 from ..models.encoder import Blip2Encoder
 from ..models.text import MAX_TOKENS
 from ..store import MetadataStore, VectorStore
-from .duplicates import duplicate_groups
+from .duplicates import closest_in_group, duplicate_groups
 from .query import Query
 from .rerank import RecomputeVit, VitSource, rerank_hits
 from .results import Filters, Hit, SearchResult
@@ -219,6 +219,10 @@ class SearchEngine:
 
             return duplicate_groups(sorted_ids, read, threshold, neighbours=neighbours)
         return duplicate_groups(self.vectors.image_ids(), self.vectors.vectors_for, threshold, neighbours=neighbours)
+
+    def closest_in_group(self, ids: Sequence[int]) -> np.ndarray:
+        """`closest_in_group` of `duplicates.py` for a group's image ids: each one's best score with another member."""
+        return closest_in_group(self.vectors.vectors_for(np.asarray(ids, dtype=np.int64)))
 
 
 def _checked(scores: np.ndarray, bound: float) -> np.ndarray:
