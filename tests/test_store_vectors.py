@@ -364,8 +364,58 @@ def test_a_read_never_pairs_a_sidecar_with_a_later_saves_index(tmp_path, monkeyp
     reader.join(10)
     writer.join(10)
     (loaded,) = results
-    if loaded.ok:
-        np.testing.assert_array_equal(loaded.store.stored()[1], current.stored()[1])
+    assert loaded.ok
+    np.testing.assert_array_equal(loaded.store.stored()[1], current.stored()[1])
+
+
+def test_the_lock_file_is_as_writable_as_its_folder_and_a_file_system_without_locks_still_works(tmp_path, monkeypatch):
+    """A group-writable library: another member must be able to lock (and so save). Where flock fails
+    (some network mounts), saving and reading go on unlocked, as before the lock existed."""
+    import errno
+    import threading
+
+    store, _ = _same_size_stores(7)
+    tmp_path.chmod(0o2775)
+    path = tmp_path / "vectors.faiss"
+    store.save(path, generation=3)
+    assert index_files.lock_path(path).stat().st_mode & 0o777 == 0o664
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(index_files.fcntl, "flock", no_locks)
+    store.save(path, generation=4)
+    assert FaissVectorStore.load(path, expected_generation=4, num_query_tokens=4, dim=16).ok
+    monkeypatch.undo()
+
+    # an index run's clean-up of killed saves waits for a save in progress instead of deleting its temporary
+    entered, release = threading.Event(), threading.Event()
+    real_write = index_files.faiss.write_index
+
+    def slow_write(index, name):
+        real_write(index, name)
+        entered.set()
+        assert release.wait(10)
+
+    monkeypatch.setattr(index_files.faiss, "write_index", slow_write)
+    errors = []
+    saver = threading.Thread(target=lambda: _call_recording(errors, store.save, path, generation=5))
+    saver.start()
+    assert entered.wait(10)
+    cleaner = threading.Thread(target=index_files.remove_temporaries, args=(path,))
+    cleaner.start()
+    cleaner.join(1.0)  # without waiting it deletes the save's temporary now
+    release.set()
+    saver.join(10)
+    cleaner.join(10)
+    assert errors == [] and index_files.saved_generation(path) == 5
+
+
+def _call_recording(errors: list, function, *args, **kwargs) -> None:
+    try:
+        function(*args, **kwargs)
+    except Exception as error:  # the test asserts there was none
+        errors.append(error)
 
 
 # -- rebuild from the metadata store -------------------------------------------------------------------

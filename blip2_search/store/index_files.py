@@ -79,23 +79,42 @@ def lock_path(index_path: str | os.PathLike[str]) -> Path:
 @contextmanager
 def _pair_lock(index_path: Path, *, exclusive: bool) -> Iterator[None]:
     """Hold the index's lock file: exclusively to write the index and its sidecar, shared to read them.
-    A reader that cannot create the lock file (read-only media, where nothing saves) reads unlocked."""
-    target = lock_path(index_path)
+
+    The lock file is as writable as its folder (a library shared by a group), and opened read-only where it
+    cannot be opened for writing (flock needs no write access). Where it cannot be opened at all (read-only
+    media, where nothing saves) or the file system has no locks (some network mounts), the files are used
+    unlocked, as before the lock existed. On NFS, flock is a per-process POSIX lock: threads of one process
+    do not exclude each other there.
+    """
+    descriptor = _lock_descriptor(lock_path(index_path))
     try:
-        descriptor = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        if exclusive:
-            raise
-        try:
-            descriptor = os.open(target, os.O_RDONLY)
-        except OSError:
-            yield
-            return
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if descriptor is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this file system
+                os.close(descriptor)
+                descriptor = None
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
+
+
+def _lock_descriptor(target: Path) -> int | None:
+    """The lock file opened (made as writable as its folder when new), or None when it cannot be opened."""
+    try:
+        descriptor = os.open(target, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        try:
+            return os.open(target, os.O_RDONLY)
+        except OSError:
+            return None
+    try:
+        if os.fstat(descriptor).st_uid == os.geteuid():
+            os.fchmod(descriptor, target.parent.stat().st_mode & 0o666)
+    except OSError:
+        pass  # it still locks; another user may not be able to open it for writing, and opens it read-only
+    return descriptor
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -125,8 +144,10 @@ def _remove_stale_temporaries(path: Path, older_than_s: float = STALE_TEMPORARY_
 
 def remove_temporaries(path: str | os.PathLike[str]) -> None:
     """Remove every temporary of `atomic_write` beside `path`, whatever its age: for the holder of the library's
-    lock, when no other save of its kind can be running (one killed mid-save left an index-sized file)."""
-    _remove_stale_temporaries(Path(path), older_than_s=0)
+    lock (one killed mid-save left an index-sized file). It waits for a save in progress (a search that rebuilt
+    the index may be saving it), whose temporary is its own."""
+    with _pair_lock(Path(path), exclusive=True):
+        _remove_stale_temporaries(Path(path), older_than_s=0)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
