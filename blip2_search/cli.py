@@ -272,12 +272,17 @@ class _ProgressLine:
 @json_option
 def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, store_vit, batch_size, workers, vector_index, device, dtype, as_json):
     """Index PHOTO_DIRS into the library: new and changed files are embedded, moved ones keep their record."""
+    from pathlib import Path
+
     from .indexing.scan import check_roots
     from .library import Library, default_library_path
+    from .store.engine import METADATA_FILENAME
 
     if no_captions and captioner not in (None, "none"):
         raise UserError(f"--captioner {captioner} and --no-captions contradict each other; pass one of them")
-    check_roots(photo_dirs, library=library if library is not None else default_library_path())  # before a library is made
+    folder = Path(library).expanduser() if library is not None else default_library_path()
+    if not (folder / METADATA_FILENAME).exists():  # before a library is made (an existing one says more of a missing folder)
+        check_roots(photo_dirs, library=folder)
     progress = _ProgressLine(not as_json)
     try:
         with Library.open(library, model=model, captioner=captioner if captioner == "none" or not no_captions else False, create=True,

@@ -437,12 +437,11 @@ class Library:
             path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
             if not os.fspath(folder) or os.path.lexists(path):
                 continue
-            inside = path.rstrip(os.sep) + os.sep
-            recorded = sum(1 for _, p in self.metadata.live_paths() if p.startswith(inside))
+            recorded = self.metadata.photos_under(path)
             if recorded:
                 raise InvalidInputError(f"photo folder {os.fspath(folder)!r} does not exist, but the library has {recorded} photo{_s(recorded)} "
-                                        f"recorded under {path}; reconnect its drive (or move it back) and index it again, or forget "
-                                        "photos gone for good with `prune --missing`")
+                                        f"recorded under {path}; reconnect its drive (or move it back) and index it again, or, if it is "
+                                        "gone for good, run `prune --missing` (it forgets every photo not on disk now, on any drive)")
 
     def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str], known: dict) -> None:
         """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when

@@ -594,6 +594,11 @@ def test_missing_photo_dir_and_missing_library(tmp_path, tiny_itm_dir):
         (tmp_path / "drive").rename(tmp_path / "unplugged")  # a folder with photos of the library is gone: say how to forget them
         with pytest.raises(InvalidInputError, match=r"does not exist, but the library has 2 photos recorded under .*drive; .*`prune --missing`"):
             lib.index([tmp_path / "drive"])
+        _photo(tmp_path / "drive-2" / "c.jpg", 3)  # a folder whose name starts with the missing one's holds none of its photos
+        lib.index([tmp_path / "drive-2"])
+        assert lib.metadata.photos_under(str(tmp_path / "drive")) == 2 and lib.metadata.photos_under(str(tmp_path / "DRIVE")) == 0
+    res = CliRunner().invoke(main, ["index", str(tmp_path / "drive"), "--library", str(tmp_path / "lib")])
+    assert res.exit_code == 2 and "the library has 2 photos recorded under" in res.output and "on any drive" in res.output, res.output
     with pytest.raises(LibraryError, match="--library"):
         Library.open(tmp_path / "no-library")
 

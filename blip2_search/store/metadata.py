@@ -283,6 +283,16 @@ class MetadataStore:
         with self._read() as connection:
             return int(connection.scalar(select(func.count()).where(images.c.status == STATUS_PENDING)) or 0)
 
+    def photos_under(self, folder: str) -> int:
+        """How many images (indexed or waiting to be re-embedded) are recorded under the absolute path `folder`."""
+        inside = folder.rstrip(os.sep) + os.sep
+        recorded = images.c.status.in_((STATUS_INDEXED, STATUS_PENDING))
+        with self._read() as connection:  # an exact prefix test (LIKE ignores case in SQLite), paths stored as bytes decoded here
+            plain = connection.scalar(select(func.count()).where(recorded, func.substr(images.c.path, 1, len(inside)) == inside))
+            escaped = connection.execute(
+                select(images.c.path).where(recorded, func.substr(images.c.path, 1, len(ESCAPED_PREFIX)) == ESCAPED_PREFIX)).scalars()
+            return int(plain or 0) + sum(1 for text in escaped if decode_path(text).startswith(inside))
+
     def live_paths(self) -> list[tuple[int, str]]:
         """(id, path) of every image not marked deleted: what `status` and `prune --missing` look for on disk."""
         with self._read() as connection:
