@@ -349,7 +349,9 @@ def prune(library, older_than, missing, as_json):
             click.echo(f"marked {report.missing} photos deleted: their files are not on disk", err=True)
         click.echo(f"forgot {report.images} deleted photos, {report.embeddings} embeddings ({report.vectors} vectors) and "
                    f"{report.vit_files} ViT token files; metadata {_megabytes(report.bytes_before)} -> "
-                   f"{_megabytes(report.bytes_after)}")
+                   f"{_megabytes(report.bytes_after)}"
+                   + ("" if report.compacted or not report.bytes_before else
+                      " (not compacted: too little of it is free; indexing reuses that space)"))
 
 
 def _megabytes(size: int) -> str:

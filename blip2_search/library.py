@@ -66,7 +66,8 @@ class LibraryStatus:
 class PruneReport:
     """What `Library.prune` removed: image records, stored embeddings (`vectors`: their query vectors,
     embeddings x Q, the unit of `LibraryStatus.vectors`), ViT token files, and the metadata file's size
-    (with its WAL) before and after."""
+    (with its WAL) before and after; `compacted`: whether the file was rewritten without its free space
+    (SQLite does that only once 10% of it is free; PostgreSQL always vacuums)."""
 
     images: int
     embeddings: int
@@ -76,6 +77,7 @@ class PruneReport:
     bytes_after: int
     missing: int = 0  # photos marked deleted first because their files were not on disk (`missing=True`)
     notes: tuple[str, ...] = ()  # what the caller should know (the vector index could not be saved)
+    compacted: bool = False
 
 
 @dataclass(frozen=True)
@@ -752,7 +754,8 @@ class Library:
 
     def prune(self, older_than_days: float | None = None, *, missing: bool = False) -> PruneReport:
         """Forget photos that were deleted from disk: their records, their stored vectors (unless a
-        live copy shares them) and ViT tokens go for good, and metadata.sqlite shrinks.
+        live copy shares them) and ViT tokens go for good, and metadata.sqlite shrinks once a tenth of
+        it is free space (until then later indexing reuses the space).
 
         Until then a deleted photo that comes back reuses its vectors; after it, it is embedded
         again. `older_than_days`: only photos found deleted at least this long ago. `missing`: first
@@ -790,9 +793,9 @@ class Library:
             images, embeddings = self.metadata.forget_deleted(before)
             vit_files = self._prune_vit_tokens()
             self._prune_thumbnails()
-            self.metadata.vacuum()
+            compacted = self.metadata.vacuum()
             return PruneReport(images, embeddings, embeddings * (embedder.num_query_tokens if embedded else 0), vit_files, size_before,
-                               self._metadata_bytes(), len(gone), tuple(notes))
+                               self._metadata_bytes(), len(gone), tuple(notes), compacted)
 
     def _metadata_bytes(self) -> int:
         files = (self.folder / METADATA_FILENAME, self.folder / f"{METADATA_FILENAME}-wal")

@@ -407,7 +407,7 @@ def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, phot
     report = json.loads(result.output)
     # both records go; p0's vectors go, dup's stay (the live p1 shares them); `vectors` in status's unit
     assert (report["images"], report["embeddings"], report["vectors"], report["vit_files"]) == (2, 1, q, 0)
-    assert report["bytes_after"] < report["bytes_before"]
+    assert report["bytes_after"] < report["bytes_before"] and report["compacted"]  # 1 of 7 vectors' pages: over 10%
     with Library.open(lib_dir) as lib:
         counts = lib.metadata.counts()
         assert (counts.deleted, counts.indexed, counts.embeddings) == (0, 6, 6)
@@ -420,6 +420,7 @@ def test_prune_forgets_deleted_photos_and_shrinks_the_library(tiny_itm_dir, phot
     _check_consistent(lib_dir)
     result = CliRunner().invoke(main, ["prune", "--library", str(lib_dir)])
     assert result.exit_code == 0 and result.output.startswith("forgot 0 deleted photos, 0 embeddings (0 vectors) and 0 ViT"), result.output
+    assert "(not compacted: too little of it is free; indexing reuses that space)" in result.output
     with _open(tmp_path / "never-indexed", tiny_itm_dir) as empty:  # nothing embedded, nothing to prune
         assert empty.prune().images == 0
 

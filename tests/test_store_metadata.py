@@ -511,6 +511,49 @@ def test_mark_deleted_leaves_search_and_purge(store, tmp_path, rng):
     store.vacuum()
 
 
+def test_worth_compacting_asks_for_a_tenth_of_the_file_free():
+    assert not engine_module.worth_compacting(0, 0)
+    assert not engine_module.worth_compacting(1000, 99)
+    assert engine_module.worth_compacting(1000, 100)
+    assert engine_module.worth_compacting(1000, 10, min_free_share=0.01)
+
+
+def test_vacuum_rewrites_the_file_only_when_a_tenth_of_it_is_free(tmp_path, rng):
+    """VACUUM rewrites the whole file (a minute at 100k photos) whatever it frees: removing a few
+    photos leaves their pages free for the next inserts; removing enough compacts."""
+    q, d = 32, 256  # ViT-g's vectors: 32 KB a photo, in overflow pages that a deletion frees
+    path = tmp_path / "lib" / "metadata.sqlite"
+    with open_metadata(path, create=True, embedder=EmbedderInfo(ModelRef("test/embedder", "rev1"), q, d)) as s:
+        ids = s.upsert_indexed([image(tmp_path / f"{i}.jpg", f"h{i}", unit(rng, q, d)) for i in range(40)])
+
+        def pages() -> tuple[int, int]:
+            with s._engine.connect() as c:
+                return c.exec_driver_sql("PRAGMA page_count").scalar(), c.exec_driver_sql("PRAGMA freelist_count").scalar()
+
+        s.mark_deleted(ids[:2])
+        assert s.forget_deleted() == (2, 2)
+        total, free = pages()
+        assert 0 < free < 0.1 * total
+        assert s.vacuum() is False
+        assert pages() == (total, free)  # not rewritten: the free pages wait for the next inserts
+        assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0  # the WAL was checkpointed
+        s.mark_deleted(ids[2:6])
+        assert s.forget_deleted() == (4, 4)  # with the 2 before, 6 of 40 photos' pages are free
+        assert s.vacuum() is True
+        assert pages()[1] == 0 and pages()[0] < total - free
+        assert len(s.known_files()) == 34
+
+
+def test_vacuum_on_postgresql_runs_every_time(postgres_url, tmp_path, rng):
+    """PostgreSQL's plain VACUUM rewrites nothing (it marks dead rows' space reusable), so it always runs."""
+    with open_metadata(postgres_url, create=True, embedder=EMBEDDER) as s:
+        ids = s.upsert_indexed([image(tmp_path / f"{i}.jpg", f"h{i}", unit(rng, Q, D)) for i in range(3)])
+        s.mark_deleted(ids[:1])
+        assert s.forget_deleted() == (1, 1)
+        assert s.vacuum() is True and s.vacuum() is True
+        assert len(s.known_files()) == 2
+
+
 def test_corrupt_vector_row_is_detected(store, tmp_path, rng):
     store.upsert_indexed([image(tmp_path / "a.jpg", "h1", unit(rng, Q, D))])
     with store._engine.begin() as c:

@@ -389,11 +389,15 @@ class MetadataStore:
             forgotten = updates.forget_deleted(connection, deleted_before=deleted_before)
             return forgotten, updates.purge_unreferenced_embeddings(connection)
 
-    def vacuum(self) -> None:
-        """Give the space of removed rows back to the disk (SQLite VACUUM; PostgreSQL VACUUM)."""
+    def vacuum(self) -> bool:
+        """Give the space of removed rows back to the disk; return whether the database was compacted.
+
+        SQLite: VACUUM only once enough of the file is free (``engine.worth_compacting``); until then
+        later inserts reuse the free pages. PostgreSQL: VACUUM.
+        """
         self._check_open()
         with translate_errors(self.location):
-            vacuum(self._engine)
+            return vacuum(self._engine)
 
     def set_captions(self, captions: Sequence[CaptionUpdate]) -> None:
         """Store captions (and caption vectors); each also applies to same-content images."""
