@@ -72,3 +72,38 @@ def test_few_images():
     assert duplicate_groups(np.zeros(0, np.int64), lambda i: v[:0], 0.9) == []
     same = np.stack([v[0], v[0]])
     assert duplicate_groups(np.array([4, 9]), lambda i: same[(i == 9).astype(int)], 0.999) == [[4, 9]]
+
+
+def test_pair_scores_equal_mean_max_row_by_row():
+    """The block scoring in one call gives each image's ``mean_max`` against its candidates."""
+    v = library(300, seed=2)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 300, 64)
+    candidates = rng.integers(0, 300, (64, 21))
+    candidates[:, 0] = rows  # an image among its own candidates, and repeated candidates, as FAISS may give
+    candidates[:, 1] = candidates[:, 2]
+    scores = duplicates_module.pair_scores(v, rows, candidates)
+    assert scores.shape == (64, 21) and scores.dtype == np.float32
+    for i in range(64):
+        np.testing.assert_allclose(scores[i], mean_max(v[rows[i]], v[candidates[i]]), rtol=0, atol=1e-6)
+
+
+def test_ivf_summaries_find_the_flat_groups_without_faiss_warnings(monkeypatch, capfd):
+    """Above ``EXACT_SUMMARY_MAX`` the candidates come from IVF (sqrt(n) lists, ``IVF_PROBES`` searched):
+    the same groups as the flat search, at thresholds from loose to strict, and k-means gets the
+    points per list FAISS asks for (it prints a warning otherwise)."""
+    v = library(3000, seed=3)
+    ids = np.arange(3000) + 100
+
+    def read(wanted: np.ndarray) -> np.ndarray:
+        return v[wanted - 100]
+
+    flat = {t: duplicate_groups(ids, read, t) for t in (0.9, 0.95, 0.99)}
+    built = []
+    monkeypatch.setattr(duplicates_module, "EXACT_SUMMARY_MAX", 1000)
+    ivf_class = duplicates_module.faiss.IndexIVFFlat
+    monkeypatch.setattr(duplicates_module.faiss, "IndexIVFFlat", lambda *a: built.append(a) or ivf_class(*a))
+    for t, groups in flat.items():
+        assert duplicate_groups(ids, read, t) == groups and len(groups) > 20
+    assert len(built) == 3 and built[0][2] == 54  # int(sqrt(3000)) lists
+    assert "WARNING" not in capfd.readouterr().err

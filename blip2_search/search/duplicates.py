@@ -16,13 +16,19 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from ..store.scoring import mean_max
+EXACT_SUMMARY_MAX = 10_000
+"""Up to this many images the summary neighbours come from a flat (exact) index; beyond, from IVF.
 
-EXACT_SUMMARY_MAX = 200_000
-"""Up to this many images the summary neighbours come from a flat (exact) index; beyond, from IVF."""
+The flat search costs n^2 D: 3.6 s at 20k images, 25 s at 50k, 69 s at 100k on 2 cores
+(docs/benchmarks.md), ~1 s at 10k. The IVF search (``IVF_PROBES`` of sqrt(n) lists) found the same
+groups as the flat one on the benchmark's libraries of 20k, 50k and 100k images."""
+IVF_PROBES = 8
+"""Lists searched per image by the IVF summary index (of sqrt(n) lists)."""
+_IVF_TRAIN_PER_LIST = 64  # k-means points per list (FAISS asks for 39 at least)
+_IVF_TRAIN_ITERATIONS = 10  # of k-means (FAISS's default: 25); the centroids only route the search
 CANDIDATES_PER_NEIGHBOUR = 2
 """Summary candidates scored exactly per neighbour asked for."""
-_ROWS = 64  # images whose candidates are scored at once (64 x 21 candidates x 32 KB: ~45 MB for ViT-g)
+_ROWS = 64  # images whose candidates are scored at once (64 x 21 candidates x 32 KB, read then gathered: ~90 MB for ViT-g)
 
 
 def summaries(read: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, chunk: int = 1024) -> np.ndarray:
@@ -46,11 +52,12 @@ def summary_neighbours(summary: np.ndarray, k: int) -> np.ndarray:
     if n <= EXACT_SUMMARY_MAX:
         index: faiss.Index = faiss.IndexFlatIP(d)
     else:
-        nlist = int(4 * np.sqrt(n))
+        nlist = max(1, min(int(np.sqrt(n)), n // 39))  # sqrt(n) lists, and the 39 points a list k-means needs
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)
+        index.cp.niter = _IVF_TRAIN_ITERATIONS
+        sample = np.random.default_rng(0).choice(n, min(n, _IVF_TRAIN_PER_LIST * nlist), replace=False)
         index.train(summary[np.sort(sample)])
-        index.nprobe = 16
+        index.nprobe = IVF_PROBES
     index.add(summary)
     _, positions = index.search(summary, k)
     return positions
@@ -92,12 +99,12 @@ def duplicate_groups(
         block = candidates[rows]
         wanted = np.unique(np.concatenate([rows, block[block >= 0]]))
         vectors = read(ids[wanted])
-        where = {int(p): i for i, p in enumerate(wanted)}
-        for row, cands in zip(rows.tolist(), block):
-            cands = np.array([c for c in cands.tolist() if c >= 0 and c != row], dtype=np.int64)
+        block_scores = pair_scores(vectors, np.searchsorted(wanted, rows), np.searchsorted(wanted, np.maximum(block, 0)))
+        for row, cands, scores in zip(rows.tolist(), block, block_scores):
+            keep = (cands >= 0) & (cands != row)
+            cands, scores = cands[keep].astype(np.int64), scores[keep]
             if not len(cands):
                 continue
-            scores = mean_max(vectors[where[row]], vectors[[where[c] for c in cands.tolist()]])
             best = np.lexsort((ids[cands], -scores))[:neighbours]
             for c, s in zip(cands[best].tolist(), scores[best].tolist()):
                 if s >= threshold:
@@ -106,3 +113,20 @@ def duplicate_groups(
     for position in range(len(ids)):
         groups.setdefault(find(position), []).append(int(ids[position]))
     return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def pair_scores(vectors: np.ndarray, rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``mean_max`` of each image ``vectors[rows[i]]`` against each of ``vectors[candidates[i, j]]``.
+
+    ``vectors [W, Q, D]`` float32, ``rows [R]`` and ``candidates [R, C]`` positions in it ->
+    ``[R, C] float32`` (equal to ``scoring.mean_max`` row by row, up to float32 rounding).
+
+    One numpy call for a block of images, made of one [Q, D] x [D, Q] product a pair: products this
+    small run on the calling thread (OpenBLAS's threshold), where one [C*Q, D] x [D, Q] product an
+    image woke both BLAS threads each time, which on a busy 2-core machine spent most of the time
+    waiting for the other core (65 of 89 s at 20k images).
+    """
+    stored = vectors[candidates]  # [R, C, Q, D]
+    queries = vectors[rows].transpose(0, 2, 1)[:, None]  # [R, 1, D, Q]
+    sims = np.matmul(stored, queries)  # [R, C, Q stored, Q query]
+    return sims.max(axis=2).astype(np.float64).mean(axis=2).astype(np.float32)
