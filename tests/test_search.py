@@ -383,6 +383,14 @@ def test_closest_in_group_is_each_photos_best_score_with_another_in_either_direc
     expected = [max(max(score(i, j), score(j, i)) for j in range(4) if j != i) for i in range(4)]
     assert score(0, 1) != pytest.approx(score(1, 0))  # the two directions differ
     np.testing.assert_allclose(closest_in_group(v), expected, atol=1e-6)
+    from blip2_search.search import duplicates
+
+    with pytest.MonkeyPatch.context() as large:  # a large group: each image against its nearest members (here: all 3)
+        large.setattr(duplicates, "CLOSEST_EXACT_MAX", 2)
+        large.setattr(duplicates, "CLOSEST_CANDIDATES", 3)
+        np.testing.assert_allclose(closest_in_group(v), expected, atol=1e-6)
+        large.setattr(duplicates, "CLOSEST_CANDIDATES", 1)  # fewer: never above the best
+        assert (closest_in_group(v) <= np.array(expected) + 1e-6).all()
 
 
 @pytest.mark.parametrize("args,fix", [

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from ..store.scoring import mean_max
+
 EXACT_SUMMARY_MAX = 10_000
 """Up to this many images the summary neighbours come from a flat (exact) index; beyond, from IVF.
 
@@ -63,12 +65,38 @@ def summary_neighbours(summary: np.ndarray, k: int) -> np.ndarray:
     return positions
 
 
+CLOSEST_EXACT_MAX = 64
+"""Groups up to this size score every pair for `closest_in_group`; larger ones (a burst, a time-lapse) score
+each image against its `CLOSEST_CANDIDATES` nearest members by summary, as the grouping itself does."""
+CLOSEST_CANDIDATES = 8
+
+
 def closest_in_group(vectors: np.ndarray) -> np.ndarray:
     """For each image of a group (``[m, Q, D]`` vectors, m >= 2), its best exact score with another member, in
-    either direction (a pair joins a group when one of its two scores reaches the threshold): ``[m] float32``."""
-    scores = np.stack([mean_max(v, vectors) for v in vectors])  # scores[i, j]: image j's score for image i
-    np.fill_diagonal(scores, -np.inf)
-    return np.maximum(scores.max(axis=1), scores.max(axis=0)).astype(np.float32)
+    either direction (a pair joins a group when one of its two scores reaches the threshold): ``[m] float32``.
+    Above `CLOSEST_EXACT_MAX` members, the best among each image's nearest members by summary."""
+    m = len(vectors)
+    best = np.full(m, -np.inf, dtype=np.float32)
+    for i, others in enumerate(_group_neighbours(vectors)):
+        scores = mean_max(vectors[i], vectors[others])  # image j's score for image i: counts for both
+        best[i] = max(best[i], scores.max())
+        np.maximum.at(best, others, scores)
+    return best
+
+
+def _group_neighbours(vectors: np.ndarray, block: int = 1024) -> list[np.ndarray]:
+    """Whom each member of a group is scored against: every other member, or its nearest by summary."""
+    m = len(vectors)
+    if m <= CLOSEST_EXACT_MAX:
+        return [np.delete(np.arange(m), i) for i in range(m)]
+    means = vectors.mean(axis=1)
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    out = []
+    for start in range(0, m, block):  # `block` rows of the m x m summary products at a time
+        near = means[start : start + block] @ means.T
+        near[np.arange(len(near)), np.arange(start, start + len(near))] = -np.inf
+        out.extend(np.argpartition(-near, CLOSEST_CANDIDATES, axis=1)[:, :CLOSEST_CANDIDATES])
+    return out
 
 
 def duplicate_groups(
