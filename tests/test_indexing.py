@@ -670,6 +670,10 @@ def test_a_named_folder_without_image_files_gets_a_note(tiny_itm_dir, tmp_path):
     assert report["indexed"] == 1 and len(report["notes"]) == 1, report
     assert report["notes"][0].startswith(f"no image files found under {str(tmp_path / 'notes')!r} (supported: .avif, .bmp,")
     assert ".jpg, .png" in report["notes"][0] and f"note: {report['notes'][0]}" in res.stderr
+    (tmp_path / "alias").symlink_to(tmp_path / "photos")  # scanned once, under its first name: the alias is not empty
+    res = CliRunner().invoke(main, ["index", str(tmp_path / "photos"), str(tmp_path / "alias"), str(tmp_path / "photos" / "."),
+                                    "--library", str(tmp_path / "lib"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["notes"] == [], res.output
 
 
 def test_cli_index_missing_dir_exits_2(tiny_itm_dir, tmp_path):

@@ -112,8 +112,18 @@ def scan(roots: Iterable[str], *, skip: Iterable[str] = ()) -> Iterator[FoundFil
 def empty_roots(roots: Iterable[str], found: Iterable[FoundFile]) -> list[str]:
     """The `roots` under which `found` (what `scan` yielded) holds nothing at all: no image file, and no
     entry that could not be read either."""
+    roots = list(roots)
     paths = [f.path for f in found]
-    return [r for r in roots if not any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for p in paths)]
+    empty = [r for r in roots if not any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for p in paths)]
+    if not empty:
+        return []
+    real = {r: os.path.realpath(r) for r in roots}
+
+    def overlap(a: str, b: str) -> bool:  # one real folder inside (or equal to) the other
+        return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+    # scan visits each real folder once: a root that is another one's alias (or inside it, or holding it) yields nothing itself
+    return [r for r in empty if not any(other != r and overlap(real[r], real[other]) for other in roots)]
 
 
 def no_images_note(root: str) -> str:
