@@ -115,7 +115,8 @@ class _QueryCommand(click.Command):
             after = args[args.index("--") + 1:] if "--" in args else []
             query = ctx.params.get("query")
             extra = after[1:] if after[:1] == [query] else after
-            options = [i for i, a in enumerate(extra) if a.startswith("-") and len(a) > 1]
+            names = {opt for p in self.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)}
+            options = [i for i, a in enumerate(extra) if a.split("=", 1)[0] in names]  # not '-5' of "warm -5 degrees"
             if not exc.format_message().startswith("Got unexpected extra argument") or not options:
                 raise
             words = extra[:options[0]]  # `-- a red car --library D`: the query's other words came first

@@ -364,6 +364,7 @@ def test_an_index_stopped_before_it_started_still_answers_in_json(photo_dir, tmp
     (["search", "a", "red", "circle"], 'put a query of several words in quotes: main search "a red car"'),
     (["search", "--", "-cat"], "options go before '--': main search [OPTIONS] -- '-cat'; see 'main search --help'"),
     (["search", "--", "a", "red", "car"], "options go before '--', and a query of several words in quotes: main search [OPTIONS] -- 'a red car'"),
+    (["search", "--", "warm", "-5", "degrees"], "a query of several words in quotes: main search [OPTIONS] -- 'warm -5 degrees'"),
     (["rerank", "--", "-car", "x.jpg", "--json"], "'--json' after '--' would be read as an image; options go before '--': main rerank [OPTIONS] -- QUERY"),
     (["search", "x", "--model", "demo"], "search uses the model the library was indexed with, so leave --model out"),
     (["serve", "--captioner", "demo"], "leave --captioner out (index --captioner C changes the library's)"),
