@@ -645,10 +645,10 @@ class Library:
             result = engine.search_text(q, k, filters=filters, rerank=False, fusion=fusion, sort=_check_sort(sort))
             note = ("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); "
                     "index with --store-vit, pass --rerank-k N to force it, or use a GPU")
-            return self._with_index_note(_with_result_notes(replace(result, notes=result.notes + (note,)), path, filters))
+            return self._with_index_note(_with_result_notes(replace(result, notes=result.notes + (note,)), path, filters, sort))
         source = self._vit_source(rerank_source) if rerank else None
         result = engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
-        return self._with_index_note(_with_result_notes(result, path, filters))
+        return self._with_index_note(_with_result_notes(result, path, filters, sort))
 
     def _with_index_note(self, result):
         """`result`, noting photos not searchable yet (waiting to be re-embedded), and a vector index that had to be
@@ -681,7 +681,7 @@ class Library:
             fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image, or an image file's bytes"
             raise InvalidInputError(f"example image {reprlib.repr(image)} ({type(image).__name__}) is not a picture; {fix}")
         return self._rebuilt_if_damaged(lambda: self._with_index_note(_with_result_notes(
-            self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path, filters)))
+            self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path, filters, sort)))
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
         """ITM-rerank `hits` (a `search` result, its `Hit`s, or image ids) against `query` (the same syntax, scored as
@@ -846,25 +846,12 @@ def _canonical(name: str) -> str:
 __all__ = ["DuplicatePhoto", "FailureRecord", "Library", "LibraryStatus", "PruneReport", "default_library_path"]
 
 
-def _with_result_notes(result, glob: str | None, filters):
-    """`result` with notes on what its hits alone do not say: a path glob that can match no recorded (absolute) path
-    (how to write it), why there are no hits, and which hits were reranked when only some were (their scores are
-    on another scale: ITM logit + ITC against the first stage's)."""
-    notes = []
-    if glob and not os.path.isabs(glob) and glob[0] not in "*?[":
-        notes.append(f"path filter {glob!r} is relative, but photos are recorded by absolute path, so it matches none; "
-                     "start it with '/' or '*/'")
-    elif not result.hits:
-        notes.append("no results: no photo passes the path, after, before or min-score filters; loosen them" if filters.active else
-                     "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first")
-    reranked = sum(h.itm_logit is not None for h in result.hits)
-    if 0 < reranked < len(result.hits):
-        if all(h.itm_logit is not None for h in result.hits[:reranked]):
-            notes.append(f"the first {reranked} were reranked (score = ITM logit + ITC); the rest keep the first stage's order and score")
-        else:  # a candidate that could not be reread keeps its first-stage place
-            notes.append(f"{reranked} of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their "
-                         "first-stage place and score")
-    return replace(result, notes=result.notes + tuple(notes)) if notes else result
+def _with_result_notes(result, glob: str | None, filters, sort: str):
+    """`result` with `outcome_notes` added (what its hits alone do not say)."""
+    from .search.results import outcome_notes
+
+    notes = outcome_notes(result.hits, glob=glob, filtered=filters.active, sort=sort)
+    return replace(result, notes=result.notes + notes) if notes else result
 
 
 def _s(n: int) -> str:

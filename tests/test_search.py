@@ -369,6 +369,25 @@ def test_duplicates_groups_the_copy(lib, lib_dir):
     assert res.stdout == "".join(f"{p.score:.4f}  {p.path}\n" for p in groups[0]) + "\n", res.output
 
 
+def test_outcome_notes_say_which_hits_were_reranked_in_every_order():
+    """Pure decision: reranked hits first (by score), spread out (sort=date), or one unread in its place."""
+    from blip2_search.search.results import Hit, outcome_notes
+
+    def hits(*reranked):
+        return [Hit(i, f"/p/{i}.jpg", 1.0, 0.5, 2.0 if r else None, None, None) for i, r in enumerate(reranked)]
+
+    assert outcome_notes(hits(1, 1, 0), glob=None, filtered=False, sort="score") == (
+        "the first 2 were reranked (score = ITM logit + ITC); the rest keep the first stage's order and score",)
+    assert outcome_notes(hits(1, 0, 1), glob=None, filtered=False, sort="score")[0].endswith("the others keep their first-stage place and score")
+    for order in (hits(1, 0, 1), hits(1, 1, 0)):
+        assert outcome_notes(order, glob=None, filtered=False, sort="date") == (
+            "2 of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others have first-stage scores, "
+            "on another scale; all are listed by date",)
+    assert outcome_notes(hits(1, 1), glob=None, filtered=True, sort="date") == ()
+    assert outcome_notes([], glob=None, filtered=True, sort="score")[0].startswith("no results: no photo passes")
+    assert outcome_notes([], glob="photos/*", filtered=True, sort="score")[0].startswith("path filter 'photos/*' is relative")
+
+
 def test_closest_in_group_is_each_photos_best_score_with_another_in_either_direction():
     """What `duplicates` shows for each photo, against scores computed pair by pair."""
     from blip2_search.search.duplicates import closest_in_group

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 
@@ -137,3 +139,27 @@ def check_k(k: int, name: str = "k") -> int:
         what = "out of range" if whole else f"a {type(k).__name__}, not a whole number"
         raise InvalidInputError(f"{name} = {k!r} is {what}; pass -{'k' if name == 'k' else '-' + name} between 1 and {MAX_K}")
     return int(k)
+
+
+def outcome_notes(hits: Sequence[Hit], *, glob: str | None, filtered: bool, sort: str) -> tuple[str, ...]:
+    """What a search's hits alone do not say: a path glob that can match no recorded (absolute) path (how to
+    write it), why there are no hits, and which hits were reranked when only some were (their scores are on
+    another scale: ITM logit + ITC against the first stage's)."""
+    notes = []
+    if glob and not os.path.isabs(glob) and glob[0] not in "*?[":
+        notes.append(f"path filter {glob!r} is relative, but photos are recorded by absolute path, so it matches none; "
+                     "start it with '/' or '*/'")
+    elif not hits:
+        notes.append("no results: no photo passes the path, after, before or min-score filters; loosen them" if filtered else
+                     "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first")
+    reranked = sum(h.itm_logit is not None for h in hits)
+    if 0 < reranked < len(hits):
+        if sort == "date":
+            notes.append(f"{reranked} of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others have "
+                         "first-stage scores, on another scale; all are listed by date")
+        elif all(h.itm_logit is not None for h in hits[:reranked]):
+            notes.append(f"the first {reranked} were reranked (score = ITM logit + ITC); the rest keep the first stage's order and score")
+        else:  # a candidate that could not be reread keeps its first-stage place
+            notes.append(f"{reranked} of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their "
+                         "first-stage place and score")
+    return tuple(notes)
