@@ -387,7 +387,7 @@ def _date_option(ctx, param, value):
 @library_option
 @click.option("-k", "k", default=10, show_default=True, type=int, help="How many results.")
 @click.option("--rerank/--no-rerank", default=True, show_default=True, help="Rescore the top candidates with the ITM head (ITM logit + ITC).")
-@click.option("--rerank-k", default=None, type=int, help="Candidates to rerank [default: 128 on GPU, 16 on CPU].")
+@click.option("--rerank-k", default=None, type=int, help="Candidates to rerank [default: 128 on GPU; on a CPU 16 when the ViT tokens are stored or the ViT is small, else no rerank].")
 @click.option("--image", "image", default=None, type=click.Path(path_type=str), help="Search by example image instead of text.")
 @click.option("--path", "path_glob", default=None, help="Only paths matching this glob, e.g. '*/2023/*' ('*' crosses '/'; a relative glob is taken from the current folder).")
 @click.option("--after", default=None, callback=_date_option, help="Only photos taken on or after this date (YYYY-MM-DD, EXIF time).")
@@ -402,7 +402,7 @@ def _date_option(ctx, param, value):
 @dtype_option
 @json_option
 def search(query, library, k, rerank, rerank_k, image, path_glob, after, before, min_score, sort, fusion, rerank_source, queries_file, device, dtype, as_json):
-    """Find photos matching QUERY (see docs/queries.md for "term" - "negative" and 2:"weights")."""
+    """Find photos matching QUERY (docs/queries.md: '"a dog" - "on a leash"', '2:"red circle" + "on the top"')."""
     from .library import Library
 
     if sum(x is not None for x in (query, image, queries_file)) != 1:
