@@ -48,7 +48,8 @@ NO_CAPTIONER = "none"  # captioner= value that stops a library captioning (a che
 class LibraryStatus:
     """`images`: files known to the library (not deleted) that are on disk now; `pending`: images that
     wait to be embedded with the library's model after a `--reembed` (not searchable yet); `vectors`:
-    query vectors searchable (indexed images x Q)."""
+    query vectors searchable (indexed images x Q); `vector_index`: the first stage's index the library asked
+    for (`exact`, `compact` or `auto`; see `index --vector-index`)."""
 
     images: int
     indexed: int
@@ -60,6 +61,7 @@ class LibraryStatus:
     captioner: str | None
     vit_tokens_bytes: int = 0
     pending: int = 0
+    vector_index: str | None = None
 
 
 @dataclass(frozen=True)
@@ -749,7 +751,7 @@ class Library:
             deleted=counts.deleted, vectors=counts.indexed * q,
             model=info.embedder.model.model_id if info.embedder else None,
             captioner=info.captioner.model_id if info.captioner else None,
-            vit_tokens_bytes=self.vit_store.size_bytes(), pending=counts.pending,
+            vit_tokens_bytes=self.vit_store.size_bytes(), pending=counts.pending, vector_index=self.metadata.vector_index(),
         )
 
     def prune(self, older_than_days: float | None = None, *, missing: bool = False) -> PruneReport:

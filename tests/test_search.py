@@ -509,6 +509,7 @@ def test_status_says_none_for_a_library_without_a_captioner(lib_dir):
     assert res.exit_code == 0 and re.search(r"^captioner +none$", res.stdout, re.M) and "None" not in res.stdout, res.output
     res = CliRunner().invoke(main, ["status", "--library", str(lib_dir), "--json"])
     assert json.loads(res.stdout)["captioner"] is None
+    assert json.loads(res.stdout)["vector_index"] == "auto"  # the kind the library asked for (the default)
 
 
 def test_missing_library_exits_2(tmp_path):

@@ -104,6 +104,7 @@ class StatusOut(BaseModel):
     captioner: str | None
     vit_tokens_bytes: int = 0
     pending: int = 0
+    vector_index: str | None = None
 
 
 RERANK_UPLOAD_FORM = {
