@@ -334,19 +334,23 @@ def status(library, as_json):
               help="Only photos found deleted at least this many days ago [default: all deleted photos].")
 @click.option("--missing", is_flag=True, help="First mark deleted every photo whose file is not on disk now, wherever it is "
               "(a drive gone for good); a disconnected drive's photos are forgotten too.")
+@click.option("--missing-under", "missing_under", multiple=True, metavar="FOLDER", type=click.Path(path_type=str),
+              help="As --missing, only for photos recorded under FOLDER (a drive or folder gone for good); repeatable.")
 @json_option
-def prune(library, older_than, missing, as_json):
+def prune(library, older_than, missing, missing_under, as_json):
     """Forget photos deleted from disk: their records, vectors and ViT tokens go, and the library shrinks."""
     from .library import Library
 
+    if missing and missing_under:
+        raise UserError("--missing and --missing-under contradict each other (--missing covers every folder); pass one of them")
     with Library.open(library) as lib:
-        report = lib.prune(older_than, missing=missing)
+        report = lib.prune(older_than, missing=list(missing_under) if missing_under else missing)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:
         _emit(asdict(report))
     else:
-        if missing:
+        if missing or missing_under:
             click.echo(f"marked {report.missing} photos deleted: their files are not on disk", err=True)
         click.echo(f"forgot {report.images} deleted photos, {report.embeddings} embeddings ({report.vectors} vectors) and "
                    f"{report.vit_files} ViT token files; metadata {_megabytes(report.bytes_before)} -> "

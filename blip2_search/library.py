@@ -11,6 +11,7 @@ import numbers
 import os
 import re
 import reprlib
+import shlex
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -445,7 +446,7 @@ class Library:
             if recorded:
                 raise InvalidInputError(f"photo folder {os.fspath(folder)!r} does not exist, but the library has {recorded} photo{_s(recorded)} "
                                         f"recorded under {path}; reconnect its drive (or move it back) and index it again, or, if it is "
-                                        "gone for good, run `prune --missing` (it forgets every photo not on disk now, on any drive)")
+                                        f"gone for good, forget them with `prune --missing-under {shlex.quote(path)}`")
 
     def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str], known: dict) -> None:
         """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when
@@ -754,17 +755,18 @@ class Library:
             vit_tokens_bytes=self.vit_store.size_bytes(), pending=counts.pending, vector_index=self.metadata.vector_index(),
         )
 
-    def prune(self, older_than_days: float | None = None, *, missing: bool = False) -> PruneReport:
+    def prune(self, older_than_days: float | None = None, *, missing=False) -> PruneReport:
         """Forget photos that were deleted from disk: their records, their stored vectors (unless a
         live copy shares them) and ViT tokens go for good, and metadata.sqlite shrinks once a tenth of
         it is free space (until then later indexing reuses the space).
 
         Until then a deleted photo that comes back reuses its vectors; after it, it is embedded
         again. `older_than_days`: only photos found deleted at least this long ago. `missing`: first
-        mark deleted every photo whose file is not on disk now, wherever it is (a drive gone for
-        good, a folder nobody will index again); a drive that is only disconnected loses its
-        photos' records and vectors too.
+        mark deleted every photo whose file is not on disk now, wherever it is (True: a drive gone for
+        good, a folder nobody will index again; a drive that is only disconnected loses its photos'
+        records and vectors too), or only under the given folder(s) (a path or a list of paths).
         """
+        under = _missing_folders(missing)
         if older_than_days is not None and (not _is_number(older_than_days) or not older_than_days >= 0):
             reason = "negative" if _is_number(older_than_days) and older_than_days < 0 else "not a number of days"
             raise InvalidInputError(f"older_than_days {older_than_days!r} is {reason}; pass 0 or more days, or None for all")
@@ -779,8 +781,9 @@ class Library:
             embedder = self.metadata.info().embedder
             embedded = embedder is not None  # else nothing was ever embedded: no index
             gone = []
-            if missing:
-                gone = [i for i, p in self.metadata.live_paths() if not os.path.lexists(p)]
+            if missing is not False:
+                gone = [i for i, p in self.metadata.live_paths()
+                        if (under is None or p.startswith(under)) and not os.path.lexists(p)]
             if gone and embedded:
                 self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
             self.metadata.mark_deleted(gone)
@@ -846,6 +849,18 @@ def _canonical(name: str) -> str:
 
 
 __all__ = ["DuplicatePhoto", "FailureRecord", "Library", "LibraryStatus", "PruneReport", "default_library_path"]
+
+
+def _missing_folders(missing) -> tuple[str, ...] | None:
+    """`prune`'s `missing`: None for everywhere (True), else the absolute folders (each ending in a separator)
+    under which photos not on disk are forgotten; InvalidInputError for anything else."""
+    if missing is True or missing is False:
+        return None
+    folders = [missing] if isinstance(missing, (str, os.PathLike)) else missing
+    if not isinstance(folders, (list, tuple)) or not folders or not all(isinstance(f, (str, os.PathLike)) and os.fspath(f) for f in folders):
+        raise InvalidInputError(f"missing={reprlib.repr(missing)} is not True or a folder; pass True to forget every photo not on "
+                                "disk, or the folder (or list of folders) of a drive gone for good")
+    return tuple(os.path.join(os.path.abspath(os.path.expanduser(os.fspath(f))), "") for f in folders)
 
 
 def _with_result_notes(result, glob: str | None, filters, sort: str):

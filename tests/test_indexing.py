@@ -453,6 +453,30 @@ def test_prune_missing_forgets_photos_of_a_drive_gone_for_good(tiny_itm_dir, pho
     _check_consistent(lib_dir)
 
 
+def test_prune_missing_under_a_folder_keeps_the_photos_of_other_unplugged_drives(tiny_itm_dir, photos, tmp_path):
+    """A dead drive's photos are forgotten; those of another drive that is only unplugged stay."""
+    dead, unplugged = tmp_path / "dead", tmp_path / "unplugged"
+    for i in range(3):
+        _photo(dead / f"d{i}.jpg", 60 + i)
+        _photo(unplugged / f"u{i}.jpg", 70 + i)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos, dead, unplugged])
+    shutil.rmtree(dead)
+    unplugged.rename(tmp_path / "in-a-drawer")
+    res = CliRunner().invoke(main, ["index", str(dead), "--library", str(lib_dir)])  # the message names the precise fix
+    assert res.exit_code == 2 and f"forget them with `prune --missing-under {dead}`" in res.output, res.output
+    res = CliRunner().invoke(main, ["prune", "--library", str(lib_dir), "--missing-under", str(dead), "--json"])
+    assert res.exit_code == 0 and (json.loads(res.stdout)["missing"], json.loads(res.stdout)["images"]) == (3, 3), res.output
+    with Library.open(lib_dir) as lib:
+        assert lib.metadata.photos_under(str(unplugged)) == 3 and lib.metadata.photos_under(str(dead)) == 0
+        with pytest.raises(InvalidInputError, match="missing=5 is not True or a folder"):
+            lib.prune(missing=5)
+    res = CliRunner().invoke(main, ["prune", "--library", str(lib_dir), "--missing", "--missing-under", str(dead)])
+    assert res.exit_code == 2 and "contradict" in res.output
+    _check_consistent(lib_dir)
+
+
 def test_rehash_finds_content_replaced_under_the_same_size_and_time(tiny_itm_dir, photos, tmp_path):
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:
@@ -593,13 +617,13 @@ def test_missing_photo_dir_and_missing_library(tmp_path, tiny_itm_dir):
         _photo(tmp_path / "drive" / "b.jpg", 2)
         lib.index([tmp_path / "drive"])
         (tmp_path / "drive").rename(tmp_path / "unplugged")  # a folder with photos of the library is gone: say how to forget them
-        with pytest.raises(InvalidInputError, match=r"does not exist, but the library has 2 photos recorded under .*drive; .*`prune --missing`"):
+        with pytest.raises(InvalidInputError, match=r"does not exist, but the library has 2 photos recorded under .*drive; .*`prune --missing-under "):
             lib.index([tmp_path / "drive"])
         _photo(tmp_path / "drive-2" / "c.jpg", 3)  # a folder whose name starts with the missing one's holds none of its photos
         lib.index([tmp_path / "drive-2"])
         assert lib.metadata.photos_under(str(tmp_path / "drive")) == 2 and lib.metadata.photos_under(str(tmp_path / "DRIVE")) == 0
     res = CliRunner().invoke(main, ["index", str(tmp_path / "drive"), "--library", str(tmp_path / "lib")])
-    assert res.exit_code == 2 and "the library has 2 photos recorded under" in res.output and "on any drive" in res.output, res.output
+    assert res.exit_code == 2 and "the library has 2 photos recorded under" in res.output and "--missing-under" in res.output, res.output
     with pytest.raises(LibraryError, match="--library"):
         Library.open(tmp_path / "no-library")
 
