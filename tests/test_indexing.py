@@ -453,15 +453,20 @@ def test_prune_missing_forgets_photos_of_a_drive_gone_for_good(tiny_itm_dir, pho
     _check_consistent(lib_dir)
 
 
+def _library_with_drives(tmp_path: Path, model_dir, photos: Path, *names: str, seed: int) -> tuple[Path, list[Path]]:
+    """A library (`tmp_path/lib`) of `photos` and of three photos in each folder `names` under `tmp_path` (drives)."""
+    drives = [tmp_path / name for name in names]
+    for n, drive in enumerate(drives):
+        for i in range(3):
+            _photo(drive / f"{drive.name[0]}{i}.jpg", seed + 10 * n + i)
+    with _open(tmp_path / "lib", model_dir) as lib:
+        lib.index([photos, *drives])
+    return tmp_path / "lib", drives
+
+
 def test_prune_missing_under_a_folder_keeps_the_photos_of_other_unplugged_drives(tiny_itm_dir, photos, tmp_path):
     """A dead drive's photos are forgotten; those of another drive that is only unplugged stay."""
-    dead, unplugged = tmp_path / "dead", tmp_path / "unplugged"
-    for i in range(3):
-        _photo(dead / f"d{i}.jpg", 60 + i)
-        _photo(unplugged / f"u{i}.jpg", 70 + i)
-    lib_dir = tmp_path / "lib"
-    with _open(lib_dir, tiny_itm_dir) as lib:
-        lib.index([photos, dead, unplugged])
+    lib_dir, (dead, unplugged) = _library_with_drives(tmp_path, tiny_itm_dir, photos, "dead", "unplugged", seed=60)
     shutil.rmtree(dead)
     unplugged.rename(tmp_path / "in-a-drawer")
     res = CliRunner().invoke(main, ["index", str(dead), "--library", str(lib_dir)])  # the message names the precise fix
@@ -550,13 +555,7 @@ def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_pa
     photos whose files are missing wait, and the run says so."""
     from tiny_models import make_tiny_itm
 
-    second, third = tmp_path / "second", tmp_path / "third"
-    for i in range(3):
-        _photo(second / f"s{i}.jpg", 40 + i)
-        _photo(third / f"t{i}.jpg", 50 + i)
-    lib_dir = tmp_path / "lib"
-    with _open(lib_dir, tiny_itm_dir) as lib:
-        lib.index([photos, second, third])
+    lib_dir, (second, third) = _library_with_drives(tmp_path, tiny_itm_dir, photos, "second", "third", seed=40)
     shutil.move(third, tmp_path / "unplugged")  # a drive that is not connected during the re-embed
     other = make_tiny_itm(tmp_path / "other", seed=5)
     with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
