@@ -91,6 +91,7 @@ class _QueryCommand(click.Command):
 
     def parse_args(self, ctx, args):
         takes_value = {opt for p in self.params if isinstance(p, click.Option) and not p.is_flag for opt in p.opts}
+        names = {opt for p in self.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)}  # every option
         fixed = []
         for i, arg in enumerate(args):
             if arg == "--":  # what follows is never an option
@@ -115,7 +116,6 @@ class _QueryCommand(click.Command):
             after = args[args.index("--") + 1:] if "--" in args else []
             query = ctx.params.get("query")
             extra = after[1:] if after[:1] == [query] else after
-            names = {opt for p in self.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)}
             options = [i for i, a in enumerate(extra) if a.split("=", 1)[0] in names]  # not '-5' of "warm -5 degrees"
             if not exc.format_message().startswith("Got unexpected extra argument") or not options:
                 raise
@@ -126,7 +126,6 @@ class _QueryCommand(click.Command):
 
         if "--" in args and any(isinstance(p, click.Argument) and p.name == "images" for p in self.params):
             # `rerank -- -car a.jpg --json`: after '--' an option is taken for an image file (unless one has its name)
-            names = {opt for p in self.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)}
             misplaced = [a for a in args[args.index("--") + 1:] if a.split("=", 1)[0] in names and not os.path.lexists(a)]
             if misplaced:
                 raise click.UsageError(f"{misplaced[0]!r} after '--' would be read as an image; options go before '--': "
