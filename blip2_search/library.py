@@ -37,7 +37,8 @@ from .store import (
 )
 from .store.engine import METADATA_FILENAME
 from .store.index_choice import VECTOR_INDEX_MODES
-from .store.index_files import remove_temporaries, saved_generation, sidecar_path
+from .store.index_files import files_of_index, remove_temporaries, saved_generation, sidecar_path
+from .store.vectors import IndexFileChanged
 
 LOCK_FILENAME = "index.lock"
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
@@ -290,8 +291,10 @@ class Library:
             budget = int(float(settings.get("vector_memory_gb")) * 2**30)
             # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
             # two writers' index and sidecar files could interleave (a file that passes as current but is not).
+            # An index or prune run (it holds the lock) opens an exact index lazily: it reads the vectors only if it
+            # searches, and its save appends what it changed.
             opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
-                                  save=self._locked or not self._writer_running())
+                                  save=self._locked or not self._writer_running(), lazy=self._locked)
             self._vectors, self._vectors_generation = opened.store, opened.generation
             self._unsaved_index = opened.unsaved
         return self._vectors
@@ -311,7 +314,7 @@ class Library:
         if recorded is not None and recorded != self._embedder_info():
             raise self._reembedded_elsewhere(recorded.model)
         path = self.folder / VECTORS_FILENAME
-        if not path.exists() or saved_generation(path) == current or not self._writer_running():
+        if not sidecar_path(path).exists() or saved_generation(path) == current or not self._writer_running():
             self._vectors, self._engine = None, None  # saved by that run, removed (a full disk's prune), or its run died
 
     def _writer_running(self) -> bool:
@@ -519,9 +522,8 @@ class Library:
         return self.vit_store.prune(k.content_hash for k in known.values() if k.status in ("indexed", "deleted") and k.content_hash)
 
     def _remove_index_file(self) -> None:
-        """Delete vectors.faiss and its sidecar (damaged, or stale and unsavable): the next open rebuilds them."""
-        path = self.folder / VECTORS_FILENAME
-        for stale in (path, sidecar_path(path)):
+        """Delete the vector index's files (damaged, or stale and unsavable): the next open rebuilds them."""
+        for stale in files_of_index(self.folder / VECTORS_FILENAME):
             stale.unlink(missing_ok=True)
 
     def _drop_stale_vectors(self) -> None:
@@ -534,12 +536,16 @@ class Library:
         (a run that changed nothing neither reads nor writes the index; a stale file is opened and rebuilt)."""
         path = self.folder / VECTORS_FILENAME
         generation = self.metadata.vectors_generation()
-        saved = saved_generation(path) if path.exists() else None
+        saved = saved_generation(path)
         if saved == generation and (self._vectors is None or self._vectors_generation == generation):
             return
         store = self.vectors  # opened before the run's changes, which it received: it matches the database
+        try:
+            store.save(path, generation=generation)
+        except IndexFileChanged:  # another process saved meanwhile (a search that rebuilt it): the next open rebuilds
+            self._vectors = self._engine = None
+            return
         self._vectors_generation = generation
-        store.save(path, generation=generation)
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -628,7 +634,7 @@ class Library:
             return search()
         except CorruptIndexError:
             path = self.folder / VECTORS_FILENAME
-            if path.exists() and saved_generation(path) == self._vectors_generation:  # the file loaded, not a newer one
+            if saved_generation(path) == self._vectors_generation:  # the file loaded, not a newer one
                 self._remove_index_file()
             self._vectors = self._engine = None
         try:
@@ -636,7 +642,7 @@ class Library:
         except CorruptIndexError as exc:  # rebuilt from the database and still impossible: the stored vectors are bad
             raise LibraryError(f"library {self.folder}: {exc}; it persists after rebuilding the index from the database, so "
                                "the stored vectors are wrong: re-index with --reembed") from None
-        note = f"{VECTORS_FILENAME} was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
+        note = "the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
         return replace(result, notes=result.notes + (note,))
 
     def _search(self, q, k, rerank, rerank_k, filters, sort, fusion, rerank_source, path):
@@ -663,7 +669,7 @@ class Library:
                          "cannot be found yet (an `index --reembed` run is going on, or was stopped); run index on their folders")
         if self._unsaved_index is not None:
             notes.append(f"the vector index was rebuilt in memory but not saved ({self._unsaved_index}); every process rebuilds it "
-                         f"until then (deleting the stale {VECTORS_FILENAME} also frees its space)")
+                         "until then (deleting the stale vector index files, vectors.*, also frees their space)")
         return replace(result, notes=result.notes + tuple(notes)) if notes else result
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
@@ -793,7 +799,7 @@ class Library:
                     self._save_vectors()
                 except LibraryError as exc:  # a full disk: drop the stale file (a rebuild follows), free the space anyway
                     self._remove_index_file()
-                    notes.append(f"{exc}; removed the stale {VECTORS_FILENAME} instead (the next command rebuilds it)")
+                    notes.append(f"{exc}; removed the stale vector index instead (the next command rebuilds it)")
             size_before = self._metadata_bytes()
             images, embeddings = self.metadata.forget_deleted(before)
             vit_files = self._prune_vit_tokens()

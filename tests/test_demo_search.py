@@ -117,10 +117,10 @@ def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_p
         fcntl.flock(writer, fcntl.LOCK_EX)  # the run goes on (a run that has stopped holds no lock: see below)
         during = server.search(scene.caption, 10, rerank=False)
         assert [h.id for h in during.hits] == [h.id for h in before.hits]  # the new photos wait for the save
-        saved = (tmp_path / "lib" / "vectors.faiss").stat().st_mtime_ns
+        saved = (tmp_path / "lib" / "vectors.faiss.json").stat().st_mtime_ns
         with Library.open(tmp_path / "lib") as fresh:  # a process started meanwhile rebuilds the stale file in memory...
             assert new_ids <= {h.id for h in fresh.search(scene.caption, 20, rerank=False).hits}
-        assert (tmp_path / "lib" / "vectors.faiss").stat().st_mtime_ns == saved  # ...and leaves saving to the running run
+        assert (tmp_path / "lib" / "vectors.faiss.json").stat().st_mtime_ns == saved  # ...and leaves saving to the running run
         hits = list(during.hits[:2]) + sorted(new_ids)
         reranked = server.rerank(scene.caption, hits).hits  # ids the loaded index does not hold yet
         assert {h.id for h in reranked} == {h.id for h in during.hits[:2]} | new_ids

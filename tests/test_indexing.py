@@ -106,7 +106,7 @@ def test_a_run_that_changes_nothing_neither_reads_nor_writes_the_vector_index(ti
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:
         lib.index([photos])
-    index_file = lib_dir / "vectors.faiss"
+    index_file = lib_dir / "vectors.faiss.json"  # the vector index's sidecar, rewritten by every save
     before = index_file.stat()
     opened = []
     real_open = library_module.open_vectors
@@ -127,6 +127,35 @@ def test_a_run_that_changes_nothing_neither_reads_nor_writes_the_vector_index(ti
     with Library.open(lib_dir) as lib:  # nothing changed, but the file is missing: made again
         lib.index([photos])
     assert index_file.exists()
+    _check_consistent(lib_dir)
+
+
+def test_an_index_run_that_changes_a_few_photos_appends_to_the_vector_index_without_reading_it(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """At 100k photos a nightly run read, grew and rewrote the whole 3.3 GB index (61 s, 7.1 GB of RAM): now it
+    marks removed rows and appends new ones to the same data file, and never reads the vectors."""
+    from blip2_search.store import vectors as vectors_module
+    from blip2_search.store.index_files import read_sidecar
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+        want = {h.id for h in lib.search("a red circle", 7, rerank=False, fusion=False).hits}
+    first = read_sidecar(lib_dir / "vectors.faiss").params
+    data = lib_dir / first["data"]
+    size = data.stat().st_size
+    (photos / "p0.jpg").unlink()
+    _photo(photos / "new.jpg", 42)
+    with monkeypatch.context() as patched:
+        patched.setattr(vectors_module, "read_vectors", lambda *a: pytest.fail("an index run read the vectors"))
+        with Library.open(lib_dir) as lib:
+            report = lib.index([photos])
+            assert (report.deleted, report.indexed) == (1, 1)
+    second = read_sidecar(lib_dir / "vectors.faiss").params
+    assert second["data"] == first["data"] and second["rows"] == first["rows"] + 1
+    assert data.stat().st_size == size + size // first["rows"]
+    with Library.open(lib_dir) as lib:
+        hits = lib.search("a red circle", 10, rerank=False, fusion=False).hits
+        assert len(hits) == 7 and len({h.id for h in hits} - want) == 1 and all(h.path != str(photos / "p0.jpg") for h in hits)
     _check_consistent(lib_dir)
 
 
@@ -940,11 +969,12 @@ def test_missing_or_stale_faiss_file_is_rebuilt(tiny_itm_dir, photos, tmp_path):
     with _open(lib_dir, tiny_itm_dir) as lib:
         lib.index([photos])
         want = lib.search("a red circle", 5, rerank=False, fusion=False)
-    (lib_dir / "vectors.faiss").unlink()
+    (lib_dir / "vectors.faiss.json").unlink()
     with Library.open(lib_dir) as lib:
         got = lib.search("a red circle", 5, rerank=False, fusion=False)
     assert [h.id for h in got.hits] == [h.id for h in want.hits]
-    assert (lib_dir / "vectors.faiss").exists()  # written back
+    assert (lib_dir / "vectors.faiss.json").exists()  # written back
+    assert len(list(lib_dir.glob("vectors.*.f32"))) == 1  # the unreferenced data file went
     _check_consistent(lib_dir)
 
 
@@ -1086,8 +1116,9 @@ def test_an_index_run_removes_what_a_save_killed_midway_left(tiny_itm_dir, photo
     a save removes only old ones (another process may be saving), but the lock's holder removes any."""
     with _open(tmp_path / "lib", tiny_itm_dir) as lib:
         lib.index([photos])
-    leftover = tmp_path / "lib" / "vectors.faiss.x1y2z3.tmp"
-    leftover.write_bytes((tmp_path / "lib" / "vectors.faiss").read_bytes())  # written just now: young
+    (data,) = (tmp_path / "lib").glob("vectors.*.f32")
+    leftover = data.with_name(data.name + ".x1y2z3.tmp")
+    leftover.write_bytes(data.read_bytes())  # written just now: young
     with Library.open(tmp_path / "lib") as lib:
         assert lib.index([photos]).unchanged == 7
     assert not leftover.exists()
@@ -1207,35 +1238,37 @@ def test_a_full_disk_leaves_search_and_prune_working(tiny_itm_dir, photos, tmp_p
     forgets photos, dropping the stale index file instead (user review: both refused, so the disk stayed full)."""
     import errno
 
-    from blip2_search.store import index_files
+    from blip2_search.store import exact_files, index_files
 
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:
         lib.index([photos])
         want = [h.id for h in lib.search("a red circle", 3, rerank=False, fusion=False).hits]
-    (lib_dir / "vectors.faiss").unlink()
+    (lib_dir / "vectors.faiss.json").unlink()
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as disk:
         disk.setattr(index_files, "atomic_write", full)
+        disk.setattr(exact_files, "atomic_write", full)
         with Library.open(lib_dir) as lib:
             result = lib.search("a red circle", 3, rerank=False, fusion=False)
             assert [h.id for h in result.hits] == want
             assert any("rebuilt in memory but not saved" in n and "No space left" in n for n in result.notes)
     with Library.open(lib_dir) as lib:  # space again: rebuilt and saved
         assert lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
-    assert (lib_dir / "vectors.faiss").exists()
+    assert (lib_dir / "vectors.faiss.json").exists()
     shutil.move(photos / "p0.jpg", tmp_path / "p0 elsewhere.jpg")  # gone from the library; kept as a query image
     server = Library.open(lib_dir)
     assert len(server.search("a red circle", 7, rerank=False, fusion=False).hits) == 7
     with monkeypatch.context() as disk:
         disk.setattr(index_files, "atomic_write", full)
+        disk.setattr(exact_files, "atomic_write", full)
         with Library.open(lib_dir) as lib:
             report = lib.prune(missing=True)
-            assert (report.missing, report.images) == (1, 1) and "removed the stale vectors.faiss" in report.notes[0]
-    assert not (lib_dir / "vectors.faiss").exists()
+            assert (report.missing, report.images) == (1, 1) and "removed the stale vector index" in report.notes[0]
+    assert not (lib_dir / "vectors.faiss.json").exists() and not list(lib_dir.glob("vectors.*.f32"))
     assert len(server.similar(tmp_path / "p0 elsewhere.jpg", 6).hits) == 6  # it follows the prune: 6 live photos
     server.close()
     with Library.open(lib_dir) as lib:
@@ -1269,30 +1302,30 @@ def test_caption_backfill_interrupted_says_what_it_did_and_signals_servers_as_it
 
 
 def test_a_damaged_vector_index_of_the_right_size_is_rebuilt(tiny_itm_dir, photos, tmp_path):
-    """Bytes overwritten inside vectors.faiss (size, generation and count still right) gave scores like 1e37
+    """Bytes overwritten inside the vectors file (size, generation and count still right) gave scores like 1e37
     as hits; scores of unit vectors cannot pass 1, so the file is rebuilt from the database, with a note."""
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:  # compact ones rescore from the database
         lib.index([photos])
         want = lib.search("a red circle", 3, rerank=False, fusion=False)
-    index = lib_dir / "vectors.faiss"
-    damaged = faiss.read_index(str(index))  # one image's 32 vectors overwritten in place: same size and count
-    codes = faiss.rev_swig_ptr(faiss.downcast_index(damaged.index).get_xb(), damaged.ntotal * 256)
-    codes[: 32 * 256] = np.random.default_rng(0).normal(size=32 * 256) * 100
-    faiss.write_index(damaged, str(index))
+    (index,) = lib_dir.glob("vectors.*.f32")
+    rows = np.fromfile(index, dtype=np.float32)  # one image's 32 vectors overwritten in place: same size and count
+    rows[: 32 * 256] = np.random.default_rng(0).normal(size=32 * 256) * 100
+    rows.tofile(index)
     data = index.read_bytes()
     for search in (lambda lib: lib.search("a red circle", 3, rerank=False, fusion=False),
                    lambda lib: lib.similar(photos / "p1.jpg", 3)):
         with Library.open(lib_dir) as lib:
             got = search(lib)
             assert all(-1.001 <= h.itc <= 1.001 for h in got.hits)
-            assert got.notes == ("vectors.faiss was damaged (it gave scores impossible for unit vectors): rebuilt it from the database",)
+            assert got.notes == ("the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database",)
             assert lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()
         with Library.open(lib_dir) as lib:
             assert [h.id for h in lib.search("a red circle", 3, rerank=False, fusion=False).hits] == [h.id for h in want.hits]
+        (index,) = lib_dir.glob("vectors.*.f32")  # rebuilt under a new name
         index.write_bytes(data)  # damaged again for the image search
-    codes[: 32 * 256] = np.nan  # not numbers at all: those images had dropped out of every search silently
-    faiss.write_index(damaged, str(index))
+    rows[: 32 * 256] = np.nan  # not numbers at all: those images had dropped out of every search silently
+    rows.tofile(index)
     with Library.open(lib_dir) as lib:
         got = lib.search("a red circle", 3, rerank=False, fusion=False)
         assert [h.id for h in got.hits] == [h.id for h in want.hits] and "damaged" in got.notes[0]

@@ -14,6 +14,7 @@ from blip2_search.store import (
     IndexedImage,
     ModelRef,
     choose_index,
+    exact_files,
     index_files,
     open_metadata,
     open_vectors,
@@ -233,7 +234,9 @@ def test_save_load_round_trip_and_staleness(library, tmp_path):
     path = tmp_path / "vectors.faiss"
     info = store.save(path, generation=7)
     assert info.images == 300 and info.vectors == 1200 and info.faiss_version == faiss.__version__
-    assert info.index_bytes == path.stat().st_size and sidecar_path(path).exists()
+    data = tmp_path / info.params["data"]
+    assert info.index_bytes == data.stat().st_size == 300 * 4 * 16 * 4 and sidecar_path(path).exists()
+    assert np.fromfile(tmp_path / info.params["ids"], dtype=np.int64).tolist() == store.stored()[0].tolist()
     loaded = FaissVectorStore.load(path, expected_generation=7, num_query_tokens=4, dim=16, use_gpu=False)
     assert loaded.ok and len(loaded.store) == 300
     np.testing.assert_array_equal(loaded.store.search(queries, 30)[0], store.search(queries, 30)[0])
@@ -251,35 +254,34 @@ def test_save_load_round_trip_and_staleness(library, tmp_path):
 
 
 def test_a_crash_during_save_leaves_the_old_files_valid(library, tmp_path, monkeypatch):
+    """A save writes new files under new names and commits by replacing the sidecar: a crash at any of its
+    three writes leaves the previous save readable (and the next save removes what the crash left)."""
     store, ids, vectors, queries = library
     path = tmp_path / "vectors.faiss"
     small = FaissVectorStore(4, 16, use_gpu=False)
     small.add(ids[:5], vectors[:5])
     small.save(path, generation=1)
+    before = sorted(p.name for p in tmp_path.iterdir())
     real_replace = index_files.os.replace
-    calls = []
+    for crash_at in (1, 2, 3):  # the data file, the ids file, the sidecar
+        calls = []
 
-    def crash_on(n):
         def replace(src, dst):
             calls.append(dst)
-            if len(calls) == n:
+            if len(calls) == crash_at:
                 raise OSError(28, "No space left on device")
             return real_replace(src, dst)
 
-        return replace
-
-    monkeypatch.setattr(index_files.os, "replace", crash_on(1))  # before the index is replaced
-    with pytest.raises(LibraryError, match="cannot save vector index .*free disk space"):
-        store.save(path, generation=2)
-    old = FaissVectorStore.load(path, expected_generation=1, num_query_tokens=4, dim=16)
-    assert old.ok and len(old.store) == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json", "vectors.faiss.lock"]
-    calls.clear()
-    monkeypatch.setattr(index_files.os, "replace", crash_on(2))  # new index, sidecar not yet replaced
-    with pytest.raises(LibraryError):
-        store.save(path, generation=2)
-    for generation in (1, 2):  # neither pairing is accepted: the caller rebuilds
-        assert not FaissVectorStore.load(path, expected_generation=generation, num_query_tokens=4, dim=16).ok
+        monkeypatch.setattr(index_files.os, "replace", replace)
+        with pytest.raises(LibraryError, match="cannot save vector index .*free disk space"):
+            store.save(path, generation=2)
+        monkeypatch.undo()
+        old = FaissVectorStore.load(path, expected_generation=1, num_query_tokens=4, dim=16)
+        assert old.ok and old.store.image_ids().tolist() == sorted(ids[:5].tolist())
+        assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    store.save(path, generation=2)
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert len(after) == len(before) == 4 and not set(after) & (set(before) - {"vectors.faiss.json", "vectors.faiss.lock"})
 
 
 def _same_size_stores(seed: int = 5) -> tuple[FaissVectorStore, FaissVectorStore]:
@@ -295,8 +297,8 @@ def _same_size_stores(seed: int = 5) -> tuple[FaissVectorStore, FaissVectorStore
 
 
 def _pause_after_first_write(monkeypatch, entered, release):
-    """Make `atomic_write` stop between a save's index file and its sidecar."""
-    real = index_files.atomic_write
+    """Make `atomic_write` stop between a save's data file and its ids and sidecar."""
+    real = exact_files.atomic_write
     seen = []
 
     def atomic_write(path, write):
@@ -306,13 +308,12 @@ def _pause_after_first_write(monkeypatch, entered, release):
             entered.set()
             assert release.wait(10)
 
-    monkeypatch.setattr(index_files, "atomic_write", atomic_write)
+    monkeypatch.setattr(exact_files, "atomic_write", atomic_write)
 
 
 def test_two_saves_at_once_never_pair_one_index_with_the_others_sidecar(tmp_path, monkeypatch):
     """An index run and a search that rebuilt a stale file may save at once: the second save waits
-    for the first one's two writes, so the files on disk always come from one save (an old index
-    under a newer sidecar of the same size would otherwise pass as current)."""
+    for the first one's writes, so the files on disk always come from one save."""
     import threading
 
     newer, older = _same_size_stores()
@@ -336,21 +337,22 @@ def test_two_saves_at_once_never_pair_one_index_with_the_others_sidecar(tmp_path
 
 
 def test_a_read_never_pairs_a_sidecar_with_a_later_saves_index(tmp_path, monkeypatch):
-    """A process reading the index while another saves gets both files from one save."""
+    """A process reading the index while another saves gets the files of one save (the saver removes the
+    files its sidecar no longer names: without the lock, the reader's data file would be gone)."""
     import threading
 
     current, other = _same_size_stores(6)
     path = tmp_path / "vectors.faiss"
     current.save(path, generation=6)
     entered, release = threading.Event(), threading.Event()
-    real_read = index_files.faiss.read_index
+    real_open = exact_files._open_data
 
-    def read_index(name, *args):  # the sidecar has been read: pause before the index file
+    def open_data(name, *args):  # the sidecar and the row ids have been read: pause before the data file
         entered.set()
         assert release.wait(10)
-        return real_read(name, *args)
+        return real_open(name, *args)
 
-    monkeypatch.setattr(index_files.faiss, "read_index", read_index)
+    monkeypatch.setattr(exact_files, "_open_data", open_data)
     results = []
     reader = threading.Thread(
         target=lambda: results.append(FaissVectorStore.load(path, expected_generation=6, num_query_tokens=4, dim=16))
@@ -390,14 +392,18 @@ def test_the_lock_file_is_as_writable_as_its_folder_and_a_file_system_without_lo
 
     # an index run's clean-up of killed saves waits for a save in progress instead of deleting its temporary
     entered, release = threading.Event(), threading.Event()
-    real_write = index_files.faiss.write_index
+    real_write = exact_files.atomic_write
 
-    def slow_write(index, name):
-        real_write(index, name)
-        entered.set()
-        assert release.wait(10)
+    def slow_write(target, write):  # pauses with the data file's temporary written, not yet renamed
+        def pausing(temporary):
+            write(temporary)
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(10)
 
-    monkeypatch.setattr(index_files.faiss, "write_index", slow_write)
+        real_write(target, pausing)
+
+    monkeypatch.setattr(exact_files, "atomic_write", slow_write)
     errors = []
     saver = threading.Thread(target=lambda: _call_recording(errors, store.save, path, generation=5))
     saver.start()

@@ -1,9 +1,10 @@
 """Storage of a library: metadata (SQLAlchemy; SQLite by default) and vectors (FAISS).
 
 A library folder holds ``metadata.sqlite`` (images, embeddings, library facts; the source of
-truth) and ``vectors.faiss`` + ``vectors.faiss.json`` (a search index rebuilt from it when its
-vectors generation is behind): exact (``FaissVectorStore``) or, for libraries too large for
-RAM, compact (``CompactVectorStore``: PQ codes, candidates rescored exactly from the database).
+truth) and a search index rebuilt from it when its vectors generation is behind, described by
+``vectors.faiss.json``: exact (``FaissVectorStore``, rows of vectors in ``vectors.*.f32`` that each
+`index` run appends to: ``exact_files``) or, for libraries too large for RAM, compact
+(``CompactVectorStore``: PQ codes in ``vectors.faiss``, candidates rescored exactly from the database).
 Typical use::
 
     store = open_metadata(folder, create=True, embedder=embedder_info)

@@ -32,8 +32,10 @@ from blip2_search.store.index_files import (
     COMPACT_STORE,
     IndexInfo,
     read_index_files,
+    read_sidecar,
     save_vector_index,
 )
+from blip2_search.store.exact_files import uses_rows
 from blip2_search.store.rescoring import (
     Calibration,
     CompactParams,
@@ -267,7 +269,7 @@ class CompactVectorStore:
         if vectors.shape != expected:
             raise LibraryError(
                 f"the full-vector source returned shape {vectors.shape}, expected {expected}; "
-                "rebuild the vector index (delete vectors.faiss) if the library changed"
+                "rebuild the vector index (delete the library's vectors.* files) if the library changed"
             )
         return vectors
 
@@ -384,6 +386,16 @@ class CompactVectorStore:
     ) -> LoadResult:
         """Load a saved compact index if it is current and was built by this store with codes
         for this D; otherwise say why (missing, stale, invalid) so the caller rebuilds it."""
+        if uses_rows(_sidecar_or_none(path)):  # exact vectors (below train_at): the exact store's files
+            exact = FaissVectorStore.load(path, expected_generation=expected_generation, num_query_tokens=num_query_tokens,
+                                          dim=dim, use_gpu=use_gpu, store=COMPACT_STORE)
+            if exact.store is None:
+                return exact
+            store = cls(num_query_tokens, dim, vectors_of=vectors_of, train_at=train_at, params=params, use_gpu=use_gpu)
+            store._exact = exact.store
+            if train_at is not None and len(store._exact) >= train_at:
+                store.train(store._exact_sample())
+            return LoadResult(store, "ok", exact.reason, exact.info)
         outcome = read_index_files(
             path,
             expected_generation=expected_generation,
@@ -419,6 +431,13 @@ class CompactVectorStore:
             return LoadResult(None, "stale", f"index {path} holds compact codes of {len(store._ids)} images, well under the "
                               f"{train_at} at which this library's index turns compact", info)
         return LoadResult(store, "ok", outcome.reason, info)
+
+
+def _sidecar_or_none(path: str | os.PathLike[str]) -> IndexInfo | None:
+    try:
+        return read_sidecar(path)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 SHRINK_BACK = 0.9

@@ -1,6 +1,7 @@
-"""A FAISS index on disk: atomic writes and the JSON sidecar that says what built it.
+"""A vector index on disk: atomic writes, the JSON sidecar that says what built it, the pair lock.
 
-``vectors.faiss`` is written first, then ``vectors.faiss.json``, each by: write a temporary file
+This module writes a FAISS file (the compact index); ``exact_files`` writes the exact index's row
+files with the same sidecar, lock and atomic writes. ``vectors.faiss`` is written first, then ``vectors.faiss.json``, each by: write a temporary file
 in the same folder, fsync it, ``os.replace`` it over the old one, fsync the folder. A crash at any
 point leaves either the old or the new version of each file, and a new index beside an old
 sidecar reads as stale (the sidecar's generation is older), so the caller rebuilds.
@@ -30,6 +31,8 @@ import faiss
 from blip2_search.errors import LibraryError
 
 SIDECAR_SUFFIX = ".json"
+DATA_SUFFIX, IDS_SUFFIX = ".f32", ".ids"
+"""Suffixes of an exact index's row files (``exact_files``): ``<stem>.<token>.f32`` and ``.ids``."""
 LOCK_SUFFIX = ".lock"
 SIDECAR_FORMAT = 1
 EXACT_STORE = "exact"
@@ -132,9 +135,9 @@ STALE_TEMPORARY_S = 3600
 """A temporary of `atomic_write` this old was left by a killed run (a save takes seconds): removed."""
 
 
-def _remove_stale_temporaries(path: Path, older_than_s: float = STALE_TEMPORARY_S) -> None:
+def _remove_stale_temporaries(path: Path, older_than_s: float = STALE_TEMPORARY_S, *, pattern: str | None = None) -> None:
     now = time.time()
-    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+    for leftover in path.parent.glob(pattern or f"{glob.escape(path.name)}.*.tmp"):
         try:
             if now - leftover.stat().st_mtime >= older_than_s:
                 leftover.unlink()
@@ -146,8 +149,9 @@ def remove_temporaries(path: str | os.PathLike[str]) -> None:
     """Remove every temporary of `atomic_write` beside `path`, whatever its age: for the holder of the library's
     lock (one killed mid-save left an index-sized file). It waits for a save in progress (a search that rebuilt
     the index may be saving it), whose temporary is its own."""
-    with _pair_lock(Path(path), exclusive=True):
-        _remove_stale_temporaries(Path(path), older_than_s=0)
+    path = Path(path)
+    with _pair_lock(path, exclusive=True):  # the index's own, its sidecar's and its row files' (vectors.*.tmp)
+        _remove_stale_temporaries(path, older_than_s=0, pattern=f"{glob.escape(path.stem)}.*.tmp")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -184,14 +188,41 @@ def write_index_files(index: faiss.Index, path: str | os.PathLike[str], info: In
         with _pair_lock(target, exclusive=True):
             atomic_write(target, lambda temporary: faiss.write_index(index, str(temporary)))
             written = IndexInfo(**{**asdict(info), "index_bytes": target.stat().st_size})
-            text = json.dumps(asdict(written), indent=2, sort_keys=True)
-            atomic_write(sidecar_path(target), lambda temporary: temporary.write_text(text, encoding="utf-8"))
+            write_sidecar(target, written)
+            remove_unnamed(target, {target.name})  # an exact index's row files, when a compact index replaced it
     except (OSError, RuntimeError) as error:
         raise LibraryError(
             f"cannot save vector index {target} ({error}); free disk space or make the folder "
             "writable, then run the command again"
         ) from error
     return written
+
+
+def write_sidecar(target: Path, info: IndexInfo) -> None:
+    """Replace the sidecar of the index at ``target`` atomically (the caller holds the exclusive pair lock)."""
+    text = json.dumps(asdict(info), indent=2, sort_keys=True)
+    atomic_write(sidecar_path(target), lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def files_of_index(target: str | os.PathLike[str]) -> list[Path]:
+    """Every file of the vector index at ``target`` that exists: its FAISS file or row files, and its sidecar."""
+    target = Path(target)
+    found = [path for path in (target, sidecar_path(target)) if path.exists()]
+    for suffix in (DATA_SUFFIX, IDS_SUFFIX):
+        found += sorted(target.parent.glob(f"{glob.escape(target.stem)}.*{suffix}"))
+    return found
+
+
+def remove_unnamed(target: Path, keep: set[str]) -> None:
+    """Remove the files of the index at ``target`` (its FAISS file, row files) whose names are not in ``keep``:
+    what the sidecar just written no longer names. The caller holds the exclusive pair lock."""
+    removed = False
+    for path in files_of_index(target):
+        if path.name not in keep and path != sidecar_path(target):
+            path.unlink(missing_ok=True)
+            removed = True
+    if removed:
+        _fsync_dir(target.parent)
 
 
 def save_vector_index(

@@ -66,13 +66,15 @@ def open_vectors(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     save: bool = True,
     use_gpu: bool | None = None,
+    lazy: bool = False,
 ) -> OpenedVectors:
     """Load the FAISS file if it matches the library's vectors generation and ``kind``, else
     rebuild it from ``metadata`` (and, with ``save``, write it back atomically).
 
     ``kind``: ``exact`` (``FaissVectorStore``), ``compact`` or ``auto`` (``CompactVectorStore``,
     which trains itself at ``index_choice.compact_threshold`` images; ``auto`` from the point
-    where the exact index would outgrow ``memory_budget_bytes``).
+    where the exact index would outgrow ``memory_budget_bytes``). ``lazy``: an exact index is opened for
+    changes (``FaissVectorStore.load``): its vectors are read on first search, its save appends.
     """
     info = metadata.info()
     if info.embedder is None:
@@ -85,7 +87,7 @@ def open_vectors(
     common = {"expected_generation": info.vectors_generation, "num_query_tokens": q, "dim": d, "use_gpu": use_gpu}
     loaded: LoadResult
     if train_at is None:
-        loaded = FaissVectorStore.load(index_path, **common)
+        loaded = FaissVectorStore.load(index_path, lazy=lazy, **common)
     else:
         loaded = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **common)
         if loaded.store is not None and loaded.store.needs_retraining():

@@ -24,20 +24,26 @@ k-th exact score beats the mean of the per-row lowest scores, the best any unsee
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
 
 import faiss
 import numpy as np
 
-from blip2_search.errors import CorruptIndexError, InvalidInputError
+from blip2_search.errors import CorruptIndexError, InvalidInputError, LibraryError
+from blip2_search.store import exact_files
+from blip2_search.store.exact_files import DEAD, RowFiles, read_vectors, row_bytes
 from blip2_search.store.index_choice import EXACT_FACTORY, exact_bytes_per_image
 from blip2_search.store.index_files import (
     EXACT_STORE,
+    SIDECAR_FORMAT,
     IndexInfo,
     LoadState,
     read_index_files,
-    save_vector_index,
+    read_sidecar,
 )
 from blip2_search.store.scoring import (
     check_ids,
@@ -52,6 +58,14 @@ from blip2_search.store.scoring import (
 GPU_MAX_K = 2048
 """FAISS GPU indexes return at most this many neighbours per query."""
 _SCORE_CHUNK_IMAGES = 1024
+PENDING_BYTES = 256 * 2**20
+"""A store opened for changes (``lazy``) keeps at most this much of added vectors in RAM before writing
+them past the committed rows of its data file (where no reader looks until the save commits them)."""
+
+
+class IndexFileChanged(LibraryError):
+    """A store opened for changes found at its save that another process had saved the index since: it did
+    not save (the file on disk is older than the library, so the next open rebuilds it)."""
 
 
 class VectorStore(Protocol):
@@ -152,6 +166,13 @@ class FaissVectorStore:
         self._use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
         self._gpu_index: faiss.Index | None = None
         self._stored_view: tuple[np.ndarray, np.ndarray] | None = None
+        # The saved files this store builds on (see exact_files): a save appends what changed since.
+        self._path: Path | None = None
+        self._file: RowFiles | None = None  # None: no file (or one of the FAISS layout): the next save writes all
+        self._rows: np.ndarray | None = None  # image id of every row of the data file we count on, DEAD where gone
+        self._pending: dict[int, np.ndarray | None] = {}  # added since, in order: vectors, or None when in FAISS
+        self._data: BinaryIO | None = None  # the data file, while the vectors are not read (a lazy store)
+        self._load_lock = threading.Lock()
         # On CPU one FAISS pass over all vectors costs more than scoring every image directly
         # (measured 2x on 5,000 images), so the candidate lists of search_vectors are a GPU path.
         self.multi_vector_lists = self._use_gpu
@@ -164,7 +185,12 @@ class FaissVectorStore:
     @property
     def ntotal(self) -> int:
         """Number of vectors (images x Q)."""
-        return int(self._index.ntotal)
+        return len(self._image_ids) * self.num_query_tokens
+
+    @property
+    def loaded(self) -> bool:
+        """False while a store opened with ``lazy`` has not read its vectors (its first search reads them)."""
+        return self._data is None
 
     @property
     def holds_vectors(self) -> bool:
@@ -191,25 +217,88 @@ class FaissVectorStore:
         """Add or replace images: ``image_ids [n] int64``, ``vectors [n, Q, D] float32``."""
         ids, array = check_vectors(image_ids, vectors, self.num_query_tokens, self.dim)
         self.remove(ids)
-        if len(ids):
+        if not len(ids):
+            return
+        if self.loaded:
             self._index.add_with_ids(array.reshape(-1, self.dim), self._vector_ids(ids))
-            self._image_ids.update(ids.tolist())
-            self._changed()
+        self._image_ids.update(ids.tolist())
+        self._changed()
+        if self._file is not None:
+            for position, image_id in enumerate(ids.tolist()):
+                self._pending[image_id] = None if self.loaded else array[position].copy()
+            if not self.loaded and len(self._pending) * row_bytes(self.num_query_tokens, self.dim) > PENDING_BYTES:
+                self._spill()
 
     def remove(self, image_ids: np.ndarray) -> int:
         """Remove images (unknown ids are ignored); return how many were present."""
         ids = self._check_ids(image_ids)
         present = np.array([i for i in np.unique(ids).tolist() if i in self._image_ids], dtype=np.int64)
         if len(present):
-            self._index.remove_ids(faiss.IDSelectorBatch(self._vector_ids(present)))
+            if self.loaded:
+                self._index.remove_ids(faiss.IDSelectorBatch(self._vector_ids(present)))
             self._image_ids.difference_update(present.tolist())
             self._changed()
+            if self._rows is not None:
+                self._rows[np.isin(self._rows, present)] = DEAD
+            for image_id in present.tolist():
+                self._pending.pop(image_id, None)
         return len(present)
 
     def reset(self) -> None:
         """Remove every image."""
-        self._index.reset()
+        self._forget_file()
+        self._index = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
         self._image_ids.clear()
+        self._changed()
+
+    def _forget_file(self) -> None:
+        """Build on no file: the next save writes every vector."""
+        if self._data is not None:
+            self._data.close()
+        self._path = self._file = self._rows = self._data = None
+        self._pending = {}
+
+    def _spill(self) -> None:
+        """Write the pending vectors (a lazy store) past the rows counted so far, where the save commits them;
+        a data file that cannot be written to is read instead (the pending vectors go into RAM)."""
+        if not self._data.writable():
+            self._ensure_loaded()
+            return
+        ids = np.array(list(self._pending), dtype=np.int64)
+        exact_files.write_rows(self._data, len(self._rows), np.stack(list(self._pending.values())))
+        self._rows = np.concatenate([self._rows, ids])
+        self._pending = {}
+
+    def _ensure_loaded(self) -> None:
+        """Read the vectors of a lazy store into the FAISS index (in place, one read a run of live rows),
+        then the vectors added since."""
+        if self._data is not None:
+            with self._load_lock:
+                if self._data is not None:
+                    self._read_rows()
+
+    def _read_rows(self) -> None:
+        q, d = self.num_query_tokens, self.dim
+        live = self._rows[self._rows != DEAD]
+        index = faiss.index_factory(d, self.factory, faiss.METRIC_INNER_PRODUCT)
+        flat = faiss.downcast_index(index.index)
+        n = len(live) * q
+        flat.codes.resize(n * d * 4)
+        flat.ntotal = index.ntotal = n
+        if n:
+            storage = faiss.rev_swig_ptr(flat.codes.data(), n * d * 4).view(np.float32).reshape(len(live), q, d)
+            read_vectors(self._data, self._rows, storage, q, d)
+            index.id_map.resize(n)
+            faiss.rev_swig_ptr(index.id_map.data(), n)[:] = self._vector_ids(live)
+        index.construct_rev_map()
+        added = [(image_id, vectors) for image_id, vectors in self._pending.items() if vectors is not None]
+        if added:
+            ids = np.array([image_id for image_id, _ in added], dtype=np.int64)
+            index.add_with_ids(np.stack([v for _, v in added]).reshape(-1, d), self._vector_ids(ids))
+        self._pending = dict.fromkeys(self._pending)
+        self._index = index
+        self._data.close()
+        self._data = None
         self._changed()
 
     def image_ids(self) -> np.ndarray:
@@ -253,6 +342,7 @@ class FaissVectorStore:
         ``queries [m, D] float32`` -> ``(ids [m, k'] int64, scores [m, k'] float32)``, best first,
         ties by ascending id. ``allowed_ids`` restricts candidates inside the search.
         """
+        self._ensure_loaded()
         queries = self._queries(queries, 2)
         if not self._use_gpu or allowed_ids is not None:
             return self._search_scan(queries, int(k), allowed_ids)
@@ -295,7 +385,7 @@ class FaissVectorStore:
         scores = max_scores(queries, stored, rows)
         if not np.isfinite(scores).all():  # unit vectors cannot score NaN or inf: the file was damaged
             raise CorruptIndexError("the vector index holds vectors that are not numbers (NaN or inf): its file is damaged; "
-                                    "delete vectors.faiss in the library and it is rebuilt from the database")
+                                    "delete the library's vectors.* files and they are rebuilt from the database")
         for row in range(len(queries)):
             out_ids[row], out_scores[row] = top_k(candidates, scores[row], k_out)
         return out_ids, out_scores
@@ -312,6 +402,7 @@ class FaissVectorStore:
         copy). The result is kept until the next add, remove or reset: the view points into
         FAISS's storage, which those may move.
         """
+        self._ensure_loaded()
         view = self._stored_view
         if view is None:
             view = self._stored_view = self._read_stored()
@@ -338,6 +429,7 @@ class FaissVectorStore:
             raise InvalidInputError(f"images {missing[:5]} are not in the vector index; search only returns indexed images")
         if not len(ids):
             return np.zeros((0, self.num_query_tokens, self.dim), np.float32)
+        self._ensure_loaded()
         return self._index.reconstruct_batch(self._vector_ids(ids)).reshape(len(ids), self.num_query_tokens, self.dim)
 
     def _exact_scores(self, query: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
@@ -372,6 +464,7 @@ class FaissVectorStore:
         (by default on GPU) and cover under a quarter of the images; otherwise every candidate
         image is scored directly, which is exact too.
         """
+        self._ensure_loaded()
         queries = self._queries(queries, 3)
         n_images, selector = self._candidates(allowed_ids)
         k_out = min(int(k), n_images)
@@ -407,14 +500,54 @@ class FaissVectorStore:
     def save(
         self, path: str | os.PathLike[str], *, generation: int, params: dict[str, Any] | None = None
     ) -> IndexInfo:
-        """Write the index and its JSON sidecar atomically, stamped with ``generation``.
+        """Write the index's files and sidecar (``exact_files``), stamped with ``generation``.
 
-        ``params``: build parameters for the sidecar (default ``{"store": "exact"}``).
+        A store loaded from the files at ``path`` appends the images added since and marks the rows of
+        those removed; it rewrites every row once more than a quarter of them would be dead. ``params``:
+        build parameters for the sidecar (default ``{"store": "exact"}``). Raises ``IndexFileChanged``
+        when a lazy store finds that another process saved the index since it was opened.
         """
-        return save_vector_index(
-            self._index, path, factory=self.factory, num_query_tokens=self.num_query_tokens, dim=self.dim,
-            images=len(self), vectors=self.ntotal, generation=generation, params=params or {"store": EXACT_STORE},
+        target = Path(path)
+        info = IndexInfo(
+            factory=self.factory, metric="inner_product", num_query_tokens=self.num_query_tokens, dim=self.dim,
+            images=len(self), vectors=self.ntotal, vectors_generation=int(generation), faiss_version=faiss.__version__,
+            index_bytes=0, params=params or {"store": EXACT_STORE},
         )
+        if self._file is not None and self._path == target and not self._mostly_dead():
+            ids = np.array(list(self._pending), dtype=np.int64)
+            rows = np.concatenate([self._rows, ids])
+            saved = exact_files.save_appended(target, info, self._file, rows, len(self._rows), self._pending_vectors(ids))
+            if saved is not None:
+                return self._saved(target, *saved, rows)
+            if not self.loaded:
+                raise IndexFileChanged(f"vector index {target} was saved by another process since this one opened it; "
+                                       "the next command rebuilds it from the database")
+        self._ensure_loaded()
+        ids, stored = self._stored()
+        chunks = (stored[start : start + _SCORE_CHUNK_IMAGES] for start in range(0, len(ids), _SCORE_CHUNK_IMAGES))
+        written, files = exact_files.save_full(target, info, ids, chunks)
+        return self._saved(target, written, files, ids.copy())
+
+    def _saved(self, target: Path, info: IndexInfo, files: RowFiles, rows: np.ndarray) -> IndexInfo:
+        """Build on the files just saved: the next save appends to them."""
+        if self._data is not None:  # a lazy store: its vectors are now all in the file
+            self._data.close()
+            self._data = open(files.data_path, "r+b" if os.access(files.data_path, os.W_OK) else "rb")  # noqa: SIM115
+        self._path, self._file, self._rows, self._pending = target, files, rows, {}
+        return info
+
+    def _mostly_dead(self) -> bool:
+        dead = int((self._rows == DEAD).sum())
+        return dead > exact_files.COMPACT_DEAD_SHARE * (len(self._rows) + len(self._pending))
+
+    def _pending_vectors(self, ids: np.ndarray) -> Iterator[np.ndarray]:
+        """The vectors of the images added since the last save, ``[<=1024, Q, D]`` chunks in order."""
+        for start in range(0, len(ids), _SCORE_CHUNK_IMAGES):
+            part = ids[start : start + _SCORE_CHUNK_IMAGES]
+            if self.loaded:
+                yield self._index.reconstruct_batch(self._vector_ids(part)).reshape(len(part), self.num_query_tokens, self.dim)
+            else:
+                yield np.stack([self._pending[i] for i in part.tolist()])
 
     @classmethod
     def from_index(
@@ -436,20 +569,42 @@ class FaissVectorStore:
         num_query_tokens: int,
         dim: int,
         use_gpu: bool | None = None,
+        lazy: bool = False,
+        store: str = EXACT_STORE,
     ) -> LoadResult:
         """Load a saved index if it is current; otherwise say why (missing, stale, invalid) so the
-        caller rebuilds it from the metadata store (see ``rebuild.py``)."""
-        outcome = read_index_files(
-            path,
-            expected_generation=expected_generation,
-            factory=EXACT_FACTORY,
-            num_query_tokens=num_query_tokens,
-            dim=dim,
-        )
-        if outcome.state != "ok":
-            return LoadResult(None, outcome.state, outcome.reason, outcome.info)
-        store = cls.from_index(outcome.index, num_query_tokens, dim, use_gpu=use_gpu)
-        return LoadResult(store, "ok", outcome.reason, outcome.info)
+        caller rebuilds it from the metadata store (see ``rebuild.py``).
+
+        ``lazy``: read only the row ids now and the vectors on first search; adds and removals before that
+        are kept for the next save, which appends them (for an `index` run, which only changes a few
+        photos). ``store``: the store the sidecar must name (``compact`` for a compact store's exact phase).
+        An index of the older layout (one FAISS file) is read whole; the next save writes the new one.
+        """
+        try:
+            older = read_sidecar(path).format == SIDECAR_FORMAT
+        except (OSError, ValueError, TypeError):
+            older = False
+        if older:
+            outcome = read_index_files(path, expected_generation=expected_generation, factory=EXACT_FACTORY,
+                                       num_query_tokens=num_query_tokens, dim=dim, store=store)
+            if outcome.state != "ok":
+                return LoadResult(None, outcome.state, outcome.reason, outcome.info)
+            return LoadResult(cls.from_index(outcome.index, num_query_tokens, dim, use_gpu=use_gpu), "ok", outcome.reason, outcome.info)
+        read = exact_files.read_rows(path, expected_generation=expected_generation, num_query_tokens=num_query_tokens, dim=dim,
+                                     store=store, writable=lazy)
+        if read.state != "ok":
+            return LoadResult(None, read.state, read.reason, read.info)
+        opened = cls(num_query_tokens, dim, use_gpu=use_gpu)
+        opened._index = None
+        opened._path, opened._file, opened._rows, opened._data = Path(path), read.files, read.row_ids.copy(), read.data
+        opened._image_ids = set(read.row_ids[read.row_ids != DEAD].tolist())
+        if not lazy:
+            try:
+                opened._ensure_loaded()
+            except CorruptIndexError as error:  # cut short
+                read.data.close()
+                return LoadResult(None, "invalid", str(error), read.info)
+        return LoadResult(opened, "ok", read.reason, read.info)
 
 
 @dataclass(frozen=True)
