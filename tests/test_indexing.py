@@ -130,14 +130,15 @@ def test_a_run_that_changes_nothing_neither_reads_nor_writes_the_vector_index(ti
     _check_consistent(lib_dir)
 
 
-def test_an_index_run_that_changes_a_few_photos_appends_to_the_vector_index_without_reading_it(tiny_itm_dir, photos, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["exact", "auto"])  # auto: the compact store holds exact vectors below its threshold
+def test_an_index_run_that_changes_a_few_photos_appends_to_the_vector_index_without_reading_it(tiny_itm_dir, photos, tmp_path, monkeypatch, kind):
     """At 100k photos a nightly run read, grew and rewrote the whole 3.3 GB index (61 s, 7.1 GB of RAM): now it
     marks removed rows and appends new ones to the same data file, and never reads the vectors."""
     from blip2_search.store import vectors as vectors_module
     from blip2_search.store.index_files import read_sidecar
 
     lib_dir = tmp_path / "lib"
-    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+    with _open(lib_dir, tiny_itm_dir, vector_index=kind) as lib:
         lib.index([photos])
         want = {h.id for h in lib.search("a red circle", 7, rerank=False, fusion=False).hits}
     first = read_sidecar(lib_dir / "vectors.faiss").params

@@ -383,12 +383,14 @@ class CompactVectorStore:
         train_at: int | None = COMPACT_MIN_IMAGES,
         params: CompactParams | None = None,
         use_gpu: bool | None = None,
+        lazy: bool = False,
     ) -> LoadResult:
         """Load a saved compact index if it is current and was built by this store with codes
-        for this D; otherwise say why (missing, stale, invalid) so the caller rebuilds it."""
+        for this D; otherwise say why (missing, stale, invalid) so the caller rebuilds it.
+        ``lazy``: exact vectors (below ``train_at``) are opened for changes (``FaissVectorStore.load``)."""
         if uses_rows(_sidecar_or_none(path)):  # exact vectors (below train_at): the exact store's files
             exact = FaissVectorStore.load(path, expected_generation=expected_generation, num_query_tokens=num_query_tokens,
-                                          dim=dim, use_gpu=use_gpu, store=COMPACT_STORE)
+                                          dim=dim, use_gpu=use_gpu, store=COMPACT_STORE, lazy=lazy)
             if exact.store is None:
                 return exact
             store = cls(num_query_tokens, dim, vectors_of=vectors_of, train_at=train_at, params=params, use_gpu=use_gpu)

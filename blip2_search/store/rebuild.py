@@ -73,8 +73,8 @@ def open_vectors(
 
     ``kind``: ``exact`` (``FaissVectorStore``), ``compact`` or ``auto`` (``CompactVectorStore``,
     which trains itself at ``index_choice.compact_threshold`` images; ``auto`` from the point
-    where the exact index would outgrow ``memory_budget_bytes``). ``lazy``: an exact index is opened for
-    changes (``FaissVectorStore.load``): its vectors are read on first search, its save appends.
+    where the exact index would outgrow ``memory_budget_bytes``). ``lazy``: exact vectors (of either store)
+    are opened for changes (``FaissVectorStore.load``): read on first search; a save appends.
     """
     info = metadata.info()
     if info.embedder is None:
@@ -89,7 +89,7 @@ def open_vectors(
     if train_at is None:
         loaded = FaissVectorStore.load(index_path, lazy=lazy, **common)
     else:
-        loaded = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **common)
+        loaded = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, lazy=lazy, **common)
         if loaded.store is not None and loaded.store.needs_retraining():
             loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
     if loaded.store is not None:
