@@ -37,8 +37,7 @@ from .store import (
 )
 from .store.engine import METADATA_FILENAME
 from .store.index_choice import VECTOR_INDEX_MODES
-from .store.index_files import files_of_index, remove_temporaries, saved_generation, sidecar_path
-from .store.vectors import IndexFileChanged
+from .store.index_files import files_of_index, remove_leftovers, saved_generation, sidecar_path
 
 LOCK_FILENAME = "index.lock"
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
@@ -540,12 +539,8 @@ class Library:
         if saved == generation and (self._vectors is None or self._vectors_generation == generation):
             return
         store = self.vectors  # opened before the run's changes, which it received: it matches the database
-        try:
-            store.save(path, generation=generation)
-        except IndexFileChanged:  # another process saved meanwhile (a search that rebuilt it): the next open rebuilds
-            self._vectors = self._engine = None
-            return
         self._vectors_generation = generation
+        store.save(path, generation=generation)
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -560,10 +555,12 @@ class Library:
             except BlockingIOError as exc:
                 raise LibraryError(f"library {self.folder} is being indexed or pruned by another process; wait for it to finish") from exc
             self._locked = True
-            remove_temporaries(self.folder / VECTORS_FILENAME)  # a save killed midway left one (an index-sized file)
+            remove_leftovers(self.folder / VECTORS_FILENAME)  # a save killed midway left one (index-sized files)
             yield
         finally:
             self._locked = False
+            if getattr(self._vectors, "opened_for_changes", False):  # it may count rows past the committed ones,
+                self._vectors = self._engine = None  # which the next holder of the lock overwrites: reopened on use
             os.close(fd)
 
     # ------------------------------------------------------------------ searching
@@ -669,7 +666,8 @@ class Library:
                          "cannot be found yet (an `index --reembed` run is going on, or was stopped); run index on their folders")
         if self._unsaved_index is not None:
             notes.append(f"the vector index was rebuilt in memory but not saved ({self._unsaved_index}); every process rebuilds it "
-                         "until then (deleting the stale vector index files, vectors.*, also frees their space)")
+                         "until then (deleting its stale files, vectors.faiss.json and the vectors.faiss, vectors.*.f32 or vectors.*.ids beside it, "
+                         "also frees their space)")
         return replace(result, notes=result.notes + tuple(notes)) if notes else result
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):

@@ -9,7 +9,6 @@ import pytest
 from blip2_search.errors import LibraryError
 from blip2_search.store import FaissVectorStore, exact_files, index_files, vectors as vectors_module
 from blip2_search.store.index_files import read_sidecar, save_vector_index, sidecar_path
-from blip2_search.store.vectors import IndexFileChanged
 
 Q, D = 4, 16
 
@@ -144,23 +143,66 @@ def test_a_save_killed_after_writing_rows_leaves_the_previous_save_and_the_next_
     assert saved(path, 2).image_ids().tolist() == list(range(2, 101))
 
 
-def test_a_lazy_store_does_not_save_over_another_processs_save(start):
-    """An index run's store built on files that a search process replaced (it rebuilt a stale index): the run's
-    save would append to a file nobody reads, so it saves nothing and says so; the library rebuilds later."""
+def test_a_store_whose_files_another_process_replaced_saves_all_its_rows(start, monkeypatch):
+    """An index run's lazy store built on files that a search process replaced meanwhile (it rebuilt a stale
+    index): appending would go to a file nobody reads, so the save writes every row, the lazy store reading
+    its own (spilled ones included) from the data file it holds open, which the other save removed."""
     path, contents, rng = start
+    monkeypatch.setattr(vectors_module, "PENDING_BYTES", 2 * Q * D * 4)
     lazy = saved(path, 1, lazy=True)
-    lazy.add(np.array([500]), unit(rng, 1, Q, D))
+    added = dict(zip(range(500, 505), unit(rng, 5, Q, D)))
+    lazy.add(np.array(list(added)), np.stack(list(added.values())))  # spilled
+    lazy.remove(np.array([1]))
     rebuilt = FaissVectorStore(Q, D, use_gpu=False)
     rebuilt.add(np.array([1, 2]), unit(rng, 2, Q, D))
-    rebuilt.save(path, generation=1)
-    with pytest.raises(IndexFileChanged, match="another process"):
-        lazy.save(path, generation=2)
-    assert saved(path, 1).image_ids().tolist() == [1, 2]
-    loaded = saved(path, 1)  # a store that holds its vectors writes them all instead
+    rebuilt.save(path, generation=1)  # removes the data file the lazy store holds open
+    info = lazy.save(path, generation=2)
+    expected = {**{i: v for i, v in contents.items() if i != 1}, **added}
+    assert info.images == len(expected) and info.params["rows"] == len(expected)
+    queries = unit(rng, 4, D)
+    np.testing.assert_array_equal(saved(path, 2).search(queries, 20)[0], expected_search(expected, queries, 20))
+    loaded = saved(path, 2)  # a store that holds its vectors writes them all too
     rebuilt.save(path, generation=3)
     loaded.add(np.array([600]), unit(rng, 1, Q, D))
     loaded.save(path, generation=4)
-    assert saved(path, 4).image_ids().tolist() == [1, 2, 600]
+    assert saved(path, 4).image_ids().tolist() == sorted(set(expected) | {600})
+
+
+def test_a_failed_spill_is_a_library_error_naming_the_fix(start, monkeypatch):
+    path, contents, rng = start
+    monkeypatch.setattr(vectors_module, "PENDING_BYTES", 0)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exact_files, "write_rows", full)
+    lazy = saved(path, 1, lazy=True)
+    with pytest.raises(LibraryError, match=r"cannot write vectors to .*\.f32 .*No space left.*free disk space"):
+        lazy.add(np.array([700]), unit(rng, 1, Q, D))
+
+
+def test_what_killed_saves_left_is_removed_by_the_next_save_or_index_run(start):
+    """A save killed mid-write leaves a temporary with a token no later save repeats; one killed after its commit
+    leaves its predecessor's files (at 100k, 3.3 GB): both go at the next save, or when an index run starts."""
+    path, contents, rng = start
+    folder = path.parent
+    params = read_sidecar(path).params
+    leftovers = [folder / "vectors.0123456789ab.f32", folder / "vectors.0123456789ab.ids", folder / "vectors.faiss",
+                 folder / "vectors.fedcba987654.f32.x1y2z3.tmp", folder / "vectors.faiss.json.a1b2c3.tmp"]
+
+    def leave():
+        for leftover in leftovers:
+            leftover.write_bytes(b"x" * 64)  # young: a save holding the lock knows none is being written
+
+    leave()
+    index_files.remove_leftovers(path)
+    assert files(folder) == sorted([params["data"], params["ids"], "vectors.faiss.json"])
+    leave()
+    store = saved(path, 1, lazy=True)
+    store.remove(np.array([5]))
+    info = store.save(path, generation=2)
+    assert files(folder) == sorted([info.params["data"], info.params["ids"], "vectors.faiss.json"])
+    assert saved(path, 2).image_ids().tolist() == [i for i in range(1, 101) if i != 5]
 
 
 def test_the_older_layout_is_read_and_replaced_by_the_next_save(tmp_path):

@@ -408,7 +408,7 @@ def test_the_lock_file_is_as_writable_as_its_folder_and_a_file_system_without_lo
     saver = threading.Thread(target=lambda: _call_recording(errors, store.save, path, generation=5))
     saver.start()
     assert entered.wait(10)
-    cleaner = threading.Thread(target=index_files.remove_temporaries, args=(path,))
+    cleaner = threading.Thread(target=index_files.remove_leftovers, args=(path,))
     cleaner.start()
     cleaner.join(1.0)  # without waiting it deletes the save's temporary now
     release.set()

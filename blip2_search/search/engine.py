@@ -231,7 +231,7 @@ def _checked(scores: np.ndarray, bound: float) -> np.ndarray:
     finite = scores[np.isfinite(scores)]
     if len(finite) and float(np.abs(finite).max()) > bound * 1.02 + 1e-3:  # slack: half-precision vectors are unit within ~1%
         raise CorruptIndexError(f"the vector index returned a score of {float(np.abs(finite).max()):.4g}, impossible for unit "
-                                "vectors: its file is damaged; delete the library's vectors.* files and they are rebuilt from the database")
+                                "vectors: its files are damaged; delete the library's vectors.faiss.json and the index is rebuilt from the database")
     return scores
 
 

@@ -107,6 +107,11 @@ class CompactVectorStore:
         return self._exact is None
 
     @property
+    def opened_for_changes(self) -> bool:
+        """True while its exact vectors are a lazy store that has not read them (``FaissVectorStore``)."""
+        return self._exact is not None and self._exact.opened_for_changes
+
+    @property
     def holds_vectors(self) -> bool:
         """True before training (exact vectors in RAM), False after (they are read from disk)."""
         return self._exact is not None
@@ -269,7 +274,7 @@ class CompactVectorStore:
         if vectors.shape != expected:
             raise LibraryError(
                 f"the full-vector source returned shape {vectors.shape}, expected {expected}; "
-                "rebuild the vector index (delete the library's vectors.* files) if the library changed"
+                "rebuild the vector index (delete the library's vectors.faiss.json) if the library changed"
             )
         return vectors
 

@@ -35,6 +35,7 @@ from blip2_search.store.index_choice import EXACT_FACTORY
 from blip2_search.store.index_files import (
     DATA_SUFFIX,
     IDS_SUFFIX,
+    ROWS_FORMAT,
     IndexInfo,
     LoadState,
     _pair_lock,
@@ -42,11 +43,10 @@ from blip2_search.store.index_files import (
     read_sidecar,
     remove_unnamed,
     sidecar_path,
+    tidy,
     write_sidecar,
 )
 
-ROWS_FORMAT = 2
-"""The sidecar ``format`` of this layout (1 is a FAISS file)."""
 DEAD = -1
 """The id of a row whose image was removed or replaced."""
 COMPACT_DEAD_SHARE = 0.25
@@ -173,7 +173,7 @@ def read_vectors(data: BinaryIO, row_ids: np.ndarray, out: np.ndarray, num_query
             n = os.preadv(data.fileno(), [view[got:]], first * size + got)
             if n <= 0:
                 raise CorruptIndexError(f"vectors file {data.name} ends before its row {first + count} (it was cut short); "
-                                        "delete the library's vectors.* files and they are rebuilt from the database")
+                                        "delete the library's vectors.faiss.json and the index is rebuilt from the database")
             got += n
         written += count
 
@@ -214,11 +214,12 @@ def save_full(
 
 def save_appended(
     target: Path, info: IndexInfo, base: RowFiles, row_ids: np.ndarray, written_rows: int, tail: Iterable[np.ndarray]
-) -> tuple[IndexInfo, RowFiles] | None:
+) -> tuple[IndexInfo, RowFiles, BinaryIO] | None:
     """Commit more rows of ``base``'s data file: ``row_ids`` for every row (tombstones included); rows up to
     ``written_rows`` are in the file already (``base``'s, and any the store wrote past them), ``tail``
-    (``[t, Q, D]`` chunks) follows them. Returns None, writing nothing, when the sidecar no longer names
-    ``base`` (another process saved since)."""
+    (``[t, Q, D]`` chunks) follows them. Returns the sidecar, the files and the data file, still open for
+    reading and writing (opened under the lock: the file the sidecar names); None, writing nothing, when
+    the sidecar no longer names ``base`` (another process saved since)."""
     size = row_bytes(info.num_query_tokens, info.dim)
     with _saving(target):
         try:
@@ -227,9 +228,11 @@ def save_appended(
             return None
         if current != base:
             return None
-        with open(base.data_path, "r+b") as data:
+        data = open(base.data_path, "r+b")  # noqa: SIM115 - returned open
+        try:
             if os.fstat(data.fileno()).st_size < written_rows * size:
-                raise OSError(f"{base.data_path} holds fewer rows than were written to it")
+                raise CorruptIndexError(f"vectors file {base.data_path} is shorter than the rows written to it (damaged?); "
+                                        "delete the library's vectors.faiss.json and the index is rebuilt from the database")
             end = written_rows
             for chunk in tail:
                 write_rows(data, end, chunk)
@@ -238,8 +241,11 @@ def save_appended(
                 raise ValueError(f"{len(row_ids)} row ids for {end} rows")
             os.ftruncate(data.fileno(), end * size)  # what a killed save wrote past these rows
             os.fsync(data.fileno())
-        files = RowFiles(target.parent, base.data, _new_name(target, IDS_SUFFIX), end)
-        return _commit(target, info, files, row_ids), files
+            files = RowFiles(target.parent, base.data, _new_name(target, IDS_SUFFIX), end)
+            return _commit(target, info, files, row_ids), files, data
+        except BaseException:
+            data.close()
+            raise
 
 
 class _saving:
@@ -254,7 +260,7 @@ class _saving:
             self.target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             self._raise(error)
-        self.lock.__enter__()
+        tidy(self.target, locked=self.lock.__enter__())  # what killed saves left
 
     def __exit__(self, kind, error, trace) -> bool:
         self.lock.__exit__(kind, error, trace)

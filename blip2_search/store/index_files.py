@@ -1,15 +1,17 @@
 """A vector index on disk: atomic writes, the JSON sidecar that says what built it, the pair lock.
 
-This module writes a FAISS file (the compact index); ``exact_files`` writes the exact index's row
-files with the same sidecar, lock and atomic writes. ``vectors.faiss`` is written first, then ``vectors.faiss.json``, each by: write a temporary file
-in the same folder, fsync it, ``os.replace`` it over the old one, fsync the folder. A crash at any
-point leaves either the old or the new version of each file, and a new index beside an old
-sidecar reads as stale (the sidecar's generation is older), so the caller rebuilds.
+This module writes a FAISS file (the compact index): ``vectors.faiss`` first, then its sidecar
+``vectors.faiss.json``; ``exact_files`` writes the exact index's row files with the same sidecar (its
+commit), lock and atomic writes. Each file is written by: write a temporary file in the same folder,
+fsync it, ``os.replace`` it over the old one, fsync the folder. A crash at any point leaves either the
+old or the new version of each file, and a new index beside an old sidecar reads as stale (the
+sidecar's generation is older), so the caller rebuilds.
 
 Two processes may save the same index (an `index` run, and a search that rebuilt a stale file), and
-a third may read it meanwhile: ``vectors.faiss.lock`` is held exclusively for a save's two writes and
-shared for a read of both files, so neither a saved pair nor a pair read mixes two saves (an old
-index under a newer sidecar of the same size would otherwise pass as current).
+a third may read it meanwhile: ``vectors.faiss.lock`` is held exclusively for a save's writes and
+shared for a read, so neither a saved set of files nor one read mixes two saves (an old index under a
+newer sidecar of the same size would otherwise pass as current). A save, holding it, first removes
+what killed saves left (``tidy``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ DATA_SUFFIX, IDS_SUFFIX = ".f32", ".ids"
 """Suffixes of an exact index's row files (``exact_files``): ``<stem>.<token>.f32`` and ``.ids``."""
 LOCK_SUFFIX = ".lock"
 SIDECAR_FORMAT = 1
+"""The sidecar ``format`` of an index in one FAISS file."""
+ROWS_FORMAT = 2
+"""The sidecar ``format`` of an exact index in row files (``exact_files``)."""
 EXACT_STORE = "exact"
 COMPACT_STORE = "compact"
 
@@ -80,14 +85,14 @@ def lock_path(index_path: str | os.PathLike[str]) -> Path:
 
 
 @contextmanager
-def _pair_lock(index_path: Path, *, exclusive: bool) -> Iterator[None]:
+def _pair_lock(index_path: Path, *, exclusive: bool) -> Iterator[bool]:
     """Hold the index's lock file: exclusively to write the index and its sidecar, shared to read them.
 
     The lock file is as writable as its folder (a library shared by a group), and opened read-only where it
     cannot be opened for writing (flock needs no write access). Where it cannot be opened at all (read-only
     media, where nothing saves) or the file system has no locks (some network mounts), the files are used
     unlocked, as before the lock existed. On NFS, flock is a per-process POSIX lock: threads of one process
-    do not exclude each other there.
+    do not exclude each other there. Yields whether the lock is held.
     """
     descriptor = _lock_descriptor(lock_path(index_path))
     try:
@@ -97,7 +102,7 @@ def _pair_lock(index_path: Path, *, exclusive: bool) -> Iterator[None]:
             except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this file system
                 os.close(descriptor)
                 descriptor = None
-        yield
+        yield descriptor is not None
     finally:
         if descriptor is not None:
             os.close(descriptor)  # releases the lock
@@ -145,13 +150,30 @@ def _remove_stale_temporaries(path: Path, older_than_s: float = STALE_TEMPORARY_
             pass  # gone meanwhile, or not ours to remove
 
 
-def remove_temporaries(path: str | os.PathLike[str]) -> None:
-    """Remove every temporary of `atomic_write` beside `path`, whatever its age: for the holder of the library's
-    lock (one killed mid-save left an index-sized file). It waits for a save in progress (a search that rebuilt
-    the index may be saving it), whose temporary is its own."""
+def remove_leftovers(path: str | os.PathLike[str]) -> None:
+    """Remove what killed saves of the index at ``path`` left (index-sized files): for the holder of the library's
+    lock, at the start of an `index` or `prune`. It waits for a save in progress (a search that rebuilt the
+    index may be saving it). See ``tidy``."""
     path = Path(path)
-    with _pair_lock(path, exclusive=True):  # the index's own, its sidecar's and its row files' (vectors.*.tmp)
-        _remove_stale_temporaries(path, older_than_s=0, pattern=f"{glob.escape(path.stem)}.*.tmp")
+    with _pair_lock(path, exclusive=True) as locked:
+        tidy(path, locked=locked)
+
+
+def tidy(target: Path, *, locked: bool) -> None:
+    """Remove the temporaries of the index's files (``<stem>.*.tmp``) and the index files its sidecar does not
+    name (a save killed after its commit left its predecessor's). The caller holds the exclusive pair lock
+    (``locked``), so no save is writing a temporary: all go; where the file system has no locks, only those
+    older than ``STALE_TEMPORARY_S``."""
+    _remove_stale_temporaries(target, older_than_s=0 if locked else STALE_TEMPORARY_S,
+                              pattern=f"{glob.escape(target.stem)}.*.tmp")
+    try:
+        info = read_sidecar(target)
+    except (OSError, ValueError, TypeError):
+        return  # no commit to go by: nothing is known to be unused
+    if info.format == SIDECAR_FORMAT:
+        remove_unnamed(target, {target.name})
+    elif info.format == ROWS_FORMAT and isinstance(info.params.get("data"), str) and isinstance(info.params.get("ids"), str):
+        remove_unnamed(target, {info.params["data"], info.params["ids"]})
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -185,7 +207,8 @@ def write_index_files(index: faiss.Index, path: str | os.PathLike[str], info: In
     written = info
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _pair_lock(target, exclusive=True):
+        with _pair_lock(target, exclusive=True) as locked:
+            tidy(target, locked=locked)
             atomic_write(target, lambda temporary: faiss.write_index(index, str(temporary)))
             written = IndexInfo(**{**asdict(info), "index_bytes": target.stat().st_size})
             write_sidecar(target, written)
@@ -215,12 +238,16 @@ def files_of_index(target: str | os.PathLike[str]) -> list[Path]:
 
 def remove_unnamed(target: Path, keep: set[str]) -> None:
     """Remove the files of the index at ``target`` (its FAISS file, row files) whose names are not in ``keep``:
-    what the sidecar just written no longer names. The caller holds the exclusive pair lock."""
+    what the sidecar just written no longer names. The caller holds the exclusive pair lock. Best effort: a
+    file that cannot be removed stays."""
     removed = False
     for path in files_of_index(target):
         if path.name not in keep and path != sidecar_path(target):
-            path.unlink(missing_ok=True)
-            removed = True
+            try:
+                path.unlink(missing_ok=True)
+                removed = True
+            except OSError:
+                pass  # not ours to remove (another user's library): a later save by its owner removes it
     if removed:
         _fsync_dir(target.parent)
 

@@ -531,7 +531,7 @@ class MetadataStore:
         if absent and missing == "raise":
             raise LibraryError(
                 f"images {absent[:5]} have no stored vectors in library {self.location}; "
-                "delete the vectors.* files in the library folder so the index is rebuilt"
+                "delete vectors.faiss.json in the library folder so the index is rebuilt"
             )
         present = [image_id for image_id in ids if image_id in found]
         vectors = blobs_to_vectors([found[image_id] for image_id in present], shape, f"vectors of images {ids[:5]}")

@@ -63,11 +63,6 @@ PENDING_BYTES = 256 * 2**20
 them past the committed rows of its data file (where no reader looks until the save commits them)."""
 
 
-class IndexFileChanged(LibraryError):
-    """A store opened for changes found at its save that another process had saved the index since: it did
-    not save (the file on disk is older than the library, so the next open rebuilds it)."""
-
-
 class VectorStore(Protocol):
     """Images with ``num_query_tokens`` vectors of ``dim`` each, searchable by max inner product."""
 
@@ -188,6 +183,12 @@ class FaissVectorStore:
         return len(self._image_ids) * self.num_query_tokens
 
     @property
+    def opened_for_changes(self) -> bool:
+        """True for a lazy store that has not read its vectors: it may have written rows past the committed
+        ones, which only the holder of the library's lock may do (drop it when the lock is released)."""
+        return not self.loaded
+
+    @property
     def loaded(self) -> bool:
         """False while a store opened with ``lazy`` has not read its vectors (its first search reads them)."""
         return self._data is None
@@ -265,7 +266,11 @@ class FaissVectorStore:
             self._ensure_loaded()
             return
         ids = np.array(list(self._pending), dtype=np.int64)
-        exact_files.write_rows(self._data, len(self._rows), np.stack(list(self._pending.values())))
+        try:
+            exact_files.write_rows(self._data, len(self._rows), np.stack(list(self._pending.values())))
+        except OSError as error:
+            raise LibraryError(f"cannot write vectors to {self._data.name} ({error}); free disk space, then run the "
+                               "command again") from error
         self._rows = np.concatenate([self._rows, ids])
         self._pending = {}
 
@@ -385,7 +390,7 @@ class FaissVectorStore:
         scores = max_scores(queries, stored, rows)
         if not np.isfinite(scores).all():  # unit vectors cannot score NaN or inf: the file was damaged
             raise CorruptIndexError("the vector index holds vectors that are not numbers (NaN or inf): its file is damaged; "
-                                    "delete the library's vectors.* files and they are rebuilt from the database")
+                                    "delete the library's vectors.faiss.json and the index is rebuilt from the database")
         for row in range(len(queries)):
             out_ids[row], out_scores[row] = top_k(candidates, scores[row], k_out)
         return out_ids, out_scores
@@ -504,8 +509,9 @@ class FaissVectorStore:
 
         A store loaded from the files at ``path`` appends the images added since and marks the rows of
         those removed; it rewrites every row once more than a quarter of them would be dead. ``params``:
-        build parameters for the sidecar (default ``{"store": "exact"}``). Raises ``IndexFileChanged``
-        when a lazy store finds that another process saved the index since it was opened.
+        build parameters for the sidecar (default ``{"store": "exact"}``). When another process saved the
+        index since (a search that rebuilt it), it writes every row instead (a lazy store reads its own
+        rows from the data file it opened, which stays readable though removed).
         """
         target = Path(path)
         info = IndexInfo(
@@ -518,23 +524,20 @@ class FaissVectorStore:
             rows = np.concatenate([self._rows, ids])
             saved = exact_files.save_appended(target, info, self._file, rows, len(self._rows), self._pending_vectors(ids))
             if saved is not None:
-                return self._saved(target, *saved, rows)
-            if not self.loaded:
-                raise IndexFileChanged(f"vector index {target} was saved by another process since this one opened it; "
-                                       "the next command rebuilds it from the database")
+                written, files, data = saved
+                if self._data is None:
+                    data.close()
+                else:  # a lazy store: its vectors, all in that file now, are read from it on first search
+                    self._data.close()
+                    self._data = data
+                self._path, self._file, self._rows, self._pending = target, files, rows, {}
+                return written
         self._ensure_loaded()
         ids, stored = self._stored()
         chunks = (stored[start : start + _SCORE_CHUNK_IMAGES] for start in range(0, len(ids), _SCORE_CHUNK_IMAGES))
         written, files = exact_files.save_full(target, info, ids, chunks)
-        return self._saved(target, written, files, ids.copy())
-
-    def _saved(self, target: Path, info: IndexInfo, files: RowFiles, rows: np.ndarray) -> IndexInfo:
-        """Build on the files just saved: the next save appends to them."""
-        if self._data is not None:  # a lazy store: its vectors are now all in the file
-            self._data.close()
-            self._data = open(files.data_path, "r+b" if os.access(files.data_path, os.W_OK) else "rb")  # noqa: SIM115
-        self._path, self._file, self._rows, self._pending = target, files, rows, {}
-        return info
+        self._path, self._file, self._rows, self._pending = target, files, ids.copy(), {}
+        return written
 
     def _mostly_dead(self) -> bool:
         dead = int((self._rows == DEAD).sum())
