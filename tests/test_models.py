@@ -288,3 +288,42 @@ def test_qformer_dtype_follows_the_placement(tiny_itm_dir):
     for dtype, qformer in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
         model = Blip2ForImageTextRetrieval.from_pretrained(tiny_itm_dir, dtype=dtype)
         assert next(model.qformer.parameters()).dtype == qformer and model.vision_model.embeddings.patch_embedding.weight.dtype == dtype
+
+
+def test_a_preprocessor_for_another_input_size_than_the_vit_is_refused(tiny_itm_dir, tmp_path):
+    """HF slices the position embeddings to the input's length, so a 32 px input to a ViT built for 48 px runs
+    without error on the wrong positions (review: cosine 0.897 to the right embedding). A -coco model (364 px)
+    with a 224 px preprocessor copied beside it would do that silently."""
+    import json
+    import shutil
+
+    from blip2_search.errors import ModelLoadError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["vision_config"]["image_size"] = 48
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"resizes photos to 32 px but its ViT was built for 48 px.*preprocessor_config.json"):
+        Blip2Encoder.load(str(model)).image_size
+
+
+def test_a_query_with_special_token_text_is_embedded_as_text(tiny_itm_dir, tmp_path):
+    """A tokenizer saved by a Blip2Processor with num_query_tokens holds "<image>" as an added special token whose
+    id is past the Q-Former's vocabulary: a query containing it crashed the text model (IndexError)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.save_pretrained(model)
+    enc = Blip2Encoder.load(str(model))
+    vocab = json.loads((model / "config.json").read_text())["qformer_config"]["vocab_size"]
+    assert enc.tokenizer.convert_tokens_to_ids("<image>") >= vocab
+    vectors = enc.embed_texts(["a photo of <image>", "a photo of [sep] x"])
+    assert vectors.shape == (2, enc.embed_dim) and np.isfinite(vectors).all()
+    assert enc.tokenize(["<image>"])["input_ids"].max() < vocab

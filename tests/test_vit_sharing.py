@@ -91,3 +91,20 @@ def test_demo_models_share_their_vit():
     img = render(ALL_SCENES[5], np.random.default_rng(0), size=(80, 60))
     pixels = {enc.image_size: np.array(img.resize((enc.image_size, enc.image_size)))[None]}
     assert embed_batch(enc, cap, pixels, shared_vit=True).captions == [Blip2Captioner.load("demo").caption([img.resize((enc.image_size, enc.image_size))])[0]]
+
+
+def test_blocks_that_compute_differently_with_the_same_weights_are_not_shared(tiny_itm_dir, shared_captioner_dir, tmp_path):
+    """Equal tensors are not enough: another head count (or eps, activation) makes the captioner's ViT compute
+    other tokens from them, and after sharing it would run the embedder's modules (review: captions changed)."""
+    import json
+
+    for field, value in (("num_attention_heads", 2), ("layer_norm_eps", 1e-2), ("hidden_act", "relu")):
+        other = tmp_path / field
+        shutil.copytree(shared_captioner_dir, other)
+        config = json.loads((other / "config.json").read_text())
+        assert config["vision_config"].get(field) != value
+        config["vision_config"][field] = value
+        (other / "config.json").write_text(json.dumps(config))
+        enc, cap = Blip2Encoder.load(str(tiny_itm_dir)), Blip2Captioner.load(str(other))
+        assert vit_blocks_identical(enc.full_model.vision_model, cap.model.vision_model)  # the same tensors...
+        assert not share_vit(enc, cap), field  # ...computing other tokens

@@ -22,6 +22,7 @@ class Checkpoint:
         self.source = source
         self.placement = placement
         self._image_processor = None
+        self._image_size: int | None = None
         self._norm_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -47,10 +48,22 @@ class Checkpoint:
 
     @property
     def image_size(self) -> int:
-        """Side of the square model input, read from the checkpoint's preprocessor config."""
+        """Side of the square model input, read from the checkpoint's preprocessor config (which must match the
+        ViT's `vision_config.image_size`: HF would run a smaller input on the wrong position embeddings)."""
+        if self._image_size is None:
+            self._image_size = self._checked_image_size()
+        return self._image_size
+
+    def _checked_image_size(self) -> int:
         size = self.image_processor.size
         height = size["height"] if isinstance(size, dict) else getattr(size, "height", None)
-        return int(height if height is not None else size.shortest_edge)
+        side = int(height if height is not None else size.shortest_edge)
+        built_for = (self.source.config().get("vision_config") or {}).get("image_size")
+        if built_for is not None and int(built_for) != side:
+            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json resizes photos to {side} px but its ViT was built "
+                                 f"for {built_for} px (config.json vision_config.image_size); put the preprocessor_config.json that came "
+                                 "with this checkpoint beside it")
+        return side
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values `[n, 3, S, S] float32` with the checkpoint's processor (the reference path)."""

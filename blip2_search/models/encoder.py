@@ -110,8 +110,9 @@ class Blip2Encoder(Checkpoint):
     # ---------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """LAVIS-normalised, right-truncated to 35 tokens, padded to the longest: input_ids, attention_mask `[n, L]`."""
-        enc = self.tokenizer(
-            [pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        enc = self.tokenizer(  # split_special_tokens: a query's "<image>" or "[sep]" is text, not a control token
+            [pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=MAX_TOKENS, return_tensors="pt",
+            split_special_tokens=True,
         )
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
@@ -119,11 +120,12 @@ class Blip2Encoder(Checkpoint):
         """None when `text` fits the 35 tokens BLIP-2 reads; else the last words it reads (`tokenize` cuts there),
         or "" when the tokenizer cannot say where that is."""
         clean = pre_caption(text)
-        if len(self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS + 1)["input_ids"]) <= MAX_TOKENS:
+        if len(self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS + 1, split_special_tokens=True)["input_ids"]) <= MAX_TOKENS:
             return None
         if not self.tokenizer.is_fast:  # no character offsets
             return ""
-        ends = [end for _, end in self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS, return_offsets_mapping=True)["offset_mapping"]]
+        ends = [end for _, end in self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS, return_offsets_mapping=True,
+                                                 split_special_tokens=True)["offset_mapping"]]
         return " ".join(clean[: max(ends)].split()[-4:])  # special tokens have (0, 0)
 
     @torch.inference_mode()
