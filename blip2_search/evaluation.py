@@ -18,6 +18,7 @@ import torch
 
 from .errors import InvalidInputError
 from .models.encoder import Blip2Encoder
+from .store.scoring import max_scores
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def evaluate(encoder: Blip2Encoder, data: EvalSplit, *, rerank_k: int = 128, bat
     timings["embed_texts"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    itc = np.einsum("iqd,td->itq", image_embeds, text_embeds).max(axis=2)  # [n_img, n_txt]
+    itc = max_scores(text_embeds, image_embeds).T  # [n_img, n_txt], a block of images at a time (not [i, t, Q] at once)
     timings["itc"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
