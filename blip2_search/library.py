@@ -265,8 +265,22 @@ class Library:
 
             encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
             encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))
+            self._adopt_fingerprint(encoder)
             self._encoder = encoder
         return self._encoder
+
+    def _adopt_fingerprint(self, encoder) -> None:
+        """A library that recorded its local model's revision with the older fingerprint (config and the first and
+        last MiB of each weights file) records the current one (every tensor sampled) when the files still give the
+        older one: the same weights. Where the library cannot be written, the older one is compared instead."""
+        legacy = encoder.source.legacy_revision
+        recorded = self.metadata.info().embedder if legacy not in (None, encoder.revision) else None
+        if recorded is None or recorded.model.model_id != encoder.name or recorded.model.revision != legacy:
+            return
+        try:
+            self.metadata.adopt_embedder_revision(recorded, encoder.revision)
+        except (LibraryError, SQLAlchemyError):  # read-only: compare what was recorded
+            encoder.source = replace(encoder.source, revision=legacy)
 
     @property
     def captioner(self):
@@ -576,7 +590,7 @@ class Library:
             if info.embedder is None:
                 raise LibraryError(f"library {self.folder} has no indexed images yet; run `blip2-search index PHOTO_DIR --library {self.folder}` first")
             enc = self.encoder
-            recorded = info.embedder.model
+            recorded = self.metadata.info().embedder.model  # read again: loading the encoder may adopt a new fingerprint
             if recorded.model_id != enc.name and self.reembed:  # opened to re-embed with another model: its index run comes first
                 raise ModelMismatchError(
                     f"library {self.folder}'s vectors come from {recorded.describe()}, not {enc.name!r}; run "

@@ -533,6 +533,38 @@ def test_rehash_finds_content_replaced_under_the_same_size_and_time(tiny_itm_dir
     _check_consistent(lib_dir)
 
 
+def test_a_library_of_the_older_fingerprint_adopts_the_new_one_and_still_sees_changed_weights(tiny_itm_dir, photos, tmp_path):
+    """Libraries recorded a local model's revision with the older fingerprint: the same files carry on (the library
+    records the new fingerprint), other files are refused as before."""
+    from safetensors.torch import load_file, save_file
+
+    from blip2_search.models.loading import legacy_fingerprint
+    from blip2_search.store import EmbedderInfo, updates
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, model) as lib:
+        lib.index([photos])
+        new = lib.metadata.info().embedder
+        old = EmbedderInfo(ModelRef(new.model.model_id, legacy_fingerprint(model)), new.num_query_tokens, new.dim)
+        with lib.metadata._write() as connection:  # as a library indexed before the new fingerprint recorded it
+            updates.write_embedder(connection, old)
+    with Library.open(lib_dir) as lib:
+        assert len(lib.search("a red circle", 3, rerank=False).hits) == 3
+        assert lib.metadata.info().embedder == new  # adopted
+    with Library.open(lib_dir) as lib:  # an older library again, whose weights are then changed
+        with lib.metadata._write() as connection:
+            updates.write_embedder(connection, old)
+    (weights,) = model.glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors = {name: (-t if "projection" in name else t) for name, t in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelMismatchError, match="re-index with --reembed, or restore the original model files"):
+        with Library.open(lib_dir) as lib:
+            lib.search("a red circle", 3, rerank=False)
+
+
 def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, photos, tmp_path):
     from tiny_models import make_tiny_itm
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -254,6 +256,28 @@ def test_revision_fingerprint_changes_with_weights(tmp_path):
     a = resolve_model(str(make_tiny_itm(tmp_path / "a", seed=1)))
     b = resolve_model(str(make_tiny_itm(tmp_path / "b", seed=2)))
     assert a.revision != b.revision and a.revision == resolve_model(str(tmp_path / "a")).revision
+
+
+def test_the_fingerprint_sees_a_tensor_retrained_in_the_middle_of_the_weights(tmp_path):
+    """The older fingerprint read the first and last MiB of each file: a fine-tune of tensors between them (at
+    multi-GB, nearly all: Q-Former, heads, projections) kept it, and a library searched old vectors with new
+    weights (review). Every tensor's edges are hashed now."""
+    from safetensors.torch import save_file
+
+    from blip2_search.models.loading import legacy_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    tensors = {"a.weight": torch.zeros(2**19), "b.projection": torch.randn(256, 16), "c.weight": torch.zeros(2**19)}
+    save_file(tensors, model / "model.safetensors")  # b's bytes lie 2 MiB into a 4 MiB file
+    before = resolve_model(str(model))
+    tensors["b.projection"] = -tensors["b.projection"]  # retrained: another value in every byte, same shape and place
+    save_file(tensors, model / "model.safetensors")
+    after = resolve_model(str(model))
+    assert after.legacy_revision == legacy_fingerprint(model) == before.legacy_revision  # the older one missed it
+    assert after.revision != before.revision and after.revision.startswith("content:")
+    assert resolve_model(str(model)).revision == after.revision  # and it is stable
 
 
 def test_tiny_tokenizer_knows_its_words(encoder):

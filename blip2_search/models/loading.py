@@ -30,6 +30,9 @@ class ModelSource:
     name: str
     path: Path
     revision: str
+    legacy_revision: str | None = None
+    """A local directory's fingerprint as libraries recorded it before every tensor was sampled (see
+    `legacy_fingerprint`): a library that recorded it adopts `revision` when the files still give it."""
 
     def config(self) -> dict:
         """The checkpoint's `config.json` as a dict."""
@@ -66,7 +69,7 @@ def _demo_source(role: str) -> ModelSource:
     path = demo.CAPTIONER_DIR if role == "captioner" else demo.ITM_DIR
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"the demo {role} is missing from the installed package at {path}; reinstall blip2-search or run `python -m blip2_search.demo.train`")
-    return ModelSource(DEMO, path, fingerprint(path))
+    return ModelSource(DEMO, path, fingerprint(path), legacy_fingerprint(path))
 
 
 def _local_source(name: str, path: Path, role: str) -> ModelSource:
@@ -76,7 +79,7 @@ def _local_source(name: str, path: Path, role: str) -> ModelSource:
         raise ModelNotFoundError(f"{role} model directory {name!r} has no config.json; pass {_option(role)} with a directory saved by save_pretrained")
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"model directory {name!r} has no .safetensors weights (pickled .bin weights are not loaded); convert it with save_pretrained(safe_serialization=True)")
-    return ModelSource(name, path.resolve(), fingerprint(path))
+    return ModelSource(name, path.resolve(), fingerprint(path), legacy_fingerprint(path))
 
 
 def _hub_source(name: str, role: str) -> ModelSource:
@@ -101,15 +104,61 @@ def _hub_source(name: str, role: str) -> ModelSource:
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelNotFoundError(f"{role} model {name!r} is not a local directory, not in the HF cache, and could not be downloaded ({reason}); {fix}") from exc
     path = Path(local)
-    return ModelSource(name, path, path.name if path.parent.name == "snapshots" else fingerprint(path))
+    if path.parent.name == "snapshots":
+        return ModelSource(name, path, path.name)
+    return ModelSource(name, path, fingerprint(path), legacy_fingerprint(path))
+
+
+_EDGE_BYTES = 4096
 
 
 def fingerprint(path: Path) -> str:
-    """A short content id for a checkpoint directory: config plus the weights' headers, sizes and edges.
+    """A short content id for a checkpoint directory: its config, and for each safetensors file its size, its
+    header (every tensor's name, dtype, shape and place) and the first and last 4 KiB of every tensor.
 
-    Cheap for multi-GB weights (reads the safetensors header and the first and last MiB of each file),
-    yet changes whenever the weights are retrained or replaced.
+    Cheap for multi-GB weights (a few MB read), yet it changes when any tensor is retrained or replaced: a
+    fine-tune changes every byte of the tensors it trains, so each one's edges change too. Libraries record it
+    as the embedder's revision and refuse to mix vectors of other weights.
     """
+    h = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        h.update(weights.name.encode() + weights.stat().st_size.to_bytes(8, "little"))
+        with weights.open("rb") as f:
+            _hash_tensor_edges(f, h)
+    return "content:" + h.hexdigest()[:16]
+
+
+def _hash_tensor_edges(f, h) -> None:
+    """Hash a safetensors file's header and each tensor's first and last ``_EDGE_BYTES`` (the whole tensor when
+    smaller); a file whose header cannot be read is hashed by its first MiB."""
+    head = f.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = f.read(length) if 0 < length <= 100 << 20 else b""
+    try:
+        tensors = json.loads(header)
+        spans = sorted(tuple(t["data_offsets"]) for name, t in tensors.items() if name != "__metadata__")
+    except (ValueError, TypeError, KeyError):
+        f.seek(0)
+        h.update(f.read(1 << 20))
+        return
+    h.update(header)
+    base = 8 + length
+    for start, end in spans:
+        f.seek(base + start)
+        if end - start <= 2 * _EDGE_BYTES:
+            h.update(f.read(end - start))
+            continue
+        h.update(f.read(_EDGE_BYTES))
+        f.seek(base + end - _EDGE_BYTES)
+        h.update(f.read(_EDGE_BYTES))
+
+
+def legacy_fingerprint(path: Path) -> str:
+    """The fingerprint libraries recorded before `fingerprint` sampled every tensor: the config, and each safetensors
+    file's size and first and last MiB (most tensors of a large checkpoint lie between). Kept to recognise them."""
     h = hashlib.sha256()
     config = path / "config.json"
     if config.is_file():

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -234,6 +235,13 @@ class MetadataStore:
                 f"{embedder.describe()} was requested; use the library's model, or re-embed "
                 "every image with --reembed"
             )
+
+    def adopt_embedder_revision(self, recorded: EmbedderInfo, revision: str) -> None:
+        """Record ``revision`` for the embedder if ``recorded`` is still what the library holds (the same weights
+        under a new fingerprint); otherwise change nothing."""
+        with self._write() as connection:
+            if read_embedder(connection) == recorded:
+                updates.write_embedder(connection, replace(recorded, model=replace(recorded.model, revision=revision)))
 
     def reset_embedder(self, embedder: EmbedderInfo) -> int:
         """Drop all vectors, record ``embedder``, and mark indexed images pending; return how many.
