@@ -439,6 +439,9 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
             rec[f"sqlite_write_ms_per_img_b{b}"] = round(1000 * statistics.median(db.seconds) / b, 3)
         del px
 
+    if rec.left() > 60:
+        qformer_precision(rec, enc, device, batches[0], 2 if small else int(os.environ.get("GPU_BENCH_REPS", "3")))
+
     # Text query latency (tokenise, Q-Former text path, projection, copy to host).
     t = timed(lambda: enc.embed_texts([QUERY]), device, 10 if small else 50, warmup=3)
     rec["text_query_p50_ms"], rec["text_query_p95_ms"] = p(t, 0.5), p(t, 0.95)
@@ -459,6 +462,42 @@ def bench_model(rec: Recorder, enc: Blip2Encoder, device: torch.device, small: b
     t = timed(lambda: enc.match(QUERY, enc.vit_tokens(px)), device, reps, warmup=1)
     rec[f"rerank_k{k}_recompute_p50_ms"] = p(t, 0.5)
     del vit, host, px
+
+
+def qformer_precision(rec: Recorder, enc: Blip2Encoder, device: torch.device, b: int, reps: int) -> None:
+    """The Q-Former in float32 (as LAVIS ran it for retrieval: BLIP2_FACTS) against bfloat16 (what transformers
+    gives under bf16: it keeps the Q-Former float32 only under fp16). Speed with the ViT tokens ready and end to
+    end, with and without TF32 matmuls, and how far bf16's embeddings and ITM logits are from float32's on the
+    same ViT tokens (random weights: real checkpoints may differ). Decides whether the library should cast it."""
+    import copy
+
+    m = enc.full_model
+    if next(m.qformer.parameters()).dtype == torch.float32:
+        rec["qformer_precision"] = "skipped: the Q-Former is already float32 in this placement"
+        return
+    px = torch.randn(b, 3, 224, 224, device=device)
+    vit = enc.vit_tokens(px)
+    ids = enc.tokenize([QUERY] * b)
+    low_embeds, low_itm = enc.image_embeds(vit), enc.itm_logits(vit, ids["input_ids"], ids["attention_mask"])
+    qformer, tokens = m.qformer, m.query_tokens
+    m.qformer = copy.deepcopy(qformer).float()
+    m.query_tokens = torch.nn.Parameter(tokens.detach().float(), requires_grad=False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        embeds, itm = enc.image_embeds(vit), enc.itm_logits(vit, ids["input_ids"], ids["attention_mask"])
+        rec["qformer_bf16_vs_fp32_embed_max_abs"] = round(float((low_embeds - embeds).abs().max()), 5)
+        rec["qformer_bf16_vs_fp32_itm_logit_max_abs"] = round(float((low_itm[:, 1] - itm[:, 1]).abs().max()), 4)
+        for allow in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            label = "tf32" if allow else "fp32"
+            t = timed(lambda: enc.embed_vit_tokens(vit), device, reps)
+            rec[f"qformer_{label}_img_s_b{b}"] = round(b / statistics.median(t), 1)
+            t = timed(lambda: enc.embed_pixels(px), device, reps)
+            rec[f"embed_qformer_{label}_img_s_b{b}"] = round(b / statistics.median(t), 1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        m.qformer, m.query_tokens = qformer, tokens
+    del vit, px
 
 
 def bench_search(rec: Recorder, device: torch.device, small: bool) -> None:
