@@ -79,7 +79,7 @@ def id_selector(vector_ids: np.ndarray) -> tuple[faiss.IDSelector, object]:
         mask = np.zeros(bits, dtype=bool)
         mask[vector_ids] = True
         bitmap = np.packbits(mask, bitorder="little")
-        return faiss.IDSelectorBitmap(bits, faiss.swig_ptr(bitmap)), bitmap
+        return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap  # its size in bytes, not bits
     return faiss.IDSelectorBatch(vector_ids), vector_ids
 
 
