@@ -147,6 +147,7 @@ class Library:
         self._captioner = None
         self._vectors: VectorStore | None = None
         self._vectors_generation: int | None = None
+        self._seen_generation = 0  # the database's vectors generation at the last search (`_follow_other_writers`)
         self._engine = None
         self._captions_generation: int | None = None
         self._unsaved_index: str | None = None  # why the rebuilt vector index is in memory only
@@ -317,6 +318,7 @@ class Library:
         vectors were loaded. While such a run is still going (its index file not yet saved at the
         database's generation) the loaded vectors keep serving, rather than rebuilding on every batch."""
         current, captions = self.metadata.generations()  # one database read per search
+        self._seen_generation = current
         if self._engine is not None and captions != self._captions_generation:
             self._engine = None  # captions written since (after an `index` that captioned earlier photos)
         if self._vectors is None:
@@ -605,6 +607,8 @@ class Library:
                 )
             self._captions_generation = self.metadata.captions_generation()
             self._engine = SearchEngine(self.metadata, self.vectors, enc)
+        # serving vectors older than the database (another process's run is going on): only indexed photos qualify
+        self._engine.index_behind = self._vectors_generation is not None and self._vectors_generation < self._seen_generation
         return self._engine
 
     def default_rerank_k(self) -> int:

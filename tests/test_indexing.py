@@ -533,6 +533,34 @@ def test_rehash_finds_content_replaced_under_the_same_size_and_time(tiny_itm_dir
     _check_consistent(lib_dir)
 
 
+def test_a_server_beside_a_running_prune_returns_k_indexed_photos(tiny_itm_dir, photos, tmp_path):
+    """While another process's run holds the library and has not saved the vector index, a server keeps its loaded
+    index: photos that run forgot were dropped from the results without refilling them (3 asked, 1 returned; an
+    empty answer said the library had nothing searchable), and photos it marked deleted were still returned."""
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    server = Library.open(lib_dir)
+    other = Library.open(lib_dir)
+    try:
+        top = [h.id for h in server.search("a red circle", 3, rerank=False, fusion=False).hits]
+        query_image = photos / "p5.jpg"
+        with other._lock():  # a prune or index run in another process, mid-way
+            other.metadata.mark_deleted(top[:1])
+            deleted_only = [h.id for h in server.search("a red circle", 3, rerank=False, fusion=False).hits]
+            assert len(deleted_only) == 3 and top[0] not in deleted_only
+            other.metadata.mark_deleted(top[1:2])
+            other.metadata.forget_deleted()
+            for result in (server.search("a red circle", 3, rerank=False, fusion=False), server.search("a red circle", 3, rerank=False),
+                           server.similar(query_image, 3)):
+                ids = [h.id for h in result.hits]
+                assert len(ids) == 3 and not set(ids) & set(top[:2]), ids
+            assert len(server.search("a red circle", 5, rerank=False, fusion=False).hits) == 5  # 7 photos, 2 gone
+    finally:
+        server.close()
+        other.close()
+
+
 def test_a_library_of_the_older_fingerprint_adopts_the_new_one_and_still_sees_changed_weights(tiny_itm_dir, photos, tmp_path):
     """Libraries recorded a local model's revision with the older fingerprint: the same files carry on (the library
     records the new fingerprint), other files are refused as before."""

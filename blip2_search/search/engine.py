@@ -38,12 +38,13 @@ class SearchEngine:
         self.encoder = encoder
         self.vit_source = vit_source or RecomputeVit(encoder)
         self._caption_matrix: tuple[np.ndarray, np.ndarray] | None = None
+        self.index_behind = False  # the vector index is older than the database: see `_allowed`
 
     # ------------------------------------------------------------------ text
     def search_text(self, query: Query, k: int, *, filters: Filters = Filters(), rerank: bool = False, rerank_k: int = 32,
                     fusion: bool = True, sort: str = "score", vit_source: VitSource | None = None) -> SearchResult:
         """Top `k` images for a (possibly composite) text query."""
-        allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
+        allowed = self._allowed(filters)
         notes = query_notes(self.encoder, query, reranked=rerank and rerank_k > 0)
         texts = [t.text for t in query.terms]
         weights = np.array([t.weight for t in query.terms], dtype=np.float32)
@@ -69,6 +70,15 @@ class SearchEngine:
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
         return SearchResult(query.raw, tuple(hits), tuple(notes))
+
+    def _allowed(self, filters: Filters) -> np.ndarray | None:
+        """The photos a search may return: those the filters pass, or None for any. While the loaded vector index is
+        older than the database (`index_behind`: another process's `index` or `prune` is going on and has not saved
+        it yet), only photos the database holds as indexed, so those it removed meanwhile are neither returned nor
+        leave the results short."""
+        if not (filters.restricts_ids or self.index_behind):
+            return None
+        return self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before)
 
     def _first_stage(self, emb: np.ndarray, weights: np.ndarray, simple: bool, depth: int, allowed) -> tuple[np.ndarray, np.ndarray]:
         """Ids and ITC scores, best first (ties by id). Exact for simple queries at any depth."""
@@ -157,7 +167,7 @@ class SearchEngine:
     # ------------------------------------------------------------------ images
     def search_image(self, image: Image.Image, k: int, *, filters: Filters = Filters(), sort: str = "score", label: str = "") -> SearchResult:
         """Images most like `image`: mean over its query vectors of the best match among each image's."""
-        allowed = self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before) if filters.restricts_ids else None
+        allowed = self._allowed(filters)
         q = self.encoder.embed_images([image])  # [1, Q, D]
         ids, scores = self.vectors.search_vectors(q, k, allowed_ids=allowed)
         ids, scores = ids[0], _checked(scores[0], 1.0)
