@@ -72,6 +72,12 @@ def test_few_images():
     assert duplicate_groups(np.zeros(0, np.int64), lambda i: v[:0], 0.9) == []
     same = np.stack([v[0], v[0]])
     assert duplicate_groups(np.array([4, 9]), lambda i: same[(i == 9).astype(int)], 0.999) == [[4, 9]]
+    # exact copies at threshold 1 (accepted), though float32 gives many unit vectors a self-score just under it
+    copies = np.stack([v[i] for i in range(20) for _ in range(2)])
+    short = [i for i in range(20) if mean_max(v[i], v[i : i + 1])[0] < 1.0]
+    assert short, "no vector of this library falls short of 1 against itself: the case is not exercised"
+    ids = np.arange(40, dtype=np.int64)
+    assert duplicate_groups(ids, lambda i: copies[i], 1.0) == [[2 * i, 2 * i + 1] for i in range(20)]
 
 
 def test_pair_scores_equal_mean_max_row_by_row():

@@ -99,6 +99,11 @@ def _group_neighbours(vectors: np.ndarray, block: int = 1024) -> list[np.ndarray
     return out
 
 
+SCORE_ROUNDING = 1e-6
+"""float32 scores of unit vectors fall short of their true value by up to this: an exact copy scores 0.99999994,
+so a threshold of 1 (accepted: "(0, 1]") found no copies."""
+
+
 def duplicate_groups(
     ids: np.ndarray,
     read: Callable[[np.ndarray], np.ndarray],
@@ -135,7 +140,7 @@ def duplicate_groups(
                 continue
             best = np.lexsort((ids[cands], -scores))[:neighbours]
             for c, s in zip(cands[best].tolist(), scores[best].tolist()):
-                if s >= threshold:
+                if s >= threshold - SCORE_ROUNDING:
                     parent[find(row)] = find(c)
     groups: dict[int, list[int]] = {}
     for position in range(len(ids)):
