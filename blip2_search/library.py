@@ -643,8 +643,9 @@ class Library:
         _check_rerank_source(rerank_source)
         return self._rebuilt_if_damaged(lambda: self._search(q, k, rerank, rerank_k, filters, sort, fusion, rerank_source, path))
 
-    def _rebuilt_if_damaged(self, search):
-        """`search()`, once more after rebuilding the vector index from the database if its file turned out damaged."""
+    def _rebuilt_if_damaged(self, search, *, note: bool = True):
+        """`search()`, once more after rebuilding the vector index from the database if its file turned out damaged
+        (with a note on the result, unless `note` is False: a result that carries none)."""
         try:
             return search()
         except CorruptIndexError:
@@ -657,8 +658,10 @@ class Library:
         except CorruptIndexError as exc:  # rebuilt from the database and still impossible: the stored vectors are bad
             raise LibraryError(f"library {self.folder}: {exc}; it persists after rebuilding the index from the database, so "
                                "the stored vectors are wrong: re-index with --reembed") from None
-        note = "the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
-        return replace(result, notes=result.notes + (note,))
+        if not note:
+            return result
+        said = "the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
+        return replace(result, notes=result.notes + (said,))
 
     def _search(self, q, k, rerank, rerank_k, filters, sort, fusion, rerank_source, path):
         from .search.results import check_k
@@ -722,17 +725,19 @@ class Library:
         if isinstance(hits, (str, bytes, Hit)) or not isinstance(hits, Iterable):
             raise InvalidInputError(f"hits to rerank must be a search result, a list of its Hits or image ids, not {type(hits).__name__}")
         hits = self._hits_of(list(hits))
-        return self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)) if hits else SearchResult(q.raw, ())
+        if not hits:
+            return SearchResult(q.raw, ())
+        return self._rebuilt_if_damaged(lambda: self.engine.rerank(q, hits, vit_source=self._vit_source(rerank_source)))
 
     def _hits_of(self, items: list) -> list:
-        """`items` (Hits and image ids) as Hits of this library; InvalidInputError for anything else, for
-        ids that are not indexed images, and for a Hit whose path is not its id's (another library's)."""
+        """`items` (Hits and image ids) as Hits of this library, each photo once; InvalidInputError for anything else,
+        for ids that are not indexed images, and for a Hit whose path is not its id's (another library's)."""
         from .search.results import Hit
 
         bad = [i for i in items if not isinstance(i, Hit) and (not isinstance(i, numbers.Integral) or isinstance(i, (bool, np.bool_)))]
         if bad:
             raise InvalidInputError(f"cannot rerank {bad[0]!r} ({type(bad[0]).__name__}); pass Hits from search or integer image ids")
-        ids = [h.id if isinstance(h, Hit) else int(h) for h in items]
+        ids = list(dict.fromkeys(h.id if isinstance(h, Hit) else int(h) for h in items))  # each photo once, first place kept
         records = {r.id: r for r in self.metadata.get_records(ids) if r.status == "indexed"}
         unknown = [i for i in ids if i not in records]
         if unknown:
@@ -751,8 +756,11 @@ class Library:
 
         if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
             raise InvalidInputError(f"duplicate threshold {threshold!r} is not a number in (0, 1]; try --threshold 0.95")
+        return self._rebuilt_if_damaged(lambda: self._duplicates(float(threshold)), note=False)
+
+    def _duplicates(self, threshold: float) -> list[list[DuplicatePhoto]]:
         engine = self.engine
-        groups = engine.duplicates(float(threshold))
+        groups = engine.duplicates(threshold)
         records = {r.id: r for r in self.metadata.get_records([i for g in groups for i in g])}
         out = []
         for group in groups:

@@ -1390,6 +1390,26 @@ def test_a_damaged_vector_index_of_the_right_size_is_rebuilt(tiny_itm_dir, photo
     with Library.open(lib_dir) as lib:
         got = lib.search("a red circle", 3, rerank=False, fusion=False)
         assert [h.id for h in got.hits] == [h.id for h in want.hits] and "damaged" in got.notes[0]
+    # the other reads of the vectors: a composite query, an image search, a rerank, duplicates (review: the
+    # photo dropped out silently, NaN scores, or no duplicate groups at all)
+    (damaged,) = lib_dir.glob("vectors.*.f32")
+    nan_rows = np.fromfile(damaged, dtype=np.float32)
+    nan_rows[: 32 * 256] = np.nan
+    first = int(np.fromfile(next(lib_dir.glob("vectors.*.ids")), dtype=np.int64)[0])  # the photo of the damaged row
+    for use in (lambda lib: lib.search('"a red circle" - "a square"', 3, rerank=False, fusion=False),
+                lambda lib: lib.similar(photos / "p1.jpg", 3), lambda lib: lib.rerank("a red circle", [first, *[i for i in (1, 2, 3) if i != first][:2]]),
+                lambda lib: lib.duplicates(0.5)):
+        (damaged,) = lib_dir.glob("vectors.*.f32")
+        nan_rows.tofile(damaged)
+        with Library.open(lib_dir) as lib:
+            got = use(lib)
+            assert isinstance(got, list) or got.notes[-1:] == ("the vector index was damaged (it gave scores impossible for unit "
+                                                                "vectors): rebuilt it from the database",), got
+            if hasattr(got, "hits"):
+                assert all(np.isfinite(h.score) for h in got.hits) and len(got.hits) == 3
+        with Library.open(lib_dir) as lib:
+            assert lib.search("a red circle", 3, rerank=False, fusion=False).notes == ()  # rebuilt: whole again
+    assert not any(np.isnan(np.fromfile(next(lib_dir.glob("vectors.*.f32")), dtype=np.float32)))
 
 
 def test_a_reembed_without_captions_embeds_the_kept_captions_again(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):

@@ -172,7 +172,7 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     assert [h.itc for h in partly.hits[2:]] == sorted((h.itc for h in partly.hits[2:]), reverse=True)  # the unread by ITC
     assert partly.notes == ("2 candidates could not be reranked (file missing or unreadable; index its folder again to refresh it, or "
                            "forget photos whose files are gone for good with `prune --missing`)",)
-    by_id = lib.rerank(query, [h.id for h in searched[:2]] + [searched[2]])  # image ids or hits
+    by_id = lib.rerank(query, [h.id for h in searched[:2]] + [searched[2], searched[0].id])  # image ids or hits; a repeat counts once
     assert [h.id for h in by_id.hits] == [h.id for h in again.hits if h.id in {h.id for h in searched[:3]}]
     np.testing.assert_allclose([h.score for h in by_id.hits], [h.score for h in again.hits if h.id in {h.id for h in by_id.hits}], atol=1e-5)
     other = replace(searched[0], path=searched[1].path)  # e.g. a hit of another library's search: refused, not mixed

@@ -119,6 +119,11 @@ class VectorStore(Protocol):
         """Write the index and its sidecar atomically, stamped with ``generation``; return the sidecar."""
 
 
+def _damaged() -> CorruptIndexError:
+    return CorruptIndexError("the vector index holds vectors that are not numbers (NaN or inf): its files are damaged; "
+                             "delete the library's vectors.faiss.json and the index is rebuilt from the database")
+
+
 def _best_per_image(vector_ids: np.ndarray, scores: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image, the highest score among its returned vectors; ranked (see ``scoring.rank``)."""
     valid = vector_ids >= 0
@@ -161,6 +166,7 @@ class FaissVectorStore:
         self._use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
         self._gpu_index: faiss.Index | None = None
         self._stored_view: tuple[np.ndarray, np.ndarray] | None = None
+        self._finite_checked = False  # every stored vector seen to be a number since the last change (`stored`)
         # The saved files this store builds on (see exact_files): a save appends what changed since.
         self._path: Path | None = None
         self._file: RowFiles | None = None  # None: no file (or one of the FAISS layout): the next save writes all
@@ -206,6 +212,7 @@ class FaissVectorStore:
         """Forget the GPU copy and the flat view; called by every add, remove and reset."""
         self._gpu_index = None
         self._stored_view = None
+        self._finite_checked = False
 
     def _vector_ids(self, image_ids: np.ndarray) -> np.ndarray:
         q = self.num_query_tokens
@@ -389,15 +396,21 @@ class FaissVectorStore:
             return out_ids, out_scores
         scores = max_scores(queries, stored, rows)
         if not np.isfinite(scores).all():  # unit vectors cannot score NaN or inf: the file was damaged
-            raise CorruptIndexError("the vector index holds vectors that are not numbers (NaN or inf): its file is damaged; "
-                                    "delete the library's vectors.faiss.json and the index is rebuilt from the database")
+            raise _damaged()
         for row in range(len(queries)):
             out_ids[row], out_scores[row] = top_k(candidates, scores[row], k_out)
         return out_ids, out_scores
 
     def stored(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every stored image, without copying: ``(image ids [n] int64, vectors [n, Q, D] float32)``."""
-        return self._stored()
+        """Every stored image, without copying: ``(image ids [n] int64, vectors [n, Q, D] float32)``.
+        CorruptIndexError when a vector is not a number (a damaged file), checked once per load."""
+        ids, stored = self._stored()
+        if not self._finite_checked:
+            for start in range(0, len(stored), _SCORE_CHUNK_IMAGES):
+                if not np.isfinite(stored[start : start + _SCORE_CHUNK_IMAGES]).all():
+                    raise _damaged()
+            self._finite_checked = True
+        return ids, stored
 
     def _stored(self) -> tuple[np.ndarray, np.ndarray]:
         """Every stored image without copying: ``(image ids [n] int64, vectors [n, Q, D] float32)``.
@@ -435,7 +448,10 @@ class FaissVectorStore:
         if not len(ids):
             return np.zeros((0, self.num_query_tokens, self.dim), np.float32)
         self._ensure_loaded()
-        return self._index.reconstruct_batch(self._vector_ids(ids)).reshape(len(ids), self.num_query_tokens, self.dim)
+        out = self._index.reconstruct_batch(self._vector_ids(ids)).reshape(len(ids), self.num_query_tokens, self.dim)
+        if not np.isfinite(out).all():
+            raise _damaged()
+        return out
 
     def _exact_scores(self, query: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
         """``_mean_max`` for the given images, read from the index: ``[c] float32``."""
@@ -456,6 +472,8 @@ class FaissVectorStore:
         for start in range(0, len(image_ids), _SCORE_CHUNK_IMAGES):
             end = start + _SCORE_CHUNK_IMAGES
             scores[start:end] = self._mean_max(query, stored[start:end])
+        if not np.isfinite(scores).all():
+            raise _damaged()
         return image_ids, scores
 
     def search_vectors(
