@@ -151,6 +151,8 @@ class Library:
         self._engine = None
         self._captions_generation: int | None = None
         self._unsaved_index: str | None = None  # why the rebuilt vector index is in memory only
+        self._unadopted_revision: str | None = None  # the files' new fingerprint when it could not be recorded
+        self._distrusted_index: str | None = None  # why the index file must be rebuilt though current (damaged, unremovable)
         self._forget_captioner = False  # opened with captioner="none": the next index run clears the record
         self._model_pending = False  # no model named and none recorded when opened: read the record at first use
         self._locked = False  # this process holds the library lock (an index or prune of its own runs)
@@ -270,6 +272,13 @@ class Library:
             self._encoder = encoder
         return self._encoder
 
+    def _same_embedder(self, recorded: EmbedderInfo) -> bool:
+        """Whether the library's recorded embedder is this process's: equal, or the same files under the fingerprint
+        this process could not record itself (another process adopted it since)."""
+        mine = self._embedder_info()
+        return recorded == mine or (replace(recorded, model=replace(recorded.model, revision=mine.model.revision)) == mine
+                                    and recorded.model.revision == self._unadopted_revision)
+
     def _adopt_fingerprint(self, encoder) -> None:
         """A library that recorded its local model's revision with the older fingerprint (config and the first and
         last MiB of each weights file) records the current one (every tensor sampled) when the files still give the
@@ -280,7 +289,8 @@ class Library:
             return
         try:
             self.metadata.adopt_embedder_revision(recorded, encoder.revision)
-        except (LibraryError, SQLAlchemyError):  # read-only: compare what was recorded
+        except (LibraryError, SQLAlchemyError):  # read-only (or busy): compare what was recorded
+            self._unadopted_revision = encoder.revision
             encoder.source = replace(encoder.source, revision=legacy)
 
     @property
@@ -308,7 +318,7 @@ class Library:
             # An index or prune run (it holds the lock) opens an exact index lazily: it reads the vectors only if it
             # searches, and its save appends what it changed.
             opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
-                                  save=self._locked or not self._writer_running(), lazy=self._locked)
+                                  save=self._locked or not self._writer_running(), lazy=self._locked, distrust=self._distrusted_index)
             self._vectors, self._vectors_generation = opened.store, opened.generation
             self._unsaved_index = opened.unsaved
         return self._vectors
@@ -326,7 +336,7 @@ class Library:
         if current == self._vectors_generation:
             return
         recorded = self.metadata.info().embedder
-        if recorded is not None and recorded != self._embedder_info():
+        if recorded is not None and not self._same_embedder(recorded):
             raise self._reembedded_elsewhere(recorded.model)
         path = self.folder / VECTORS_FILENAME
         if not sidecar_path(path).exists() or saved_generation(path) == current or not self._writer_running():
@@ -556,7 +566,10 @@ class Library:
             return
         store = self.vectors  # opened before the run's changes, which it received: it matches the database
         self._vectors_generation = generation
-        store.save(path, generation=generation)
+        try:
+            store.save(path, generation=generation)
+        except CorruptIndexError:  # it read damaged rows from its file: leave the file stale, the next open rebuilds it
+            self._vectors = self._engine = None
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -600,7 +613,7 @@ class Library:
                     "or open the library without --model to search with its own")
             if recorded.model_id != enc.name:  # another process re-embedded it since this one chose its model
                 raise self._reembedded_elsewhere(recorded)
-            if recorded.revision and recorded.revision != enc.revision:
+            if recorded.revision and recorded.revision not in (enc.revision, self._unadopted_revision):
                 raise ModelMismatchError(
                     f"library {self.folder} was built with {recorded.describe()} but the files of {enc.name!r} are now revision "
                     f"{enc.revision}; re-index with --reembed, or restore the original model files"
@@ -648,16 +661,20 @@ class Library:
         (with a note on the result, unless `note` is False: a result that carries none)."""
         try:
             return search()
-        except CorruptIndexError:
+        except CorruptIndexError as exc:
             path = self.folder / VECTORS_FILENAME
             if saved_generation(path) == self._vectors_generation:  # the file loaded, not a newer one
-                self._remove_index_file()
+                try:
+                    self._remove_index_file()
+                except OSError:  # read-only media: rebuilt in memory instead, every time this process opens it
+                    self._distrusted_index = f"damaged and not removable ({exc})"
             self._vectors = self._engine = None
         try:
             result = search()
-        except CorruptIndexError as exc:  # rebuilt from the database and still impossible: the stored vectors are bad
-            raise LibraryError(f"library {self.folder}: {exc}; it persists after rebuilding the index from the database, so "
-                               "the stored vectors are wrong: re-index with --reembed") from None
+        except CorruptIndexError:  # rebuilt from the database and still impossible: the stored vectors are bad
+            raise LibraryError(f"library {self.folder}: the vectors stored in its database are damaged (not numbers, or scores "
+                               "impossible for unit vectors), so rebuilding the vector index from them did not help; move the library "
+                               "aside and index the photos into a new one") from None
         if not note:
             return result
         said = "the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"

@@ -1412,6 +1412,66 @@ def test_a_damaged_vector_index_of_the_right_size_is_rebuilt(tiny_itm_dir, photo
     assert not any(np.isnan(np.fromfile(next(lib_dir.glob("vectors.*.f32")), dtype=np.float32)))
 
 
+def test_a_damaged_index_that_cannot_be_removed_is_rebuilt_in_memory(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """On read-only media the damaged files cannot be removed: searches still answer (rebuilt in memory, with the
+    note), where removing them raised a raw OSError (review)."""
+    import errno
+
+    import blip2_search.library as library_module
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+        want = [h.id for h in lib.search("a red circle", 3, rerank=False, fusion=False).hits]
+    (data,) = lib_dir.glob("vectors.*.f32")
+    rows = np.fromfile(data, dtype=np.float32)
+    rows[: 32 * 256] = np.nan
+    rows.tofile(data)
+
+    def read_only(self):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(library_module.Library, "_remove_index_file", read_only)
+    with Library.open(lib_dir) as lib:
+        for _ in range(2):
+            got = lib.search("a red circle", 3, rerank=False, fusion=False)
+            assert [h.id for h in got.hits] == want
+        assert len(lib.duplicates(0.5)) >= 0 and len(lib.similar(photos / "p1.jpg", 3).hits) == 3
+    assert data.exists()
+
+
+def test_a_server_that_could_not_record_the_new_fingerprint_follows_one_that_did(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """A server whose adoption of the new fingerprint failed (a busy or read-only database) compares the older one;
+    after another process adopted it and indexed, the server said the library was re-embedded elsewhere (review)."""
+    from blip2_search.models.loading import legacy_fingerprint
+    from blip2_search.store import EmbedderInfo, updates
+    from blip2_search.store.metadata import MetadataStore
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, model) as lib:
+        lib.index([photos])
+        new = lib.metadata.info().embedder
+        with lib.metadata._write() as connection:  # a library indexed before the new fingerprint
+            updates.write_embedder(connection, EmbedderInfo(ModelRef(new.model.model_id, legacy_fingerprint(model)), new.num_query_tokens, new.dim))
+
+    def busy(self, recorded, revision):
+        raise LibraryError("database is locked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MetadataStore, "adopt_embedder_revision", busy)
+        server = Library.open(lib_dir)
+        assert len(server.search("a red circle", 3, rerank=False, fusion=False).hits) == 3
+    try:
+        _photo(photos / "later.jpg", 77)
+        with Library.open(lib_dir) as other:  # adopts, then indexes a photo
+            assert other.index([photos]).indexed == 1 and other.metadata.info().embedder == new
+        assert len(server.search("a red circle", 8, rerank=False, fusion=False).hits) == 8
+    finally:
+        server.close()
+
+
 def test_a_reembed_without_captions_embeds_the_kept_captions_again(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
     """--reembed drops every caption vector (they came from the old model); with captions off nothing wrote
     new ones, so caption fusion lost every photo. The kept caption texts are embedded with the new model."""

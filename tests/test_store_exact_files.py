@@ -251,3 +251,40 @@ def test_a_compact_index_save_removes_the_row_files_and_an_exact_save_the_faiss_
     store.add(np.array([1]), unit(rng, 1, Q, D))
     info = store.save(path, generation=3)
     assert files(path.parent) == sorted([info.params["data"], info.params["ids"], "vectors.faiss.json"])
+
+
+def test_a_store_whose_replaced_file_holds_damaged_rows_does_not_save_them(start):
+    """A server found NaN rows and removed the files while an index run held them open: the run's full save
+    re-read its rows from the open file and wrote the damage back at the new generation (review)."""
+    from blip2_search.errors import CorruptIndexError
+
+    path, contents, rng = start
+    lazy = saved(path, 1, lazy=True)
+    lazy.add(np.array([900]), unit(rng, 1, Q, D))
+    data = path.parent / read_sidecar(path).params["data"]
+    rows = np.fromfile(data, dtype=np.float32)
+    rows[: Q * D] = np.nan
+    rows.tofile(data)  # in place: the lazy store's open file sees it
+    for leftover in index_files.files_of_index(path):
+        leftover.unlink()  # the server removed the damaged index
+    with pytest.raises(CorruptIndexError):
+        lazy.save(path, generation=2)
+    assert not sidecar_path(path).exists()  # nothing saved: the next open rebuilds from the database
+
+
+def test_without_locks_a_save_does_not_remove_files_another_save_has_not_committed_yet(start, monkeypatch):
+    import errno
+
+    path, contents, rng = start
+    uncommitted = path.parent / "vectors.0123456789ab.f32"  # another save's new data file, its sidecar not yet written
+    uncommitted.write_bytes(b"x" * 64)
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(index_files.fcntl, "flock", no_locks)
+    index_files.remove_leftovers(path)
+    assert uncommitted.exists()
+    monkeypatch.undo()
+    index_files.remove_leftovers(path)  # with the lock held, nothing can be mid-save: unnamed files go
+    assert not uncommitted.exists()

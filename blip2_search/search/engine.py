@@ -38,13 +38,13 @@ class SearchEngine:
         self.encoder = encoder
         self.vit_source = vit_source or RecomputeVit(encoder)
         self._caption_matrix: tuple[np.ndarray, np.ndarray] | None = None
-        self.index_behind = False  # the vector index is older than the database: see `_allowed`
+        self.index_behind = False  # the loaded vector index is older than the database: see `_redo_live`
 
     # ------------------------------------------------------------------ text
     def search_text(self, query: Query, k: int, *, filters: Filters = Filters(), rerank: bool = False, rerank_k: int = 32,
-                    fusion: bool = True, sort: str = "score", vit_source: VitSource | None = None) -> SearchResult:
-        """Top `k` images for a (possibly composite) text query."""
-        allowed = self._allowed(filters)
+                    fusion: bool = True, sort: str = "score", vit_source: VitSource | None = None, live_only: bool = False) -> SearchResult:
+        """Top `k` images for a (possibly composite) text query. `live_only`: see `_allowed`."""
+        allowed = self._allowed(filters, live_only)
         notes = query_notes(self.encoder, query, reranked=rerank and rerank_k > 0)
         texts = [t.text for t in query.terms]
         weights = np.array([t.weight for t in query.terms], dtype=np.float32)
@@ -59,6 +59,9 @@ class SearchEngine:
             order, fused = self._fuse(query, emb, weights, order, allowed, itc_of, filters)
         pool = order[: max(k, rerank_k if rerank else 0)]
         hits = self._hits(pool, itc_of, fused)
+        if len(hits) < len(pool) and self._redo_live(allowed, live_only):
+            return self.search_text(query, k, filters=filters, rerank=rerank, rerank_k=rerank_k, fusion=fusion, sort=sort,
+                                    vit_source=vit_source, live_only=True)
         if rerank and hits:
             source = vit_source or self.vit_source
             head, n_missing = rerank_hits(self.encoder, source, query.itm_text, hits[:rerank_k])
@@ -71,12 +74,10 @@ class SearchEngine:
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
         return SearchResult(query.raw, tuple(hits), tuple(notes))
 
-    def _allowed(self, filters: Filters) -> np.ndarray | None:
-        """The photos a search may return: those the filters pass, or None for any. While the loaded vector index is
-        older than the database (`index_behind`: another process's `index` or `prune` is going on and has not saved
-        it yet), only photos the database holds as indexed, so those it removed meanwhile are neither returned nor
-        leave the results short."""
-        if not (filters.restricts_ids or self.index_behind):
+    def _allowed(self, filters: Filters, live_only: bool = False) -> np.ndarray | None:
+        """The photos a search may return: those the filters pass (indexed ones), or None for any; `live_only`: the
+        indexed ones even without filters (reading every indexed id: see `_redo_live`)."""
+        if not (filters.restricts_ids or live_only):
             return None
         return self.metadata.filter_ids(path_glob=filters.path_glob, after=filters.after, before=filters.before)
 
@@ -153,27 +154,39 @@ class SearchEngine:
             self._caption_matrix = (ids, vecs)
         return self._caption_matrix
 
+    def _redo_live(self, allowed, live_only: bool) -> bool:
+        """Whether a search whose hits lost photos the database no longer holds as indexed runs again restricted to
+        the indexed ones: when the loaded vector index is older than the database (`index_behind`: another
+        process's `index` or `prune` is going on and has not saved it yet), so the answer is not short. Rare, and
+        only then is every indexed id read."""
+        return self.index_behind and allowed is None and not live_only
+
     def _hits(self, ids: Sequence[int], itc_of: dict, fused: dict | None) -> list[Hit]:
+        """Hits of the given ids that the database holds as indexed, in order (others were removed since the loaded
+        vector index was saved)."""
         records = {r.id: r for r in self.metadata.get_records(ids)}
         out = []
         for i in ids:
             r = records.get(i)
-            if r is None:
+            if r is None or r.status != "indexed":
                 continue
             score = fused[i] if fused is not None else itc_of[i]
             out.append(Hit(i, r.path, float(score), float(itc_of[i]), None, r.caption, r.taken_at))
         return out
 
     # ------------------------------------------------------------------ images
-    def search_image(self, image: Image.Image, k: int, *, filters: Filters = Filters(), sort: str = "score", label: str = "") -> SearchResult:
+    def search_image(self, image: Image.Image, k: int, *, filters: Filters = Filters(), sort: str = "score", label: str = "",
+                     live_only: bool = False) -> SearchResult:
         """Images most like `image`: mean over its query vectors of the best match among each image's."""
-        allowed = self._allowed(filters)
+        allowed = self._allowed(filters, live_only)
         q = self.encoder.embed_images([image])  # [1, Q, D]
         ids, scores = self.vectors.search_vectors(q, k, allowed_ids=allowed)
         ids, scores = ids[0], _checked(scores[0], 1.0)
         keep = np.isfinite(scores) if filters.min_score is None else np.isfinite(scores) & (scores >= filters.min_score)
         ids, scores = ids[keep], scores[keep]
         hits = self._hits(ids.tolist(), dict(zip(ids.tolist(), scores.tolist())), None)
+        if len(hits) < len(ids) and self._redo_live(allowed, live_only):
+            return self.search_image(image, k, filters=filters, sort=sort, label=label, live_only=True)
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
         return SearchResult(label, tuple(hits))

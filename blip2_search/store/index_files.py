@@ -162,10 +162,12 @@ def remove_leftovers(path: str | os.PathLike[str]) -> None:
 def tidy(target: Path, *, locked: bool) -> None:
     """Remove the temporaries of the index's files (``<stem>.*.tmp``) and the index files its sidecar does not
     name (a save killed after its commit left its predecessor's). The caller holds the exclusive pair lock
-    (``locked``), so no save is writing a temporary: all go; where the file system has no locks, only those
-    older than ``STALE_TEMPORARY_S``."""
+    (``locked``), so no save is in progress: all go. Where the file system has no locks, only temporaries older
+    than ``STALE_TEMPORARY_S`` go (a save's own commit removes what it replaced)."""
     _remove_stale_temporaries(target, older_than_s=0 if locked else STALE_TEMPORARY_S,
                               pattern=f"{glob.escape(target.stem)}.*.tmp")
+    if not locked:
+        return  # another save may be between writing its files and committing them: they are unnamed until then
     try:
         info = read_sidecar(target)
     except (OSError, ValueError, TypeError):

@@ -67,6 +67,7 @@ def open_vectors(
     save: bool = True,
     use_gpu: bool | None = None,
     lazy: bool = False,
+    distrust: str | None = None,
 ) -> OpenedVectors:
     """Load the FAISS file if it matches the library's vectors generation and ``kind``, else
     rebuild it from ``metadata`` (and, with ``save``, write it back atomically).
@@ -74,7 +75,8 @@ def open_vectors(
     ``kind``: ``exact`` (``FaissVectorStore``), ``compact`` or ``auto`` (``CompactVectorStore``,
     which trains itself at ``index_choice.compact_threshold`` images; ``auto`` from the point
     where the exact index would outgrow ``memory_budget_bytes``). ``lazy``: exact vectors (of either store)
-    are opened for changes (``FaissVectorStore.load``): read on first search; a save appends.
+    are opened for changes (``FaissVectorStore.load``): read on first search; a save appends. ``distrust``: why
+    the file must not be used even if current (found damaged where it could not be removed): rebuilt, not saved.
     """
     info = metadata.info()
     if info.embedder is None:
@@ -86,7 +88,9 @@ def open_vectors(
     train_at = index_choice.compact_threshold(kind, q, d, memory_budget_bytes)
     common = {"expected_generation": info.vectors_generation, "num_query_tokens": q, "dim": d, "use_gpu": use_gpu}
     loaded: LoadResult
-    if train_at is None:
+    if distrust is not None:
+        loaded, save = LoadResult(None, "invalid", distrust), False
+    elif train_at is None:
         loaded = FaissVectorStore.load(index_path, lazy=lazy, **common)
     else:
         loaded = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, lazy=lazy, **common)

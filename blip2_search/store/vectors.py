@@ -551,7 +551,7 @@ class FaissVectorStore:
                 self._path, self._file, self._rows, self._pending = target, files, rows, {}
                 return written
         self._ensure_loaded()
-        ids, stored = self._stored()
+        ids, stored = self.stored()  # checked: rows read back from a file (a replaced one) may be damaged
         chunks = (stored[start : start + _SCORE_CHUNK_IMAGES] for start in range(0, len(ids), _SCORE_CHUNK_IMAGES))
         written, files = exact_files.save_full(target, info, ids, chunks)
         self._path, self._file, self._rows, self._pending = target, files, ids.copy(), {}
