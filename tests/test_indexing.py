@@ -561,23 +561,32 @@ def test_a_server_beside_a_running_prune_returns_k_indexed_photos(tiny_itm_dir, 
         other.close()
 
 
-def test_a_library_of_the_older_fingerprint_adopts_the_new_one_and_still_sees_changed_weights(tiny_itm_dir, photos, tmp_path):
-    """Libraries recorded a local model's revision with the older fingerprint: the same files carry on (the library
-    records the new fingerprint), other files are refused as before."""
-    from safetensors.torch import load_file, save_file
-
+def _library_of_the_older_fingerprint(model_dir, photos, tmp_path):
+    """A library indexed with a copy of `model_dir`, its embedder recorded under the older fingerprint (as libraries
+    indexed before the new one were): (model copy, library folder, embedder as now recorded, as then recorded)."""
     from blip2_search.models.loading import legacy_fingerprint
     from blip2_search.store import EmbedderInfo, updates
 
     model = tmp_path / "model"
-    shutil.copytree(tiny_itm_dir, model)
+    shutil.copytree(model_dir, model)
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, model) as lib:
         lib.index([photos])
         new = lib.metadata.info().embedder
         old = EmbedderInfo(ModelRef(new.model.model_id, legacy_fingerprint(model)), new.num_query_tokens, new.dim)
-        with lib.metadata._write() as connection:  # as a library indexed before the new fingerprint recorded it
+        with lib.metadata._write() as connection:
             updates.write_embedder(connection, old)
+    return model, lib_dir, new, old
+
+
+def test_a_library_of_the_older_fingerprint_adopts_the_new_one_and_still_sees_changed_weights(tiny_itm_dir, photos, tmp_path):
+    """Libraries recorded a local model's revision with the older fingerprint: the same files carry on (the library
+    records the new fingerprint), other files are refused as before."""
+    from safetensors.torch import load_file, save_file
+
+    from blip2_search.store import updates
+
+    model, lib_dir, new, old = _library_of_the_older_fingerprint(tiny_itm_dir, photos, tmp_path)
     with Library.open(lib_dir) as lib:
         assert len(lib.search("a red circle", 3, rerank=False).hits) == 3
         assert lib.metadata.info().embedder == new  # adopted
@@ -1443,18 +1452,9 @@ def test_a_damaged_index_that_cannot_be_removed_is_rebuilt_in_memory(tiny_itm_di
 def test_a_server_that_could_not_record_the_new_fingerprint_follows_one_that_did(tiny_itm_dir, photos, tmp_path, monkeypatch):
     """A server whose adoption of the new fingerprint failed (a busy or read-only database) compares the older one;
     after another process adopted it and indexed, the server said the library was re-embedded elsewhere (review)."""
-    from blip2_search.models.loading import legacy_fingerprint
-    from blip2_search.store import EmbedderInfo, updates
     from blip2_search.store.metadata import MetadataStore
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_itm_dir, model)
-    lib_dir = tmp_path / "lib"
-    with _open(lib_dir, model) as lib:
-        lib.index([photos])
-        new = lib.metadata.info().embedder
-        with lib.metadata._write() as connection:  # a library indexed before the new fingerprint
-            updates.write_embedder(connection, EmbedderInfo(ModelRef(new.model.model_id, legacy_fingerprint(model)), new.num_query_tokens, new.dim))
+    model, lib_dir, new, _ = _library_of_the_older_fingerprint(tiny_itm_dir, photos, tmp_path)
 
     def busy(self, recorded, revision):
         raise LibraryError("database is locked")
