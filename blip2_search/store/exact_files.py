@@ -3,7 +3,7 @@
 An exact index is two data files beside the sidecar ``vectors.faiss.json`` (``index_files``), which
 names both and is the commit:
 
-- ``vectors.<token>.f32``: one row a image, ``Q x D`` float32 (native order), no header. Rows are only
+- ``vectors.<token>.f32``: one row an image, ``Q x D`` float32 (native order), no header. Rows are only
   ever added past the ones the sidecar counts: a committed row never changes in place;
 - ``vectors.<token>.ids``: ``[rows] int64``, the image id of each row, ``-1`` for a row whose image was
   removed or replaced since (a tombstone).
