@@ -561,6 +561,38 @@ def test_a_server_beside_a_running_prune_returns_k_indexed_photos(tiny_itm_dir, 
         other.close()
 
 
+def test_a_server_beside_a_running_index_scores_a_changed_photo_by_its_new_content(tiny_itm_dir, photos, tmp_path):
+    """A photo whose file a running `index` changed (same path and id) kept its old content's score and rank until
+    that run saved the vector index (stress test: itc -0.079 returned where the database's vectors give 0.485)."""
+    from blip2_search.store import IndexedImage
+    from blip2_search.store.scoring import mean_max
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    server, other = Library.open(lib_dir), Library.open(lib_dir)
+    try:
+        top = server.search("a red circle", 7, rerank=False, fusion=False).hits[0]
+        with other._lock():  # the run embedded the photo's new content and committed it; its index save is to come
+            with Image.open(photos / "p5.jpg") as repainted:
+                new_vectors = other.encoder.embed_images([repainted.convert("RGB")])[0]
+            other.metadata.upsert_indexed([IndexedImage(top.path, 1, 1, "repainted", vectors=new_vectors)])
+            emb = server.encoder.embed_texts(["a red circle"])[0]
+            got = server.search("a red circle", 7, rerank=False, fusion=False).hits
+            fresh = server.metadata.vectors_for([h.id for h in got])
+            np.testing.assert_allclose([h.itc for h in got], (fresh @ emb).max(axis=1), atol=1e-5)
+            assert [h.itc for h in got] == sorted((h.itc for h in got), reverse=True) and len(got) == 7
+            assert next(h.itc for h in got if h.id == top.id) < top.itc - 1e-3  # scored by its new content
+            with Image.open(photos / "p1.jpg") as query_image:
+                query = server.encoder.embed_images([query_image.convert("RGB")])[0]
+            similar = server.similar(photos / "p1.jpg", 7).hits
+            fresh = server.metadata.vectors_for([h.id for h in similar])
+            np.testing.assert_allclose([h.score for h in similar], mean_max(query, fresh), atol=1e-5)
+    finally:
+        server.close()
+        other.close()
+
+
 def _library_of_the_older_fingerprint(model_dir, photos, tmp_path):
     """A library indexed with a copy of `model_dir`, its embedder recorded under the older fingerprint (as libraries
     indexed before the new one were): (model copy, library folder, embedder as now recorded, as then recorded)."""

@@ -17,6 +17,7 @@ from ..errors import CorruptIndexError, InvalidInputError
 from ..models.encoder import Blip2Encoder
 from ..models.text import MAX_TOKENS
 from ..store import MetadataStore, VectorStore
+from ..store.scoring import mean_max
 from .duplicates import closest_in_group, duplicate_groups
 from .query import Query
 from .rerank import RecomputeVit, VitSource, rerank_hits
@@ -51,6 +52,9 @@ class SearchEngine:
         emb = self.encoder.embed_texts(texts)  # [m, D]
         depth = max(k, rerank_k if rerank else 0, FUSION_DEPTH if fusion else 0)
         ids, itc = self._first_stage(emb, weights, query.is_simple, depth, allowed)
+        found = len(ids)
+        ids, itc = self._rescored_if_behind(ids, itc, lambda stored: composite_itc(stored, emb, weights))
+        lost = len(ids) < found  # photos the database no longer holds (see `_rescored_if_behind`)
         keep = np.isfinite(itc) if filters.min_score is None else np.isfinite(itc) & (itc >= filters.min_score)
         ids, itc = ids[keep], itc[keep]  # -inf: a compact index's row the database no longer holds
         itc_of = dict(zip(ids.tolist(), itc.tolist()))
@@ -59,7 +63,7 @@ class SearchEngine:
             order, fused = self._fuse(query, emb, weights, order, allowed, itc_of, filters)
         pool = order[: max(k, rerank_k if rerank else 0)]
         hits = self._hits(pool, itc_of, fused)
-        if len(hits) < len(pool) and self._redo_live(allowed, live_only):
+        if (lost or len(hits) < len(pool)) and self._redo_live(allowed, live_only):
             return self.search_text(query, k, filters=filters, rerank=rerank, rerank_k=rerank_k, fusion=fusion, sort=sort,
                                     vit_source=vit_source, live_only=True)
         if rerank and hits:
@@ -154,6 +158,19 @@ class SearchEngine:
             self._caption_matrix = (ids, vecs)
         return self._caption_matrix
 
+    def _rescored_if_behind(self, ids: np.ndarray, scores: np.ndarray, score) -> tuple[np.ndarray, np.ndarray]:
+        """While the loaded vector index is older than the database (`index_behind`), the first stage's photos
+        rescored from the database's vectors (`score`: `[n, Q, D]` -> `[n]`), best first (ties by id): a photo
+        whose file the running `index` changed is scored by its new content, not the old one still in the index
+        (photos it forgot score NaN and drop out: the caller then searches again, see `_redo_live`). Reads ~32 KB
+        a candidate from the database, only then."""
+        if not self.index_behind or not len(ids):
+            return ids, scores
+        fresh = np.asarray(score(self.metadata.vectors_for(ids, missing="nan")), dtype=np.float32)
+        ids, fresh = ids[np.isfinite(fresh)], fresh[np.isfinite(fresh)]
+        order = np.lexsort((ids, -fresh))
+        return ids[order], fresh[order]
+
     def _redo_live(self, allowed, live_only: bool) -> bool:
         """Whether a search whose hits lost photos the database no longer holds as indexed runs again restricted to
         the indexed ones: when the loaded vector index is older than the database (`index_behind`: another
@@ -181,11 +198,13 @@ class SearchEngine:
         allowed = self._allowed(filters, live_only)
         q = self.encoder.embed_images([image])  # [1, Q, D]
         ids, scores = self.vectors.search_vectors(q, k, allowed_ids=allowed)
-        ids, scores = ids[0], _checked(scores[0], 1.0)
+        found = ids.shape[1]
+        ids, scores = self._rescored_if_behind(ids[0], _checked(scores[0], 1.0), lambda stored: mean_max(q[0], stored))
+        lost = len(ids) < found  # photos the database no longer holds (see `_rescored_if_behind`)
         keep = np.isfinite(scores) if filters.min_score is None else np.isfinite(scores) & (scores >= filters.min_score)
         ids, scores = ids[keep], scores[keep]
         hits = self._hits(ids.tolist(), dict(zip(ids.tolist(), scores.tolist())), None)
-        if len(hits) < len(ids) and self._redo_live(allowed, live_only):
+        if (lost or len(hits) < len(ids)) and self._redo_live(allowed, live_only):
             return self.search_image(image, k, filters=filters, sort=sort, label=label, live_only=True)
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
