@@ -620,7 +620,7 @@ class Library:
                 )
             self._captions_generation = self.metadata.captions_generation()
             self._engine = SearchEngine(self.metadata, self.vectors, enc)
-        # serving vectors older than the database (another process's run is going on): only indexed photos qualify
+        # serving vectors older than the database (another process's run is going on): the engine rescores candidates
         self._engine.index_behind = self._vectors_generation is not None and self._vectors_generation < self._seen_generation
         return self._engine
 
