@@ -556,18 +556,20 @@ class Library:
         if self._vectors is not None and self._vectors_generation != self.metadata.vectors_generation():
             self._vectors = self._engine = None
 
-    def _save_vectors(self) -> None:
+    def _save_vectors(self, *, compact: bool = False) -> None:
         """Save the vector index at the database's generation unless its file already holds that generation
-        (a run that changed nothing neither reads nor writes the index; a stale file is opened and rebuilt)."""
+        (a run that changed nothing neither reads nor writes the index; a stale file is opened and rebuilt).
+        `compact` (prune): also a current one, rewritten without the rows of removed photos if it has any."""
         path = self.folder / VECTORS_FILENAME
         generation = self.metadata.vectors_generation()
         saved = saved_generation(path)
         if saved == generation and (self._vectors is None or self._vectors_generation == generation):
-            return
+            if not compact or not getattr(self.vectors, "dead_rows", 0):
+                return
         store = self.vectors  # opened before the run's changes, which it received: it matches the database
         self._vectors_generation = generation
         try:
-            store.save(path, generation=generation)
+            store.save(path, generation=generation, compact=compact)
         except CorruptIndexError:  # it read damaged rows from its file: leave the file stale, the next open rebuilds it
             self._vectors = self._engine = None
 
@@ -837,7 +839,7 @@ class Library:
             notes = []
             if embedded:
                 try:
-                    self._save_vectors()
+                    self._save_vectors(compact=True)  # the space of removed photos' rows too
                 except LibraryError as exc:  # a full disk: drop the stale file (a rebuild follows), free the space anyway
                     self._remove_index_file()
                     notes.append(f"{exc}; removed the stale vector index instead (the next command rebuilds it)")

@@ -561,6 +561,29 @@ def test_a_server_beside_a_running_prune_returns_k_indexed_photos(tiny_itm_dir, 
         other.close()
 
 
+def test_prune_rewrites_the_vector_index_without_the_rows_of_removed_photos(tiny_itm_dir, photos, tmp_path):
+    """Index runs leave a removed photo's row in the data file (up to a quarter of it); prune, which is run to free
+    space, rewrites the file without them, and does nothing to a file that has none."""
+    from blip2_search.store.index_files import read_sidecar
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    (photos / "p0.jpg").unlink()
+    with Library.open(lib_dir) as lib:
+        assert lib.index([photos]).deleted == 1
+    params = read_sidecar(lib_dir / "vectors.faiss").params
+    assert params["rows"] == 7 and int((np.fromfile(lib_dir / params["ids"], dtype=np.int64) < 0).sum()) == 1
+    with Library.open(lib_dir) as lib:
+        lib.prune()
+    after = read_sidecar(lib_dir / "vectors.faiss").params
+    assert after["rows"] == 6 and after["data"] != params["data"] and (lib_dir / after["data"]).stat().st_size == 6 * 32 * 256 * 4
+    with Library.open(lib_dir) as lib:
+        lib.prune()
+    assert read_sidecar(lib_dir / "vectors.faiss").params == after  # nothing to rewrite: not even saved
+    _check_consistent(lib_dir)
+
+
 def test_a_server_beside_a_running_index_scores_a_changed_photo_by_its_new_content(tiny_itm_dir, photos, tmp_path):
     """A photo whose file a running `index` changed (same path and id) kept its old content's score and rank until
     that run saved the vector index (stress test: itc -0.079 returned where the database's vectors give 0.485)."""

@@ -288,3 +288,29 @@ def test_without_locks_a_save_does_not_remove_files_another_save_has_not_committ
     monkeypatch.undo()
     index_files.remove_leftovers(path)  # with the lock held, nothing can be mid-save: unnamed files go
     assert not uncommitted.exists()
+
+
+def test_a_lazy_store_compacts_by_streaming_its_rows_not_by_reading_them_all(start, monkeypatch):
+    """Past a quarter of dead rows (or asked to compact: prune) a lazy store rewrites its live rows into a new data
+    file a chunk at a time from the file it holds open; it used to read every vector into RAM first."""
+    path, contents, rng = start
+    monkeypatch.setattr(vectors_module, "PENDING_BYTES", 2 * Q * D * 4)
+    monkeypatch.setattr(vectors_module, "_SCORE_CHUNK_IMAGES", 16)  # several chunks
+    monkeypatch.setattr(vectors_module, "read_vectors", lambda *a: pytest.fail("read every vector"))
+    first = read_sidecar(path).params["data"]
+    store = saved(path, 1, lazy=True)
+    added = dict(zip(range(300, 305), unit(rng, 5, Q, D)))
+    store.add(np.array(list(added)), np.stack(list(added.values())))  # spilled past the committed rows
+    store.remove(np.arange(1, 31))  # 30 of 105 rows dead
+    info = store.save(path, generation=2)
+    expected = {**{i: v for i, v in contents.items() if i > 30}, **added}
+    assert info.params["data"] != first and info.params["rows"] == len(expected) == 75 and not store.loaded
+    assert (path.parent / info.params["data"]).stat().st_size == 75 * Q * D * 4 and first not in files(path.parent)
+    store.remove(np.array([31]))  # one dead row: appended as a tombstone, unless compacting is asked for
+    assert store.save(path, generation=3).params["rows"] == 75
+    assert store.save(path, generation=4, compact=True).params["rows"] == 74
+    monkeypatch.undo()
+    del expected[31]
+    queries = unit(rng, 4, D)
+    for reader in (saved(path, 4), store):
+        np.testing.assert_array_equal(reader.search(queries, 30)[0], expected_search(expected, queries, 30))

@@ -107,6 +107,11 @@ class CompactVectorStore:
         return self._exact is None
 
     @property
+    def dead_rows(self) -> int:
+        """Rows of removed images in the exact phase's data file (``FaissVectorStore.dead_rows``); 0 once trained."""
+        return self._exact.dead_rows if self._exact is not None else 0
+
+    @property
     def opened_for_changes(self) -> bool:
         """True while its exact vectors are a lazy store that has not read them (``FaissVectorStore``)."""
         return self._exact is not None and self._exact.opened_for_changes
@@ -367,10 +372,11 @@ class CompactVectorStore:
             params["calibration"] = asdict(self.calibration)
         return params
 
-    def save(self, path: str | os.PathLike[str], *, generation: int) -> IndexInfo:
-        """Write the index (exact vectors or codes) and its sidecar atomically (``index_files``)."""
+    def save(self, path: str | os.PathLike[str], *, generation: int, compact: bool = False) -> IndexInfo:
+        """Write the index (exact vectors or codes) and its sidecar atomically (``index_files``); ``compact``: see
+        ``FaissVectorStore.save`` (codes are always written whole)."""
         if self._exact is not None:
-            return self._exact.save(path, generation=generation, params=self.build_params())
+            return self._exact.save(path, generation=generation, params=self.build_params(), compact=compact)
         return save_vector_index(
             self._index, path, factory=self.factory, num_query_tokens=self.num_query_tokens, dim=self.dim,
             images=len(self), vectors=self.ntotal, generation=generation, params=self.build_params(),

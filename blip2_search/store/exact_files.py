@@ -158,14 +158,19 @@ def _open_data(path: Path, writable: bool) -> BinaryIO | None:
 def read_vectors(data: BinaryIO, row_ids: np.ndarray, out: np.ndarray, num_query_tokens: int, dim: int) -> None:
     """Read the live rows (``row_ids != -1``) of ``data`` in order into ``out [live, Q, D] float32``
     (a view into the index's own storage: no second copy), one read a run of live rows."""
+    read_rows_at(data, np.flatnonzero(row_ids != DEAD), out, num_query_tokens, dim)
+
+
+def read_rows_at(data: BinaryIO, positions: np.ndarray, out: np.ndarray, num_query_tokens: int, dim: int) -> None:
+    """Read the rows at ``positions`` (ascending) of ``data`` into ``out [len(positions), Q, D] float32``, one
+    read a run of consecutive positions."""
     size = row_bytes(num_query_tokens, dim)
-    live = np.flatnonzero(row_ids != DEAD)
-    if not len(live):
+    if not len(positions):
         return
-    flat = out.reshape(len(live), size // 4).view(np.uint8).reshape(-1)
-    breaks = np.flatnonzero(np.diff(live) != 1) + 1
+    flat = out.reshape(len(positions), size // 4).view(np.uint8).reshape(-1)
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
     written = 0
-    for run in np.split(live, breaks):
+    for run in np.split(positions, breaks):
         first, count = int(run[0]), len(run)
         view = memoryview(flat[written * size : (written + count) * size])
         got = 0
@@ -193,10 +198,12 @@ def _new_name(target: Path, suffix: str) -> str:
 
 
 def save_full(
-    target: Path, info: IndexInfo, image_ids: np.ndarray, chunks: Iterable[np.ndarray]
-) -> tuple[IndexInfo, RowFiles]:
+    target: Path, info: IndexInfo, image_ids: np.ndarray, chunks: Iterable[np.ndarray], *, keep_open: bool = False
+) -> tuple[IndexInfo, RowFiles, BinaryIO | None]:
     """Write a new data file (rows of ``chunks``, ``[n, Q, D]`` each, for ``image_ids`` in order), its ids
-    and the sidecar; remove the files the sidecar named before. Raises LibraryError naming the path."""
+    and the sidecar; remove the files the sidecar named before. Returns the sidecar, the files and, with
+    ``keep_open``, the new data file opened under the lock (for appending where it can be written). Raises
+    LibraryError naming the path."""
     size = row_bytes(info.num_query_tokens, info.dim)
 
     def fill(temporary: Path) -> None:
@@ -209,7 +216,8 @@ def save_full(
         atomic_write(files.data_path, fill)
         if files.data_path.stat().st_size != files.rows * size:
             raise OSError(f"wrote {files.data_path.stat().st_size} bytes of vectors, expected {files.rows * size}")
-        return _commit(target, info, files, np.asarray(image_ids, dtype=np.int64)), files
+        written = _commit(target, info, files, np.asarray(image_ids, dtype=np.int64))
+        return written, files, _open_data(files.data_path, writable=True) if keep_open else None
 
 
 def save_appended(

@@ -115,8 +115,9 @@ class VectorStore(Protocol):
     def memory_bytes(self) -> int:
         """RAM held by the index structures (vectors or codes, ids, quantisers), in bytes."""
 
-    def save(self, path: str | os.PathLike[str], *, generation: int) -> IndexInfo:
-        """Write the index and its sidecar atomically, stamped with ``generation``; return the sidecar."""
+    def save(self, path: str | os.PathLike[str], *, generation: int, compact: bool = False) -> IndexInfo:
+        """Write the index and its sidecar atomically, stamped with ``generation``; return the sidecar. ``compact``:
+        leave no space to removed images in the files (``prune``)."""
 
 
 def _damaged() -> CorruptIndexError:
@@ -187,6 +188,11 @@ class FaissVectorStore:
     def ntotal(self) -> int:
         """Number of vectors (images x Q)."""
         return len(self._image_ids) * self.num_query_tokens
+
+    @property
+    def dead_rows(self) -> int:
+        """Rows of removed or replaced images still in the data file (until a save rewrites it)."""
+        return 0 if self._rows is None else int((self._rows == DEAD).sum())
 
     @property
     def opened_for_changes(self) -> bool:
@@ -521,15 +527,16 @@ class FaissVectorStore:
     # -- files -----------------------------------------------------------------------------
 
     def save(
-        self, path: str | os.PathLike[str], *, generation: int, params: dict[str, Any] | None = None
+        self, path: str | os.PathLike[str], *, generation: int, params: dict[str, Any] | None = None, compact: bool = False
     ) -> IndexInfo:
         """Write the index's files and sidecar (``exact_files``), stamped with ``generation``.
 
         A store loaded from the files at ``path`` appends the images added since and marks the rows of
-        those removed; it rewrites every row once more than a quarter of them would be dead. ``params``:
-        build parameters for the sidecar (default ``{"store": "exact"}``). When another process saved the
-        index since (a search that rebuilt it), it writes every row instead (a lazy store reads its own
-        rows from the data file it opened, which stays readable though removed).
+        those removed; it rewrites every row once more than a quarter of them would be dead, or with
+        ``compact`` once any is (``prune``). ``params``: build parameters for the sidecar (default
+        ``{"store": "exact"}``). When another process saved the index since (a search that rebuilt it), it
+        writes every row instead. A lazy store rewrites by streaming its live rows from the data file it
+        opened (readable though removed) into the new one: its vectors never all sit in RAM.
         """
         target = Path(path)
         info = IndexInfo(
@@ -537,7 +544,8 @@ class FaissVectorStore:
             images=len(self), vectors=self.ntotal, vectors_generation=int(generation), faiss_version=faiss.__version__,
             index_bytes=0, params=params or {"store": EXACT_STORE},
         )
-        if self._file is not None and self._path == target and not self._mostly_dead():
+        rewrite = self._rows is not None and (self._mostly_dead() or (compact and bool((self._rows == DEAD).any())))
+        if self._file is not None and self._path == target and not rewrite:
             ids = np.array(list(self._pending), dtype=np.int64)
             rows = np.concatenate([self._rows, ids])
             saved = exact_files.save_appended(target, info, self._file, rows, len(self._rows), self._pending_vectors(ids))
@@ -550,10 +558,34 @@ class FaissVectorStore:
                     self._data = data
                 self._path, self._file, self._rows, self._pending = target, files, rows, {}
                 return written
-        self._ensure_loaded()
+        if not self.loaded:
+            return self._save_streamed(target, info)
         ids, stored = self.stored()  # checked: rows read back from a file (a replaced one) may be damaged
         chunks = (stored[start : start + _SCORE_CHUNK_IMAGES] for start in range(0, len(ids), _SCORE_CHUNK_IMAGES))
-        written, files = exact_files.save_full(target, info, ids, chunks)
+        written, files, _ = exact_files.save_full(target, info, ids, chunks)
+        self._path, self._file, self._rows, self._pending = target, files, ids.copy(), {}
+        return written
+
+    def _save_streamed(self, target: Path, info: IndexInfo) -> IndexInfo:
+        """A lazy store's full save: its live rows read from its data file a chunk at a time, then the vectors
+        added since, into a new data file; the store stays lazy over the new file."""
+        live = np.flatnonzero(self._rows != DEAD)
+        added = np.array(list(self._pending), dtype=np.int64)
+        ids = np.concatenate([self._rows[live], added])
+
+        def chunks() -> Iterator[np.ndarray]:
+            for start in range(0, len(live), _SCORE_CHUNK_IMAGES):
+                part = live[start : start + _SCORE_CHUNK_IMAGES]
+                out = np.empty((len(part), self.num_query_tokens, self.dim), dtype=np.float32)
+                exact_files.read_rows_at(self._data, part, out, self.num_query_tokens, self.dim)
+                if not np.isfinite(out).all():  # rows read back from a file may be damaged
+                    raise _damaged()
+                yield out
+            yield from self._pending_vectors(added)
+
+        written, files, data = exact_files.save_full(target, info, ids, chunks(), keep_open=True)
+        self._data.close()
+        self._data = data
         self._path, self._file, self._rows, self._pending = target, files, ids.copy(), {}
         return written
 
