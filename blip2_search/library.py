@@ -37,6 +37,7 @@ from .store import (
 )
 from .store.engine import METADATA_FILENAME
 from .store.index_choice import VECTOR_INDEX_MODES
+from .store.exact_files import PRUNE_DEAD_SHARE
 from .store.index_files import files_of_index, remove_leftovers, saved_generation, sidecar_path
 
 LOCK_FILENAME = "index.lock"
@@ -559,12 +560,12 @@ class Library:
     def _save_vectors(self, *, compact: bool = False) -> None:
         """Save the vector index at the database's generation unless its file already holds that generation
         (a run that changed nothing neither reads nor writes the index; a stale file is opened and rebuilt).
-        `compact` (prune): also a current one, rewritten without the rows of removed photos if it has any."""
+        `compact` (prune): also a current one, rewritten without the rows of removed photos once they are a tenth."""
         path = self.folder / VECTORS_FILENAME
         generation = self.metadata.vectors_generation()
         saved = saved_generation(path)
         if saved == generation and (self._vectors is None or self._vectors_generation == generation):
-            if not compact or not getattr(self.vectors, "dead_rows", 0):
+            if not compact or getattr(self.vectors, "dead_share", 0.0) < PRUNE_DEAD_SHARE:
                 return
         store = self.vectors  # opened before the run's changes, which it received: it matches the database
         self._vectors_generation = generation

@@ -306,11 +306,14 @@ def test_a_lazy_store_compacts_by_streaming_its_rows_not_by_reading_them_all(sta
     expected = {**{i: v for i, v in contents.items() if i > 30}, **added}
     assert info.params["data"] != first and info.params["rows"] == len(expected) == 75 and not store.loaded
     assert (path.parent / info.params["data"]).stat().st_size == 75 * Q * D * 4 and first not in files(path.parent)
-    store.remove(np.array([31]))  # one dead row: appended as a tombstone, unless compacting is asked for
+    store.remove(np.array([31]))  # one dead row of 75: a tombstone, even when compacting is asked for (prune)
+    assert store.save(path, generation=3, compact=True).params["rows"] == 75
+    store.remove(np.arange(32, 39))  # 8 of 75: past the tenth from which prune compacts
     assert store.save(path, generation=3).params["rows"] == 75
-    assert store.save(path, generation=4, compact=True).params["rows"] == 74
+    assert store.save(path, generation=4, compact=True).params["rows"] == 67 and store.dead_share == 0.0
     monkeypatch.undo()
-    del expected[31]
+    for gone in range(31, 39):
+        del expected[gone]
     queries = unit(rng, 4, D)
     for reader in (saved(path, 4), store):
         np.testing.assert_array_equal(reader.search(queries, 30)[0], expected_search(expected, queries, 30))

@@ -107,9 +107,9 @@ class CompactVectorStore:
         return self._exact is None
 
     @property
-    def dead_rows(self) -> int:
-        """Rows of removed images in the exact phase's data file (``FaissVectorStore.dead_rows``); 0 once trained."""
-        return self._exact.dead_rows if self._exact is not None else 0
+    def dead_share(self) -> float:
+        """``FaissVectorStore.dead_share`` of the exact phase; 0 once trained."""
+        return self._exact.dead_share if self._exact is not None else 0.0
 
     @property
     def opened_for_changes(self) -> bool:

@@ -51,6 +51,9 @@ DEAD = -1
 """The id of a row whose image was removed or replaced."""
 COMPACT_DEAD_SHARE = 0.25
 """A save rewrites the rows into a new data file once more than this share of them is dead."""
+PRUNE_DEAD_SHARE = 0.10
+"""A save asked to compact (``prune``) rewrites them from this share on, as ``prune`` compacts the database from
+10% free: below it, the rewrite's cost (the whole file read and written) buys little space."""
 
 
 @dataclass(frozen=True)

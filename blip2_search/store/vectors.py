@@ -190,9 +190,9 @@ class FaissVectorStore:
         return len(self._image_ids) * self.num_query_tokens
 
     @property
-    def dead_rows(self) -> int:
-        """Rows of removed or replaced images still in the data file (until a save rewrites it)."""
-        return 0 if self._rows is None else int((self._rows == DEAD).sum())
+    def dead_share(self) -> float:
+        """The share of the data file's rows whose images were removed or replaced (until a save rewrites it)."""
+        return 0.0 if self._rows is None else self._dead_share()
 
     @property
     def opened_for_changes(self) -> bool:
@@ -533,7 +533,7 @@ class FaissVectorStore:
 
         A store loaded from the files at ``path`` appends the images added since and marks the rows of
         those removed; it rewrites every row once more than a quarter of them would be dead, or with
-        ``compact`` once any is (``prune``). ``params``: build parameters for the sidecar (default
+        ``compact`` (``prune``) from a tenth on (``exact_files.PRUNE_DEAD_SHARE``). ``params``: build parameters for the sidecar (default
         ``{"store": "exact"}``). When another process saved the index since (a search that rebuilt it), it
         writes every row instead. A lazy store rewrites by streaming its live rows from the data file it
         opened (readable though removed) into the new one: its vectors never all sit in RAM.
@@ -544,7 +544,8 @@ class FaissVectorStore:
             images=len(self), vectors=self.ntotal, vectors_generation=int(generation), faiss_version=faiss.__version__,
             index_bytes=0, params=params or {"store": EXACT_STORE},
         )
-        rewrite = self._rows is not None and (self._mostly_dead() or (compact and bool((self._rows == DEAD).any())))
+        dead = self.dead_share
+        rewrite = dead > exact_files.COMPACT_DEAD_SHARE or (compact and dead > 0 and dead >= exact_files.PRUNE_DEAD_SHARE)
         if self._file is not None and self._path == target and not rewrite:
             ids = np.array(list(self._pending), dtype=np.int64)
             rows = np.concatenate([self._rows, ids])
@@ -589,9 +590,10 @@ class FaissVectorStore:
         self._path, self._file, self._rows, self._pending = target, files, ids.copy(), {}
         return written
 
-    def _mostly_dead(self) -> bool:
+    def _dead_share(self) -> float:
+        """The share of the data file's rows (with the pending ones) whose images were removed or replaced."""
         dead = int((self._rows == DEAD).sum())
-        return dead > exact_files.COMPACT_DEAD_SHARE * (len(self._rows) + len(self._pending))
+        return dead / max(1, len(self._rows) + len(self._pending))
 
     def _pending_vectors(self, ids: np.ndarray) -> Iterator[np.ndarray]:
         """The vectors of the images added since the last save, ``[<=1024, Q, D]`` chunks in order."""
