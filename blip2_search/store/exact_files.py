@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from blip2_search.errors import CorruptIndexError, LibraryError
+from blip2_search.errors import CorruptIndexError
 from blip2_search.store.index_choice import EXACT_FACTORY
 from blip2_search.store.index_files import (
     DATA_SUFFIX,
@@ -42,8 +42,8 @@ from blip2_search.store.index_files import (
     atomic_write,
     read_sidecar,
     remove_unnamed,
+    saving,
     sidecar_path,
-    tidy,
     write_sidecar,
 )
 
@@ -214,7 +214,7 @@ def save_full(
             for chunk in chunks:
                 out.write(np.ascontiguousarray(chunk, dtype=np.float32).tobytes())
 
-    with _saving(target):
+    with saving(target):
         files = RowFiles(target.parent, _new_name(target, DATA_SUFFIX), _new_name(target, IDS_SUFFIX), len(image_ids))
         atomic_write(files.data_path, fill)
         if files.data_path.stat().st_size != files.rows * size:
@@ -232,7 +232,7 @@ def save_appended(
     reading and writing (opened under the lock: the file the sidecar names); None, writing nothing, when
     the sidecar no longer names ``base`` (another process saved since)."""
     size = row_bytes(info.num_query_tokens, info.dim)
-    with _saving(target):
+    with saving(target):
         try:
             current = _files_of(target.parent, read_sidecar(target))
         except (OSError, ValueError, TypeError, KeyError):
@@ -257,31 +257,6 @@ def save_appended(
         except BaseException:
             data.close()
             raise
-
-
-class _saving:
-    """The exclusive pair lock, and OS errors turned into one LibraryError naming the index."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.lock = _pair_lock(target, exclusive=True)
-
-    def __enter__(self) -> None:
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            self._raise(error)
-        tidy(self.target, locked=self.lock.__enter__())  # what killed saves left
-
-    def __exit__(self, kind, error, trace) -> bool:
-        self.lock.__exit__(kind, error, trace)
-        if isinstance(error, OSError):
-            self._raise(error)
-        return False
-
-    def _raise(self, error: OSError) -> None:
-        raise LibraryError(f"cannot save vector index {self.target} ({error}); free disk space or make the folder "
-                           "writable, then run the command again") from error
 
 
 def _commit(target: Path, info: IndexInfo, files: RowFiles, row_ids: np.ndarray) -> IndexInfo:

@@ -206,21 +206,28 @@ def write_index_files(index: faiss.Index, path: str | os.PathLike[str], info: In
     ``info.index_bytes`` is filled in here. Raises LibraryError naming the path on OS errors.
     """
     target = Path(path)
-    written = info
+    with saving(target):
+        atomic_write(target, lambda temporary: faiss.write_index(index, str(temporary)))
+        written = IndexInfo(**{**asdict(info), "index_bytes": target.stat().st_size})
+        write_sidecar(target, written)
+        remove_unnamed(target, {target.name})  # an exact index's row files, when a compact index replaced it
+    return written
+
+
+@contextmanager
+def saving(target: Path) -> Iterator[None]:
+    """A save of the index at ``target``: the exclusive pair lock held, what killed saves left removed first
+    (``tidy``), and OS errors (FAISS's write errors too) raised as one LibraryError naming the index and the fix."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with _pair_lock(target, exclusive=True) as locked:
             tidy(target, locked=locked)
-            atomic_write(target, lambda temporary: faiss.write_index(index, str(temporary)))
-            written = IndexInfo(**{**asdict(info), "index_bytes": target.stat().st_size})
-            write_sidecar(target, written)
-            remove_unnamed(target, {target.name})  # an exact index's row files, when a compact index replaced it
+            yield
     except (OSError, RuntimeError) as error:
         raise LibraryError(
             f"cannot save vector index {target} ({error}); free disk space or make the folder "
             "writable, then run the command again"
         ) from error
-    return written
 
 
 def write_sidecar(target: Path, info: IndexInfo) -> None:
