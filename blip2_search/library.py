@@ -41,6 +41,8 @@ from .store.exact_files import PRUNE_DEAD_SHARE
 from .store.index_files import files_of_index, remove_leftovers, saved_generation, sidecar_path
 
 LOCK_FILENAME = "index.lock"
+FOLLOW_S = 30.0  # a reader beside a running `index` loads its checkpoints at most this often (see `_follow_due`)
+FOLLOW_COST = 10.0  # ... and at most once per this many times the last load's duration
 SMALL_VIT_PARAMS = 100_000_000  # below this, rerunning the ViT per rerank candidate is cheap on a CPU
 
 NO_CAPTIONER = "none"  # captioner= value that stops a library captioning (a checkpoint folder named so: ./none)
@@ -149,6 +151,7 @@ class Library:
         self._vectors: VectorStore | None = None
         self._vectors_generation: int | None = None
         self._seen_generation = 0  # the database's vectors generation at the last search (`_follow_other_writers`)
+        self._vectors_loaded = (0.0, 0.0)  # when the vector index was last opened (time.monotonic()) and how long that took
         self._engine = None
         self._captions_generation: int | None = None
         self._unsaved_index: str | None = None  # why the rebuilt vector index is in memory only
@@ -316,11 +319,17 @@ class Library:
             budget = int(float(settings.get("vector_memory_gb")) * 2**30)
             # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
             # two writers' index and sidecar files could interleave (a file that passes as current but is not).
+            # Beside such a run, a file it saved as it went (`Indexer.checkpoint`) is used as it is, a minute or so behind
+            # the database (the search engine makes up for it, see `index_behind`), rather than rebuilt.
             # An index or prune run (it holds the lock) opens an exact index lazily: it reads the vectors only if it
             # searches, and its save appends what it changed.
+            writer = not self._locked and self._writer_running()
+            started = time.monotonic()
             opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
-                                  save=self._locked or not self._writer_running(), lazy=self._locked, distrust=self._distrusted_index)
+                                  save=not writer, lazy=self._locked, distrust=self._distrusted_index,
+                                  behind_from=self.metadata.embedder_since() if writer else None)
             self._vectors, self._vectors_generation = opened.store, opened.generation
+            self._vectors_loaded = (time.monotonic(), time.monotonic() - started)
             self._unsaved_index = opened.unsaved
         return self._vectors
 
@@ -340,8 +349,18 @@ class Library:
         if recorded is not None and not self._same_embedder(recorded):
             raise self._reembedded_elsewhere(recorded.model)
         path = self.folder / VECTORS_FILENAME
-        if not sidecar_path(path).exists() or saved_generation(path) == current or not self._writer_running():
+        saved = saved_generation(path) if sidecar_path(path).exists() else None
+        if saved is None or saved == current or not self._writer_running():
             self._vectors, self._engine = None, None  # saved by that run, removed (a full disk's prune), or its run died
+        elif self._vectors_generation is not None and self._vectors_generation < saved < current and self._follow_due():
+            self._vectors, self._engine = None, None  # a checkpoint of that run: reloaded as it is (see `vectors`)
+
+    def _follow_due(self) -> bool:
+        """Whether a newer checkpoint of another process's running `index` may be loaded now: FOLLOW_S after the
+        last load, or FOLLOW_COST times its duration (an index that takes seconds to read is not read at every
+        checkpoint; each load holds up the search that makes it)."""
+        loaded_at, took = self._vectors_loaded
+        return time.monotonic() - loaded_at >= max(FOLLOW_S, FOLLOW_COST * took)
 
     def _writer_running(self) -> bool:
         """Whether an `index` or `prune` holds the library's lock now (one killed, e.g. by SIGKILL, holds nothing)."""
@@ -440,7 +459,8 @@ class Library:
             if store_vit:
                 self.vit_store.enable()
             indexer = Indexer(self.metadata, lambda: self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
-                              workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash)
+                              workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash,
+                              checkpoint=self._save_vectors)
             report = indexer.run(roots, progress)
             if report.interrupted and self._vectors is not None:
                 try:  # it holds what was committed: servers follow it, and the next run needs no rebuild

@@ -20,6 +20,7 @@ from blip2_search.store import (
     open_vectors,
     rebuild,
 )
+from blip2_search.store import index_choice, index_files
 from blip2_search.store.index_files import sidecar_path
 
 
@@ -454,6 +455,57 @@ def test_rebuild_and_open_vectors_follow_the_metadata_generation(tmp_path, metad
     assert "generation" in third.rebuilt_because and len(third.store) == 26
     with pytest.raises(LibraryError, match="shape"):
         rebuild(meta, FaissVectorStore(q, d + 1, use_gpu=False))
+    meta.close()
+
+
+@pytest.mark.parametrize("kind", ["exact", "compact", "trained"])
+def test_open_vectors_uses_a_file_behind_the_database_only_from_the_embedders_generation(tmp_path, metadata_location, kind, monkeypatch):
+    """Beside a running `index` (which saves as it goes), a reader uses the file it saved last as it is (its own
+    generation, no rebuild, nothing saved); never a file older than the embedder's vectors (a `--reembed` run's
+    first minutes: that file holds the old model's vectors), nor a file that is newer or of another kind."""
+    rng = np.random.default_rng(12)
+    q, d = 4, 16
+    (tmp_path / "lib").mkdir(exist_ok=True)
+    meta = open_metadata(metadata_location, create=True, embedder=EmbedderInfo(ModelRef("m"), q, d))
+    assert meta.embedder_since() == meta.vectors_generation()
+    vectors = unit(rng, 220, q, d)
+    ids = meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(200)])
+    index_path = tmp_path / "lib" / "vectors.faiss"
+    if kind == "trained":  # compact codes from 100 images on (else exact vectors below the threshold)
+        monkeypatch.setattr(index_choice, "COMPACT_MIN_IMAGES", 100)
+    open_kw = {"kind": "exact" if kind == "exact" else "compact", "use_gpu": False, "save": False}
+    saved = open_vectors(meta, index_path, **{**open_kw, "save": True}).generation
+    meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(200, 220)])
+    meta.mark_deleted(ids[:2])
+    since = meta.embedder_since()
+    behind = open_vectors(meta, index_path, behind_from=since, **open_kw)
+    assert (behind.generation, behind.rebuilt_because) == (saved, None) and sorted(behind.store.image_ids().tolist()) == sorted(ids)
+    assert getattr(behind.store, "trained", False) == (kind == "trained")
+    assert index_files.saved_generation(index_path) == saved  # nothing written
+    current = open_vectors(meta, index_path, **open_kw)  # not asked to: rebuilt from the database
+    assert current.generation == meta.vectors_generation() and current.rebuilt_because is not None and len(current.store) == 218
+    assert open_vectors(meta, index_path, behind_from=saved + 1, **open_kw).rebuilt_because is not None
+    meta.reset_embedder(EmbedderInfo(ModelRef("another"), q, d))  # a re-embed: the file holds the old model's vectors
+    assert meta.embedder_since() == meta.vectors_generation() > saved
+    after = open_vectors(meta, index_path, behind_from=meta.embedder_since(), **open_kw)
+    assert after.rebuilt_because is not None and len(after.store) == 0
+    meta.close()
+
+
+def test_a_library_from_before_the_embedder_generation_records_it_at_its_next_index_run(tmp_path):
+    """Libraries made before `embedder_since` was kept have none: no file behind the database is used (it may
+    predate an interrupted `--reembed`) until a run records one, past every file saved before it."""
+    from blip2_search.store import updates
+    from blip2_search.store.schema import INFO_EMBEDDER_SINCE
+
+    embedder = EmbedderInfo(ModelRef("m"), 4, 16)
+    meta = open_metadata(tmp_path / "lib", create=True, embedder=embedder)
+    meta.upsert_indexed([IndexedImage(str(tmp_path / "a.jpg"), 1, 1, "h", vectors=unit(np.random.default_rng(1), 1, 4, 16)[0])])
+    with meta._write() as connection:
+        updates._set_info(connection, {INFO_EMBEDDER_SINCE: None})
+    assert meta.embedder_since() is None
+    meta.ensure_embedder(embedder)  # an index run
+    assert meta.embedder_since() == meta.vectors_generation() + 1
     meta.close()
 
 

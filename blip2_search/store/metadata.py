@@ -67,6 +67,7 @@ from blip2_search.store.rows import (
 from blip2_search.store.schema import (
     INFO_CAPTIONS_GENERATION,
     INFO_VECTOR_INDEX,
+    INFO_EMBEDDER_SINCE,
     INFO_VECTORS_GENERATION,
     caption_vectors,
     embeddings,
@@ -202,6 +203,14 @@ class MetadataStore:
         with self._read() as connection:
             return int(read_info(connection)[INFO_VECTORS_GENERATION])
 
+    def embedder_since(self) -> int | None:
+        """The vectors generation from which every saved vector index holds the recorded embedder's vectors (a
+        `--reembed` moves it past the index saved before); None when not recorded (a library not indexed since
+        this was kept): then an index that is not current is not known to hold them."""
+        with self._read() as connection:
+            since = read_info(connection).get(INFO_EMBEDDER_SINCE)
+        return None if since is None else int(since)
+
     def captions_generation(self) -> int:
         """The counter bumped by `captions_changed` (captions written after their images were indexed)."""
         with self._read() as connection:
@@ -223,12 +232,16 @@ class MetadataStore:
         """Record ``embedder`` if none is recorded; raise ModelMismatchError if another one is."""
         with self._read() as connection:
             recorded = read_embedder(connection)
+            since = read_info(connection).get(INFO_EMBEDDER_SINCE)
         if recorded is None:
             with self._write() as connection:
                 recorded = read_embedder(connection)
                 if recorded is None:
-                    updates.write_embedder(connection, embedder)
+                    updates.write_embedder(connection, embedder, since=int(read_info(connection)[INFO_VECTORS_GENERATION]))
                     return
+        if recorded == embedder and since is None:
+            with self._write() as connection:
+                updates.mark_embedder_since(connection)
         if recorded != embedder:
             raise ModelMismatchError(
                 f"library {self.location} was built with embedder {recorded.describe()} but "

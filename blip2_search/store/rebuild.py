@@ -68,6 +68,7 @@ def open_vectors(
     use_gpu: bool | None = None,
     lazy: bool = False,
     distrust: str | None = None,
+    behind_from: int | None = None,
 ) -> OpenedVectors:
     """Load the FAISS file if it matches the library's vectors generation and ``kind``, else
     rebuild it from ``metadata`` (and, with ``save``, write it back atomically).
@@ -77,6 +78,9 @@ def open_vectors(
     where the exact index would outgrow ``memory_budget_bytes``). ``lazy``: exact vectors (of either store)
     are opened for changes (``FaissVectorStore.load``): read on first search; a save appends. ``distrust``: why
     the file must not be used even if current (found damaged where it could not be removed): rebuilt, not saved.
+    ``behind_from``: a file saved at an older generation, not older than this one, is loaded as it is (the
+    returned ``generation`` is its own) instead of rebuilt: what a reader beside a running ``index`` does (that
+    run saves as it goes; see ``MetadataStore.embedder_since`` for why a file older than that is never used).
     """
     info = metadata.info()
     if info.embedder is None:
@@ -96,10 +100,21 @@ def open_vectors(
         loaded = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, lazy=lazy, **common)
         if loaded.store is not None and loaded.store.needs_retraining():
             loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
+    generation = info.vectors_generation
+    if loaded.store is None and loaded.state == "stale" and behind_from is not None and loaded.info is not None \
+            and behind_from <= loaded.info.vectors_generation < generation:
+        behind = loaded.info.vectors_generation
+        again = {**common, "expected_generation": behind}
+        if train_at is None:
+            retry = FaissVectorStore.load(index_path, **again)
+        else:
+            retry = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **again)
+        if retry.store is not None and not (isinstance(retry.store, CompactVectorStore) and retry.store.needs_retraining()):
+            return OpenedVectors(retry.store, behind, None)
     if loaded.store is not None:
         if save and isinstance(loaded.store, CompactVectorStore) and loaded.store.trained and not loaded.info.params.get("trained"):
             loaded.store.save(index_path, generation=info.vectors_generation)  # trained while loading an exact file: keep it
-        return OpenedVectors(loaded.store, info.vectors_generation, None)
+        return OpenedVectors(loaded.store, generation, None)
     if train_at is None:
         store: VectorStore = FaissVectorStore(q, d, use_gpu=use_gpu)
     else:

@@ -42,6 +42,7 @@ INFO_CAPTIONER_MODEL = "captioner_model"
 INFO_CAPTIONER_REVISION = "captioner_revision"
 INFO_VECTORS_GENERATION = "vectors_generation"
 INFO_CAPTIONS_GENERATION = "captions_generation"  # bumped after a run writes captions to indexed images (servers reload)
+INFO_EMBEDDER_SINCE = "embedder_since"  # the vectors generation from which every saved index holds the recorded embedder's vectors
 INFO_VECTOR_INDEX = "vector_index"  # exact | compact | auto, as asked by `index --vector-index`
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BIGINT would not auto-increment there.

@@ -32,6 +32,7 @@ from blip2_search.store.schema import (
     INFO_DIM,
     INFO_EMBEDDER_MODEL,
     INFO_EMBEDDER_REVISION,
+    INFO_EMBEDDER_SINCE,
     INFO_NUM_QUERY_TOKENS,
     INFO_CAPTIONS_GENERATION,
     INFO_VECTORS_GENERATION,
@@ -90,17 +91,27 @@ def _bump(connection: Connection, key: str) -> int:
     return new
 
 
-def write_embedder(connection: Connection, embedder: EmbedderInfo) -> None:
-    """Record ``embedder`` in ``library_info``."""
-    _set_info(
-        connection,
-        {
-            INFO_EMBEDDER_MODEL: embedder.model.model_id,
-            INFO_EMBEDDER_REVISION: embedder.model.revision,
-            INFO_NUM_QUERY_TOKENS: str(embedder.num_query_tokens),
-            INFO_DIM: str(embedder.dim),
-        },
-    )
+def write_embedder(connection: Connection, embedder: EmbedderInfo, *, since: int | None = None) -> None:
+    """Record ``embedder`` in ``library_info``; ``since``: the vectors generation from which saved vector
+    indexes hold its vectors (``INFO_EMBEDDER_SINCE``; left as it was when None)."""
+    values = {
+        INFO_EMBEDDER_MODEL: embedder.model.model_id,
+        INFO_EMBEDDER_REVISION: embedder.model.revision,
+        INFO_NUM_QUERY_TOKENS: str(embedder.num_query_tokens),
+        INFO_DIM: str(embedder.dim),
+    }
+    if since is not None:
+        values[INFO_EMBEDDER_SINCE] = str(since)
+    _set_info(connection, values)
+
+
+def mark_embedder_since(connection: Connection) -> None:
+    """Record the current vectors generation as the one from which saved indexes hold the recorded embedder's
+    vectors, where nothing is recorded (a library from before the key, whose vectors come from that embedder
+    now): a vector index saved earlier is never taken for one of it."""
+    if connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_EMBEDDER_SINCE)) is None:
+        current = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_VECTORS_GENERATION))
+        _set_info(connection, {INFO_EMBEDDER_SINCE: str(int(current or 0) + 1)})
 
 
 def write_captioner(connection: Connection, captioner: ModelRef | None) -> None:
@@ -120,8 +131,7 @@ def reset_embedder(connection: Connection, embedder: EmbedderInfo) -> int:
         .where(images.c.status == STATUS_INDEXED)
         .values(status=STATUS_PENDING, updated_at=_now())
     ).rowcount
-    write_embedder(connection, embedder)
-    bump_generation(connection)
+    write_embedder(connection, embedder, since=bump_generation(connection))  # an index saved before holds the old model's
     return int(changed)
 
 
