@@ -172,11 +172,12 @@ def _inputs(images: Sequence[ImageLike]) -> list[ImageLike]:
 def _pixel_batches(checkpoint, images: list[ImageLike], size: int) -> Iterator[tuple[list[tuple[int, str | None]], torch.Tensor | None, list[ImageFailure]]]:
     """`size` inputs at a time: (index, path) of those read, their pixel_values, and the failures.
 
-    Each picture goes to the checkpoint's processor as soon as it is decoded and is dropped before the next
-    is decoded, so one full-size picture is in memory at a time whatever the number of inputs (a 24 MP photo
-    decodes to 72 MB; a 160 MP one, with the processor's float copies, to about 2 GB).
+    A file is decoded as `index` decodes a photo (`model_image`: the same input, so the same scores as a library
+    that holds it) straight to the model's size, so one full-size picture is in memory at a time whatever the number
+    of inputs (while it decodes: a 24 MP photo takes 72 MB, a 160 MP one about 480 MB); a PIL image goes to the
+    checkpoint's processor as it is.
     """
-    from .images import open_image, upright_rgb
+    from .images import model_image, upright_rgb
 
     for start in range(0, len(images), size):
         read, pixels, failed = [], [], []
@@ -187,7 +188,7 @@ def _pixel_batches(checkpoint, images: list[ImageLike], size: int) -> Iterator[t
                 if isinstance(item, Image.Image):
                     picture = upright_rgb(item, f"<image {i}>")
                 else:
-                    picture = open_image(item if path is None else Path(path))
+                    picture = model_image(item if path is None else Path(path), checkpoint.image_size)  # as `index` decodes it
             except Blip2SearchError as exc:
                 failed.append(ImageFailure(i, path, str(exc)))
                 continue

@@ -1,7 +1,8 @@
 """Decoding photos for the index: the public face of `blip2_search.imaging`.
 
 `open_image` gives an upright RGB image (`upright_rgb` makes the same of an in-memory PIL image); `decode_for_model` gives the [size, size, 3] uint8
-pixels BLIP-2's processor would resize to (fast JPEG path by default); `read_info` reads the
+pixels BLIP-2's processor would resize to (fast JPEG path by default), `model_image` the same as a PIL image (what
+every path that gives a model a file uses, so a photo gets one input); `read_info` reads the
 size, format, EXIF date and camera without decoding pixels. All raise `ImageDecodeError`.
 """
 
@@ -13,6 +14,7 @@ from .imaging import (
     ImageInfo,
     ImageSource,
     decode_for_model,
+    model_image,
     open_image,
     read_info,
     upright_rgb,
@@ -26,6 +28,7 @@ __all__ = [
     "ImageInfo",
     "ImageSource",
     "decode_for_model",
+    "model_image",
     "open_image",
     "read_info",
     "upright_rgb",

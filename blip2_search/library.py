@@ -735,7 +735,7 @@ class Library:
         """Images most like `image` (a path, a PIL image, or an image file's bytes or binary file object), by their 32 query vectors."""
         from PIL import Image
 
-        from .images import open_image, upright_rgb
+        from .images import model_image, upright_rgb
         from .search.results import check_k, make_filters
 
         k = check_k(k)
@@ -744,7 +744,7 @@ class Library:
             label, pil = "<image>", upright_rgb(image)
         elif isinstance(image, (str, os.PathLike, bytes)) or hasattr(image, "read"):  # what open_image reads
             label = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<image bytes>"
-            pil = open_image(image)
+            pil = model_image(image, self.encoder.image_size)  # as `index` decoded the library's photos
         else:
             fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image, or an image file's bytes"
             raise InvalidInputError(f"example image {reprlib.repr(image)} ({type(image).__name__}) is not a picture; {fix}")

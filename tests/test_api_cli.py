@@ -243,7 +243,8 @@ def test_python_api_holds_one_full_size_picture_at_a_time(tiny_itm_dir, tiny_cap
 
     d, paths = photo_dir
     decoded, most_alive = [], []
-    real_open, real_preprocess = blip2_search.images.open_image, Checkpoint.preprocess
+    decoder = "model_image"  # a file is decoded to the model's size, as `index` does
+    real_open, real_preprocess = getattr(blip2_search.images, decoder), Checkpoint.preprocess
 
     def open_image(*args, **kwargs):
         picture = real_open(*args, **kwargs)
@@ -254,7 +255,7 @@ def test_python_api_holds_one_full_size_picture_at_a_time(tiny_itm_dir, tiny_cap
         most_alive.append(sum(ref() is not None for ref in decoded))
         return real_preprocess(self, images)
 
-    monkeypatch.setattr(blip2_search.images, "open_image", open_image)
+    monkeypatch.setattr(blip2_search.images, decoder, open_image)
     monkeypatch.setattr(Checkpoint, "preprocess", preprocess)
     many = paths * 12  # 60 photos: more than a batch (32 on the CPU)
     if call == "rerank":

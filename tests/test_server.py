@@ -198,7 +198,7 @@ def test_uploads_are_decoded_one_at_a_time(client, lib, monkeypatch):
     from blip2_search.server import app as app_module
 
     live, seen = [0], []
-    decode = images.open_image
+    decode = images.model_image  # an upload is decoded straight to the model's size, as `index` decodes a photo
 
     def counting(*args, **kwargs):
         seen.append(live[0])  # full-size pictures still alive when another decode starts
@@ -207,8 +207,8 @@ def test_uploads_are_decoded_one_at_a_time(client, lib, monkeypatch):
         weakref.finalize(picture, lambda: live.__setitem__(0, live[0] - 1))
         return picture
 
-    monkeypatch.setattr(images, "open_image", counting)
-    monkeypatch.setattr(app_module, "open_image", counting)
+    monkeypatch.setattr(images, "model_image", counting)
+    monkeypatch.setattr(app_module, "model_image", counting)
     data = [Path(_records(lib)[n].path).read_bytes() for n in ("img01.jpg", "img02.jpg", "img04.jpg")]
     response = client.post("/api/rerank", data={"query": "a red circle"}, files=[("images", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(data)])
     assert response.status_code == 200, response.text

@@ -139,6 +139,14 @@ def decode_for_model(
     return DecodedImage(pixels=np.array(small, dtype=np.uint8), info=info)
 
 
+def model_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`decode_for_model` (the fast path, as `index` decodes) as a size x size PIL image, for the paths that hand a
+    model's processor a file: it resizes an image already at its size to itself, so a photo gets the very input its
+    stored vectors and ViT tokens were made from, wherever it is read (rerank, `similar`, uploads), and only a
+    model-sized copy of it is kept. Raises like `decode_for_model`."""
+    return Image.fromarray(decode_for_model(source, size, max_pixels=max_pixels).pixels)
+
+
 def read_info(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """`ImageInfo` of `source` from its header and EXIF, without decoding the pixels.
 

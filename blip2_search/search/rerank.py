@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 import torch
 
 from ..errors import Blip2SearchError
-from ..images import open_image
+from ..images import model_image
 from ..models.encoder import Blip2Encoder
 from .results import Hit
 
@@ -26,7 +26,7 @@ class VitSource(Protocol):
 
 
 class RecomputeVit:
-    """Re-decode each hit's file and rerun the ViT (the reference preprocessing path)."""
+    """Re-decode each hit's file as `index` did (`model_image`: the tokens equal the stored ones) and rerun the ViT."""
 
     missing_reason = ("file missing or unreadable; index its folder again to refresh it, or forget photos whose files are gone "
                       "for good with `prune --missing`")
@@ -38,7 +38,7 @@ class RecomputeVit:
         images, ok = [], []
         for i, h in enumerate(hits):
             try:
-                images.append(open_image(h.path))
+                images.append(model_image(h.path, self.encoder.image_size))  # model-sized: 128 hits are not 128 full photos
                 ok.append(i)
             except Blip2SearchError:
                 continue  # gone or unreadable since indexing: it keeps its first-stage rank

@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Match
 from .. import __version__
 from ..api import rerank as score_images
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError
-from ..images import DEFAULT_MAX_PIXELS, open_image
+from ..images import DEFAULT_MAX_PIXELS, model_image
 from ..library import Library
 from ..search.results import parse_date
 from ..store.records import STATUS_PENDING
@@ -207,7 +207,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         filters = _filters(path, after, before, min_score, sort)
         _check_upload_size(image)
         # decoded in its turn for the model: queued image searches hold their uploads, not full-size pictures
-        result = await runner.model(request, lambda: library.similar(_decode_upload(image), k, **filters))
+        result = await runner.model(request, lambda: library.similar(_decode_upload(image, library.encoder.image_size), k, **filters))
         return JSONResponse(result.as_dict())
 
     @app.post(
@@ -397,10 +397,10 @@ def _upload_fix(message: str) -> str:
             f"{DEFAULT_MAX_PIXELS // 1_000_000} megapixels")
 
 
-def _decode_upload(upload: UploadFile):
-    """An uploaded picture (size already checked) decoded like an indexed photo: upright RGB, bomb cap."""
+def _decode_upload(upload: UploadFile, size: int):
+    """An uploaded picture (size already checked) decoded as `index` decodes a photo, to the model's `size`."""
     try:
-        return open_image(_NamedUpload(upload))
+        return model_image(_NamedUpload(upload), size)
     except ImageDecodeError as exc:
         raise ImageDecodeError(_upload_fix(str(exc))) from None
 
