@@ -423,7 +423,7 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
         if image is not None:
             _print_result(lib.similar(image, k, **filters), as_json)
         elif queries_file is not None:
-            from .search.query import parse_query
+            from .search.query import is_blank, parse_query
 
             failed = 0
             for number, line, bad in _text_lines(queries_file):
@@ -431,7 +431,7 @@ def search(query, library, k, rerank, rerank_k, image, path_glob, after, before,
                     failed += 1
                     _emit_line({"query": line, "line": number, "error": bad})
                     continue
-                if not line.strip():
+                if is_blank(line):  # also a line of only invisible characters (a zero-width space): blank to the eye
                     continue
                 try:
                     parse_query(line.strip())

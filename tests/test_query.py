@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blip2_search.errors import InvalidInputError
-from blip2_search.search.query import MAX_QUERY_CHARS, MAX_TERMS, MAX_WEIGHT, Query, Term, is_blank, parse_query
+from blip2_search.search.query import MAX_QUERY_CHARS, MAX_TERMS, MAX_WEIGHT, Query, Term, has_words, is_blank, parse_query
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "queries.md"
 
@@ -90,6 +90,18 @@ def test_plain_text_is_one_term_exactly_as_typed(text):
     q = parse_query(text)
     assert pairs(q) == [(text, 1.0)]
     assert q.is_simple and q.raw == text and not q.truncated
+
+
+@pytest.mark.parametrize("text, column", [("!!!", 1), ("...", 1), ("  #", 3), ('"!!!"', 1), ('\\"', 1),
+                                           ('a red circle - "..."', 16), ('"a dog" - 2:"(:)"', 13)])
+def test_a_term_of_only_the_marks_the_model_drops_is_refused(text, column):
+    """BLIP-2's text normalisation drops .!"()*#:;~: such a term was searched as an empty text, silently (its
+    ranking arbitrary; as a negative term it moved every ranking)."""
+    with pytest.raises(InvalidInputError, match=rf"^query: nothing to search for in the term at column {column} .*the model drops"):
+        parse_query(text)
+    with pytest.raises(InvalidInputError, match="has no words the model reads"):
+        Term("...", 1.0)
+    assert parse_query("12:30 p.m.").terms == (Term("12:30 p.m.", 1.0),)  # read as "12 30 p m": words are left
 
 
 @pytest.mark.parametrize(
@@ -422,7 +434,7 @@ FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_
 _QUOTE_CHARS = '"\u201c\u201d'
 no_quotes = st.text(
     alphabet=st.characters(blacklist_characters=_QUOTE_CHARS, blacklist_categories=("Cs",)), min_size=1, max_size=80
-).filter(lambda s: not is_blank(s))
+).filter(has_words)
 
 
 @FAST
@@ -460,7 +472,7 @@ def test_bare_text_beside_a_quoted_term_stays_one_term(words, op):
 
 term_text = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20
-).map(norm).filter(lambda t: not is_blank(t))
+).map(norm).filter(has_words)
 weights = st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.5, 100.0])
 terms = st.lists(st.tuples(term_text, weights, st.booleans()), min_size=1, max_size=MAX_TERMS).filter(
     lambda ts: any(not negative for _, _, negative in ts)

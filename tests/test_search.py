@@ -540,11 +540,12 @@ def test_cli_search_json_and_queries_file(lib_dir, tmp_path):
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(lib_dir), "--no-rerank", "--json"])
     assert all(r["itm_logit"] is None for r in json.loads(res.stdout)["results"])
     qf = tmp_path / "q.txt"
-    qf.write_text(f"{TEXTS[0]}\n\n{TEXTS[1]}\n{TEXTS[2]}\n\n")
+    qf.write_text(f"{TEXTS[0]}\n\u200b\n{TEXTS[1]}\n{TEXTS[2]}\n\n")  # a zero-width space: blank to the eye
     res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert [x["query"] for x in lines] == TEXTS and all(len(x["results"]) == 2 for x in lines)
     assert [list(x)[:2] for x in lines] == [["query", "line"]] * 3 and [x["line"] for x in lines] == [1, 3, 4]  # blank lines skipped
+    assert res.exit_code == 0, res.output
     # a bad line is reported in place (with its line number) and the others still run; exit 2 at the end
     qf.write_text(f'{TEXTS[0]}\n"unclosed\n{TEXTS[1]}\n')
     res = CliRunner().invoke(main, ["search", "--queries", str(qf), "--library", str(lib_dir), "--no-rerank", "-k", "2"])

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from ..errors import InvalidInputError
+from ..models.text import pre_caption
+
+_DROPPED = 'the marks . ! " ( ) * # : ; ~'
 
 __all__ = ["MAX_QUERY_CHARS", "MAX_TERMS", "MAX_WEIGHT", "Query", "Term", "is_blank", "parse_query"]
 
@@ -51,6 +54,8 @@ class Term:
             raise InvalidInputError(
                 f"query term {self.text!r} is empty or has surrounding whitespace; pass stripped, non-empty text"
             )
+        if not has_words(self.text):
+            raise InvalidInputError(f"query term {self.text!r} has no words the model reads (it drops {_DROPPED}); pass text with words")
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w == 0:
             raise InvalidInputError(
@@ -96,6 +101,12 @@ class Query:
     def is_simple(self) -> bool:
         """True for a single term of weight 1.0: the engine can use its plain nearest-neighbour path."""
         return len(self.terms) == 1 and self.terms[0].weight == 1.0
+
+
+def has_words(text: str) -> bool:
+    """True when the model reads something in `text`: BLIP-2's text normalisation (`pre_caption`) drops the marks
+    .!"()*#:;~, so a term of only those (and spaces) would be searched as an empty text."""
+    return not is_blank(pre_caption(text))
 
 
 def is_blank(text: str) -> bool:
@@ -190,6 +201,8 @@ class _Parser:
             words = self.text.split()
             while self.truncated and len(words) > 1 and _DANGLING.fullmatch(words[-1]):
                 words.pop()  # an operator or weight the cut separated from its (quoted) term
+            if not has_words(" ".join(words)):
+                raise self._no_words(self.text.index(words[0]))
             return (Term(" ".join(words), 1.0),)
         segments = self._segments(self._attach_weights(self._lex()))
         if not segments:
@@ -388,4 +401,11 @@ class _Parser:
         weight = first.weight if first.weight is not None else 1.0
         if sign is not None and sign.text == "-":
             weight = -weight
-        return Term(" ".join("".join(pieces).split()), weight)
+        text = " ".join("".join(pieces).split())
+        if not has_words(text):
+            raise self._no_words(first.start)
+        return Term(text, weight)
+
+    def _no_words(self, index: int) -> InvalidInputError:
+        return self._fail(f"nothing to search for in the term {{at}}: the model drops {_DROPPED}, and the term has nothing else",
+                          index, "type a description of the photos, e.g. a red car on a beach")
