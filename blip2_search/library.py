@@ -460,7 +460,7 @@ class Library:
                 self.vit_store.enable()
             indexer = Indexer(self.metadata, lambda: self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
                               workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash,
-                              checkpoint=self._save_vectors)
+                              checkpoint=self._checkpoint_vectors)
             report = indexer.run(roots, progress)
             if report.interrupted and self._vectors is not None:
                 try:  # it holds what was committed: servers follow it, and the next run needs no rebuild
@@ -576,6 +576,13 @@ class Library:
         """Forget loaded vectors that another process's changes made stale (they reopen on use)."""
         if self._vectors is not None and self._vectors_generation != self.metadata.vectors_generation():
             self._vectors = self._engine = None
+
+    def _checkpoint_vectors(self, store: VectorStore) -> None:
+        """An index run's save as it goes (`Indexer.checkpoint`) of `store`, the one the run changes, while it is the
+        library's: after a save that found damaged rows the library drops its store, and one opened again would miss
+        the run's later changes though saved at the database's generation (the save at the end rebuilds it instead)."""
+        if self._vectors is store:
+            self._save_vectors()
 
     def _save_vectors(self, *, compact: bool = False) -> None:
         """Save the vector index at the database's generation unless its file already holds that generation

@@ -662,6 +662,34 @@ def test_a_long_index_run_saves_the_vector_index_as_it_goes_and_readers_beside_i
     _check_consistent(lib_dir)
 
 
+def test_a_checkpoint_that_found_damaged_rows_leaves_the_saving_to_the_end_of_the_run(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """A save that reads damaged rows back makes the library drop its store (the file is rebuilt later). A later
+    checkpoint then opened a store again, rebuilt from the database, which the run's later batches never reached,
+    and saved it at the database's generation: photos missing from a file that passes as current."""
+    from blip2_search.errors import CorruptIndexError
+    from blip2_search.indexing import pipeline
+    from blip2_search.store.vectors import FaissVectorStore
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    for i in range(9):
+        _photo(tmp_path / "more" / f"m{i}.jpg", 300 + i)
+    monkeypatch.setattr(pipeline, "CHECKPOINT_S", 0.0)
+    real_save, saves = FaissVectorStore.save, []
+
+    def damaged_once(self, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 1:
+            raise CorruptIndexError("vector index rows are damaged")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(FaissVectorStore, "save", damaged_once)
+    with Library.open(lib_dir, batch_size=3, workers=2) as lib:
+        assert lib.index([tmp_path / "more"]).indexed == 9
+    _check_consistent(lib_dir)
+
+
 def _library_of_the_older_fingerprint(model_dir, photos, tmp_path):
     """A library indexed with a copy of `model_dir`, its embedder recorded under the older fingerprint (as libraries
     indexed before the new one were): (model copy, library folder, embedder as now recorded, as then recorded)."""

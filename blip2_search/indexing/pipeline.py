@@ -147,10 +147,10 @@ class Indexer:
         vit_store=None,
         queue_ahead: bool | None = None,
         rehash: bool = False,
-        checkpoint: Callable[[], None] | None = None,
+        checkpoint: Callable[[VectorStore], None] | None = None,
     ):
         self.metadata = metadata
-        self._checkpoint = checkpoint  # saves the vector index at the database's generation (see `checkpoint`)
+        self._checkpoint = checkpoint  # saves this run's vector store at the database's generation (see `checkpoint`)
         self._next_checkpoint = time.monotonic() + CHECKPOINT_S
         self._open_vectors = vectors  # opened on first change: a run that changes nothing never reads the index
         self._vectors: VectorStore | None = None
@@ -504,7 +504,7 @@ class Indexer:
         started = time.monotonic()
         try:
             with _interrupts_deferred():
-                self._checkpoint()
+                self._checkpoint(self._vectors)
         except LibraryError:
             self._checkpoint = None
             return
