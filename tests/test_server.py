@@ -989,6 +989,21 @@ def test_access_log_redacts_the_token():
     assert redact_token("/api/search?q=token&k=3") == "/api/search?q=token&k=3"
 
 
+@pytest.mark.parametrize("target, expected", [
+    (f"/?TOKEN={TOKEN}", "/?TOKEN=REDACTED"),
+    (f"/?token+={TOKEN}", "/?token+=REDACTED"),
+    (f"/?x=1;token={TOKEN}", "/?x=1;token=REDACTED"),
+    (f"/?token%00={TOKEN}&q=red", "/?token%00=REDACTED&q=red"),
+    (f"/?To_Ken={TOKEN};a=b&%54oken={TOKEN}", "/?To_Ken=REDACTED;a=b&%54oken=REDACTED"),
+    ("/?tokens=1&my_token=2&q=token", "/?tokens=1&my_token=2&q=token"),  # other names stay
+])
+def test_access_log_redacts_near_miss_token_names(target, expected):
+    """A mistyped login URL (/?TOKEN=, /?token+=, ;token=) was logged with the token in clear."""
+    from blip2_search.server.security import redact_token
+
+    assert redact_token(target) == expected
+
+
 def test_serve_on_a_port_in_use_is_one_line(lib):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -179,17 +179,30 @@ def _own_url(scope: Scope) -> str:
 
 
 def redact_token(target: str) -> str:
-    """A request target (path?query) with the value of every `token` parameter replaced by REDACTED."""
+    """A request target (path?query) with the value of every token-like parameter replaced by REDACTED.
+
+    Token-like: the name, percent-decoded, case-folded and with everything but letters dropped, is
+    `token` (`TOKEN`, `token+`, `token%00`): a mistyped login URL still carries the token. Parameters are
+    split at `;` as well as `&`, as some parsers do."""
     path, sep, query = target.partition("?")
     if not sep:
         return target
-    parts = [part.partition("=")[0] + "=REDACTED" if unquote_plus(part.partition("=")[0]) == "token" else part
-             for part in query.split("&")]
-    return f"{path}?{'&'.join(parts)}"
+    parts = re.split(r"([&;])", query)  # separators kept at odd positions
+    for i in range(0, len(parts), 2):
+        name = parts[i].partition("=")[0]
+        if _is_token_name(name):
+            parts[i] = f"{name}=REDACTED"
+    return f"{path}?{''.join(parts)}"
+
+
+def _is_token_name(name: str) -> bool:
+    """True for a query parameter name that reads as `token` once decoded, case-folded and stripped of non-letters."""
+    decoded = unquote_plus(name, errors="replace").casefold()
+    return "".join(c for c in decoded if c.isalpha()) == "token"
 
 
 class RedactTokenFilter(logging.Filter):
-    """For uvicorn's access log: the login URL /?token=T is logged as /?token=REDACTED."""
+    """For uvicorn's access log: the login URL /?token=T is logged as /?token=REDACTED (see `redact_token`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(isinstance(a, str) and "?" in a for a in record.args):
