@@ -480,7 +480,7 @@ def test_photo_path_policy():
         check_photo_path("photos/a.jpg", indexed.__contains__)
 
 
-def test_symlinked_photo_whose_target_moves_outside_is_refused(tiny_itm_dir, tmp_path):
+def test_symlinked_photo_whose_target_moves_outside_is_refused_once_changed(tiny_itm_dir, tmp_path):
     photos = tmp_path / "photos"
     _photo(photos / "real" / "target.jpg", 7)
     _photo(photos / "plain.jpg", 8)
@@ -496,12 +496,16 @@ def test_symlinked_photo_whose_target_moves_outside_is_refused(tiny_itm_dir, tmp
         assert original.status_code == 200  # a link to an indexed photo is fine
         assert original.content == (photos / "real" / "target.jpg").read_bytes()
 
-        # the photo moves out of the photo folders and the link follows it
+        # the photo moves out of the photo folders and the link follows it: still the file indexed (size, mtime)
         shutil.move(photos / "real" / "target.jpg", outside / "target.jpg")
         (photos / "link.jpg").unlink()
         (photos / "link.jpg").symlink_to(outside / "target.jpg")
+        assert c.get(f"/api/images/{link}").content == (outside / "target.jpg").read_bytes()
+        # then it is edited out there: no longer what the index vouches for
+        _photo(outside / "target.jpg", 9)
+        os.utime(outside / "target.jpg", ns=(1, 1))
         for url in (f"/api/images/{link}", f"/api/images/{link}/thumbnail"):
-            _assert_error(c.get(url), 404, "outside the indexed photos")
+            _assert_error(c.get(url), 404, "outside the indexed photos", "re-index")
         refused = c.post("/api/rerank", json={"query": "a photo", "ids": [link, plain]}).json()
         assert [h["id"] for h in refused["results"]] == [plain]
         assert refused["errors"][0]["id"] == link and "outside the indexed photos" in refused["errors"][0]["error"]
@@ -515,6 +519,65 @@ def test_symlinked_photo_whose_target_moves_outside_is_refused(tiny_itm_dir, tmp
             for url in (f"/api/images/{image_id}", f"/api/images/{image_id}/thumbnail"):
                 response = c.get(url)
                 assert response.status_code == 404 and b"root:" not in response.content
+
+
+def test_a_photo_indexed_through_a_link_to_a_file_outside_the_folders_is_served(tiny_itm_dir, tmp_path):
+    """index follows file links, so search returned such a photo, but the server refused it forever (a broken tile)."""
+    outside = tmp_path / "outside"
+    _photo(outside / "p.jpg", 4)
+    _photo(outside / "same-size.jpg", 4)  # the same bytes, another mtime
+    os.utime(outside / "same-size.jpg", ns=(1, 1))
+    _photo(outside / "other.jpg", 5)
+    secret = outside / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:do not serve me")
+    _photo(tmp_path / "photos" / "plain.jpg", 6)
+    link = tmp_path / "photos" / "link.jpg"
+    link.symlink_to(outside / "p.jpg")
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        rec = _records(library)["link.jpg"]
+        assert rec.path == str(link)
+        target = os.stat(outside / "p.jpg")
+        assert (rec.size, rec.mtime_ns) == (target.st_size, target.st_mtime_ns)  # index records the stat through the link
+        assert rec.id in [h["id"] for h in c.get("/api/search", params={"q": "a photo", "rerank": "false"}).json()["results"]]
+        original = c.get(f"/api/images/{rec.id}")
+        assert original.status_code == 200 and original.content == (outside / "p.jpg").read_bytes()
+        assert c.get(f"/api/images/{rec.id}/thumbnail").status_code == 200
+        ranked = c.post("/api/rerank", json={"query": "a photo", "ids": [rec.id]}).json()
+        assert ranked["errors"] == [] and [h["id"] for h in ranked["results"]] == [rec.id]
+
+        for other in (secret, outside / "other.jpg", outside / "same-size.jpg"):  # re-pointed: refused as before
+            link.unlink()
+            link.symlink_to(other)
+            for url in (f"/api/images/{rec.id}", f"/api/images/{rec.id}/thumbnail"):
+                response = c.get(url)
+                assert b"root:" not in response.content
+                _assert_error(response, 404, "outside the indexed photos")
+            refused = c.post("/api/rerank", json={"query": "a photo", "ids": [rec.id]}).json()
+            assert refused["results"] == [] and "outside the indexed photos" in refused["errors"][0]["error"]
+
+
+def test_a_link_whose_target_is_swapped_after_the_check_is_refused(tiny_itm_dir, tmp_path, monkeypatch):
+    """Only the recorded size and time vouch for a target outside the folders: the opened file must still show them."""
+    from blip2_search.server import photos as photos_module
+
+    outside = tmp_path / "outside"
+    _photo(outside / "p.jpg", 4)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "link.jpg").symlink_to(outside / "p.jpg")
+    (tmp_path / "secret.txt").write_bytes(b"root:x:0:0:do not serve me")
+    checked = photos_module._checked
+
+    def check_then_swap(*args):
+        result = checked(*args)
+        os.replace(tmp_path / "secret.txt", outside / "p.jpg")  # the race: after the check, before the open
+        return result
+
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        image_id = _records(library)["link.jpg"].id
+        monkeypatch.setattr(photos_module, "_checked", check_then_swap)
+        response = c.get(f"/api/images/{image_id}")
+        assert b"root:" not in response.content
+        _assert_error(response, 404, "changed while it was opened")
 
 
 def test_symlinked_photo_of_a_folder_indexed_through_a_symlink_is_served(tiny_itm_dir, tmp_path):
@@ -554,17 +617,17 @@ def test_a_folder_repointed_between_the_check_and_the_open_is_refused(tiny_itm_d
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "p.jpg").write_bytes(b"root:x:0:0:do not serve me")
-    checked = photos_module.check_photo_path
+    checked = photos_module._checked  # check_photo_path's work, as Photos.open calls it
 
-    def check_then_swap(recorded, is_indexed):
-        real = checked(recorded, is_indexed)
+    def check_then_swap(*args):
+        result = checked(*args)
         (photos / "album").rename(photos / "album-old")  # the race: after the check, before the open
         (photos / "album").symlink_to(outside, target_is_directory=True)
-        return real
+        return result
 
     with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
         image_id = _records(library)["p.jpg"].id
-        monkeypatch.setattr(photos_module, "check_photo_path", check_then_swap)
+        monkeypatch.setattr(photos_module, "_checked", check_then_swap)
         response = c.get(f"/api/images/{image_id}")
         assert b"root:" not in response.content
         _assert_error(response, 404, "changed while it was opened")

@@ -2,11 +2,14 @@
 
 Clients name images by id only; the path always comes from the library's record. Before a file is
 opened its real path is checked (`check_photo_path`): a recorded path that is now a symlink to a
-file the library never indexed (e.g. a link re-pointed at /etc/passwd, or a photo moved out of the
-photo folders and the link updated) is refused. The file is then opened without following a
-last-moment symlink (O_NOFOLLOW), must be the checked path (on Linux the kernel's own record of the
-opened file is compared, so a folder re-pointed between the check and the open is caught) and must
-be a regular file.
+file the library never indexed (e.g. a link re-pointed at /etc/passwd) is refused. A link to a file
+outside the photo folders is served when that file still has the size and modification time the
+index recorded for the link (`index` follows file links and records what it read through them), so a
+photo indexed through such a link is shown, while a link re-pointed at another file is not. The file
+is then opened without following a last-moment symlink (O_NOFOLLOW), must be the checked path (on
+Linux the kernel's own record of the opened file is compared, so a folder re-pointed between the
+check and the open is caught) and must be a regular file (with the recorded size and time again,
+where those are what vouched for it).
 """
 
 from __future__ import annotations
@@ -62,32 +65,45 @@ class PhotoFile:
             self.file.close()
 
 
-def check_photo_path(recorded: str, is_indexed: Callable[[str], bool]) -> str:
+def check_photo_path(recorded: str, is_indexed: Callable[[str], bool], recorded_stat: tuple[int, int] | None = None) -> str:
     """The real path to read for the recorded path of an indexed image, or PhotoUnavailable.
 
     Allowed: the recorded file itself, reached through its (possibly symlinked) folders; or, when the
     recorded path is a symlink, a target that is itself an indexed image: `is_indexed` holds for the
     target's real path, or for the path that reaches it through a symlinked folder of `recorded`
-    (a folder indexed through a link records its photos under the link's name).
-    Refused: a symlink whose target is not an indexed image (moved out of the photo folders, or
-    re-pointed elsewhere), a missing file, and anything that is not a regular file.
+    (a folder indexed through a link records its photos under the link's name); or a target outside
+    the indexed photos whose (size, mtime_ns) equal `recorded_stat`, what the index recorded for
+    `recorded` (`index` stats through the link): the file that was indexed, still unchanged.
+    Refused: a symlink whose target is neither (re-pointed elsewhere, or its photo since edited), a
+    missing file, and anything that is not a regular file.
     """
+    return _checked(recorded, is_indexed, recorded_stat)[0]
+
+
+def _checked(recorded: str, is_indexed: Callable[[str], bool], recorded_stat: tuple[int, int] | None) -> tuple[str, bool]:
+    """`check_photo_path`, and whether only the recorded size and time vouch for the file (the opened file
+    must then show them too: a different file renamed onto the target after the check is not the one indexed)."""
     if not os.path.isabs(recorded) or os.path.normpath(recorded) != recorded:
         raise PhotoUnavailable(f"the recorded path {recorded!r} is not a normal absolute path; re-index the folder that holds it")
     real = os.path.realpath(recorded)
     in_place = os.path.join(os.path.realpath(os.path.dirname(recorded)), os.path.basename(recorded))
-    if real != in_place and not any(is_indexed(name) for name in _names_of(real, recorded)):
-        raise PhotoUnavailable(
-            f"{recorded} is a symlink to a file outside the indexed photos; point it back at an indexed photo, "
-            "or replace the link with the file and re-index"
-        )
     try:
         st = os.stat(real)
     except OSError:
-        raise PhotoUnavailable(f"the file of {recorded} is gone; re-index its folder to update the library") from None
+        st = None
+    by_stat = False
+    if real != in_place and not any(is_indexed(name) for name in _names_of(real, recorded)):
+        by_stat = True
+        if st is None or recorded_stat is None or (st.st_size, st.st_mtime_ns) != tuple(recorded_stat):
+            raise PhotoUnavailable(
+                f"{recorded} is a symlink to a file outside the indexed photos that is not the file indexed through it "
+                "(its size or modification time differ); point it back at an indexed photo, or re-index its folder"
+            )
+    if st is None:
+        raise PhotoUnavailable(f"the file of {recorded} is gone; re-index its folder to update the library")
     if not stat.S_ISREG(st.st_mode):
         raise PhotoUnavailable(f"{recorded} is no longer a regular file; re-index its folder to update the library")
-    return real
+    return real, by_stat
 
 
 def _names_of(real: str, recorded: str) -> Iterator[str]:
@@ -105,6 +121,11 @@ def _names_of(real: str, recorded: str) -> Iterator[str]:
         if os.path.dirname(folder) == folder:
             return
         folder = os.path.dirname(folder)
+
+
+def _recorded_stat(record: ImageRecord) -> tuple[int, int] | None:
+    """(size, mtime_ns) the index recorded for the image's path, or None where it recorded none."""
+    return None if record.size is None or record.mtime_ns is None else (record.size, record.mtime_ns)
 
 
 def _opened_path(fd: int) -> str | None:
@@ -141,12 +162,12 @@ class Photos:
 
     def real_path(self, record: ImageRecord) -> str:
         """`check_photo_path` for a record."""
-        return check_photo_path(record.path, self._is_indexed)
+        return check_photo_path(record.path, self._is_indexed, _recorded_stat(record))
 
     def open(self, image_id: int) -> PhotoFile:
         """Open the checked file of an indexed image."""
         record = self.record(image_id)
-        real = self.real_path(record)
+        real, by_stat = _checked(record.path, self._is_indexed, _recorded_stat(record))
         try:
             fd = os.open(real, _OPEN_FLAGS)
         except OSError:
@@ -160,6 +181,9 @@ class Photos:
         if not stat.S_ISREG(st.st_mode):
             f.close()
             raise PhotoUnavailable(f"{record.path} is no longer a regular file; re-index its folder to update the library")
+        if by_stat and (st.st_size, st.st_mtime_ns) != _recorded_stat(record):
+            f.close()
+            raise PhotoUnavailable(f"the file of image {image_id} ({record.path}) changed while it was opened; try again")
         return PhotoFile(record, real, f, st.st_size, st.st_mtime_ns)
 
     def thumbnail(self, image_id: int) -> bytes:
