@@ -1,11 +1,10 @@
 """The HTTP API and web page over one open `Library`: parse the request, call one library method, render.
 
 Model calls (search, similar, rerank) run one at a time in a worker thread, and wait for their turn in
-the event loop, so thumbnails, status and the page are served while queries run and queue. Routes are
-listed in docs/server.md.
+the event loop (`runner`), so thumbnails, status and the page are served while queries run and queue.
+Routes are listed in docs/server.md.
 """
 
-import asyncio
 import errno
 import logging
 import os
@@ -22,7 +21,6 @@ from fastapi.responses import JSONResponse as _JSONResponse
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
@@ -37,6 +35,7 @@ from ..store.records import STATUS_PENDING
 from . import limits
 from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
+from .runner import Runner
 from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
 from .security import TOKEN_COOKIE, Guard, RedactTokenFilter, allowed_host_names, check_token, token_cookie, token_matches
 
@@ -92,46 +91,6 @@ def _only_escaped_bytes(text: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
-class _Runner:
-    """Runs library calls in worker threads; model calls one at a time (one model, one lock).
-
-    A model call waits for its turn in the event loop, not in a worker thread: however many queries
-    queue, the pool stays free for thumbnails, originals and status. At most MAX_QUEUED_MODEL_CALLS
-    wait (more get a 503), and a call whose client went away while it waited is not run."""
-
-    def __init__(self):
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock: asyncio.Lock | None = None
-        self._waiting = 0
-
-    def _model_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # an asyncio lock belongs to one loop (an app may be served by several in turn)
-            self._loop, self._lock = loop, asyncio.Lock()
-        return self._lock
-
-    async def model(self, request: Request, fn, *args, **kwargs):
-        lock = self._model_lock()
-        if lock.locked() and self._waiting >= limits.MAX_QUEUED_MODEL_CALLS:
-            raise ApiError(503, f"{self._waiting} queries are already waiting for the model, the most this server queues; "
-                                f"retry in a few seconds, or send fewer queries at once", headers={"retry-after": "5"})
-        self._waiting += 1
-        try:
-            await lock.acquire()  # FIFO
-        finally:
-            self._waiting -= 1
-        try:
-            if await request.is_disconnected():  # e.g. the page aborted it for a newer search
-                raise ApiError(499, f"{request.method} {request.url.path}: the client closed the connection while the query "
-                                    "waited for the model; it was not run")
-            return await run_in_threadpool(fn, *args, **kwargs)  # the lock is held until the thread returns, also on cancel
-        finally:
-            lock.release()
-
-    async def io(self, fn, *args, **kwargs):
-        return await run_in_threadpool(fn, *args, **kwargs)
-
-
 def create_app(library: Library, *, token: str | None = None, host: str = "127.0.0.1") -> FastAPI:
     """The ASGI app serving `library` (kept open by the caller). `host` is where it listens: bound to
     loopback without a token, only loopback Host names are served (see `security`)."""
@@ -140,7 +99,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         title="blip2-search", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
         description="Find photos by describing them (BLIP-2). See docs/server.md.",
     )
-    runner = _Runner()
+    runner = Runner()
     photos = Photos(library.metadata, library.folder / THUMBS_DIRNAME)
     pages = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in _STATIC}
     _install_error_handlers(app)
