@@ -3,7 +3,8 @@
 `open_image` gives an upright RGB image (`upright_rgb` makes the same of an in-memory PIL image); `decode_for_model` gives the [size, size, 3] uint8
 pixels BLIP-2's processor would resize to (fast JPEG path by default), `model_image` the same as a PIL image (what
 every path that gives a model a file uses, so a photo gets one input); `read_info` reads the
-size, format, EXIF date and camera without decoding pixels. All raise `ImageDecodeError`.
+size, format, EXIF date and camera without decoding pixels; `decoded_pixels` says from the header how
+many pixels a decode will hold. All raise `ImageDecodeError`.
 """
 
 from .imaging import (
@@ -15,6 +16,7 @@ from .imaging import (
     ImageSource,
     decode_for_model,
     model_image,
+    decoded_pixels,
     open_image,
     read_info,
     upright_rgb,
@@ -29,6 +31,7 @@ __all__ = [
     "ImageSource",
     "decode_for_model",
     "model_image",
+    "decoded_pixels",
     "open_image",
     "read_info",
     "upright_rgb",

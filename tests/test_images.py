@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageOps, JpegImagePlugin
 
 from blip2_search.errors import ImageDecodeError, InvalidInputError
-from blip2_search.images import DecodedImage, ImageInfo, decode_for_model, open_image, read_info
+from blip2_search.images import DecodedImage, ImageInfo, decode_for_model, decoded_pixels, open_image, read_info
 from blip2_search.imaging import sources
 
 RNG_SEED = 1234
@@ -627,3 +627,16 @@ def test_open_image_draft_side_decodes_jpegs_small_and_close():
     assert open_image(png.getvalue(), draft_side=100).size == (800, 600)  # only JPEGs have DCT scales
     with pytest.raises(InvalidInputError, match="positive integer"):
         open_image(data, draft_side=0)
+
+
+def test_decoded_pixels_reads_what_a_decode_holds_from_the_header():
+    """The server reserves a thumbnail's pixels before decoding it: a JPEG's DCT scale counts, other formats are full."""
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo(4000, 3000)).save(jpeg, "JPEG", quality=90)
+    Image.fromarray(photo(800, 600)).save(png, "PNG")
+    for data, side in ((jpeg.getvalue(), 640), (jpeg.getvalue(), None), (png.getvalue(), 100)):
+        width, height = open_image(data, draft_side=side).size
+        assert decoded_pixels(data, draft_side=side) == width * height
+    assert decoded_pixels(jpeg.getvalue(), draft_side=640) == 1000 * 750
+    with pytest.raises(ImageDecodeError, match="decompression bombs"):
+        decoded_pixels(png.getvalue(), max_pixels=1000)

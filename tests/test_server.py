@@ -307,6 +307,80 @@ def test_thumbnail_is_an_upright_cached_jpeg(client, lib):
     assert again.content == response.content and cached[0].stat().st_mtime_ns == before
 
 
+def test_full_size_thumbnail_decodes_share_a_pixel_budget(tiny_itm_dir, tmp_path, monkeypatch):
+    """6 cold thumbnails of 8000x6000 PNGs at once took the server from 0.97 to 2.0 GB: a PNG is decoded in full.
+    JPEGs (decoded at 1/2 to 1/8 scale) still run side by side."""
+    from blip2_search.server import photos as photos_module
+
+    (tmp_path / "photos").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((900, 1200, 3), 40 * i, np.uint8)).save(tmp_path / "photos" / f"big{i}.png")
+        _photo(tmp_path / "photos" / f"small{i}.jpg", i)
+    monkeypatch.setattr(limits, "MAX_DECODE_PIXELS", 1_500_000)  # one 1200x900 PNG at a time
+    real_open, active, peaks, lock = photos_module.open_image, {"png": 0, "jpg": 0}, {"png": 0, "jpg": 0}, threading.Lock()
+
+    def slow_open(source, **kwargs):
+        source.seek(0)
+        kind = "png" if source.read(4) == b"\x89PNG" else "jpg"
+        with lock:
+            active[kind] += 1
+            peaks[kind] = max(peaks[kind], active[kind])
+        time.sleep(0.3)  # long enough for the other requests to arrive
+        try:
+            return real_open(source, **kwargs)
+        finally:
+            with lock:
+                active[kind] -= 1
+
+    monkeypatch.setattr(photos_module, "open_image", slow_open)
+    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
+        for kind in ("png", "jpg"):
+            ids = [r.id for name, r in _records(library).items() if name.endswith(kind)]
+            answers = []
+            threads = [threading.Thread(target=lambda i=i: answers.append(c.get(f"/api/images/{i}/thumbnail"))) for i in ids]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert [a.status_code for a in answers] == [200] * len(ids)
+            assert all(Image.open(io.BytesIO(a.content)).size[0] <= 320 for a in answers)
+    assert peaks["png"] == 1  # never two full-size decodes at once
+    assert peaks["jpg"] > 1  # DCT-scaled JPEGs are cheap: not queued behind each other
+
+
+def test_pixel_budget_grants_in_order_and_runs_an_oversized_request_alone():
+    import asyncio
+
+    from blip2_search.server.runner import PixelBudget
+
+    async def run():
+        budget, log = PixelBudget(10), []
+
+        async def use(name, pixels, hold):
+            async with budget.reserve(pixels):
+                log.append(("start", name, budget.used))
+                await asyncio.sleep(hold)
+            log.append(("end", name))
+
+        first = asyncio.create_task(use("a", 6, 0.05))
+        await asyncio.sleep(0)
+        big = asyncio.create_task(use("big", 50, 0.05))  # over the budget: alone, once "a" is done
+        await asyncio.sleep(0)
+        small = asyncio.create_task(use("small", 1, 0.01))  # fits now, but waits its turn behind "big"
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(use("gone", 4, 0))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # leaves the queue without holding anything
+        await asyncio.gather(first, big, small, return_exceptions=True)
+        return log, budget.used
+
+    log, left = asyncio.run(run())
+    starts = [(name, used) for kind, name, *used in log if kind == "start"]
+    assert starts == [("a", [6]), ("big", [10]), ("small", [1])]
+    assert log.index(("end", "a")) < log.index(("start", "big", 10)) < log.index(("end", "big")) < log.index(("start", "small", 1))
+    assert left == 0
+
+
 def test_thumbnail_is_rebuilt_when_the_photo_changes(tiny_itm_dir, tmp_path):
     _photo(tmp_path / "photos" / "a.jpg", 1)
     with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:

@@ -94,6 +94,19 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, dra
     return _upright_rgb(im, orientation)
 
 
+def decoded_pixels(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: int | None = None) -> int:
+    """How many pixels `open_image(source, draft_side=draft_side)` decodes, read from the header alone
+    (a JPEG's DCT scale included): what a caller that bounds decoding memory reserves before decoding.
+    Raises `ImageDecodeError` as `open_image` would for an unreadable header or a bomb."""
+    _check_max_pixels(max_pixels)
+    with open_source(source) as src, _pillow_errors(src):
+        im = _open_capped(src, max_pixels)
+        if draft_side is not None and im.format in _DRAFTABLE:
+            im.draft("RGB", (draft_side, draft_side))  # sets the scale only; nothing is decoded
+        width, height = im.size
+        return width * height
+
+
 def upright_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
     """An in-memory PIL image made what `open_image` makes of a file: upright (EXIF orientation applied)
     8-bit RGB, alpha on white, 16-bit and CMYK converted as for files (not PIL's clipping `convert`)."""

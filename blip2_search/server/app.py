@@ -231,7 +231,14 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
              response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")
     async def thumbnail(image_id: _IMAGE_ID, request: Request) -> Response:
-        jpeg = await runner.io(photos.thumbnail, image_id)
+        found = await runner.io(photos.cached_thumbnail, image_id)
+        if isinstance(found, bytes):
+            jpeg = found
+        else:
+            try:  # a full decode holds the whole picture: made within the decode budget
+                jpeg = await runner.decode(found.pixels, photos.make_thumbnail, found)
+            finally:
+                found.close()  # already closed, unless cancelled while waiting for its turn
         headers = {"cache-control": "private, max-age=300", "content-length": str(len(jpeg))}
         return Response(b"" if request.method == "HEAD" else jpeg, media_type="image/jpeg", headers=headers)
 

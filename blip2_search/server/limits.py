@@ -35,6 +35,11 @@ MAX_IMAGE_ID = 2**63 - 1
 """Ids are SQLite integers; anything larger cannot name an image."""
 MAX_QUEUED_MODEL_CALLS = 32
 """Most queries waiting for the model at once (one more runs); more get 503 with Retry-After."""
+MAX_DECODE_PIXELS = 50_000_000
+"""Most pixels that thumbnails being made hold at once, all requests together: about 200 MB (twice that
+for pictures with alpha). A JPEG is decoded at 1/2 to 1/8 scale (a few hundred thousand pixels), so many run at
+once; a PNG, TIFF or WebP is decoded in full, so two 24 MP ones run at once and a larger one alone.
+Others wait for their turn (in the event loop, as queries do)."""
 
 
 class ApiError(HTTPException):
@@ -98,6 +103,7 @@ __all__ = [
     "ApiError",
     "FIXES",
     "MAX_BODY_BYTES",
+    "MAX_DECODE_PIXELS",
     "MAX_FORM_FIELD_BYTES",
     "MAX_IMAGE_ID",
     "MAX_JSON_BYTES",

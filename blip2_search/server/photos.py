@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Iterator
 from PIL import Image
 
 from ..errors import Blip2SearchError
-from ..images import open_image
+from ..images import decoded_pixels, open_image
 from ..library import THUMBS_DIRNAME
 from ..store.records import STATUS_INDEXED, STATUS_PENDING, ImageRecord
 
@@ -63,6 +63,20 @@ class PhotoFile:
                 yield chunk
         finally:
             self.file.close()
+
+
+@dataclass
+class ThumbnailSource:
+    """A photo whose thumbnail is not cached yet, opened and checked. `pixels`: what decoding it holds at once
+    (a JPEG is decoded at 1/2 to 1/8 scale, other formats in full), about 4 bytes each (8 with alpha)."""
+
+    photo: PhotoFile
+    cache_path: Path
+    pixels: int
+
+    def close(self) -> None:
+        """Close the photo's file (done by `Photos.make_thumbnail`; for a caller that will not make it)."""
+        self.photo.file.close()
 
 
 def check_photo_path(recorded: str, is_indexed: Callable[[str], bool], recorded_stat: tuple[int, int] | None = None) -> str:
@@ -188,26 +202,46 @@ class Photos:
 
     def thumbnail(self, image_id: int) -> bytes:
         """The JPEG thumbnail of an image (upright, long side `side`), from the cache when the photo's size and
-        mtime still match, else made and cached (not cached when the library folder is read-only)."""
+        mtime still match, else made and cached (not cached when the library folder is read-only).
+        `cached_thumbnail` then `make_thumbnail`, for a caller that need not bound decoding memory."""
+        found = self.cached_thumbnail(image_id)
+        return found if isinstance(found, bytes) else self.make_thumbnail(found)
+
+    def cached_thumbnail(self, image_id: int) -> bytes | ThumbnailSource:
+        """The cached thumbnail, or the opened photo to make it from (the caller passes it to `make_thumbnail`,
+        or closes it) with the pixels its decode will hold: what the server reserves before decoding."""
         photo = self.open(image_id)
         cached = self.thumbs_dir / f"{image_id}-{photo.size}-{photo.mtime_ns}-{self.side}.jpg"
+        handed_over = False
         try:
             try:
                 return cached.read_bytes()
             except OSError:
                 pass
-            try:
-                im = open_image(photo.file, draft_side=2 * self.side)  # JPEGs: DCT-scaled to >= 2x the thumbnail
-            except Blip2SearchError as exc:
-                raise PhotoUnavailable(f"image {image_id} cannot be shown: {exc}") from None
+            source = ThumbnailSource(photo, cached, decoded_pixels(photo.file, draft_side=2 * self.side))  # the header only
+            handed_over = True
+            return source
+        except Blip2SearchError as exc:
+            raise PhotoUnavailable(f"image {image_id} cannot be shown: {exc}") from None
         finally:
-            photo.file.close()
+            if not handed_over:
+                photo.file.close()
+
+    def make_thumbnail(self, source: ThumbnailSource) -> bytes:
+        """Decode, shrink and cache the thumbnail of a `cached_thumbnail` source; closes its file."""
+        image_id = source.photo.record.id
+        try:
+            im = open_image(source.photo.file, draft_side=2 * self.side)  # JPEGs: DCT-scaled to >= 2x the thumbnail
+        except Blip2SearchError as exc:
+            raise PhotoUnavailable(f"image {image_id} cannot be shown: {exc}") from None
+        finally:
+            source.close()
         im.thumbnail((self.side, self.side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
         data = buf.getvalue()
         try:
-            self._store(image_id, cached, data)
+            self._store(image_id, source.cache_path, data)
         except OSError:
             pass  # a read-only library still gets thumbnails, just not cached ones
         return data
@@ -228,4 +262,4 @@ class Photos:
                 old.unlink(missing_ok=True)
 
 
-__all__ = ["PhotoFile", "PhotoUnavailable", "Photos", "SERVED_STATUSES", "THUMBNAIL_SIDE", "THUMBS_DIRNAME", "check_photo_path"]
+__all__ = ["PhotoFile", "PhotoUnavailable", "Photos", "SERVED_STATUSES", "THUMBNAIL_SIDE", "THUMBS_DIRNAME", "ThumbnailSource", "check_photo_path"]

@@ -2,12 +2,17 @@
 
 One model serves every request, so model calls (search, similar, rerank) take turns; they wait for
 their turn in the event loop, never in a worker thread, so the pool stays free for thumbnails,
-originals and status however many queries queue.
+originals and status however many queries queue. Thumbnail decodes share a pixel budget the same
+way: a PNG or TIFF is decoded in full (a 48 MP one holds about 200 MB), and a page asks for 24
+thumbnails at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -26,12 +31,16 @@ class Runner:
     def __init__(self):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
+        self._decodes: PixelBudget | None = None
         self._waiting = 0
 
-    def _model_lock(self) -> asyncio.Lock:
+    def _for_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # an asyncio lock belongs to one loop (an app may be served by several in turn)
-            self._loop, self._lock = loop, asyncio.Lock()
+        if loop is not self._loop:  # asyncio locks and futures belong to one loop (an app may be served by several in turn)
+            self._loop, self._lock, self._decodes = loop, asyncio.Lock(), PixelBudget(limits.MAX_DECODE_PIXELS)
+
+    def _model_lock(self) -> asyncio.Lock:
+        self._for_loop()
         return self._lock
 
     async def model(self, request: Request, fn, *args, **kwargs):
@@ -55,5 +64,55 @@ class Runner:
     async def io(self, fn, *args, **kwargs):
         return await run_in_threadpool(fn, *args, **kwargs)
 
+    async def decode(self, pixels: int, fn, *args, **kwargs):
+        """`fn` in a worker thread once `pixels` of the decode budget (MAX_DECODE_PIXELS, all requests
+        together) are free; it waits for them in the event loop, and holds them until the thread returns."""
+        self._for_loop()
+        async with self._decodes.reserve(pixels):
+            return await run_in_threadpool(fn, *args, **kwargs)  # not abandoned on cancel: the pixels stay held meanwhile
 
-__all__ = ["Runner"]
+
+class PixelBudget:
+    """At most `total` pixels reserved at once, granted in arrival order (a large request is not passed over
+    for ever by small ones); a request for more than `total` waits until nothing else is reserved, then
+    runs alone. For one event loop."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future]] = deque()
+
+    @asynccontextmanager
+    async def reserve(self, pixels: int) -> AsyncIterator[None]:
+        n = min(max(pixels, 0), self.total)
+        if self._waiting or self.used + n > self.total:
+            entry = (n, asyncio.get_running_loop().create_future())
+            self._waiting.append(entry)
+            try:
+                await entry[1]
+            except BaseException:
+                if entry[1].done() and not entry[1].cancelled():  # granted just as the request was cancelled
+                    self._release(n)
+                else:
+                    self._waiting.remove(entry)
+                    self._grant()  # those behind it may fit now
+                raise
+        else:
+            self.used += n
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    def _release(self, n: int) -> None:
+        self.used -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self.used + self._waiting[0][0] <= self.total:
+            n, granted = self._waiting.popleft()
+            self.used += n
+            granted.set_result(None)
+
+
+__all__ = ["PixelBudget", "Runner"]
