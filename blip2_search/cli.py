@@ -587,7 +587,7 @@ def serve(library, host, port, token, device, dtype):
         try:
             run(lib, host=host, port=port, token=token, sock=sock,
                 ready=lambda: click.echo(f"serving {lib.folder} on http://{shown}:{port}/{login}", err=True))
-        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: a normal end
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, which serve raises as this) is how a server is stopped: a normal end
             click.echo("stopped", err=True)
 
 

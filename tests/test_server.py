@@ -1118,6 +1118,78 @@ def test_serve_command_serves_the_library(lib):
     assert '"GET /?token=REDACTED HTTP/1.1" 303' in out + err  # uvicorn's access log
 
 
+SLOW_SERVE = """
+import sys, time
+from blip2_search.library import Library
+
+search, close = Library.search, Library.close
+
+def slow_search(self, q, *args, **kwargs):
+    if q == "slow":
+        time.sleep(3)
+    elif q.startswith("queued"):
+        print("ran", q, file=sys.stderr, flush=True)
+    return search(self, q, *args, **kwargs)
+
+def noisy_close(self):
+    print("library closed", file=sys.stderr, flush=True)
+    close(self)
+
+Library.search, Library.close = slow_search, noisy_close
+from blip2_search.cli import main
+main()
+"""
+
+
+def test_sigterm_stops_the_server_as_ctrl_c_does_and_queued_queries_are_not_run(lib, tmp_path):
+    """SIGTERM (systemd, docker stop) ended serve with 143, no 'stopped', the Library left open; and shutdown
+    ran every queued query first (38 s after Ctrl-C with 5 queued reranks)."""
+    import httpx
+
+    script = tmp_path / "slow_serve.py"
+    script.write_text(SLOW_SERVE)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script), "serve", "--library", str(lib.folder), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    answers = {}
+
+    def ask(q):
+        answers[q] = httpx.get(f"{url}/api/search", params={"q": q, "rerank": "false"}, timeout=60)
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in ("slow", *(f"queued{i}" for i in range(5)))]
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/api/status", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.3)
+        threads[0].start()
+        time.sleep(1)  # the slow query holds the model
+        for t in threads[1:]:
+            t.start()
+        time.sleep(1)  # the others queue
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        for t in threads:
+            t.join(30)
+    assert proc.returncode == 0 and err.rstrip().splitlines()[-2:] == ["stopped", "library closed"], (proc.returncode, err)
+    assert "Traceback" not in err
+    assert answers["slow"].status_code == 200  # the query running finishes
+    for i in range(5):
+        _assert_error(answers[f"queued{i}"], 503, "shutting down", "not run")
+    assert "ran queued" not in err
+
+
 def test_access_log_redacts_the_token():
     from blip2_search.server.security import redact_token
 

@@ -8,7 +8,9 @@ Routes are listed in docs/server.md.
 import errno
 import logging
 import os
+import signal
 import socket
+import threading
 from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Callable, Literal
@@ -100,6 +102,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         description="Find photos by describing them (BLIP-2). See docs/server.md.",
     )
     runner = Runner()
+    app.state.runner = runner  # `serve` stops it when shutting down
     photos = Photos(library.metadata, library.folder / THUMBS_DIRNAME)
     pages = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in _STATIC}
     _install_error_handlers(app)
@@ -482,11 +485,29 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on shutdown first turns away the queued model calls (`Runner.stop`): uvicorn
+    waits for every open request, and would run each queued query first."""
+
+    def __init__(self, config: uvicorn.Config, runner: Runner):
+        super().__init__(config)
+        self._runner = runner
+
+    async def shutdown(self, sockets=None) -> None:
+        self._runner.stop()
+        await super().shutdown(sockets=sockets)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, log_level: str = "info",
           sock: socket.socket | None = None, ready: Callable[[], None] | None = None) -> None:
     """Serve `library` with uvicorn until interrupted, on `sock` (from `bind_socket`) or a new one on host:port.
     Loads the text model first, so a broken model or an empty library fails here, before the port
-    listens; then calls `ready` (e.g. to say where it serves)."""
+    listens; then calls `ready` (e.g. to say where it serves). SIGINT (Ctrl-C) and SIGTERM (`kill`,
+    systemd, docker stop) both shut it down gracefully and then raise KeyboardInterrupt."""
     sock = sock if sock is not None else bind_socket(host, port)
     app = create_app(library, token=token, host=host)
     library.search("a photo", 1, rerank=False, fusion=False)
@@ -494,7 +515,15 @@ def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token:
         ready()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
     logging.getLogger("uvicorn.access").addFilter(_REDACT_TOKEN)  # after Config, which sets up uvicorn's logging
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn shuts down gracefully on SIGTERM too, then raises the signal again: by default that kills the
+    # process (exit 143, the caller's cleanup skipped); as KeyboardInterrupt it ends as Ctrl-C does.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        _Server(config, app.state.runner).run(sockets=[sock])
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 __all__ = ["bind_socket", "create_app", "serve"]

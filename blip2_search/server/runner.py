@@ -26,18 +26,33 @@ class Runner:
 
     A model call waits for its turn in the event loop, not in a worker thread: however many queries
     queue, the pool stays free for thumbnails, originals and status. At most MAX_QUEUED_MODEL_CALLS
-    wait (more get a 503), and a call whose client went away while it waited is not run."""
+    wait (more get a 503), a call whose client went away while it waited is not run, and once `stop`
+    is called (the server is shutting down) no call that has not started runs."""
 
     def __init__(self):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._decodes: PixelBudget | None = None
         self._waiting = 0
+        self._stopping = False
 
     def _for_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # asyncio locks and futures belong to one loop (an app may be served by several in turn)
             self._loop, self._lock, self._decodes = loop, asyncio.Lock(), PixelBudget(limits.MAX_DECODE_PIXELS)
+            self._stopping = False
+
+    def stop(self) -> None:
+        """The server is shutting down (call it in its event loop): the model call running finishes, but those
+        queued and those still to come answer 503 instead of running; shutdown waits for every open request,
+        and 5 queued reranks kept a stopped server up for 38 s."""
+        self._for_loop()
+        self._stopping = True
+
+    def _refuse_if_stopping(self, request: Request) -> None:
+        if self._stopping:
+            raise ApiError(503, f"{request.method} {request.url.path}: the server is shutting down, so the query was not run; "
+                                "send it again once the server is back", headers={"retry-after": "5"})
 
     def _model_lock(self) -> asyncio.Lock:
         self._for_loop()
@@ -45,6 +60,7 @@ class Runner:
 
     async def model(self, request: Request, fn, *args, **kwargs):
         lock = self._model_lock()
+        self._refuse_if_stopping(request)
         if lock.locked() and self._waiting >= limits.MAX_QUEUED_MODEL_CALLS:
             raise ApiError(503, f"{self._waiting} queries are already waiting for the model, the most this server queues; "
                                 f"retry in a few seconds, or send fewer queries at once", headers={"retry-after": "5"})
@@ -54,6 +70,7 @@ class Runner:
         finally:
             self._waiting -= 1
         try:
+            self._refuse_if_stopping(request)
             if await request.is_disconnected():  # e.g. the page aborted it for a newer search
                 raise ApiError(499, f"{request.method} {request.url.path}: the client closed the connection while the query "
                                     "waited for the model; it was not run")
