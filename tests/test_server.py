@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -1041,7 +1042,13 @@ def test_a_query_whose_client_went_away_is_not_run(lib, monkeypatch):
     import httpx
 
     release, running, queries = _held_search(lib, monkeypatch)
+    access, logged = logging.getLogger("uvicorn.access"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
     with serving(create_app(lib)) as url:
+        level = access.level
+        access.setLevel(logging.INFO)  # serving() runs uvicorn at warning level
+        access.addHandler(handler)
         first = threading.Thread(target=lambda: httpx.get(f"{url}/api/search", params={"q": "first", "rerank": "false"}, timeout=30))
         first.start()
         try:
@@ -1056,7 +1063,12 @@ def test_a_query_whose_client_went_away_is_not_run(lib, monkeypatch):
             release.set()
             first.join(20)
         assert httpx.get(f"{url}/api/search", params={"q": "next", "rerank": "false"}, timeout=30).status_code == 200
+        access.removeHandler(handler)
+        access.setLevel(level)
     assert queries == ["first", "next"]
+    for i in range(3):  # uvicorn logs nothing for an answer it cannot send: the server logs these itself
+        assert sum(f'"GET /api/search?q=abandoned{i} HTTP/1.1" 499' in line for line in logged) == 1, logged
+    assert sum(" 200" in line for line in logged) == 2, logged
 
 
 def test_too_many_queued_queries_are_503_with_retry_after(client, lib, monkeypatch):

@@ -10,9 +10,11 @@ thumbnails at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
+from urllib.parse import quote
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -72,6 +74,7 @@ class Runner:
         try:
             self._refuse_if_stopping(request)
             if await request.is_disconnected():  # e.g. the page aborted it for a newer search
+                _log_unsent(request, 499)
                 raise ApiError(499, f"{request.method} {request.url.path}: the client closed the connection while the query "
                                     "waited for the model; it was not run")
             return await run_in_threadpool(fn, *args, **kwargs)  # the lock is held until the thread returns, also on cancel
@@ -87,6 +90,19 @@ class Runner:
         self._for_loop()
         async with self._decodes.reserve(pixels):
             return await run_in_threadpool(fn, *args, **kwargs)  # not abandoned on cancel: the pixels stay held meanwhile
+
+
+_ACCESS_LOG = logging.getLogger("uvicorn.access")
+
+
+def _log_unsent(request: Request, status: int) -> None:
+    """An access-log line, as uvicorn writes it, for an answer uvicorn will not log: it drops what is sent
+    once the client is gone, log line included."""
+    scope = request.scope
+    client = scope.get("client")
+    target = quote(scope["path"]) + (f"?{scope['query_string'].decode('ascii', 'replace')}" if scope.get("query_string") else "")
+    _ACCESS_LOG.info('%s - "%s %s HTTP/%s" %d', "%s:%d" % tuple(client) if client else "", scope["method"], target,
+                     scope.get("http_version", "1.1"), status)
 
 
 class PixelBudget:
