@@ -975,6 +975,31 @@ def test_unknown_or_repeated_parameters_are_422(client, lib):
                   "'k' is given more than once")
 
 
+def test_every_api_route_refuses_query_parameters_it_does_not_take(client, lib):
+    """Only GET /api/search checked its query string: /api/images/1/thumbnail?size=2000 and POST /api/search?k=5 were 200."""
+    rec = _records(lib)["img01.jpg"]
+    picture = Path(rec.path).read_bytes()
+    for method, url, kwargs in [
+        ("GET", "/api/status?x=1", {}),
+        ("GET", "/api/openapi.json?x=1", {}),
+        ("GET", f"/api/images/{rec.id}?download=1", {}),
+        ("GET", f"/api/images/{rec.id}/thumbnail?size=2000", {}),
+        ("HEAD", f"/api/images/{rec.id}/thumbnail?size=2000", {}),
+        ("POST", "/api/search?k=5", {"files": {"image": ("a.jpg", picture, "image/jpeg")}}),
+        ("POST", "/api/rerank?k=5", {"json": {"query": "red", "ids": [rec.id]}}),
+    ]:
+        response = client.request(method, url, **kwargs)
+        assert response.status_code == 422, (url, response.text)
+        if method != "HEAD":
+            name = url.split("?")[1].split("=")[0]
+            _assert_error(response, 422, f"{method} {url.split('?')[0]} takes no query parameter {name!r} (it takes none)",
+                          "leave it out" if method == "GET" else "in its body")
+    _assert_error(client.get("/api/status?x=1&x=2"), 422, "'x'")
+    for url in ("/api/status", "/api/openapi.json", f"/api/images/{rec.id}", f"/api/images/{rec.id}/thumbnail"):
+        assert client.get(url).status_code == 200, url
+    assert client.get("/?q=red&k=12&anything=1").status_code == 200  # the page reads its own address
+
+
 def test_unknown_endpoints_and_methods_are_json(client, lib):
     _assert_error(client.get("/api/nope"), 404, "openapi")
     _assert_error(client.delete("/api/search"), 405, "openapi")

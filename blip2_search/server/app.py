@@ -98,7 +98,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     loopback without a token, only loopback Host names are served (see `security`)."""
     token = check_token(token)
     app = FastAPI(
-        title="blip2-search", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
+        title="blip2-search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,  # served below
         description="Find photos by describing them (BLIP-2). See docs/server.md.",
     )
     runner = Runner()
@@ -131,8 +131,14 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
 
     # ------------------------------------------------------------------ the API
     @app.get("/api/status", response_model=StatusOut, responses=_ERRORS, summary="Library counts and models (status --json)")
-    async def status() -> JSONResponse:
+    async def status(request: Request) -> JSONResponse:
+        _check_query_string(request)
         return JSONResponse(asdict(await runner.io(library.status)))
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    async def openapi_schema(request: Request) -> JSONResponse:
+        _check_query_string(request)
+        return JSONResponse(app.openapi())
 
     @app.get("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by text (search --json)")
     async def search_text(
@@ -165,6 +171,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         sort: Annotated[Literal["score", "date"], Form(description="Order of the results.")] = "score",
         request: Request = None,
     ) -> JSONResponse:
+        _check_query_string(request)
         _check_search_form(await request.form())  # FastAPI has parsed it; the limits /api/rerank applies while parsing
         filters = _filters(path, after, before, min_score, sort)
         _check_upload_size(image)
@@ -181,6 +188,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         }}},
     )
     async def rerank(request: Request) -> JSONResponse:
+        _check_query_string(request)
         kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if kind == "application/json":
             return JSONResponse(await _rerank_ids(request))
@@ -234,6 +242,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
              response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")
     async def thumbnail(image_id: _IMAGE_ID, request: Request) -> Response:
+        _check_query_string(request)
         found = await runner.io(photos.cached_thumbnail, image_id)
         if isinstance(found, bytes):
             jpeg = found
@@ -248,6 +257,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     @app.get("/api/images/{image_id}", responses={200: {"content": {"image/*": {}}}, **_ERRORS},
              response_class=Response, summary="The original file of an indexed image")
     async def original(image_id: _IMAGE_ID, request: Request) -> Response:
+        _check_query_string(request)
         photo = await runner.io(photos.open, image_id)
         name = os.path.basename(photo.record.path)
         media_type = _MEDIA_TYPES.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
@@ -304,16 +314,18 @@ SEARCH_FORM_FIELDS = ("image", "k", "path", "after", "before", "min_score", "sor
 RERANK_FORM_FIELDS = ("query", "images")  # POST /api/rerank's, multipart
 
 
-def _check_query_string(request: Request, allowed: tuple[str, ...]) -> None:
+def _check_query_string(request: Request, allowed: tuple[str, ...] = ()) -> None:
     """Refuse percent-escapes that are not UTF-8 (Starlette would search U+FFFD instead), and unknown or
-    repeated parameters (see `_check_names`)."""
+    repeated parameters (see `_check_names`): every /api route checks its query string, also those that
+    take no parameter there (POST ones take theirs in the body: POST /api/search?k=5 would ignore k)."""
     raw = request.scope.get("query_string", b"").decode("latin-1")
     try:
         pairs = parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
         raise InvalidInputError("the query string is not UTF-8; percent-encode the text as UTF-8 (e.g. caf%C3%A9)") from None
-    _check_names(f"{request.method} {request.url.path}", "query parameter", [name for name, _ in pairs], allowed,
-                 "check its spelling, or leave it out")
+    fix = ("check its spelling, or leave it out" if allowed else "leave it out" if request.method in ("GET", "HEAD") else
+           "send the request's parameters in its body, as /api/openapi.json describes")
+    _check_names(f"{request.method} {request.url.path}", "query parameter", [name for name, _ in pairs], allowed, fix)
 
 
 def _check_names(route: str, kind: str, names: list[str], allowed: tuple[str, ...], fix: str, *, repeatable: tuple[str, ...] = ()) -> None:
@@ -321,7 +333,7 @@ def _check_names(route: str, kind: str, names: list[str], allowed: tuple[str, ..
     for one given more than once (only one value would count)."""
     unknown = sorted({name for name in names if name not in allowed})
     if unknown:
-        raise ApiError(422, f"{route} takes no {kind} {', '.join(map(repr, unknown))} (it takes {', '.join(allowed)}); {fix}")
+        raise ApiError(422, f"{route} takes no {kind} {', '.join(map(repr, unknown))} (it takes {', '.join(allowed) or 'none'}); {fix}")
     repeated = sorted({name for name in names if names.count(name) > 1 and name not in repeatable})
     if repeated:
         raise ApiError(422, f"{route}: {kind} {', '.join(map(repr, repeated))} is given more than once; give it once")
