@@ -844,7 +844,7 @@ def test_undecodable_upload_is_400(client):
     picture = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 0, 0)).save(picture, "JPEG")
     two = [("image", ("a.jpg", picture.getvalue(), "image/jpeg")), ("image", ("b.jpg", picture.getvalue(), "image/jpeg"))]
-    _assert_error(client.post("/api/search", files=two), 400, "exactly one picture")
+    _assert_error(client.post("/api/search", files=two), 422, "'image' is given more than once")
     _assert_error(client.post("/api/search", files={"image": ("a.jpg", picture.getvalue(), "image/jpeg")}, data={"junk": "x" * 30_000}),
                   400, "8192-byte limit")
 
@@ -954,11 +954,31 @@ def test_bad_search_parameters_are_4xx_with_a_fix(client, params, status, needle
     ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422, "JSON"),
     ({"content": b"query=x", "headers": {"Content-Type": "text/plain"}}, 415, "Content-Type"),
     ({"data": {"query": "x"}, "files": [("images", ("a.jpg", b"x", "image/jpeg"))] * 17}, 400, "16"),
-    ({"data": {"query": "x"}, "files": [("other", ("a.jpg", b"x", "image/jpeg"))]}, 400, "images"),
-    ({"files": [("images", ("a.jpg", b"x", "image/jpeg"))]}, 400, "query"),
+    ({"data": {"query": "x"}, "files": [("other", ("a.jpg", b"x", "image/jpeg"))]}, 422, "takes no form field 'other'"),
+    ({"files": [("images", ("a.jpg", b"x", "image/jpeg"))]}, 422, "query: Field required"),
 ])
 def test_bad_rerank_requests_are_4xx(client, kwargs, status, needle):
     _assert_error(client.post("/api/rerank", **kwargs), status, needle)
+
+
+def test_missing_or_misplaced_fields_are_422_whatever_the_body(client, lib):
+    """A missing query was 422 in JSON but 400 in multipart, and two pictures 400 where a missing one was 422."""
+    picture = Path(_records(lib)["img01.jpg"].path).read_bytes()
+    upload = ("a.jpg", picture, "image/jpeg")
+    for response, needle in [
+        (client.post("/api/rerank", json={"ids": [1]}), "query"),
+        (client.post("/api/rerank", files=[("images", upload)]), "query: Field required"),
+        (client.post("/api/rerank", data={"query": "red"}, files=[("other", upload)]), "takes no form field 'other'"),
+        (client.post("/api/rerank", files=[("query", upload), ("images", upload)]), "query: Input should be text, not a file"),
+        (client.post("/api/rerank", data={"query": "red", "images": "a.jpg"}, files=[("images", upload)]), "images: Input should be a file"),
+        (client.post("/api/rerank", data={"query": "red"}, files=[("query2", upload)]), "takes no form field 'query2'"),
+        (client.post("/api/search", data={"k": "5"}, files=[("photo", upload)]), "image"),
+        (client.post("/api/search", files=[("image", upload), ("image", upload)]), "'image' is given more than once"),
+        (client.post("/api/search", files=[("image", upload), ("photo", upload)]), "takes no form field 'photo'"),
+    ]:
+        _assert_error(response, 422, needle)
+    with_query_only = client.post("/api/rerank", data={"query": "red"}, files=[("images", upload)])
+    assert with_query_only.status_code == 200, with_query_only.text
 
 
 def test_unknown_or_repeated_parameters_are_422(client, lib):

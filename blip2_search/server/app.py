@@ -218,14 +218,10 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     async def _rerank_uploads(request: Request) -> dict:
         async with request.form(max_files=limits.MAX_RERANK_UPLOADS, max_fields=limits.MAX_RERANK_UPLOADS + 4,
                                 max_part_size=limits.MAX_FORM_FIELD_BYTES) as form:
-            query = form.get("query")
-            files = form.getlist("images")
-            if not isinstance(query, str):
-                raise InvalidInputError("query is missing; send the text as the multipart form field 'query'")
-            if not files or not all(isinstance(f, StarletteUploadFile) for f in files):
-                raise InvalidInputError(f"no images; send 1 to {limits.MAX_RERANK_UPLOADS} pictures as multipart form fields named 'images'")
             _check_names("POST /api/rerank", "form field", [key for key, _ in form.multi_items()], RERANK_FORM_FIELDS,
                          "check its spelling, or leave it out", repeatable=("images",))
+            query = _form_field(form, "query", file=False)
+            files = _form_field(form, "images", file=True)
             check_query_text(query, "query")
             for f in files:
                 _check_upload_size(f)
@@ -340,17 +336,32 @@ def _check_names(route: str, kind: str, names: list[str], allowed: tuple[str, ..
 
 
 def _check_search_form(form) -> None:
-    """POST /api/search takes one picture in `image` and short text fields (docs/server.md's limits)."""
-    files = [key for key, value in form.multi_items() if isinstance(value, StarletteUploadFile)]
-    if files != ["image"]:
-        raise InvalidInputError(f"send exactly one picture, in the form field 'image' (got {len(files)} files"
-                                f"{': ' + ', '.join(repr(f) for f in sorted(set(files))) if files else ''})")
+    """POST /api/search takes one picture in `image` and short text fields (docs/server.md's limits). A text
+    field over the limit is a 400, as the parser of /api/rerank makes it; an unknown or repeated field (two
+    pictures), a missing one or one of the wrong kind is a 422, as FastAPI makes a missing `image`."""
     for key, value in form.multi_items():
         if isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > limits.MAX_FORM_FIELD_BYTES:
             raise InvalidInputError(f"form field {key!r} is {len(value.encode('utf-8', 'surrogatepass'))} bytes, over the "
                                     f"{limits.MAX_FORM_FIELD_BYTES}-byte limit for a text field; shorten it")
     _check_names("POST /api/search", "form field", [key for key, _ in form.multi_items()], SEARCH_FORM_FIELDS,
-                 "an image search is not reranked and has no query text; leave it out")
+                 "check its spelling, or leave it out (an image search is not reranked and has no query text)")
+    _form_field(form, "image", file=True)
+    for key in SEARCH_FORM_FIELDS[1:]:
+        if key in form:
+            _form_field(form, key, file=False)
+
+
+def _form_field(form, name: str, *, file: bool):
+    """The value of multipart field `name` (a list of files for `images`), or a 422 when it is missing or is a
+    file where text belongs (or text where a file does), worded as FastAPI's validation errors are."""
+    values = form.getlist(name)
+    if not values:
+        raise ApiError(422, f"{name}: Field required; {limits.FIXES[name]}")
+    wrong = [v for v in values if isinstance(v, StarletteUploadFile) != file]
+    if wrong:
+        got, wanted = ("text", "a file") if file else ("a file", "text")
+        raise ApiError(422, f"{name}: Input should be {wanted}, not {got}; {limits.FIXES[name]}")
+    return values if name == "images" else values[0]
 
 
 class _NamedUpload:
