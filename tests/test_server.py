@@ -546,6 +546,24 @@ def test_path_traversal_through_an_http_client(client):
         assert response.status_code in (404, 422) and b"root:" not in response.content
 
 
+def test_what_never_reaches_the_app_is_as_the_docs_say(client, lib):
+    """The docs said encoded slashes only reach 404/422 and every error is JSON; uvicorn decodes %2f before
+    routing, and answers a request that is not valid HTTP itself, in plain text."""
+    docs = " ".join((Path(__file__).parents[1] / "docs" / "server.md").read_text().split())
+    rec = _records(lib)["img01.jpg"]
+    status, body = _raw_get(client.app, f"/api/images/{rec.id}/thumbnail", f"/api/images/{rec.id}%2fthumbnail".encode())
+    assert status == 200 and body[:3] == b"\xff\xd8\xff"  # the path uvicorn hands over is decoded
+    assert "`/api/images/1%2fthumbnail` is the thumbnail of image 1" in docs
+    assert "only ever reach" not in docs
+    with serving(client.app) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
+        conn.sendall(b"POST /api/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\nConnection: close\r\n\r\n{}")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"content-type: text/plain" in answer.lower()
+    assert "non-numeric `Content-Length`" in docs and "plain-text `400 Invalid HTTP request received.`" in docs
+
+
 def test_photo_path_policy():
     indexed = {"/photos/a.jpg"}
     assert check_photo_path(__file__, lambda p: False) == os.path.realpath(__file__)
