@@ -761,6 +761,19 @@ def test_browser_login_sets_a_cookie_and_drops_the_token_from_the_url(lib):
         assert c.get("/api/status").status_code == 401
 
 
+def test_browser_login_keeps_the_search_it_was_opened_with(lib):
+    """A token server opened at /?q=red&k=12 shows the token form; signing in redirected to / and lost the search."""
+    with TestClient(create_app(lib, token=TOKEN), base_url=BASE, follow_redirects=False) as c:
+        good = c.get(f"/?q=red%20car&k=12&token={TOKEN}&after=2021-01-01")
+        assert good.status_code == 303 and good.headers["location"] == "/?q=red%20car&k=12&after=2021-01-01"
+        bad = c.get("/?q=caf%C3%A9;k=12&token=not-the-token-at-all&TOKEN=x")
+        assert bad.status_code == 303 and bad.headers["location"] == "/?q=caf%C3%A9;k=12#bad-token"
+        assert c.get(f"/?token={TOKEN}").headers["location"] == "/"
+    from blip2_search.server.security import without_token
+
+    assert without_token(f"q=a+b&Token%00={TOKEN};k=3&tokens=1") == "q=a+b;k=3&tokens=1"
+
+
 def test_servers_on_one_host_keep_their_own_login_cookies(lib):
     """Cookies go to every port of a host: one name for all servers logged each other out and handed out the token."""
     other_token = "another-token-0123456789abcdef"

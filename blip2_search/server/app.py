@@ -39,7 +39,7 @@ from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
 from .runner import Runner
 from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
-from .security import TOKEN_COOKIE, Guard, RedactTokenFilter, allowed_host_names, check_token, token_cookie, token_matches
+from .security import TOKEN_COOKIE, Guard, RedactTokenFilter, allowed_host_names, check_token, token_cookie, token_matches, without_token
 
 log = logging.getLogger("blip2_search.server")
 _REDACT_TOKEN = RedactTokenFilter()
@@ -113,10 +113,13 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     @app.get("/", include_in_schema=False)
     async def index(request: Request, token_param: Annotated[str | None, Query(alias="token")] = None) -> Response:
         if token_param is not None and token:
-            # Log the browser in: the cookie lets <img> tags send the token; the redirect drops it from the URL.
+            # Log the browser in: the cookie lets <img> tags send the token; the redirect drops it from the URL
+            # and keeps the rest: the search the page was opened with (/?q=red&k=12) runs once signed in.
+            rest = without_token(quote(request.scope.get("query_string", b""), safe="!$&'()*+,;=:@/?%"))
+            back = f"/?{rest}" if rest else "/"
             if not token_matches(token, token_param):
-                return RedirectResponse("/#bad-token", status_code=303)
-            response = RedirectResponse("/", status_code=303)
+                return RedirectResponse(f"{back}#bad-token", status_code=303)
+            response = RedirectResponse(back, status_code=303)
             response.set_cookie(*token_cookie(request.scope, token), httponly=True, samesite="strict", path="/")
             return response
         return Response(pages["index.html"], media_type=_STATIC["index.html"], headers={"cache-control": "no-cache"})

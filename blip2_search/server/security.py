@@ -195,6 +195,16 @@ def redact_token(target: str) -> str:
     return f"{path}?{''.join(parts)}"
 
 
+def without_token(query: str) -> str:
+    """A query string (percent-encoded) without its token-like parameters (see `redact_token`): where the
+    login URL /?q=red&token=T sends the browser back to, the search it was opened with."""
+    parts, kept = re.split(r"([&;])", query), []  # separators at odd positions, kept as they were
+    for i in range(0, len(parts), 2):
+        if parts[i] and not _is_token_name(parts[i].partition("=")[0]):
+            kept += [parts[i - 1], parts[i]] if kept else [parts[i]]
+    return "".join(kept)
+
+
 def _is_token_name(name: str) -> bool:
     """True for a query parameter name that reads as `token` once decoded, case-folded and stripped of non-letters."""
     decoded = unquote_plus(name, errors="replace").casefold()
@@ -291,6 +301,7 @@ __all__ = [
     "cookie_value",
     "is_loopback",
     "redact_token",
+    "without_token",
     "token_cookie",
     "token_matches",
 ]

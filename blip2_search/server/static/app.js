@@ -217,12 +217,24 @@
     searchImage(files.find((f) => !f.type || f.type.startsWith("image/")) || files[0]);
   });
 
+  // Signing in keeps the address's search: the server drops the token from /?q=...&token=T and redirects
+  // to /?q=..., which then runs (a plain GET form would send only the token).
+  tokenForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const params = new URLSearchParams(location.search);
+    params.delete("token");
+    params.set("token", $("token").value);
+    location.assign(`/?${params}`);
+  });
+
   // Restore a search from the address bar (/?q=...), and report a token that was not accepted.
   const initial = new URLSearchParams(location.search);
-  if (location.hash === "#bad-token") {
+  const badToken = location.hash === "#bad-token";
+  if (badToken) {
     tokenForm.hidden = false;
     showError("That token was not accepted; enter the --token the server was started with.");
-    history.replaceState(null, "", "/");
+    history.replaceState(null, "", location.pathname + location.search);  // the search stays for the next try
+    $("token").focus();
   }
   // Fill the form from an address (/?q=...&k=...); a value the form cannot show is an error, not dropped.
   function restore(params) {
@@ -252,7 +264,11 @@
     return true;
   }
 
-  if (restore(initial) && initial.get("q")) searchText(true);
+  if (badToken) {
+    restore(initial);  // shown, not run: it would only answer 401 again
+  } else if (restore(initial) && initial.get("q")) {
+    searchText(true);
+  }
   window.addEventListener("popstate", () => {
     const params = new URLSearchParams(location.search);
     showError("");
