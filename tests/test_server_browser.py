@@ -309,3 +309,48 @@ def test_signing_in_keeps_the_search_the_page_was_opened_with(browser, lib):
         assert page.locator("#token-form").is_hidden()
         context.close()
 
+
+HOLD_SEARCHES = """
+(() => {
+  const realFetch = window.fetch;
+  window.heldSearches = [];
+  window.fetch = (url, options) => {
+    if (!String(url).includes("/api/search")) return realFetch(url, options);
+    return new Promise((resolve, reject) => {
+      options.signal.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")));
+      window.heldSearches.push(() => realFetch(url, options).then(resolve, reject));
+    });
+  };
+})();
+"""
+
+
+def test_only_the_latest_search_clears_aria_busy(page, base_url):
+    """The search a newer one aborted ended in its finally, clearing aria-busy while the newer one still ran."""
+    page.add_init_script(HOLD_SEARCHES)
+    page.goto(base_url + "/")
+    for text in ("red circle", "blue square"):
+        page.fill("#q", text)
+        page.press("#q", "Enter")
+    page.wait_for_function("() => window.heldSearches.length === 2")
+    page.evaluate("() => new Promise(r => setTimeout(r, 100))")  # the aborted search has ended by now
+    assert page.locator("#results").get_attribute("aria-busy") == "true"
+    page.evaluate("() => window.heldSearches[1]()")
+    page.wait_for_selector("#results li")
+    page.wait_for_function("() => !document.querySelector('#results').hasAttribute('aria-busy')")
+    assert "blue square" in page.locator("#status").text_content()
+    assert page.errors == []
+
+
+def test_back_to_a_link_with_bad_settings_clears_the_results(page, base_url):
+    """Back to an entry whose settings the page cannot use showed the error over the previous entry's results."""
+    page.goto(base_url + "/?q=red&after=2021-13-01")
+    page.wait_for_selector("#error:not([hidden])")
+    page.fill("#q", "blue square")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results li")
+    page.go_back()
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('after=2021-13-01')")
+    assert page.locator("#results li").count() == 0
+    assert "blue square" not in page.locator("#status").text_content()
+    assert page.errors == []

@@ -16,6 +16,7 @@
   const FIELDS = ["path", "after", "before"];
   const MAX_UPLOAD_BYTES = 20 * 1024 * 1024;
   let inFlight = null;
+  let latestSearch = 0;  // only the latest search may clear aria-busy: an aborted one ends while its successor runs
 
   function setStatus(text) {
     statusLine.textContent = text;
@@ -129,7 +130,14 @@
     setStatus(hits.length ? `${count} for ${label}.` : `No photos matched ${label}.`);
   }
 
+  function clearResults() {
+    grid.replaceChildren();
+    showNotes([]);
+    setStatus("");
+  }
+
   async function runSearch(label, request) {
+    const search = ++latestSearch;
     showError("");
     grid.setAttribute("aria-busy", "true");
     setStatus(`Searching for ${label}…`);
@@ -143,7 +151,7 @@
       // fetch's own TypeError ("Failed to fetch") means no answer came at all
       showError(err instanceof TypeError ? "Cannot reach the server; is blip2-search serve still running?" : err.message);
     } finally {
-      grid.removeAttribute("aria-busy");
+      if (search === latestSearch) grid.removeAttribute("aria-busy");
     }
   }
 
@@ -165,9 +173,7 @@
   function searchImage(file) {
     if (!file) return;
     const refuse = (message) => {
-      grid.replaceChildren();
-      showNotes([]);
-      setStatus("");
+      clearResults();
       showError(message);
     };
     if (file.type && !file.type.startsWith("image/")) {
@@ -275,10 +281,12 @@
     if (restore(params) && params.get("q")) {
       const q = params.get("q");
       runSearch(`“${q}”`, () => callApi(`/api/search?${filterParams()}&q=${encodeURIComponent(q)}&rerank=${$("rerank").checked}`));
-    } else if (!params.get("q")) {
-      grid.replaceChildren();
-      showNotes([]);
-      setStatus("");
+    } else {
+      // no search, or settings the page cannot use (restore said so): not the results of the entry left
+      if (inFlight) inFlight.abort();
+      latestSearch += 1;
+      grid.removeAttribute("aria-busy");
+      clearResults();
     }
   });
   if (tokenForm.hidden) queryInput.focus();
