@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import faiss
@@ -324,6 +325,88 @@ def test_a_restored_photo_reuses_its_vectors_and_details(tiny_itm_dir, photos, t
     _check_consistent(lib_dir)
 
 
+def _exif_photo(path: Path, seed: int = 3) -> Path:
+    """A JPEG with a date and a camera in its EXIF."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "EOS R5"
+    exif.get_ifd(0x8769)[0x9003] = "2022:08:15 10:11:12"  # DateTimeOriginal, in the Exif IFD
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("how", ["unreadable", "truncated", "appended"])
+def test_a_photo_restored_after_a_failure_or_other_bytes_keeps_its_details_and_caption(tiny_itm_dir, tiny_captioner_dir, tmp_path, monkeypatch, how):
+    """A photo unreadable for a while (permissions), or whose file was replaced by a cut copy or by other bytes,
+    then restored: its content's vectors are reused, and its record got NULL size, date, camera and caption
+    (user review: data loss that --rehash did not repair). Its own record (unreadable, truncated) or its header
+    (appended: no record holds that content any more) gives the details; the caption is kept, or written again."""
+    from blip2_search.indexing import read
+
+    photo = _exif_photo(tmp_path / "photos" / "a.jpg")
+    _photo(tmp_path / "photos" / "b.jpg", 4)
+    original = photo.read_bytes()
+    lib_dir = tmp_path / "lib"
+
+    def record(lib):
+        return lib.metadata.get_by_paths([str(photo)])[str(photo)]
+
+    def details(rec):
+        return rec.width, rec.height, rec.taken_at, rec.camera_make, rec.camera_model
+
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=3, workers=2) as lib:
+        lib.index([tmp_path / "photos"])
+        before = record(lib)
+    assert details(before)[2:] == (datetime(2022, 8, 15, 10, 11, 12), "Canon", "EOS R5") and before.caption
+    with monkeypatch.context() as patched, Library.open(lib_dir) as lib:
+        if how == "unreadable":  # root reads chmod-000 files, so refuse the read as the OS would
+            os.utime(photo, ns=(time.time_ns(), photo.stat().st_mtime_ns + 10**9))  # and a touch, so that the run reads it
+            real_open = open
+            patched.setattr(read, "open", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path)))
+                            if str(path) == str(photo) else real_open(path, *a, **k), raising=False)
+        elif how == "truncated":
+            photo.write_bytes(original[: len(original) // 2])
+        else:
+            photo.write_bytes(original + b"\0")  # still a good JPEG: embedded as new content
+        r = lib.index([tmp_path / "photos"])
+        assert (r.failed, r.indexed) == ((0, 1) if how == "appended" else (1, 0))
+    photo.write_bytes(original)
+    with Library.open(lib_dir) as lib:
+        r = lib.index([tmp_path / "photos"])
+        assert (r.reused, r.indexed, r.failed) == (1, 0, 0)
+        after = record(lib)
+        assert (after.id, after.status, after.content_hash) == (before.id, "indexed", before.content_hash)
+        assert details(after) == details(before)
+        assert (after.caption, after.caption_model) == (before.caption, before.caption_model)
+        # a caption for this content was still known (the record's own) except after other bytes replaced it there
+        assert ("captioned 1 photo indexed without captions" in r.notes) == (how == "appended"), r.notes
+        assert lib.status().captioned == 2
+    _check_consistent(lib_dir)
+
+
+def test_rehash_repairs_a_record_left_without_its_details(tiny_itm_dir, tmp_path):
+    """Records that an earlier version left without size, date and camera (a photo restored after a failure)
+    get them back from the file's header on a --rehash run."""
+    from sqlalchemy import update
+
+    from blip2_search.store.schema import images
+
+    photo = _exif_photo(tmp_path / "photos" / "a.jpg")
+    shutil.copy(photo, tmp_path / "photos" / "copy.jpg")
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([tmp_path / "photos"])
+        want = lib.metadata.get_by_paths([str(photo)])[str(photo)]
+        with lib.metadata._engine.begin() as connection:
+            connection.execute(update(images).values(width=None, height=None, taken_at=None, camera_make=None, camera_model=None))
+        assert lib.index([tmp_path / "photos"], rehash=True).reused == 2
+        for rec in lib.metadata.get_by_paths([str(photo), str(tmp_path / "photos" / "copy.jpg")]).values():
+            assert (rec.width, rec.height, rec.taken_at, rec.camera_make, rec.camera_model) == (
+                want.width, want.height, want.taken_at, want.camera_make, want.camera_model) == (72, 40, datetime(2022, 8, 15, 10, 11, 12), "Canon", "EOS R5")
+    _check_consistent(lib_dir)
+
+
 def test_failures_follow_a_folder_indexed_under_another_name(tiny_itm_dir, photos, tmp_path):
     """A failed file seen through a symlinked alias (and back) is one failure, not one per name, and a fix
     seen under either name clears it."""
@@ -352,6 +435,29 @@ def test_failures_follow_a_folder_indexed_under_another_name(tiny_itm_dir, photo
             lib.index([album])
             lib.index([elsewhere])
             assert sorted(f.path for f in lib.failures()) == sorted([str(elsewhere / "bad.jpg"), str(album / "bad.jpg")])
+    _check_consistent(lib_dir)
+
+
+def test_a_photo_unreadable_under_an_alias_then_read_under_the_real_name_keeps_its_record(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """Its failure record (which keeps its content) is the photo moved to the real name, not a failure to retire."""
+    from blip2_search.indexing import read
+
+    lib_dir, alias = tmp_path / "lib", tmp_path / "alias"
+    alias.symlink_to(photos, target_is_directory=True)
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([alias])
+        before = lib.metadata.get_by_paths([str(alias / "p0.jpg")])[str(alias / "p0.jpg")]
+        os.utime(photos / "p0.jpg", ns=(time.time_ns(), (photos / "p0.jpg").stat().st_mtime_ns + 10**9))
+        real_open = open
+        with monkeypatch.context() as patched:
+            patched.setattr(read, "open", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path)))
+                            if os.path.basename(str(path)) == "p0.jpg" else real_open(path, *a, **k), raising=False)
+            assert lib.index([alias]).failed == 1
+        r = lib.index([photos])
+        assert (r.reused, r.indexed, r.deleted, r.failed) == (7, 0, 0, 0)
+        after = lib.metadata.get_by_paths([str(photos / "p0.jpg")])[str(photos / "p0.jpg")]
+        assert (after.id, after.status, after.width) == (before.id, "indexed", before.width)
+        assert lib.status().indexed == 7 and lib.failures() == []
     _check_consistent(lib_dir)
 
 

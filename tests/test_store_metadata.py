@@ -477,6 +477,9 @@ def test_failed_file_then_indexed(store, tmp_path, rng):
     generation = store.vectors_generation()
     store.mark_failed([FailedFile(p, "x" * 2000)])  # an indexed image that now fails leaves search
     assert store.vectors_generation() == generation + 1 and len(store.failures()[0].error) == 500
+    # its record keeps the content it held (its details and caption are that content's): a restore takes them back
+    store.mark_failed([FailedFile(p, "truncated", content_hash="h10")])
+    assert store.known_files()[p].content_hash == "h9"
 
 
 def test_mark_deleted_leaves_search_and_purge(store, tmp_path, rng):

@@ -28,10 +28,10 @@ from ..errors import LibraryError
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
 from ..store import CaptionUpdate, FailedFile, IndexedImage, MetadataStore, VectorStore
-from ..store.records import STATUS_DELETED, STATUS_INDEXED, STATUS_PENDING, KnownFile
+from ..store.records import STATUS_DELETED, STATUS_FAILED, STATUS_INDEXED, STATUS_PENDING, KnownFile
 from ..models.sharing import share_vit
 from .embed import HostCopy, QueuedBatch, embed_batch
-from .read import ReadResult, read_and_decode
+from .read import ReadResult, header_info, read_and_decode
 from .scan import ChangePlan, FoundFile, closest_root, empty_roots, no_images_note, plan_changes, scan, stat_files
 
 
@@ -104,6 +104,15 @@ class _Counts:
     reused: int = 0
     failed: int = 0
     done: int = 0
+
+
+_DETAILS = ("width", "height", "taken_at", "camera_make", "camera_model")
+
+
+def _details(source) -> dict:
+    """What a photo's record says of it (upright size, date, camera), from an `ImageInfo` or a record of the
+    same content; all None for None."""
+    return {name: getattr(source, name, None) for name in _DETAILS}
 
 
 CHECKPOINT_S = 60.0
@@ -296,7 +305,8 @@ class Indexer:
         link inside an album to a broken photo elsewhere is a copy and leaves that failure alone.
         A file-name check comes first: no disk access for failures of files this run did not see."""
         prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
-        failed = [(p, k.id) for p, k in known.items() if k.status == "failed" and p not in self._found and not p.startswith(prefixes)]
+        failed = [(p, k.id) for p, k in known.items()  # not one this run took as a photo's move (it keeps the photo's content)
+                  if k.status == "failed" and p not in self._found and not p.startswith(prefixes) and k.id not in self._moved]
         if not failed:
             return []
         twins = []
@@ -587,12 +597,8 @@ class Indexer:
                 self.vit_store.put(r.content_hash, t)
         items = []
         for i, r in enumerate(results):
-            info = r.info
             items.append(IndexedImage(
-                path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash,
-                width=info.width if info else None, height=info.height if info else None,
-                taken_at=info.taken_at if info else None, camera_make=info.camera_make if info else None,
-                camera_model=info.camera_model if info else None, vectors=batch.vectors[i],
+                path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash, **_details(r.info), vectors=batch.vectors[i],
                 caption=batch.captions[i] if batch.captions else None,
                 caption_model=self.captioner.name if self.captioner else None,
                 caption_vector=batch.caption_vectors[i] if batch.caption_vectors is not None else None,
@@ -645,7 +651,13 @@ class Indexer:
             return
         items, renames = [], []
         # The records with these contents: what a photo's record says (size, date, camera) comes from them.
-        templates = self.metadata.images_by_hash({r.content_hash for r in reuse}, statuses=(STATUS_INDEXED, STATUS_PENDING, STATUS_DELETED))
+        # A failed one too: it keeps the details of the content it last held (a photo unreadable for a while).
+        templates = self.metadata.images_by_hash({r.content_hash for r in reuse},
+                                                 statuses=(STATUS_INDEXED, STATUS_PENDING, STATUS_DELETED, STATUS_FAILED))
+        described = {d: [rec for rec in recs if rec.width is not None] for d, recs in templates.items()}
+        # Content that no record describes (restored after its record failed or moved on to other bytes): its header
+        # does, read here rather than while Ctrl-C waits.
+        headers = {r.file.path: r.info or header_info(r.file.path, r.content_hash) for r in reuse if not described.get(r.content_hash)}
         for r in reuse:
             image_id = self._claim(r.file.path, r.content_hash, templates)
             if image_id is not None:
@@ -658,13 +670,9 @@ class Indexer:
             own = {r.file.path: i for i, _, r in renames}  # a moved photo keeps its own details, a copy takes the first's
             upserts = []
             for r in items + [r for _, _, r in renames]:
-                same = templates.get(r.content_hash) or [None]
-                t = next((rec for rec in same if rec is not None and rec.id == own.get(r.file.path)), same[0])
-                upserts.append(IndexedImage(
-                    path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash,
-                    width=t.width if t else None, height=t.height if t else None, taken_at=t.taken_at if t else None,
-                    camera_make=t.camera_make if t else None, camera_model=t.camera_model if t else None,
-                ))
+                same = described.get(r.content_hash)
+                t = next((rec for rec in same if rec.id == own.get(r.file.path)), same[0]) if same else headers.get(r.file.path)
+                upserts.append(IndexedImage(path=r.file.path, size=r.size, mtime_ns=r.mtime_ns, content_hash=r.content_hash, **_details(t)))
             ids = self.metadata.upsert_indexed(upserts)
             # A touched or moved photo whose record was searchable with this content has its vectors in the index
             # already: re-adding them would cost a compaction of the whole exact index per batch.

@@ -14,7 +14,7 @@ from typing import Container
 import numpy as np
 
 from ..errors import Blip2SearchError
-from ..images import DEFAULT_MAX_PIXELS, ImageInfo, decode_for_model
+from ..images import DEFAULT_MAX_PIXELS, ImageInfo, decode_for_model, read_info
 from .scan import FoundFile
 
 HASH_BYTES = 20  # blake2b-160: collision-safe for any photo library, 40 hex characters
@@ -73,6 +73,21 @@ def read_and_decode(
     except Blip2SearchError as exc:
         return ReadResult(file, before.st_size, before.st_mtime_ns, digest, {}, None, _reason(str(exc), file.path))
     return ReadResult(file, before.st_size, before.st_mtime_ns, digest, pixels, info)
+
+
+def header_info(path: str, digest: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo | None:
+    """The details (size, date, camera) of the file at `path` from its header, when its bytes still hash to
+    `digest`; None when they do not or cannot be read. For content already embedded that no record describes
+    (its record failed, or holds other bytes now): `read_and_decode` skips such a file's decode, and with it
+    the details."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if content_hash(data) != digest:
+            return None
+        return read_info(data, max_pixels=max_pixels)
+    except (OSError, Blip2SearchError):
+        return None
 
 
 def _reason(message: str, path: str) -> str:

@@ -300,22 +300,28 @@ def rename(connection: Connection, moves: Sequence[tuple[int, str]]) -> None:
 
 
 def mark_failed(connection: Connection, failures: Sequence[FailedFile]) -> list[int]:
-    """Store ``failures`` with status failed and a one-line error; return their ids in order."""
+    """Store ``failures`` with status failed and a one-line error; return their ids in order.
+
+    A row that already has a content hash keeps it: its date, size, camera and caption describe that
+    content, and a photo whose file reads again (permissions fixed, a bad copy replaced by the original)
+    takes them back from the row when its bytes are that content again. A new row records the failing
+    bytes' hash, if any.
+    """
     paths = _checked_paths([failure.path for failure in failures])
     existing = _rows_by_path(connection, paths)
     now = _now()
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
     for path, failure in zip(paths, failures, strict=True):
+        old = existing.get(path)
         values = {
             "size": failure.size,
             "mtime_ns": failure.mtime_ns,
-            "content_hash": failure.content_hash,
+            "content_hash": old.content_hash if old is not None and old.content_hash else failure.content_hash,
             "status": STATUS_FAILED,
             "error": one_line(failure.error),
             "updated_at": now,
         }
-        old = existing.get(path)
         if old is None:
             inserts.append({"path": path, **values})
         else:
