@@ -358,7 +358,7 @@ def test_a_photo_restored_after_a_failure_or_other_bytes_keeps_its_details_and_c
     with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=3, workers=2) as lib:
         lib.index([tmp_path / "photos"])
         before = record(lib)
-    assert details(before)[2:] == (datetime(2022, 8, 15, 10, 11, 12), "Canon", "EOS R5") and before.caption
+    assert details(before)[2:] == (datetime(2022, 8, 15, 10, 11, 12), "Canon", "EOS R5") and before.caption is not None
     with monkeypatch.context() as patched, Library.open(lib_dir) as lib:
         if how == "unreadable":  # root reads chmod-000 files, so refuse the read as the OS would
             os.utime(photo, ns=(time.time_ns(), photo.stat().st_mtime_ns + 10**9))  # and a touch, so that the run reads it
@@ -467,7 +467,8 @@ def test_a_folder_indexed_under_another_name_moves_its_records(tiny_itm_dir, pho
     alias.symlink_to(photos, target_is_directory=True)
     (photos / "link.jpg").symlink_to(photos / "p1.jpg")  # a file symlink inside: its own record, every run
     with _open(lib_dir, tiny_itm_dir) as lib:
-        assert lib.index([photos]).indexed == 8
+        r = lib.index([photos])
+        assert (r.indexed, r.reused) == (7, 1)  # the link is a copy of p1.jpg, found in the same run
         ids = {Path(p).name: k.id for p, k in lib.metadata.known_files().items()}
     with Library.open(lib_dir) as lib:
         r = lib.index([alias])  # the same files through a symlinked alias: moves, not copies
@@ -1222,6 +1223,66 @@ def test_each_batch_is_written_after_the_next_one_is_queued(tiny_itm_dir, photos
         assert events == [("queue", 3), ("queue", 3), ("write", 3), ("queue", 1), ("write", 3), ("write", 1)]
     else:
         assert events == [("queue", 3), ("write", 3), ("queue", 3), ("write", 3), ("queue", 1), ("write", 1)]
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["cpu", "queued"])
+def test_copies_found_in_the_same_run_are_reused_not_embedded_again(tiny_itm_dir, tiny_captioner_dir, tmp_path, monkeypatch, ahead):
+    """20 photos and a copy of each ("p0 (1).jpg", read just before its original), all new: each copy decoded
+    while its original waited in the batch or on the model was embedded and captioned again (user review:
+    "indexed 40, reused 0", twice the model time). Now it waits for its original's commit and reuses it."""
+    from blip2_search.indexing import pipeline
+
+    _queue_ahead(monkeypatch, ahead)
+    real_embed, embedded = pipeline.embed_batch, []
+
+    def embed(encoder, captioner, pixels, **kw):
+        embedded.append(len(next(iter(pixels.values()))))
+        return real_embed(encoder, captioner, pixels, **kw)
+
+    monkeypatch.setattr(pipeline, "embed_batch", embed)
+    photos = tmp_path / "photos"
+    for i in range(20):
+        shutil.copy(_photo(photos / f"p{i}.jpg", i), photos / f"p{i} (1).jpg")
+    lib_dir = tmp_path / "lib"
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=3, workers=2) as lib:
+        r = lib.index([photos])
+        assert (r.indexed, r.reused, r.failed) == (20, 20, 0) and sum(embedded) == 20
+        records = {os.path.basename(rec.path): rec for rec in lib.metadata.get_records([k.id for k in lib.metadata.known_files().values()])}
+        assert len(records) == 40 and {rec.status for rec in records.values()} == {"indexed"}
+        for i in range(20):
+            original, copy = records[f"p{i}.jpg"], records[f"p{i} (1).jpg"]
+            assert copy.content_hash == original.content_hash and copy.caption == original.caption and copy.caption is not None
+            assert (copy.width, copy.height) == (original.width, original.height) == (64, 48)
+            q = lib.encoder.embed_images([Image.open(photos / f"p{i}.jpg")]).max(axis=1)
+            ids, scores = lib.vectors.search(q / np.linalg.norm(q), k=40)
+            found = dict(zip(ids[0].tolist(), scores[0].tolist()))
+            assert found[copy.id] == found[original.id]  # the same vectors, once embedded
+        assert lib.status().captioned == 40
+    _check_consistent(lib_dir)
+
+
+def test_a_copy_whose_original_was_never_committed_is_embedded_itself(tiny_itm_dir, tmp_path, monkeypatch):
+    """A copy waits for its original's batch; should that batch never be committed, the copy is embedded, not lost."""
+    from blip2_search.indexing import pipeline
+
+    real_store, dropped = pipeline.Indexer._store_batch, []
+
+    def store(self, results, *a):
+        if not dropped:  # the first batch vanishes without a commit
+            dropped.extend(os.path.basename(r.file.path) for r in results)
+            return None
+        return real_store(self, results, *a)
+
+    monkeypatch.setattr(pipeline.Indexer, "_store_batch", store)
+    photos = tmp_path / "photos"
+    for i in range(6):
+        shutil.copy(_photo(photos / f"p{i}.jpg", i), photos / f"p{i} (1).jpg")
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        lib.index([photos])
+        statuses = {os.path.basename(p): k.status for p, k in lib.metadata.known_files().items()}
+    assert dropped == ["p0 (1).jpg", "p1 (1).jpg", "p2 (1).jpg"]
+    assert all(name not in statuses for name in dropped)
+    assert statuses == {name: "indexed" for name in [f"p{i}.jpg" for i in range(6)] + [f"p{i} (1).jpg" for i in range(3, 6)]}
 
 
 def test_a_failed_commit_does_not_hide_the_interrupt(tiny_itm_dir, photos, tmp_path, monkeypatch):

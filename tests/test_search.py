@@ -47,7 +47,8 @@ def lib_dir(tiny_itm_dir, tmp_path_factory):
     shutil.copy(photos / "2020" / "img00.jpg", photos / "copy.jpg")  # an exact duplicate: a tie
     _photo(photos / "undated.jpg", 500)
     with Library.open(root / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=8) as lib:
-        assert lib.index([photos]).indexed == 26
+        r = lib.index([photos])
+        assert (r.indexed, r.reused) == (25, 1)  # the copy reuses img00's vectors
     return root / "lib"
 
 

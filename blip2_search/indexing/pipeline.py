@@ -472,6 +472,10 @@ class Indexer:
         pending: list[ReadResult] = []  # decoded images waiting for the next model batch
         failures: list[FailedFile] = []
         reuse: list[ReadResult] = []
+        # Copies of content this run embeds, decoded before it was committed (the read-ahead window and the batches
+        # in flight): they wait for that commit, then reuse its vectors instead of being embedded (and captioned) again.
+        waiting: dict[str, list[ReadResult]] = {}
+        embedding: set[str] = set()  # content hashes sent to `pending` by this run
         total = len(plan.work)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
                 closing(self._read_ahead(pool, plan.work, sizes, known_hashes)) as results:
@@ -480,20 +484,27 @@ class Indexer:
                     counts.done += 1
                     if result.error:
                         failures.append(FailedFile(result.file.path, result.error, result.size, result.mtime_ns, result.content_hash))
-                    elif not result.pixels:
-                        reuse.append(result)
+                    elif not result.pixels or result.content_hash in known_hashes:  # the latter committed since it was read
+                        reuse.append(replace(result, pixels={}))
+                    elif result.content_hash in embedding:
+                        waiting.setdefault(result.content_hash, []).append(result)
                     else:
+                        embedding.add(result.content_hash)
                         pending.append(result)
-                    if len(pending) >= self.batch_size:
-                        self._write_batch(pending, known_hashes, counts)
+                    while len(pending) >= self.batch_size:
+                        self._write_batch(pending[:self.batch_size], known_hashes, counts)
+                        del pending[:self.batch_size]
+                        self._release(waiting, pending, reuse, known_hashes)
                     if len(reuse) >= 256 or len(failures) >= 256:
                         self._write_reuse(reuse, counts)
                         self._write_failures(failures, counts)
                     if progress:
                         progress(Progress(counts.done, total, counts.indexed, counts.reused, counts.failed + len(failures)))
                     self.checkpoint()
-                self._write_batch(pending, known_hashes, counts)
-                self._write_batch([], known_hashes, counts)  # the last queued batch
+                while pending or self._queued is not None:  # with nothing pending, this commits the last queued batch
+                    self._write_batch(pending[:self.batch_size], known_hashes, counts)
+                    del pending[:self.batch_size]
+                    self._release(waiting, pending, reuse, known_hashes)
                 self._write_reuse(reuse, counts)
                 self._write_failures(failures, counts)
                 if progress:  # the last batches were written after the last file's report
@@ -503,6 +514,21 @@ class Indexer:
                 queued, self._queued = self._queued, None
                 self._commit_after(exc, queued, known_hashes, counts)  # the batch already embedded
                 raise
+
+    def _release(self, waiting: dict[str, list[ReadResult]], pending: list[ReadResult], reuse: list[ReadResult], known_hashes: set[str]) -> None:
+        """Copies in `waiting` whose content is committed now go to `reuse` (their pixels dropped). Content neither
+        committed nor in flight (in `pending` or the batch queued on the model: its batch was never committed) is
+        embedded after all: its first copy joins `pending`, the others wait for it."""
+        queued = self._queued[0] if self._queued is not None else []
+        in_flight = {r.content_hash for r in pending} | {r.content_hash for r in queued}
+        for digest in [d for d in waiting if d not in in_flight]:
+            copies = waiting.pop(digest)
+            if digest in known_hashes:
+                reuse.extend(replace(r, pixels={}) for r in copies)
+            else:
+                pending.append(copies[0])
+                if copies[1:]:
+                    waiting[digest] = copies[1:]
 
     def checkpoint(self, *, now: bool = False) -> None:
         """Save the vector index as it stands (it matches every batch committed so far) when CHECKPOINT_S have
