@@ -424,6 +424,40 @@ def test_truncated_files(tmp_path, ext, fmt):
         decode_for_model(path, 32, fast=True)
 
 
+@pytest.mark.parametrize("kw", [{}, {"progressive": True}, {"restart_marker_rows": 1}, {"progressive": True, "restart_marker_blocks": 3}],
+                         ids=["baseline", "progressive", "restarts", "progressive-restarts"])
+def test_a_jpeg_missing_only_its_end_marker_is_decoded_whole(tmp_path, kw):
+    """Some cameras and transfer tools leave out the final EOI marker; viewers (and Pillow told to load truncated
+    images) show the file whole, pixel for pixel, but it was refused as truncated. Both paths now decode it as
+    the whole file; a file that lacks scan data is still refused by both, wherever it was cut."""
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"
+    whole = save(photo(300, 200), tmp_path / "whole.jpg", "JPEG", quality=90, exif=exif.tobytes(), **kw)
+    data = whole.read_bytes()
+    assert data.endswith(b"\xff\xd9")
+    no_eoi = tmp_path / "no eoi.jpg"
+    for missing in (data[-2:], data[-1:]):  # the marker, or its last byte
+        no_eoi.write_bytes(data[: -len(missing)])
+        np.testing.assert_array_equal(np.asarray(open_image(no_eoi)), np.asarray(open_image(whole)))
+        for fast in (True, False):
+            got, want = decode_for_model(no_eoi, 64, fast=fast), decode_for_model(whole, 64, fast=fast)
+            np.testing.assert_array_equal(got.pixels, want.pixels)
+            assert got.info == want.info and got.info.camera_make == "Canon"
+    markers = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] not in (0x00, 0xFF)]
+    cuts = {"one data byte": len(data) - 3, "a third": len(data) // 3, "before the last marker": markers[-2],
+            "inside the last marker": markers[-2] + 1}
+    scans = [i for i in markers if data[i + 1] == 0xDA]
+    if len(scans) > 1:  # progressive: right after the data of the last scan but one (the scans that follow are missing)
+        cuts["between scans"] = next(i for i in markers if i > scans[-2] and data[i + 1] not in range(0xD0, 0xD8))
+    cut = tmp_path / "cut.jpg"
+    for where, end in cuts.items():
+        cut.write_bytes(data[:end])
+        for fast in (True, False):
+            with pytest.raises(ImageDecodeError, match="truncated|corrupt"):
+                decode_for_model(cut, 64, fast=fast)
+                pytest.fail(f"cut {where} ({len(data) - end} bytes short) was decoded, fast={fast}")
+
+
 def test_text_file_named_jpg(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("shopping list: eggs, milk\n")

@@ -1,7 +1,8 @@
 """Image decoding for indexing and display: formats, EXIF orientation, fast JPEG path, bomb cap.
 
 Modules: `sources` (paths, bytes, file objects and their errors), `color` (any mode to 8-bit RGB),
-`metadata` (`ImageInfo`, EXIF), `decode` (the public functions re-exported here).
+`metadata` (`ImageInfo`, EXIF), `jpeg_end` (a JPEG missing only its end marker), `decode` (the public
+functions re-exported here).
 """
 
 from .decode import (

@@ -17,18 +17,20 @@ process-wide: in a multi-threaded caller a warning raised by another thread mean
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError
 from .color import to_rgb
+from .jpeg_end import with_end_marker
 from .metadata import ImageInfo, forget_orientation, image_info, orientation_of, read_exif, upright
 from .sources import IMAGE_EXTENSIONS, ImageSource, OpenedSource, ensure_heif_plugin, open_source, sniff
 
@@ -179,15 +181,32 @@ def _decode(source: ImageSource, *, max_pixels: int, draft_side: int | None) -> 
     With `draft_side`, a JPEG is decoded at the smallest DCT scale keeping both axes >= draft_side.
     """
     with open_source(source) as src, _pillow_errors(src):
-        im = _open_capped(src, max_pixels)
-        stored_size, file_format = im.size, im.format
-        if draft_side is not None and file_format in _DRAFTABLE:
-            im.draft("RGB", (draft_side, draft_side))
-        im.load()
+        try:
+            im, stored_size = _load_capped(src, max_pixels, draft_side)
+        except OSError as exc:  # a JPEG that lacks only its end marker decodes whole (`jpeg_end`)
+            if exc.errno is not None or "truncated" not in str(exc) or sniff(src.prefix) != "JPEG":
+                raise
+            src.stream.seek(0)
+            complete = with_end_marker(src.stream.read())
+            if complete is None:
+                raise
+            im, stored_size = _load_capped(replace(src, stream=io.BytesIO(complete)), max_pixels, draft_side)
+        file_format = im.format
         exif = read_exif(im)
         orientation = orientation_of(exif)
         info = image_info(file_format, stored_size, orientation, exif)
         return to_rgb(im, src.name), orientation, info
+
+
+def _load_capped(src: OpenedSource, max_pixels: int, draft_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """`_open_capped`, then load the pixels (a JPEG at the smallest DCT scale keeping both axes >= `draft_side`);
+    return the image and its size as stored."""
+    im = _open_capped(src, max_pixels)
+    stored_size = im.size
+    if draft_side is not None and im.format in _DRAFTABLE:
+        im.draft("RGB", (draft_side, draft_side))
+    im.load()
+    return im, stored_size
 
 
 def _open_capped(src: OpenedSource, max_pixels: int) -> Image.Image:
