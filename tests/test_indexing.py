@@ -1375,6 +1375,44 @@ def test_unreadable_file_and_file_changing_mid_run(tiny_itm_dir, photos, tmp_pat
         assert r2.indexed == 2 and r2.failed == 0 and lib.status().failed == 0
 
 
+def test_a_file_deleted_while_a_run_reads_is_gone_not_failed(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """Deleted between the scan and its read: it was recorded as a failure ("cannot read (No such file or
+    directory)") and counted in `failed` until the next run. A known photo is now marked deleted, as when the scan
+    misses it (vectors kept); a new file is skipped; one whose folder went too is left as it was for the next run."""
+    from blip2_search.indexing import pipeline
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        before = lib.metadata.known_files()
+    _photo(photos / "new.jpg", 50)
+    real = pipeline.read_and_decode
+
+    def deleted_first(file, *a, **kw):
+        name = os.path.basename(file.path)
+        if name in ("p0.jpg", "new.jpg"):
+            os.remove(file.path)
+        elif name == "nested é.png":
+            shutil.rmtree(photos / "sub dir")
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "read_and_decode", deleted_first)
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos], rehash=True)  # every file is read
+        assert (r.failed, r.deleted, r.reused, r.indexed) == (0, 1, 5, 0) and lib.failures() == []
+        known = lib.metadata.known_files()
+        assert known[str(photos / "p0.jpg")].status == "deleted" and str(photos / "new.jpg") not in known
+        assert known[str(photos / "sub dir" / "nested é.png")].status == "indexed"  # its folder went too
+        assert before[str(photos / "p0.jpg")].content_hash in lib.metadata.embedded_hashes()  # kept for a restore
+        st = lib.status()
+        assert (st.failed, st.deleted, st.indexed) == (0, 1, 6)
+    monkeypatch.undo()
+    with Library.open(lib_dir) as lib:
+        r = lib.index([photos])
+        assert (r.failed, r.deleted, r.unchanged) == (0, 1, 5)  # the next run finds the folder gone
+    _check_consistent(lib_dir)
+
+
 def test_full_disk_is_a_clear_error_and_the_library_stays_intact(tiny_itm_dir, photos, tmp_path):
     from sqlalchemy import event
 

@@ -181,6 +181,7 @@ class Indexer:
         self._known: Mapping[str, KnownFile] = {}  # what the library knew when this run started, by path
         self._gone_by_hash: dict[str, list[int]] = {}  # live records whose files this run found gone, by content
         self._moved: set[int] = set()  # records this run moved to a new path
+        self._vanished: list[str] = []  # files found by the scan but gone when read (deleted or moved meanwhile)
         self._aliases: set[str] = set()  # other names (ending in a separator) of this run's folders, seen to resolve to them
         devices = [encoder.device.type] + ([captioner.device.type] if captioner is not None else [])
         self.decode_during_forward = decode_during_forward(devices)
@@ -221,7 +222,7 @@ class Indexer:
             if known[p].content_hash and known[p].status in ("indexed", "pending"):
                 gone_by_hash.setdefault(known[p].content_hash, []).append(known[p].id)
         moved: set[int] = set()
-        self._moved, self._aliases = moved, set()
+        self._moved, self._aliases, self._vanished = moved, set(), []
         interrupted = False
         try:
             if plan.unreadable:
@@ -240,7 +241,7 @@ class Indexer:
                 aliased = self._gone_under_other_names(known)
                 if aliased:
                     _ = self.vectors  # opened before the database changes (a run with nothing else to do has not yet)
-                gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved] + aliased
+                gone_ids = [known[p].id for p in plan.gone if known[p].id not in moved] + aliased + self._vanished_ids(known)
                 twins = self._failed_twins(known, roots)
                 with _interrupts_deferred():
                     deleted = self.metadata.mark_deleted(gone_ids)
@@ -297,6 +298,17 @@ class Indexer:
                 except OSError:  # unreadable (a folder without permission): its photo is kept as it was
                     pass
         return gone
+
+    def _vanished_ids(self, known: Mapping[str, KnownFile]) -> list[int]:
+        """Records of the files deleted (or moved) between this run's scan and their read: gone like those the scan
+        did not find. Not where the file's folder went too (a drive unplugged meanwhile, as for a missing folder
+        at the start of a run): those are left as they were, for the next run to see."""
+        ids = []
+        for path in self._vanished:
+            k = known.get(path)
+            if k is not None and k.status != STATUS_DELETED and k.id not in self._moved and os.path.isdir(os.path.dirname(path)):
+                ids.append(k.id)
+        return ids
 
     def _failed_twins(self, known: Mapping[str, KnownFile], roots: list[str]) -> list[int]:
         """Failure records of files this run found under another name of one of its folders (a symlinked
@@ -482,7 +494,9 @@ class Indexer:
             try:
                 for result in results:
                     counts.done += 1
-                    if result.error:
+                    if result.gone:
+                        self._vanished.append(result.file.path)
+                    elif result.error:
                         failures.append(FailedFile(result.file.path, result.error, result.size, result.mtime_ns, result.content_hash))
                     elif not result.pixels or result.content_hash in known_hashes:  # the latter committed since it was read
                         reuse.append(replace(result, pixels={}))

@@ -25,7 +25,8 @@ class ReadResult:
     """What the read stage learned about one file.
 
     `pixels` maps a model input size S to `[S, S, 3] uint8` RGB (resized straight, bicubic); it is empty
-    when the content hash is already known (the vectors will be reused) or when `error` is set.
+    when the content hash is already known (the vectors will be reused), when `error` is set, or when the file
+    is `gone`: no longer there when read (deleted or moved since the scan; not a failure).
     """
 
     file: FoundFile
@@ -35,6 +36,7 @@ class ReadResult:
     pixels: dict[int, np.ndarray]
     info: ImageInfo | None
     error: str | None = None
+    gone: bool = False
 
 
 def content_hash(data: bytes) -> str:
@@ -57,6 +59,8 @@ def read_and_decode(
             data = f.read()
         after = os.stat(file.path)
     except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)) and not os.path.lexists(file.path):  # not a broken link
+            return ReadResult(file, file.size, file.mtime_ns, None, {}, None, gone=True)
         return ReadResult(file, file.size, file.mtime_ns, None, {}, None, f"cannot read ({exc.strerror}); check the file and its permissions")
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(data) != before.st_size:
         return ReadResult(file, after.st_size, after.st_mtime_ns, None, {}, None, "the file changed while it was read; it is retried on the next run")
