@@ -280,6 +280,8 @@ def test_an_unreadable_folder_keeps_its_photos(tiny_itm_dir, photos, tmp_path, m
         r = lib.index([photos])
         assert (r.deleted, r.failed, r.unchanged) == (0, 1, 6)
         assert [(f.path, "Permission denied" in f.error) for f in lib.failures()] == [(blocked, True)]
+        assert r.notes == (f"folder {blocked!r} cannot be read (Permission denied); the photos indexed under it are kept as "
+                           "they were; fix its permissions (or reconnect the drive) and index again",)  # as docs/cli.md says
         assert lib.status().indexed == 7
     monkeypatch.setattr(scan_module.os, "scandir", real_scandir)
     with Library.open(lib_dir) as lib:

@@ -32,7 +32,8 @@ from ..store.records import STATUS_DELETED, STATUS_FAILED, STATUS_INDEXED, STATU
 from ..models.sharing import share_vit
 from .embed import HostCopy, QueuedBatch, embed_batch
 from .read import ReadResult, header_info, read_and_decode
-from .scan import ChangePlan, FoundFile, closest_root, empty_roots, no_images_note, plan_changes, scan, stat_files
+from .scan import (ChangePlan, FoundFile, closest_root, empty_roots, no_images_note, plan_changes, scan, stat_files,
+                   unreadable_folder_note)
 
 
 def decode_during_forward(devices: Iterable[str]) -> bool:
@@ -250,7 +251,7 @@ class Indexer:
                     self.metadata.mark_deleted(twins)  # retired failures: no photo was deleted, nothing was searchable
             except KeyboardInterrupt:  # held until the deletions were complete
                 interrupted = True
-        notes = tuple(no_images_note(r) for r in empty)
+        notes = tuple(no_images_note(r) for r in empty) + tuple(unreadable_folder_note(f) for f in plan.unreadable if f.folder)
         if unreachable:
             links = sorted(unreachable.values())
             notes += (f"{len(unreachable)} photo{'' if len(unreachable) == 1 else 's'} under {links[0]!r}"

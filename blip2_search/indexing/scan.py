@@ -89,7 +89,7 @@ def scan(roots: Iterable[str], *, skip: Iterable[str] = ()) -> Iterator[FoundFil
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as exc:
-            reason = (f"folder cannot be read ({exc.strerror}); the photos indexed under it are kept as they were; "
+            reason = (f"{_UNREADABLE_FOLDER} ({exc.strerror}); the photos indexed under it are kept as they were; "
                       "fix its permissions (or reconnect the drive) and index again")
             yield FoundFile(os.path.normpath(d), 0, 0, reason, folder=True)
             continue
@@ -130,6 +130,14 @@ def no_images_note(root: str) -> str:
     """What a run says of a folder named to index in which the scan found no image file."""
     return (f"no image files found under {root!r} (supported: {', '.join(sorted(IMAGE_EXTENSIONS))}; names starting with '.' "
             "are skipped); check that it is the folder that holds the photos")
+
+
+_UNREADABLE_FOLDER = "folder cannot be read"
+
+
+def unreadable_folder_note(folder: FoundFile) -> str:
+    """What a run says of a folder that `scan` could not list (yielded with `folder` set and the reason)."""
+    return f"folder {folder.path!r} cannot be read{folder.error[len(_UNREADABLE_FOLDER):]}"
 
 
 def stat_files(paths: Iterable[str]) -> list[FoundFile]:
