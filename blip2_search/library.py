@@ -863,7 +863,7 @@ class Library:
                         if (under is None or p.startswith(under)) and not os.path.lexists(p)]
             if gone and embedded:
                 self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
-            self.metadata.mark_deleted(gone)
+            missing_photos = self.metadata.mark_deleted(gone)  # failure records among them are dropped, not counted
             notes = []
             if embedded:
                 try:
@@ -877,7 +877,7 @@ class Library:
             self._prune_thumbnails()
             compacted = self.metadata.vacuum()
             return PruneReport(images, embeddings, embeddings * (embedder.num_query_tokens if embedded else 0), vit_files, size_before,
-                               self._metadata_bytes(), len(gone), tuple(notes), compacted)
+                               self._metadata_bytes(), missing_photos, tuple(notes), compacted)
 
     def _metadata_bytes(self) -> int:
         files = (self.folder / METADATA_FILENAME, self.folder / f"{METADATA_FILENAME}-wal")

@@ -286,8 +286,35 @@ def test_an_unreadable_folder_keeps_its_photos(tiny_itm_dir, photos, tmp_path, m
     monkeypatch.setattr(scan_module.os, "scandir", real_scandir)
     with Library.open(lib_dir) as lib:
         r = lib.index([photos])
-        # nothing re-embedded; the folder's failure record is retired (counted as deleted, like a failed file gone)
-        assert (r.indexed, r.unchanged, r.deleted) == (0, 7, 1) and lib.failures() == []
+        # nothing re-embedded; the folder's failure record is retired, and no photo was deleted
+        assert (r.indexed, r.unchanged, r.deleted) == (0, 7, 0) and lib.failures() == []
+        assert (lib.status().deleted, lib.status().failed) == (0, 0) and blocked not in lib.metadata.known_files()
+    _check_consistent(lib_dir)
+
+
+def test_failure_records_of_files_gone_are_dropped_not_counted_as_deleted_photos(tiny_itm_dir, photos, tmp_path):
+    """Removing two broken files gave "deleted 2", status.deleted 2 and later "forgot 2 deleted photos": a failure
+    record is no photo. It is dropped when its file goes (by an index run or by prune --missing), uncounted."""
+    (photos / "broken 1.jpg").write_bytes(b"not a jpeg")
+    (photos / "broken 2.jpg").write_bytes(b"nor this")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "bad.jpg").write_bytes(b"nor that")
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        assert (lib.index([photos]).failed, lib.index([other]).failed) == (2, 1)
+        for gone in (photos / "broken 1.jpg", photos / "broken 2.jpg", photos / "p0.jpg"):
+            gone.unlink()
+        r = lib.index([photos])
+        assert (r.deleted, r.failed) == (1, 0)  # the photo
+        assert [os.path.basename(f.path) for f in lib.failures()] == ["bad.jpg"]
+        assert (lib.status().deleted, lib.status().failed) == (1, 1)
+        assert not {str(photos / "broken 1.jpg"), str(photos / "broken 2.jpg")} & set(lib.metadata.known_files())
+        (other / "bad.jpg").unlink()
+        (photos / "p1.jpg").unlink()  # a photo gone since its folder's last run
+        pruned = lib.prune(missing=True)
+        assert (pruned.missing, pruned.images, pruned.embeddings) == (1, 2, 2)  # p1 found missing; p0 and p1 forgotten
+        assert lib.failures() == [] and (lib.status().deleted, lib.status().failed, lib.status().indexed) == (0, 0, 5)
     _check_consistent(lib_dir)
 
 

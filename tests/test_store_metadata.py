@@ -501,6 +501,10 @@ def test_mark_deleted_leaves_search_and_purge(store, tmp_path, rng):
     assert store.live_paths() == [(ids[1], str(tmp_path / "b.jpg"))]
     assert store.forget_deleted() == (1, 1)
     assert store.counts().embeddings == 1 and store.known_files().keys() == {str(tmp_path / "b.jpg")}
+    # a failure record is no photo: removed, not counted among the deleted
+    (failed,) = store.mark_failed([FailedFile(str(tmp_path / "broken.jpg"), "truncated")])
+    assert store.mark_deleted([failed]) == 0 and store.failures() == [] and store.counts().deleted == 0
+    assert store.known_files().keys() == {str(tmp_path / "b.jpg")}
     store.mark_deleted([ids[1]])
     time.sleep(0.02)
     between = datetime.now(timezone.utc)

@@ -72,7 +72,8 @@ def _interrupts_deferred() -> Iterator[None]:
 @dataclass(frozen=True)
 class IndexReport:
     """Counts of one run. `reused`: files whose content was already embedded (moves, renames,
-    duplicates); `deleted`: known files gone from disk this run."""
+    duplicates); `deleted`: photos gone from disk this run (failure records of files gone, or of a folder
+    readable again, are dropped without counting)."""
 
     scanned: int
     indexed: int
@@ -248,7 +249,7 @@ class Indexer:
                     deleted = self.metadata.mark_deleted(gone_ids)
                     if gone_ids:
                         self.vectors.remove(np.array(gone_ids, dtype=np.int64))
-                    self.metadata.mark_deleted(twins)  # retired failures: no photo was deleted, nothing was searchable
+                    self.metadata.mark_deleted(twins)  # retired failures (removed): no photo was deleted, nothing was searchable
             except KeyboardInterrupt:  # held until the deletions were complete
                 interrupted = True
         notes = tuple(no_images_note(r) for r in empty) + tuple(unreadable_folder_note(f) for f in plan.unreadable if f.folder)

@@ -391,7 +391,8 @@ class MetadataStore:
             return updates.mark_failed(connection, failures)
 
     def mark_deleted(self, image_ids: Iterable[int]) -> int:
-        """Mark images deleted (they leave search, keep their id); return how many changed."""
+        """Mark images deleted (they leave search, keep their id); return how many changed. Failure records
+        among them are removed (they were no photo: not counted as deleted)."""
         ids = [int(image_id) for image_id in image_ids]
         if not ids:
             return 0

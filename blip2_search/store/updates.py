@@ -336,7 +336,11 @@ def mark_failed(connection: Connection, failures: Sequence[FailedFile]) -> list[
 
 
 def mark_deleted(connection: Connection, image_ids: Sequence[int]) -> int:
-    """Set status deleted on ``image_ids``; return how many rows changed."""
+    """Set status deleted on the photos among ``image_ids``; return how many changed.
+
+    Failure records among them are removed instead: a file that could not be indexed (or a folder that could
+    not be read) is no photo, neither in search nor among the deleted ones that ``status`` and ``prune`` count.
+    """
     changed = 0
     was_live = False
     now = _now()
@@ -345,6 +349,7 @@ def mark_deleted(connection: Connection, image_ids: Sequence[int]) -> int:
             select(exists().where(images.c.id.in_(part), images.c.status == STATUS_INDEXED))
         )
         was_live = was_live or bool(live)
+        connection.execute(delete(images).where(images.c.id.in_(part), images.c.status == STATUS_FAILED))
         changed += connection.execute(
             update(images)
             .where(images.c.id.in_(part), images.c.status != STATUS_DELETED)
