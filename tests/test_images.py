@@ -465,6 +465,19 @@ def test_text_file_named_jpg(tmp_path):
     assert "not an image" in message and "'.jpg'" in message and repr(str(path)) in message
 
 
+def test_a_text_file_named_jpg_read_as_a_file_object_says_so_too(tmp_path):
+    """The indexer decodes a file's bytes from memory (it hashes them first): the stream's name gives the extension."""
+    path = tmp_path / "notes.jpg"
+    path.write_text("shopping list: eggs, milk\n")
+    named = io.BytesIO(path.read_bytes())
+    named.name = str(path)
+    with open(path, "rb") as opened:
+        for source in (opened, named):
+            message = decode_error(source)
+            assert "despite its '.jpg' extension" in message and repr(str(path)) in message, message
+    assert "despite" not in decode_error(io.BytesIO(path.read_bytes()))  # no name, no extension to defy
+
+
 def test_a_text_file_named_txt_is_not_said_to_defy_its_extension(tmp_path):
     """"despite its extension" only where the extension is one of an image we read (a .JPG too)."""
     for name, despite in (("notes.txt", False), ("README", False), ("photo.JPG", True)):

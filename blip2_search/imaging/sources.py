@@ -86,11 +86,17 @@ def open_source(source: ImageSource) -> Iterator[OpenedSource]:
             raise ImageDecodeError(f"cannot read image {name}: {_os_reason(exc)}; check the disk or network share") from exc
         if not prefix:
             raise ImageDecodeError(f"cannot decode image {name}: the file is empty (0 bytes); re-copy or re-export it")
-        suffix = os.path.splitext(os.fsdecode(source))[1] if isinstance(source, (str, os.PathLike)) else ""
-        yield OpenedSource(stream, name, prefix, suffix)
+        yield OpenedSource(stream, name, prefix, _suffix(source))
     finally:
         if owned:
             stream.close()
+
+
+def _suffix(source: ImageSource) -> str:
+    """The file-name extension of a path, or of a file object's `name` (an open file, or a BytesIO of a file's
+    bytes given the file's name): a decode error says when the content defies it."""
+    name = source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", None)
+    return os.path.splitext(os.fsdecode(name))[1] if isinstance(name, (str, bytes, os.PathLike)) else ""
 
 
 def _rewound(fileobj: BinaryIO, name: str) -> BinaryIO:

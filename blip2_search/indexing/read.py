@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import Blip2SearchError
 from ..images import DEFAULT_MAX_PIXELS, ImageInfo, decode_for_model, read_info
+from ..imaging.sources import describe
 from .scan import FoundFile
 
 HASH_BYTES = 20  # blake2b-160: collision-safe for any photo library, 40 hex characters
@@ -71,7 +72,7 @@ def read_and_decode(
     info = None
     try:
         for s in sorted(set(sizes)):
-            decoded = decode_for_model(io.BytesIO(data), s, fast=fast, max_pixels=max_pixels)
+            decoded = decode_for_model(_named_bytes(data, file.path), s, fast=fast, max_pixels=max_pixels)
             pixels[s] = decoded.pixels
             info = decoded.info
     except Blip2SearchError as exc:
@@ -94,10 +95,16 @@ def header_info(path: str, digest: str, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         return None
 
 
+def _named_bytes(data: bytes, path: str) -> io.BytesIO:
+    """The file's bytes as a stream named after it: a decode error then says what its extension promised
+    ("not an image file ... despite its '.jpg' extension")."""
+    stream = io.BytesIO(data)
+    stream.name = path
+    return stream
+
+
 def _reason(message: str, path: str) -> str:
-    """One line without the decoder's name for the in-memory source (the record already holds the path)."""
+    """One line without the decoder's naming of the file (the record already holds the path)."""
     line = message.splitlines()[0] if message else "could not decode"
-    for prefix in ("cannot decode image <file object>: ", f"cannot decode image {path}: "):
-        if line.startswith(prefix):
-            return line[len(prefix):]
-    return line
+    prefix = f"cannot decode image {describe(path)}: "
+    return line[len(prefix):] if line.startswith(prefix) else line
