@@ -719,10 +719,10 @@ class Library:
             result = engine.search_text(q, k, filters=filters, rerank=False, fusion=fusion, sort=_check_sort(sort))
             note = ("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); "
                     "index with --store-vit, pass --rerank-k N to force it, or use a GPU")
-            return self._with_index_note(_with_result_notes(replace(result, notes=result.notes + (note,)), path, filters, sort))
+            return self._with_index_note(self._with_result_notes(replace(result, notes=result.notes + (note,)), path, filters, sort))
         source = self._vit_source(rerank_source) if rerank else None
         result = engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
-        return self._with_index_note(_with_result_notes(result, path, filters, sort))
+        return self._with_index_note(self._with_result_notes(result, path, filters, sort))
 
     def _with_index_note(self, result):
         """`result`, noting photos not searchable yet (waiting to be re-embedded), and a vector index that had to be
@@ -755,8 +755,22 @@ class Library:
         else:
             fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image, or an image file's bytes"
             raise InvalidInputError(f"example image {reprlib.repr(image)} ({type(image).__name__}) is not a picture; {fix}")
-        return self._rebuilt_if_damaged(lambda: self._with_index_note(_with_result_notes(
+        return self._rebuilt_if_damaged(lambda: self._with_index_note(self._with_result_notes(
             self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path, filters, sort)))
+
+    def _with_result_notes(self, result, glob: str | None, filters, sort: str):
+        """`result` with `outcome_notes` added (what its hits alone do not say), and with a date filter how many
+        photos (under the path filter) it left out for having no capture date: nothing else says why they are
+        missing."""
+        from .search.results import outcome_notes
+
+        notes = outcome_notes(result.hits, glob=glob, filtered=filters.active, sort=sort)
+        if filters.after is not None or filters.before is not None:
+            undated = len(self.metadata.filter_ids(path_glob=filters.path_glob, undated=True))
+            if undated:
+                notes += (f"{undated} photo{_s(undated)} without a capture date (no EXIF date) {'is' if undated == 1 else 'are'} "
+                          "left out by the after/before filters",)
+        return replace(result, notes=result.notes + notes) if notes else result
 
     def rerank(self, query: str, hits, *, rerank_source: str = "auto"):
         """ITM-rerank `hits` (a `search` result, its `Hit`s, or image ids) against `query` (the same syntax, scored as
@@ -938,14 +952,6 @@ def _missing_folders(missing) -> tuple[str, ...] | None:
         raise InvalidInputError(f"missing={reprlib.repr(missing)} is not True or a folder; pass True to forget every photo not on "
                                 "disk, or the folder (or list of folders) of a drive gone for good")
     return tuple(os.path.join(os.path.abspath(os.path.expanduser(os.fspath(f))), "") for f in folders)
-
-
-def _with_result_notes(result, glob: str | None, filters, sort: str):
-    """`result` with `outcome_notes` added (what its hits alone do not say)."""
-    from .search.results import outcome_notes
-
-    notes = outcome_notes(result.hits, glob=glob, filtered=filters.active, sort=sort)
-    return replace(result, notes=result.notes + notes) if notes else result
 
 
 def _s(n: int) -> str:

@@ -123,6 +123,12 @@ def test_filters_apply_inside_the_search(lib):
     dated = lib.search(TEXTS[0], 100, rerank=False, fusion=False, after=datetime(2022, 1, 1), before=datetime(2022, 12, 31, 23, 59))
     assert dated.hits and all(h.taken_at and h.taken_at.year == 2022 for h in dated.hits)
     assert len(dated.hits) == sum(1 for r in recs if r.taken_at and r.taken_at.year == 2022)
+    undated = [r for r in recs if r.taken_at is None]  # left out silently before: the note says why they are missing
+    assert undated and any(n.startswith(f"{len(undated)} photo") and "without a capture date" in n for n in dated.notes), dated.notes
+    in_2021_undated = sum(1 for r in undated if "/2021/" in r.path)
+    only_2021 = lib.search(TEXTS[0], 3, rerank=False, fusion=False, path="*/2021/*", after=datetime(2000, 1, 1)).notes
+    assert any(f"{in_2021_undated} photo" in n for n in only_2021) if in_2021_undated else not any("capture date" in n for n in only_2021)
+    assert not any("capture date" in n for n in res.notes)  # no date filter: no note
     ordered = sorted(itc[:, 0])
     cut = float(ordered[len(recs) // 2] + ordered[len(recs) // 2 + 1]) / 2  # between two scores: no rounding ties
     above = lib.search(TEXTS[0], 100, rerank=False, fusion=False, min_score=cut)

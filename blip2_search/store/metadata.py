@@ -475,15 +475,18 @@ class MetadataStore:
                     found[row.id] = to_image_record(row)
         return [found[image_id] for image_id in ids if image_id in found]
 
-    def filter_ids(self, *, path_glob: str | None = None, after: datetime | None = None, before: datetime | None = None) -> np.ndarray:
+    def filter_ids(self, *, path_glob: str | None = None, after: datetime | None = None, before: datetime | None = None,
+                   undated: bool = False) -> np.ndarray:
         """Ids of indexed images matching all given filters, ascending: ``[n] int64``.
 
         ``path_glob``: shell pattern on the absolute path, case-sensitive, ``*`` also crosses ``/``
         (``*.png``, ``*/2023/*``). ``after``/``before``: capture time (EXIF) bounds, inclusive;
-        images without a capture time never match a date filter.
+        images without a capture time never match a date filter. ``undated``: only images without one.
         """
         columns = [images.c.id] if path_glob is None else [images.c.id, type_coerce(images.c.path, Text)]  # stored text
         statement = select(*columns).where(images.c.status == STATUS_INDEXED)
+        if undated:
+            statement = statement.where(images.c.taken_at.is_(None))
         if after is not None:
             statement = statement.where(images.c.taken_at >= after)
         if before is not None:
