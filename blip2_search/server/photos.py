@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..errors import Blip2SearchError
 from ..images import decoded_pixels, open_image
+from ..indexing.read import content_hash
 from ..library import THUMBS_DIRNAME
 from ..store.records import STATUS_INDEXED, STATUS_PENDING, ImageRecord
 
@@ -87,7 +88,10 @@ def check_photo_path(recorded: str, is_indexed: Callable[[str], bool], recorded_
     target's real path, or for the path that reaches it through a symlinked folder of `recorded`
     (a folder indexed through a link records its photos under the link's name); or a target outside
     the indexed photos whose (size, mtime_ns) equal `recorded_stat`, what the index recorded for
-    `recorded` (`index` stats through the link): the file that was indexed, still unchanged.
+    `recorded` (`index` stats through the link): the file that was indexed, still unchanged. `Photos.open`
+    then also checks its bytes against the recorded content hash: size and mtime are the file owner's to set, so
+    a bait photo given a secret file's size and mtime would otherwise vouch for the secret once the link is
+    re-pointed at it.
     Refused: a symlink whose target is neither (re-pointed elsewhere, or its photo since edited), a
     missing file, and anything that is not a regular file.
     """
@@ -198,6 +202,14 @@ class Photos:
         if by_stat and (st.st_size, st.st_mtime_ns) != _recorded_stat(record):
             f.close()
             raise PhotoUnavailable(f"the file of image {image_id} ({record.path}) changed while it was opened; try again")
+        if by_stat:  # size and mtime are the owner's to set: only the indexed bytes vouch for a file outside the photos
+            with f:
+                data = f.read(st.st_size + 1)
+            if record.content_hash is None or content_hash(data) != record.content_hash:
+                raise PhotoUnavailable(
+                    f"{record.path} is a symlink to a file outside the indexed photos whose content is not the one indexed through it; "
+                    "point it back at the photo, or re-index its folder")
+            f = io.BytesIO(data)  # what was checked is what is served
         return PhotoFile(record, real, f, st.st_size, st.st_mtime_ns)
 
     def thumbnail(self, image_id: int) -> bytes:
