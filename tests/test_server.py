@@ -382,6 +382,39 @@ def test_pixel_budget_grants_in_order_and_runs_an_oversized_request_alone():
     assert left == 0
 
 
+def test_pixel_budget_passes_over_a_waiter_cancelled_in_the_turn_it_was_granted():
+    """Review: the holder released and a waiter was cancelled in one loop turn: `_grant` set a result on the cancelled
+    future (the holder's request raised InvalidStateError), the waiter raised ValueError instead of CancelledError,
+    the one behind it was never granted, and the budget leaked for good."""
+    import asyncio
+
+    from blip2_search.server.runner import PixelBudget
+
+    async def run():
+        budget, release, granted = PixelBudget(10), asyncio.Event(), []
+
+        async def hold():
+            async with budget.reserve(10):
+                await release.wait()
+
+        async def wait(name):
+            async with budget.reserve(5):
+                granted.append(name)
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        a, c = asyncio.create_task(wait("a")), asyncio.create_task(wait("c"))
+        await asyncio.sleep(0)
+        release.set()  # the holder will wake first and release...
+        a.cancel()  # ...with "a" cancelled in the same turn, before its task runs again to leave the line
+        results = await asyncio.wait_for(asyncio.gather(holder, a, c, return_exceptions=True), 5)
+        return results, granted, budget.used
+
+    (held, a, c), granted, used = asyncio.run(run())
+    assert held is None and isinstance(a, asyncio.CancelledError) and c is None
+    assert granted == ["c"] and used == 0
+
+
 def test_thumbnail_is_rebuilt_when_the_photo_changes(tiny_itm_dir, tmp_path):
     _photo(tmp_path / "photos" / "a.jpg", 1)
     with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:

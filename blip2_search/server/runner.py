@@ -127,7 +127,8 @@ class PixelBudget:
                 if entry[1].done() and not entry[1].cancelled():  # granted just as the request was cancelled
                     self._release(n)
                 else:
-                    self._waiting.remove(entry)
+                    if entry in self._waiting:  # else `_grant` passed it over, already cancelled
+                        self._waiting.remove(entry)
                     self._grant()  # those behind it may fit now
                 raise
         else:
@@ -142,8 +143,10 @@ class PixelBudget:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiting and self.used + self._waiting[0][0] <= self.total:
+        while self._waiting and (self._waiting[0][1].done() or self.used + self._waiting[0][0] <= self.total):
             n, granted = self._waiting.popleft()
+            if granted.done():  # cancelled while it waited (before its task ran again to leave the line): nothing to grant
+                continue
             self.used += n
             granted.set_result(None)
 
