@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError
 from .color import to_rgb
-from .jpeg_end import with_end_marker
+from .jpeg_end import JPEG_EOI, with_end_marker
 from .metadata import ImageInfo, forget_orientation, image_info, orientation_of, read_exif, upright
 from .sources import IMAGE_EXTENSIONS, ImageSource, OpenedSource, ensure_heif_plugin, open_source, sniff
 
@@ -103,10 +103,22 @@ def decoded_pixels(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     _check_max_pixels(max_pixels)
     with open_source(source) as src, _pillow_errors(src):
         im = _open_capped(src, max_pixels)
+        full = im.size[0] * im.size[1]
         if draft_side is not None and im.format in _DRAFTABLE:
             im.draft("RGB", (draft_side, draft_side))  # sets the scale only; nothing is decoded
         width, height = im.size
+        if im.format in _DRAFTABLE and not _ends_with_eoi(src):  # `jpeg_end` checks it with two full-size decodes
+            return max(width * height, 2 * full)
         return width * height
+
+
+def _ends_with_eoi(src: OpenedSource) -> bool:
+    """Whether a JPEG's stream ends with its end marker (True where the stream cannot tell: not seekable)."""
+    try:
+        src.stream.seek(-2, 2)
+        return src.stream.read(2) == JPEG_EOI
+    except (OSError, ValueError):
+        return True
 
 
 def upright_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
