@@ -191,7 +191,8 @@ def redact_token(target: str) -> str:
     for i in range(0, len(parts), 2):
         name = parts[i].partition("=")[0]
         if _is_token_name(name):
-            parts[i] = f"{name}=REDACTED"
+            encoded_equals = "=" in unquote_plus(name, errors="replace")  # token%3DSECRET: the value is in the name
+            parts[i] = f"{'token' if encoded_equals else name}=REDACTED"
     return f"{path}?{''.join(parts)}"
 
 
@@ -207,7 +208,7 @@ def without_token(query: str) -> str:
 
 def _is_token_name(name: str) -> bool:
     """True for a query parameter name that reads as `token` once decoded, case-folded and stripped of non-letters."""
-    decoded = unquote_plus(name, errors="replace").casefold()
+    decoded = unquote_plus(name, errors="replace").casefold().partition("=")[0]  # an encoded '=' ends the name too
     return "".join(c for c in decoded if c.isalpha()) == "token"
 
 
