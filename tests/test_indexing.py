@@ -1315,6 +1315,38 @@ def test_a_copy_whose_original_was_never_committed_is_embedded_itself(tiny_itm_d
     assert statuses == {name: "indexed" for name in [f"p{i}.jpg" for i in range(6)] + [f"p{i} (1).jpg" for i in range(3, 6)]}
 
 
+def test_copies_waiting_for_their_original_hold_no_pixels_but_the_first(tiny_itm_dir, tmp_path, monkeypatch):
+    """Copies waiting for their original's commit kept their decoded pixels (review: unbounded with many copies);
+    only the first keeps them, as it is embedded itself should the original's batch never be committed."""
+    from blip2_search.indexing import pipeline
+
+    real_store, dropped, real_release, held = pipeline.Indexer._store_batch, [], pipeline.Indexer._release, []
+
+    def store(self, results, *a):
+        if not dropped:  # the first batch vanishes without a commit: its contents' first waiting copies are embedded
+            dropped.extend(os.path.basename(r.file.path) for r in results)
+            return None
+        return real_store(self, results, *a)
+
+    def release(self, waiting, *a):
+        held.append(max((sum(bool(c.pixels) for c in copies) for copies in waiting.values()), default=0))
+        return real_release(self, waiting, *a)
+
+    monkeypatch.setattr(pipeline.Indexer, "_store_batch", store)
+    monkeypatch.setattr(pipeline.Indexer, "_release", release)
+    photos = tmp_path / "photos"
+    for i in range(6):
+        original = _photo(photos / f"p{i}.jpg", i)
+        for n in (1, 2, 3):
+            shutil.copy(original, photos / f"p{i} ({n}).jpg")
+    with _open(tmp_path / "lib", tiny_itm_dir) as lib:
+        report = lib.index([photos])
+        statuses = {os.path.basename(p): k.status for p, k in lib.metadata.known_files().items()}
+    assert dropped == ["p0 (1).jpg", "p1 (1).jpg", "p2 (1).jpg"]
+    assert max(held) == 1 and report.failed == 0
+    assert len(statuses) == 24 - len(dropped) and set(statuses.values()) == {"indexed"}
+
+
 def test_a_failed_commit_does_not_hide_the_interrupt(tiny_itm_dir, photos, tmp_path, monkeypatch):
     from blip2_search.indexing import pipeline
 

@@ -502,8 +502,9 @@ class Indexer:
                         failures.append(FailedFile(result.file.path, result.error, result.size, result.mtime_ns, result.content_hash))
                     elif not result.pixels or result.content_hash in known_hashes:  # the latter committed since it was read
                         reuse.append(replace(result, pixels={}))
-                    elif result.content_hash in embedding:
-                        waiting.setdefault(result.content_hash, []).append(result)
+                    elif result.content_hash in embedding:  # only the first copy keeps its pixels (embedded if its original is not)
+                        copies = waiting.setdefault(result.content_hash, [])
+                        copies.append(replace(result, pixels={}) if copies else result)
                     else:
                         embedding.add(result.content_hash)
                         pending.append(result)
