@@ -26,6 +26,7 @@ from . import settings
 from .errors import CorruptIndexError, IndexInterrupted, InvalidInputError, LibraryError, ModelMismatchError
 from .models.loading import DEMO
 from .store import (
+    STATUS_INDEXED,
     VECTORS_FILENAME,
     EmbedderInfo,
     ImageRecord,
@@ -821,15 +822,27 @@ class Library:
 
     def _duplicates(self, threshold: float) -> list[list[DuplicatePhoto]]:
         engine = self.engine
+        if engine.index_behind:  # another process's run goes on: its last save may hold photos since removed or changed
+            engine = self._current_engine()
         groups = engine.duplicates(threshold)
         records = {r.id: r for r in self.metadata.get_records([i for g in groups for i in g])}
         out = []
         for group in groups:
-            members = [records[i] for i in group if i in records]
+            members = [records[i] for i in group if i in records and records[i].status == STATUS_INDEXED]
             if len(members) > 1:
                 scores = engine.closest_in_group([r.id for r in members])
                 out.append([DuplicatePhoto(r.id, r.path, float(s), r) for r, s in zip(members, scores)])
         return out
+
+    def _current_engine(self):
+        """A search engine over the database's vectors as they are now, for this call only (the library keeps
+        the index it loaded): the file if another process saved it current meanwhile, else rebuilt in memory."""
+        from .search.engine import SearchEngine
+
+        budget = int(float(settings.get("vector_memory_gb")) * 2**30)
+        opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
+                              save=False, distrust=self._distrusted_index)
+        return SearchEngine(self.metadata, opened.store, self.encoder)
 
     # ------------------------------------------------------------------ reading
     def status(self) -> LibraryStatus:

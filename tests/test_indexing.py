@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -720,10 +721,11 @@ def test_prune_rewrites_the_vector_index_without_the_rows_of_removed_photos(tiny
     _check_consistent(lib_dir)
 
 
-def test_a_server_beside_a_running_index_scores_a_changed_photo_by_its_new_content(tiny_itm_dir, photos, tmp_path):
+def test_a_server_beside_a_running_index_scores_a_changed_photo_by_its_new_content(tiny_itm_dir, photos, tmp_path, monkeypatch):
     """A photo whose file a running `index` changed (same path and id) kept its old content's score and rank until
     that run saved the vector index (stress test: itc -0.079 returned where the database's vectors give 0.485)."""
-    from blip2_search.store import IndexedImage
+    from blip2_search.search import engine as engine_module
+    from blip2_search.store import CaptionUpdate, IndexedImage
     from blip2_search.store.scoring import mean_max
 
     lib_dir = tmp_path / "lib"
@@ -747,9 +749,57 @@ def test_a_server_beside_a_running_index_scores_a_changed_photo_by_its_new_conte
             similar = server.similar(photos / "p1.jpg", 7).hits
             fresh = server.metadata.vectors_for([h.id for h in similar])
             np.testing.assert_allclose([h.score for h in similar], mean_max(query, fresh), atol=1e-5)
+            # rerank by id, and a photo found through its caption only, are scored from the database too (review:
+            # both took the loaded index's vectors, the old content's)
+            database_itc = float((server.metadata.vectors_for([top.id])[0] @ emb).max())
+            assert server.rerank("a red circle", [top.id]).hits[0].itc == pytest.approx(database_itc, abs=1e-5)
+            text = next(t for t in ("a zebra", "a green tree", "two boats", "a cat", "a red car", "snow", "a dog", "night", "a house")
+                        if top.id not in {h.id for h in server.search(t, 1, rerank=False, fusion=False).hits})  # caption only
+            caption = server.encoder.embed_texts([text])[0]
+            other.metadata.set_captions([CaptionUpdate(top.id, text, "test", caption)])
+            monkeypatch.setattr(engine_module, "FUSION_DEPTH", 2)
+            monkeypatch.setattr(engine_module, "CAPTION_WEIGHT", 2.0)  # its two caption lists outrank the first stage's one
+            server._engine = None  # its captions reload (a captioning run tells servers so)
+            found = server.search(text, 1, rerank=False).hits[0]
+            assert found.id == top.id  # through its caption only
+            assert found.itc == pytest.approx(float((server.metadata.vectors_for([top.id])[0] @ caption).max()), abs=1e-5)
     finally:
         server.close()
         other.close()
+
+
+def test_duplicates_beside_a_running_index_come_from_the_database(tiny_itm_dir, tmp_path):
+    """A reader beside a running `index` uses that run's last save, which may hold photos since deleted or repainted:
+    `duplicates` listed a deleted copy, and a repainted one as an exact duplicate of its old twin (review)."""
+    photos = tmp_path / "photos"
+    for i in range(6):
+        _photo(photos / f"p{i}.jpg", i)
+    shutil.copy(photos / "p0.jpg", photos / "d0.jpg")
+    shutil.copy(photos / "p1.jpg", photos / "d1.jpg")
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    saved = {f.name: f.read_bytes() for f in lib_dir.iterdir() if f.name.startswith("vectors.")}
+    (photos / "d0.jpg").unlink()
+    _photo(photos / "d1.jpg", 77)  # repainted in place
+    with Library.open(lib_dir) as lib:
+        lib.index([photos])
+        expected = [[(p.path, round(p.score, 5)) for p in group] for group in lib.duplicates(0.9999)]
+    for f in lib_dir.iterdir():
+        if f.name.startswith("vectors."):
+            f.unlink()
+    for name, data in saved.items():  # the running run's last save, from before those changes
+        (lib_dir / name).write_bytes(data)
+    writer = os.open(lib_dir / "index.lock", os.O_RDWR)
+    fcntl.flock(writer, fcntl.LOCK_EX)  # the run goes on
+    try:
+        with Library.open(lib_dir) as reader:
+            groups = reader.duplicates(0.9999)
+            assert reader._vectors_generation < reader.metadata.vectors_generation()  # it did load the save behind
+            assert [[(p.path, round(p.score, 5)) for p in group] for group in groups] == expected
+            assert not any(p.path.endswith(("d0.jpg", "d1.jpg")) for group in groups for p in group)
+    finally:
+        os.close(writer)
 
 
 def test_a_long_index_run_saves_the_vector_index_as_it_goes_and_readers_beside_it_follow(tiny_itm_dir, photos, tmp_path, monkeypatch):

@@ -138,10 +138,16 @@ class SearchEngine:
         for weight, ranks in lists:
             for image_id, rank in (ranks.items() if isinstance(ranks, dict) else ranks):
                 fused[image_id] = fused.get(image_id, 0.0) + weight / (RRF_K + rank + 1)
-        # found only through captions: give them their exact ITC (those the database holds but the loaded
-        # vector index not yet, while an `index` run in another process goes on, wait for that run's save)
-        new = self.vectors.present(np.array([i for i in fused if i not in itc_of], dtype=np.int64))
-        if len(new):
+        # found only through captions: give them their exact ITC. While the loaded index is behind the database (another
+        # process's `index` run goes on) from the database's vectors: a photo that run changed scores by its new content,
+        # one it removed drops out (NaN), one it added counts (`_hits` keeps only photos the database holds as indexed).
+        new = np.array([i for i in fused if i not in itc_of], dtype=np.int64)
+        if self.index_behind and len(new):
+            vectors = self.metadata.vectors_for(new, missing="nan")
+            for i, s in zip(new.tolist(), composite_itc(vectors, emb, weights).tolist()):
+                if np.isfinite(s):
+                    itc_of[i] = s
+        elif len(new := self.vectors.present(new)):
             for i, s in zip(new.tolist(), composite_itc(self.vectors.vectors_for(new), emb, weights).tolist()):
                 itc_of[i] = s
         if filters.min_score is not None:
@@ -233,7 +239,9 @@ class SearchEngine:
         """Full vectors `[n, Q, D] float32` of any indexed images, in order: from the vector index, or
         from the database for those newer than the loaded index; InvalidInputError for images no longer stored."""
         ids_a = np.array(ids, dtype=np.int64)
-        held = np.isin(ids_a, self.vectors.present(ids_a))
+        # while the loaded index is behind the database (another process's run goes on), all from the database: a
+        # photo that run changed is scored by its new content
+        held = np.zeros(len(ids_a), bool) if self.index_behind else np.isin(ids_a, self.vectors.present(ids_a))
         if held.all():
             return self.vectors.vectors_for(ids_a)
         newer = ids_a[~held]

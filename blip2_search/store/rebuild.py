@@ -109,7 +109,7 @@ def open_vectors(
             retry = FaissVectorStore.load(index_path, **again)
         else:
             retry = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **again)
-        if retry.store is not None and not (isinstance(retry.store, CompactVectorStore) and retry.store.needs_retraining()):
+        if retry.store is not None:  # also one the writer will have to retrain (its lists grew long): it serves until then
             return OpenedVectors(retry.store, behind, None)
     if loaded.store is not None:
         if save and isinstance(loaded.store, CompactVectorStore) and loaded.store.trained and not loaded.info.params.get("trained"):
