@@ -688,22 +688,29 @@ def test_a_photo_indexed_through_a_link_to_a_file_outside_the_folders_is_served(
 
 def test_a_link_whose_target_is_swapped_after_the_check_is_refused(tiny_itm_dir, tmp_path, monkeypatch):
     """Only the recorded size and time vouch for a target outside the folders: the opened file must still show them."""
-    from blip2_search.server import photos as photos_module
-
     outside = tmp_path / "outside"
     _photo(outside / "p.jpg", 4)
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "link.jpg").symlink_to(outside / "p.jpg")
     (tmp_path / "secret.txt").write_bytes(b"root:x:0:0:do not serve me")
-    checked = photos_module._checked
+    _assert_refused_after_a_swap(tiny_itm_dir, tmp_path, monkeypatch, "link.jpg",
+                                 lambda: os.replace(tmp_path / "secret.txt", outside / "p.jpg"))
+
+
+def _assert_refused_after_a_swap(tiny_itm_dir, tmp_path, monkeypatch, name: str, swap) -> None:
+    """Index tmp_path/photos, then request photo `name` with `swap` run between the path check and the open (the
+    race): the secret it brings in must not be served."""
+    from blip2_search.server import photos as photos_module
+
+    checked = photos_module._checked  # check_photo_path's work, as Photos.open calls it
 
     def check_then_swap(*args):
         result = checked(*args)
-        os.replace(tmp_path / "secret.txt", outside / "p.jpg")  # the race: after the check, before the open
+        swap()
         return result
 
     with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
-        image_id = _records(library)["link.jpg"].id
+        image_id = _records(library)[name].id
         monkeypatch.setattr(photos_module, "_checked", check_then_swap)
         response = c.get(f"/api/images/{image_id}")
         assert b"root:" not in response.content
@@ -740,27 +747,17 @@ def test_symlinked_photo_of_a_folder_indexed_through_a_symlink_is_served(tiny_it
 
 
 def test_a_folder_repointed_between_the_check_and_the_open_is_refused(tiny_itm_dir, tmp_path, monkeypatch):
-    from blip2_search.server import photos as photos_module
-
     photos = tmp_path / "photos"
     _photo(photos / "album" / "p.jpg", 3)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "p.jpg").write_bytes(b"root:x:0:0:do not serve me")
-    checked = photos_module._checked  # check_photo_path's work, as Photos.open calls it
 
-    def check_then_swap(*args):
-        result = checked(*args)
-        (photos / "album").rename(photos / "album-old")  # the race: after the check, before the open
+    def swap():
+        (photos / "album").rename(photos / "album-old")
         (photos / "album").symlink_to(outside, target_is_directory=True)
-        return result
 
-    with Library.open(_index(tmp_path, tiny_itm_dir)) as library, TestClient(create_app(library), base_url=BASE) as c:
-        image_id = _records(library)["p.jpg"].id
-        monkeypatch.setattr(photos_module, "_checked", check_then_swap)
-        response = c.get(f"/api/images/{image_id}")
-        assert b"root:" not in response.content
-        _assert_error(response, 404, "changed while it was opened")
+    _assert_refused_after_a_swap(tiny_itm_dir, tmp_path, monkeypatch, "p.jpg", swap)
 
 
 # ---------------------------------------------------------------------------------------------
