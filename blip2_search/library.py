@@ -317,7 +317,6 @@ class Library:
         """The vector index, loaded from its file or rebuilt from the database when stale or of
         another kind than the library's (`vector_index_kind`)."""
         if self._vectors is None:
-            budget = int(float(settings.get("vector_memory_gb")) * 2**30)
             # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
             # two writers' index and sidecar files could interleave (a file that passes as current but is not).
             # Beside such a run, a file it saved as it went (`Indexer.checkpoint`) is used as it is, a minute or so behind
@@ -326,13 +325,18 @@ class Library:
             # searches, and its save appends what it changed.
             writer = not self._locked and self._writer_running()
             started = time.monotonic()
-            opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
-                                  save=not writer, lazy=self._locked, distrust=self._distrusted_index,
-                                  behind_from=self.metadata.embedder_since() if writer else None)
+            opened = self._open_vectors(save=not writer, lazy=self._locked, behind_from=self.metadata.embedder_since() if writer else None)
+            done = time.monotonic()
             self._vectors, self._vectors_generation = opened.store, opened.generation
-            self._vectors_loaded = (time.monotonic(), time.monotonic() - started)
+            self._vectors_loaded = (done, done - started)
             self._unsaved_index = opened.unsaved
         return self._vectors
+
+    def _open_vectors(self, **options):
+        """`open_vectors` of this library's index file, in its kind and memory budget (`options`: save, lazy, behind_from)."""
+        budget = int(float(settings.get("vector_memory_gb")) * 2**30)
+        return open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
+                            distrust=self._distrusted_index, **options)
 
     def _follow_other_writers(self) -> None:
         """Pick up what another process (an `index` run beside a server) committed and saved since the
@@ -839,10 +843,7 @@ class Library:
         the index it loaded): the file if another process saved it current meanwhile, else rebuilt in memory."""
         from .search.engine import SearchEngine
 
-        budget = int(float(settings.get("vector_memory_gb")) * 2**30)
-        opened = open_vectors(self.metadata, self.folder / VECTORS_FILENAME, kind=self.vector_index_kind(), memory_budget_bytes=budget,
-                              save=False, distrust=self._distrusted_index)
-        return SearchEngine(self.metadata, opened.store, self.encoder)
+        return SearchEngine(self.metadata, self._open_vectors(save=False).store, self.encoder)
 
     # ------------------------------------------------------------------ reading
     def status(self) -> LibraryStatus:

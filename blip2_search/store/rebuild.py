@@ -91,24 +91,24 @@ def open_vectors(
     vectors_of = partial(metadata.vectors_for, missing="nan")  # rows pruned while a search runs score -inf
     train_at = index_choice.compact_threshold(kind, q, d, memory_budget_bytes)
     common = {"expected_generation": info.vectors_generation, "num_query_tokens": q, "dim": d, "use_gpu": use_gpu}
+
+    def load(**options) -> LoadResult:
+        if train_at is None:
+            return FaissVectorStore.load(index_path, **{**common, **options})
+        return CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **{**common, **options})
+
     loaded: LoadResult
     if distrust is not None:
         loaded, save = LoadResult(None, "invalid", distrust), False
-    elif train_at is None:
-        loaded = FaissVectorStore.load(index_path, lazy=lazy, **common)
     else:
-        loaded = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, lazy=lazy, **common)
-        if loaded.store is not None and loaded.store.needs_retraining():
+        loaded = load(lazy=lazy)
+        if isinstance(loaded.store, CompactVectorStore) and loaded.store.needs_retraining():
             loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
     generation = info.vectors_generation
     if loaded.store is None and loaded.state == "stale" and behind_from is not None and loaded.info is not None \
             and behind_from <= loaded.info.vectors_generation < generation:
         behind = loaded.info.vectors_generation
-        again = {**common, "expected_generation": behind}
-        if train_at is None:
-            retry = FaissVectorStore.load(index_path, **again)
-        else:
-            retry = CompactVectorStore.load(index_path, vectors_of=vectors_of, train_at=train_at, **again)
+        retry = load(expected_generation=behind)
         if retry.store is not None:  # also one the writer will have to retrain (its lists grew long): it serves until then
             return OpenedVectors(retry.store, behind, None)
     if loaded.store is not None:
