@@ -319,8 +319,9 @@ class Library:
         if self._vectors is None:
             # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
             # two writers' index and sidecar files could interleave (a file that passes as current but is not).
-            # Beside such a run, a file it saved as it went (`Indexer.checkpoint`) is used as it is, a minute or so behind
-            # the database (the search engine makes up for it, see `index_behind`), rather than rebuilt.
+            # Beside such a run, the file it saved as it went (`Indexer.checkpoint`) is brought up to date from the change
+            # journal, or where the journal moved past it used as it is, behind the database (the search engine makes up
+            # for it, see `index_behind`), rather than rebuilt.
             # An index or prune run (it holds the lock) opens an exact index lazily: it reads the vectors only if it
             # searches, and its save appends what it changed.
             writer = not self._locked and self._writer_running()
@@ -357,8 +358,8 @@ class Library:
         saved = saved_generation(path) if sidecar_path(path).exists() else None
         if saved is None or saved == current or not self._writer_running():
             self._vectors, self._engine = None, None  # saved by that run, removed (a full disk's prune), or its run died
-        elif self._vectors_generation is not None and self._vectors_generation < saved < current and self._follow_due():
-            self._vectors, self._engine = None, None  # a checkpoint of that run: reloaded as it is (see `vectors`)
+        elif self._vectors_generation is not None and self._vectors_generation < current and self._follow_due():
+            self._vectors, self._engine = None, None  # reopened: that run's last save, brought up to date (see `vectors`)
 
     def _follow_due(self) -> bool:
         """Whether a newer checkpoint of another process's running `index` may be loaded now: FOLLOW_S after the
@@ -598,6 +599,7 @@ class Library:
         saved = saved_generation(path)
         if saved == generation and (self._vectors is None or self._vectors_generation == generation):
             if not compact or getattr(self.vectors, "dead_share", 0.0) < PRUNE_DEAD_SHARE:
+                self.metadata.forget_vector_changes(generation)
                 return
         store = self.vectors  # opened before the run's changes, which it received: it matches the database
         self._vectors_generation = generation
@@ -605,6 +607,8 @@ class Library:
             store.save(path, generation=generation, compact=compact)
         except CorruptIndexError:  # it read damaged rows from its file: leave the file stale, the next open rebuilds it
             self._vectors = self._engine = None
+            return
+        self.metadata.forget_vector_changes(generation)  # the file holds them now
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

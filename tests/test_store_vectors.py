@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import faiss
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from blip2_search.errors import InvalidInputError, LibraryError
 from blip2_search.store import (
     EXACT_FACTORY,
     EmbedderInfo,
+    FailedFile,
     FaissVectorStore,
     IndexedImage,
     ModelRef,
@@ -451,24 +454,26 @@ def test_rebuild_and_open_vectors_follow_the_metadata_generation(tmp_path, metad
     second = open_vectors(meta, index_path, use_gpu=False)
     assert second.rebuilt_because is None and len(second.store) == 27
     meta.mark_deleted(ids[3:4])
-    third = open_vectors(meta, index_path, use_gpu=False)
-    assert "generation" in third.rebuilt_because and len(third.store) == 26
+    third = open_vectors(meta, index_path, use_gpu=False)  # brought up to date from the change journal
+    assert third.rebuilt_because is None and third.generation == meta.vectors_generation() and len(third.store) == 26
+    meta.mark_deleted(ids[4:5])
+    meta.forget_vector_changes(meta.vectors_generation())  # a journal that no longer reaches back to the file
+    fourth = open_vectors(meta, index_path, use_gpu=False)
+    assert "generation" in fourth.rebuilt_because and len(fourth.store) == 25
     with pytest.raises(LibraryError, match="shape"):
         rebuild(meta, FaissVectorStore(q, d + 1, use_gpu=False))
     meta.close()
 
 
-@pytest.mark.parametrize("kind", ["exact", "compact", "trained"])
-def test_open_vectors_uses_a_file_behind_the_database_only_from_the_embedders_generation(tmp_path, metadata_location, kind, monkeypatch):
-    """Beside a running `index` (which saves as it goes), a reader uses the file it saved last as it is (its own
-    generation, no rebuild, nothing saved); never a file older than the embedder's vectors (a `--reembed` run's
-    first minutes: that file holds the old model's vectors), nor a file that is newer or of another kind."""
+def _behind_the_database(tmp_path, metadata_location, kind, monkeypatch):
+    """A library of 200 images whose index file was saved, then 20 images added, 2 deleted, 3 repainted (new
+    content), 1 failed and 1 replaced by a rename: ``(meta, index_path, open_kw, saved generation, ids)``."""
     rng = np.random.default_rng(12)
     q, d = 4, 16
     (tmp_path / "lib").mkdir(exist_ok=True)
     meta = open_metadata(metadata_location, create=True, embedder=EmbedderInfo(ModelRef("m"), q, d))
     assert meta.embedder_since() == meta.vectors_generation()
-    vectors = unit(rng, 220, q, d)
+    vectors = unit(rng, 225, q, d)
     ids = meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(200)])
     index_path = tmp_path / "lib" / "vectors.faiss"
     if kind == "trained":  # compact codes from 100 images on (else exact vectors below the threshold)
@@ -477,6 +482,51 @@ def test_open_vectors_uses_a_file_behind_the_database_only_from_the_embedders_ge
     saved = open_vectors(meta, index_path, **{**open_kw, "save": True}).generation
     meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=vectors[i]) for i in range(200, 220)])
     meta.mark_deleted(ids[:2])
+    meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"new{i}", vectors=vectors[217 + i]) for i in range(3, 6)])
+    meta.mark_failed([FailedFile(str(tmp_path / "6.jpg"), "cut short")])
+    meta.rename([(ids[8], str(tmp_path / "7.jpg"))])  # 7.jpg's row is replaced by 8.jpg's photo
+    return meta, index_path, open_kw, saved, ids
+
+
+def _live(meta) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array(sorted(k.id for k in meta.known_files().values() if k.status == "indexed"), dtype=np.int64)
+    return ids, meta.vectors_for(ids)
+
+
+@pytest.mark.parametrize("kind", ["exact", "lazy", "compact", "trained"])
+def test_a_file_behind_the_database_is_brought_up_to_date_from_the_change_journal(tmp_path, metadata_location, kind, monkeypatch):
+    """A process that finds the index file behind the database (a run killed before its last save; a reader beside a
+    running `index`, which saves as it goes) rebuilt the whole index from the database (37 s at 100k photos) or served
+    the file as it was: now the file is brought to the database's generation from the journal of what changed since,
+    reading only those images' vectors."""
+    rebuild_module = importlib.import_module("blip2_search.store.rebuild")
+    meta, index_path, open_kw, saved, ids = _behind_the_database(tmp_path, metadata_location, kind, monkeypatch)
+    current = meta.vectors_generation()
+    with monkeypatch.context() as no_rebuild:
+        no_rebuild.setattr(rebuild_module, "rebuild", lambda *a, **k: pytest.fail("rebuilt from the database"))
+        opened = open_vectors(meta, index_path, **{**open_kw, "save": True, "lazy": kind == "lazy"})
+    assert (opened.generation, opened.rebuilt_because, opened.unsaved) == (current, None, None)
+    assert index_files.saved_generation(index_path) == current  # and saved: the next process loads it as it is
+    live_ids, live_vectors = _live(meta)
+    assert len(live_ids) == 200 + 20 - 2 - 1 - 1 and sorted(opened.store.image_ids().tolist()) == live_ids.tolist()
+    rng = np.random.default_rng(5)
+    queries = unit(rng, 6, 16)
+    if kind != "trained":  # exact vectors: every image as the database has it now (the repainted ones too)
+        np.testing.assert_array_equal(opened.store.vectors_for(live_ids), live_vectors)
+    assert_same_ranking(opened.store.search(queries, 10), brute_force(live_ids, live_vectors, queries, 10), atol=1e-4)
+    again = open_vectors(meta, index_path, **open_kw)
+    assert again.rebuilt_because is None and sorted(again.store.image_ids().tolist()) == live_ids.tolist()
+    assert_same_ranking(again.store.search(queries, 10), brute_force(live_ids, live_vectors, queries, 10), atol=1e-4)
+    meta.close()
+
+
+@pytest.mark.parametrize("kind", ["exact", "compact", "trained"])
+def test_a_file_behind_a_journal_that_moved_on_is_used_as_it_is_beside_a_running_index(tmp_path, metadata_location, kind, monkeypatch):
+    """Beside a running `index` whose journal no longer reaches back to the file (it saved again since), a reader
+    uses the file as it is (its own generation, no rebuild, nothing saved); never a file older than the embedder's
+    vectors (a `--reembed` run's first minutes: that file holds the old model's vectors)."""
+    meta, index_path, open_kw, saved, ids = _behind_the_database(tmp_path, metadata_location, kind, monkeypatch)
+    meta.forget_vector_changes(saved + 1)
     since = meta.embedder_since()
     behind = open_vectors(meta, index_path, behind_from=since, **open_kw)
     assert (behind.generation, behind.rebuilt_because) == (saved, None) and sorted(behind.store.image_ids().tolist()) == sorted(ids)
@@ -488,13 +538,76 @@ def test_open_vectors_uses_a_file_behind_the_database_only_from_the_embedders_ge
             grown.setattr(CompactVectorStore, "needs_retraining", lambda self: True)
             assert open_vectors(meta, index_path, behind_from=since, **open_kw).rebuilt_because is None
     assert index_files.saved_generation(index_path) == saved  # nothing written
+    live_ids, _ = _live(meta)
     current = open_vectors(meta, index_path, **open_kw)  # not asked to: rebuilt from the database
-    assert current.generation == meta.vectors_generation() and current.rebuilt_because is not None and len(current.store) == 218
+    assert current.generation == meta.vectors_generation() and current.rebuilt_because is not None
+    assert sorted(current.store.image_ids().tolist()) == live_ids.tolist()
     assert open_vectors(meta, index_path, behind_from=saved + 1, **open_kw).rebuilt_because is not None
-    meta.reset_embedder(EmbedderInfo(ModelRef("another"), q, d))  # a re-embed: the file holds the old model's vectors
+    meta.reset_embedder(EmbedderInfo(ModelRef("another"), 4, 16))  # a re-embed: the file holds the old model's vectors
     assert meta.embedder_since() == meta.vectors_generation() > saved
     after = open_vectors(meta, index_path, behind_from=meta.embedder_since(), **open_kw)
     assert after.rebuilt_because is not None and len(after.store) == 0
+    meta.close()
+
+
+def test_the_change_journal_names_the_images_each_write_changed(tmp_path, metadata_location):
+    """Each write that changes the live vectors journals the images it changed; a change of every image (a re-embed,
+    another index kind) journals none in particular, so no file saved before it is brought up to date."""
+    rng = np.random.default_rng(3)
+    q, d = 2, 8
+    (tmp_path / "lib").mkdir(exist_ok=True)
+    meta = open_metadata(metadata_location, create=True, embedder=EmbedderInfo(ModelRef("m"), q, d))
+    start = meta.vectors_generation()
+
+    def changed_since(generation):
+        with meta.vector_changes(generation) as changes:
+            return changes.covered, sorted(changes.changed.tolist()), changes.generation, changes.count
+
+    ids = meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=unit(rng, q, d)) for i in range(6)])
+    assert changed_since(start) == (True, sorted(ids), start + 1, 6)
+    step = meta.vectors_generation()
+    meta.mark_deleted([ids[0], 10_000])
+    meta.mark_failed([FailedFile(str(tmp_path / "1.jpg"), "gone bad"), FailedFile(str(tmp_path / "new.jpg"), "bad")])
+    meta.rename([(ids[2], str(tmp_path / "3.jpg"))])  # replaces 3.jpg's row
+    meta.rename([(ids[4], str(tmp_path / "elsewhere.jpg"))])  # a move: its vectors stay, nothing changes
+    assert changed_since(step) == (True, [ids[0], ids[1], ids[3]], step + 3, 3)
+    meta.mark_deleted([ids[0]])  # already deleted: no change
+    assert meta.vectors_generation() == step + 3
+    meta.set_vector_index("compact")
+    assert changed_since(step)[0] is False and changed_since(step + 4)[:2] == (True, [])
+    meta.forget_vector_changes(step + 1)
+    assert changed_since(step)[0] is False and changed_since(step + 1)[0] is False  # the journal starts past it
+    meta.forget_vector_changes(step)  # never back
+    assert changed_since(step + 4)[0] is True
+    meta.reset_embedder(EmbedderInfo(ModelRef("other"), q, d))
+    assert changed_since(step + 4)[0] is False
+    meta.close()
+
+
+def test_a_library_from_before_the_change_journal_journals_from_its_migration_on(tmp_path, metadata_location):
+    """Schema v3 adds the journal: a file saved before the migration and behind it is rebuilt (nothing says what
+    changed since), one saved after it is brought up to date."""
+    from sqlalchemy import text
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "lib").mkdir(exist_ok=True)
+    index_path = tmp_path / "lib" / "vectors.faiss"
+    embedder = EmbedderInfo(ModelRef("m"), 2, 8)
+    meta = open_metadata(metadata_location, create=True, embedder=embedder)
+    ids = meta.upsert_indexed([IndexedImage(str(tmp_path / f"{i}.jpg"), 1, 1, f"h{i}", vectors=unit(rng, 2, 8)) for i in range(5)])
+    open_vectors(meta, index_path, use_gpu=False)
+    meta.mark_deleted(ids[:1])
+    with meta._engine.begin() as connection:  # the library as schema v2 left it
+        connection.execute(text("DROP TABLE vector_changes"))
+        connection.execute(text("DELETE FROM library_info WHERE key = 'changes_since'"))
+        connection.execute(text("UPDATE library_info SET value = '2' WHERE key = 'schema_version'"))
+    meta.close()
+    meta = open_metadata(metadata_location, create=False, embedder=embedder)
+    assert meta.info().schema_version == 3
+    assert "generation" in open_vectors(meta, index_path, use_gpu=False).rebuilt_because
+    meta.mark_deleted(ids[1:2])
+    caught_up = open_vectors(meta, index_path, use_gpu=False)
+    assert caught_up.rebuilt_because is None and sorted(caught_up.store.image_ids().tolist()) == sorted(ids[2:])
     meta.close()
 
 

@@ -54,7 +54,9 @@ from blip2_search.store.records import (
     StatusCounts,
 )
 from blip2_search.store.rows import (
+    CHUNK,
     EMBEDDING_ROWS,
+    ChangedVectors,
     LiveVectors,
     chunks,
     iter_caption_vectors,
@@ -66,6 +68,7 @@ from blip2_search.store.rows import (
 )
 from blip2_search.store.schema import (
     INFO_CAPTIONS_GENERATION,
+    INFO_CHANGES_SINCE,
     INFO_VECTOR_INDEX,
     INFO_EMBEDDER_SINCE,
     INFO_VECTORS_GENERATION,
@@ -279,7 +282,7 @@ class MetadataStore:
         generation, so the index file is rebuilt in that kind and long-lived readers (a server) reload it."""
         with self._write() as connection:
             updates.set_info(connection, {INFO_VECTOR_INDEX: kind})
-            updates.bump_generation(connection)
+            updates.bump_generation(connection, None)
 
     # -- change detection ------------------------------------------------------------------
 
@@ -571,6 +574,24 @@ class MetadataStore:
         """A snapshot of all indexed images' vectors, read in chunks (for a FAISS rebuild)."""
         with self._read() as connection:
             yield LiveVectors(connection, read_embedder(connection), chunk_size)
+
+    @contextmanager
+    def vector_changes(self, since: int, chunk_size: int = 1024) -> Iterator[ChangedVectors]:
+        """A snapshot of what the live vectors became since generation ``since`` (to bring a vector index saved
+        then up to date), read in chunks."""
+        with self._read() as connection:
+            yield ChangedVectors(connection, read_embedder(connection), since, min(chunk_size, CHUNK))
+
+    def forget_vector_changes(self, through: int) -> None:
+        """Drop the change journal up to generation ``through``: call it once a vector index saved at that
+        generation is on disk (the journal then brings that file up to date), as an index run does after each
+        save. It writes only when there is something to drop."""
+        with self._read() as connection:
+            since = read_info(connection).get(INFO_CHANGES_SINCE)
+        if since is not None and int(since) > through:
+            return
+        with self._write() as connection:
+            updates.forget_vector_changes(connection, through)
 
     def iter_caption_vectors(self, chunk_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(ids [n] int64, vectors [n, D] float32)`` for indexed images with caption vectors."""

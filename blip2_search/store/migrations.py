@@ -29,6 +29,7 @@ from sqlalchemy import (
 from blip2_search.errors import LibraryError
 from blip2_search.store.engine import read_transaction, write_transaction
 from blip2_search.store.schema import (
+    INFO_CHANGES_SINCE,
     INFO_CREATED_AT,
     INFO_SCHEMA_VERSION,
     INFO_VECTORS_GENERATION,
@@ -39,6 +40,7 @@ from blip2_search.store.schema import (
     images,
     library_info,
     metadata,
+    vector_changes,
 )
 
 
@@ -95,9 +97,18 @@ def _caption_vectors_apart(connection: Connection) -> None:
     )
 
 
+def _vector_changes(connection: Connection) -> None:
+    """Create the change journal of the live vectors; it holds the changes from the next generation on (a vector
+    index saved before is rebuilt when behind, as before)."""
+    metadata.create_all(connection, tables=[vector_changes])
+    current = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_VECTORS_GENERATION))
+    connection.execute(insert(library_info).values(key=INFO_CHANGES_SINCE, value=str(int(current or 0) + 1)))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create library_info, images, embeddings and the caption word index", _create_v1),
     Migration(2, "caption vectors in their own table", _caption_vectors_apart),
+    Migration(3, "a journal of the images whose vectors each generation changed", _vector_changes),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 """The schema version this code writes."""

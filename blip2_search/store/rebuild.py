@@ -12,6 +12,7 @@ from blip2_search.errors import LibraryError
 from blip2_search.store import index_choice
 from blip2_search.store.compact import CompactVectorStore
 from blip2_search.store.metadata import MetadataStore
+from blip2_search.store.rows import ChangedVectors
 from blip2_search.store.vectors import FaissVectorStore, LoadResult, VectorStore
 
 VECTORS_FILENAME = "vectors.faiss"
@@ -48,6 +49,16 @@ def training_sample(metadata: MetadataStore, n_vectors: int, *, seed: int = 0) -
     return metadata.vectors_for(np.sort(picks)).reshape(-1, info.dim if info else 0)
 
 
+def _apply_changes(store: VectorStore, changes: ChangedVectors) -> bool:
+    """Bring ``store``, loaded from a file saved at the generation ``changes`` starts from, to the snapshot's: remove
+    every image the journal names, add back the live ones as they are now. Whether it then holds as many images as
+    the snapshot (a file that did not hold what the database did at its generation is rebuilt instead)."""
+    store.remove(changes.changed)
+    for chunk in changes.chunks():
+        store.add(chunk.ids, chunk.vectors)
+    return len(store) == changes.count
+
+
 @dataclass(frozen=True)
 class OpenedVectors:
     """A current vector store: ``rebuilt_because`` is None when it was loaded from its file."""
@@ -70,17 +81,20 @@ def open_vectors(
     distrust: str | None = None,
     behind_from: int | None = None,
 ) -> OpenedVectors:
-    """Load the FAISS file if it matches the library's vectors generation and ``kind``, else
-    rebuild it from ``metadata`` (and, with ``save``, write it back atomically).
+    """Load the FAISS file if it matches the library's vectors generation and ``kind``; one saved at an older
+    generation (not older than ``MetadataStore.embedder_since``) is brought up to date from the change journal
+    (``MetadataStore.vector_changes``) where it reaches back that far; else rebuild it from ``metadata``. With
+    ``save``, what was brought up to date or rebuilt is written back atomically.
 
     ``kind``: ``exact`` (``FaissVectorStore``), ``compact`` or ``auto`` (``CompactVectorStore``,
     which trains itself at ``index_choice.compact_threshold`` images; ``auto`` from the point
     where the exact index would outgrow ``memory_budget_bytes``). ``lazy``: exact vectors (of either store)
     are opened for changes (``FaissVectorStore.load``): read on first search; a save appends. ``distrust``: why
     the file must not be used even if current (found damaged where it could not be removed): rebuilt, not saved.
-    ``behind_from``: a file saved at an older generation, not older than this one, is loaded as it is (the
-    returned ``generation`` is its own) instead of rebuilt: what a reader beside a running ``index`` does (that
-    run saves as it goes; see ``MetadataStore.embedder_since`` for why a file older than that is never used).
+    ``behind_from``: a file saved at an older generation, not older than this one, that the journal no longer
+    reaches back to is loaded as it is (the returned ``generation`` is its own) instead of rebuilt: what a reader
+    beside a running ``index`` does (that run saves as it goes, and drops the journal up to each save; see
+    ``MetadataStore.embedder_since`` for why a file older than that is never used).
     """
     info = metadata.info()
     if info.embedder is None:
@@ -105,12 +119,28 @@ def open_vectors(
         if isinstance(loaded.store, CompactVectorStore) and loaded.store.needs_retraining():
             loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
     generation = info.vectors_generation
-    if loaded.store is None and loaded.state == "stale" and behind_from is not None and loaded.info is not None \
-            and behind_from <= loaded.info.vectors_generation < generation:
-        behind = loaded.info.vectors_generation
-        retry = load(expected_generation=behind)
-        if retry.store is not None:  # also one the writer will have to retrain (its lists grew long): it serves until then
-            return OpenedVectors(retry.store, behind, None)
+    if loaded.store is None and loaded.state == "stale" and loaded.info is not None and loaded.info.vectors_generation < generation:
+        saved_at = loaded.info.vectors_generation
+        since = metadata.embedder_since()  # an older file may hold another model's vectors (`--reembed`)
+        behind = load(expected_generation=saved_at, lazy=lazy) if since is not None and since <= saved_at else None
+        if behind is not None and behind.store is not None:
+            with metadata.vector_changes(saved_at) as changes:
+                if changes.covered:
+                    up_to_date = _apply_changes(behind.store, changes)
+                    if up_to_date and not (isinstance(behind.store, CompactVectorStore) and behind.store.needs_retraining() and behind_from is None):
+                        unsaved = None
+                        if save:
+                            try:
+                                behind.store.save(index_path, generation=changes.generation)
+                            except LibraryError as exc:  # a full disk: it serves from memory
+                                unsaved = str(exc)
+                        return OpenedVectors(behind.store, changes.generation, None, unsaved=unsaved)
+                    loaded = LoadResult(None, "stale", f"index {index_path} did not match the database once brought up to date")
+                elif behind_from is not None and behind_from <= saved_at:
+                    # beside a running index whose journal moved past this file (it saved again since): serve it as it
+                    # is, also one the writer will have to retrain (its lists grew long), until a later open
+                    return OpenedVectors(behind.store, saved_at, None)
+            behind.store.reset()  # not used: its data file is closed now
     if loaded.store is not None:
         if save and isinstance(loaded.store, CompactVectorStore) and loaded.store.trained and not loaded.info.params.get("trained"):
             loaded.store.save(index_path, generation=info.vectors_generation)  # trained while loading an exact file: keep it

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Select, func, select
 
 from blip2_search.errors import LibraryError
 from blip2_search.store.codec import blobs_to_vectors, bytes_to_vectors
@@ -28,12 +28,14 @@ from blip2_search.store.schema import (
     INFO_EMBEDDER_MODEL,
     INFO_EMBEDDER_REVISION,
     INFO_NUM_QUERY_TOKENS,
+    INFO_CHANGES_SINCE,
     INFO_SCHEMA_VERSION,
     INFO_VECTORS_GENERATION,
     caption_vectors,
     embeddings,
     images,
     library_info,
+    vector_changes,
 )
 
 CHUNK = 500
@@ -181,20 +183,53 @@ class LiveVectors:
 
     def chunks(self) -> Iterator[VectorChunk]:
         """Yield chunks in ascending image id: ``ids [n] int64``, ``vectors [n, Q, D] float32``."""
-        shape = (self.num_query_tokens, self.dim)
         last_id = -1
         while True:
             rows = self._connection.execute(
-                select(images.c.id, embeddings.c.image_vectors)
-                .join(embeddings, images.c.content_hash == embeddings.c.content_hash)
+                self._rows()
                 .where(images.c.status == STATUS_INDEXED, images.c.id > last_id)
                 .order_by(images.c.id)
                 .limit(self._chunk_size)
             ).all()
             if not rows:
                 return
-            ids = np.array([row.id for row in rows], dtype=np.int64)
-            blobs = [row.image_vectors for row in rows]
-            vectors = blobs_to_vectors(blobs, shape, lambda i: f"vectors of image {rows[i].id}")
-            yield VectorChunk(ids=ids, vectors=vectors)
-            last_id = int(ids[-1])
+            chunk = self._chunk_of(rows)
+            yield chunk
+            last_id = int(chunk.ids[-1])
+
+    def _rows(self) -> Select:
+        """Image ids with their vectors (to filter and order)."""
+        return select(images.c.id, embeddings.c.image_vectors).join(embeddings, images.c.content_hash == embeddings.c.content_hash)
+
+    def _chunk_of(self, rows: Sequence[Any]) -> VectorChunk:
+        """Rows of ``_rows`` as one chunk of decoded vectors."""
+        ids = np.array([row.id for row in rows], dtype=np.int64)
+        shape = (self.num_query_tokens, self.dim)
+        vectors = blobs_to_vectors([row.image_vectors for row in rows], shape, lambda i: f"vectors of image {rows[i].id}")
+        return VectorChunk(ids=ids, vectors=vectors)
+
+
+class ChangedVectors(LiveVectors):
+    """A consistent snapshot of what the live vectors became since generation ``since``, valid inside
+    ``MetadataStore.vector_changes``: a vector index saved at ``since`` is brought to ``generation`` by removing
+    ``changed`` and adding the vectors ``chunks`` yields (the live images among them, as they are now).
+
+    ``covered`` is False when the journal cannot say (its rows from ``since + 1`` on were dropped, or a change of
+    any image: a re-embed, another index kind): the index is rebuilt instead. ``count`` is the number of live
+    images of the snapshot (the store holds as many once brought up to date).
+    """
+
+    def __init__(self, connection: Connection, embedder: EmbedderInfo | None, since: int, chunk_size: int) -> None:
+        super().__init__(connection, embedder, chunk_size)
+        journal_from = int(read_info(connection).get(INFO_CHANGES_SINCE, self.generation + 1))
+        rows = connection.execute(select(vector_changes.c.image_id).where(vector_changes.c.generation > since)).scalars().all()
+        self.covered = journal_from <= since + 1 and since <= self.generation and None not in rows
+        self.changed = np.unique(np.array([i for i in rows if i is not None], dtype=np.int64))
+
+    def chunks(self) -> Iterator[VectorChunk]:
+        """Yield the live images among ``changed``, ascending: ``ids [n] int64``, ``vectors [n, Q, D] float32``."""
+        for start in range(0, len(self.changed), self._chunk_size):
+            part = self.changed[start : start + self._chunk_size].tolist()
+            rows = self._connection.execute(self._rows().where(images.c.status == STATUS_INDEXED, images.c.id.in_(part)).order_by(images.c.id)).all()
+            if rows:
+                yield self._chunk_of(rows)

@@ -4,7 +4,9 @@ Tables:
 - ``library_info``: key/value text (see ``INFO_*`` keys);
 - ``images``: one row per file path ever seen; ``id`` is stable across renames and moves;
 - ``embeddings``: image vectors keyed by content hash, shared by duplicate files;
-- ``caption_vectors``: the caption's text embedding per content hash (schema v2).
+- ``caption_vectors``: the caption's text embedding per content hash (schema v2);
+- ``vector_changes``: which images' vectors each generation changed (schema v3), so a saved vector index
+  behind the database is brought up to date rather than rebuilt.
 SQLite also gets ``images_fts`` (FTS5 over ``images.caption``, kept in sync by triggers); see
 ``SQLITE_FTS_DDL``. PostgreSQL gets a GIN word index over the captions instead
 (``POSTGRES_CAPTION_DDL``). Migrations in ``migrations.py`` create all of it.
@@ -44,6 +46,7 @@ INFO_VECTORS_GENERATION = "vectors_generation"
 INFO_CAPTIONS_GENERATION = "captions_generation"  # bumped after a run writes captions to indexed images (servers reload)
 INFO_EMBEDDER_SINCE = "embedder_since"  # the vectors generation from which every saved index holds the recorded embedder's vectors
 INFO_VECTOR_INDEX = "vector_index"  # exact | compact | auto, as asked by `index --vector-index`
+INFO_CHANGES_SINCE = "changes_since"  # vector_changes holds every change of this vectors generation and later ones
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BIGINT would not auto-increment there.
 _ID = BigInteger().with_variant(Integer(), "sqlite")
@@ -139,6 +142,19 @@ caption_vectors = Table(
         "content_hash", String(128), ForeignKey("embeddings.content_hash", ondelete="CASCADE"), primary_key=True
     ),
     Column("vector", LargeBinary, nullable=False),
+)
+
+# The change journal of the live vectors (schema v3): each bump of ``vectors_generation`` records the images whose
+# vectors it may have changed (added, replaced or dropped); ``image_id`` NULL: any image (a re-embed, another index
+# kind). A vector index saved at generation G is brought to the database's by re-reading the images of the rows
+# past G (``MetadataStore.vector_changes``), when the journal still holds them all (``INFO_CHANGES_SINCE``); rows
+# up to the generation of the file saved last are dropped after each save.
+vector_changes = Table(
+    "vector_changes",
+    metadata,
+    Column("generation", BigInteger, nullable=False),
+    Column("image_id", BigInteger),
+    Index("ix_vector_changes_generation", "generation"),
 )
 
 # External-content FTS5 index over images.caption; rowid = images.id. Constant DDL, no user input.

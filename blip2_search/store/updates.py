@@ -1,7 +1,8 @@
 """Write operations of the metadata store, each run inside the caller's write transaction.
 
 Every function here takes an open write ``Connection`` (see ``engine.write_transaction``), so
-a batch is all-or-nothing. Those that change which vectors are live call ``bump_generation``.
+a batch is all-or-nothing. Those that change which vectors are live call ``bump_generation`` with the
+images they changed, which it records in the change journal (``vector_changes``).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from blip2_search.store.schema import (
     INFO_EMBEDDER_SINCE,
     INFO_NUM_QUERY_TOKENS,
     INFO_CAPTIONS_GENERATION,
+    INFO_CHANGES_SINCE,
     INFO_VECTORS_GENERATION,
     caption_vectors,
     embeddings,
     images,
     library_info,
+    vector_changes,
 )
 
 MAX_ERROR_CHARS = 500
@@ -73,9 +76,28 @@ def _set_info(connection: Connection, values: dict[str, str | None]) -> None:
             connection.execute(insert(library_info).values(key=key, value=value))
 
 
-def bump_generation(connection: Connection) -> int:
-    """Increment ``vectors_generation``; return the new value."""
-    return _bump(connection, INFO_VECTORS_GENERATION)
+def bump_generation(connection: Connection, changed: Sequence[int] | None) -> int:
+    """Increment ``vectors_generation`` and journal the images whose vectors this change may have added, replaced
+    or dropped (``changed``; None: any image, so no vector index saved before is brought up to date from the
+    journal); return the new generation."""
+    generation = _bump(connection, INFO_VECTORS_GENERATION)
+    if changed is None:
+        connection.execute(insert(vector_changes).values(generation=generation, image_id=None))
+    else:
+        ids = list(dict.fromkeys(int(image_id) for image_id in changed))
+        if ids:
+            connection.execute(insert(vector_changes), [{"generation": generation, "image_id": i} for i in ids])
+    return generation
+
+
+def forget_vector_changes(connection: Connection, through: int) -> None:
+    """Drop the journal's rows up to generation ``through`` (a vector index saved at that generation is on disk):
+    from then on it holds the changes from ``through + 1`` on, or from later if it held fewer already."""
+    since = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_CHANGES_SINCE).with_for_update())
+    if since is not None and int(since) > through:
+        return
+    connection.execute(delete(vector_changes).where(vector_changes.c.generation <= through))
+    _set_info(connection, {INFO_CHANGES_SINCE: str(through + 1)})
 
 
 def bump_captions_generation(connection: Connection) -> int:
@@ -131,7 +153,7 @@ def reset_embedder(connection: Connection, embedder: EmbedderInfo) -> int:
         .where(images.c.status == STATUS_INDEXED)
         .values(status=STATUS_PENDING, updated_at=_now())
     ).rowcount
-    write_embedder(connection, embedder, since=bump_generation(connection))  # an index saved before holds the old model's
+    write_embedder(connection, embedder, since=bump_generation(connection, None))  # an index saved before holds the old model's
     return int(changed)
 
 
@@ -265,8 +287,9 @@ def upsert_indexed(connection: Connection, items: Sequence[IndexedImage], locati
     if updates:
         statement = update(images).where(images.c.id == bindparam("row_id"))
         connection.execute(statement, updates)
-    bump_generation(connection)
-    return _ids_by_path(connection, paths)
+    ids = _ids_by_path(connection, paths)
+    bump_generation(connection, ids)
+    return ids
 
 
 def rename(connection: Connection, moves: Sequence[tuple[int, str]]) -> None:
@@ -285,7 +308,7 @@ def rename(connection: Connection, moves: Sequence[tuple[int, str]]) -> None:
     if replaced:
         connection.execute(delete(images).where(images.c.id.in_([row.id for row in replaced])))
         if any(row.status == STATUS_INDEXED for row in replaced):
-            bump_generation(connection)
+            bump_generation(connection, [row.id for row in replaced])
     # Two steps so that swapped paths never collide on the unique constraint; the placeholder
     # is relative, and stored paths are absolute, so it cannot clash with a real path.
     statement = update(images).where(images.c.id == bindparam("row_id")).values(path=bindparam("new_path"))
@@ -330,8 +353,9 @@ def mark_failed(connection: Connection, failures: Sequence[FailedFile]) -> list[
         connection.execute(insert(images), inserts)
     if updates:
         connection.execute(update(images).where(images.c.id == bindparam("row_id")), updates)
-    if any(row.status == STATUS_INDEXED for row in existing.values()):
-        bump_generation(connection)
+    was_live = [row.id for row in existing.values() if row.status == STATUS_INDEXED]
+    if was_live:
+        bump_generation(connection, was_live)
     return _ids_by_path(connection, paths)
 
 
@@ -342,13 +366,10 @@ def mark_deleted(connection: Connection, image_ids: Sequence[int]) -> int:
     not be read) is no photo, neither in search nor among the deleted ones that ``status`` and ``prune`` count.
     """
     changed = 0
-    was_live = False
+    was_live: list[int] = []
     now = _now()
     for part in chunks(image_ids):
-        live = connection.scalar(
-            select(exists().where(images.c.id.in_(part), images.c.status == STATUS_INDEXED))
-        )
-        was_live = was_live or bool(live)
+        was_live.extend(connection.scalars(select(images.c.id).where(images.c.id.in_(part), images.c.status == STATUS_INDEXED)))
         connection.execute(delete(images).where(images.c.id.in_(part), images.c.status == STATUS_FAILED))
         changed += connection.execute(
             update(images)
@@ -356,7 +377,7 @@ def mark_deleted(connection: Connection, image_ids: Sequence[int]) -> int:
             .values(status=STATUS_DELETED, updated_at=now)
         ).rowcount
     if was_live:
-        bump_generation(connection)
+        bump_generation(connection, was_live)
     return changed
 
 
