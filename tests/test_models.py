@@ -351,3 +351,43 @@ def test_a_query_with_special_token_text_is_embedded_as_text(tiny_itm_dir, tmp_p
     vectors = enc.embed_texts(["a photo of <image>", "a photo of [sep] x"])
     assert vectors.shape == (2, enc.embed_dim) and np.isfinite(vectors).all()
     assert enc.tokenize(["<image>"])["input_ids"].max() < vocab
+
+
+def _without_tensors(src, dst, prefix):
+    """A copy of checkpoint `src` whose safetensors lack every tensor named `prefix*` (as from an interrupted save)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = {k: v for k, v in load_file(dst / "model.safetensors").items() if not k.startswith(prefix)}
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("prefix", ["itm_head.", "text_projection.", "query_tokens"])
+def test_a_checkpoint_missing_weights_is_refused_not_run_with_random_ones(tiny_itm_dir, tmp_path, prefix):
+    """transformers fills tensors absent from the files with random values and only logs it: a checkpoint without
+    its ITM head ranked photos by noise, with no error (review)."""
+    model = _without_tensors(tiny_itm_dir, tmp_path / "model", prefix)
+    with pytest.raises(ModelLoadError, match=rf"lacks \d+ weights? .*\(e\.g\. {prefix}.*download or save the checkpoint again"):
+        enc = Blip2Encoder.load(str(model))
+        enc.embed_texts(["a dog"])
+        enc.score_images("a dog", _images(1))
+
+
+def test_a_captioner_missing_weights_is_refused(tiny_captioner_dir, tmp_path):
+    model = _without_tensors(tiny_captioner_dir, tmp_path / "model", "language_projection.")
+    with pytest.raises(ModelLoadError, match=r"captioner .* lacks 2 weights .*language_projection.*--captioner"):
+        Blip2Captioner.load(str(model)).caption(_images(1))
+
+
+def test_a_weights_file_cut_short_is_a_model_load_error(tiny_itm_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download or copy
+    with pytest.raises(ModelLoadError, match="could not load .* check the checkpoint files"):
+        Blip2Encoder.load(str(model)).embed_texts(["a dog"])

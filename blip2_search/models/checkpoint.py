@@ -99,11 +99,19 @@ class Checkpoint:
 
     def _from_pretrained(self, cls):
         """Load `cls` from the checkpoint in this placement, frozen, in eval mode."""
+        from safetensors import SafetensorError
+
         try:
             # Lazy loads can happen inside an inference_mode call; weights made there could not be used later.
             with torch.inference_mode(False):
-                model = cls.from_pretrained(self.source.path, dtype=self.placement.torch_dtype, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                model, info = cls.from_pretrained(self.source.path, dtype=self.placement.torch_dtype, use_safetensors=True,
+                                                  output_loading_info=True)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # SafetensorError: a file cut short
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelLoadError(f"could not load {cls.__name__} from {self.role} {self.name!r} ({reason}); check the checkpoint files or pass another --{self.role}") from exc
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers fills them with random values and only logs it: every score would be noise
+            raise ModelLoadError(f"{self.role} {self.name!r} lacks {len(missing)} weight{'s' if len(missing) != 1 else ''} that {cls.__name__} needs "
+                                 f"(e.g. {', '.join(missing[:3])}), so they would be random; its .safetensors files are incomplete or from "
+                                 f"another model class: download or save the checkpoint again, or pass another --{self.role}")
         return model.to(self.device).eval().requires_grad_(False)
