@@ -391,3 +391,33 @@ def test_a_weights_file_cut_short_is_a_model_load_error(tiny_itm_dir, tmp_path):
     (model / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download or copy
     with pytest.raises(ModelLoadError, match="could not load .* check the checkpoint files"):
         Blip2Encoder.load(str(model)).embed_texts(["a dog"])
+
+
+@pytest.mark.parametrize("keep", [(), ("tokenizer_config.json",)])
+@pytest.mark.parametrize("kind", ["embedder", "captioner"])
+def test_a_checkpoint_without_its_tokenizer_is_refused(tiny_itm_dir, tiny_captioner_dir, tmp_path, kind, keep):
+    """transformers 5 makes an empty tokenizer for a folder without tokenizer files (a GPT-2 one with no vocabulary; with
+    only tokenizer_config.json a BERT one with only its special tokens): the captioner wrote "" for every photo and the
+    embedder read every query as [UNK]s, with no error (review)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_captioner_dir if kind == "captioner" else tiny_itm_dir, model)
+    for f in model.glob("tokenizer*.json"):
+        if f.name not in keep:
+            f.unlink()
+    with pytest.raises(ModelLoadError, match=r"(tokenizer that knows no words|tokenizer could not be loaded).*put the tokenizer files that came with this checkpoint"):
+        if kind == "captioner":
+            Blip2Captioner.load(str(model)).caption(_images(2))
+        else:
+            Blip2Encoder.load(str(model)).embed_texts(["a dog"])
+
+
+def test_a_damaged_tokenizer_file_is_a_model_load_error(tiny_itm_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    (model / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "WordPiece"}}))
+    with pytest.raises(ModelLoadError, match=r"its tokenizer could not be loaded .*put the tokenizer files"):
+        Blip2Encoder.load(str(model)).embed_texts(["a dog"])

@@ -65,9 +65,7 @@ class Blip2Captioner(Checkpoint):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+            self._tokenizer = self._load_tokenizer()
         return self._tokenizer
 
     @property

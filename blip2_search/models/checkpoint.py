@@ -97,6 +97,22 @@ class Checkpoint:
             cache[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (proc.image_mean, proc.image_std))
         return cache[device]
 
+    def _load_tokenizer(self):
+        """The checkpoint's own tokenizer. Without its files transformers 5 makes an empty one rather than failing (every
+        text then has no words: blank captions, one vector for every query), so one that knows no word is refused."""
+        from transformers import AutoTokenizer
+
+        fix = f"put the tokenizer files that came with this checkpoint (tokenizer.json or vocab.txt, tokenizer_config.json) in {self.source.path}"
+        try:
+            tok = AutoTokenizer.from_pretrained(self.source.path)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelLoadError(f"{self.role} {self.name!r}: its tokenizer could not be loaded ({reason}); {fix}") from exc
+        special = set(tok.all_special_tokens)
+        if all(token in special for token in tok.get_vocab()):
+            raise ModelLoadError(f"{self.role} {self.name!r} has a tokenizer that knows no words (its tokenizer files are missing or incomplete); {fix}")
+        return tok
+
     def _from_pretrained(self, cls):
         """Load `cls` from the checkpoint in this placement, frozen, in eval mode."""
         from safetensors import SafetensorError

@@ -75,9 +75,7 @@ class Blip2Encoder(Checkpoint):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(self.source.path)
+            tok = self._load_tokenizer()
             probe = tok("a", add_special_tokens=True)["input_ids"]
             if tok.cls_token_id is None or probe[0] != tok.cls_token_id:
                 raise ModelLoadError(f"tokenizer of {self.name!r} does not start texts with [CLS]; BLIP-2 text embeddings are read from token 0, so use the checkpoint's BERT tokenizer")
