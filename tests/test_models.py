@@ -421,3 +421,21 @@ def test_a_damaged_tokenizer_file_is_a_model_load_error(tiny_itm_dir, tmp_path):
     (model / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "WordPiece"}}))
     with pytest.raises(ModelLoadError, match=r"its tokenizer could not be loaded .*put the tokenizer files"):
         Blip2Encoder.load(str(model)).embed_texts(["a dog"])
+
+
+def test_a_missing_or_damaged_preprocessor_or_config_is_a_model_load_error(tiny_itm_dir, tmp_path):
+    """These escaped as OSError / JSONDecodeError, so the CLI printed a traceback (the OSError's text pointing at the hub)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    (model / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"image preprocessor could not be loaded \(it has no preprocessor_config.json\); put the "):
+        Blip2Encoder.load(str(model)).embed_images(_images(1))
+    (model / "preprocessor_config.json").write_text('{"size": ')
+    with pytest.raises(ModelLoadError, match="image preprocessor could not be loaded .*put the preprocessor_config.json"):
+        Blip2Encoder.load(str(model)).embed_images(_images(1))
+    for text in ('{"model_type": "blip-2", ', "[]"):
+        (model / "config.json").write_text(text)
+        with pytest.raises(ModelLoadError, match="config.json .*put the config.json that came with this checkpoint"):
+            Blip2Encoder.load(str(model))

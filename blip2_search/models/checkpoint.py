@@ -43,7 +43,13 @@ class Checkpoint:
         if self._image_processor is None:
             from transformers import AutoImageProcessor
 
-            self._image_processor = AutoImageProcessor.from_pretrained(self.source.path, backend="pil")
+            try:
+                self._image_processor = AutoImageProcessor.from_pretrained(self.source.path, backend="pil")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                reason = ("it has no preprocessor_config.json" if not (self.source.path / "preprocessor_config.json").is_file()
+                          else str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                raise ModelLoadError(f"{self.role} {self.name!r}: its image preprocessor could not be loaded ({reason}); put the "
+                                     f"preprocessor_config.json that came with this checkpoint in {self.source.path}") from exc
         return self._image_processor
 
     @property

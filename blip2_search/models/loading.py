@@ -36,7 +36,15 @@ class ModelSource:
 
     def config(self) -> dict:
         """The checkpoint's `config.json` as a dict."""
-        return json.loads((self.path / "config.json").read_text())
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+            raise ModelLoadError(f"model {self.name!r}: its config.json cannot be read ({exc}); put the config.json that came with this "
+                                 f"checkpoint in {self.path}") from exc
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"model {self.name!r}: its config.json holds no settings object; put the config.json that came with this "
+                                 f"checkpoint in {self.path}")
+        return config
 
 
 def resolve_model(name: str, *, role: str = "embedder") -> ModelSource:
