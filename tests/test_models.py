@@ -439,3 +439,27 @@ def test_a_missing_or_damaged_preprocessor_or_config_is_a_model_load_error(tiny_
         (model / "config.json").write_text(text)
         with pytest.raises(ModelLoadError, match="config.json .*put the config.json that came with this checkpoint"):
             Blip2Encoder.load(str(model))
+
+
+def test_a_model_that_cannot_size_its_input_is_a_model_error_not_every_image_failing(tiny_itm_dir, tmp_path):
+    """The image-size check ran inside the per-image error handling: `rerank` returned no hits and the same model
+    message as the error of every image, and a search's rerank noted its candidates as 'file missing or unreadable'."""
+    import shutil
+
+    import blip2_search
+    from blip2_search.search.rerank import RecomputeVit, rerank_hits
+    from blip2_search.search.results import Hit
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["vision_config"]["image_size"] = 48  # its preprocessor resizes to 32
+    (model / "config.json").write_text(json.dumps(config))
+    photo = tmp_path / "a.png"
+    _images(1)[0].save(photo)
+    with pytest.raises(ModelLoadError, match="resizes photos to 32 px but its ViT was built for 48 px"):
+        blip2_search.rerank("a dog", [str(photo), str(photo)], model=str(model))
+    enc = Blip2Encoder.load(str(model))
+    hits = [Hit(i, str(photo), 0.5, 0.5, None, None, None) for i in range(2)]
+    with pytest.raises(ModelLoadError, match="resizes photos to 32 px"):
+        rerank_hits(enc, RecomputeVit(enc), "a dog", hits)
