@@ -463,3 +463,18 @@ def test_a_model_that_cannot_size_its_input_is_a_model_error_not_every_image_fai
     hits = [Hit(i, str(photo), 0.5, 0.5, None, None, None) for i in range(2)]
     with pytest.raises(ModelLoadError, match="resizes photos to 32 px"):
         rerank_hits(enc, RecomputeVit(enc), "a dog", hits)
+
+
+def test_a_preprocessor_that_keeps_the_aspect_is_refused(tiny_itm_dir, tmp_path):
+    """{"shortest_edge": S} was taken as the model's side, but the processor then kept each photo's aspect: a
+    non-square photo crashed the ViT with a tensor-size RuntimeError (review)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    config = json.loads((model / "preprocessor_config.json").read_text())
+    config["size"] = {"shortest_edge": 32}
+    (model / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"does not resize photos to a square \(size shortest_edge=32\).*put the preprocessor_config.json"):
+        Blip2Encoder.load(str(model)).image_size
+

@@ -62,8 +62,12 @@ class Checkpoint:
 
     def _checked_image_size(self) -> int:
         size = self.image_processor.size
-        height = size["height"] if isinstance(size, dict) else getattr(size, "height", None)
-        side = int(height if height is not None else size.shortest_edge)
+        height, width = (size.get("height"), size.get("width")) if isinstance(size, dict) else (getattr(size, "height", None), getattr(size, "width", None))
+        if height is None or height != width:  # e.g. {"shortest_edge": S}: photos would keep their aspect, which the ViT cannot read
+            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json does not resize photos to a square (size {_size_text(size)}), "
+                                 "but BLIP-2's ViT reads S x S pixels; put the preprocessor_config.json that came with this checkpoint beside it, "
+                                 'or set its "size" to {"height": S, "width": S}')
+        side = int(height)
         built_for = (self.source.config().get("vision_config") or {}).get("image_size")
         if built_for is not None and int(built_for) != side:
             raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json resizes photos to {side} px but its ViT was built "
@@ -137,3 +141,9 @@ class Checkpoint:
                                  f"(e.g. {', '.join(missing[:3])}), so they would be random; its .safetensors files are incomplete or from "
                                  f"another model class: download or save the checkpoint again, or pass another --{self.role}")
         return model.to(self.device).eval().requires_grad_(False)
+
+
+def _size_text(size) -> str:
+    """A processor's size setting as the fields it sets, e.g. `shortest_edge=224`."""
+    fields = size.items() if isinstance(size, dict) else vars(size).items()
+    return ", ".join(f"{k}={v}" for k, v in fields if v is not None) or "unset"
