@@ -478,3 +478,15 @@ def test_a_preprocessor_that_keeps_the_aspect_is_refused(tiny_itm_dir, tmp_path)
     with pytest.raises(ModelLoadError, match=r"does not resize photos to a square \(size shortest_edge=32\).*put the preprocessor_config.json"):
         Blip2Encoder.load(str(model)).image_size
 
+
+def test_every_image_path_checks_the_preprocessor_against_the_vit(tmp_path):
+    """Only `image_size` checked it, which indexing reads but `embed_images`, `score_images` and `evaluate` (the
+    processor's path) do not: a 32 px preprocessor beside a ViT built for 48 px gave embeddings from the wrong
+    position embeddings, silently (review)."""
+    from tiny_models import _image_processor, make_tiny_itm
+
+    model = make_tiny_itm(tmp_path / "model", image_size=48)
+    _image_processor(32).save_pretrained(model)
+    for use in (lambda enc: enc.embed_images(_images(1)), lambda enc: enc.score_images("a dog", _images(1))):
+        with pytest.raises(ModelLoadError, match="resizes photos to 32 px but its ViT was built for 48 px"):
+            use(Blip2Encoder.load(str(model)))

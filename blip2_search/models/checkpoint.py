@@ -77,6 +77,7 @@ class Checkpoint:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values `[n, 3, S, S] float32` with the checkpoint's processor (the reference path)."""
+        _ = self.image_size  # checks the processor against the ViT first: a wrong one would run silently (see `image_size`)
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
