@@ -180,6 +180,23 @@ def test_uint8_fast_input_equals_processor_on_resized_images(encoder):
     np.testing.assert_allclose(encoder.pixels_from_uint8(arr).numpy(), encoder.preprocess(resized).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("setting", ["do_normalize", "do_rescale"])
+def test_uint8_fast_input_follows_a_processor_that_skips_a_step(tiny_itm_dir, tmp_path, setting):
+    """Indexing's input path rescaled and normalised whatever the checkpoint's processor said: with either step off,
+    a library's vectors came from other pixels than `embed_images` and `rerank` use (review)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    config = json.loads((model / "preprocessor_config.json").read_text())
+    config[setting] = False
+    (model / "preprocessor_config.json").write_text(json.dumps(config))
+    enc = Blip2Encoder.load(str(model))
+    resized = [im.resize((enc.image_size, enc.image_size), Image.BICUBIC) for im in _images()]
+    arr = np.stack([np.asarray(im) for im in resized])
+    np.testing.assert_allclose(enc.pixels_from_uint8(arr).numpy(), enc.preprocess(resized).numpy(), atol=1e-4, rtol=1e-6)
+
+
 def test_text_model_is_dropped_when_full_model_loads(tiny_itm_dir):
     enc = Blip2Encoder.load(str(tiny_itm_dir))
     before = enc.embed_texts(TEXTS[:2])

@@ -95,7 +95,11 @@ class Checkpoint:
             x = x.pin_memory().to(device, non_blocking=True)
         elif device is not None:
             x = x.to(device)
-        x = x.permute(0, 3, 1, 2).float() * float(proc.rescale_factor)
+        x = x.permute(0, 3, 1, 2).float()
+        if getattr(proc, "do_rescale", True):  # as the processor: a checkpoint may turn either step off
+            x = x * float(proc.rescale_factor)
+        if not getattr(proc, "do_normalize", True):
+            return x
         mean, std = self._normalisation(x.device)
         return (x - mean) / std
 
