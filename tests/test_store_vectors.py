@@ -522,12 +522,16 @@ def test_a_file_behind_the_database_is_brought_up_to_date_from_the_change_journa
 
 @pytest.mark.parametrize("kind", ["exact", "compact", "trained"])
 def test_a_file_behind_a_journal_that_moved_on_is_used_as_it_is_beside_a_running_index(tmp_path, metadata_location, kind, monkeypatch):
-    """Beside a running `index` whose journal no longer reaches back to the file (it saved again since), a reader
-    uses the file as it is (its own generation, no rebuild, nothing saved); never a file older than the embedder's
+    """Beside a running `index` whose journal no longer reaches back to the file (it saved again since), or names more
+    photos than it pays to read now, a reader uses the file as it is (its own generation, no rebuild, nothing saved); never a file older than the embedder's
     vectors (a `--reembed` run's first minutes: that file holds the old model's vectors)."""
     meta, index_path, open_kw, saved, ids = _behind_the_database(tmp_path, metadata_location, kind, monkeypatch)
-    meta.forget_vector_changes(saved + 1)
     since = meta.embedder_since()
+    with monkeypatch.context() as busy:  # more changes than it pays to read now (a run on a GPU between two saves)
+        busy.setattr(importlib.import_module("blip2_search.store.rebuild"), "BESIDE_CATCH_UP_MIN", 1)
+        assert open_vectors(meta, index_path, behind_from=since, **open_kw).generation == saved
+        assert open_vectors(meta, index_path, **open_kw).generation == meta.vectors_generation()  # no run: brought up to date
+    meta.forget_vector_changes(saved + 1)
     behind = open_vectors(meta, index_path, behind_from=since, **open_kw)
     assert (behind.generation, behind.rebuilt_because) == (saved, None) and sorted(behind.store.image_ids().tolist()) == sorted(ids)
     assert getattr(behind.store, "trained", False) == (kind == "trained")
