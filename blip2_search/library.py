@@ -358,8 +358,10 @@ class Library:
         saved = saved_generation(path) if sidecar_path(path).exists() else None
         if saved is None or saved == current or not self._writer_running():
             self._vectors, self._engine = None, None  # saved by that run, removed (a full disk's prune), or its run died
-        elif self._vectors_generation is not None and self._vectors_generation < current and self._follow_due():
-            self._vectors, self._engine = None, None  # reopened: that run's last save, brought up to date (see `vectors`)
+        elif self._vectors_generation is not None and self._vectors_generation != saved and self._follow_due():
+            # reopened: that run's last save, brought up to date (see `vectors`). One served as it was (too far behind
+            # to bring up to date) is reopened once the run saves again, not before: it would serve the same file.
+            self._vectors, self._engine = None, None
 
     def _follow_due(self) -> bool:
         """Whether a newer checkpoint of another process's running `index` may be loaded now: FOLLOW_S after the

@@ -770,6 +770,48 @@ def test_a_server_beside_a_running_index_scores_a_changed_photo_by_its_new_conte
         other.close()
 
 
+def test_a_server_serving_a_save_too_far_behind_to_bring_up_to_date_waits_for_the_next_save(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """Beside a running `index` that changed more photos since its last save than it pays to read (a GPU run), a
+    server serves that save as it is: it reopens it once the run saves again or ends, not at every follow (each
+    reopen read the same file again: ~5 s at 100k photos); once the run has ended it is brought up to date."""
+    import blip2_search.library as library_module
+    from blip2_search.store import IndexedImage
+
+    rebuild_module = importlib.import_module("blip2_search.store.rebuild")
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    monkeypatch.setattr(library_module, "FOLLOW_S", 0.0)
+    monkeypatch.setattr(rebuild_module, "BESIDE_CATCH_UP_MIN", 0)
+    opened = []
+    real_open = Library._open_vectors
+    monkeypatch.setattr(Library, "_open_vectors", lambda self, **kw: opened.append(kw) or real_open(self, **kw))
+    rng = np.random.default_rng(8)
+    writer = os.open(lib_dir / "index.lock", os.O_RDWR)
+    fcntl.flock(writer, fcntl.LOCK_EX)  # a run goes on, committing without saving yet
+    try:
+        with Library.open(lib_dir) as server:
+            server.search("a red circle", 3, rerank=False, fusion=False)
+            saved = server._vectors_generation
+            for i in range(3):
+                server.metadata.upsert_indexed([IndexedImage(str(tmp_path / f"new{i}.jpg"), 1, 1, f"new{i}", vectors=_unit_vectors(rng))])
+                found = {h.id for h in server.search("a red circle", 20, rerank=False, fusion=False).hits}
+            assert len(opened) == 1 and server._vectors_generation == saved < server.metadata.vectors_generation()
+            os.close(writer)  # the run ends (killed before saving): brought up to date from the journal
+            writer = None
+            found = {h.id for h in server.search("a red circle", 20, rerank=False, fusion=False).hits}
+            assert len(opened) == 2 and server._vectors_generation == server.metadata.vectors_generation()
+            assert len(found) == 7 + 3
+    finally:
+        if writer is not None:
+            os.close(writer)
+
+
+def _unit_vectors(rng) -> np.ndarray:
+    x = rng.standard_normal((32, 256)).astype(np.float32)  # the tiny embedder's shape
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def test_duplicates_beside_a_running_index_come_from_the_database(tiny_itm_dir, tmp_path):
     """A reader beside a running `index` uses that run's last save, which may hold photos since deleted or repainted:
     `duplicates` listed a deleted copy, and a repainted one as an exact duplicate of its old twin (review)."""
