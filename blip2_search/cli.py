@@ -255,18 +255,18 @@ class _ProgressLine:
 @main.command()
 @click.argument("photo_dirs", nargs=-1, required=True, type=click.Path(path_type=str))
 @library_option
-@click.option("--model", default=None, help="Embedder for a new library (default Salesforce/blip2-itm-vit-g; 'demo' for the demo model).")
-@click.option("--captioner", default=None, help="Caption model [default: the library's; new libraries: demo with --model demo, else Salesforce/blip2-opt-2.7b]; 'none': stop captioning this library (captions written stay).")
+@click.option("--model", default=None, help="Embedder for a new library [default: $BLIP2_SEARCH_MODEL or Salesforce/blip2-itm-vit-g]; 'demo' for the demo model.")
+@click.option("--captioner", default=None, help="Caption model [default: the library's; new libraries: demo with --model demo, else $BLIP2_SEARCH_CAPTIONER or Salesforce/blip2-opt-2.7b]; 'none': stop captioning this library (captions written stay).")
 @click.option("--no-captions", is_flag=True, help="Do not write captions in this run.")
 @click.option("--reembed", is_flag=True, help="Re-embed every image of the library (all its folders) when --model differs from the library's.")
 @click.option("--rehash", is_flag=True, help="Read and hash every file, also those with unchanged size and mtime (finds content replaced under the same size and time).")
 @click.option("--store-vit", is_flag=True, help="Keep each image's ViT tokens (fp16; 0.72 MB an image for ViT-g) so reranking need not rerun the ViT.")
-@click.option("--batch-size", default=None, type=click.IntRange(0, 4096), help="Images per model call [default: 0 = auto: 32 on the CPU or with captions, 256 on a GPU].")
-@click.option("--workers", default=None, type=click.IntRange(0, 256), help="Decode threads [default: one per CPU core].")
+@click.option("--batch-size", default=None, type=click.IntRange(0, 4096), help="Images per model call [default: $BLIP2_SEARCH_BATCH_SIZE or 0 = auto: 32 on the CPU or with captions, 256 on a GPU].")
+@click.option("--workers", default=None, type=click.IntRange(0, 256), help="Decode threads [default: $BLIP2_SEARCH_WORKERS or 0 = one per CPU core].")
 @click.option("--vector-index", type=click.Choice(["exact", "compact", "auto"]), default=None,
               help="Search index: exact (all vectors in RAM, ~34 KB an image), compact (PQ codes, ~1.3 KB an image, top "
                    "candidates rescored exactly), auto (exact until it outgrows $BLIP2_SEARCH_VECTOR_MEMORY_GB, 4). "
-                   "Recorded in the library [default: the library's; new libraries: auto].")
+                   "Recorded in the library [default: the library's; new libraries: $BLIP2_SEARCH_VECTOR_INDEX or auto].")
 @device_option
 @dtype_option
 @json_option
