@@ -1,0 +1,110 @@
+"""The command reference keeps up with the CLI: docs/cli.md has a section for every command and names
+every option, the README's command table links every command, the synopses' defaults are the CLI's,
+every setting's environment variable is documented (and named in the --help of its option), and every
+relative link and anchor in the README and docs/ resolves. No model is loaded: click's own
+description of the commands is compared with the text.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from blip2_search import settings
+from blip2_search.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_MD = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+SERVER_MD = (ROOT / "docs" / "server.md").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+COMMON = CLI_MD.split("\n## ", 1)[0]  # the options every command shares (--library, --device, --dtype, --json)
+SHARED_OPTIONS = {"--library", "--device", "--dtype", "--json"}
+
+
+def _sections() -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"^## (\S+)\n(.*?)(?=^## |\Z)", CLI_MD, re.S | re.M)}
+
+
+def _options(command: click.Command):
+    for param in command.params:
+        if isinstance(param, click.Option):
+            for name in (*param.opts, *param.secondary_opts):
+                if name not in ("-h", "--help"):
+                    yield param, name
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_has_a_section_and_a_readme_row(name):
+    assert name in _sections(), f"docs/cli.md has no '## {name}' section"
+    assert f"(docs/cli.md#{name})" in README, f"the README's command table does not link {name}"
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_option_is_documented(name):
+    section = _sections()[name] + (SERVER_MD if name == "serve" else "")
+    missing = [opt for _, opt in _options(main.commands[name])
+               if not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", section)
+               and not (opt in SHARED_OPTIONS and f"`{opt}" in COMMON)]
+    assert not missing, f"docs/cli.md's {name} section does not name {missing}"
+    assert "--version" in CLI_MD
+
+
+def test_synopsis_defaults_are_the_clis():
+    """`[--port 8765]`, `[-k 10]`: a literal value in a synopsis is that option's default."""
+    checked = 0
+    for doc, sections in ((CLI_MD, _sections()), (SERVER_MD, {"serve": SERVER_MD})):
+        for name, text in sections.items():
+            options = {opt: param for param, opt in _options(main.commands[name])}
+            for opt, value in re.findall(r"\[(--?[\w-]+) ([^\]\s|]+)\]", text):
+                if value.isupper() or value == "..." or opt not in options:
+                    continue  # a placeholder (DIR, N, ...), or another command's option quoted in prose
+                default = options[opt].default
+                assert str(default) == value, f"{name}: the docs show [{opt} {value}], the default is {default!r}"
+                checked += 1
+    assert checked >= 10
+
+
+def test_every_setting_is_documented_and_in_its_options_help():
+    helps = {opt: param.help or "" for param, opt in _options(main.commands["index"])}
+    option_of = {"library": "--library", "model": "--model", "captioner": "--captioner", "batch_size": "--batch-size",
+                 "workers": "--workers", "vector_index": "--vector-index"}
+    for setting in settings.SETTINGS.values():
+        assert setting.env in CLI_MD, f"docs/cli.md does not name {setting.env}"
+        if setting.name in option_of:
+            assert f"${setting.env}" in helps[option_of[setting.name]], f"index {option_of[setting.name]} --help does not name {setting.env}"
+    token = {opt: param for param, opt in _options(main.commands["serve"])}["--token"]
+    assert "BLIP2_SEARCH_TOKEN" in CLI_MD and "BLIP2_SEARCH_TOKEN" in (token.help or "")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    found, seen, fenced = set(), {}, False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"#{1,6} (.*)", line)
+        if m:
+            slug = _slug(m.group(1))
+            found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))])
+def test_relative_links_and_anchors_resolve(doc):
+    source = ROOT / doc
+    for link in re.findall(r"\]\(([^)\s]+)\)", source.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", link):
+            continue  # http(s), mailto: not checked offline
+        path, _, anchor = link.partition("#")
+        target = (source.parent / path).resolve() if path else source
+        assert target.exists(), f"{doc}: link {link} names a missing file"
+        if anchor:
+            assert anchor in _anchors(target), f"{doc}: link {link} names no heading of {target.name}"
