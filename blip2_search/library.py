@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import settings
-from .errors import CorruptIndexError, IndexInterrupted, InvalidInputError, LibraryError, ModelMismatchError
+from .errors import CorruptIndexError, IndexInterrupted, InvalidInputError, LibraryError, ModelMismatchError, ModelNotFoundError
 from .models.loading import DEMO
 from .store import (
     STATUS_INDEXED,
@@ -160,6 +160,7 @@ class Library:
         self._distrusted_index: str | None = None  # why the index file must be rebuilt though current (damaged, unremovable)
         self._forget_captioner = False  # opened with captioner="none": the next index run clears the record
         self._model_pending = False  # no model named and none recorded when opened: read the record at first use
+        self._model_recorded = False  # the model is the one the library recorded, not one the caller named
         self._locked = False  # this process holds the library lock (an index or prune of its own runs)
 
     # ------------------------------------------------------------------ opening
@@ -246,6 +247,7 @@ class Library:
                       batch_size=batch_size, workers=workers)
         library._forget_captioner = forget_captioner
         library._model_pending = not model and recorded is None  # another process's first `index` may record one
+        library._model_recorded = not model and recorded is not None
         return library
 
     def close(self) -> None:
@@ -270,8 +272,21 @@ class Library:
                 recorded = self.metadata.info().embedder
                 if recorded is not None and recorded.model.model_id != self.model_name:
                     self.model_name, self._embedder_source = recorded.model.model_id, None
+                    self._model_recorded = True
 
-            encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
+            try:
+                encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
+            except ModelNotFoundError as exc:
+                if not self._model_recorded:
+                    raise  # a model the caller named: its message names the option that names it
+                # The library's own model is gone (a folder moved, a hub id not cached offline): `search` and `serve`
+                # take no --model, so the fix is to bring it back or to re-embed with another one.
+                reason = str(exc).split("; ", 1)[0]
+                back = ("put the folder back at that path" if os.path.isabs(self.model_name) else
+                        f"download it once with `hf download {self.model_name}` into the HF cache")
+                raise ModelNotFoundError(
+                    f"{reason}; library {self.folder} was indexed with it: {back}, or re-embed the library with another "
+                    "model (index PHOTO_DIR... --reembed --model M)") from None
             encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))
             self._adopt_fingerprint(encoder)
             self._encoder = encoder

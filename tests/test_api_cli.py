@@ -160,6 +160,25 @@ def test_an_unavailable_default_captioner_leaves_no_library_behind(tiny_itm_dir,
     assert res.exit_code == 0, res.output
 
 
+def test_a_librarys_vanished_model_names_a_fix_that_search_takes(tiny_itm_dir, photo_dir, tmp_path):
+    """`search` and `serve` take no --model: when the library's own model folder is gone, the one line names
+    putting it back or `index --reembed --model M`, not "pass --model" (which they refuse)."""
+    import shutil
+
+    folder, _ = photo_dir
+    model = shutil.copytree(tiny_itm_dir, tmp_path / "model")
+    lib = str(tmp_path / "lib")
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", lib, "--model", str(model), "--no-captions"])
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(model)
+    for args in (["search", "a dog", "--library", lib], ["index", str(folder), "--library", lib]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "does not exist" in res.output and "pass --model" not in res.output, res.output
+        assert "put the folder back" in res.output and "--reembed --model M" in res.output, res.output
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", lib, "--model", "demo", "--reembed", "--no-captions"])
+    assert res.exit_code == 0, res.output  # the fix it names works without the old model
+
+
 @pytest.mark.parametrize("env, value, fix", [
     ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "abc", "not a number > 0"), ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "0", "not a number > 0"),
     ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "nan", "not a number > 0"), ("BLIP2_SEARCH_BATCH_SIZE", "abc", "not a whole number >= 0 and <= 4096"),
