@@ -313,7 +313,7 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, s
 @library_option
 @json_option
 def status(library, as_json):
-    """Counts of images, indexed, captioned, failed and deleted files, and the models on record."""
+    """Counts of images, indexed, captioned, failed, deleted and pending photos, and the models on record."""
     from .library import Library
 
     with Library.open(library) as lib:
