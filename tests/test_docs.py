@@ -108,3 +108,22 @@ def test_relative_links_and_anchors_resolve(doc):
         assert target.exists(), f"{doc}: link {link} names a missing file"
         if anchor:
             assert anchor in _anchors(target), f"{doc}: link {link} names no heading of {target.name}"
+
+
+def test_every_http_route_is_in_server_md(tmp_path):
+    """Each method and path the server answers (HEAD aside: every GET answers it) is named in docs/server.md."""
+    pytest.importorskip("fastapi")
+    from fastapi.routing import APIRoute
+
+    from blip2_search.library import Library
+    from blip2_search.server.app import create_app
+
+    with Library.open(tmp_path / "lib", model="demo", create=True) as lib:
+        app = create_app(lib)
+    text = " ".join(SERVER_MD.split())
+    routes = {(method, route.path.replace("{image_id}", "{id}")) for route in app.routes if isinstance(route, APIRoute)
+              for method in route.methods if method != "HEAD"}
+    assert len(routes) >= 9
+    named = lambda m, p: re.search(rf"{m} {re.escape(p)}(?![\w/{{])", text)  # noqa: E731  (not /api/searchx)
+    missing = [f"{m} {p}" for m, p in sorted(routes) if not named(m, p) and not (m == "GET" and f"`{p}`" in text)]
+    assert not missing, f"docs/server.md does not name {missing}"
