@@ -590,7 +590,7 @@ def test_the_change_journal_names_the_images_each_write_changed(tmp_path, metada
 
 def test_a_library_from_before_the_change_journal_journals_from_its_migration_on(tmp_path, metadata_location):
     """Schema v3 adds the journal: a file saved before the migration and behind it is rebuilt (nothing says what
-    changed since), one saved after it is brought up to date."""
+    changed since), one saved after it is brought up to date, unless an older version wrote since (no journal)."""
     from sqlalchemy import text
 
     rng = np.random.default_rng(4)
@@ -612,6 +612,12 @@ def test_a_library_from_before_the_change_journal_journals_from_its_migration_on
     meta.mark_deleted(ids[1:2])
     caught_up = open_vectors(meta, index_path, use_gpu=False)
     assert caught_up.rebuilt_because is None and sorted(caught_up.store.image_ids().tolist()) == sorted(ids[2:])
+    meta.mark_deleted(ids[2:3])
+    with meta._engine.begin() as connection:  # an older blip2-search, still running when this one migrated, deletes
+        connection.execute(text("UPDATE images SET status = 'deleted' WHERE id = :i"), {"i": ids[3]})  # without a journal
+        connection.execute(text("UPDATE library_info SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'vectors_generation'"))
+    rebuilt = open_vectors(meta, index_path, use_gpu=False)
+    assert "generation" in rebuilt.rebuilt_because and sorted(rebuilt.store.image_ids().tolist()) == sorted(ids[4:])
     meta.close()
 
 

@@ -222,9 +222,13 @@ class ChangedVectors(LiveVectors):
     def __init__(self, connection: Connection, embedder: EmbedderInfo | None, since: int, chunk_size: int) -> None:
         super().__init__(connection, embedder, chunk_size)
         journal_from = int(read_info(connection).get(INFO_CHANGES_SINCE, self.generation + 1))
-        rows = connection.execute(select(vector_changes.c.image_id).where(vector_changes.c.generation > since)).scalars().all()
-        self.covered = journal_from <= since + 1 and since <= self.generation and None not in rows
-        self.changed = np.unique(np.array([i for i in rows if i is not None], dtype=np.int64))
+        rows = connection.execute(select(vector_changes.c.generation, vector_changes.c.image_id).where(vector_changes.c.generation > since)).all()
+        ids = [row.image_id for row in rows]
+        # every generation since journals at least one row: one that did not was written by a process that keeps no
+        # journal (an older blip2-search still running when this one migrated the library)
+        every_generation = len({row.generation for row in rows}) == self.generation - since
+        self.covered = journal_from <= since + 1 and since <= self.generation and every_generation and None not in ids
+        self.changed = np.unique(np.array([i for i in ids if i is not None], dtype=np.int64))
 
     def chunks(self) -> Iterator[VectorChunk]:
         """Yield the live images among ``changed``, ascending: ``ids [n] int64``, ``vectors [n, Q, D] float32``."""

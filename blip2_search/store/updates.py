@@ -78,15 +78,12 @@ def _set_info(connection: Connection, values: dict[str, str | None]) -> None:
 
 def bump_generation(connection: Connection, changed: Sequence[int] | None) -> int:
     """Increment ``vectors_generation`` and journal the images whose vectors this change may have added, replaced
-    or dropped (``changed``; None: any image, so no vector index saved before is brought up to date from the
-    journal); return the new generation."""
+    or dropped (``changed``; None, or none named: any image, so no vector index saved before is brought up to date
+    from the journal); return the new generation."""
     generation = _bump(connection, INFO_VECTORS_GENERATION)
-    if changed is None:
-        connection.execute(insert(vector_changes).values(generation=generation, image_id=None))
-    else:
-        ids = list(dict.fromkeys(int(image_id) for image_id in changed))
-        if ids:
-            connection.execute(insert(vector_changes), [{"generation": generation, "image_id": i} for i in ids])
+    ids = None if changed is None else list(dict.fromkeys(int(image_id) for image_id in changed))
+    rows = [{"generation": generation, "image_id": i} for i in ids or [None]]  # each generation journals a row at least
+    connection.execute(insert(vector_changes), rows)
     return generation
 
 
