@@ -1,6 +1,6 @@
 """All CPU benchmarks in one run: one `name: value` line per figure.
 
-    python bench/run.py --quick          # smaller sizes, same code paths: ~6-8 minutes on 2 cores (duplicates ~3-4 of them)
+    python bench/run.py --quick          # <= 5 minutes on 2 cores: smaller sizes, same code paths
     python bench/run.py                  # full sizes (see each module's docstring), much longer
     python bench/run.py --only search    # one section: pipeline, search, rerank, duplicates
     python bench/run.py --json out.json  # also write the figures as JSON
@@ -29,7 +29,7 @@ SECTIONS = ("pipeline", "search", "rerank", "duplicates")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes, same code paths: minutes, not hours (docs/benchmarks.md)")
+    ap.add_argument("--quick", action="store_true", help="small sizes: the whole run takes <= 5 minutes on 2 cores")
     ap.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args()
