@@ -204,6 +204,7 @@ class Library:
         batch_size = settings.given("batch_size", batch_size) or int(settings.get("batch_size"))
         workers = int(settings.given("workers", workers))
         settings.get("vector_memory_gb")
+        _check_vector_index(vector_index)
         source = None
         if device != "auto" or dtype != "auto":  # a --device or --dtype this machine cannot do: said now, not at the first search
             from .models.policy import detect_placement
@@ -214,6 +215,8 @@ class Library:
             from .models.loading import resolve_model
             from .models.policy import detect_placement
 
+            if vector_index is None:  # the kind its first run records: a bad BLIP2_SEARCH_VECTOR_INDEX refused now
+                _check_vector_index(str(settings.get("vector_index")))
             source = resolve_model(_canonical(model) if model else str(settings.get("model")), role="embedder")
             if captioner is not False:  # and its captioner, named or the default (Flan-T5 refuses float16)
                 cap_source = resolve_model(_canonical(str(captioner)) if captioner else _default_captioner(source.name), role="captioner")

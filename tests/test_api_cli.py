@@ -193,6 +193,19 @@ def test_a_bad_setting_in_the_environment_is_one_line_naming_it(photo_dir, tmp_p
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "lib" / "metadata.sqlite").exists()
 
 
+def test_a_bad_vector_index_setting_leaves_no_library_behind(photo_dir, tmp_path, monkeypatch):
+    """A bad BLIP2_SEARCH_VECTOR_INDEX was refused only after the library was made: an empty library was left,
+    recorded with the run's model ('vector_index none' in status)."""
+    folder, _ = photo_dir
+    monkeypatch.setenv("BLIP2_SEARCH_VECTOR_INDEX", "bogus")
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", "demo", "--no-captions"])
+    assert res.exit_code == 2 and "'bogus'" in res.output and "BLIP2_SEARCH_VECTOR_INDEX" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "lib").exists()
+    with pytest.raises(InvalidInputError, match="--vector-index exact, compact or auto"):
+        Library.open(tmp_path / "lib2", model="demo", create=True, vector_index="bogus")
+    assert not (tmp_path / "lib2").exists()
+
+
 def test_index_refuses_before_making_a_library(photo_dir, tmp_path):
     folder, paths = photo_dir
     for args, fix in ((["no such folder"], "existing folder"), ([str(paths[0])], "the folder that holds it"),
