@@ -191,6 +191,25 @@ def test_a_v1_library_moves_its_caption_vectors_to_their_own_table(metadata_loca
         assert s.get_embeddings(["h2"]) == {}
 
 
+def test_an_older_schema_on_read_only_media_says_where_to_upgrade_it(tmp_path, monkeypatch):
+    """A v1 library on a DVD or read-only share failed every command with SQLite's "attempt to write a readonly
+    database" and "make the library folder writable", which read-only media cannot be."""
+    path = tmp_path / "lib" / "metadata.sqlite"
+    path.parent.mkdir()
+    engine = create_library_engine(engine_module.resolve_location(path)[0], busy_timeout_s=1)
+    assert migrate(engine, "v1", create=True, migrations=MIGRATIONS[:1]) == 1
+    engine.dispose()
+    real_access = os.access
+    monkeypatch.setattr(metadata_module, "on_read_only_media", lambda folder: Path(folder) == path.parent)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path.parent and mode == os.W_OK else real_access(p, mode, **kw))
+    with pytest.raises(LibraryError) as info:
+        open_metadata(path.parent, create=False)
+    message = str(info.value)
+    assert f"library {path} has schema version 1, older than this blip2-search's {LATEST_VERSION}" in message, message
+    assert "read-only media" in message and "open the library once where it is writable" in message and "\n" not in message
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metadata.sqlite"]  # nothing written
+
+
 def test_newer_schema_is_refused_with_versions_and_fix(tmp_path):
     path = tmp_path / "metadata.sqlite"
     open_metadata(path, create=True).close()

@@ -98,12 +98,13 @@ def open_metadata(
     text = os.fspath(url_or_path)
     url, path = resolve_location(text)
     location = str(path) if path is not None else describe_url(url)
-    if path is not None and _check_sqlite_file(path, location, create=create, check_folder="://" not in text):
+    read_only = path is not None and _check_sqlite_file(path, location, create=create, check_folder="://" not in text)
+    if read_only:
         url = read_only_url(path)  # a library on read-only media: searched, never written
     engine = create_library_engine(url, busy_timeout_s=busy_timeout_s)
     try:
         with translate_errors(location):
-            migrate(engine, location, create=create)
+            migrate(engine, location, create=create, read_only=read_only)
         store = MetadataStore(engine, location, path)
         if embedder is not None:
             store.ensure_embedder(embedder)

@@ -147,11 +147,13 @@ def migrate(
     *,
     create: bool,
     migrations: Sequence[Migration] = MIGRATIONS,
+    read_only: bool = False,
 ) -> int:
     """Bring the database to the newest version in ``migrations``; return that version.
 
     Raises LibraryError when the stored schema is newer than ``migrations`` knows (naming both
-    versions and the fix), or when the database is empty and ``create`` is False.
+    versions and the fix), when the database is empty and ``create`` is False, or when an older
+    schema is opened ``read_only`` (read-only media, where it cannot be upgraded).
     """
     _check_sequence(migrations)
     latest = migrations[-1].version
@@ -160,6 +162,12 @@ def migrate(
     _check_openable(version, latest, location, create)
     if version == latest:
         return version
+    if read_only:
+        raise LibraryError(
+            f"library {location} has schema version {version}, older than this blip2-search's {latest}, and is on "
+            "read-only media, where it cannot be upgraded; open the library once where it is writable (e.g. "
+            "`blip2-search status`), then copy it again"
+        )
     with write_transaction(engine) as connection:
         version = current_version(connection)
         _check_openable(version, latest, location, create)
