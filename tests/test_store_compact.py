@@ -194,6 +194,12 @@ def test_save_load_round_trip_and_rejected_files(trained, data, tmp_path):
     exact_view = FaissVectorStore.load(path, expected_generation=4, num_query_tokens=Q, dim=D)
     assert exact_view.state == "invalid" and "compact" in exact_view.reason  # another store's file
     sidecar = json.loads(sidecar_path(path).read_text())
+    calibration = sidecar["params"]["calibration"]
+    # damaged but still JSON: read as invalid (rebuilt), where it crashed searches with a TypeError
+    for damaged in ([1], {"x": 1}, {**calibration, "sigma": None}, {**calibration, "sigma": "x"}, {**calibration, "slope": float("nan")}):
+        sidecar["params"]["calibration"] = damaged
+        sidecar_path(path).write_text(json.dumps(sidecar))
+        assert CompactVectorStore.load(path, expected_generation=4, **kwargs).state == "invalid", damaged
     del sidecar["params"]["calibration"]
     sidecar_path(path).write_text(json.dumps(sidecar))
     assert CompactVectorStore.load(path, expected_generation=4, **kwargs).state == "invalid"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import faiss
 import numpy as np
@@ -255,6 +256,20 @@ def test_save_load_round_trip_and_staleness(library, tmp_path):
     )
     sidecar_path(path).write_text("{not json")
     assert FaissVectorStore.load(path, expected_generation=7, num_query_tokens=4, dim=16).state == "invalid"
+
+
+@pytest.mark.parametrize("params", [None, [], "x"])
+def test_a_sidecar_whose_params_are_not_an_object_is_rebuilt_not_a_crash(library, tmp_path, params):
+    """Damage that leaves the sidecar valid JSON ("params": null) crashed every search with an AttributeError."""
+    store, _, _, queries = library
+    path = tmp_path / "vectors.faiss"
+    store.save(path, generation=7)
+    sidecar = json.loads(sidecar_path(path).read_text())
+    sidecar_path(path).write_text(json.dumps({**sidecar, "params": params}))
+    assert FaissVectorStore.load(path, expected_generation=7, num_query_tokens=4, dim=16).state == "invalid"
+    store.save(path, generation=7)  # the rebuild's save reads the old sidecar to tidy its files
+    loaded = FaissVectorStore.load(path, expected_generation=7, num_query_tokens=4, dim=16, use_gpu=False)
+    assert loaded.ok and len(loaded.store) == 300
 
 
 def test_a_crash_during_save_leaves_the_old_files_valid(library, tmp_path, monkeypatch):

@@ -13,10 +13,12 @@ grow past its memory budget in one indexing run.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import faiss
 import numpy as np
@@ -428,7 +430,7 @@ class CompactVectorStore:
             if train_at is not None and len(store._exact) >= train_at:
                 store.train(store._exact_sample())
             return LoadResult(store, "ok", outcome.reason, info)
-        calibration = info.params.get("calibration")
+        calibration = _calibration(info.params.get("calibration"))
         match = re.fullmatch(r"IVF(\d+),(.+)", info.factory)
         if not (trained and calibration and match and match.group(2) == expected_codes):
             return LoadResult(
@@ -438,12 +440,24 @@ class CompactVectorStore:
         store._index = outcome.index
         store._ivf = faiss.extract_index_ivf(outcome.index)
         store._exact, store.factory = None, info.factory
-        store.calibration = Calibration(**calibration)
+        store.calibration = calibration
         store._ids = _stored_image_ids(store._ivf, num_query_tokens)
         if train_at is not None and len(store._ids) < SHRINK_BACK * train_at:  # `auto` after `compact`, a library pruned small
             return LoadResult(None, "stale", f"index {path} holds compact codes of {len(store._ids)} images, well under the "
                               f"{train_at} at which this library's index turns compact", info)
         return LoadResult(store, "ok", outcome.reason, info)
+
+
+def _calibration(recorded: Any) -> Calibration | None:
+    """The sidecar's calibration, or None when it is missing or damaged (not three numbers): the index is then rebuilt."""
+    try:
+        calibration = Calibration(**recorded)
+    except TypeError:
+        return None
+    numbers = (calibration.slope, calibration.intercept, calibration.sigma)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers):
+        return None
+    return calibration
 
 
 def _sidecar_or_none(path: str | os.PathLike[str]) -> IndexInfo | None:

@@ -291,7 +291,10 @@ def save_vector_index(
 
 def read_sidecar(path: str | os.PathLike[str]) -> IndexInfo:
     """The sidecar of the index at ``path``; raises OSError, ValueError or TypeError when unreadable."""
-    return IndexInfo(**json.loads(sidecar_path(Path(path)).read_text(encoding="utf-8")))
+    info = IndexInfo(**json.loads(sidecar_path(Path(path)).read_text(encoding="utf-8")))
+    if not isinstance(info.params, dict):  # damaged but still JSON: read as unreadable (rebuilt), not a crash
+        raise ValueError(f"sidecar params {info.params!r} are not a JSON object")
+    return info
 
 
 def saved_generation(path: str | os.PathLike[str]) -> int | None:
