@@ -467,6 +467,9 @@ class Library:
                 if recorded is not None and recorded != info:
                     self.metadata.reset_embedder(info)
                     self._vectors = None
+                elif recorded is not None and (pending := self.metadata.pending_count()):  # a stopped --reembed run: resumed
+                    notes.append(f"the library is being re-embedded with {self.model_name!r} already: this run resumes it "
+                                 f"({pending} photos were waiting)")
                 elif recorded is not None:
                     notes.append(f"the library's vectors already come from {self.model_name!r}, so --reembed had nothing to redo; "
                                  "it re-embeds when --model names another model")

@@ -995,6 +995,24 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
     _check_consistent(lib_dir)
 
 
+def test_resuming_a_stopped_reembed_does_not_say_it_had_nothing_to_redo(tiny_itm_dir, photos, tmp_path):
+    """The same `index --reembed` command run again after Ctrl-C or a kill re-embedded the waiting photos, yet noted
+    "--reembed had nothing to redo"."""
+    from tiny_models import make_tiny_itm
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    other = make_tiny_itm(tmp_path / "other", seed=5)
+    with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
+        lib.metadata.reset_embedder(lib._embedder_info())  # where a stopped run leaves it: every photo pending
+    res = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--model", str(other), "--reembed", "--json"])
+    report = json.loads(res.stdout)
+    assert res.exit_code == 0 and report["indexed"] == 7, res.output
+    assert report["notes"] == [f"the library is being re-embedded with {str(other)!r} already: this run resumes it (7 photos were waiting)"]
+    _check_consistent(lib_dir)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"captioner": True}, r"captioner True is not a checkpoint name; pass a hub id, a local folder or 'demo'$"),
     ({"captioner": 5}, "captioner 5 is not a checkpoint name"),
