@@ -667,6 +667,25 @@ def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_
         np.testing.assert_allclose([a[i] for i in a], [b[i] for i in a], atol=0.05)  # fp16 tokens, fast decode
 
 
+def test_store_vit_stores_again_the_tokens_whose_file_is_damaged(tiny_itm_dir, tmp_path):
+    """A token file cut short (a crash, a full disk) counted as stored: the note's fix, index --store-vit, never rewrote it."""
+    photos = tmp_path / "photos"
+    for i in range(4):
+        _photo(photos / f"v{i}.jpg", 80 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([photos], store_vit=True)
+        want = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
+        files = sorted((tmp_path / "lib" / "vit").glob("*/*.npy"))
+        for f in files[:2]:
+            f.write_bytes(f.read_bytes()[:100])
+        damaged = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
+        assert damaged.notes[0] == ("2 candidates could not be reranked (no ViT tokens stored for them; run index --store-vit "
+                                    "to store the missing ones, or pass --rerank-source auto)")
+        assert lib.index([photos], store_vit=True).unchanged == 4
+        again = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
+        assert again.notes == () and [(h.id, h.itm_logit) for h in again.hits] == [(h.id, h.itm_logit) for h in want.hits]
+
+
 def test_stored_source_without_store_names_the_fix(lib):
     with pytest.raises(InvalidInputError, match="--store-vit"):
         lib.search(TEXTS[0], 3, rerank_source="stored")

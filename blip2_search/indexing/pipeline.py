@@ -352,13 +352,13 @@ class Indexer:
         return [f for f in stat_files(elsewhere) if f.error is None]
 
     def fill_vit_tokens(self, progress: Callable[[Progress], None] | None = None) -> int:
-        """Store the ViT tokens of indexed photos that have none (indexed before `--store-vit`): one ViT
-        pass each, their vectors and captions untouched. A file changed since it was indexed is left to
+        """Store the ViT tokens of indexed photos that have none (indexed before `--store-vit`) or whose file is
+        damaged: one ViT pass each, their vectors and captions untouched. A file changed since it was indexed is left to
         the next run. Returns how many were stored; Ctrl-C keeps those already written."""
         if self.vit_store is None:
             return 0
         todo: dict[str, FoundFile] = {}
-        stored = self.vit_store.stored_hashes()
+        stored = {h for h in self.vit_store.stored_hashes() if self.vit_store.intact(h)}  # a damaged file is stored again
         for path, k in self.metadata.known_files().items():
             if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in stored and k.content_hash not in todo:
                 todo[k.content_hash] = FoundFile(path, k.size, k.mtime_ns)

@@ -49,6 +49,14 @@ class VitTokenStore:
             return set()
         return {p.stem for p in self.folder.glob("*/*.npy")}
 
+    def intact(self, content_hash: str) -> bool:
+        """Whether the stored tokens of `content_hash` read whole (header and data); only the header is read."""
+        try:
+            np.load(self._path(content_hash), mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        return True
+
     def get(self, content_hash: str | None) -> np.ndarray | None:
         """`[T, W] float16`, or None when not stored."""
         if not content_hash:
