@@ -200,6 +200,9 @@ class Library:
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
             raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
+        if folder.is_symlink() and not folder.exists():  # not "no library here", nor a new library made in its place
+            raise LibraryError(f"library folder {folder} is a link to {os.readlink(folder)}, which does not exist (a drive "
+                               "unplugged?); reconnect it, or fix the link or the --library folder")
         # settings, given or from the environment, are checked before anything is made
         batch_size = settings.given("batch_size", batch_size) or int(settings.get("batch_size"))
         workers = int(settings.given("workers", workers))

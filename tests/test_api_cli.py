@@ -193,6 +193,19 @@ def test_a_bad_setting_in_the_environment_is_one_line_naming_it(photo_dir, tmp_p
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "lib" / "metadata.sqlite").exists()
 
 
+@pytest.mark.parametrize("command", [["status"], ["search", "red"], ["index", "{photos}", "--model", "demo"]])
+def test_a_library_linked_to_a_missing_folder_says_so(photo_dir, tmp_path, command):
+    """A --library link to an unplugged drive read "no library ...; index photos into it first" (status, search) or
+    "cannot create library folder ... (File exists)" (index)."""
+    folder, _ = photo_dir
+    link = tmp_path / "lib"
+    link.symlink_to(tmp_path / "drive" / "lib")
+    res = CliRunner().invoke(main, [*(a.format(photos=folder) for a in command), "--library", str(link)])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"library folder {link} is a link to {tmp_path / 'drive' / 'lib'}, which does not exist" in res.output, res.output
+    assert "reconnect it" in res.output and not (tmp_path / "drive").exists()
+
+
 def test_a_bad_vector_index_setting_leaves_no_library_behind(photo_dir, tmp_path, monkeypatch):
     """A bad BLIP2_SEARCH_VECTOR_INDEX was refused only after the library was made: an empty library was left,
     recorded with the run's model ('vector_index none' in status)."""
