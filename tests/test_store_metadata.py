@@ -273,6 +273,8 @@ def test_read_only_database_write_is_a_library_error(tmp_path, rng):
         with pytest.raises(LibraryError) as info:
             ro.mark_deleted([1])
     assert "read-only" in str(info.value) and str(path) in str(info.value)
+    # the folder may well be writable: a metadata.sqlite left read-only (chmod, a copy from read-only media) is as likely
+    assert "make the library folder and the files in it writable" in str(info.value)
 
 
 def test_disk_full_is_a_library_error(sqlite_store, tmp_path, rng):

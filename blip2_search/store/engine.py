@@ -183,7 +183,7 @@ def library_error(location: str, error: BaseException) -> LibraryError:
     elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
         fix = "the file is damaged; restore it from a backup or delete the library folder and re-index"
     elif "readonly" in lowered or "read-only" in lowered or "permission denied" in lowered:
-        fix = "it is read-only; make the library folder writable or choose another --library folder"
+        fix = "it is read-only; make the library folder and the files in it writable, or choose another --library folder"
     elif "unable to open" in lowered:
         fix = "the file cannot be opened; check that the library folder exists and is writable"
     elif "disk i/o error" in lowered and _disk_full(location):  # SQLite could not create its -shm file
