@@ -539,6 +539,8 @@ class Library:
         except (OSError, MemoryError) as exc:
             notes.append(f"could not store the ViT tokens of the photos indexed before --store-vit ({exc}); "
                          "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")
+        except LibraryError as exc:  # a full disk, said by the token store
+            notes.append(f"not all photos indexed before --store-vit got their ViT tokens: {exc}")
         if filled:
             notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed before --store-vit")
         elif not store_vit and self.vit_store.enabled:  # e.g. a --store-vit run that was killed: say so, fill in only when asked

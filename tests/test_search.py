@@ -686,6 +686,43 @@ def test_store_vit_stores_again_the_tokens_whose_file_is_damaged(tiny_itm_dir, t
         assert again.notes == () and [(h.id, h.itm_logit) for h in again.hits] == [(h.id, h.itm_logit) for h in want.hits]
 
 
+def test_a_full_disk_while_storing_vit_tokens_is_one_line_and_keeps_what_was_committed(tiny_itm_dir, tmp_path, monkeypatch):
+    """Writing a token file on a full disk was a numpy traceback ("N requested and M written", exit code 1) that left
+    its temporary file behind."""
+    import blip2_search.store.vit_tokens as vit_tokens
+
+    photos = tmp_path / "photos"
+    for i in range(4):
+        _photo(photos / f"v{i}.jpg", 90 + i)
+    lib_dir = tmp_path / "lib"
+    with Library.open(lib_dir, model=str(tiny_itm_dir), captioner=False, create=True, batch_size=2) as lib:
+        lib.index([photos])
+    _photo(photos / "v4.jpg", 95)
+    class FullDisk:  # a file whose writes fail as on a full disk, once it has been created
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vit_tokens, "open", FullDisk, raising=False)
+    res = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--store-vit"])
+    last = res.stderr.strip().splitlines()[-1]  # after the model's loading report
+    assert res.exit_code == 2 and "Traceback" not in res.stderr, res.output
+    assert last.startswith(f"Error: cannot store ViT tokens in {lib_dir / 'vit'} (No space left on device); free disk space"), res.stderr
+    assert not [p for p in (lib_dir / "vit").rglob("*") if p.is_file()]  # no temporary file left behind
+    monkeypatch.delattr(vit_tokens, "open")
+    with Library.open(lib_dir) as lib:
+        assert lib.status().indexed == 4  # the photo whose tokens could not be stored waits for the next run
+        assert lib.index([photos], store_vit=True).indexed == 1 and len(lib.vit_store.stored_hashes()) == 5
+
+
 def test_stored_source_without_store_names_the_fix(lib):
     with pytest.raises(InvalidInputError, match="--store-vit"):
         lib.search(TEXTS[0], 3, rerank_source="stored")

@@ -8,11 +8,14 @@ commit that makes their image searchable, so a crash leaves at most an unused fi
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from blip2_search.errors import LibraryError
 
 VIT_DIRNAME = "vit"
 
@@ -35,13 +38,22 @@ class VitTokenStore:
         return self.folder / content_hash[:2] / f"{content_hash}.npy"
 
     def put(self, content_hash: str, tokens: np.ndarray) -> None:
-        """Write `[T, W]` tokens as float16 (atomic: temp file + rename)."""
+        """Write `[T, W]` tokens as float16 (atomic: temp file + rename).
+
+        Raises LibraryError naming the folder, the reason and the fix when the file cannot be written (a full disk)."""
         path = self._path(content_hash)
-        path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(tokens, dtype=np.float16))
-        os.replace(tmp, path)
+        data = io.BytesIO()  # written in one call: a full disk is then errno 28, not numpy's "N requested and M written"
+        np.save(data, np.ascontiguousarray(tokens, dtype=np.float16))
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data.getbuffer())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LibraryError(f"cannot store ViT tokens in {self.folder} ({exc.strerror or exc}); free disk space (0.72 MB a "
+                               "photo for ViT-g) or make the folder writable, then run the command again") from exc
 
     def stored_hashes(self) -> set[str]:
         """The content hashes whose tokens are stored (one listing of the store, no file opened)."""
