@@ -338,7 +338,7 @@ def status(library, as_json):
 @json_option
 def prune(library, older_than, missing, missing_under, as_json):
     """Forget photos deleted from disk: their records, vectors and ViT tokens go, and the library shrinks."""
-    from .library import Library
+    from .library import NOT_COMPACTED, Library
 
     if missing and missing_under:
         raise UserError("--missing and --missing-under contradict each other (--missing covers every folder); pass one of them")
@@ -354,7 +354,7 @@ def prune(library, older_than, missing, missing_under, as_json):
         click.echo(f"forgot {report.images} deleted photos, {report.embeddings} embeddings ({report.vectors} vectors) and "
                    f"{report.vit_files} ViT token files; metadata {_megabytes(report.bytes_before)} -> "
                    f"{_megabytes(report.bytes_after)}"
-                   + ("" if report.compacted or not report.bytes_before else
+                   + ("" if report.compacted or not report.bytes_before or any(n.startswith(NOT_COMPACTED) for n in report.notes) else
                       " (not compacted: too little of it is free; indexing reuses that space)"))
 
 

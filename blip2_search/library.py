@@ -935,7 +935,11 @@ class Library:
             images, embeddings = self.metadata.forget_deleted(before)
             vit_files = self._prune_vit_tokens()
             self._prune_thumbnails()
-            compacted = self.metadata.vacuum()
+            try:
+                compacted = self.metadata.vacuum()
+            except LibraryError as exc:  # a full disk: VACUUM writes a second copy; the photos are forgotten all the same
+                compacted = False
+                notes.append(f"{NOT_COMPACTED}: {exc}")
             return PruneReport(images, embeddings, embeddings * (embedder.num_query_tokens if embedded else 0), vit_files, size_before,
                                self._metadata_bytes(), missing_photos, tuple(notes), compacted)
 
@@ -946,6 +950,10 @@ class Library:
     def failures(self) -> list[FailureRecord]:
         """Files that could not be indexed, with a one-line reason each, by path."""
         return [FailureRecord(f.path, f.error) for f in self.metadata.failures()]
+
+
+NOT_COMPACTED = "the deleted photos were forgotten, but the metadata could not be compacted"
+"""How a prune's note starts when its compaction failed (the CLI's summary then leaves out why it did not compact)."""
 
 
 def _check_vector_index(kind: str | None) -> str | None:

@@ -1895,6 +1895,37 @@ def test_a_full_disk_leaves_search_and_prune_working(tiny_itm_dir, photos, tmp_p
     _check_consistent(lib_dir)
 
 
+def test_a_prune_with_no_room_to_compact_still_forgets_and_says_why_it_did_not_compact(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """VACUUM writes a second copy of the database: on a full disk it failed the whole prune (exit code 2, no report)
+    after the photos had been forgotten, the summary unsaid."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from blip2_search.store import metadata as metadata_module
+
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+    shutil.move(photos / "p0.jpg", tmp_path / "p0.jpg")
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        assert lib.index([photos]).deleted == 1
+
+    def full(engine):
+        raise OperationalError("VACUUM", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(metadata_module, "vacuum", full)
+    res = CliRunner().invoke(main, ["prune", "--library", str(lib_dir)])
+    assert res.exit_code == 0, res.output
+    (note,), summary = res.stderr.strip().splitlines(), res.stdout.strip()
+    assert note == (f"note: the deleted photos were forgotten, but the metadata could not be compacted: library {lib_dir / 'metadata.sqlite'}: "
+                    "database or disk is full; the disk is full; free disk space and run the command again"), note
+    assert summary.startswith("forgot 1 deleted photos") and "not compacted: too little" not in summary, summary
+    with Library.open(lib_dir) as lib:
+        assert lib.status().deleted == 0 and lib.status().indexed == 6
+    _check_consistent(lib_dir)
+
+
 def test_caption_backfill_interrupted_says_what_it_did_and_signals_servers_as_it_goes(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path, monkeypatch):
     """Ctrl-C in the backfill keeps and reports the batches written; a run killed outright has told servers
     to reload at least every CAPTIONS_SIGNAL_S; the report's seconds include the backfill."""
