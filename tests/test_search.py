@@ -667,7 +667,8 @@ def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_
         np.testing.assert_allclose([a[i] for i in a], [b[i] for i in a], atol=0.05)  # fp16 tokens, fast decode
 
 
-def test_store_vit_stores_again_the_tokens_whose_file_is_damaged(tiny_itm_dir, tmp_path):
+@pytest.mark.parametrize("damaged", [2, 4])  # some files, or all of them alike (empty after a power loss, say)
+def test_store_vit_stores_again_the_tokens_whose_file_is_damaged(tiny_itm_dir, tmp_path, damaged):
     """A token file cut short (a crash, a full disk) counted as stored: the note's fix, index --store-vit, never rewrote it."""
     photos = tmp_path / "photos"
     for i in range(4):
@@ -676,11 +677,11 @@ def test_store_vit_stores_again_the_tokens_whose_file_is_damaged(tiny_itm_dir, t
         lib.index([photos], store_vit=True)
         want = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
         files = sorted((tmp_path / "lib" / "vit").glob("*/*.npy"))
-        for f in files[:2]:
+        for f in files[:damaged]:
             f.write_bytes(f.read_bytes()[:100])
-        damaged = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
-        assert damaged.notes[0] == ("2 candidates could not be reranked (no ViT tokens stored for them; run index --store-vit "
-                                    "to store the missing ones, or pass --rerank-source auto)")
+        notes = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored").notes
+        assert notes[0] == (f"{damaged} candidates could not be reranked (no ViT tokens stored for them; run index --store-vit "
+                            "to store the missing ones, or pass --rerank-source auto)")
         assert lib.index([photos], store_vit=True).unchanged == 4
         again = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
         assert again.notes == () and [(h.id, h.itm_logit) for h in again.hits] == [(h.id, h.itm_logit) for h in want.hits]

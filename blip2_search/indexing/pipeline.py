@@ -358,7 +358,7 @@ class Indexer:
         if self.vit_store is None:
             return 0
         todo: dict[str, FoundFile] = {}
-        stored = {h for h in self.vit_store.stored_hashes() if self.vit_store.intact(h)}  # a damaged file is stored again
+        stored = self.vit_store.intact_hashes()  # a damaged file is stored again
         for path, k in self.metadata.known_files().items():
             if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in stored and k.content_hash not in todo:
                 todo[k.content_hash] = FoundFile(path, k.size, k.mtime_ns)

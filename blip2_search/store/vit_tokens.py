@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -61,13 +62,19 @@ class VitTokenStore:
             return set()
         return {p.stem for p in self.folder.glob("*/*.npy")}
 
-    def intact(self, content_hash: str) -> bool:
-        """Whether the stored tokens of `content_hash` read whole (header and data); only the header is read."""
-        try:
-            np.load(self._path(content_hash), mmap_mode="r")
-        except (OSError, ValueError):
-            return False
-        return True
+    def intact_hashes(self) -> set[str]:
+        """The content hashes whose stored tokens read whole: one stat a file; only a file of another size than
+        most (cut short by a crash or a full disk, or of another model) is opened to check its header."""
+        sizes = {}
+        for p in self.folder.glob("*/*.npy") if self.enabled else ():
+            try:
+                sizes[p] = p.stat().st_size
+            except OSError:
+                continue
+        usual = Counter(sizes.values()).most_common(1)[0][0] if sizes else None
+        if usual is not None and not _reads_whole(next(p for p, size in sizes.items() if size == usual)):
+            usual = None  # most files are damaged alike (e.g. empty after a power loss): each one is checked
+        return {p.stem for p, size in sizes.items() if size == usual or _reads_whole(p)}
 
     def get(self, content_hash: str | None) -> np.ndarray | None:
         """`[T, W] float16`, or None when not stored."""
@@ -95,3 +102,12 @@ class VitTokenStore:
                 p.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _reads_whole(path: Path) -> bool:
+    """Whether the `.npy` file at `path` holds all the data its header promises (only the header is read)."""
+    try:
+        np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return True
