@@ -917,14 +917,17 @@ class Library:
             self._drop_stale_vectors()
             embedder = self.metadata.info().embedder
             embedded = embedder is not None  # else nothing was ever embedded: no index
-            gone = []
+            gone, notes = [], []
             if missing is not False:
-                gone = [i for i, p in self.metadata.live_paths()
-                        if (under is None or p.startswith(under)) and not os.path.lexists(p)]
+                live = self.metadata.live_paths()
+                gone = [i for i, p in live if (under is None or p.startswith(under)) and not os.path.lexists(p)]
+                for folder in under or ():  # a mistyped folder (or a relative one from another folder) matched nothing
+                    if not any(p.startswith(folder) for _, p in live):
+                        notes.append(f"the library has no photos recorded under {folder.rstrip(os.sep) or os.sep}; check the folder "
+                                     "(a relative one is taken from the current folder)")
             if gone and embedded:
                 self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
             missing_photos = self.metadata.mark_deleted(gone)  # failure records among them are dropped, not counted
-            notes = []
             if embedded:
                 try:
                     self._save_vectors(compact=True)  # the space of removed photos' rows too

@@ -648,6 +648,11 @@ def test_prune_missing_under_a_folder_keeps_the_photos_of_other_unplugged_drives
             lib.prune(missing=5)
     res = CliRunner().invoke(main, ["prune", "--library", str(lib_dir), "--missing", "--missing-under", str(dead)])
     assert res.exit_code == 2 and "contradict" in res.output
+    # a mistyped folder matched nothing: it said only "marked 0 photos deleted", as if no photo there were missing
+    typo = tmp_path / "unpluged"
+    res = CliRunner().invoke(main, ["prune", "--library", str(lib_dir), "--missing-under", str(typo), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["notes"] == [
+        f"the library has no photos recorded under {typo}; check the folder (a relative one is taken from the current folder)"], res.output
     _check_consistent(lib_dir)
 
 
