@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import reprlib
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence, Union
@@ -80,16 +81,18 @@ class Captions:
 
 
 _MODELS: dict[tuple, object] = {}
+_MODELS_LOCK = threading.Lock()  # calls from several threads: one dict update at a time, and each gets the model it asked for
 
 
 def _cached(kind: type, name: str, **kwargs):
     """Reuse a loaded model across calls; keep one per kind in memory (BLIP-2 checkpoints are GBs)."""
     key = (kind, name, tuple(sorted(kwargs.items())))
-    if key not in _MODELS:
-        for k in [k for k in _MODELS if k[0] is kind]:
-            del _MODELS[k]
-        _MODELS[key] = kind.load(name, **kwargs)
-    return _MODELS[key]
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            for k in [k for k in _MODELS if k[0] is kind]:
+                del _MODELS[k]
+            _MODELS[key] = kind.load(name, **kwargs)
+        return _MODELS[key]
 
 
 def get_encoder(model: str | Blip2Encoder = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto") -> Blip2Encoder:

@@ -205,6 +205,35 @@ def test_text_model_is_dropped_when_full_model_loads(tiny_itm_dir):
     np.testing.assert_allclose(enc.embed_texts(TEXTS[:2]), before, atol=1e-6)
 
 
+def test_models_load_from_several_threads_at_once(tiny_itm_dir, tiny_captioner_dir):
+    """A threaded web backend's first requests load models side by side: transformers' `from_pretrained` patches
+    module construction process-wide, so unguarded loads in two threads fail ("Cannot copy out of meta tensor")."""
+    import threading
+
+    want = {"itm": Blip2Encoder.load(str(tiny_itm_dir)).full_model.state_dict(),
+            "cap": Blip2Captioner.load(str(tiny_captioner_dir)).model.state_dict()}
+    errors, loaded = [], []
+
+    def load(i):
+        try:
+            for _ in range(3):
+                kind = "cap" if i % 2 else "itm"
+                model = Blip2Captioner.load(str(tiny_captioner_dir)).model if i % 2 else Blip2Encoder.load(str(tiny_itm_dir)).full_model
+                loaded.append((kind, model.state_dict()))
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever a thread raised
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(loaded) == 12
+    for kind, state in loaded:
+        assert all(torch.equal(state[k], v) for k, v in want[kind].items())
+
+
 # ------------------------------------------------------------------ captions equal HF's generate
 def test_captions_equal_hf_generate(tiny_captioner_dir):
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidInputError, ModelLoadError
-from .checkpoint import Checkpoint
+from .checkpoint import LOADING, Checkpoint
 from .loading import DEFAULT_CAPTIONER, ModelSource, check_captioner_config, resolve_model
 from .policy import Placement, detect_placement
 
@@ -65,18 +65,22 @@ class Blip2Captioner(Checkpoint):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = self._load_tokenizer()
+            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
+                if self._tokenizer is None:
+                    self._tokenizer = self._load_tokenizer()
         return self._tokenizer
 
     @property
     def model(self):
         if self._model is None:
-            from transformers import Blip2ForConditionalGeneration
+            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
+                if self._model is None:
+                    from transformers import Blip2ForConditionalGeneration
 
-            model = self._from_pretrained(Blip2ForConditionalGeneration)
-            if model.config.image_token_index is None:
-                raise ModelLoadError(f"captioner {self.name!r} has no image_token_index in its config, which transformers 5 needs to place the image queries; use a checkpoint converted for transformers >= 4.47")
-            self._model = model
+                    model = self._from_pretrained(Blip2ForConditionalGeneration)
+                    if model.config.image_token_index is None:
+                        raise ModelLoadError(f"captioner {self.name!r} has no image_token_index in its config, which transformers 5 needs to place the image queries; use a checkpoint converted for transformers >= 4.47")
+                    self._model = model
         return self._model
 
     def with_settings(self, settings: CaptionSettings) -> "Blip2Captioner":

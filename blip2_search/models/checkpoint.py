@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -11,6 +12,11 @@ from PIL import Image
 from ..errors import ModelLoadError
 from .loading import ModelSource
 from .policy import Placement
+
+LOADING = threading.RLock()
+"""Held while a model part loads (and while transformers is first imported), in every checkpoint of the process:
+transformers' lazy imports are not thread-safe, and `from_pretrained` builds modules under process-wide patches
+(meta-device parameters, the default dtype), so two threads loading at once fail or get parameters with no data."""
 
 
 class Checkpoint:
@@ -41,15 +47,17 @@ class Checkpoint:
     def image_processor(self):
         """The checkpoint's own image processor, PIL backend (bicubic, as LAVIS)."""
         if self._image_processor is None:
-            from transformers import AutoImageProcessor
+            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
+                if self._image_processor is None:
+                    from transformers import AutoImageProcessor
 
-            try:
-                self._image_processor = AutoImageProcessor.from_pretrained(self.source.path, backend="pil")
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                reason = ("it has no preprocessor_config.json" if not (self.source.path / "preprocessor_config.json").is_file()
-                          else str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-                raise ModelLoadError(f"{self.role} {self.name!r}: its image preprocessor could not be loaded ({reason}); put the "
-                                     f"preprocessor_config.json that came with this checkpoint in {self.source.path}") from exc
+                    try:
+                        self._image_processor = AutoImageProcessor.from_pretrained(self.source.path, backend="pil")
+                    except (OSError, ValueError, KeyError, TypeError) as exc:
+                        reason = ("it has no preprocessor_config.json" if not (self.source.path / "preprocessor_config.json").is_file()
+                                  else str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                        raise ModelLoadError(f"{self.role} {self.name!r}: its image preprocessor could not be loaded ({reason}); put the "
+                                             f"preprocessor_config.json that came with this checkpoint in {self.source.path}") from exc
         return self._image_processor
 
     @property
@@ -134,7 +142,7 @@ class Checkpoint:
 
         try:
             # Lazy loads can happen inside an inference_mode call; weights made there could not be used later.
-            with torch.inference_mode(False):
+            with LOADING, torch.inference_mode(False):
                 model, info = cls.from_pretrained(self.source.path, dtype=self.placement.torch_dtype, use_safetensors=True,
                                                   output_loading_info=True)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # SafetensorError: a file cut short

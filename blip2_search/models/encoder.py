@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..errors import ModelLoadError
-from .checkpoint import Checkpoint
+from .checkpoint import LOADING, Checkpoint
 from .fast_vit import DEFAULT_KERNELS, VitKernels, use_fast_vit
 from .fast_vit import vit_blocks as fast_vit_blocks
 from .loading import DEFAULT_EMBEDDER, ModelSource, check_embedder_config, resolve_model
@@ -75,13 +75,15 @@ class Blip2Encoder(Checkpoint):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            tok = self._load_tokenizer()
-            probe = tok("a", add_special_tokens=True)["input_ids"]
-            if tok.cls_token_id is None or probe[0] != tok.cls_token_id:
-                raise ModelLoadError(f"tokenizer of {self.name!r} does not start texts with [CLS]; BLIP-2 text embeddings are read from token 0, so use the checkpoint's BERT tokenizer")
-            tok.padding_side = "right"
-            tok.truncation_side = "right"
-            self._tokenizer = tok
+            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
+                if self._tokenizer is None:
+                    tok = self._load_tokenizer()
+                    probe = tok("a", add_special_tokens=True)["input_ids"]
+                    if tok.cls_token_id is None or probe[0] != tok.cls_token_id:
+                        raise ModelLoadError(f"tokenizer of {self.name!r} does not start texts with [CLS]; BLIP-2 text embeddings are read from token 0, so use the checkpoint's BERT tokenizer")
+                    tok.padding_side = "right"
+                    tok.truncation_side = "right"
+                    self._tokenizer = tok
         return self._tokenizer
 
     @property
@@ -92,18 +94,25 @@ class Blip2Encoder(Checkpoint):
     @property
     def full_model(self):
         if self._full_model is None:
-            from transformers import Blip2ForImageTextRetrieval
+            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
+                if self._full_model is None:
+                    from transformers import Blip2ForImageTextRetrieval
 
-            self._full_model = self._from_pretrained(Blip2ForImageTextRetrieval)
-            self._text_model = None  # the full model has the same text path: keep one copy
+                    self._full_model = self._from_pretrained(Blip2ForImageTextRetrieval)
+                    self._text_model = None  # the full model has the same text path: keep one copy
         return self._full_model
 
     def _text_parts(self):
         if self._full_model is not None:
             return self._full_model
-        if self._text_model is None:
-            self._text_model = self._from_pretrained(_text_path_class())
-        return self._text_model
+        if self._text_model is not None:
+            return self._text_model
+        with LOADING:
+            if self._full_model is not None:
+                return self._full_model
+            if self._text_model is None:
+                self._text_model = self._from_pretrained(_text_path_class())
+            return self._text_model
 
     # ---------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
