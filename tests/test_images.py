@@ -214,6 +214,15 @@ def test_sources_path_str_bytes_fileobj_and_stream(tmp_path):
         np.testing.assert_array_equal(np.asarray(open_image(source)), upright)
 
 
+def test_a_file_opened_in_text_mode_is_refused_with_the_fix(tmp_path):
+    path = save(blocks(), tmp_path / "a.png")
+    text = tmp_path / "a.ppm"
+    text.write_text("P3\n1 1\n255\n255 0 0\n")  # an image whose bytes decode as text too
+    for source in (path, text):
+        with open(source) as opened, pytest.raises(InvalidInputError, match=r"opened in text mode; open it with open\(path, 'rb'\)"):
+            open_image(opened)
+
+
 # ---------------------------------------------------------------------------------------------
 # colour modes
 

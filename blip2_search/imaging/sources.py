@@ -84,6 +84,10 @@ def open_source(source: ImageSource) -> Iterator[OpenedSource]:
             stream.seek(0)
         except OSError as exc:
             raise ImageDecodeError(f"cannot read image {name}: {_os_reason(exc)}; check the disk or network share") from exc
+        except UnicodeDecodeError:  # open(path) without "b": its read() decodes the image bytes as text
+            prefix = ""
+        if not isinstance(prefix, (bytes, bytearray)):
+            raise InvalidInputError(f"image {name} is a file opened in text mode; open it with open(path, 'rb'), or pass the path")
         if not prefix:
             raise ImageDecodeError(f"cannot decode image {name}: the file is empty (0 bytes); re-copy or re-export it")
         yield OpenedSource(stream, name, prefix, _suffix(source))
