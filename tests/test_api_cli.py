@@ -120,6 +120,18 @@ def test_cli_caption_json(tiny_captioner_dir, photo_dir):
     assert lines[1] == "Error: 1 of 1 images could not be read (see above); fix or leave them out and run again"
 
 
+def test_the_library_and_its_typed_results_are_the_package_api():
+    from blip2_search.indexing.pipeline import IndexReport
+    from blip2_search.search.results import SearchResult
+
+    assert blip2_search.Library is Library and blip2_search.SearchResult is SearchResult and blip2_search.IndexReport is IndexReport
+    for name in blip2_search.__all__:
+        assert getattr(blip2_search, name) is not None
+    # the library and its search results stay light: neither imports torch
+    code = "import sys, blip2_search; blip2_search.Library, blip2_search.SearchResult, blip2_search.Hit; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_cli_missing_model_exits_2_without_traceback(photo_dir, tmp_path):
     _, paths = photo_dir
     proc = subprocess.run(
