@@ -192,6 +192,7 @@ class Library:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"library path {path!r} ({type(path).__name__}) is not a path; pass a folder as str or Path")
         folder = Path(_not_a_url(path)) if path is not None else default_library_path()
+        _check_flags(create=create, reembed=reembed)
         model = _model_name(model, "model")
         captioner = captioner if captioner is False else _model_name(captioner, "captioner")
         forget_captioner = captioner == NO_CAPTIONER
@@ -453,6 +454,9 @@ class Library:
         from .indexing.pipeline import Indexer
         from .indexing.scan import check_roots
 
+        _check_flags(fast_decode=fast_decode, store_vit=store_vit, rehash=rehash)
+        if progress is not None and not callable(progress):
+            raise InvalidInputError(f"progress {reprlib.repr(progress)} is not callable; pass a function that takes a Progress, or None")
         if isinstance(dirs, (str, os.PathLike)):
             dirs = [dirs]
         dirs = list(dirs) if isinstance(dirs, Iterable) and not isinstance(dirs, bytes) else dirs

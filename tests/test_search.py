@@ -755,6 +755,10 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
     (lambda lib: lib.prune(float("nan")), "older_than_days nan is not a number of days"),
     (lambda lib: lib.prune(-1), "older_than_days -1 is negative"),
     (lambda lib: lib.search("red", rerank="no"), "rerank='no' is a str; pass True or False"),
+    (lambda lib: lib.index([], store_vit="no"), "store_vit='no' is a str; pass True or False"),  # "no" read as True kept ViT tokens for good
+    (lambda lib: lib.index([], rehash="false"), "rehash='false' is a str; pass True or False"),
+    (lambda lib: lib.index([], fast_decode=None), "fast_decode=None is a NoneType; pass True or False"),
+    (lambda lib: lib.index([], progress="yes"), "progress 'yes' is not callable; pass a function that takes a Progress, or None"),
     (lambda lib: lib.search("red", fusion=None), "fusion=None is a NoneType"),
     (lambda lib: lib.search("red", rerank=False, rerank_source="foo"), "rerank source 'foo' is not auto, stored or recompute"),
     (lambda lib: lib.search("red", k="5"), "k = '5' is a str, not a whole number"),
@@ -796,6 +800,8 @@ def test_an_empty_path_filter_is_no_filter_in_python_too(lib):
     ({"workers": 2.5}, "workers=2.5 is not a whole number"),
     ({"batch_size": "8"}, "batch_size='8' is not a whole number >= 0 and <= 4096"),
     ({"batch_size": 5000}, "batch_size=5000 is not"),
+    ({"reembed": "no"}, "reembed='no' is a str; pass True or False"),
+    ({"create": "no"}, "create='no' is a str; pass True or False"),
 ])
 def test_library_open_checks_its_arguments(lib_dir, kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
