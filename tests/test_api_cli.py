@@ -74,6 +74,17 @@ def test_a_closed_pil_image_is_named_as_closed_not_corrupt(tiny_itm_dir, photo_d
     assert [(e.index, e.error) for e in ranking.errors] == [(1, "image <image 1> is a closed PIL image; pass it before closing it, or open the file again")]
 
 
+def test_an_empty_pil_image_is_an_error_not_a_black_picture(tiny_itm_dir, tiny_captioner_dir, photo_dir):
+    _, paths = photo_dir
+    empty = Image.new("RGB", (40, 30)).crop((10, 0, 10, 30))  # a crop box of no width
+    assert empty.size == (0, 30)
+    ranking = blip2_search.rerank("a red circle", [paths[0], empty], model=str(tiny_itm_dir))
+    assert [h.index for h in ranking] == [0]
+    assert [(e.index, e.error) for e in ranking.errors] == [
+        (1, "cannot use image <image 1>: it is empty (0x30 pixels); pass a picture with pixels (a crop box of no width or height makes an empty one)")]
+    assert [e.index for e in blip2_search.caption([empty], str(tiny_captioner_dir)).errors] == [0]
+
+
 def test_cli_rerank_json_equals_hf_forward(tiny_itm_dir, photo_dir):
     d, paths = photo_dir
     args = ["rerank", "a red circle on the left", *map(str, paths), str(d / "broken.jpg"), str(d / "missing.jpg"), "--model", str(tiny_itm_dir), "--json"]

@@ -132,6 +132,9 @@ def upright_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
         raise InvalidInputError(f"image {name} is a closed PIL image; pass it before closing it, or open the file again") from None
     except Exception as exc:  # a lazily opened file that is truncated or corrupt
         raise ImageDecodeError(f"cannot decode image {name}: {_failure_reason(exc, im.format)}") from exc
+    if not im.width or not im.height:  # resized to the model's size it would score as a black picture
+        raise ImageDecodeError(f"cannot use image {name}: it is empty ({im.width}x{im.height} pixels); pass a picture with pixels "
+                               "(a crop box of no width or height makes an empty one)")
     orientation = orientation_of(read_exif(im))
     return _upright_rgb(to_rgb(im, name), orientation)
 
