@@ -12,6 +12,7 @@ import os
 import re
 import reprlib
 import shlex
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -162,6 +163,7 @@ class Library:
         self._model_pending = False  # no model named and none recorded when opened: read the record at first use
         self._model_recorded = False  # the model is the one the library recorded, not one the caller named
         self._locked = False  # this process holds the library lock (an index or prune of its own runs)
+        self._making = threading.RLock()  # held while a collaborator is made: threads asking at once share one (models are GBs)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -272,31 +274,34 @@ class Library:
     def encoder(self):
         """The embedder / ITM model, loaded on first use."""
         if self._encoder is None:
-            from .models.encoder import Blip2Encoder
-            from .models.policy import indexing_batch_size
+            with self._making:
+                if self._encoder is not None:  # another thread made it meanwhile
+                    return self._encoder
+                from .models.encoder import Blip2Encoder
+                from .models.policy import indexing_batch_size
 
-            if self._model_pending:  # a library whose first index run (another process) has recorded its model since
-                recorded = self.metadata.info().embedder
-                if recorded is not None and recorded.model.model_id != self.model_name:
-                    self.model_name, self._embedder_source = recorded.model.model_id, None
-                    self._model_recorded = True
+                if self._model_pending:  # a library whose first index run (another process) has recorded its model since
+                    recorded = self.metadata.info().embedder
+                    if recorded is not None and recorded.model.model_id != self.model_name:
+                        self.model_name, self._embedder_source = recorded.model.model_id, None
+                        self._model_recorded = True
 
-            try:
-                encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
-            except ModelNotFoundError as exc:
-                if not self._model_recorded:
-                    raise  # a model the caller named: its message names the option that names it
-                # The library's own model is gone (a folder moved, a hub id not cached offline): `search` and `serve`
-                # take no --model, so the fix is to bring it back or to re-embed with another one.
-                reason = str(exc).split("; ", 1)[0]
-                back = ("put the folder back at that path" if os.path.isabs(self.model_name) else
-                        f"download it once with `hf download {self.model_name}` into the HF cache")
-                raise ModelNotFoundError(
-                    f"{reason}; library {self.folder} was indexed with it: {back}, or re-embed the library with another "
-                    "model (index PHOTO_DIR... --reembed --model M)") from None
-            encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))
-            self._adopt_fingerprint(encoder)
-            self._encoder = encoder
+                try:
+                    encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
+                except ModelNotFoundError as exc:
+                    if not self._model_recorded:
+                        raise  # a model the caller named: its message names the option that names it
+                    # The library's own model is gone (a folder moved, a hub id not cached offline): `search` and `serve`
+                    # take no --model, so the fix is to bring it back or to re-embed with another one.
+                    reason = str(exc).split("; ", 1)[0]
+                    back = ("put the folder back at that path" if os.path.isabs(self.model_name) else
+                            f"download it once with `hf download {self.model_name}` into the HF cache")
+                    raise ModelNotFoundError(
+                        f"{reason}; library {self.folder} was indexed with it: {back}, or re-embed the library with another "
+                        "model (index PHOTO_DIR... --reembed --model M)") from None
+                encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))
+                self._adopt_fingerprint(encoder)
+                self._encoder = encoder
         return self._encoder
 
     def _same_embedder(self, recorded: EmbedderInfo) -> bool:
@@ -324,9 +329,11 @@ class Library:
     def captioner(self):
         """The caption model, or None when captions are off; loaded on first use."""
         if self._captioner is None and self.captioner_name:
-            from .models.captioner import Blip2Captioner
+            with self._making:
+                if self._captioner is None:
+                    from .models.captioner import Blip2Captioner
 
-            self._captioner = Blip2Captioner.load(self.captioner_name, device=self.device, dtype=self.dtype, batch_size=self.encoder.batch_size)
+                    self._captioner = Blip2Captioner.load(self.captioner_name, device=self.device, dtype=self.dtype, batch_size=self.encoder.batch_size)
         return self._captioner
 
     def vector_index_kind(self) -> str:
@@ -339,20 +346,23 @@ class Library:
         """The vector index, loaded from its file or rebuilt from the database when stale or of
         another kind than the library's (`vector_index_kind`)."""
         if self._vectors is None:
-            # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
-            # two writers' index and sidecar files could interleave (a file that passes as current but is not).
-            # Beside such a run, the file it saved as it went (`Indexer.checkpoint`) is brought up to date from the change
-            # journal, or where the journal moved past it used as it is, behind the database (the search engine makes up
-            # for it, see `index_behind`), rather than rebuilt.
-            # An index or prune run (it holds the lock) opens an exact index lazily: it reads the vectors only if it
-            # searches, and its save appends what it changed.
-            writer = not self._locked and self._writer_running()
-            started = time.monotonic()
-            opened = self._open_vectors(save=not writer, lazy=self._locked, behind_from=self.metadata.embedder_since() if writer else None)
-            done = time.monotonic()
-            self._vectors, self._vectors_generation = opened.store, opened.generation
-            self._vectors_loaded = (done, done - started)
-            self._unsaved_index = opened.unsaved
+            with self._making:
+                if self._vectors is not None:  # another thread opened it meanwhile
+                    return self._vectors
+                # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
+                # two writers' index and sidecar files could interleave (a file that passes as current but is not).
+                # Beside such a run, the file it saved as it went (`Indexer.checkpoint`) is brought up to date from the
+                # change journal, or where the journal moved past it used as it is, behind the database (the search engine
+                # makes up for it, see `index_behind`), rather than rebuilt.
+                # An index or prune run (it holds the lock) opens an exact index lazily: it reads the vectors only if it
+                # searches, and its save appends what it changed.
+                writer = not self._locked and self._writer_running()
+                started = time.monotonic()
+                opened = self._open_vectors(save=not writer, lazy=self._locked, behind_from=self.metadata.embedder_since() if writer else None)
+                done = time.monotonic()
+                self._vectors, self._vectors_generation = opened.store, opened.generation
+                self._vectors_loaded = (done, done - started)
+                self._unsaved_index = opened.unsaved
         return self._vectors
 
     def _open_vectors(self, **options):
@@ -669,7 +679,8 @@ class Library:
         """The search engine over this library (text-only queries load no ViT); it follows changes that
         another process committed (see `_follow_other_writers`)."""
         self._follow_other_writers()
-        if self._engine is None:
+        engine = self._engine  # read once: another thread's `_follow_other_writers` may drop it meanwhile
+        if engine is None:
             from .search.engine import SearchEngine
 
             info = self.metadata.info()
@@ -690,10 +701,10 @@ class Library:
                     f"{enc.revision}; re-index with --reembed, or restore the original model files"
                 )
             self._captions_generation = self.metadata.captions_generation()
-            self._engine = SearchEngine(self.metadata, self.vectors, enc)
+            engine = self._engine = SearchEngine(self.metadata, self.vectors, enc)
         # serving vectors older than the database (another process's run is going on): the engine rescores candidates
-        self._engine.index_behind = self._vectors_generation is not None and self._vectors_generation < self._seen_generation
-        return self._engine
+        engine.index_behind = self._vectors_generation is not None and self._vectors_generation < self._seen_generation
+        return engine
 
     def default_rerank_k(self) -> int:
         """How many candidates `search` reranks unless told: 128 on a GPU, as in the paper.

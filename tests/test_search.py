@@ -769,6 +769,43 @@ def test_python_api_arguments_of_the_wrong_kind_are_one_line_errors(lib, call, m
     assert "\n" not in str(caught.value)
 
 
+def test_threads_searching_a_new_library_at_once_share_one_model_and_index(lib_dir, monkeypatch):
+    """A web backend's first requests arrive together: each thread made its own encoder (and vector index), and the
+    library kept two models in memory for good, one in its engine and one for reranking."""
+    import threading
+    import time
+
+    from blip2_search.models.encoder import Blip2Encoder
+
+    made, load = [], Blip2Encoder.load.__func__
+
+    def slow_load(cls, *args, **kwargs):  # the seconds a real checkpoint takes to resolve, so the threads meet
+        made.append(1)
+        time.sleep(0.3)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Blip2Encoder, "load", classmethod(slow_load))
+    with Library.open(lib_dir) as lib:
+        start = threading.Barrier(4)
+        results, errors = [], []
+
+        def search():
+            start.wait()
+            try:
+                results.append([(h.id, h.score) for h in lib.search(TEXTS[0], 3)])
+            except Exception as exc:  # noqa: BLE001 - the test reports whatever a thread raised
+                errors.append(exc)
+
+        threads = [threading.Thread(target=search) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(results) == 4 and all(r == results[0] for r in results)
+        assert len(made) == 1
+        assert lib.engine.encoder is lib.encoder and lib.engine.vectors is lib.vectors
+
+
 def test_numpy_numbers_are_numbers_and_a_result_reads_as_its_hits(lib, lib_dir):
     result = lib.search(TEXTS[0], np.int64(3), rerank=0, min_score=np.float32(-1.0))
     assert len(result) == 3 and list(result) == list(result.hits) and result[0] == result.hits[0]
