@@ -260,8 +260,10 @@ class Library:
         return library
 
     def close(self) -> None:
-        """Release the database."""
+        """Release the database, and the models and vector index loaded (GBs for BLIP-2), also while the
+        caller still holds the library (a notebook's variable); a closed library cannot be used again."""
         self.metadata.close()
+        self._engine = self._vectors = self._encoder = self._captioner = None
 
     def __enter__(self) -> "Library":
         return self

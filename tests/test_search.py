@@ -806,6 +806,20 @@ def test_threads_searching_a_new_library_at_once_share_one_model_and_index(lib_d
         assert lib.engine.encoder is lib.encoder and lib.engine.vectors is lib.vectors
 
 
+def test_close_lets_the_models_and_the_vectors_go(lib_dir):
+    import gc
+    import weakref
+
+    lib = Library.open(lib_dir)
+    lib.search(TEXTS[0], 3)
+    encoder, vectors = weakref.ref(lib.encoder), weakref.ref(lib.vectors)
+    lib.close()
+    gc.collect()
+    assert encoder() is None and vectors() is None  # the caller still holds `lib`
+    with pytest.raises(LibraryError, match="was closed; open it again"):
+        lib.search(TEXTS[0], 3)
+
+
 def test_numpy_numbers_are_numbers_and_a_result_reads_as_its_hits(lib, lib_dir):
     result = lib.search(TEXTS[0], np.int64(3), rerank=0, min_score=np.float32(-1.0))
     assert len(result) == 3 and list(result) == list(result.hits) and result[0] == result.hits[0]
