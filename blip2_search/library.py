@@ -459,6 +459,8 @@ class Library:
         Ctrl-C commits what was done, then raises `IndexInterrupted` (a KeyboardInterrupt) whose `report`
         says what; running again resumes.
 
+        `progress`: called on this thread with a `Progress` after each file (and each step of the `vit` and `caption`
+        stages that follow the run); an exception it raises stops the run.
         `store_vit`: from now on keep each image's ViT tokens (fp16) so reranking need not rerun the ViT.
         `rehash`: read and hash every file, also those whose size and mtime are unchanged (finds content
         replaced under the same size and time; unchanged content is reused, not embedded again).
