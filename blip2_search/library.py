@@ -673,8 +673,9 @@ class Library:
             yield
         finally:
             self._locked = False
+            self._engine = None  # it read the caption vectors once: those the run wrote (new photos' captions) are read again
             if getattr(self._vectors, "opened_for_changes", False):  # it may count rows past the committed ones,
-                self._vectors = self._engine = None  # which the next holder of the lock overwrites: reopened on use
+                self._vectors = None  # which the next holder of the lock overwrites: reopened on use
             os.close(fd)
 
     # ------------------------------------------------------------------ searching

@@ -141,6 +141,23 @@ def test_searches_beside_an_index_run_that_has_not_saved_yet(demo_library, tmp_p
         assert new_ids - {newest} <= after and newest not in after
 
 
+def test_a_search_after_indexing_more_photos_fuses_their_captions(tmp_path):
+    """Open, search, index more photos, search again (a notebook): the second search fused the captions read
+    before the run, so the new photos ranked without theirs, unlike in any library opened afterwards."""
+    from blip2_search.demo import write_folder
+
+    write_folder(tmp_path / "first", 12, seed=5)
+    write_folder(tmp_path / "more", 12, seed=6)
+    query = "a red circle on the left"
+    with Library.open(tmp_path / "lib", model="demo", captioner="demo", create=True) as lib:
+        lib.index([tmp_path / "first"])
+        assert len(lib.search(query, 5, rerank=False)) == 5
+        lib.index([tmp_path / "more"])
+        after = [(h.id, round(h.score, 6)) for h in lib.search(query, 24, rerank=False)]
+    with Library.open(tmp_path / "lib") as fresh:
+        assert after == [(h.id, round(h.score, 6)) for h in fresh.search(query, 24, rerank=False)]
+
+
 def test_exif_rotated_photo_is_found_by_its_caption(tmp_path):
     """A scene saved with its pixels rotated and an orientation tag that undoes it: upright it is
     'on the left'; read without the tag it would look 'on the bottom'."""
