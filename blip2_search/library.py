@@ -664,10 +664,14 @@ class Library:
         except OSError as exc:
             raise LibraryError(f"cannot write to library {self.folder} ({exc.strerror}); make the folder writable or choose another --library") from exc
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise LibraryError(f"library {self.folder} is being indexed or pruned by another process; wait for it to finish") from exc
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:  # the run that holds it (maybe another thread's, with this library) keeps its state
+            os.close(fd)
+            raise LibraryError(f"library {self.folder} is being indexed or pruned by another process (or thread); wait for it to finish") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             self._locked = True
             remove_leftovers(self.folder / VECTORS_FILENAME)  # a save killed midway left one (index-sized files)
             yield

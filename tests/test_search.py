@@ -806,6 +806,35 @@ def test_threads_searching_a_new_library_at_once_share_one_model_and_index(lib_d
         assert lib.engine.encoder is lib.encoder and lib.engine.vectors is lib.vectors
 
 
+def test_a_refused_index_or_prune_leaves_the_running_one_alone(tiny_itm_dir, tmp_path):
+    """A second index or prune of a library whose run is going on (another thread's, with the same Library) is
+    refused; the refusal reset the run's state, and the run saved a vector index that looked current but lacked
+    the photos it had added, for every later process."""
+    photos = tmp_path / "photos"
+    for i in range(12):
+        _photo(photos / "a" / f"a{i}.jpg", 300 + i)
+        _photo(photos / "b" / f"b{i}.jpg", 400 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=4) as lib:
+        lib.index([photos / "a"])
+    refused = []
+
+    def progress(p):  # runs inside the index run: as a second thread's call would, while the run holds the lock
+        try:
+            lib.prune()
+        except LibraryError as exc:
+            refused.append(str(exc))
+
+    with Library.open(tmp_path / "lib", batch_size=4) as lib:
+        assert lib.index([photos / "a", photos / "b"], progress=progress).indexed == 12
+    with Library.open(tmp_path / "lib") as lib:
+        saved = [(h.id, round(h.score, 5)) for h in lib.search(TEXTS[0], 24, rerank=False)]
+    (tmp_path / "lib" / "vectors.faiss.json").unlink()  # rebuilt from the database
+    with Library.open(tmp_path / "lib") as lib:
+        assert [(h.id, round(h.score, 5)) for h in lib.search(TEXTS[0], 24, rerank=False)] == saved
+    assert len(saved) == 24
+    assert refused and "is being indexed or pruned by another process (or thread)" in refused[0]
+
+
 def test_close_lets_the_models_and_the_vectors_go(lib_dir):
     import gc
     import weakref
