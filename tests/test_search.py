@@ -230,6 +230,35 @@ def test_a_library_on_read_only_media_is_searched_without_writing(lib, lib_dir, 
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in lib_dir.iterdir())  # no journal, no file made
 
 
+def test_a_library_of_the_previous_schema_on_read_only_media_is_still_searched(lib, lib_dir, tmp_path, monkeypatch):
+    """Schema v3 adds only the change journal, which readers do without: a v2 library on read-only media (made by the
+    previous version) is searched as it is, not refused until opened where writable; its index file behind the
+    database is rebuilt in memory (there is no journal to bring it up to date)."""
+    import sqlite3
+
+    import blip2_search.store.metadata as metadata_module
+
+    copy = tmp_path / "v2-lib"
+    shutil.copytree(lib_dir, copy)
+    gone = lib.search(TEXTS[0], 1, rerank=False).hits[0].id
+    with Library.open(copy) as writable:  # the index file is left behind the database
+        writable.metadata.mark_deleted([gone])
+    with sqlite3.connect(copy / "metadata.sqlite") as raw:  # as the previous version left it
+        raw.execute("DROP TABLE vector_changes")
+        raw.execute("DELETE FROM library_info WHERE key = 'changes_since'")
+        raw.execute("UPDATE library_info SET value = '2' WHERE key = 'schema_version'")
+    raw.close()
+    real_access = os.access
+    monkeypatch.setattr(metadata_module, "on_read_only_media", lambda folder: Path(folder) == copy)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == copy and mode == os.W_OK else real_access(p, mode, **kw))
+    database = (copy / "metadata.sqlite").read_bytes()
+    with Library.open(copy) as ro:
+        assert ro.metadata.info().schema_version == 2
+        hits = ro.search(TEXTS[0], 5, rerank=False).hits
+        assert len(hits) == 5 and gone not in {h.id for h in hits}
+    assert (copy / "metadata.sqlite").read_bytes() == database and not (copy / "metadata.sqlite-wal").exists()  # not migrated
+
+
 def test_a_read_only_library_with_an_unfinished_journal_says_how_to_fold_it_in(lib_dir, tmp_path, monkeypatch):
     copy = _read_only_copy(lib_dir, tmp_path, monkeypatch)
     (copy / "metadata.sqlite-wal").write_bytes(b"\0" * 4096)  # copied while a process had it open

@@ -51,6 +51,8 @@ class Migration:
     version: int
     description: str
     apply: Callable[[Connection], None]
+    reads_without: bool = False
+    """Whether a library not yet brought to this step is still read as it is (a read-only opening skips it)."""
 
 
 _V1 = MetaData()
@@ -108,7 +110,7 @@ def _vector_changes(connection: Connection) -> None:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create library_info, images, embeddings and the caption word index", _create_v1),
     Migration(2, "caption vectors in their own table", _caption_vectors_apart),
-    Migration(3, "a journal of the images whose vectors each generation changed", _vector_changes),
+    Migration(3, "a journal of the images whose vectors each generation changed", _vector_changes, reads_without=True),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 """The schema version this code writes."""
@@ -153,7 +155,8 @@ def migrate(
 
     Raises LibraryError when the stored schema is newer than ``migrations`` knows (naming both
     versions and the fix), when the database is empty and ``create`` is False, or when an older
-    schema is opened ``read_only`` (read-only media, where it cannot be upgraded).
+    schema is opened ``read_only`` (read-only media, where it cannot be upgraded) and lacks a step
+    readers need; one lacking only steps they do not (``reads_without``) is returned at its version.
     """
     _check_sequence(migrations)
     latest = migrations[-1].version
@@ -162,6 +165,8 @@ def migrate(
     _check_openable(version, latest, location, create)
     if version == latest:
         return version
+    if read_only and all(step.reads_without for step in migrations if step.version > version):
+        return version  # nothing a reader needs is missing: searched as it is (never written there)
     if read_only:
         raise LibraryError(
             f"library {location} has schema version {version}, older than this blip2-search's {latest}, and is on "

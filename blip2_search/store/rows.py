@@ -221,7 +221,11 @@ class ChangedVectors(LiveVectors):
 
     def __init__(self, connection: Connection, embedder: EmbedderInfo | None, since: int, chunk_size: int) -> None:
         super().__init__(connection, embedder, chunk_size)
-        journal_from = int(read_info(connection).get(INFO_CHANGES_SINCE, self.generation + 1))
+        info = read_info(connection)
+        if INFO_CHANGES_SINCE not in info:  # a library of schema v2 opened read-only: it has no journal to read
+            self.covered, self.changed = False, np.zeros(0, dtype=np.int64)
+            return
+        journal_from = int(info[INFO_CHANGES_SINCE])
         rows = connection.execute(select(vector_changes.c.generation, vector_changes.c.image_id).where(vector_changes.c.generation > since)).all()
         ids = [row.image_id for row in rows]
         # every generation since journals at least one row: one that did not was written by a process that keeps no
