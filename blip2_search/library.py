@@ -152,6 +152,7 @@ class Library:
         self._captioner = None
         self._vectors: VectorStore | None = None
         self._vectors_generation: int | None = None
+        self._vectors_file_generation: int | None = None  # the saved file's generation the vectors were read from (see `_rebuilt_if_damaged`)
         self._seen_generation = 0  # the database's vectors generation at the last search (`_follow_other_writers`)
         self._vectors_loaded = (0.0, 0.0)  # when the vector index was last opened (time.monotonic()) and how long that took
         self._engine = None
@@ -363,6 +364,7 @@ class Library:
                 opened = self._open_vectors(save=not writer, lazy=self._locked, behind_from=self.metadata.embedder_since() if writer else None)
                 done = time.monotonic()
                 self._vectors, self._vectors_generation = opened.store, opened.generation
+                self._vectors_file_generation = opened.generation if opened.file_generation is None else opened.file_generation
                 self._vectors_loaded = (done, done - started)
                 self._unsaved_index = opened.unsaved
         return self._vectors
@@ -654,6 +656,7 @@ class Library:
         except CorruptIndexError:  # it read damaged rows from its file: leave the file stale, the next open rebuilds it
             self._vectors = self._engine = None
             return
+        self._vectors_file_generation = generation
         self.metadata.forget_vector_changes(generation)  # the file holds them now
 
     @contextmanager
@@ -754,7 +757,9 @@ class Library:
             return search()
         except CorruptIndexError as exc:
             path = self.folder / VECTORS_FILENAME
-            if saved_generation(path) == self._vectors_generation:  # the file loaded, not a newer one
+            # the file loaded, not a newer one (one brought up to date in memory beside a running index, or where it could
+            # not be saved back, was read from a file of its own older generation)
+            if saved_generation(path) == self._vectors_file_generation:
                 try:
                     self._remove_index_file()
                 except OSError:  # read-only media: rebuilt in memory instead, every time this process opens it

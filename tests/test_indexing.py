@@ -2006,6 +2006,31 @@ def test_a_damaged_vector_index_of_the_right_size_is_rebuilt(tiny_itm_dir, photo
     assert not any(np.isnan(np.fromfile(next(lib_dir.glob("vectors.*.f32")), dtype=np.float32)))
 
 
+def test_a_damaged_index_brought_up_to_date_beside_a_running_index_is_rebuilt(tiny_itm_dir, photos, tmp_path):
+    """A damaged file behind the database, brought up to date in memory beside a running `index` (not saved back), was
+    taken for a newer save than the one loaded (its generation is the database's, not the file's): the file stayed,
+    the rebuild loaded it again, and every search said the database's vectors were damaged (review)."""
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    (data,) = lib_dir.glob("vectors.*.f32")
+    rows = np.fromfile(data, dtype=np.float32)
+    rows[: 32 * 256] = np.nan
+    rows.tofile(data)
+    with open_metadata(lib_dir, create=False) as meta:  # the run beside commits: the file is behind the database
+        live = sorted(k.id for k in meta.known_files().values() if k.status == "indexed")
+        meta.mark_deleted(live[-1:])
+    lock = os.open(lib_dir / "index.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # that run holds the library's lock
+    try:
+        with Library.open(lib_dir) as lib:
+            got = lib.search("a red circle", 3, rerank=False, fusion=False)
+            assert "the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database" in got.notes
+            assert live[-1] not in [h.id for h in got.hits] and len(got.hits) == 3
+    finally:
+        os.close(lock)
+
+
 def test_a_damaged_index_that_cannot_be_removed_is_rebuilt_in_memory(tiny_itm_dir, photos, tmp_path, monkeypatch):
     """On read-only media the damaged files cannot be removed: searches still answer (rebuilt in memory, with the
     note), where removing them raised a raw OSError (review)."""

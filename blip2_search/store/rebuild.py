@@ -74,6 +74,7 @@ class OpenedVectors:
     generation: int
     rebuilt_because: str | None
     unsaved: str | None = None  # why the rebuilt index could not be written back (a full disk): it serves from memory
+    file_generation: int | None = None  # the file it was read from, when brought up to date but not saved back: its generation
 
 
 def open_vectors(
@@ -142,7 +143,8 @@ def open_vectors(
                                 behind.store.save(index_path, generation=changes.generation)
                             except LibraryError as exc:  # a full disk: it serves from memory
                                 unsaved = str(exc)
-                        return OpenedVectors(behind.store, changes.generation, None, unsaved=unsaved)
+                        kept = saved_at if unsaved is not None or not save else None  # the file still holds the older rows
+                        return OpenedVectors(behind.store, changes.generation, None, unsaved=unsaved, file_generation=kept)
                     loaded = LoadResult(None, "stale", f"index {index_path} did not match the database once brought up to date")
                 elif behind_from is not None and behind_from <= saved_at:
                     # beside a running index whose journal moved past this file (it saved again since), or that changed
