@@ -569,6 +569,43 @@ def test_a_file_behind_a_journal_that_moved_on_is_used_as_it_is_beside_a_running
     meta.close()
 
 
+def test_a_run_saving_while_a_reader_opens_its_last_save_leaves_the_reader_the_newer_file(tmp_path, metadata_location, monkeypatch):
+    """The reader reads the sidecar, then the file at the sidecar's generation: a run beside that saved in between
+    made that second read stale, and the reader rebuilt the whole index from the database (stress test)."""
+    rebuild_module = importlib.import_module("blip2_search.store.rebuild")
+    meta, index_path, open_kw, saved, ids = _behind_the_database(tmp_path, metadata_location, "exact", monkeypatch)
+    real_load, real_rebuild, calls = FaissVectorStore.load.__func__, rebuild_module.rebuild, []
+
+    def load_while_a_run_saves(cls, path, **kw):
+        calls.append(kw["expected_generation"])
+        if len(calls) == 2:  # between the reader's two reads, the run saves what it has committed
+            store = FaissVectorStore(4, 16, use_gpu=False)
+            store.save(path, generation=real_rebuild(meta, store))
+        return real_load(cls, path, **kw)
+
+    monkeypatch.setattr(FaissVectorStore, "load", classmethod(load_while_a_run_saves))
+    monkeypatch.setattr(rebuild_module, "rebuild", lambda *a, **k: pytest.fail("rebuilt from the database"))
+    opened = open_vectors(meta, index_path, behind_from=meta.embedder_since(), **open_kw)
+    current = meta.vectors_generation()
+    assert calls == [current, saved, current] and (opened.generation, opened.rebuilt_because) == (current, None)
+    assert sorted(opened.store.image_ids().tolist()) == _live(meta)[0].tolist()
+    meta.close()
+
+
+def test_a_current_compact_file_that_needs_retraining_serves_beside_a_running_index(tmp_path, metadata_location, monkeypatch):
+    """A run's saves outgrow the lists it trained: beside it, readers rebuilt (and retrained) the index at every open
+    of a current file (stress test; last session fixed it for a file behind the database); the run retrains it."""
+    from blip2_search.store.compact import CompactVectorStore
+
+    meta, index_path, open_kw, saved, ids = _behind_the_database(tmp_path, metadata_location, "trained", monkeypatch)
+    assert open_vectors(meta, index_path, **{**open_kw, "save": True}).generation == meta.vectors_generation()  # current
+    monkeypatch.setattr(CompactVectorStore, "needs_retraining", lambda self: True)
+    beside = open_vectors(meta, index_path, behind_from=meta.embedder_since(), **open_kw)
+    assert beside.rebuilt_because is None and beside.store.trained
+    assert "trained for far fewer" in open_vectors(meta, index_path, **open_kw).rebuilt_because  # no run beside: retrained now
+    meta.close()
+
+
 def test_the_change_journal_names_the_images_each_write_changed(tmp_path, metadata_location):
     """Each write that changes the live vectors journals the images it changed; a change of every image (a re-embed,
     another index kind) journals none in particular, so no file saved before it is brought up to date."""

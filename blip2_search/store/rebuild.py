@@ -125,18 +125,27 @@ def open_vectors(
         loaded, save = LoadResult(None, "invalid", distrust), False
     else:
         loaded = load(lazy=lazy)
-        if isinstance(loaded.store, CompactVectorStore) and loaded.store.needs_retraining():
+        if isinstance(loaded.store, CompactVectorStore) and loaded.store.needs_retraining() and behind_from is None:
+            # (beside a running index it serves until that run retrains it: each reader would retrain it again)
             loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds")
     generation = info.vectors_generation
     if loaded.store is None and loaded.state == "stale" and loaded.info is not None and loaded.info.vectors_generation < generation:
         saved_at = loaded.info.vectors_generation
         since = metadata.embedder_since()  # an older file may hold another model's vectors (`--reembed`)
-        behind = load(expected_generation=saved_at, lazy=lazy) if since is not None and since <= saved_at else None
+        behind = None
+        for _ in range(3):  # a run beside may save again between the two reads: the newer file is read then
+            if since is None or since > saved_at:
+                break
+            behind = load(expected_generation=saved_at, lazy=lazy)
+            if behind.store is not None or behind.state != "stale" or behind.info is None or behind.info.vectors_generation <= saved_at:
+                break
+            saved_at = behind.info.vectors_generation
         if behind is not None and behind.store is not None:
             with metadata.vector_changes(saved_at) as changes:
                 if changes.covered and (behind_from is None or len(changes.changed) <= max(BESIDE_CATCH_UP_MIN, changes.count // 10)):
                     up_to_date = _apply_changes(behind.store, changes)
-                    if up_to_date and not (isinstance(behind.store, CompactVectorStore) and behind.store.needs_retraining() and behind_from is None):
+                    retrain = isinstance(behind.store, CompactVectorStore) and behind.store.needs_retraining() and behind_from is None
+                    if up_to_date and not retrain:
                         unsaved = None
                         if save:
                             try:
@@ -145,7 +154,8 @@ def open_vectors(
                                 unsaved = str(exc)
                         kept = saved_at if unsaved is not None or not save else None  # the file still holds the older rows
                         return OpenedVectors(behind.store, changes.generation, None, unsaved=unsaved, file_generation=kept)
-                    loaded = LoadResult(None, "stale", f"index {index_path} did not match the database once brought up to date")
+                    loaded = LoadResult(None, "stale", f"index {index_path} was trained for far fewer images than it holds" if up_to_date
+                                        else f"index {index_path} did not match the database once brought up to date")
                 elif behind_from is not None and behind_from <= saved_at:
                     # beside a running index whose journal moved past this file (it saved again since), or that changed
                     # too many photos since to read now: serve it as it is, also one the writer will have to retrain (its
