@@ -165,6 +165,7 @@ class Library:
         self._model_recorded = False  # the model is the one the library recorded, not one the caller named
         self._locked = False  # this process holds the library lock (an index or prune of its own runs)
         self._making = threading.RLock()  # held while a collaborator is made: threads asking at once share one (models are GBs)
+        self._closed = False
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -263,8 +264,15 @@ class Library:
     def close(self) -> None:
         """Release the database, and the models and vector index loaded (GBs for BLIP-2), also while the
         caller still holds the library (a notebook's variable); a closed library cannot be used again."""
+        self._closed = True
         self.metadata.close()
-        self._engine = self._vectors = self._encoder = self._captioner = None
+        with self._making:  # one that another thread is making now is let go too, once made
+            self._engine = self._vectors = self._encoder = self._captioner = None
+
+    def _check_open(self) -> None:
+        """Called before a collaborator is made: after `close` it would be loaded again and kept (GBs)."""
+        if self._closed:
+            raise LibraryError(f"library {self.folder} was closed; open it again (Library.open) to use it")
 
     def __enter__(self) -> "Library":
         return self
@@ -280,6 +288,7 @@ class Library:
             with self._making:
                 if self._encoder is not None:  # another thread made it meanwhile
                     return self._encoder
+                self._check_open()
                 from .models.encoder import Blip2Encoder
                 from .models.policy import indexing_batch_size
 
@@ -334,6 +343,7 @@ class Library:
         if self._captioner is None and self.captioner_name:
             with self._making:
                 if self._captioner is None:
+                    self._check_open()
                     from .models.captioner import Blip2Captioner
 
                     self._captioner = Blip2Captioner.load(self.captioner_name, device=self.device, dtype=self.dtype, batch_size=self.encoder.batch_size)
@@ -352,6 +362,7 @@ class Library:
             with self._making:
                 if self._vectors is not None:  # another thread opened it meanwhile
                     return self._vectors
+                self._check_open()
                 # A rebuilt index is saved unless another process's index run holds the lock: that run saves its own, and
                 # two writers' index and sidecar files could interleave (a file that passes as current but is not).
                 # Beside such a run, the file it saved as it went (`Indexer.checkpoint`) is brought up to date from the

@@ -878,6 +878,42 @@ def test_close_lets_the_models_and_the_vectors_go(lib_dir):
         lib.search(TEXTS[0], 3)
 
 
+def test_a_closed_library_makes_no_model_or_index_again(lib_dir, monkeypatch):
+    """After close(), `lib.encoder` loaded the model again (a hub model: GBs, maybe a download) and kept it; and a
+    model or vector index another thread was making when close() ran was kept once made."""
+    import threading
+    import time
+
+    import blip2_search.library as library_module
+    from blip2_search.models.encoder import Blip2Encoder
+
+    made, load = [], Blip2Encoder.load.__func__
+    monkeypatch.setattr(Blip2Encoder, "load", classmethod(lambda cls, *a, **kw: made.append(1) or load(cls, *a, **kw)))
+    lib = Library.open(lib_dir)
+    lib.close()
+    for part in ("encoder", "vectors"):
+        with pytest.raises(LibraryError, match="was closed; open it again"):
+            getattr(lib, part)
+    assert made == []
+
+    opening, open_vectors = threading.Event(), library_module.open_vectors
+
+    def slow_open(*args, **kwargs):  # a large index file: seconds to read
+        opened = open_vectors(*args, **kwargs)
+        opening.set()
+        time.sleep(0.3)
+        return opened
+
+    monkeypatch.setattr(library_module, "open_vectors", slow_open)
+    lib = Library.open(lib_dir)
+    reader = threading.Thread(target=lambda: lib.vectors)
+    reader.start()
+    opening.wait(10)
+    lib.close()
+    reader.join()
+    assert lib._vectors is None
+
+
 def test_numpy_numbers_are_numbers_and_a_result_reads_as_its_hits(lib, lib_dir):
     result = lib.search(TEXTS[0], np.int64(3), rerank=0, min_score=np.float32(-1.0))
     assert len(result) == 3 and list(result) == list(result.hits) and result[0] == result.hits[0]
