@@ -396,7 +396,7 @@ class Library:
             self._engine = None  # captions written since (after an `index` that captioned earlier photos)
         if self._vectors is None:
             return
-        if current == self._vectors_generation:
+        if current == self._vectors_generation or self._locked:  # or this library's own run: its store gets the changes
             return
         recorded = self.metadata.info().embedder
         if recorded is not None and not self._same_embedder(recorded):

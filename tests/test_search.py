@@ -864,6 +864,75 @@ def test_a_refused_index_or_prune_leaves_the_running_one_alone(tiny_itm_dir, tmp
     assert refused and "is being indexed or pruned by another process (or thread)" in refused[0]
 
 
+def test_a_search_during_the_save_of_an_index_run_in_another_thread_keeps_the_runs_vectors(tiny_itm_dir, tmp_path, monkeypatch):
+    """A thread searching while another thread's index run (same Library) saved a checkpoint took the save for another
+    process's and reopened the vectors; the run went on adding to its own copy, and its last save wrote the reopened
+    one at the database's generation: a file that passed as current but lacked every photo indexed after."""
+    import threading
+
+    import blip2_search.library as library_module
+    from blip2_search.indexing import pipeline
+
+    photos = tmp_path / "photos"
+    for i in range(16):
+        _photo(photos / "a" / f"a{i}.jpg", 500 + i)
+        _photo(photos / "b" / f"b{i}.jpg", 600 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=4) as lib:
+        lib.index([photos / "a"])
+    monkeypatch.setattr(pipeline, "CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(pipeline, "CHECKPOINT_COST", 0.0)
+    monkeypatch.setattr(library_module, "FOLLOW_S", 0.0)
+    following, in_save, searched, errors = threading.Event(), threading.Event(), threading.Event(), []
+    with Library.open(tmp_path / "lib", batch_size=4) as lib:
+        lib.search(TEXTS[0], 3, rerank=False)
+        save, info, checkpoint = type(lib.vectors).save, type(lib.metadata).info, Library._checkpoint_vectors
+
+        def checkpoint_once_a_search_follows(self, store):  # the run committed a batch; a search comes meanwhile
+            if not searched.is_set() and self.metadata.vectors_generation() != self._vectors_generation:
+                following.wait(2)  # (a search that leaves the run's vectors alone does not wait for the save)
+                checkpoint(self, store)
+                searched.set()
+                return
+            checkpoint(self, store)
+
+        def slow_save(store, *args, **kwargs):  # a large index: its save takes seconds
+            if threading.current_thread() is threading.main_thread() and following.is_set() and not searched.is_set():
+                in_save.set()
+                searched.wait(10)
+            return save(store, *args, **kwargs)
+
+        def info_during_the_save(store):  # the search, behind the database, reads the library while the run saves
+            if threading.current_thread() is not threading.main_thread() and not searched.is_set():
+                following.set()
+                in_save.wait(10)
+            return info(store)
+
+        def search():
+            try:
+                while not searched.is_set():
+                    lib.search(TEXTS[0], 3, rerank=False)
+                    if in_save.is_set():  # this search came during the save
+                        searched.set()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                searched.set()
+
+        monkeypatch.setattr(Library, "_checkpoint_vectors", checkpoint_once_a_search_follows)
+        monkeypatch.setattr(type(lib.vectors), "save", slow_save)
+        monkeypatch.setattr(type(lib.metadata), "info", info_during_the_save)
+        searcher = threading.Thread(target=search)
+        searcher.start()
+        try:
+            assert lib.index([photos / "a", photos / "b"]).indexed == 16
+        finally:
+            searched.set()
+            searcher.join()
+    monkeypatch.undo()
+    assert errors == []
+    with Library.open(tmp_path / "lib") as lib:
+        assert len(lib.vectors) == 32
+
+
 def test_close_lets_the_models_and_the_vectors_go(lib_dir):
     import gc
     import weakref
