@@ -301,8 +301,8 @@ class Library:
                 try:
                     encoder = Blip2Encoder.load(self._embedder_source or self.model_name, device=self.device, dtype=self.dtype)
                 except ModelNotFoundError as exc:
-                    if not self._model_recorded:
-                        raise  # a model the caller named: its message names the option that names it
+                    if not self._model_recorded or self.model_name == DEMO:
+                        raise  # a model the caller named: its message names the option that names it (the demo's: reinstall)
                     # The library's own model is gone (a folder moved, a hub id not cached offline): `search` and `serve`
                     # take no --model, so the fix is to bring it back or to re-embed with another one.
                     reason = str(exc).split("; ", 1)[0]

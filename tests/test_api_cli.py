@@ -202,6 +202,20 @@ def test_a_librarys_vanished_model_names_a_fix_that_search_takes(tiny_itm_dir, p
     assert res.exit_code == 0, res.output  # the fix it names works without the old model
 
 
+def test_a_library_of_the_demo_model_missing_from_the_package_names_its_fix(photo_dir, tmp_path, monkeypatch):
+    """The demo models ship in the package: when they are missing, the fix is to reinstall it (as the demo's own
+    message says), not `hf download demo` (no such hub id)."""
+    from blip2_search import demo
+
+    folder, _ = photo_dir
+    lib = str(tmp_path / "lib")
+    res = CliRunner().invoke(main, ["index", str(folder), "--library", lib, "--model", "demo", "--no-captions"])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setattr(demo, "ITM_DIR", tmp_path / "not-installed")
+    res = CliRunner().invoke(main, ["search", "a red circle on the left", "--library", lib])
+    assert res.exit_code == 2 and "reinstall blip2-search" in res.output and "hf download" not in res.output, res.output
+
+
 @pytest.mark.parametrize("env, value, fix", [
     ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "abc", "not a number > 0"), ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "0", "not a number > 0"),
     ("BLIP2_SEARCH_VECTOR_MEMORY_GB", "nan", "not a number > 0"), ("BLIP2_SEARCH_BATCH_SIZE", "abc", "not a whole number >= 0 and <= 4096"),
