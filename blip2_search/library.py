@@ -165,6 +165,9 @@ class Library:
         self._model_recorded = False  # the model is the one the library recorded, not one the caller named
         self._locked = False  # this process holds the library lock (an index or prune of its own runs)
         self._making = threading.RLock()  # held while a collaborator is made: threads asking at once share one (models are GBs)
+        # held by a search while it reads the vector index, and by this library's own index run while it changes or saves
+        # it (another thread's search): FAISS's storage moves under a reader as vectors are added
+        self._vectors_use = threading.RLock()
         self._closed = False
 
     # ------------------------------------------------------------------ opening
@@ -523,7 +526,7 @@ class Library:
                 self.vit_store.enable()
             indexer = Indexer(self.metadata, lambda: self.vectors, self.encoder, self.captioner, batch_size=self.encoder.batch_size,
                               workers=self.workers, fast_decode=fast_decode, skip=[str(self.folder)], vit_store=self.vit_store, rehash=rehash,
-                              checkpoint=self._checkpoint_vectors)
+                              checkpoint=self._checkpoint_vectors, vectors_lock=self._vectors_use)
             report = indexer.run(roots, progress)
             if report.interrupted and self._vectors is not None:
                 try:  # it holds what was committed: servers follow it, and the next run needs no rebuild
@@ -653,22 +656,23 @@ class Library:
         """Save the vector index at the database's generation unless its file already holds that generation
         (a run that changed nothing neither reads nor writes the index; a stale file is opened and rebuilt).
         `compact` (prune): also a current one, rewritten without the rows of removed photos once they are a tenth."""
-        path = self.folder / VECTORS_FILENAME
-        generation = self.metadata.vectors_generation()
-        saved = saved_generation(path)
-        if saved == generation and (self._vectors is None or self._vectors_generation == generation):
-            if not compact or getattr(self.vectors, "dead_share", 0.0) < PRUNE_DEAD_SHARE:
-                self.metadata.forget_vector_changes(generation)
+        with self._vectors_use:  # not while a search of another thread reads it
+            path = self.folder / VECTORS_FILENAME
+            generation = self.metadata.vectors_generation()
+            saved = saved_generation(path)
+            if saved == generation and (self._vectors is None or self._vectors_generation == generation):
+                if not compact or getattr(self.vectors, "dead_share", 0.0) < PRUNE_DEAD_SHARE:
+                    self.metadata.forget_vector_changes(generation)
+                    return
+            store = self.vectors  # opened before the run's changes, which it received: it matches the database
+            self._vectors_generation = generation
+            try:
+                store.save(path, generation=generation, compact=compact)
+            except CorruptIndexError:  # it read damaged rows from its file: leave the file stale, the next open rebuilds it
+                self._vectors = self._engine = None
                 return
-        store = self.vectors  # opened before the run's changes, which it received: it matches the database
-        self._vectors_generation = generation
-        try:
-            store.save(path, generation=generation, compact=compact)
-        except CorruptIndexError:  # it read damaged rows from its file: leave the file stale, the next open rebuilds it
-            self._vectors = self._engine = None
-            return
-        self._vectors_file_generation = generation
-        self.metadata.forget_vector_changes(generation)  # the file holds them now
+            self._vectors_file_generation = generation
+            self.metadata.forget_vector_changes(generation)  # the file holds them now
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -764,28 +768,29 @@ class Library:
     def _rebuilt_if_damaged(self, search, *, note: bool = True):
         """`search()`, once more after rebuilding the vector index from the database if its file turned out damaged
         (with a note on the result, unless `note` is False: a result that carries none)."""
-        try:
-            return search()
-        except CorruptIndexError as exc:
-            path = self.folder / VECTORS_FILENAME
-            # the file loaded, not a newer one (one brought up to date in memory beside a running index, or where it could
-            # not be saved back, was read from a file of its own older generation)
-            if saved_generation(path) == self._vectors_file_generation:
-                try:
-                    self._remove_index_file()
-                except OSError:  # read-only media: rebuilt in memory instead, every time this process opens it
-                    self._distrusted_index = f"damaged and not removable ({exc})"
-            self._vectors = self._engine = None
-        try:
-            result = search()
-        except CorruptIndexError:  # rebuilt from the database and still impossible: the stored vectors are bad
-            raise LibraryError(f"library {self.folder}: the vectors stored in its database are damaged (not numbers, or scores "
-                               "impossible for unit vectors), so rebuilding the vector index from them did not help; move the library "
-                               "aside and index the photos into a new one") from None
-        if not note:
-            return result
-        said = "the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
-        return replace(result, notes=result.notes + (said,))
+        with self._vectors_use:  # this library's own index run (another thread) changes the index between
+            try:
+                return search()
+            except CorruptIndexError as exc:
+                path = self.folder / VECTORS_FILENAME
+                # the file loaded, not a newer one (one brought up to date in memory beside a running index, or where it could
+                # not be saved back, was read from a file of its own older generation)
+                if saved_generation(path) == self._vectors_file_generation:
+                    try:
+                        self._remove_index_file()
+                    except OSError:  # read-only media: rebuilt in memory instead, every time this process opens it
+                        self._distrusted_index = f"damaged and not removable ({exc})"
+                self._vectors = self._engine = None
+            try:
+                result = search()
+            except CorruptIndexError:  # rebuilt from the database and still impossible: the stored vectors are bad
+                raise LibraryError(f"library {self.folder}: the vectors stored in its database are damaged (not numbers, or scores "
+                                   "impossible for unit vectors), so rebuilding the vector index from them did not help; move the library "
+                                   "aside and index the photos into a new one") from None
+            if not note:
+                return result
+            said = "the vector index was damaged (it gave scores impossible for unit vectors): rebuilt it from the database"
+            return replace(result, notes=result.notes + (said,))
 
     def _search(self, q, k, rerank, rerank_k, filters, sort, fusion, rerank_source, path):
         from .search.results import check_k
@@ -966,7 +971,8 @@ class Library:
                         notes.append(f"the library has no photos recorded under {folder.rstrip(os.sep) or os.sep}; check the folder "
                                      "(a relative one is taken from the current folder)")
             if gone and embedded:
-                self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
+                with self._vectors_use:  # not while a search of another thread reads it
+                    self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
             missing_photos = self.metadata.mark_deleted(gone)  # failure records among them are dropped, not counted
             if embedded:
                 try:

@@ -817,6 +817,54 @@ def _unit_vectors(rng) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def _indexed_and_more(model_dir, photos, tmp_path, n, seed):
+    """A library of `photos` (exact index) and a folder of `n` more photos to index next: `(library, folder)`."""
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, model_dir, vector_index="exact") as lib:
+        lib.index([photos])
+    more = tmp_path / "more"
+    for i in range(n):
+        _photo(more / f"m{i}.jpg", seed + i)
+    return lib_dir, more
+
+
+def test_a_search_in_another_thread_never_reads_the_vector_index_while_the_run_changes_it(tiny_itm_dir, photos, tmp_path, monkeypatch):
+    """One Library may serve searches beside its own `index` run in another thread (README): FAISS's storage moves
+    under a reader as vectors are added (the search's view of it pointed at freed memory), so the two take turns."""
+    import threading
+
+    from blip2_search.store import FaissVectorStore
+
+    lib_dir, more = _indexed_and_more(tiny_itm_dir, photos, tmp_path, 12, 400)
+    changing, overlaps = threading.Event(), []
+    real_add, real_stored = FaissVectorStore.add, FaissVectorStore._stored
+
+    def slow_add(self, ids, vectors):
+        changing.set()
+        time.sleep(0.05)
+        try:
+            return real_add(self, ids, vectors)
+        finally:
+            changing.clear()
+
+    def watched_stored(self):
+        overlaps.append(changing.is_set())
+        return real_stored(self)
+
+    monkeypatch.setattr(FaissVectorStore, "add", slow_add)
+    monkeypatch.setattr(FaissVectorStore, "_stored", watched_stored)
+    with Library.open(lib_dir, batch_size=2, workers=1) as lib:
+        lib.search("a red circle", 3, rerank=False, fusion=False)  # the vectors loaded: the run changes that store
+        run = threading.Thread(target=lambda: lib.index([more]))
+        run.start()
+        while run.is_alive():
+            hits = lib.search("a red circle", 20, rerank=False, fusion=False).hits
+            assert len(hits) >= 7
+        run.join()
+        assert len(overlaps) > 5 and not any(overlaps), overlaps
+    _check_consistent(lib_dir)
+
+
 def test_duplicates_beside_a_running_index_come_from_the_database(tiny_itm_dir, tmp_path):
     """A reader beside a running `index` uses that run's last save, which may hold photos since deleted or repainted:
     `duplicates` listed a deleted copy, and a repainted one as an exact duplicate of its old twin (review)."""
@@ -861,12 +909,7 @@ def test_a_long_index_run_saves_the_vector_index_as_it_goes_and_readers_beside_i
     from blip2_search.indexing import pipeline
     from blip2_search.store.index_files import saved_generation
 
-    lib_dir = tmp_path / "lib"
-    with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
-        lib.index([photos])
-    more = tmp_path / "more"
-    for i in range(9):
-        _photo(more / f"m{i}.jpg", 200 + i)
+    lib_dir, more = _indexed_and_more(tiny_itm_dir, photos, tmp_path, 9, 200)
     monkeypatch.setattr(pipeline, "CHECKPOINT_S", 0.0)
     monkeypatch.setattr(library_module, "FOLLOW_S", 0.0)
     server = Library.open(lib_dir)

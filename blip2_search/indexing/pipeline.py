@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections import deque
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from itertools import islice
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -159,8 +159,11 @@ class Indexer:
         queue_ahead: bool | None = None,
         rehash: bool = False,
         checkpoint: Callable[[VectorStore], None] | None = None,
+        vectors_lock: AbstractContextManager | None = None,
     ):
         self.metadata = metadata
+        # held while this run changes the vector index: searches of the same library in other threads hold it too
+        self._vectors_lock = vectors_lock if vectors_lock is not None else nullcontext()
         self._checkpoint = checkpoint  # saves this run's vector store at the database's generation (see `checkpoint`)
         self._next_checkpoint = time.monotonic() + CHECKPOINT_S
         self._open_vectors = vectors  # opened on first change: a run that changes nothing never reads the index
@@ -231,7 +234,8 @@ class Indexer:
                 with _interrupts_deferred():
                     self.metadata.mark_failed([FailedFile(f.path, f.error or "unreadable") for f in plan.unreadable])
                     if was_live:
-                        self.vectors.remove(np.array(was_live, dtype=np.int64))
+                        with self._vectors_lock:
+                            self.vectors.remove(np.array(was_live, dtype=np.int64))
                     counts.failed += len(plan.unreadable)
             if plan.work:  # else nothing to read: the models (their processors' imports cost seconds) stay unloaded
                 self._process(plan, known, gone_by_hash, moved, counts, progress)
@@ -248,7 +252,8 @@ class Indexer:
                 with _interrupts_deferred():
                     deleted = self.metadata.mark_deleted(gone_ids)
                     if gone_ids:
-                        self.vectors.remove(np.array(gone_ids, dtype=np.int64))
+                        with self._vectors_lock:
+                            self.vectors.remove(np.array(gone_ids, dtype=np.int64))
                     self.metadata.mark_deleted(twins)  # retired failures (removed): no photo was deleted, nothing was searchable
             except KeyboardInterrupt:  # held until the deletions were complete
                 interrupted = True
@@ -556,7 +561,7 @@ class Indexer:
             return
         started = time.monotonic()
         try:
-            with _interrupts_deferred():
+            with _interrupts_deferred(), self._vectors_lock:
                 self._checkpoint(self._vectors)
         except LibraryError:
             self._checkpoint = None
@@ -651,7 +656,8 @@ class Indexer:
             if renames:
                 self.metadata.rename(renames)
             ids = self.metadata.upsert_indexed(items)
-            self.vectors.add(np.asarray(ids, dtype=np.int64), batch.vectors)
+            with self._vectors_lock:
+                self.vectors.add(np.asarray(ids, dtype=np.int64), batch.vectors)
             known_hashes.update(r.content_hash for r in results)
             counts.indexed += len(results)
             self._store_failed = False
@@ -723,7 +729,8 @@ class Indexer:
             if new:
                 stored = self.metadata.get_embeddings({u.content_hash for _, u in new})
                 vecs = np.stack([stored[u.content_hash].image_vectors for _, u in new])
-                self.vectors.add(np.asarray([i for i, _ in new], dtype=np.int64), vecs)
+                with self._vectors_lock:
+                    self.vectors.add(np.asarray([i for i, _ in new], dtype=np.int64), vecs)
             counts.reused += len(reuse)
             reuse.clear()
 
@@ -771,6 +778,7 @@ class Indexer:
             ids = self.metadata.mark_failed(failures)
             was_live = [i for i in ids if i in self._live_ids]  # a changed photo that no longer reads leaves search
             if was_live:
-                self.vectors.remove(np.asarray(was_live, dtype=np.int64))
+                with self._vectors_lock:
+                    self.vectors.remove(np.asarray(was_live, dtype=np.int64))
             counts.failed += len(failures)
             failures.clear()
