@@ -569,6 +569,26 @@ def test_a_file_behind_a_journal_that_moved_on_is_used_as_it_is_beside_a_running
     meta.close()
 
 
+def test_a_reader_that_brings_a_file_up_to_date_writes_new_files_not_over_a_runs_rows(tmp_path, metadata_location, monkeypatch):
+    """Only the holder of the library's lock may append to the index's data file: an index run writes rows past the
+    committed ones as it goes (over 256 MB of added vectors), which a reader's append of its caught-up file (a run
+    that started after the reader looked for one) overwrote; the run's next save then copied the reader's vectors
+    as its photos'. A reader writes new files instead."""
+    vectors_module = importlib.import_module("blip2_search.store.vectors")
+    meta, index_path, open_kw, saved, ids = _behind_the_database(tmp_path, metadata_location, "exact", monkeypatch)
+    current = meta.vectors_generation()
+    run = FaissVectorStore.load(index_path, expected_generation=saved, num_query_tokens=4, dim=16, use_gpu=False, lazy=True).store
+    monkeypatch.setattr(vectors_module, "PENDING_BYTES", 0)  # the run's added rows go to the data file at once
+    added = unit(np.random.default_rng(9), 3, 4, 16)
+    run.add(np.array([9001, 9002, 9003]), added)
+    reader = open_vectors(meta, index_path, **{**open_kw, "save": True})  # caught up and saved back
+    assert (reader.generation, reader.rebuilt_because) == (current, None)
+    run.save(index_path, generation=current + 1)
+    reopened = FaissVectorStore.load(index_path, expected_generation=current + 1, num_query_tokens=4, dim=16, use_gpu=False).store
+    np.testing.assert_array_equal(reopened.vectors_for(np.array([9001, 9002, 9003])), added)
+    meta.close()
+
+
 def test_a_run_saving_while_a_reader_opens_its_last_save_leaves_the_reader_the_newer_file(tmp_path, metadata_location, monkeypatch):
     """The reader reads the sidecar, then the file at the sidecar's generation: a run beside that saved in between
     made that second read stale, and the reader rebuilt the whole index from the database (stress test)."""

@@ -374,11 +374,11 @@ class CompactVectorStore:
             params["calibration"] = asdict(self.calibration)
         return params
 
-    def save(self, path: str | os.PathLike[str], *, generation: int, compact: bool = False) -> IndexInfo:
-        """Write the index (exact vectors or codes) and its sidecar atomically (``index_files``); ``compact``: see
-        ``FaissVectorStore.save`` (codes are always written whole)."""
+    def save(self, path: str | os.PathLike[str], *, generation: int, compact: bool = False, whole: bool = False) -> IndexInfo:
+        """Write the index (exact vectors or codes) and its sidecar atomically (``index_files``); ``compact``, ``whole``:
+        see ``FaissVectorStore.save`` (codes are always written whole)."""
         if self._exact is not None:
-            return self._exact.save(path, generation=generation, params=self.build_params(), compact=compact)
+            return self._exact.save(path, generation=generation, params=self.build_params(), compact=compact, whole=whole)
         return save_vector_index(
             self._index, path, factory=self.factory, num_query_tokens=self.num_query_tokens, dim=self.dim,
             images=len(self), vectors=self.ntotal, generation=generation, params=self.build_params(),

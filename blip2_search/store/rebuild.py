@@ -97,7 +97,8 @@ def open_vectors(
     ``kind``: ``exact`` (``FaissVectorStore``), ``compact`` or ``auto`` (``CompactVectorStore``,
     which trains itself at ``index_choice.compact_threshold`` images; ``auto`` from the point
     where the exact index would outgrow ``memory_budget_bytes``). ``lazy``: exact vectors (of either store)
-    are opened for changes (``FaissVectorStore.load``): read on first search; a save appends. ``distrust``: why
+    are opened for changes (``FaissVectorStore.load``): read on first search; a save appends (only the holder of
+    the library's lock opens it so; any other writes a file it brought up to date whole). ``distrust``: why
     the file must not be used even if current (found damaged where it could not be removed): rebuilt, not saved.
     ``behind_from``: a file saved at an older generation, not older than this one, that the journal no longer
     reaches back to (or that would take long to bring up to date, see ``BESIDE_CATCH_UP_MIN``) is loaded as it
@@ -148,8 +149,8 @@ def open_vectors(
                     if up_to_date and not retrain:
                         unsaved = None
                         if save:
-                            try:
-                                behind.store.save(index_path, generation=changes.generation)
+                            try:  # appended only by the holder of the library's lock (`lazy`), see FaissVectorStore.save
+                                behind.store.save(index_path, generation=changes.generation, whole=not lazy)
                             except LibraryError as exc:  # a full disk: it serves from memory
                                 unsaved = str(exc)
                         kept = saved_at if unsaved is not None or not save else None  # the file still holds the older rows

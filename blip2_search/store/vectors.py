@@ -115,9 +115,10 @@ class VectorStore(Protocol):
     def memory_bytes(self) -> int:
         """RAM held by the index structures (vectors or codes, ids, quantisers), in bytes."""
 
-    def save(self, path: str | os.PathLike[str], *, generation: int, compact: bool = False) -> IndexInfo:
+    def save(self, path: str | os.PathLike[str], *, generation: int, compact: bool = False, whole: bool = False) -> IndexInfo:
         """Write the index and its sidecar atomically, stamped with ``generation``; return the sidecar. ``compact``:
-        leave no space to removed images in the files (``prune``)."""
+        leave no space to removed images in the files (``prune``). ``whole``: write new files rather than append to
+        the ones it was read from (a process that does not hold the library's lock: see ``FaissVectorStore.save``)."""
 
 
 def _damaged() -> CorruptIndexError:
@@ -527,7 +528,8 @@ class FaissVectorStore:
     # -- files -----------------------------------------------------------------------------
 
     def save(
-        self, path: str | os.PathLike[str], *, generation: int, params: dict[str, Any] | None = None, compact: bool = False
+        self, path: str | os.PathLike[str], *, generation: int, params: dict[str, Any] | None = None, compact: bool = False,
+        whole: bool = False,
     ) -> IndexInfo:
         """Write the index's files and sidecar (``exact_files``), stamped with ``generation``.
 
@@ -536,7 +538,9 @@ class FaissVectorStore:
         ``compact`` (``prune``) from a tenth on (``exact_files.PRUNE_DEAD_SHARE``). ``params``: build parameters for the sidecar (default
         ``{"store": "exact"}``). When another process saved the index since (a search that rebuilt it), it
         writes every row instead. A lazy store rewrites by streaming its live rows from the data file it
-        opened (readable though removed) into the new one: its vectors never all sit in RAM.
+        opened (readable though removed) into the new one: its vectors never all sit in RAM. ``whole``: write every
+        row into a new data file whatever the dead share: only the holder of the library's lock may append (an index
+        run may have written rows past the committed ones, which another process's append would overwrite).
         """
         target = Path(path)
         info = IndexInfo(
@@ -545,7 +549,7 @@ class FaissVectorStore:
             index_bytes=0, params=params or {"store": EXACT_STORE},
         )
         dead = self.dead_share
-        rewrite = dead > exact_files.COMPACT_DEAD_SHARE or (compact and dead > 0 and dead >= exact_files.PRUNE_DEAD_SHARE)
+        rewrite = whole or dead > exact_files.COMPACT_DEAD_SHARE or (compact and dead > 0 and dead >= exact_files.PRUNE_DEAD_SHARE)
         if self._file is not None and self._path == target and not rewrite:
             ids = np.array(list(self._pending), dtype=np.int64)
             rows = np.concatenate([self._rows, ids])
