@@ -7,7 +7,9 @@ from the database; now it loads the file and reads the journal's photos only.
 
 - ``rebuild``: the journal emptied past the file (as a library from before the journal), so ``open_vectors``
   rebuilds from the database and saves;
-- ``journal``: ``open_vectors`` loads the file and applies the changes, then saves (an append).
+- ``journal``: ``open_vectors`` loads the file and applies the changes, then saves: a process that does not
+  hold the library's lock (a `search`) writes the file whole; with ``--lazy``, as the next `index` run opens it
+  (lazily, holding the lock), it reads the row ids only and appends.
 
 Each measurement runs on a fresh copy of the library folder (the copy is not timed), alternating the two ways,
 ``--reps`` times each; the files are in the page cache for both. ``--kind exact`` (the default kind below 125k
@@ -17,6 +19,7 @@ rebuild retrains).
     python bench/catch_up.py --quick                    # 5,000 photos (160 MB of vectors), 200 changed
     python bench/catch_up.py --images 20000             # 655 MB of vectors
     python bench/catch_up.py --images 20000 --kind compact
+    python bench/catch_up.py --images 20000 --lazy      # as the next index run opens it
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def build(folder: Path, n: int, changed: int, kind: str) -> int:
     return generation
 
 
-def measure(way: str, source: Path, scratch: Path, generation: int, kind: str) -> float:
+def measure(way: str, source: Path, scratch: Path, generation: int, kind: str, lazy: bool) -> float:
     target = scratch / way
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target)
@@ -77,7 +80,7 @@ def measure(way: str, source: Path, scratch: Path, generation: int, kind: str) -
     if way == "rebuild":
         meta.forget_vector_changes(generation)
     started = time.perf_counter()
-    opened = open_vectors(meta, target / "vectors.faiss", kind=kind, use_gpu=False)
+    opened = open_vectors(meta, target / "vectors.faiss", kind=kind, use_gpu=False, lazy=lazy)
     took = time.perf_counter() - started
     assert (opened.rebuilt_because is None) == (way == "journal"), opened.rebuilt_because
     assert opened.generation == generation == saved_generation(target / "vectors.faiss")
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=500)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--kind", choices=["exact", "compact"], default="exact")
+    parser.add_argument("--lazy", action="store_true", help="open as an index run does (lazily, holding the library's lock)")
     parser.add_argument("--quick", action="store_true", help="5,000 photos, 200 changed")
     args = parser.parse_args()
     if args.quick:
@@ -106,9 +110,9 @@ def main() -> None:
         times: dict[str, list[float]] = {"rebuild": [], "journal": []}
         for _ in range(args.reps):
             for way in times:
-                times[way].append(measure(way, source, scratch, generation, args.kind))
+                times[way].append(measure(way, source, scratch, generation, args.kind, args.lazy))
     rebuild, journal = (statistics.median(times[way]) for way in ("rebuild", "journal"))
-    print(f"{args.kind} index, {args.images} photos, {args.changed} changed")
+    print(f"{args.kind} index, {args.images} photos, {args.changed} changed{', opened lazily' if args.lazy else ''}")
     print(f"catch_up_rebuild_s: {rebuild:.3f}  (runs: {', '.join(f'{t:.3f}' for t in times['rebuild'])})")
     print(f"catch_up_journal_s: {journal:.3f}  (runs: {', '.join(f'{t:.3f}' for t in times['journal'])})")
     print(f"catch_up_speedup: {rebuild / journal:.1f}")
