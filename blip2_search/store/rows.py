@@ -170,7 +170,8 @@ class LiveVectors:
     def __init__(self, connection: Connection, embedder: EmbedderInfo | None, chunk_size: int) -> None:
         self._connection = connection
         self._chunk_size = chunk_size
-        self.generation = int(read_info(connection)[INFO_VECTORS_GENERATION])
+        self._info = read_info(connection)
+        self.generation = int(self._info[INFO_VECTORS_GENERATION])
         self.num_query_tokens = embedder.num_query_tokens if embedder else 0
         self.dim = embedder.dim if embedder else 0
         self.count = int(
@@ -221,7 +222,7 @@ class ChangedVectors(LiveVectors):
 
     def __init__(self, connection: Connection, embedder: EmbedderInfo | None, since: int, chunk_size: int) -> None:
         super().__init__(connection, embedder, chunk_size)
-        info = read_info(connection)
+        info = self._info  # the same snapshot's
         if INFO_CHANGES_SINCE not in info:  # a library of schema v2 opened read-only: it has no journal to read
             self.covered, self.changed = False, np.zeros(0, dtype=np.int64)
             return
