@@ -39,14 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blip2_search.store import EmbedderInfo, IndexedImage, ModelRef, index_choice, open_metadata, open_vectors
 from blip2_search.store.index_files import saved_generation
+from exact_files import D, Q, _unit  # noqa: E402 - this folder is on the path (python bench/..., bench/run.py)
 
-Q, D = 32, 256
 CHUNK = 1000
-
-
-def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    x = rng.standard_normal((n, Q, D), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _images(rng: np.random.Generator, first: int, count: int) -> list[IndexedImage]:
