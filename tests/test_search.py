@@ -835,16 +835,22 @@ def test_threads_searching_a_new_library_at_once_share_one_model_and_index(lib_d
         assert lib.engine.encoder is lib.encoder and lib.engine.vectors is lib.vectors
 
 
+def _indexed_a_and_b(model_dir, tmp_path, n, seed):
+    """Folders `photos/a` and `photos/b` of `n` photos each, `a` indexed into `tmp_path/lib`: `photos`."""
+    photos = tmp_path / "photos"
+    for i in range(n):
+        _photo(photos / "a" / f"a{i}.jpg", seed + i)
+        _photo(photos / "b" / f"b{i}.jpg", seed + 100 + i)
+    with Library.open(tmp_path / "lib", model=str(model_dir), captioner=False, create=True, batch_size=4) as lib:
+        lib.index([photos / "a"])
+    return photos
+
+
 def test_a_refused_index_or_prune_leaves_the_running_one_alone(tiny_itm_dir, tmp_path):
     """A second index or prune of a library whose run is going on (another thread's, with the same Library) is
     refused; the refusal reset the run's state, and the run saved a vector index that looked current but lacked
     the photos it had added, for every later process."""
-    photos = tmp_path / "photos"
-    for i in range(12):
-        _photo(photos / "a" / f"a{i}.jpg", 300 + i)
-        _photo(photos / "b" / f"b{i}.jpg", 400 + i)
-    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=4) as lib:
-        lib.index([photos / "a"])
+    photos = _indexed_a_and_b(tiny_itm_dir, tmp_path, 12, 300)
     refused = []
 
     def progress(p):  # runs inside the index run: as a second thread's call would, while the run holds the lock
@@ -873,12 +879,7 @@ def test_a_search_during_the_save_of_an_index_run_in_another_thread_keeps_the_ru
     import blip2_search.library as library_module
     from blip2_search.indexing import pipeline
 
-    photos = tmp_path / "photos"
-    for i in range(16):
-        _photo(photos / "a" / f"a{i}.jpg", 500 + i)
-        _photo(photos / "b" / f"b{i}.jpg", 600 + i)
-    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=4) as lib:
-        lib.index([photos / "a"])
+    photos = _indexed_a_and_b(tiny_itm_dir, tmp_path, 16, 500)
     monkeypatch.setattr(pipeline, "CHECKPOINT_S", 0.0)
     monkeypatch.setattr(pipeline, "CHECKPOINT_COST", 0.0)
     monkeypatch.setattr(library_module, "FOLLOW_S", 0.0)
