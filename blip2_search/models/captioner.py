@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidInputError, ModelLoadError
-from .checkpoint import LOADING, Checkpoint
+from .checkpoint import Checkpoint
 from .loading import DEFAULT_CAPTIONER, ModelSource, check_captioner_config, resolve_model
 from .policy import Placement, detect_placement
 
@@ -64,24 +64,19 @@ class Blip2Captioner(Checkpoint):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
-                if self._tokenizer is None:
-                    self._tokenizer = self._load_tokenizer()
-        return self._tokenizer
+        return self._load_once("_tokenizer", self._load_tokenizer)
 
     @property
     def model(self):
-        if self._model is None:
-            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
-                if self._model is None:
-                    from transformers import Blip2ForConditionalGeneration
+        return self._load_once("_model", self._load_model)
 
-                    model = self._from_pretrained(Blip2ForConditionalGeneration)
-                    if model.config.image_token_index is None:
-                        raise ModelLoadError(f"captioner {self.name!r} has no image_token_index in its config, which transformers 5 needs to place the image queries; use a checkpoint converted for transformers >= 4.47")
-                    self._model = model
-        return self._model
+    def _load_model(self):
+        from transformers import Blip2ForConditionalGeneration
+
+        model = self._from_pretrained(Blip2ForConditionalGeneration)
+        if model.config.image_token_index is None:
+            raise ModelLoadError(f"captioner {self.name!r} has no image_token_index in its config, which transformers 5 needs to place the image queries; use a checkpoint converted for transformers >= 4.47")
+        return model
 
     def with_settings(self, settings: CaptionSettings) -> "Blip2Captioner":
         """This captioner with other decoding settings, sharing its weights (loaded now if not yet)."""

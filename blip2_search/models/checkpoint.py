@@ -43,22 +43,33 @@ class Checkpoint:
     def device(self) -> torch.device:
         return torch.device(self.placement.device)
 
+    def _load_once(self, attribute: str, load):
+        """`self.<attribute>`, set to `load()` on first use under LOADING (checked again there: another thread may
+        have loaded it meanwhile)."""
+        value = getattr(self, attribute)
+        if value is None:
+            with LOADING:
+                value = getattr(self, attribute)
+                if value is None:
+                    value = load()
+                    setattr(self, attribute, value)
+        return value
+
     @property
     def image_processor(self):
         """The checkpoint's own image processor, PIL backend (bicubic, as LAVIS)."""
-        if self._image_processor is None:
-            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
-                if self._image_processor is None:
-                    from transformers import AutoImageProcessor
+        return self._load_once("_image_processor", self._load_image_processor)
 
-                    try:
-                        self._image_processor = AutoImageProcessor.from_pretrained(self.source.path, backend="pil")
-                    except (OSError, ValueError, KeyError, TypeError) as exc:
-                        reason = ("it has no preprocessor_config.json" if not (self.source.path / "preprocessor_config.json").is_file()
-                                  else str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-                        raise ModelLoadError(f"{self.role} {self.name!r}: its image preprocessor could not be loaded ({reason}); put the "
-                                             f"preprocessor_config.json that came with this checkpoint in {self.source.path}") from exc
-        return self._image_processor
+    def _load_image_processor(self):
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(self.source.path, backend="pil")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reason = ("it has no preprocessor_config.json" if not (self.source.path / "preprocessor_config.json").is_file()
+                      else str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            raise ModelLoadError(f"{self.role} {self.name!r}: its image preprocessor could not be loaded ({reason}); put the "
+                                 f"preprocessor_config.json that came with this checkpoint in {self.source.path}") from exc
 
     @property
     def image_size(self) -> int:

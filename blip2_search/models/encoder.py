@@ -74,17 +74,16 @@ class Blip2Encoder(Checkpoint):
     # ---------------------------------------------------------------- lazy parts
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
-                if self._tokenizer is None:
-                    tok = self._load_tokenizer()
-                    probe = tok("a", add_special_tokens=True)["input_ids"]
-                    if tok.cls_token_id is None or probe[0] != tok.cls_token_id:
-                        raise ModelLoadError(f"tokenizer of {self.name!r} does not start texts with [CLS]; BLIP-2 text embeddings are read from token 0, so use the checkpoint's BERT tokenizer")
-                    tok.padding_side = "right"
-                    tok.truncation_side = "right"
-                    self._tokenizer = tok
-        return self._tokenizer
+        return self._load_once("_tokenizer", self._load_bert_tokenizer)
+
+    def _load_bert_tokenizer(self):
+        tok = self._load_tokenizer()
+        probe = tok("a", add_special_tokens=True)["input_ids"]
+        if tok.cls_token_id is None or probe[0] != tok.cls_token_id:
+            raise ModelLoadError(f"tokenizer of {self.name!r} does not start texts with [CLS]; BLIP-2 text embeddings are read from token 0, so use the checkpoint's BERT tokenizer")
+        tok.padding_side = "right"
+        tok.truncation_side = "right"
+        return tok
 
     @property
     def loaded_parts(self) -> tuple[str, ...]:
@@ -93,14 +92,14 @@ class Blip2Encoder(Checkpoint):
 
     @property
     def full_model(self):
-        if self._full_model is None:
-            with LOADING:  # checked again under the lock: another thread may have loaded it meanwhile
-                if self._full_model is None:
-                    from transformers import Blip2ForImageTextRetrieval
+        return self._load_once("_full_model", self._load_full_model)
 
-                    self._full_model = self._from_pretrained(Blip2ForImageTextRetrieval)
-                    self._text_model = None  # the full model has the same text path: keep one copy
-        return self._full_model
+    def _load_full_model(self):
+        from transformers import Blip2ForImageTextRetrieval
+
+        model = self._from_pretrained(Blip2ForImageTextRetrieval)
+        self._text_model = None  # the full model has the same text path: keep one copy
+        return model
 
     def _text_parts(self):
         if self._full_model is not None:
