@@ -5,8 +5,10 @@ the event loop (`runner`), so thumbnails, status and the page are served while q
 Routes are listed in docs/server.md.
 """
 
+import asyncio
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -30,8 +32,9 @@ from starlette.routing import BaseRoute, Match
 from .. import __version__
 from ..api import rerank as score_images
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError
-from ..images import DEFAULT_MAX_PIXELS, model_image
+from ..images import DEFAULT_MAX_PIXELS, DRAFT_OVERSAMPLE, decoded_pixels, model_image
 from ..library import Library
+from ..search.query import parse_query
 from ..search.results import parse_date
 from ..store.records import STATUS_PENDING
 from . import limits
@@ -178,8 +181,8 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         _check_search_form(await request.form())  # FastAPI has parsed it; the limits /api/rerank applies while parsing
         filters = _filters(path, after, before, min_score, sort)
         _check_upload_size(image)
-        # decoded in its turn for the model: queued image searches hold their uploads, not full-size pictures
-        result = await runner.model(request, lambda: library.similar(_decode_upload(image, library.encoder.image_size), k, **filters))
+        picture = await _model_input(request, image)
+        result = await runner.model(request, library.similar, picture, k, **filters)
         return JSONResponse(result.as_dict())
 
     @app.post(
@@ -228,15 +231,36 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             check_query_text(query, "query")
             for f in files:
                 _check_upload_size(f)
-            # api.rerank decodes one upload at a time and keeps only its model input (not 16 full-size pictures)
-            ranking = await runner.model(request, lambda: score_images(query, [_NamedUpload(f) for f in files], model=library.encoder))
-        if ranking.errors and not len(ranking):  # nothing the client sent was a picture: a 400, as for an image search
-            raise ImageDecodeError(_upload_fix(ranking.errors[0].error))
-        names = [f.filename for f in files]
-        results = [{"index": h.index, "filename": names[h.index], "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit,
+            parse_query(query)  # a bad query is the answer, whatever the pictures
+            decoded = await asyncio.gather(*(_model_input(request, f, refuse=False) for f in files))
+            pictures = [(i, p) for i, p in enumerate(decoded) if not isinstance(p, str)]
+            if not pictures:  # nothing the client sent was a picture: a 400, as for an image search
+                raise ImageDecodeError(decoded[0])
+            ranking = await runner.model(request, score_images, query, [p for _, p in pictures], model=library.encoder)
+        names, sent = [f.filename for f in files], [i for i, _ in pictures]
+        results = [{"index": sent[h.index], "filename": names[sent[h.index]], "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit,
                     "match_probability": h.match_probability} for h in ranking]
-        errors = [{"index": e.index, "filename": names[e.index], "error": _upload_fix(e.error)} for e in ranking.errors]
+        errors = sorted([{"index": i, "filename": names[i], "error": p} for i, p in enumerate(decoded) if isinstance(p, str)]
+                        + [{"index": sent[e.index], "filename": names[sent[e.index]], "error": _upload_fix(e.error)} for e in ranking.errors],
+                        key=lambda e: e["index"])
         return {"query": ranking.query, "results": results, "errors": errors, **_notes_of(ranking.notes)}
+
+    async def _model_input(request: Request, upload: UploadFile, *, refuse: bool = True):
+        """`upload` decoded to the model's input size as `index` decodes a photo, in a worker thread within the
+        decode budget, before the request waits for its turn with the model: the turn then holds the model
+        alone, and a queued request holds a model-size picture (a 12 MP JPEG takes ~35 ms to decode on one
+        core; ViT-g embeds ~1,000 images a second on an H100). Not a picture: ImageDecodeError, or with
+        refuse=False its message, for an answer that lists it."""
+        runner.admit(request)
+        source = _NamedUpload(upload)
+        try:
+            size = await runner.io(lambda: library.encoder.image_size)
+            pixels = await runner.io(decoded_pixels, source, draft_side=math.ceil(DRAFT_OVERSAMPLE * size))  # the header only
+            return await runner.decode(pixels, model_image, source, size)
+        except ImageDecodeError as exc:
+            if refuse:
+                raise ImageDecodeError(_upload_fix(str(exc))) from None
+            return _upload_fix(str(exc))
 
     @app.get("/api/images/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}, **_ERRORS},
              response_class=Response, summary="JPEG thumbnail, upright, long side 320 px (cached)")
@@ -390,14 +414,6 @@ def _upload_fix(message: str) -> str:
     """A decode error of an upload, with the fix for someone uploading (the library's speaks to callers of open_image)."""
     return (f"{message.rsplit('; ', 1)[0]}; upload a JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC or AVIF picture of at most "
             f"{DEFAULT_MAX_PIXELS // 1_000_000} megapixels")
-
-
-def _decode_upload(upload: UploadFile, size: int):
-    """An uploaded picture (size already checked) decoded as `index` decodes a photo, to the model's `size`."""
-    try:
-        return model_image(_NamedUpload(upload), size)
-    except ImageDecodeError as exc:
-        raise ImageDecodeError(_upload_fix(str(exc))) from None
 
 
 def _checked_ids(photos: Photos, ids: list[int]) -> tuple[list[int], list[tuple[int, str]]]:

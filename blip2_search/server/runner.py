@@ -2,9 +2,9 @@
 
 One model serves every request, so model calls (search, similar, rerank) take turns; they wait for
 their turn in the event loop, never in a worker thread, so the pool stays free for thumbnails,
-originals and status however many queries queue. Thumbnail decodes share a pixel budget the same
-way: a PNG or TIFF is decoded in full (a 48 MP one holds about 200 MB), and a page asks for 24
-thumbnails at once.
+originals and status however many queries queue. Decodes (thumbnails, and uploads before their
+request's model turn) share a pixel budget the same way: a PNG or TIFF is decoded in full (a 48 MP one
+holds about 200 MB), and a page asks for 24 thumbnails at once.
 """
 
 from __future__ import annotations
@@ -60,12 +60,18 @@ class Runner:
         self._for_loop()
         return self._lock
 
-    async def model(self, request: Request, fn, *args, **kwargs):
+    def admit(self, request: Request) -> None:
+        """A 503 unless a model call of `request` would be queued now: what a request checks before the work it
+        does ahead of its turn (decoding uploads), so an overloaded or stopping server does none of it."""
         lock = self._model_lock()
         self._refuse_if_stopping(request)
         if lock.locked() and self._waiting >= limits.MAX_QUEUED_MODEL_CALLS:
             raise ApiError(503, f"{self._waiting} queries are already waiting for the model, the most this server queues; "
                                 f"retry in a few seconds, or send fewer queries at once", headers={"retry-after": "5"})
+
+    async def model(self, request: Request, fn, *args, **kwargs):
+        self.admit(request)
+        lock = self._model_lock()
         self._waiting += 1
         try:
             await lock.acquire()  # FIFO
