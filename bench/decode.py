@@ -8,6 +8,7 @@ the same normalisation, and checks that the reference path resizes exactly as th
 
     python bench/decode.py                       # 4 photos, 224 px
     python bench/decode.py --size 364 --png      # -coco size, and the non-JPEG fallback on PNG
+    python bench/decode.py --end-marker --no-hf  # also the same photos without their end marker, and cut
 
 Prints `decode_speedup: X` (reference time / fast time: best of --repeats per photo, median over
 photos) and `decode_mae: Y` (mean abs pixel error of fast vs reference, 0-255 units), among others.
@@ -16,6 +17,7 @@ photos) and `decode_mae: Y` (mean abs pixel error of fast vs reference, 0-255 un
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from blip2_search.errors import ImageDecodeError
 from blip2_search.images import DRAFT_OVERSAMPLE, decode_for_model
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--oversample", type=float, default=DRAFT_OVERSAMPLE)
     parser.add_argument("--png", action="store_true", help="also measure the non-JPEG fallback on PNG copies")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF image processor baseline")
+    parser.add_argument("--end-marker", action="store_true",
+                        help="also time each photo without its end marker (baseline, and saved with restart markers) and cut halfway")
     args = parser.parse_args(argv)
     print("command: python bench/decode.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         _compare("decode", paths, args)
         if args.png:
             _compare("png_decode", png_paths, args)
+        if args.end_marker:
+            _end_marker(paths, args)
         if not args.no_hf:
             _hf_baseline(paths, args.size, args.repeats, args.oversample)
 
@@ -207,6 +214,44 @@ def _compare(prefix: str, paths: list[Path], args: argparse.Namespace) -> None:
     print(f"{prefix}_mae: {statistics.mean(maes):.3f}")
     print(f"{prefix}_psnr_db: {statistics.mean(psnrs):.2f}")
     print(f"{prefix}_max_abs_error: {max(max_errors):.0f}")
+
+
+def _end_marker(paths: list[Path], args: argparse.Namespace) -> None:
+    """Time both paths on each photo whole, without its 2-byte end marker, saved with restart markers (one per
+    MCU row) and without the marker, and cut halfway (refused), in alternation; best of `repeats`, median over
+    photos. Pixels of a file without its marker must equal the whole file's."""
+    variants: dict[str, list[bytes]] = {"whole": [], "no_eoi": [], "no_eoi_restarts": [], "cut_half": []}
+    for path in paths:
+        data = path.read_bytes()
+        with Image.open(path) as im:
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=90, restart_marker_rows=1)
+        variants["whole"].append(data)
+        variants["no_eoi"].append(data[:-2])
+        variants["no_eoi_restarts"].append(buf.getvalue()[:-2])
+        variants["cut_half"].append(data[: len(data) // 2])
+    for fast in (True, False):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for k in range(len(paths)):
+            runs: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(args.repeats):
+                for name, datas in variants.items():
+                    start = time.perf_counter()
+                    try:
+                        decode_for_model(datas[k], args.size, fast=fast, oversample=args.oversample)
+                    except ImageDecodeError:
+                        if name != "cut_half":
+                            raise
+                    runs[name].append(1000 * (time.perf_counter() - start))
+            for name in variants:
+                times[name].append(min(runs[name]))
+            whole = decode_for_model(variants["whole"][k], args.size, fast=fast).pixels
+            assert np.array_equal(decode_for_model(variants["no_eoi"][k], args.size, fast=fast).pixels, whole)
+        path_name = "fast" if fast else "reference"
+        whole_ms = statistics.median(times["whole"])
+        for name in variants:
+            ms = statistics.median(times[name])
+            print(f"end_marker_{path_name}_{name}_ms: {ms:.1f} ({ms / whole_ms:.2f}x whole)")
 
 
 if __name__ == "__main__":

@@ -107,16 +107,20 @@ def decoded_pixels(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         if draft_side is not None and im.format in _DRAFTABLE:
             im.draft("RGB", (draft_side, draft_side))  # sets the scale only; nothing is decoded
         width, height = im.size
-        if im.format in _DRAFTABLE and not _ends_with_eoi(src):  # `jpeg_end` checks it with two full-size decodes
+        if im.format in _DRAFTABLE and not _ends_with_eoi(src):  # `jpeg_end` may check it with two full-size decodes
             return max(width * height, 2 * full)
         return width * height
 
 
 def _ends_with_eoi(src: OpenedSource) -> bool:
-    """Whether a JPEG's stream ends with its end marker (True where the stream cannot tell: not seekable)."""
+    """Whether a JPEG's stream ends with its end marker (True where the stream cannot tell: not seekable); the
+    stream is left where it was."""
     try:
+        position = src.stream.tell()
         src.stream.seek(-2, 2)
-        return src.stream.read(2) == JPEG_EOI
+        ends = src.stream.read(2) == JPEG_EOI
+        src.stream.seek(position)
+        return ends
     except (OSError, ValueError):
         return True
 
@@ -196,21 +200,24 @@ def _decode(source: ImageSource, *, max_pixels: int, draft_side: int | None) -> 
     With `draft_side`, a JPEG is decoded at the smallest DCT scale keeping both axes >= draft_side.
     """
     with open_source(source) as src, _pillow_errors(src):
-        try:
-            im, stored_size = _load_capped(src, max_pixels, draft_side)
-        except OSError as exc:  # a JPEG that lacks only its end marker decodes whole (`jpeg_end`)
-            if exc.errno is not None or "truncated" not in str(exc) or sniff(src.prefix) != "JPEG":
-                raise
-            src.stream.seek(0)
-            complete = with_end_marker(src.stream.read())
-            if complete is None:
-                raise
-            im, stored_size = _load_capped(replace(src, stream=io.BytesIO(complete)), max_pixels, draft_side)
+        if sniff(src.prefix) == "JPEG" and not _ends_with_eoi(src):
+            src = _ended(src)
+        im, stored_size = _load_capped(src, max_pixels, draft_side)
         file_format = im.format
         exif = read_exif(im)
         orientation = orientation_of(exif)
         info = image_info(file_format, stored_size, orientation, exif)
         return to_rgb(im, src.name), orientation, info
+
+
+def _ended(src: OpenedSource) -> OpenedSource:
+    """`src` with its end marker added when that is all it lacks (`jpeg_end`); else `src` as it was, which Pillow
+    decodes if it has data after its end marker and refuses as truncated if it was cut short. Checked before
+    decoding: a decode that failed first for want of the marker cost as much as the decode itself."""
+    src.stream.seek(0)
+    complete = with_end_marker(src.stream.read())
+    src.stream.seek(0)
+    return src if complete is None else replace(src, stream=io.BytesIO(complete))
 
 
 def _load_capped(src: OpenedSource, max_pixels: int, draft_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
