@@ -973,7 +973,7 @@ class Library:
             if gone and embedded:
                 with self._vectors_use:  # not while a search of another thread reads it
                     self.vectors.remove(np.asarray(gone, dtype=np.int64))  # loaded (or rebuilt) before the database changes
-            missing_photos = self.metadata.mark_deleted(gone)  # failure records among them are dropped, not counted
+            missing_photos = self.metadata.mark_deleted(gone)  # failures of files never indexed are dropped, not counted
             if embedded:
                 try:
                     self._save_vectors(compact=True)  # the space of removed photos' rows too

@@ -321,6 +321,34 @@ def test_failure_records_of_files_gone_are_dropped_not_counted_as_deleted_photos
     _check_consistent(lib_dir)
 
 
+def test_a_photo_whose_reindex_failed_then_deleted_is_kept_as_a_deleted_photo(tiny_itm_dir, photos, tmp_path):
+    """A photo indexed once, then cut short on disk (its re-index a failure), then deleted: its record was dropped
+    with its vectors, as if it had never been a photo. It is a deleted photo like any other: kept (vectors too) until
+    `prune`, and the original bytes coming back reuse its vectors and record."""
+    photo = photos / "p0.jpg"
+    original = photo.read_bytes()
+    lib_dir = tmp_path / "lib"
+    with _open(lib_dir, tiny_itm_dir) as lib:
+        lib.index([photos])
+        before = lib.metadata.get_by_paths([str(photo)])[str(photo)]
+        photo.write_bytes(original[: len(original) // 2])
+        assert lib.index([photos]).failed == 1
+        photo.unlink()
+        r = lib.index([photos])
+        assert (r.deleted, r.failed) == (1, 0)
+        after = lib.metadata.get_by_paths([str(photo)])[str(photo)]
+        assert (after.id, after.status, after.content_hash) == (before.id, "deleted", before.content_hash)
+        assert (lib.status().deleted, lib.status().failed, lib.failures()) == (1, 0, [])
+        photo.write_bytes(original)
+        r = lib.index([photos])
+        assert (r.reused, r.indexed) == (1, 0)  # its vectors were kept
+        assert lib.metadata.get_by_paths([str(photo)])[str(photo)].id == before.id
+        photo.unlink()
+        lib.index([photos])
+        assert (lib.prune().images, lib.status().deleted) == (1, 0)
+    _check_consistent(lib_dir)
+
+
 def test_renaming_the_indexed_folder_moves_its_records(tiny_itm_dir, photos, tmp_path):
     """Indexing a renamed top folder: each photo keeps its record under the new path (no second copy of
     every photo pointing at files that no longer exist)."""

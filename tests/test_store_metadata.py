@@ -516,6 +516,11 @@ def test_failed_file_then_indexed(store, tmp_path, rng):
     # its record keeps the content it held (its details and caption are that content's): a restore takes them back
     store.mark_failed([FailedFile(p, "truncated", content_hash="h10")])
     assert store.known_files()[p].content_hash == "h9"
+    # gone: the photo whose re-index failed is a deleted photo (kept with its vectors); a never-indexed failure is dropped
+    (never,) = store.mark_failed([FailedFile(str(tmp_path / "never.jpg"), "cannot decode")])
+    assert store.mark_deleted([fid, never]) == 1
+    assert [(r.id, r.status, r.content_hash) for r in store.get_records([fid, never])] == [(fid, "deleted", "h9")]
+    assert store.get_embeddings(["h9"]) and store.counts().deleted == 1
 
 
 def test_mark_deleted_leaves_search_and_purge(store, tmp_path, rng):

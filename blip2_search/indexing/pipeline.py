@@ -254,7 +254,7 @@ class Indexer:
                     if gone_ids:
                         with self._vectors_lock:
                             self.vectors.remove(np.array(gone_ids, dtype=np.int64))
-                    self.metadata.mark_deleted(twins)  # retired failures (removed): no photo was deleted, nothing was searchable
+                    self.metadata.mark_deleted(twins)  # retired failures (removed; one indexed before keeps its vectors): nothing was searchable
             except KeyboardInterrupt:  # held until the deletions were complete
                 interrupted = True
         notes = tuple(no_images_note(r) for r in empty) + tuple(unreadable_folder_note(f) for f in plan.unreadable if f.folder)

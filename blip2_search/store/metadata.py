@@ -396,7 +396,8 @@ class MetadataStore:
 
     def mark_deleted(self, image_ids: Iterable[int]) -> int:
         """Mark images deleted (they leave search, keep their id); return how many changed. Failure records
-        among them are removed (they were no photo: not counted as deleted)."""
+        of files never indexed are removed (they were no photo: not counted as deleted); one whose re-index failed
+        is a deleted photo like the others."""
         ids = [int(image_id) for image_id in image_ids]
         if not ids:
             return 0

@@ -359,15 +359,16 @@ def mark_failed(connection: Connection, failures: Sequence[FailedFile]) -> list[
 def mark_deleted(connection: Connection, image_ids: Sequence[int]) -> int:
     """Set status deleted on the photos among ``image_ids``; return how many changed.
 
-    Failure records among them are removed instead: a file that could not be indexed (or a folder that could
-    not be read) is no photo, neither in search nor among the deleted ones that ``status`` and ``prune`` count.
+    Failure records of files never indexed are removed instead (``drop_failures``). One whose file was indexed
+    before (its re-index failed) is a photo: it is marked deleted like the others, its vectors and caption kept
+    until ``forget_deleted``, so that its bytes coming back reuse them.
     """
     changed = 0
     was_live: list[int] = []
     now = _now()
+    drop_failures(connection, image_ids)
     for part in chunks(image_ids):
         was_live.extend(connection.scalars(select(images.c.id).where(images.c.id.in_(part), images.c.status == STATUS_INDEXED)))
-        connection.execute(delete(images).where(images.c.id.in_(part), images.c.status == STATUS_FAILED))
         changed += connection.execute(
             update(images)
             .where(images.c.id.in_(part), images.c.status != STATUS_DELETED)
@@ -376,6 +377,14 @@ def mark_deleted(connection: Connection, image_ids: Sequence[int]) -> int:
     if was_live:
         bump_generation(connection, was_live)
     return changed
+
+
+def drop_failures(connection: Connection, image_ids: Sequence[int]) -> None:
+    """Remove the failure records among ``image_ids`` of files never indexed: a file that could not be indexed (or
+    a folder that could not be read) is no photo, neither in search nor among the deleted ones that ``status`` and
+    ``prune`` count."""
+    for part in chunks(image_ids):
+        connection.execute(delete(images).where(images.c.id.in_(part), images.c.status == STATUS_FAILED, images.c.indexed_at.is_(None)))
 
 
 def forget_deleted(connection: Connection, *, deleted_before: datetime | None = None) -> int:
