@@ -2171,6 +2171,43 @@ def test_a_reembed_without_captions_embeds_the_kept_captions_again(tiny_itm_dir,
         assert lib.metadata.captions_without_vectors() == [] and "embedded the captions" not in " ".join(lib.index([photos]).notes)
 
 
+def test_a_caption_of_no_words_is_kept_but_never_embedded(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path, monkeypatch):
+    """A captioner with nothing to say ("", or marks that BLIP-2's normalisation drops) had its caption embedded
+    like a real one, then fused into every search. The text is kept (the photo counts as captioned, so it is not
+    captioned again each run) but no caption vector is written: at indexing, in the caption pass of photos
+    indexed without captions, nor when the kept captions are embedded again after a re-embed."""
+    from blip2_search.models.captioner import Blip2Captioner
+    from tiny_models import make_tiny_itm
+
+    for name in ("caption_pixels", "caption_vit"):  # every other photo of a batch gets a caption of no words
+        real = getattr(Blip2Captioner, name)
+        monkeypatch.setattr(Blip2Captioner, name, lambda self, *a, _real=real, **k: [
+            ". ~" if i % 2 else text for i, text in enumerate(_real(self, *a, **k))])
+
+    def blank_and_embedded(lib):
+        records = lib.metadata.get_records([k.id for k in lib.metadata.known_files().values()])
+        blank = {r.id for r in records if r.caption == ". ~"}
+        embedded = {int(i) for ids, _ in lib.metadata.iter_caption_vectors() for i in ids}
+        assert 0 < len(blank) < 7 and embedded == {r.id for r in records} - blank and lib.status().captioned == 7
+        return blank
+
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=str(tiny_captioner_dir), create=True, batch_size=4) as lib:
+        lib.index([photos])
+        blank = blank_and_embedded(lib)
+    with _open(tmp_path / "later", tiny_itm_dir) as lib:
+        lib.index([photos])
+    with Library.open(tmp_path / "later", captioner=str(tiny_captioner_dir), batch_size=4) as lib:
+        assert "captioned 7 photos indexed without captions" in lib.index([photos]).notes
+        blank_and_embedded(lib)
+        assert lib.index([photos]).notes == ()
+    other = make_tiny_itm(tmp_path / "other", seed=5)
+    with Library.open(tmp_path / "lib", model=str(other), captioner=False, reembed=True, batch_size=4) as lib:
+        notes = lib.index([photos]).notes
+        assert f"embedded the captions of {7 - len(blank)} photos that had none embedded (after a re-embed without captions)" in notes
+        assert blank_and_embedded(lib) == blank
+        assert "embedded the captions" not in " ".join(lib.index([photos]).notes)
+
+
 def test_captioner_none_stops_captioning_for_good_and_keeps_written_captions(tiny_itm_dir, tiny_captioner_dir, photos, tmp_path):
     """`captioner="none"` (CLI `--captioner none`) forgets the library's captioner: later plain runs write no
     captions and backfill none; captions already written stay; naming a captioner again turns them back on."""

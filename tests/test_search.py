@@ -1050,3 +1050,24 @@ def test_cli_image_search_refuses_text_only_options(lib_dir, lib):
     assert plain.exit_code == 0 and json.loads(plain.stdout)["results"][0]["path"] == photo
     for extra in (["--no-rerank"], ["--no-fusion"]):
         assert CliRunner().invoke(main, [*base, *extra]).stdout == plain.stdout
+
+
+@pytest.mark.parametrize("blank", ["", " ", "...", "(~)"])
+def test_a_blank_caption_embedded_by_an_earlier_version_adds_nothing_to_fusion(tiny_itm_dir, tmp_path, blank):
+    """A caption that normalises to nothing ("" or only the marks BLIP-2 drops) was embedded and fused like a
+    real one: as the only caption vector it ranked first in the caption list and lifted its photo to the top of
+    every query. A library still holding such vectors ranks as if the photo had no caption."""
+    from blip2_search.store import CaptionUpdate
+
+    for i in range(8):
+        _photo(tmp_path / "photos" / f"p{i}.jpg", 700 + i)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True, batch_size=8) as lib:
+        lib.index([tmp_path / "photos"])
+        plain = [h.id for h in lib.search(TEXTS[0], 8, rerank=False, fusion=False).hits]
+        last = plain[-1]
+        lib.metadata.set_captions([CaptionUpdate(last, blank, "some captioner", lib.encoder.embed_texts([blank])[0])])
+    with Library.open(tmp_path / "lib") as lib:
+        assert lib.metadata.get_records([last])[0].caption == blank  # the record keeps what the captioner wrote
+        for text in TEXTS:
+            fused = lib.search(text, 8, rerank=False, fusion=True).hits
+            assert [h.id for h in fused] == [h.id for h in lib.search(text, 8, rerank=False, fusion=False).hits], text

@@ -9,12 +9,14 @@ waiting (see `indexing.pipeline`). On the CPU everything has run by the time `em
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
+from ..search.query import has_words
 
 
 class HostCopy:
@@ -43,12 +45,13 @@ class HostCopy:
 
 @dataclass(frozen=True, eq=False)
 class EmbeddedBatch:
-    """`vectors [n, Q, D] float32` (L2-normalised per query); captions and `caption_vectors [n, D]` or None;
-    `vit [n, T, W] float16` the ViT tokens, or None when they were not asked for (the token store is off)."""
+    """`vectors [n, Q, D] float32` (L2-normalised per query); captions and their `caption_vectors` (see
+    `embed_captions`), or None; `vit [n, T, W] float16` the ViT tokens, or None when they were not asked for (the
+    token store is off)."""
 
     vectors: np.ndarray
     captions: list[str] | None
-    caption_vectors: np.ndarray | None
+    caption_vectors: list[np.ndarray | None] | None
     vit: np.ndarray | None = None
 
 
@@ -58,7 +61,7 @@ class QueuedBatch:
 
     vectors: HostCopy
     captions: list[str] | None
-    caption_vectors: np.ndarray | None
+    caption_vectors: list[np.ndarray | None] | None
     vit: HostCopy | None
 
     def collect(self) -> EmbeddedBatch:
@@ -91,5 +94,17 @@ def embed_batch(
             captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size], device=captioner.device))
     vectors = HostCopy(encoder.image_embeds(vit).float())
     vit_copy = HostCopy(vit.half()) if keep_vit else None  # the token store keeps float16
-    caption_vectors = encoder.embed_texts(captions) if captions is not None else None
+    caption_vectors = embed_captions(encoder, captions) if captions is not None else None
     return QueuedBatch(vectors, captions, caption_vectors, vit_copy)
+
+
+def embed_captions(encoder: Blip2Encoder, captions: Sequence[str]) -> list[np.ndarray | None]:
+    """Each caption's text embedding (`[D] float32`, L2-normalised), None for a caption of no words ("", or only
+    marks BLIP-2's normalisation drops): its embedding is that of an empty text, alike for every photo, which
+    caption fusion would rank as a match of any query."""
+    worded = [i for i, text in enumerate(captions) if has_words(text)]
+    out: list[np.ndarray | None] = [None] * len(captions)
+    if worded:
+        for i, vector in zip(worded, encoder.embed_texts([captions[i] for i in worded])):
+            out[i] = vector
+    return out

@@ -30,7 +30,7 @@ from ..models.encoder import Blip2Encoder
 from ..store import CaptionUpdate, FailedFile, IndexedImage, MetadataStore, VectorStore
 from ..store.records import STATUS_DELETED, STATUS_FAILED, STATUS_INDEXED, STATUS_PENDING, KnownFile
 from ..models.sharing import share_vit
-from .embed import HostCopy, QueuedBatch, embed_batch
+from .embed import HostCopy, QueuedBatch, embed_batch, embed_captions
 from .read import ReadResult, header_info, read_and_decode
 from .scan import (ChangePlan, FoundFile, closest_root, empty_roots, no_images_note, plan_changes, scan, stat_files,
                    unreadable_folder_note)
@@ -416,11 +416,11 @@ class Indexer:
         while records := self.metadata.captions_without_vectors(limit=max(1024, self.batch_size), after=after):
             after = records[-1].id
             first = {r.content_hash: r for r in reversed(records)}  # one per content: a caption applies to every copy
-            texts = [r.caption for r in first.values()]
-            vectors = self.encoder.embed_texts(texts)
-            with _interrupts_deferred():
-                self.metadata.set_captions([CaptionUpdate(r.id, r.caption, r.caption_model or "", v) for r, v in zip(first.values(), vectors)])
-                done += len(records)
+            vectors = dict(zip(first, embed_captions(self.encoder, [r.caption for r in first.values()])))
+            embedded = [CaptionUpdate(r.id, r.caption, r.caption_model or "", v) for r in first.values() if (v := vectors[r.content_hash]) is not None]
+            with _interrupts_deferred():  # a caption of no words is left without one (it is listed again each run: only those)
+                self.metadata.set_captions(embedded)
+                done += sum(vectors[r.content_hash] is not None for r in records)
         if done:
             self.metadata.captions_changed()
         return done
@@ -460,7 +460,7 @@ class Indexer:
             self._not_in_forward.clear()
         try:
             texts = cap.caption_pixels(cap.pixels_from_uint8(np.stack([r.pixels[cap.image_size] for _, _, r in batch]), device=cap.device))
-            vectors = self.encoder.embed_texts(texts)
+            vectors = embed_captions(self.encoder, texts)
         finally:
             self._not_in_forward.set()
         n = sum(n for _, n, _ in batch)

@@ -19,7 +19,7 @@ from ..models.text import MAX_TOKENS
 from ..store import MetadataStore, VectorStore
 from ..store.scoring import mean_max
 from .duplicates import closest_in_group, duplicate_groups
-from .query import Query
+from .query import Query, has_words
 from .rerank import RecomputeVit, VitSource, rerank_hits
 from .results import Filters, Hit, SearchResult
 
@@ -158,7 +158,9 @@ class SearchEngine:
     def _captions(self) -> tuple[np.ndarray, np.ndarray]:
         """All caption vectors, loaded once per engine: `(ids [n], [n, D] float32)`."""
         if self._caption_matrix is None:
-            parts = list(self.metadata.iter_caption_vectors())
+            # a caption of no words ("", "...": a captioner with nothing to say) embeds as one fixed text that ranks
+            # photos by nothing they show; a library of before it was left unembedded still holds such vectors
+            parts = list(self.metadata.iter_caption_vectors(keep=has_words))
             ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
             vecs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.encoder.embed_dim), np.float32)
             self._caption_matrix = (ids, vecs)

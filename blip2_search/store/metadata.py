@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -595,7 +595,10 @@ class MetadataStore:
         with self._write() as connection:
             updates.forget_vector_changes(connection, through)
 
-    def iter_caption_vectors(self, chunk_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(ids [n] int64, vectors [n, D] float32)`` for indexed images with caption vectors."""
+    def iter_caption_vectors(
+        self, chunk_size: int = 4096, *, keep: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(ids [n] int64, vectors [n, D] float32)`` for indexed images with caption vectors; ``keep``:
+        only those whose caption text it passes."""
         with self._read() as connection:
-            yield from iter_caption_vectors(connection, read_embedder(connection), chunk_size)
+            yield from iter_caption_vectors(connection, read_embedder(connection), chunk_size, keep)

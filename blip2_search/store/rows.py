@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -140,14 +140,16 @@ def to_embedding_record(row: Any, embedder: EmbedderInfo | None) -> EmbeddingRec
 
 
 def iter_caption_vectors(
-    connection: Connection, embedder: EmbedderInfo | None, chunk_size: int
+    connection: Connection, embedder: EmbedderInfo | None, chunk_size: int, keep: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(ids [n] int64, vectors [n, D] float32)`` for indexed images with caption vectors."""
+    """Yield ``(ids [n] int64, vectors [n, D] float32)`` for indexed images with caption vectors; ``keep``: only
+    those whose caption text it passes (the text is read too then)."""
     dim = embedder.dim if embedder else 0
     last_id = -1
+    columns = [images.c.id, caption_vectors.c.vector] + ([images.c.caption] if keep is not None else [])
     while True:
         rows = connection.execute(
-            select(images.c.id, caption_vectors.c.vector)
+            select(*columns)
             .join(caption_vectors, images.c.content_hash == caption_vectors.c.content_hash)
             .where(images.c.status == STATUS_INDEXED, images.c.id > last_id)
             .order_by(images.c.id)
@@ -155,10 +157,14 @@ def iter_caption_vectors(
         ).all()
         if not rows:
             return
+        last_id = int(rows[-1].id)
+        if keep is not None:
+            rows = [row for row in rows if keep(row.caption or "")]
+            if not rows:
+                continue
         ids = np.array([row.id for row in rows], dtype=np.int64)
         blobs = [row.vector for row in rows]
         yield ids, blobs_to_vectors(blobs, (dim,), lambda i: f"caption vector of image {rows[i].id}")
-        last_id = int(ids[-1])
 
 
 class LiveVectors:
