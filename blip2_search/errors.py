@@ -35,6 +35,11 @@ class ModelMismatchError(LibraryError):
     """A library was built with a different model than the one asked for."""
 
 
+class DamagedDatabaseError(LibraryError):
+    """The library's SQLite file is damaged: pages SQLite finds malformed, or values in it that this program never
+    writes (an unreadable date, text that is not UTF-8). Nothing is written to it after this is raised."""
+
+
 class CorruptIndexError(LibraryError):
     """The vector index file returned impossible scores (damaged on disk); it can be rebuilt from the database."""
 

@@ -872,3 +872,59 @@ def test_filter_ids_by_path_glob_and_dates(store, rng):
     assert got(path_glob="/P/*") == []  # case-sensitive
     assert got(after=datetime(2023, 3, 1)) == [2, 3] and got(before=datetime(2023, 12, 31)) == [0, 3]
     assert got(after=datetime(2023, 1, 1), path_glob="*a.jpg") == [0, 2]
+
+
+def _library_file(tmp_path: Path, rng) -> Path:
+    """A library file of 120 photos (several pages of them), closed."""
+    path = tmp_path / "lib" / "metadata.sqlite"
+    with open_metadata(path, create=True, embedder=EMBEDDER) as s:
+        s.upsert_indexed([image(tmp_path / f"p{i:03d}.jpg", f"h{i}", unit(rng, Q, D), caption=f"photo number {i} of a zebra",
+                                caption_model="c", taken_at=datetime(1999, 12, 31, 23, 59, i % 60)) for i in range(120)])
+    return path
+
+
+def _overwrite(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) >= 1
+    path.write_bytes(data.replace(old, new))  # in the table and in any index that holds the value
+
+
+@pytest.mark.parametrize("damage", ["page", "date", "text", "info"])
+def test_a_damaged_library_file_is_one_error_naming_it_and_the_way_back_and_is_never_written(tmp_path, rng, damage):
+    """Damaged pages of metadata.sqlite surfaced as "database disk image is malformed; ... delete the library folder",
+    as a stored date or text SQLite cannot tell is wrong as a raw ValueError traceback, and as a damaged library_info
+    as a KeyError. Each is one DamagedDatabaseError (exit 2) naming the file, that it is damaged and the way back;
+    nothing is written to the file."""
+    from blip2_search.cli import main
+    from blip2_search.errors import DamagedDatabaseError
+    from click.testing import CliRunner
+
+    path = _library_file(tmp_path, rng)
+    if damage == "page":  # the middle of the last page of photos, past its header
+        with sqlite3.connect(path) as c:
+            page = c.execute("SELECT max(pageno) FROM dbstat WHERE name = 'images'").fetchone()[0]
+            size = c.execute("PRAGMA page_size").fetchone()[0]
+        with open(path, "r+b") as f:
+            f.seek((page - 1) * size + 8)
+            f.write(bytes((i * 37 + 11) % 256 for i in range(size - 100)))
+    elif damage == "date":
+        _overwrite(path, b"1999-12-31 23:59:07", b"1999-1X-31 23:59:07")
+    elif damage == "text":
+        _overwrite(path, b"photo number 7 of", b"\xff\xfeoto number 7 of")
+    else:
+        _overwrite(path, b"num_query_tokens", b"num_query_tokenZ")
+    before = path.read_bytes()
+    with pytest.raises(DamagedDatabaseError) as error:
+        with open_metadata(path, create=False) as s:
+            s.info()
+            s.get_records(range(1, 121))
+            s.counts()
+    message = str(error.value)
+    assert "\n" not in message and f"library database {path} is damaged (" in message
+    assert "restore it from a backup" in message and "run `index` on the photo folders again" in message
+    assert message.isprintable()  # no damaged bytes quoted
+    if damage == "info":
+        result = CliRunner().invoke(main, ["status", "--library", str(path.parent)])
+        assert result.exit_code == 2 and "Traceback" not in result.output and f"{path} is damaged" in result.output, result.output
+    assert path.read_bytes() == before
+    assert not path.with_name(path.name + "-wal").exists() or path.with_name(path.name + "-wal").stat().st_size == 0

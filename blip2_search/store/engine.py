@@ -17,6 +17,7 @@ give up after the same busy timeout with a "locked" error.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
-from blip2_search.errors import LibraryError
+from blip2_search.errors import Blip2SearchError, DamagedDatabaseError, LibraryError
 
 METADATA_FILENAME = "metadata.sqlite"
 """Name of the SQLite file inside a library folder."""
@@ -185,8 +186,8 @@ def library_error(location: str, error: BaseException) -> LibraryError:
         fix = "the disk is full; free disk space and run the command again"
     elif "locked" in lowered or "busy" in lowered or "lock timeout" in lowered:
         fix = "another process is writing to it; wait for it to finish or stop it, then retry"
-    elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
-        fix = "the file is damaged; restore it from a backup or delete the library folder and re-index"
+    elif _DAMAGE.search(lowered) and "://" not in location:
+        return damaged_database_error(location, _damage_reason(detail))
     elif "readonly" in lowered or "read-only" in lowered or "permission denied" in lowered:
         fix = "it is read-only; make the library folder and the files in it writable, or choose another --library folder"
     elif "unable to open" in lowered:
@@ -196,6 +197,46 @@ def library_error(location: str, error: BaseException) -> LibraryError:
     else:
         fix = "check the library location and run the command again"
     return LibraryError(f"library {location}: {detail}; {fix}")
+
+
+class StoredValueError(ValueError):
+    """A value read from the database that this program never writes (a key missing from ``library_info``, a
+    number that is not one): the file is damaged. ``translate_errors`` turns it into a DamagedDatabaseError."""
+
+
+# SQLite's words for a damaged file: pages (malformed, not a database, corruption), a text value whose bytes are
+# not UTF-8 (the driver's decode), the caption index's shadow tables unreadable (vtable constructor)
+_DAMAGE = re.compile(r"not a database|malformed|corrupt|could not decode to utf-8|vtable constructor failed")
+
+
+def _damage_reason(detail: str) -> str:
+    """What SQLite said of the damage, without the damaged bytes it may quote (the driver's decode error does)."""
+    lowered = detail.lower()
+    if "could not decode to utf-8" in lowered:
+        column = re.search(r"column '([^']*)'", detail)
+        return f"a stored text{f' of column {column.group(1)}' if column else ''} is not valid UTF-8"
+    if "vtable constructor failed" in lowered:
+        return "its caption search index cannot be read"
+    return "SQLite: " + detail
+
+
+def damaged_database_error(location: str, reason: str) -> DamagedDatabaseError:
+    """The one-line error of a damaged SQLite file ``location``: the file, the reason, and the ways back."""
+    # not `sqlite3 FILE .recover`: SQLite 3.40's fails on a library's file ("SQL logic error"), damaged or not
+    return DamagedDatabaseError(
+        f"library database {location} is damaged ({reason}); restore it from a backup, or move it aside and run `index` "
+        "on the photo folders again with the same --model (every photo is embedded again; the photos themselves are untouched)"
+    )
+
+
+def _raised_by_sqlalchemy(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside SQLAlchemy itself: converting a value read from the database (a stored
+    date that is no date), as our own code (a bad argument, a bug) raises it from this package's frames."""
+    tb = error.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}sqlalchemy{os.sep}" in last.tb_frame.f_code.co_filename
 
 
 def _disk_full(location: str) -> bool:
@@ -209,8 +250,15 @@ def _disk_full(location: str) -> bool:
 
 @contextmanager
 def translate_errors(location: str) -> Iterator[None]:
-    """Re-raise database errors as LibraryError (see ``library_error``)."""
+    """Re-raise database errors as LibraryError (see ``library_error``); a value read from a SQLite file that this
+    program never writes (``StoredValueError``, or one SQLAlchemy cannot convert) as DamagedDatabaseError."""
     try:
         yield
     except DBAPIError as error:
         raise library_error(location, error) from error
+    except StoredValueError as error:
+        raise damaged_database_error(location, str(error)) from error
+    except ValueError as error:
+        if isinstance(error, Blip2SearchError) or "://" in location or not _raised_by_sqlalchemy(error):
+            raise
+        raise damaged_database_error(location, "a stored value is not of its column's kind") from error

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 
 from blip2_search.errors import LibraryError
-from blip2_search.store.engine import read_transaction, write_transaction
+from blip2_search.store.engine import StoredValueError, read_transaction, write_transaction
 from blip2_search.store.schema import (
     INFO_CHANGES_SINCE,
     INFO_CREATED_AT,
@@ -121,7 +121,9 @@ def current_version(connection: Connection) -> int:
     if not inspect(connection).has_table(library_info.name):
         return 0
     value = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_SCHEMA_VERSION))
-    return 0 if value is None else int(value)
+    if value is None or not value.isdigit():  # the first migration writes both in one transaction: a damaged file
+        raise StoredValueError(f"library_info {'has no' if value is None else 'holds no number for'} {INFO_SCHEMA_VERSION}")
+    return int(value)
 
 
 def _check_sequence(migrations: Sequence[Migration]) -> None:

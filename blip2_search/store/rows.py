@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Select, func, select
 
 from blip2_search.errors import LibraryError
 from blip2_search.store.codec import blobs_to_vectors, bytes_to_vectors
+from blip2_search.store.engine import StoredValueError
 from blip2_search.store.records import (
     STATUS_INDEXED,
     EmbedderInfo,
@@ -29,6 +30,8 @@ from blip2_search.store.schema import (
     INFO_EMBEDDER_REVISION,
     INFO_NUM_QUERY_TOKENS,
     INFO_CHANGES_SINCE,
+    INFO_CAPTIONS_GENERATION,
+    INFO_EMBEDDER_SINCE,
     INFO_SCHEMA_VERSION,
     INFO_VECTORS_GENERATION,
     caption_vectors,
@@ -51,8 +54,31 @@ def chunks(values: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
 
 
 def read_info(connection: Connection) -> dict[str, str]:
-    """All ``library_info`` keys and values."""
-    return dict(connection.execute(select(library_info.c.key, library_info.c.value)).all())
+    """All ``library_info`` keys and values; StoredValueError when they are not what this program writes."""
+    info = dict(connection.execute(select(library_info.c.key, library_info.c.value)).all())
+    check_info(info)
+    return info
+
+
+_REQUIRED = (INFO_SCHEMA_VERSION, INFO_CREATED_AT, INFO_VECTORS_GENERATION)  # written by the first migration
+_WHOLE_NUMBERS = (INFO_SCHEMA_VERSION, INFO_VECTORS_GENERATION, INFO_NUM_QUERY_TOKENS, INFO_DIM, INFO_CAPTIONS_GENERATION,
+                  INFO_EMBEDDER_SINCE, INFO_CHANGES_SINCE)
+
+
+def check_info(info: dict[str, str]) -> None:
+    """StoredValueError when ``library_info`` lacks a key every library has (or one of the embedder's, which are
+    written together), or holds a number that is none: a damaged file, whose values a read would take for others."""
+    embedder = (INFO_NUM_QUERY_TOKENS, INFO_DIM) if INFO_EMBEDDER_MODEL in info else ()
+    missing = [key for key in (*_REQUIRED, *embedder) if key not in info]
+    if missing:
+        raise StoredValueError(f"library_info has no {missing[0]}")
+    wrong = [key for key in _WHOLE_NUMBERS if key in info and not info[key].lstrip("-").isdigit()]
+    try:
+        datetime.fromisoformat(info[INFO_CREATED_AT])
+    except ValueError:
+        wrong.append(INFO_CREATED_AT)
+    if wrong:
+        raise StoredValueError(f"library_info {wrong[0]} is not a {'date' if wrong[0] == INFO_CREATED_AT else 'number'}")
 
 
 def read_embedder(connection: Connection) -> EmbedderInfo | None:
