@@ -524,3 +524,13 @@ def test_huge_input_is_fast_and_flagged():
     q = parse_query('"a" - "b" ' + "x" * 5_000_000)  # no space after the 10th character: a hard cut
     assert q.truncated and len(q.raw) == MAX_QUERY_CHARS
     assert q.terms[0] == Term("a", 1.0) and q.terms[1].weight == -1.0 and q.terms[1].text.startswith("b xxx")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list('.!"()*#:;~ \t\n\u200b\u00a0\ufeffaZ09é日-_,?')), max_size=12))
+def test_has_words_is_the_normalised_text_not_being_blank(text):
+    """has_words answers most texts from a letter or digit alone (fusion asks it of every caption): the same answer as
+    normalising the text as BLIP-2 does and asking whether anything is left."""
+    from blip2_search.models.text import pre_caption
+
+    assert has_words(text) == (not is_blank(pre_caption(text)))

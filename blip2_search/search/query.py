@@ -106,7 +106,12 @@ class Query:
 def has_words(text: str) -> bool:
     """True when the model reads something in `text`: BLIP-2's text normalisation (`pre_caption`) drops the marks
     .!"()*#:;~, so a term of only those (and spaces) would be searched as an empty text."""
-    return not is_blank(pre_caption(text))
+    # an ASCII letter or digit survives the normalisation: the answer for nearly every caption, which fusion's
+    # first search asks of each one (100k captions: 0.24 s through pre_caption)
+    return _LETTER_OR_DIGIT.search(text) is not None or not is_blank(pre_caption(text))
+
+
+_LETTER_OR_DIGIT = re.compile(r"[0-9A-Za-z]")
 
 
 def is_blank(text: str) -> bool:
