@@ -327,18 +327,20 @@ class Library:
                                     and recorded.model.revision == self._unadopted_revision)
 
     def _adopt_fingerprint(self, encoder) -> None:
-        """A library that recorded its local model's revision with the older fingerprint (config and the first and
-        last MiB of each weights file) records the current one (every tensor sampled) when the files still give the
-        older one: the same weights. Where the library cannot be written, the older one is compared instead."""
-        legacy = encoder.source.legacy_revision
-        recorded = self.metadata.info().embedder if legacy not in (None, encoder.revision) else None
-        if recorded is None or recorded.model.model_id != encoder.name or recorded.model.revision != legacy:
+        """A library that recorded its local model's revision with an older fingerprint (`ModelSource.older_revisions`:
+        without the processor and tokenizer files, or only the first and last MiB of each weights file) records the
+        current one when the files still give the older one (the same files, as far as that one could tell). Where
+        the library cannot be written, the older one is compared instead."""
+        older = encoder.source.older_revisions
+        recorded = self.metadata.info().embedder if older else None
+        if (recorded is None or recorded.model.model_id != encoder.name or recorded.model.revision == encoder.revision
+                or recorded.model.revision not in older):
             return
         try:
             self.metadata.adopt_embedder_revision(recorded, encoder.revision)
         except (LibraryError, SQLAlchemyError):  # read-only (or busy): compare what was recorded
             self._unadopted_revision = encoder.revision
-            encoder.source = replace(encoder.source, revision=legacy)
+            encoder.source = replace(encoder.source, revision=recorded.model.revision)
 
     @property
     def captioner(self):

@@ -321,9 +321,95 @@ def test_the_fingerprint_sees_a_tensor_retrained_in_the_middle_of_the_weights(tm
     tensors["b.projection"] = -tensors["b.projection"]  # retrained: another value in every byte, same shape and place
     save_file(tensors, model / "model.safetensors")
     after = resolve_model(str(model))
-    assert after.legacy_revision == legacy_fingerprint(model) == before.legacy_revision  # the older one missed it
-    assert after.revision != before.revision and after.revision.startswith("content:")
+    assert legacy_fingerprint(model) == after.older_revisions[-1] == before.older_revisions[-1]  # the older one missed it
+    assert after.revision != before.revision and after.revision.startswith("files:")
     assert resolve_model(str(model)).revision == after.revision  # and it is stable
+
+
+def _edited(path, name, **settings):
+    """Set `settings` in the JSON file `name` of checkpoint `path`."""
+    config = json.loads((path / name).read_text())
+    config.update(settings)
+    (path / name).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name,settings", [("preprocessor_config.json", {"image_mean": [0.5, 0.5, 0.5]}),
+                                           ("preprocessor_config.json", {"resample": 2}),
+                                           ("tokenizer_config.json", {"do_lower_case": False})])
+def test_the_fingerprint_sees_the_processor_and_tokenizer_files(tiny_itm_dir, tmp_path, name, settings):
+    """The fingerprint covered the config and the weights only: an edited image mean, resample or tokenizer changes
+    every vector, yet the library took the files for the model that made its vectors and mixed old and new (review)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    before = resolve_model(str(model))
+    _edited(model, name, **settings)
+    after = resolve_model(str(model))
+    assert after.revision != before.revision and after.revision.startswith("files:")
+    assert after.older_revisions == before.older_revisions  # the weights are the same: older fingerprints missed it
+
+
+def _indexed_library(model_dir, tmp_path):
+    """A library indexed with a copy of `model_dir`: (model copy, photo folder, library folder)."""
+    import shutil
+
+    from blip2_search.library import Library
+
+    model, photos = tmp_path / "model", tmp_path / "photos"
+    shutil.copytree(model_dir, model)
+    photos.mkdir()
+    for i, im in enumerate(_images(4)):
+        im.save(photos / f"{i}.png")
+    with Library.open(tmp_path / "lib", model=str(model), captioner=False, create=True) as lib:
+        assert lib.index([photos]).indexed == 4
+    return model, photos, tmp_path / "lib"
+
+
+def test_a_library_recorded_under_the_weights_fingerprint_adopts_the_new_one_without_reembedding(tiny_itm_dir, tmp_path):
+    """Libraries recorded a local model's revision as `weights_fingerprint` (no processor or tokenizer files) until
+    `fingerprint` covered them: where the files still give it, the library records the new one and keeps its
+    vectors; a real change after that is a change."""
+    from blip2_search.errors import ModelMismatchError
+    from blip2_search.library import Library
+    from blip2_search.models.loading import weights_fingerprint
+    from blip2_search.store import EmbedderInfo, ModelRef, updates
+
+    model, photos, lib_dir = _indexed_library(tiny_itm_dir, tmp_path)
+    with Library.open(lib_dir) as lib:
+        new = lib.metadata.info().embedder
+        old = EmbedderInfo(ModelRef(new.model.model_id, weights_fingerprint(model)), new.num_query_tokens, new.dim)
+        with lib.metadata._write() as connection:
+            updates.write_embedder(connection, old)
+    _images(6, seed=3)[0].save(photos / "later.png")
+    with Library.open(lib_dir) as lib:
+        report = lib.index([photos])
+        assert report.indexed == 1 and lib.metadata.pending_count() == 0  # the new photo only: nothing re-embedded
+        assert lib.metadata.info().embedder == new and lib.metadata.info().embedder.model.revision.startswith("files:")
+        assert len(lib.search("a red circle", 5, rerank=False).hits) == 5
+    _edited(model, "preprocessor_config.json", image_mean=[0.5, 0.5, 0.5])
+    with Library.open(lib_dir) as lib:
+        with pytest.raises(ModelMismatchError, match="re-index with --reembed, or restore the original model files"):
+            lib.search("a red circle", 3, rerank=False)
+
+
+def test_index_refuses_a_library_whose_model_preprocessor_changed_until_reembed(tiny_itm_dir, tmp_path):
+    """What `index` does for a changed embedder (docs/cli.md), end to end: an edited image mean is one; --reembed
+    re-embeds every photo with the files as they are now."""
+    from click.testing import CliRunner
+
+    from blip2_search.cli import main
+    from blip2_search.library import Library
+
+    model, photos, lib_dir = _indexed_library(tiny_itm_dir, tmp_path)
+    _edited(model, "preprocessor_config.json", image_mean=[0.5, 0.5, 0.5])
+    refused = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir)])
+    assert refused.exit_code != 0 and "re-embed every image with --reembed" in refused.output, refused.output
+    done = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--reembed", "--json"])
+    assert done.exit_code == 0 and json.loads(done.stdout)["indexed"] == 4, done.output
+    with Library.open(lib_dir) as lib:
+        assert lib.metadata.info().embedder.model.revision == resolve_model(str(model)).revision
+        assert len(lib.search("a red circle", 4, rerank=False).hits) == 4
 
 
 def test_tiny_tokenizer_knows_its_words(encoder):

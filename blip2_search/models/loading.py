@@ -30,9 +30,10 @@ class ModelSource:
     name: str
     path: Path
     revision: str
-    legacy_revision: str | None = None
-    """A local directory's fingerprint as libraries recorded it before every tensor was sampled (see
-    `legacy_fingerprint`): a library that recorded it adopts `revision` when the files still give it."""
+    older_revisions: tuple[str, ...] = ()
+    """A local directory's fingerprints as libraries recorded them before (`weights_fingerprint`, which left out the
+    processor and tokenizer files; `legacy_fingerprint`, which sampled only the first and last MiB): a library that
+    recorded one adopts `revision` when the files still give it."""
 
     def config(self) -> dict:
         """The checkpoint's `config.json` as a dict."""
@@ -77,7 +78,7 @@ def _demo_source(role: str) -> ModelSource:
     path = demo.CAPTIONER_DIR if role == "captioner" else demo.ITM_DIR
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"the demo {role} is missing from the installed package at {path}; reinstall blip2-search or run `python -m blip2_search.demo.train`")
-    return ModelSource(DEMO, path, fingerprint(path), legacy_fingerprint(path))
+    return _fingerprinted(DEMO, path)
 
 
 def _local_source(name: str, path: Path, role: str) -> ModelSource:
@@ -87,7 +88,7 @@ def _local_source(name: str, path: Path, role: str) -> ModelSource:
         raise ModelNotFoundError(f"{role} model directory {name!r} has no config.json; pass {_option(role)} with a directory saved by save_pretrained")
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"model directory {name!r} has no .safetensors weights (pickled .bin weights are not loaded); convert it with save_pretrained(safe_serialization=True)")
-    return ModelSource(name, path.resolve(), fingerprint(path), legacy_fingerprint(path))
+    return _fingerprinted(name, path.resolve())
 
 
 def _hub_source(name: str, role: str) -> ModelSource:
@@ -114,19 +115,46 @@ def _hub_source(name: str, role: str) -> ModelSource:
     path = Path(local)
     if path.parent.name == "snapshots":
         return ModelSource(name, path, path.name)
-    return ModelSource(name, path, fingerprint(path), legacy_fingerprint(path))
+    return _fingerprinted(name, path)
 
 
 _EDGE_BYTES = 4096
 
+# The files that turn a photo or a text into the model's input (image size, resample, mean and std; vocabulary,
+# lower-casing, special tokens): an edit to one changes every vector as surely as new weights do.
+_INPUT_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                "tokenizer.model")
 
-def fingerprint(path: Path) -> str:
-    """A short content id for a checkpoint directory: its config, and for each safetensors file its size, its
-    header (every tensor's name, dtype, shape and place) and the first and last 4 KiB of every tensor.
+
+def _fingerprinted(name: str, path: Path) -> ModelSource:
+    """`path` as a `ModelSource` revised by its content, with the fingerprints older libraries recorded for it."""
+    weights = weights_fingerprint(path)
+    return ModelSource(name, path, fingerprint(path, weights=weights), (weights, legacy_fingerprint(path)))
+
+
+def fingerprint(path: Path, *, weights: str | None = None) -> str:
+    """A short content id for a checkpoint directory: `weights_fingerprint` (pass it when already made) and the
+    bytes of each processor and tokenizer file (`_INPUT_FILES`) present.
+
+    Libraries record it as the embedder's revision and refuse to mix vectors of other files.
+    """
+    h = hashlib.sha256((weights or weights_fingerprint(path)).encode())
+    for name in _INPUT_FILES:
+        file = path / name
+        if file.is_file():
+            data = file.read_bytes()
+            h.update(name.encode() + len(data).to_bytes(8, "little") + data)
+    return "files:" + h.hexdigest()[:16]
+
+
+def weights_fingerprint(path: Path) -> str:
+    """The content id libraries recorded before `fingerprint` covered the processor and tokenizer files: the
+    config, and for each safetensors file its size, its header (every tensor's name, dtype, shape and place) and
+    the first and last 4 KiB of every tensor.
 
     Cheap for multi-GB weights (a few MB read), yet it changes when any tensor is retrained or replaced: a
-    fine-tune changes every byte of the tensors it trains, so each one's edges change too. Libraries record it
-    as the embedder's revision and refuse to mix vectors of other weights.
+    fine-tune changes every byte of the tensors it trains, so each one's edges change too.
     """
     h = hashlib.sha256()
     config = path / "config.json"
@@ -165,8 +193,9 @@ def _hash_tensor_edges(f, h) -> None:
 
 
 def legacy_fingerprint(path: Path) -> str:
-    """The fingerprint libraries recorded before `fingerprint` sampled every tensor: the config, and each safetensors
-    file's size and first and last MiB (most tensors of a large checkpoint lie between). Kept to recognise them."""
+    """The fingerprint libraries recorded before `weights_fingerprint` sampled every tensor: the config, and each
+    safetensors file's size and first and last MiB (most tensors of a large checkpoint lie between). Kept to
+    recognise them."""
     h = hashlib.sha256()
     config = path / "config.json"
     if config.is_file():
