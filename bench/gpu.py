@@ -325,7 +325,7 @@ def queued_batches(enc: Blip2Encoder, u8: np.ndarray, n: int, write=None, ahead:
 
     previous = None
     for _ in range(n):
-        queued = embed_batch(enc, None, {enc.image_size: u8})
+        queued = embed_batch(enc, None, {enc.image_input: u8})
         if not ahead:
             queued, previous = None, queued
         if previous is not None:
@@ -362,7 +362,7 @@ class BlobWriter:
 def embed_batch_queued(enc: Blip2Encoder, u8: np.ndarray):
     from blip2_search.indexing.embed import embed_batch
 
-    return embed_batch(enc, None, {enc.image_size: u8})
+    return embed_batch(enc, None, {enc.image_input: u8})
 
 
 def count_syncs(fn) -> int | str:

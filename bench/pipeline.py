@@ -229,14 +229,14 @@ def _model_only(encoder, pixel_values, batches: int) -> None:
         encoder.embed_vit_tokens(encoder.vit_tokens(pixel_values))
 
 
-def _decode(paths: list[Path], size: int) -> None:
+def _decode(paths: list[Path], model_input: tuple[int, int]) -> None:
     """Read, hash and fast-decode `paths` one at a time in this thread (the pipeline's read stage)."""
     from blip2_search.indexing.read import read_and_decode
     from blip2_search.indexing.scan import FoundFile
 
     for p in paths:
         st = p.stat()
-        result = read_and_decode(FoundFile(str(p), st.st_size, st.st_mtime_ns), (size,))
+        result = read_and_decode(FoundFile(str(p), st.st_size, st.st_mtime_ns), (model_input,))
         if result.error:
             raise RuntimeError(f"bench photo {p} did not decode: {result.error}")
 
@@ -303,7 +303,7 @@ def _embedding_cosines(encoder, paths: list[Path]) -> np.ndarray:
     for p in paths:
         with Image.open(p) as im:
             reference = encoder.embed_pixels(encoder.preprocess([im.convert("RGB")]))
-        fast = encoder.embed_pixels(encoder.pixels_from_uint8(decode_for_model(p, encoder.image_size).pixels[None]))
+        fast = encoder.embed_pixels(encoder.pixels_from_uint8(decode_for_model(p, *encoder.image_input).pixels[None]))
         out.append((reference * fast).sum(-1).ravel())  # both L2-normalised per query
     return np.concatenate(out)
 
@@ -332,7 +332,7 @@ def measure(mode: Mode) -> dict[str, float]:
         encoder = lib.encoder
         _ = encoder.full_model  # load the weights before any clock starts
         size = encoder.image_size
-        ready = encoder.pixels_from_uint8(np.stack([decode_for_model(p, size).pixels for p in chunks[0][: mode.batch_size]]))
+        ready = encoder.pixels_from_uint8(np.stack([decode_for_model(p, *encoder.image_input).pixels for p in chunks[0][: mode.batch_size]]))
         _model_only(encoder, ready, 1)  # warm-up: allocator and oneDNN kernels
         naive = _Naive(encoder, model_dir, Path(tmp) / "naive.sqlite")
 
@@ -348,7 +348,7 @@ def measure(mode: Mode) -> dict[str, float]:
                     naive.index(naive_paths)
                 sample = paths[k + 1:: max(1, len(paths) // mode.decode_sample)][: mode.decode_sample]
                 with decode.timing(len(sample)):
-                    _decode(sample, size)
+                    _decode(sample, encoder.image_input)
                 with index.timing(len(paths)):
                     report = lib.index([paths[0].parent])
                 if report.indexed != len(paths):

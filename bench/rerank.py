@@ -126,7 +126,7 @@ def bench_vit_sharing(quick: bool) -> dict[str, float]:
     rng = np.random.default_rng(0)
     n = 64 if quick else 256
     size = enc.image_size
-    pixels = {size: np.stack([np.array(render(ALL_SCENES[i % 72], rng).resize((size, size), Image.BICUBIC)) for i in range(n)])}
+    pixels = {enc.image_input: np.stack([np.array(render(ALL_SCENES[i % 72], rng).resize((size, size), enc.resample)) for i in range(n)])}
     separate_caps = embed_batch(enc, cap, pixels).captions
     assert share_vit(enc, cap), "the demo models' ViT blocks are expected to be byte-identical"
     assert embed_batch(enc, cap, pixels, shared_vit=True).captions == separate_caps

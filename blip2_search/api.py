@@ -182,7 +182,7 @@ def _pixel_batches(checkpoint, images: list[ImageLike], size: int) -> Iterator[t
     """
     from .images import model_image, upright_rgb
 
-    side = checkpoint.image_size  # here, not in the loop: a checkpoint that cannot say it is a model error, not each image's
+    model_input = checkpoint.image_input  # here, not in the loop: a checkpoint that cannot say it is a model error, not each image's
     for start in range(0, len(images), size):
         read, pixels, failed = [], [], []
         for i in range(start, min(start + size, len(images))):
@@ -192,7 +192,7 @@ def _pixel_batches(checkpoint, images: list[ImageLike], size: int) -> Iterator[t
                 if isinstance(item, Image.Image):
                     picture = upright_rgb(item, f"<image {i}>")
                 else:
-                    picture = model_image(item if path is None else Path(path), side)  # as `index` decodes it
+                    picture = model_image(item if path is None else Path(path), *model_input)  # as `index` decodes it
             except Blip2SearchError as exc:
                 failed.append(ImageFailure(i, path, str(exc)))
                 continue

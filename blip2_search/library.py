@@ -835,7 +835,7 @@ class Library:
             label, pil = "<image>", upright_rgb(image)
         elif isinstance(image, (str, os.PathLike, bytes)) or hasattr(image, "read"):  # what open_image reads
             label = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<image bytes>"
-            pil = model_image(image, self.encoder.image_size)  # as `index` decoded the library's photos
+            pil = model_image(image, *self.encoder.image_input)  # as `index` decoded the library's photos
         else:
             fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image, or an image file's bytes"
             raise InvalidInputError(f"example image {reprlib.repr(image)} ({type(image).__name__}) is not a picture; {fix}")

@@ -658,6 +658,17 @@ def test_reference_path_equals_plain_pil(tmp_path):
     assert decoded.info == ImageInfo(640, 480, "JPEG")
 
 
+@pytest.mark.parametrize("resample", [Image.Resampling.BILINEAR, Image.Resampling.NEAREST, Image.Resampling.LANCZOS])
+def test_both_paths_resize_with_the_filter_asked(tmp_path, resample):
+    """The processor's `resample` (a fine-tuned checkpoint may say bilinear), not always bicubic."""
+    path = save(photo(80, 60), tmp_path / "p.png")
+    expected = np.asarray(Image.open(path).convert("RGB").resize((32, 32), resample))
+    for fast in (False, True):  # 80 px: below the fast path's draft and pre-reduction, so the same pixels
+        np.testing.assert_array_equal(decode_for_model(path, 32, resample, fast=fast).pixels, expected)
+    with pytest.raises(InvalidInputError, match=r"resample 'bicubic' is not a PIL resampling filter; pass the processor's resample"):
+        decode_for_model(path, 32, "bicubic")  # type: ignore[arg-type]
+
+
 def test_fast_path_close_to_reference_on_large_jpeg(tmp_path, monkeypatch):
     path = save(photo(2400, 1800), tmp_path / "big.jpg", "JPEG", quality=90)
     reference = decode_for_model(path, 224, fast=False).pixels.astype(np.float64)

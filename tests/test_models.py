@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -410,6 +411,62 @@ def test_index_refuses_a_library_whose_model_preprocessor_changed_until_reembed(
     with Library.open(lib_dir) as lib:
         assert lib.metadata.info().embedder.model.revision == resolve_model(str(model)).revision
         assert len(lib.search("a red circle", 4, rerank=False).hits) == 4
+
+
+def _grey_levels(pixel_values, enc):
+    """Normalised pixel_values `[n, 3, S, S]` back in 0-255 grey levels (to compare with the decode tests' bounds)."""
+    proc = enc.image_processor
+    std, mean = (torch.tensor(v).view(1, 3, 1, 1) for v in (proc.image_std, proc.image_mean))
+    return ((pixel_values * std + mean) / proc.rescale_factor).numpy()
+
+
+def test_a_checkpoint_whose_processor_resizes_bilinear_is_decoded_bilinear(tiny_itm_dir, tmp_path):
+    """Indexing resized with bicubic whatever the checkpoint's processor said: a fine-tuned checkpoint whose
+    preprocessor_config.json says bilinear (resample 2) had its library made from other pixels than its own
+    processor makes (`embed_images`, the LAVIS protocol). Both decode paths and the library now follow it."""
+    import shutil
+
+    from blip2_search.images import decode_for_model, open_image
+    from blip2_search.library import Library
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    _edited(model, "preprocessor_config.json", resample=2)
+    enc = Blip2Encoder.load(str(model))
+    assert enc.image_input == (32, 2)
+    rng = np.random.default_rng(4)
+    for side, bound in ((80, 0.0), (640, 0.6)):  # 640 px: the fast path drafts and pre-reduces (the decode tests' bound)
+        path = tmp_path / f"photo{side}.jpg"
+        Image.fromarray(rng.integers(0, 255, (side * 3 // 4, side, 3), dtype=np.uint8)).save(path, quality=95)
+        reference = _grey_levels(enc.preprocess([open_image(path)]), enc)
+        for fast in (False, True):
+            pixels = _grey_levels(enc.pixels_from_uint8(decode_for_model(path, *enc.image_input, fast=fast).pixels[None]), enc)
+            error = np.abs(pixels - reference).mean()
+            assert error < (bound if fast else 0.0) + 1e-3, (side, fast, error)  # bicubic: 3.7 grey levels at 80 px
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, im in enumerate(_images(4)):
+        im.save(photos / f"{i}.png")
+    with Library.open(tmp_path / "lib", model=str(model), captioner=False, create=True) as lib:
+        lib.index([photos])
+        records = sorted(lib.metadata.get_records(range(1, 5)), key=lambda r: r.path)
+        fresh = lib.encoder.embed_images([open_image(r.path) for r in records])
+        np.testing.assert_allclose(lib.metadata.vectors_for([r.id for r in records]), fresh, atol=1e-4)
+
+
+@pytest.mark.parametrize("resample", [None, 99, "bicubic"])
+def test_a_resample_the_decode_cannot_honour_is_refused_at_load(tiny_itm_dir, tmp_path, resample):
+    """transformers resizes with bilinear for a filter it does not know ("bicubic" as text): refused with the fix,
+    before any photo is decoded, not followed silently."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    _edited(model, "preprocessor_config.json", resample=resample)
+    with pytest.raises(ModelLoadError, match=rf"sets resample {re.escape(repr(resample))}, not a PIL resampling filter.*set its "
+                       r'"resample" to 3 \(bicubic, as BLIP-2\)'):
+        Blip2Encoder.load(str(model)).image_input
 
 
 def test_tiny_tokenizer_knows_its_words(encoder):

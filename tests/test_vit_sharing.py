@@ -69,7 +69,7 @@ def test_share_only_identical_blocks(tiny_itm_dir, tiny_captioner_dir, shared_ca
 def test_embed_batch_shared_equals_two_passes(tiny_itm_dir, shared_captioner_dir):
     enc = Blip2Encoder.load(str(tiny_itm_dir))
     cap = Blip2Captioner.load(str(shared_captioner_dir))
-    pixels = {32: _pixels(4)}
+    pixels = {enc.image_input: _pixels(4)}
     separate = embed_batch(enc, cap, pixels, keep_vit=True).collect()
     assert share_vit(enc, cap)
     shared = embed_batch(enc, cap, pixels, shared_vit=True, keep_vit=True).collect()
@@ -78,7 +78,7 @@ def test_embed_batch_shared_equals_two_passes(tiny_itm_dir, shared_captioner_dir
     np.testing.assert_allclose(shared.caption_vectors, separate.caption_vectors, atol=1e-6)
     np.testing.assert_allclose(shared.vit.astype(np.float32), separate.vit.astype(np.float32), atol=2e-3, rtol=0)
     assert shared.vit.dtype == np.float16  # what the token store keeps
-    np.testing.assert_array_equal(shared.vit, enc.vit_tokens(enc.pixels_from_uint8(pixels[32])).half().numpy())
+    np.testing.assert_array_equal(shared.vit, enc.vit_tokens(enc.pixels_from_uint8(pixels[enc.image_input])).half().numpy())
 
 
 def test_demo_models_share_their_vit():
@@ -89,7 +89,7 @@ def test_demo_models_share_their_vit():
     from blip2_search.demo.scenes import ALL_SCENES, render
 
     img = render(ALL_SCENES[5], np.random.default_rng(0), size=(80, 60))
-    pixels = {enc.image_size: np.array(img.resize((enc.image_size, enc.image_size)))[None]}
+    pixels = {enc.image_input: np.array(img.resize((enc.image_size, enc.image_size)))[None]}
     assert embed_batch(enc, cap, pixels, shared_vit=True).captions == [Blip2Captioner.load("demo").caption([img.resize((enc.image_size, enc.image_size))])[0]]
 
 

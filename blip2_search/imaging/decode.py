@@ -1,11 +1,11 @@
 """Decode image files for the model and for display: upright, RGB, size-capped, one error type.
 
 `open_image` is the full-resolution decode. `decode_for_model` gives the [size, size, 3] uint8
-pixels the BLIP-2 image processor would make (RGB, bicubic straight to size x size, aspect not
-kept); with `fast=True` a JPEG is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (DCT scaling,
-`Image.draft`): on 12 MP photos 3-4x faster than the reference path (about 6x faster than PIL full
-decode + HF `BlipImageProcessorPil`), differing from it by ~0.2 grey levels on average
-(bench/decode.py).
+pixels the BLIP-2 image processor would make (RGB, straight to size x size with the processor's
+resample filter, bicubic in BLIP-2's checkpoints, aspect not kept); with `fast=True` a JPEG is
+decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (DCT scaling, `Image.draft`): on 12 MP photos
+3-4x faster than the reference path (about 6x faster than PIL full decode + HF
+`BlipImageProcessorPil`), differing from it by ~0.2 grey levels on average (bench/decode.py).
 
 Every failure that depends on the file raises `ImageDecodeError` with a one-line message that names
 the file, the reason and the fix. Pillow's warnings (decompression bomb, corrupt EXIF) are
@@ -62,6 +62,7 @@ from ~68 to ~16 ms at a mean abs error of ~0.17 grey levels.
 # rarely-audited parsers away from untrusted files. HEIF is registered by pillow-heif on demand.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "AVIF", "HEIF", "JPEG2000", "PPM")
 _DRAFTABLE = frozenset({"JPEG", "MPO"})
+_RESAMPLE_FILTERS = frozenset(int(f) for f in Image.Resampling)
 _SUPPORTED_LABELS = frozenset(ALLOWED_FORMATS) | {"HEIF/AVIF"}
 _PILLOW_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
 _QUIET_MODULES = r"(PIL|pillow_heif|blip2_search)(\.|$)"
@@ -71,8 +72,8 @@ _QUIET_MODULES = r"(PIL|pillow_heif|blip2_search)(\.|$)"
 class DecodedImage:
     """Model-ready pixels of one image and its metadata.
 
-    pixels: [size, size, 3] uint8 RGB, upright, resized straight to size x size (bicubic); not
-        rescaled or normalised (the model's processor constants do that).
+    pixels: [size, size, 3] uint8 RGB, upright, resized straight to size x size (with the processor's
+        resample filter); not rescaled or normalised (the model's processor constants do that).
     info: the file's `ImageInfo` (full-resolution upright size, format, EXIF date and camera).
     """
 
@@ -146,6 +147,7 @@ def upright_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
 def decode_for_model(
     source: ImageSource,
     size: int,
+    resample: int = Image.Resampling.BICUBIC,
     *,
     fast: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -153,7 +155,8 @@ def decode_for_model(
 ) -> DecodedImage:
     """Decode `source` to [size, size, 3] uint8 RGB as BLIP's image processor resizes it.
 
-    fast=False is the reference: `open_image`, then `resize((size, size), Image.BICUBIC)`.
+    `resample`: the processor's PIL filter (its `resample` setting; bicubic in BLIP-2's checkpoints).
+    fast=False is the reference: `open_image`, then `resize((size, size), resample)`, as the processor's PIL backend.
     fast=True decodes JPEGs with DCT scaling to no less than `oversample * size` pixels per axis,
     resizes with `reducing_gap=REDUCING_GAP`, then applies the EXIF orientation to the small result
     (a square resize commutes with the transpose up to rounding). Other formats skip the DCT step.
@@ -161,24 +164,28 @@ def decode_for_model(
     _check_max_pixels(max_pixels)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidInputError(f"model image size {size!r} is not a positive integer; pass the processor's image size, e.g. 224")
+    if isinstance(resample, bool) or not isinstance(resample, int) or resample not in _RESAMPLE_FILTERS:
+        raise InvalidInputError(f"resample {resample!r} is not a PIL resampling filter; pass the processor's resample, e.g. "
+                                f"{int(Image.Resampling.BICUBIC)} (bicubic)")
     if not (isinstance(oversample, (int, float)) and math.isfinite(oversample) and oversample >= 1.0):
         raise InvalidInputError(f"oversample {oversample!r} is not a finite number >= 1; pass e.g. {DRAFT_OVERSAMPLE}")
     if not fast:
         im, orientation, info, _ = _decode(source, max_pixels=max_pixels, draft_side=None)
-        small = _upright_rgb(im, orientation).resize((size, size), Image.Resampling.BICUBIC)
+        small = _upright_rgb(im, orientation).resize((size, size), resample)
     else:
         im, orientation, info, box = _decode(source, max_pixels=max_pixels, draft_side=math.ceil(oversample * size))
-        resized = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+        resized = im.resize((size, size), resample, box=box, reducing_gap=REDUCING_GAP)
         small = upright(resized, orientation)
     return DecodedImage(pixels=np.array(small, dtype=np.uint8), info=info)
 
 
-def model_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def model_image(source: ImageSource, size: int, resample: int = Image.Resampling.BICUBIC, *,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """`decode_for_model` (the fast path, as `index` decodes) as a size x size PIL image, for the paths that hand a
     model's processor a file: it resizes an image already at its size to itself, so a photo gets the very input its
     stored vectors and ViT tokens were made from, wherever it is read (rerank, `similar`, uploads), and only a
     model-sized copy of it is kept. Raises like `decode_for_model`."""
-    return Image.fromarray(decode_for_model(source, size, max_pixels=max_pixels).pixels)
+    return Image.fromarray(decode_for_model(source, size, resample=resample, max_pixels=max_pixels).pixels)
 
 
 def read_info(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:

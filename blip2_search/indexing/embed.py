@@ -71,18 +71,18 @@ class QueuedBatch:
 def embed_batch(
     encoder: Blip2Encoder,
     captioner: Blip2Captioner | None,
-    pixels: dict[int, np.ndarray],
+    pixels: dict[tuple[int, int], np.ndarray],
     *,
     shared_vit: bool = False,
     keep_vit: bool = False,
 ) -> QueuedBatch:
-    """Queue the models on `pixels` (size -> `[n, S, S, 3] uint8`, one entry per model input size).
+    """Queue the models on `pixels` (`image_input` -> `[n, S, S, 3] uint8`, one entry per model input).
 
     `shared_vit` (see `models.sharing.share_vit`): the ViT blocks run once for both models. `keep_vit`:
     also bring back the ViT tokens (for the token store). Captioning reads tokens back as it generates,
     so with a captioner the batch has run when this returns.
     """
-    x = encoder.pixels_from_uint8(pixels[encoder.image_size], device=encoder.device)
+    x = encoder.pixels_from_uint8(pixels[encoder.image_input], device=encoder.device)
     if captioner is not None and shared_vit:
         blocks = encoder.vit_blocks(x)
         vit = encoder.post_layernorm(blocks)
@@ -91,7 +91,7 @@ def embed_batch(
         vit = encoder.vit_tokens(x)
         captions = None
         if captioner is not None:
-            captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_size], device=captioner.device))
+            captions = captioner.caption_pixels(captioner.pixels_from_uint8(pixels[captioner.image_input], device=captioner.device))
     vectors = HostCopy(encoder.image_embeds(vit).float())
     vit_copy = HostCopy(vit.half()) if keep_vit else None  # the token store keeps float16
     caption_vectors = embed_captions(encoder, captions) if captions is not None else None

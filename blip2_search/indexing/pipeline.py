@@ -367,9 +367,9 @@ class Indexer:
         for path, k in self.metadata.known_files().items():
             if k.status == STATUS_INDEXED and k.content_hash and k.content_hash not in stored and k.content_hash not in todo:
                 todo[k.content_hash] = FoundFile(path, k.size, k.mtime_ns)
-        size, done, seen, batch = self.encoder.image_size, 0, 0, []
+        model_input, done, seen, batch = self.encoder.image_input, 0, 0, []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
-                closing(self._read_ahead(pool, list(todo.values()), (size,), ())) as results:
+                closing(self._read_ahead(pool, list(todo.values()), (model_input,), ())) as results:
             expected = iter(todo)
             for result in results:
                 seen += 1
@@ -442,7 +442,7 @@ class Indexer:
                 counts.done += len(by_content[digest])
                 del tries[digest]
             files = [FoundFile(rec.path, rec.size, rec.mtime_ns) for rec in attempt.values()]
-            with closing(self._read_ahead(pool, files, (self.captioner.image_size,), ())) as results:
+            with closing(self._read_ahead(pool, files, (self.captioner.image_input,), ())) as results:
                 for (digest, rec), result in zip(attempt.items(), results):
                     if result.error is None and result.content_hash == digest:
                         batch.append((rec.id, len(by_content[digest]), result))
@@ -459,7 +459,7 @@ class Indexer:
         if not self.decode_during_forward:
             self._not_in_forward.clear()
         try:
-            texts = cap.caption_pixels(cap.pixels_from_uint8(np.stack([r.pixels[cap.image_size] for _, _, r in batch]), device=cap.device))
+            texts = cap.caption_pixels(cap.pixels_from_uint8(np.stack([r.pixels[cap.image_input] for _, _, r in batch]), device=cap.device))
             vectors = embed_captions(self.encoder, texts)
         finally:
             self._not_in_forward.set()
@@ -475,8 +475,8 @@ class Indexer:
             progress(Progress(counts.done, counts.total, counts.captioned, 0, counts.unreadable, stage="caption"))
 
     def _put_vit_tokens(self, results: list[ReadResult]) -> int:
-        size = self.encoder.image_size
-        x = self.encoder.pixels_from_uint8(np.stack([r.pixels[size] for r in results]), device=self.encoder.device)
+        model_input = self.encoder.image_input
+        x = self.encoder.pixels_from_uint8(np.stack([r.pixels[model_input] for r in results]), device=self.encoder.device)
         tokens = HostCopy(self.encoder.vit_tokens(x).half()).numpy()  # the token store keeps float16
         for r, t in zip(results, tokens):
             self.vit_store.put(r.content_hash, t)
@@ -485,7 +485,7 @@ class Indexer:
     # ------------------------------------------------------------------ stages
     def _process(self, plan: ChangePlan, known, gone_by_hash, moved, counts: _Counts, progress) -> None:
         self._known, self._gone_by_hash, self._moved = known, gone_by_hash, moved
-        sizes = tuple(sorted({self.encoder.image_size} | ({self.captioner.image_size} if self.captioner else set())))
+        inputs = tuple(sorted({self.encoder.image_input} | ({self.captioner.image_input} if self.captioner else set())))
         known_hashes = self.metadata.embedded_hashes()  # a restored photo, or a copy, reuses its vectors
         self._queued, self._store_failed = None, False
         pending: list[ReadResult] = []  # decoded images waiting for the next model batch
@@ -497,7 +497,7 @@ class Indexer:
         embedding: set[str] = set()  # content hashes sent to `pending` by this run
         total = len(plan.work)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, \
-                closing(self._read_ahead(pool, plan.work, sizes, known_hashes)) as results:
+                closing(self._read_ahead(pool, plan.work, inputs, known_hashes)) as results:
             try:
                 for result in results:
                     counts.done += 1
@@ -569,27 +569,27 @@ class Indexer:
         took = time.monotonic() - started
         self._next_checkpoint = time.monotonic() + max(CHECKPOINT_S, CHECKPOINT_COST * took)
 
-    def _read_ahead(self, pool: ThreadPoolExecutor, files: Iterable[FoundFile], sizes: tuple[int, ...], known_hashes) -> Iterator[ReadResult]:
+    def _read_ahead(self, pool: ThreadPoolExecutor, files: Iterable[FoundFile], inputs: tuple[tuple[int, int], ...], known_hashes) -> Iterator[ReadResult]:
         """`read_and_decode` of `files` in `pool`, in order, at most a window of files ahead of the consumer
         (decoded images wait in memory only that far). Closing it cancels the reads not started."""
         todo = iter(files)
-        queue: deque[Future] = deque(pool.submit(self._read, f, sizes, known_hashes)
+        queue: deque[Future] = deque(pool.submit(self._read, f, inputs, known_hashes)
                                      for f in islice(todo, self.workers * 2 + self.batch_size))
         try:
             while queue:
                 result: ReadResult = queue.popleft().result()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    queue.append(pool.submit(self._read, nxt, sizes, known_hashes))
+                    queue.append(pool.submit(self._read, nxt, inputs, known_hashes))
                 yield result
         finally:
             for fut in queue:
                 fut.cancel()
 
-    def _read(self, file, sizes: tuple[int, ...], known_hashes: set[str]) -> ReadResult:
+    def _read(self, file, inputs: tuple[tuple[int, int], ...], known_hashes: set[str]) -> ReadResult:
         """The read stage in a decode thread; it starts no new file while a CPU forward runs."""
         self._not_in_forward.wait()
-        return read_and_decode(file, sizes, known_hashes, fast=self.fast_decode)
+        return read_and_decode(file, inputs, known_hashes, fast=self.fast_decode)
 
     def _write_batch(self, pending: list[ReadResult], known_hashes: set[str], counts: _Counts) -> None:
         """Embed the pending images and commit them, each batch in one transaction.
@@ -626,7 +626,7 @@ class Indexer:
                 exc.add_note(f"the batch embedded before it was not committed either ({type(store_exc).__name__}: {store_exc})")
 
     def _embed(self, results: list[ReadResult]) -> QueuedBatch:
-        pixels = {s: np.stack([r.pixels[s] for r in results]) for s in results[0].pixels}
+        pixels = {key: np.stack([r.pixels[key] for r in results]) for key in results[0].pixels}
         if self._shared_vit is None:  # decided once, when the first batch has loaded both models
             self._shared_vit = share_vit(self.encoder, self.captioner)
         if not self.decode_during_forward:

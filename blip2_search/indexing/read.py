@@ -25,7 +25,8 @@ HASH_BYTES = 20  # blake2b-160: collision-safe for any photo library, 40 hex cha
 class ReadResult:
     """What the read stage learned about one file.
 
-    `pixels` maps a model input size S to `[S, S, 3] uint8` RGB (resized straight, bicubic); it is empty
+    `pixels` maps a model input `(S, resample)` (`Checkpoint.image_input`) to `[S, S, 3] uint8` RGB (resized straight
+    with that PIL filter); it is empty
     when the content hash is already known (the vectors will be reused), when `error` is set, or when the file
     is `gone`: no longer there when read (deleted or moved since the scan; not a failure).
     """
@@ -34,7 +35,7 @@ class ReadResult:
     size: int
     mtime_ns: int
     content_hash: str | None
-    pixels: dict[int, np.ndarray]
+    pixels: dict[tuple[int, int], np.ndarray]
     info: ImageInfo | None
     error: str | None = None
     gone: bool = False
@@ -47,13 +48,13 @@ def content_hash(data: bytes) -> str:
 
 def read_and_decode(
     file: FoundFile,
-    sizes: tuple[int, ...],
+    inputs: tuple[tuple[int, int], ...],
     known_hashes: Container[str] = (),
     *,
     fast: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ReadResult:
-    """Read `file` once, hash it, and unless its hash is in `known_hashes` decode it for each size."""
+    """Read `file` once, hash it, and unless its hash is in `known_hashes` decode it for each `(S, resample)` input."""
     try:
         with open(file.path, "rb") as f:
             before = os.fstat(f.fileno())
@@ -68,12 +69,12 @@ def read_and_decode(
     digest = content_hash(data)
     if digest in known_hashes:
         return ReadResult(file, before.st_size, before.st_mtime_ns, digest, {}, None)
-    pixels: dict[int, np.ndarray] = {}
+    pixels: dict[tuple[int, int], np.ndarray] = {}
     info = None
     try:
-        for s in sorted(set(sizes)):
-            decoded = decode_for_model(_named_bytes(data, file.path), s, fast=fast, max_pixels=max_pixels)
-            pixels[s] = decoded.pixels
+        for size, resample in sorted(set(inputs)):
+            decoded = decode_for_model(_named_bytes(data, file.path), size, resample=resample, fast=fast, max_pixels=max_pixels)
+            pixels[size, resample] = decoded.pixels
             info = decoded.info
     except Blip2SearchError as exc:
         return ReadResult(file, before.st_size, before.st_mtime_ns, digest, {}, None, _reason(str(exc), file.path))

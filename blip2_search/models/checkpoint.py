@@ -29,6 +29,7 @@ class Checkpoint:
         self.placement = placement
         self._image_processor = None
         self._image_size: int | None = None
+        self._resample: int | None = None
         self._norm_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -57,7 +58,7 @@ class Checkpoint:
 
     @property
     def image_processor(self):
-        """The checkpoint's own image processor, PIL backend (bicubic, as LAVIS)."""
+        """The checkpoint's own image processor, PIL backend (the resize LAVIS does, with the checkpoint's filter)."""
         return self._load_once("_image_processor", self._load_image_processor)
 
     def _load_image_processor(self):
@@ -74,10 +75,33 @@ class Checkpoint:
     @property
     def image_size(self) -> int:
         """Side of the square model input, read from the checkpoint's preprocessor config (which must match the
-        ViT's `vision_config.image_size`: HF would run a smaller input on the wrong position embeddings)."""
+        ViT's `vision_config.image_size`: HF would run a smaller input on the wrong position embeddings). Its
+        first read also checks the processor's `resample`."""
         if self._image_size is None:
+            self._resample = self._checked_resample()
             self._image_size = self._checked_image_size()
         return self._image_size
+
+    @property
+    def resample(self) -> int:
+        """The PIL filter (`Image.Resampling`) the checkpoint's processor resizes photos with: bicubic in BLIP-2's
+        checkpoints, maybe another in a fine-tuned one. Every decode for this model must use it (see `image_input`)."""
+        _ = self.image_size  # checked with the size, so every image path refuses a filter it cannot honour at once
+        return self._resample
+
+    @property
+    def image_input(self) -> tuple[int, int]:
+        """`(S, resample)`: how a photo becomes this model's input; two models with equal ones read the same pixels."""
+        return self.image_size, self.resample
+
+    def _checked_resample(self) -> int:
+        resample = getattr(self.image_processor, "resample", None)
+        if isinstance(resample, bool) or not isinstance(resample, int) or resample not in {int(f) for f in Image.Resampling}:
+            # transformers resizes with bilinear for a filter it does not know (e.g. "bicubic" spelt as text), silently
+            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json sets resample {resample!r}, not a PIL resampling filter, "
+                                 "so photos cannot be resized as the model was trained; put the preprocessor_config.json that came "
+                                 'with this checkpoint beside it, or set its "resample" to 3 (bicubic, as BLIP-2)')
+        return int(resample)
 
     def _checked_image_size(self) -> int:
         size = self.image_processor.size

@@ -36,10 +36,10 @@ class RecomputeVit:
 
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]:
         images, ok = [], []
-        side = self.encoder.image_size  # outside the loop: a checkpoint that cannot say it is a model error, not a missing file
+        model_input = self.encoder.image_input  # outside the loop: a checkpoint that cannot say it is a model error, not a missing file
         for i, h in enumerate(hits):
             try:
-                images.append(model_image(h.path, side))  # model-sized: 128 hits are not 128 full photos
+                images.append(model_image(h.path, *model_input))  # model-sized: 128 hits are not 128 full photos
                 ok.append(i)
             except Blip2SearchError:
                 continue  # gone or unreadable since indexing: it keeps its first-stage rank

@@ -254,9 +254,9 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         runner.admit(request)
         source = _NamedUpload(upload)
         try:
-            size = await runner.io(lambda: library.encoder.image_size)
+            size, resample = await runner.io(lambda: library.encoder.image_input)
             pixels = await runner.io(decoded_pixels, source, draft_side=math.ceil(DRAFT_OVERSAMPLE * size))  # the header only
-            return await runner.decode(pixels, model_image, source, size)
+            return await runner.decode(pixels, model_image, source, size, resample)
         except ImageDecodeError as exc:
             if refuse:
                 raise ImageDecodeError(_upload_fix(str(exc))) from None
