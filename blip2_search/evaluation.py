@@ -4,6 +4,10 @@ ITC for all image-text pairs (max over the query vectors), then for every query 
 candidates are rescored with ITM positive logit + ITC; candidates outside the top k rank below all
 reranked ones. Text retrieval (txt_r*) ranks texts per image; image retrieval (img_r*) ranks images per
 text. Recall is in percent; an image counts as found at rank r if ANY of its captions is within r.
+
+Images are read as LAVIS's retrieval datasets read them (`Image.open(path).convert("RGB")`): the pixels as
+stored, EXIF orientation NOT applied, where indexing a library applies it (right for photos, but not what
+the published figures were made from).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InvalidInputError
+from PIL import Image
+
+from .errors import ImageDecodeError, InvalidInputError
 from .models.encoder import Blip2Encoder
 from .store.scoring import max_scores
 
@@ -148,8 +154,6 @@ def recall_at(scores_i2t: np.ndarray, text_image: np.ndarray) -> Recall:
 
 def evaluate(encoder: Blip2Encoder, data: EvalSplit, *, rerank_k: int = 128, batch_size: int | None = None) -> EvalReport:
     """Run the protocol; returns reranked and ITC-only recalls."""
-    from .images import open_image
-
     if rerank_k < 1:
         raise InvalidInputError(f"rerank_k {rerank_k} must be >= 1; pass --rerank-k 128 (the paper's value)")
     bs = batch_size or encoder.batch_size
@@ -157,7 +161,7 @@ def evaluate(encoder: Blip2Encoder, data: EvalSplit, *, rerank_k: int = 128, bat
     t0 = time.perf_counter()
     vits, embeds = [], []
     for s in range(0, len(data.images), bs):
-        px = encoder.preprocess([open_image(p) for p in data.images[s : s + bs]])
+        px = encoder.preprocess([protocol_image(p) for p in data.images[s : s + bs]])
         vit = encoder.vit_tokens(px)
         vits.append(vit)
         embeds.append(encoder.embed_vit_tokens(vit))
@@ -198,6 +202,17 @@ def evaluate(encoder: Blip2Encoder, data: EvalSplit, *, rerank_k: int = 128, bat
     reranked = Recall(txt.txt_r1, txt.txt_r5, txt.txt_r10, img.img_r1, img.img_r5, img.img_r10)
     timings = {k: round(v, 3) for k, v in timings.items()}
     return EvalReport(reranked, itc_recall, rerank_k, len(data.images), len(data.texts), timings)
+
+
+def protocol_image(path: Path) -> Image.Image:
+    """An eval image as LAVIS reads it, `Image.open(path).convert("RGB")`: as stored (no EXIF rotation), alpha
+    dropped rather than composited. Raises ImageDecodeError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # what Pillow's decoders raise
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ImageDecodeError(f"cannot read eval image {path} ({reason}); replace it with the dataset's original file") from exc
 
 
 def _itm(encoder: Blip2Encoder, vit: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, bs: int) -> np.ndarray:

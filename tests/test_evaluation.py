@@ -38,11 +38,9 @@ def _brute_force(model_dir, data: EvalSplit, k: int):
     """Every pair through HF's forward; rerank restricted to each query's ITC top k; ranks by plain loops."""
     from transformers import Blip2ForImageTextRetrieval
 
-    from blip2_search.images import open_image
-
     enc = Blip2Encoder.load(str(model_dir))
     hf = Blip2ForImageTextRetrieval.from_pretrained(model_dir).eval()
-    px = enc.preprocess([open_image(p) for p in data.images])
+    px = enc.preprocess([Image.open(p).convert("RGB") for p in data.images])  # as LAVIS reads them
     n_i, n_t = len(data.images), len(data.texts)
     itc = np.zeros((n_i, n_t))
     itm = np.zeros((n_i, n_t))
@@ -150,3 +148,38 @@ def test_cli_eval_json(tiny_itm_dir, split):
     for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "seconds"):
         assert key in out and key in out["itc"] or key == "seconds"
     assert 0 <= out["r_mean"] <= 100 and out["seconds"] >= 0
+
+
+def test_eval_reads_images_as_lavis_does_without_the_exif_rotation(tiny_itm_dir, tmp_path):
+    """LAVIS's retrieval datasets read `Image.open(path).convert("RGB")`: a photo's EXIF orientation is not applied
+    (indexing applies it, right for photos). Eval turned such images upright, so its figures were not the
+    protocol's (review). The real encoder runs; a spy only records what it was given."""
+    from blip2_search.errors import ImageDecodeError
+    from blip2_search.evaluation import protocol_image
+    from blip2_search.images import open_image
+
+    stored = np.random.default_rng(3).integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: upright it is 40 wide, 64 high
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", quality=95, exif=exif.tobytes())
+    Image.fromarray(stored[::-1]).save(tmp_path / "plain.png")
+    (tmp_path / "ann.json").write_text(json.dumps([{"image": "turned.jpg", "caption": ["a red circle"]},
+                                                   {"image": "plain.png", "caption": ["a blue square"]}]))
+    data = load_annotations(tmp_path / "ann.json", tmp_path)
+    assert open_image(data.images[0]).size == (40, 64)  # what indexing reads
+    enc = Blip2Encoder.load(str(tiny_itm_dir))
+    seen, real = [], enc.preprocess
+
+    def spy(images):
+        seen.extend(images)
+        return real(images)
+
+    enc.preprocess = spy
+    evaluate(enc, data, rerank_k=2)
+    assert [im.size for im in seen] == [(64, 40), (64, 40)]
+    for path, image in zip(data.images, seen):
+        with Image.open(path) as im:
+            np.testing.assert_array_equal(np.asarray(image), np.asarray(im.convert("RGB")))
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "turned.jpg").read_bytes()[:300])
+    with pytest.raises(ImageDecodeError, match=rf"cannot read eval image {tmp_path / 'broken.jpg'} \(.*\); replace it with the dataset's original file"):
+        protocol_image(tmp_path / "broken.jpg")
