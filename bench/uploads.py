@@ -55,8 +55,8 @@ def _uploads(n: int) -> list[bytes]:
 
 
 class _Undecoded:
-    def __init__(self, source, size: int):
-        self.source, self.size = source, size
+    def __init__(self, source, *model_input):
+        self.source, self.model_input = source, model_input
 
 
 @contextmanager
@@ -66,7 +66,7 @@ def _decoded_in_turn(lib):
 
     real_decode, real_similar = app_module.model_image, lib.similar
     app_module.model_image = _Undecoded
-    lib.similar = lambda image, *a, **kw: real_similar(real_decode(image.source, image.size), *a, **kw)
+    lib.similar = lambda image, *a, **kw: real_similar(real_decode(image.source, *image.model_input), *a, **kw)
     try:
         yield
     finally:
