@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 
@@ -53,8 +54,48 @@ def _clause(exc: click.UsageError) -> str:
 LIBRARY_COMMANDS = ("search", "serve", "duplicates", "status", "prune", "failures")  # commands that take no --model: the library's
 
 
+def _end_at_ctrl_c(said: bool, code: int) -> None:
+    """From now on Ctrl-C ends the process at once with `code`, saying "interrupted" unless the command `said` how
+    it ended. Python's shutdown after a command still runs code (atexit callbacks and finalizers: about a second
+    once torch is loaded) in which a KeyboardInterrupt prints a traceback and exits 0; the command has closed
+    its library by then, so nothing is left to commit."""
+
+    def end(signum, frame):
+        for stream in (sys.stdout, sys.stderr):  # what the command printed (its JSON) is kept
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        if not said:
+            os.write(2, b"interrupted\n")
+        os._exit(code)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored (a background job `cmd &`)
+        signal.signal(signal.SIGINT, end)
+
+
 class _Group(click.Group):
+    _as_program = False  # run by __call__: the process is ours (click's CliRunner calls `main` in the tests' process)
+
+    def __call__(self, *args, **kwargs):
+        """The program: the console script, `python cli.py` and `python -m blip2_search.cli` call it so."""
+        self._as_program = True
+        try:
+            return self.main(*args, **kwargs)
+        finally:
+            self._as_program = False
+
     def invoke(self, ctx):
+        try:
+            return self._invoke(ctx)
+        finally:  # the command has ended: a Ctrl-C now ends as one during it would (`serve`'s: stopped, exit 0)
+            if self._as_program:
+                ended = sys.exc_info()[1]
+                stopped = ctx.invoked_subcommand == "serve" and ended is None
+                said = stopped or (isinstance(ended, SystemExit) and ended.code == 130)
+                _end_at_ctrl_c(said, 0 if stopped else 130)
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except Blip2SearchError as exc:

@@ -461,3 +461,35 @@ def test_an_index_stopped_before_it_started_still_answers_in_json(photo_dir, tmp
 def test_usage_mistakes_name_the_fix_and_the_command(args, says, tmp_path):
     res = CliRunner().invoke(main, [*args, "--library", str(tmp_path / "lib")] if args[0] != "search" or "-k" not in args else args)
     assert res.exit_code == 2 and says in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+CTRL_C_AT_EXIT = """
+import atexit, signal, sys, time
+
+def ctrl_c():  # as a Ctrl-C lands while Python shuts down after the command (its atexit callbacks: torch's, weakref's)
+    signal.raise_signal(signal.SIGINT)
+    time.sleep(1)
+
+atexit.register(ctrl_c)
+from blip2_search.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["index", "search"])
+def test_ctrl_c_after_the_command_while_python_exits_is_one_line_and_exit_code_130(tiny_itm_dir, photo_dir, tmp_path, command):
+    """It printed a traceback from the atexit callback and exited 0; the command's work is kept."""
+    folder, paths = photo_dir
+    library = tmp_path / "lib"
+    if command == "search":
+        with Library.open(library, model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+            lib.index([folder])
+        args = ["search", "a red circle", "--library", str(library), "--json"]
+    else:
+        args = ["index", str(folder), "--library", str(library), "--model", str(tiny_itm_dir), "--no-captions", "--json"]
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_EXIT, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.splitlines()[-1:] == ["interrupted"] and "Traceback" not in proc.stderr, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["indexed"] == len(paths) if command == "index" else len(out["results"]) == len(paths)
+    with Library.open(library) as lib:
+        assert lib.status().indexed == len(paths)
