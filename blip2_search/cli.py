@@ -547,11 +547,14 @@ def duplicates(library, threshold, as_json):
     with Library.open(library) as lib:
         groups = lib.duplicates(threshold)
     data = [[{"id": p.id, "path": p.path, "score": p.score} for p in g] for g in groups]
+    for note in groups.notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         _emit(data)
         return
-    if not data:
-        click.echo(f"no near-duplicates at --threshold {threshold:g} (lower it, e.g. 0.9, to find looser matches)", err=True)
+    if not data:  # with photos left out, lowering the threshold is not the fix the notes name
+        among = " among the photos compared" if groups.notes else " (lower it, e.g. 0.9, to find looser matches)"
+        click.echo(f"no near-duplicates at --threshold {threshold:g}{among}", err=True)
     for g in data:  # each photo with its best score with another photo of the group
         click.echo("\n".join(f"{p['score']:.4f}  {_shown(p['path'])}" for p in g) + "\n")
 

@@ -99,6 +99,15 @@ class DuplicatePhoto:
     record: ImageRecord
 
 
+class DuplicateGroups(list):
+    """`Library.duplicates`'s groups (a list of lists of DuplicatePhoto), with `notes`: what the groups alone do not
+    say, e.g. photos not compared because they wait to be re-embedded."""
+
+    def __init__(self, groups=(), notes: tuple[str, ...] = ()):
+        super().__init__(groups)
+        self.notes = notes
+
+
 @dataclass(frozen=True)
 class FailureRecord:
     """A file that could not be indexed, and why."""
@@ -814,8 +823,7 @@ class Library:
         notes = []
         pending = self.metadata.pending_count()
         if pending:
-            notes.append(f"{pending} photo{_s(pending)} of the library wait{'s' if pending == 1 else ''} to be embedded with its model and "
-                         "cannot be found yet (an `index --reembed` run is going on, or was stopped); run index on their folders")
+            notes.append(_left_out_note(pending, "found yet"))
         if self._unsaved_index is not None:
             notes.append(f"the vector index was rebuilt in memory but not saved ({self._unsaved_index}); every process rebuilds it "
                          "until then (deleting its stale files, vectors.faiss.json and the vectors.faiss, vectors.*.f32 or vectors.*.ids beside it, "
@@ -894,14 +902,17 @@ class Library:
                                     f"{records[foreign.id].path}; rerank hits of this library's own search results, or pass image ids")
         return [h if isinstance(h, Hit) else Hit(h, records[h].path, 0.0, 0.0, None, records[h].caption, records[h].taken_at) for h in ids]
 
-    def duplicates(self, threshold: float = 0.95) -> list[list[DuplicatePhoto]]:
+    def duplicates(self, threshold: float = 0.95) -> DuplicateGroups:
         """Groups of near-duplicate images (image-to-image score >= threshold), each photo with its best score
-        with another photo of its group (a group is linked pair by pair, so two of its photos may score lower)."""
+        with another photo of its group (a group is linked pair by pair, so two of its photos may score lower);
+        `notes` name photos that could not be compared (waiting to be re-embedded)."""
         from .errors import InvalidInputError
 
         if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
             raise InvalidInputError(f"duplicate threshold {threshold!r} is not a number in (0, 1]; try --threshold 0.95")
-        return self._rebuilt_if_damaged(lambda: self._duplicates(float(threshold)), note=False)
+        groups = self._rebuilt_if_damaged(lambda: self._duplicates(float(threshold)), note=False)
+        pending = self.metadata.pending_count()
+        return DuplicateGroups(groups, (_left_out_note(pending, "compared with the others yet"),) if pending else ())
 
     def _duplicates(self, threshold: float) -> list[list[DuplicatePhoto]]:
         engine = self.engine
@@ -1044,7 +1055,7 @@ def _canonical(name: str) -> str:
     return str(p.absolute()) if p.exists() else name
 
 
-__all__ = ["DuplicatePhoto", "FailureRecord", "Library", "LibraryStatus", "PruneReport", "default_library_path"]
+__all__ = ["DuplicateGroups", "DuplicatePhoto", "FailureRecord", "Library", "LibraryStatus", "PruneReport", "default_library_path"]
 
 
 def _missing_folders(missing) -> tuple[str, ...] | None:
@@ -1057,6 +1068,13 @@ def _missing_folders(missing) -> tuple[str, ...] | None:
         raise InvalidInputError(f"missing={reprlib.repr(missing)} is not True or a folder; pass True to forget every photo not on "
                                 "disk, or the folder (or list of folders) of a drive gone for good")
     return tuple(os.path.join(os.path.abspath(os.path.expanduser(os.fspath(f))), "") for f in folders)
+
+
+def _left_out_note(pending: int, cannot: str) -> str:
+    """The note on a search or duplicates answer that `pending` photos, waiting to be re-embedded, are left out:
+    they cannot be `cannot` ("found yet")."""
+    return (f"{pending} photo{_s(pending)} of the library wait{'s' if pending == 1 else ''} to be embedded with its model and cannot be "
+            f"{cannot} (an `index --reembed` run is going on, or was stopped); run index on their folders")
 
 
 def _s(n: int) -> str:

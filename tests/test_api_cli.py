@@ -493,3 +493,31 @@ def test_ctrl_c_after_the_command_while_python_exits_is_one_line_and_exit_code_1
     assert out["indexed"] == len(paths) if command == "index" else len(out["results"]) == len(paths)
     with Library.open(library) as lib:
         assert lib.status().indexed == len(paths)
+
+
+def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_photos(tiny_itm_dir, photo_dir, tmp_path):
+    """It said "no near-duplicates ... lower the threshold", though no photo had been compared."""
+    from tiny_models import make_tiny_itm
+
+    folder, paths = photo_dir
+    library = tmp_path / "lib"
+    with Library.open(library, model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([folder])
+
+    def ctrl_c(progress):
+        raise KeyboardInterrupt
+
+    with Library.open(library, model=str(make_tiny_itm(tmp_path / "other", seed=5)), captioner=False, reembed=True) as lib:
+        with pytest.raises(IndexInterrupted):
+            lib.index([folder], progress=ctrl_c)
+        assert lib.status().pending == len(paths)
+        assert lib.duplicates(0.95) == [] and lib.duplicates(0.95).notes == (
+            f"{len(paths)} photos of the library wait to be embedded with its model and cannot be compared with the others yet "
+            "(an `index --reembed` run is going on, or was stopped); run index on their folders",)
+    res = CliRunner().invoke(main, ["duplicates", "--library", str(library)])
+    assert res.exit_code == 0 and res.stderr.splitlines() == [
+        f"note: {len(paths)} photos of the library wait to be embedded with its model and cannot be compared "
+        "with the others yet (an `index --reembed` run is going on, or was stopped); run index on their folders",
+        "no near-duplicates at --threshold 0.95 among the photos compared"], res.output
+    res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--json"])
+    assert json.loads(res.stdout) == [] and "cannot be compared" in res.stderr
