@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import click
 
-from .errors import Blip2SearchError, IndexInterrupted
+from .errors import Blip2SearchError, IndexInterrupted, one_line
 from .models.loading import DEFAULT_CAPTIONER, DEFAULT_EMBEDDER
 
 EXIT_USAGE = 2
@@ -20,6 +20,9 @@ class UserError(click.ClickException):
     """A library error shown as one line on stderr, exit code 2, no traceback."""
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))  # it may name a file (--queries FILE) whose name holds a newline
 
 
 def _quiet_libraries() -> None:
@@ -32,9 +35,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def _shown(path: str) -> str:
-    """A path for a one-line table: control characters (a newline in a file name) escaped."""
-    return path if path.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+def _note(note: str) -> None:
+    """A note of the library's answer on stderr, on one line (it may name a file); why there are no results reads as it is."""
+    click.echo(one_line(note) if note.startswith("no results:") else f"note: {one_line(note)}", err=True)
 
 
 def _emit(data) -> None:
@@ -213,9 +216,9 @@ def rerank(query, images, model, device, dtype, as_json):
         _emit({"query": ranking.query, "results": results, "errors": errors, **({"notes": list(ranking.notes)} if ranking.notes else {})})
     else:
         for note in ranking.notes:
-            click.echo(f"note: {note}", err=True)
+            _note(note)
         for r in results:
-            click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {_shown(r['path'])}")
+            click.echo(f"{r['score']:8.4f}  itm={r['itm_logit']:7.3f}  p={r['match_probability']:.3f}  itc={r['itc']:.4f}  {one_line(r['path'])}")
     _report_unread(ranking.errors, len(images), as_json)
 
 
@@ -225,7 +228,7 @@ def _report_unread(errors, total: int, as_json: bool) -> None:
         return
     if not as_json:
         for e in errors:
-            click.echo(f"error: {e.error if e.path in e.error else f'{e.path}: {e.error}'}", err=True)
+            click.echo(f"error: {e.error if one_line(e.path) in e.error else f'{one_line(e.path)}: {one_line(e.error)}'}", err=True)
     where = 'their "errors" entries' if as_json else "above"
     raise UserError(f"{len(errors)} of {total} images could not be read (see {where}); fix or leave them out and run again")
 
@@ -252,7 +255,7 @@ def caption(images, captioner, beams, max_new_tokens, prompt, batch_size, device
         _emit({"results": [{"path": r.path, "caption": r.caption} for r in out.results], "errors": [{"path": e.path, "error": e.error} for e in out.errors]})
     else:
         for r in out.results:
-            click.echo(f"{r.path}\t{r.caption}")
+            click.echo(f"{one_line(r.path)}\t{r.caption}")
     _report_unread(out.errors, len(images), as_json)
 
 
@@ -339,7 +342,7 @@ def index(photo_dirs, library, model, captioner, no_captions, reembed, rehash, s
             _emit({"interrupted": True})
         raise
     for note in report.notes:
-        click.echo(f"note: {note}", err=True)
+        _note(note)
     data = {k: getattr(report, k) for k in ("scanned", "indexed", "unchanged", "reused", "failed", "deleted", "seconds")}
     if as_json:
         _emit({**data, "interrupted": report.interrupted, "notes": list(report.notes)})
@@ -386,7 +389,7 @@ def prune(library, older_than, missing, missing_under, as_json):
     with Library.open(library) as lib:
         report = lib.prune(older_than, missing=list(missing_under) if missing_under else missing)
     for note in report.notes:
-        click.echo(f"note: {note}", err=True)
+        _note(note)
     if as_json:
         _emit(asdict(report))
     else:
@@ -416,7 +419,7 @@ def failures(library, as_json):
         _emit(rows)
     else:
         for r in rows:
-            click.echo(f"{_shown(r['path'])}\t{r['error']}")
+            click.echo(f"{one_line(r['path'])}\t{one_line(r['error'])}")  # a reason recorded before messages were kept to one line
 
 
 def _date_option(ctx, param, value):
@@ -528,12 +531,12 @@ def _print_result(result, as_json: bool) -> None:
         _emit(result.as_dict())
         return
     for note in result.notes:  # also why there are no results, and which were reranked when only some were
-        click.echo(note if note.startswith("no results:") else f"note: {note}", err=True)
+        _note(note)
     for h in result.hits:
         itm = f"  itm={h.itm_logit:6.3f}" if h.itm_logit is not None else ""
         date = f"  {h.taken_at:%Y-%m-%d}" if h.taken_at else ""
         cap = f"  \"{h.caption}\"" if h.caption else ""
-        click.echo(f"{h.score:8.4f}  itc={h.itc:.4f}{itm}{date}  {_shown(h.path)}{cap}")
+        click.echo(f"{h.score:8.4f}  itc={h.itc:.4f}{itm}{date}  {one_line(h.path)}{cap}")
 
 
 @main.command()
@@ -548,7 +551,7 @@ def duplicates(library, threshold, as_json):
         groups = lib.duplicates(threshold)
     data = [[{"id": p.id, "path": p.path, "score": p.score} for p in g] for g in groups]
     for note in groups.notes:
-        click.echo(f"note: {note}", err=True)
+        _note(note)
     if as_json:
         _emit(data)
         return
@@ -556,7 +559,7 @@ def duplicates(library, threshold, as_json):
         among = " among the photos compared" if groups.notes else " (lower it, e.g. 0.9, to find looser matches)"
         click.echo(f"no near-duplicates at --threshold {threshold:g}{among}", err=True)
     for g in data:  # each photo with its best score with another photo of the group
-        click.echo("\n".join(f"{p['score']:.4f}  {_shown(p['path'])}" for p in g) + "\n")
+        click.echo("\n".join(f"{p['score']:.4f}  {one_line(p['path'])}" for p in g) + "\n")
 
 
 @main.command()

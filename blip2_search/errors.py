@@ -6,9 +6,27 @@ Every message names the object, the reason and the fix, on one line.
 
 from __future__ import annotations
 
+import unicodedata
+
+
+_ESCAPED = {"Cc", "Zl", "Zp", "Cs"}  # control characters (newline, tab, a terminal's escape), line separators, a non-UTF-8 byte
+
+
+def one_line(text: str) -> str:
+    """`text` with each character that would break its line or the terminal (a newline in a file name, a byte of a
+    non-UTF-8 name kept as a surrogate) written as its escape (`\\n`, `\\udcff`), so a message naming it stays on one
+    line. Other text is kept as it is: an emoji's joiners and a right-to-left name's marks show as they should."""
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _ESCAPED else c for c in text)
+
 
 class Blip2SearchError(Exception):
-    """Base class: an error the user can fix, reported without a traceback (CLI exit code 2)."""
+    """Base class: an error the user can fix, reported without a traceback (CLI exit code 2). Its message is one
+    line whatever the paths or text it names (`one_line`)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class InvalidInputError(Blip2SearchError, ValueError):

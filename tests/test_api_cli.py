@@ -521,3 +521,20 @@ def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_pho
         "no near-duplicates at --threshold 0.95 among the photos compared"], res.output
     res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--json"])
     assert json.loads(res.stdout) == [] and "cannot be compared" in res.stderr
+
+
+def test_a_path_with_a_newline_is_named_on_one_line_in_errors_and_notes(tmp_path):
+    """Messages embedded the path raw: a library folder named 'my\\nphotos' split the error over two lines."""
+    from blip2_search.errors import LibraryError
+
+    folder = tmp_path / "my\nphotos"
+    with pytest.raises(LibraryError) as caught:
+        Library.open(folder)
+    assert str(caught.value).startswith(f"no library at {tmp_path}/my\\nphotos") and "\n" not in str(caught.value)
+    res = CliRunner().invoke(main, ["status", "--library", str(folder)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "my\\nphotos" in res.stderr, res.stderr
+
+    Library.open(tmp_path / "lib", model="demo", captioner=False, create=True).close()
+    res = CliRunner().invoke(main, ["prune", "--library", str(tmp_path / "lib"), "--missing-under", "/gone\ndrive"])
+    assert res.exit_code == 0 and res.stderr.splitlines()[0] == ("note: the library has no photos recorded under /gone\\ndrive; check the "
+                                                                 "folder (a relative one is taken from the current folder)"), res.stderr
