@@ -98,11 +98,16 @@ class _Group(click.Group):
                 said = stopped or (isinstance(ended, SystemExit) and ended.code == 130)
                 _end_at_ctrl_c(said, 0 if stopped else 130)
 
+    def _option_of(self, ctx, argument: str | None) -> str | None:
+        """The option of the command run that sets the library's `argument` ("rerank_k": "--rerank-k"), if it has one."""
+        command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+        return next((p.opts[0] for p in getattr(command, "params", ()) if isinstance(p, click.Option) and p.name == argument), None)
+
     def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except Blip2SearchError as exc:
-            raise UserError(str(exc)) from None
+            raise UserError(exc.naming(self._option_of(ctx, exc.argument) or exc.argument)) from None
         except KeyboardInterrupt:  # click would print "Aborted!" and exit 1, which reads as a failure
             click.echo("interrupted", err=True)
             sys.exit(130)

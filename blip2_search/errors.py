@@ -23,10 +23,33 @@ def one_line(text: str) -> str:
 
 class Blip2SearchError(Exception):
     """Base class: an error the user can fix, reported without a traceback (CLI exit code 2). Its message is one
-    line whatever the paths or text it names (`one_line`)."""
+    line whatever the paths or text it names (`one_line`).
+
+    Raised with `argument` (the Python parameter at fault), `message` is a format string of `values` naming it as
+    `{argument}`, or given a value as `{argument:VALUE}`; it reads as Python (`rerank_k=16`), and an edge whose
+    users know the argument by another name renders it with `naming` (the CLI, by its option: `--rerank-k 16`)."""
+
+    def __init__(self, message: str, *, argument: str | None = None, **values) -> None:
+        self.argument, self._message, self._values = argument, message, values
+        super().__init__(message if argument is None else self.naming(argument))
+
+    def naming(self, name: str) -> str:
+        """The message with the argument called `name`: a keyword (`k`) given a value as `k=10`, an option (`-k`) as `-k 10`."""
+        if self.argument is None:
+            return str(self)
+        return one_line(self._message.format(argument=_Named(name), **self._values))
 
     def __str__(self) -> str:
         return one_line(super().__str__())
+
+
+class _Named(str):
+    """An argument's name in a message: `{argument}` is the name, `{argument:VALUE}` the name given VALUE."""
+
+    def __format__(self, value: str) -> str:
+        if not value:
+            return str(self)
+        return f"{self} {value}" if self.startswith("-") else f"{self}={value}"
 
 
 class InvalidInputError(Blip2SearchError, ValueError):

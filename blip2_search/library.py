@@ -466,7 +466,8 @@ class Library:
         if rerank_source == "recompute" or (rerank_source == "auto" and not self.vit_store.enabled):
             return RecomputeVit(enc)
         if rerank_source == "stored" and not self.vit_store.enabled:
-            raise InvalidInputError(f"library {self.folder} stores no ViT tokens; index with --store-vit first, or pass --rerank-source recompute")
+            raise InvalidInputError("library {folder} stores no ViT tokens; index with --store-vit first, or pass {argument:'recompute'}",
+                                    argument="rerank_source", folder=self.folder)
         _check_rerank_source(rerank_source)
 
         def hash_of(ids):
@@ -807,7 +808,7 @@ class Library:
         from .search.results import check_k
 
         engine = self.engine
-        rk = check_k(rerank_k, "rerank-k") if rerank_k is not None else self.default_rerank_k()
+        rk = check_k(rerank_k, "rerank_k") if rerank_k is not None else self.default_rerank_k()
         if rerank and rk == 0:
             result = engine.search_text(q, k, filters=filters, rerank=False, fusion=fusion, sort=_check_sort(sort))
             note = ("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); "
@@ -909,7 +910,8 @@ class Library:
         from .errors import InvalidInputError
 
         if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
-            raise InvalidInputError(f"duplicate threshold {threshold!r} is not a number in (0, 1]; try --threshold 0.95")
+            raise InvalidInputError("duplicate threshold {given} is not a number in (0, 1]; try {argument:0.95}", argument="threshold",
+                                    given=repr(threshold))
         groups = self._rebuilt_if_damaged(lambda: self._duplicates(float(threshold)), note=False)
         pending = self.metadata.pending_count()
         return DuplicateGroups(groups, (_left_out_note(pending, "compared with the others yet"),) if pending else ())
@@ -1028,7 +1030,8 @@ def _check_sort(sort: str) -> str:
     from .errors import InvalidInputError
 
     if sort not in ("score", "date"):
-        raise InvalidInputError(f"sort {sort!r} is not 'score' or 'date'; pass --sort score or --sort date")
+        raise InvalidInputError("sort {given} is not 'score' or 'date'; pass {argument:'score'} or {argument:'date'}", argument="sort",
+                                given=repr(sort))
     return sort
 
 

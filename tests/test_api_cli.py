@@ -538,3 +538,27 @@ def test_a_path_with_a_newline_is_named_on_one_line_in_errors_and_notes(tmp_path
     res = CliRunner().invoke(main, ["prune", "--library", str(tmp_path / "lib"), "--missing-under", "/gone\ndrive"])
     assert res.exit_code == 0 and res.stderr.splitlines()[0] == ("note: the library has no photos recorded under /gone\\ndrive; check the "
                                                                  "folder (a relative one is taken from the current folder)"), res.stderr
+
+
+def test_python_callers_read_argument_names_and_the_cli_its_options(tiny_itm_dir, photo_dir, tmp_path):
+    """Library.search(rerank_k=0) said "pass --rerank-k", a flag a Python caller has not got."""
+    folder, _ = photo_dir
+    library = tmp_path / "lib"
+    with Library.open(library, model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([folder])
+        for call, message in [
+            (lambda: lib.search("red", k=0), "k=0 is out of range; pass k between 1 and 10000"),
+            (lambda: lib.search("red", rerank_k=20000), "rerank_k=20000 is out of range; pass rerank_k between 1 and 10000"),
+            (lambda: lib.search("red", sort="size"), "sort 'size' is not 'score' or 'date'; pass sort='score' or sort='date'"),
+            (lambda: lib.duplicates(2), "duplicate threshold 2 is not a number in (0, 1]; try threshold=0.95"),
+        ]:
+            with pytest.raises(InvalidInputError) as caught:
+                call()
+            assert str(caught.value) == message
+    for args, message in [
+        (["search", "red", "-k", "0"], "-k 0 is out of range; pass -k between 1 and 10000"),
+        (["search", "red", "--rerank-k", "20000"], "--rerank-k 20000 is out of range; pass --rerank-k between 1 and 10000"),
+        (["duplicates", "--threshold", "2"], "duplicate threshold 2.0 is not a number in (0, 1]; try --threshold 0.95"),
+    ]:
+        res = CliRunner().invoke(main, [*args, "--library", str(library)])
+        assert res.exit_code == 2 and res.stderr == f"Error: {message}\n", res.output

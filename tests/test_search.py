@@ -790,7 +790,7 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
     (lambda lib: lib.index([], progress="yes"), "progress 'yes' is not callable; pass a function that takes a Progress, or None"),
     (lambda lib: lib.search("red", fusion=None), "fusion=None is a NoneType"),
     (lambda lib: lib.search("red", rerank=False, rerank_source="foo"), "rerank source 'foo' is not auto, stored or recompute"),
-    (lambda lib: lib.search("red", k="5"), "k = '5' is a str, not a whole number"),
+    (lambda lib: lib.search("red", k="5"), "k='5' is a str, not a whole number"),
 ])
 def test_python_api_arguments_of_the_wrong_kind_are_one_line_errors(lib, call, message):
     with pytest.raises(InvalidInputError, match=message) as caught:

@@ -132,12 +132,13 @@ class SearchResult:
         return out
 
 
-def check_k(k: int, name: str = "k") -> int:
-    """A result count must be 1..MAX_K."""
+def check_k(k: int, argument: str = "k") -> int:
+    """A result count must be 1..MAX_K; `argument`: the parameter that gave it (`k`, `rerank_k`)."""
     whole = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))  # numpy integers too
     if not whole or k < 1 or k > MAX_K:
         what = "out of range" if whole else f"a {type(k).__name__}, not a whole number"
-        raise InvalidInputError(f"{name} = {k!r} is {what}; pass -{'k' if name == 'k' else '-' + name} between 1 and {MAX_K}")
+        raise InvalidInputError("{argument:{given}} is {what}; pass {argument} between 1 and {limit}", argument=argument,
+                                given=repr(k), what=what, limit=MAX_K)
     return int(k)
 
 
