@@ -81,18 +81,30 @@ class Captions:
 
 
 _MODELS: dict[tuple, object] = {}
-_MODELS_LOCK = threading.Lock()  # calls from several threads: one dict update at a time, and each gets the model it asked for
+_LOADS: dict[tuple, threading.Lock] = {}  # held while that model loads: its other callers wait for the one load
+_MODELS_LOCK = threading.Lock()  # guards the two dicts; never held while a model loads (a hub download: minutes)
 
 
 def _cached(kind: type, name: str, **kwargs):
-    """Reuse a loaded model across calls; keep one per kind in memory (BLIP-2 checkpoints are GBs)."""
+    """Reuse a loaded model across calls; keep one per kind in memory (BLIP-2 checkpoints are GBs).
+
+    Threads asking for the same model share one load; different models load at once."""
     key = (kind, name, tuple(sorted(kwargs.items())))
     with _MODELS_LOCK:
-        if key not in _MODELS:
+        if key in _MODELS:
+            return _MODELS[key]
+        loading = _LOADS.setdefault(key, threading.Lock())
+    with loading:
+        with _MODELS_LOCK:
+            if key in _MODELS:  # loaded by the thread this one waited for
+                return _MODELS[key]
+        model = kind.load(name, **kwargs)
+        with _MODELS_LOCK:
             for k in [k for k in _MODELS if k[0] is kind]:
                 del _MODELS[k]
-            _MODELS[key] = kind.load(name, **kwargs)
-        return _MODELS[key]
+            _MODELS[key] = model
+            del _LOADS[key]
+        return model
 
 
 def get_encoder(model: str | Blip2Encoder = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto") -> Blip2Encoder:

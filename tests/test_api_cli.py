@@ -562,3 +562,39 @@ def test_python_callers_read_argument_names_and_the_cli_its_options(tiny_itm_dir
     ]:
         res = CliRunner().invoke(main, [*args, "--library", str(library)])
         assert res.exit_code == 2 and res.stderr == f"Error: {message}\n", res.output
+
+
+def test_threads_share_one_load_of_a_model_and_load_different_models_at_once(tiny_itm_dir, tmp_path, monkeypatch):
+    """A global lock held while a model loaded made a thread asking for another model wait for that load (a hub download)."""
+    import threading
+
+    import blip2_search.api as api
+    import blip2_search.models.encoder as encoder_module
+    from tiny_models import make_tiny_itm
+
+    other = str(make_tiny_itm(tmp_path / "other", seed=5))
+    started = threading.Barrier(2, timeout=30)  # each load waits until the other model's has started: never, if loads take turns
+    resolved, real = [], encoder_module.resolve_model
+
+    def slow_resolve(name, **kwargs):  # the real resolver, slowed as a download is
+        resolved.append(name)
+        started.wait()
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(encoder_module, "resolve_model", slow_resolve)
+    monkeypatch.setattr(api, "_MODELS", {})
+    got, failed = {}, []
+
+    def ask(n, name):
+        try:
+            got[n] = api.get_encoder(name)
+        except Exception as exc:  # noqa: BLE001 - said by the assertion below
+            failed.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(n, name)) for n, name in enumerate([str(tiny_itm_dir), other, str(tiny_itm_dir)])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failed and sorted(resolved) == sorted([str(tiny_itm_dir), other])  # one load each, both at once
+    assert got[0] is got[2] and got[1].name == other and got[0].name == str(tiny_itm_dir)
