@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -493,6 +494,45 @@ def test_ctrl_c_after_the_command_while_python_exits_is_one_line_and_exit_code_1
     assert out["indexed"] == len(paths) if command == "index" else len(out["results"]) == len(paths)
     with Library.open(library) as lib:
         assert lib.status().indexed == len(paths)
+
+
+EXIT_PROBE = """
+import atexit, os, sys, threading, time
+out = sys.argv.pop(1)
+atexit.register(lambda: open(os.path.join(out, "atexit"), "w").close())
+
+class Teardown:  # freed by the interpreter's teardown (which may have emptied the modules by then)
+    def __del__(self, _open=open, _path=os.path.join(out, "teardown")):
+        _open(_path, "w").close()
+
+probe = Teardown()
+if os.environ.get("PROBE_THREAD"):
+    threading.Thread(target=time.sleep, args=(1,)).start()  # still running when the command ends
+from blip2_search.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args, code, thread", [
+    (["status", "--json"], 0, False), (["search", "  "], 2, False), (["status", "--json"], 0, True),
+])
+def test_the_program_ends_without_the_interpreters_teardown(tiny_itm_dir, photo_dir, tmp_path, args, code, thread):
+    """Python's teardown after a command (freeing every module and object) took ~1 s of a 4 s demo search: the
+    program flushes its output, runs the atexit callbacks and ends with the command's exit code; where another
+    thread still runs, it exits as usual (that thread finishes)."""
+    folder, _ = photo_dir
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([folder])
+    env = {**os.environ, **({"PROBE_THREAD": "1"} if thread else {})}
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path), *args, "--library", str(tmp_path / "lib")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == code, proc.stderr
+    if code == 0:
+        assert json.loads(proc.stdout)["indexed"] > 0
+    else:
+        assert proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
+    assert (tmp_path / "atexit").exists()
+    assert (tmp_path / "teardown").exists() == thread
 
 
 def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_photos(tiny_itm_dir, photo_dir, tmp_path):
