@@ -405,7 +405,8 @@ def test_index_refuses_a_library_whose_model_preprocessor_changed_until_reembed(
     model, photos, lib_dir = _indexed_library(tiny_itm_dir, tmp_path)
     _edited(model, "preprocessor_config.json", image_mean=[0.5, 0.5, 0.5])
     refused = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir)])
-    assert refused.exit_code != 0 and "re-embed every image with --reembed" in refused.output, refused.output
+    assert refused.exit_code != 0 and "whose files have changed since" in refused.output, refused.output
+    assert "restore the original model files, or re-embed every image with --reembed" in refused.output  # not "use the library's model"
     done = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--reembed", "--json"])
     assert done.exit_code == 0 and json.loads(done.stdout)["indexed"] == 4, done.output
     with Library.open(lib_dir) as lib:

@@ -247,6 +247,12 @@ class MetadataStore:
             with self._write() as connection:
                 updates.mark_embedder_since(connection)
         if recorded != embedder:
+            if replace(recorded, model=embedder.model) == embedder and recorded.model.model_id == embedder.model.model_id:
+                raise ModelMismatchError(  # the same model by name, its files changed (weights, preprocessor, tokenizer)
+                    f"library {self.location} was built with embedder {recorded.model.model_id} whose files have changed "
+                    f"since (revision {recorded.model.revision}, now {embedder.model.revision}); restore the original model "
+                    "files, or re-embed every image with --reembed"
+                )
             raise ModelMismatchError(
                 f"library {self.location} was built with embedder {recorded.describe()} but "
                 f"{embedder.describe()} was requested; use the library's model, or re-embed "
