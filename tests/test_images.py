@@ -477,6 +477,26 @@ def test_a_jpeg_missing_only_its_end_marker_is_decoded_whole(tmp_path, case):
                 pytest.fail(f"cut {where} ({len(data) - end} bytes short) was decoded, fast={fast}")
 
 
+@pytest.mark.parametrize("width, mode", [(1, "L"), (4, "L"), (7, "L"), (4, "RGB"), (7, "RGB")])
+def test_a_cut_jpeg_under_8_px_wide_is_still_refused(tmp_path, width, mode):
+    """Pillow cannot decode a picture under 8 px wide at 1/8 scale (its draft keeps both sides >= 1 px per DCT
+    scale step), yet the extra-row check looked for the declared extra row where 1/8 scale puts it: it found the
+    picture's own rows there and took files cut up to hundreds of bytes short for ones missing only their end
+    marker, decoding them with grey where the data was missing. (The full-size check alone matches more cuts by
+    chance on such narrow files, where a 1 px wide 4:2:0 picture hides most of each MCU: those are not tested.)"""
+    picture = Image.fromarray(np.random.default_rng(width).integers(0, 256, (200, width, 3), dtype=np.uint8)).convert(mode)
+    data = save(picture, tmp_path / "narrow.jpg", "JPEG", quality=100).read_bytes()
+    no_eoi, cut = tmp_path / "no eoi.jpg", tmp_path / "cut.jpg"
+    no_eoi.write_bytes(data[:-2])
+    np.testing.assert_array_equal(np.asarray(open_image(no_eoi)), np.asarray(open_image(data)))
+    for short in (3, 40, len(data) // 3):
+        cut.write_bytes(data[:-short])
+        for fast in (True, False):
+            with pytest.raises(ImageDecodeError, match="truncated"):
+                decode_for_model(cut, 32, fast=fast)
+                pytest.fail(f"a {width} px wide {mode} JPEG cut {short} bytes short was decoded, fast={fast}")
+
+
 @pytest.mark.parametrize("kw", [{}, {"restart_marker_rows": 1}, {"subsampling": 0}], ids=["baseline", "restarts", "4:4:4"])
 def test_a_jpeg_missing_only_its_end_marker_costs_no_full_size_decode(tmp_path, monkeypatch, kw):
     """Telling a file that lacks only its end marker from one cut short took two full-size decodes besides the

@@ -257,11 +257,16 @@ def _no_vertical_upsampling(frame: _Frame) -> bool:
 
 def _eighth_scale_pixels(data: bytes) -> np.ndarray | None:
     """JPEG `data` decoded at 1/8 scale, as stored, when it decodes to 8-bit grey or RGB (where zero
-    coefficients give 128 in every channel); else None."""
+    coefficients give 128 in every channel) and at that scale; else None."""
     with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
         if im.mode not in ("L", "RGB"):
             return None
+        width, height = im.size
         im.draft(im.mode, (1, 1))
+        if im.size != (math.ceil(width / 8), math.ceil(height / 8)):
+            # Pillow scales by less where a side is under 8 px: the rows would not be where the caller looks,
+            # and a subsampled component would be upsampled across the extra row
+            return None
         im.load()
         return np.asarray(im)
 
