@@ -578,6 +578,24 @@ def test_bomb_header_refused_before_decoding(tmp_path):
     assert open_image(small, max_pixels=96 * 64).size == (96, 64)
 
 
+@pytest.mark.parametrize("kw", [{"progressive": True}, {}], ids=["progressive", "baseline"])
+def test_a_jpeg_without_end_marker_over_the_cap_is_refused_before_any_decode(tmp_path, monkeypatch, kw):
+    """A JPEG lacking its end marker was checked by `jpeg_end` (a progressive one: two full-size decodes) before the
+    bomb check read its header: a file over max_pixels (or between the 160 MP default and Pillow's 179 MP limit)
+    was decoded in full, twice, only to be refused."""
+    from blip2_search.imaging import jpeg_end
+
+    decoded = []
+    for name in ("_full_pixels", "_eighth_scale_pixels"):  # jpeg_end catches what they raise: record, don't raise
+        monkeypatch.setattr(jpeg_end, name, lambda data, real=getattr(jpeg_end, name): decoded.append(name) or real(data))
+    data = save(photo(400, 300), tmp_path / "whole.jpg", "JPEG", quality=90, **kw).read_bytes()[:-2]
+    for call in (lambda: decode_for_model(data, 32, max_pixels=50_000), lambda: open_image(data, max_pixels=50_000)):
+        with pytest.raises(ImageDecodeError, match="max_pixels"):
+            call()
+    assert decoded == []
+    assert decode_for_model(data, 32).pixels.shape == (32, 32, 3)  # under the cap: still decoded whole
+
+
 def test_unreadable_permissions_monkeypatched(tmp_path, monkeypatch):
     path = save(blocks(), tmp_path / "secret.png")
     real_open = os.open

@@ -211,6 +211,7 @@ def _decode(
     """
     with open_source(source) as src, _pillow_errors(src):
         if sniff(src.prefix) == "JPEG" and not _ends_with_eoi(src):
+            _open_capped(src, max_pixels)  # the bomb check first: `jpeg_end` may decode the picture at full size
             src = _ended(src)
         im, stored_size, box = _load_capped(src, max_pixels, draft_side)
         file_format = im.format
