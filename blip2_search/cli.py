@@ -105,12 +105,16 @@ class _Group(click.Group):
     _as_program = False  # run by __call__: the process is ours (click's CliRunner calls `main` in the tests' process)
 
     def __call__(self, *args, **kwargs):
-        """The program: the console script, `python cli.py` and `python -m blip2_search.cli` call it so."""
-        self._as_program = True
+        """The program: the console script, `python cli.py` and `python -m blip2_search.cli` call it so, without
+        arguments (it reads sys.argv). Called with arguments it is run inside another program (a script, a notebook,
+        `standalone_mode=False`), to which it returns (or raises SystemExit, as click does): that program's Ctrl-C
+        and its exit stay its own."""
+        self._as_program = not args and not kwargs
         try:
             return self.main(*args, **kwargs)
         except SystemExit as exc:  # how click ends every command it ran (standalone mode)
-            _exit_now(exc)
+            if self._as_program:
+                _exit_now(exc)
             raise
         finally:
             self._as_program = False

@@ -535,6 +535,53 @@ def test_the_program_ends_without_the_interpreters_teardown(tiny_itm_dir, photo_
     assert (tmp_path / "teardown").exists() == thread
 
 
+EMBEDDED_THEN_CTRL_C = """
+import os, signal, sys, time
+from blip2_search.cli import main
+
+try:
+    main(sys.argv[1:], standalone_mode=False)  # a program running the CLI inside itself, as click allows
+except Exception as exc:  # with standalone_mode=False click hands the error back
+    print(type(exc).__name__)
+try:
+    signal.raise_signal(signal.SIGINT)  # the host program's own Ctrl-C, later on
+    time.sleep(1)
+except KeyboardInterrupt:
+    print("host interrupted")
+"""
+
+
+def test_the_cli_run_inside_another_program_leaves_its_ctrl_c_alone(tmp_path):
+    """The end-at-Ctrl-C handler is for the CLI's own process: `main(args, standalone_mode=False)` returns to its
+    caller, which a later Ctrl-C ended at once (os._exit(130), "interrupted") instead of raising KeyboardInterrupt."""
+    proc = subprocess.run([sys.executable, "-c", EMBEDDED_THEN_CTRL_C, "status", "--library", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["UserError", "host interrupted"], (proc.returncode, proc.stdout, proc.stderr)
+
+
+EMBEDDED_THEN_EXIT = """
+import sys
+from blip2_search.cli import main
+
+try:
+    main(sys.argv[1:])  # a script or notebook running a command (standalone, as click does by default)
+except SystemExit as exc:
+    print("caught", exc.code)
+print("host goes on")
+"""
+
+
+def test_the_cli_run_inside_another_program_raises_its_exit_there(tiny_itm_dir, photo_dir, tmp_path):
+    """The program's own exit (flush, atexit, os._exit) is for the process it runs as: a script or a notebook that
+    calls `main([...])` gets click's SystemExit back and goes on."""
+    folder, _ = photo_dir
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([folder])
+    proc = subprocess.run([sys.executable, "-c", EMBEDDED_THEN_EXIT, "status", "--library", str(tmp_path / "lib")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-2:] == ["caught 0", "host goes on"], (proc.stdout, proc.stderr)
+
+
 def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_photos(tiny_itm_dir, photo_dir, tmp_path):
     """It said "no near-duplicates ... lower the threshold", though no photo had been compared."""
     from tiny_models import make_tiny_itm
