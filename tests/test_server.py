@@ -254,6 +254,28 @@ def test_uploads_are_decoded_before_their_turn_for_the_model(client, lib, monkey
     assert [a.status_code for a in answers] == [200, 200] and len(decoded) == 2
 
 
+def test_upload_requests_reach_the_model_in_worker_threads_only(client, lib, monkeypatch):
+    """`library.encoder` may load the model (again, after another process re-embedded the library): never in the
+    event loop, which would stop the server answering anything meanwhile."""
+    import asyncio
+
+    where, real = [], Library.encoder
+
+    def spy(self):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return real.fget(self)
+
+    monkeypatch.setattr(Library, "encoder", property(spy))
+    data = Path(_records(lib)["img01.jpg"].path).read_bytes()
+    assert client.post("/api/search", files={"image": ("q.jpg", data, "image/jpeg")}).status_code == 200
+    assert client.post("/api/rerank", data={"query": "a dog"}, files=[("images", ("a.jpg", data, "image/jpeg"))]).status_code == 200
+    assert where and set(where) == {"worker thread"}, where
+
+
 def test_rerank_of_uploads_and_of_ids_read_the_query_syntax_alike(client, lib):
     """Weights and negatives shape the ITC of uploaded pictures as they do for ids (and a bad query is a 400)."""
     recs = _records(lib)

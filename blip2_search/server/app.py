@@ -236,7 +236,8 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             pictures = [(i, p) for i, p in enumerate(decoded) if not isinstance(p, str)]
             if not pictures:  # nothing the client sent was a picture: a 400, as for an image search
                 raise ImageDecodeError(decoded[0])
-            ranking = await runner.model(request, score_images, query, [p for _, p in pictures], model=library.encoder)
+            # library.encoder in the worker thread: it loads the model again where another process re-embedded the library
+            ranking = await runner.model(request, lambda: score_images(query, [p for _, p in pictures], model=library.encoder))
         names, sent = [f.filename for f in files], [i for i, _ in pictures]
         results = [{"index": sent[h.index], "filename": names[sent[h.index]], "score": h.score, "itc": h.itc, "itm_logit": h.itm_logit,
                     "match_probability": h.match_probability} for h in ranking]
