@@ -121,7 +121,7 @@ def current_version(connection: Connection) -> int:
     if not inspect(connection).has_table(library_info.name):
         return 0
     value = connection.scalar(select(library_info.c.value).where(library_info.c.key == INFO_SCHEMA_VERSION))
-    if value is None or not value.isdigit():  # the first migration writes both in one transaction: a damaged file
+    if value is None or not (value.isascii() and value.isdigit()):  # the first migration writes both in one transaction: a damaged file
         raise StoredValueError(f"library_info {'has no' if value is None else 'holds no number for'} {INFO_SCHEMA_VERSION}")
     return int(value)
 
