@@ -462,9 +462,9 @@ class Library:
     def _vit_source(self, rerank_source: str):
         from .search.rerank import RecomputeVit, StoredVit
 
-        enc = self.encoder
+        enc, as_indexed = self.encoder, self.engine.files_as_indexed
         if rerank_source == "recompute" or (rerank_source == "auto" and not self.vit_store.enabled):
-            return RecomputeVit(enc)
+            return RecomputeVit(enc, as_indexed)
         if rerank_source == "stored" and not self.vit_store.enabled:
             raise InvalidInputError("library {folder} stores no ViT tokens; index with --store-vit first, or pass {argument:'recompute'}",
                                     argument="rerank_source", folder=self.folder)
@@ -473,7 +473,7 @@ class Library:
         def hash_of(ids):
             return {r.id: r.content_hash for r in self.metadata.get_records(ids)}
 
-        return StoredVit(enc, self.vit_store, hash_of, stored_only=rerank_source == "stored")
+        return StoredVit(enc, self.vit_store, hash_of, stored_only=rerank_source == "stored", as_indexed=as_indexed)
 
     def _embedder_info(self) -> EmbedderInfo:
         enc = self.encoder

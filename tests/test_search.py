@@ -177,7 +177,7 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     assert [h.id for h in partly.hits[:2]] == [h.id for h in again.hits if h.id in {searched[1].id, searched[3].id}]
     assert [h.itm_logit for h in partly.hits[2:]] == [None, None]
     assert [h.itc for h in partly.hits[2:]] == sorted((h.itc for h in partly.hits[2:]), reverse=True)  # the unread by ITC
-    assert partly.notes == ("2 candidates could not be reranked (file missing or unreadable; index its folder again to refresh it, or "
+    assert partly.notes == ("2 candidates could not be reranked (file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or "
                            "forget photos whose files are gone for good with `prune --missing`)",)
     by_id = lib.rerank(query, [h.id for h in searched[:2]] + [searched[2], searched[0].id])  # image ids or hits; a repeat counts once
     assert [h.id for h in by_id.hits] == [h.id for h in again.hits if h.id in {h.id for h in searched[:3]}]
@@ -286,6 +286,36 @@ def test_a_read_only_bind_mount_is_searched(lib, lib_dir, tmp_path):
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # busy: detached now, gone when released
 
 
+@pytest.mark.parametrize("how", ["edited", "link re-pointed"])
+def test_a_candidate_whose_file_changed_since_indexing_is_not_reranked_from_the_new_picture(lib, lib_dir, tmp_path, how):
+    """Rerank (by id, or search's stage) reread whatever the path held now: a photo edited since indexing, or an
+    outside link pointed at another picture, was ITM-scored as that other picture beside the ITC of the one
+    indexed. It is now left unread, as a file gone, until `index` refreshes it."""
+    hits = lib.search(TEXTS[0], 3, rerank=False, fusion=False).hits
+    target = Path(hits[0].path)
+    kept = tmp_path / "kept.jpg"
+    shutil.copy2(target, kept)
+    try:
+        if how == "edited":
+            _photo(target, 9001)  # another picture at the same path
+        else:
+            _photo(tmp_path / "other.jpg", 9001)
+            target.unlink()
+            target.symlink_to(tmp_path / "other.jpg")
+        again = lib.rerank(TEXTS[0], [h.id for h in hits])
+        searched = lib.search(TEXTS[0], 3, rerank_k=3, fusion=False)
+    finally:
+        target.unlink()
+        shutil.copy2(kept, target)  # the picture indexed, with its size and time
+    for result in (again, searched):
+        unread = [h for h in result.hits if h.id == hits[0].id]
+        assert unread and unread[0].itm_logit is None, result.hits
+        assert all(h.itm_logit is not None for h in result.hits if h.id != hits[0].id)
+        assert result.notes[0].startswith("1 candidate could not be reranked (file missing, unreadable or changed since it was indexed;")
+    restored = lib.rerank(TEXTS[0], [hits[0].id])
+    assert restored.hits[0].itm_logit is not None and restored.notes == ()
+
+
 def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib, lib_dir):
     first = lib.search(TEXTS[0], 8, rerank=False, fusion=False).hits
     top = Path(first[0].path)
@@ -298,7 +328,7 @@ def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib, lib_
     assert got.hits[0].id == first[0].id and got.hits[0].itm_logit is None  # was appended after all 8, then cut at 3
     others = [h.id for h in lib.rerank(TEXTS[0], [h.id for h in first[1:]]).hits]
     assert [h.id for h in got.hits[1:]] == others[:2]  # the rest reranked as without it
-    assert got.notes == ("1 candidate could not be reranked (file missing or unreadable; index its folder again to refresh it, or "
+    assert got.notes == ("1 candidate could not be reranked (file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or "
                          "forget photos whose files are gone for good with `prune --missing`)",
                          "2 of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their "
                          "first-stage place and score")

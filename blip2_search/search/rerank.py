@@ -1,13 +1,14 @@
 """ITM reranking of search candidates: score = ITM positive logit + ITC (the LAVIS protocol).
 
 ITM needs each candidate's ViT tokens. `RecomputeVit` re-reads the source image and reruns the ViT:
-no storage, and correct as long as the file is still on disk.
+no storage, and correct as long as the file is still on disk as it was indexed.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -25,19 +26,30 @@ class VitSource(Protocol):
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]: ...
 
 
+AsIndexed = Callable[[list[int]], dict[int, tuple[int | None, int | None]]]
+"""Image ids -> `{id: (size, mtime_ns)}` of each file as it was indexed."""
+
+
 class RecomputeVit:
-    """Re-decode each hit's file as `index` did (`model_image`: the tokens equal the stored ones) and rerun the ViT."""
+    """Re-decode each hit's file as `index` did (`model_image`: the tokens equal the stored ones) and rerun the ViT.
 
-    missing_reason = ("file missing or unreadable; index its folder again to refresh it, or forget photos whose files are gone "
-                      "for good with `prune --missing`")
+    With `as_indexed`, a file whose size or modification time differ from the indexed one's is not read: its vectors
+    are of the picture it was, and ITM would score another one (a photo edited since, a link pointed elsewhere)."""
 
-    def __init__(self, encoder: Blip2Encoder):
+    missing_reason = ("file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or forget "
+                      "photos whose files are gone for good with `prune --missing`")
+
+    def __init__(self, encoder: Blip2Encoder, as_indexed: AsIndexed | None = None):
         self.encoder = encoder
+        self.as_indexed = as_indexed
 
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]:
         images, ok = [], []
         model_input = self.encoder.image_input  # outside the loop: a checkpoint that cannot say it is a model error, not a missing file
+        indexed = self.as_indexed([h.id for h in hits]) if self.as_indexed is not None and hits else {}
         for i, h in enumerate(hits):
+            if not _as_indexed(h.path, indexed.get(h.id)):
+                continue  # keeps its first-stage rank, as a file gone
             try:
                 images.append(model_image(h.path, *model_input))  # model-sized: 128 hits are not 128 full photos
                 ok.append(i)
@@ -50,14 +62,26 @@ class RecomputeVit:
         return vit, ok
 
 
+def _as_indexed(path: str, indexed: tuple[int | None, int | None] | None) -> bool:
+    """Whether the file at `path` has the size and modification time it was indexed with (True when unrecorded;
+    False when it cannot be read: it is skipped either way)."""
+    if indexed is None or None in indexed:
+        return True
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == indexed
+
+
 class StoredVit:
     """ViT tokens from the library's token store, recomputing those not stored (`stored_only` refuses that)."""
 
-    def __init__(self, encoder: Blip2Encoder, store, hash_of, *, stored_only: bool = False):
+    def __init__(self, encoder: Blip2Encoder, store, hash_of, *, stored_only: bool = False, as_indexed: AsIndexed | None = None):
         self.encoder = encoder
         self.store = store
         self.hash_of = hash_of
-        self.recompute = RecomputeVit(encoder)
+        self.recompute = RecomputeVit(encoder, as_indexed)
         self.stored_only = stored_only
         self.missing_reason = ("no ViT tokens stored for them; run index --store-vit to store the missing ones, or pass --rerank-source auto"
                                if stored_only else RecomputeVit.missing_reason)
