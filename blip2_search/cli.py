@@ -58,6 +58,19 @@ def _clause(exc: click.UsageError) -> str:
 LIBRARY_COMMANDS = ("search", "serve", "duplicates", "status", "prune", "failures")  # commands that take no --model: the library's
 
 
+def _flushed() -> bool:
+    """Flush stdout and stderr; False where one could not be (a closed pipe: `| head`). Either is None where the
+    program was started without it (`>&-`, a service)."""
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            ok = False
+    return ok
+
+
 def _end_at_ctrl_c(said: bool, code: int) -> None:
     """From now on Ctrl-C ends the process at once with `code`, saying "interrupted" unless the command `said` how
     it ended. Python's shutdown after a command still runs code (atexit callbacks and finalizers: about a second
@@ -65,13 +78,12 @@ def _end_at_ctrl_c(said: bool, code: int) -> None:
     its library by then, so nothing is left to commit."""
 
     def end(signum, frame):
-        for stream in (sys.stdout, sys.stderr):  # what the command printed (its JSON) is kept
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        _flushed()  # what the command printed (its JSON) is kept
         if not said:
-            os.write(2, b"interrupted\n")
+            try:
+                os.write(2, b"interrupted\n")
+            except OSError:  # no stderr (`2>&-`): the exit code says it
+                pass
         os._exit(code)
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored (a background job `cmd &`)
@@ -90,10 +102,7 @@ def _exit_now(end: SystemExit) -> None:
         return
     if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
         return
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    except (OSError, ValueError):
+    if not _flushed():
         return  # e.g. a closed pipe (`| head`): Python's own exit reports it as usual
     import atexit
 

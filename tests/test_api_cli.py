@@ -582,6 +582,20 @@ def test_the_cli_run_inside_another_program_raises_its_exit_there(tiny_itm_dir, 
     assert proc.returncode == 0 and proc.stdout.splitlines()[-2:] == ["caught 0", "host goes on"], (proc.stdout, proc.stderr)
 
 
+@pytest.mark.parametrize("closed", [1, 2])
+@pytest.mark.parametrize("ctrl_c", [False, True])
+def test_the_program_started_without_stdout_or_stderr_ends_with_its_exit_code(tmp_path, closed, ctrl_c):
+    """Started with fd 1 or 2 closed (`>&-`, a service without them) Python sets sys.stdout or sys.stderr to None: the
+    program's exit flushed None (AttributeError: a traceback and exit 1 for a command that had ended), and so did
+    the end-at-Ctrl-C handler, or it failed to write "interrupted" to a closed fd 2 (exit 2, not 130)."""
+    script = CTRL_C_AT_EXIT if ctrl_c else "from blip2_search.cli import main\nmain()\n"
+    proc = subprocess.run([sys.executable, "-c", script, "status", "--library", str(tmp_path / "none")],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(closed))
+    assert proc.returncode == (130 if ctrl_c else 2), (proc.returncode, proc.stdout, proc.stderr)
+    if closed == 1:
+        assert proc.stderr.startswith("Error: no library") and "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr
+
+
 def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_photos(tiny_itm_dir, photo_dir, tmp_path):
     """It said "no near-duplicates ... lower the threshold", though no photo had been compared."""
     from tiny_models import make_tiny_itm
