@@ -107,6 +107,7 @@ def _exit_now(end: SystemExit) -> None:
     import atexit
 
     atexit._run_exitfuncs()
+    _flushed()  # what the callbacks printed: Python flushes after them too
     os._exit(code or 0)
 
 

@@ -596,6 +596,23 @@ def test_the_program_started_without_stdout_or_stderr_ends_with_its_exit_code(tm
         assert proc.stderr.startswith("Error: no library") and "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr
 
 
+AFTER_THE_EXIT_CALLBACKS = """
+import atexit
+atexit.register(print, "printed at exit", end="")  # as an exit callback may (Python flushes stdout after them)
+from blip2_search.cli import main
+main()
+"""
+
+
+def test_what_the_exit_callbacks_print_is_kept(tmp_path):
+    """Python flushes stdout after the atexit callbacks; the program's exit flushed it only before them, and what one
+    printed to a pipe was lost with os._exit."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is buffered, as it is for users
+    proc = subprocess.run([sys.executable, "-c", AFTER_THE_EXIT_CALLBACKS, "status", "--library", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stdout == "printed at exit", (proc.stdout, proc.stderr)
+
+
 def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_photos(tiny_itm_dir, photo_dir, tmp_path):
     """It said "no near-duplicates ... lower the threshold", though no photo had been compared."""
     from tiny_models import make_tiny_itm
