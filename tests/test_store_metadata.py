@@ -889,7 +889,7 @@ def _overwrite(path: Path, old: bytes, new: bytes) -> None:
     path.write_bytes(data.replace(old, new))  # in the table and in any index that holds the value
 
 
-@pytest.mark.parametrize("damage", ["page", "date", "text", "info", "number"])
+@pytest.mark.parametrize("damage", ["page", "date", "text", "info", "number", "signs"])
 def test_a_damaged_library_file_is_one_error_naming_it_and_the_way_back_and_is_never_written(tmp_path, rng, damage):
     """Damaged pages of metadata.sqlite surfaced as "database disk image is malformed; ... delete the library folder",
     as a stored date or text SQLite cannot tell is wrong as a raw ValueError traceback, and as a damaged library_info
@@ -913,9 +913,10 @@ def test_a_damaged_library_file_is_one_error_naming_it_and_the_way_back_and_is_n
         _overwrite(path, b"photo number 7 of", b"\xff\xfeoto number 7 of")
     elif damage == "info":
         _overwrite(path, b"num_query_tokens", b"num_query_tokenZ")
-    else:  # a digit Python's isdigit takes and int() refuses
+    else:  # a digit Python's isdigit takes and int() refuses; a number with two minus signs, which lstrip("-") took
         c = sqlite3.connect(path)
-        c.execute("UPDATE library_info SET value = '\u00b2' WHERE key IN ('schema_version', 'num_query_tokens')")
+        keys, value = (("schema_version", "num_query_tokens"), "\u00b2") if damage == "number" else (("num_query_tokens",), "--32")
+        c.execute(f"UPDATE library_info SET value = ? WHERE key IN ({', '.join('?' * len(keys))})", (value, *keys))
         c.commit()
         c.close()  # its WAL written back into the file
     before = path.read_bytes()

@@ -72,7 +72,7 @@ def check_info(info: dict[str, str]) -> None:
     missing = [key for key in (*_REQUIRED, *embedder) if key not in info]
     if missing:
         raise StoredValueError(f"library_info has no {missing[0]}")
-    wrong = [key for key in _WHOLE_NUMBERS if key in info and not (info[key].isascii() and info[key].lstrip("-").isdigit())]
+    wrong = [key for key in _WHOLE_NUMBERS if key in info and not (info[key].isascii() and info[key].removeprefix("-").isdigit())]
     try:
         datetime.fromisoformat(info[INFO_CREATED_AT])
     except ValueError:
