@@ -1288,6 +1288,34 @@ def test_serve_command_serves_the_library(lib):
     assert '"GET /?token=REDACTED HTTP/1.1" 303' in out + err  # uvicorn's access log
 
 
+def test_serve_says_where_it_serves_once_it_listens(lib):
+    """It printed "serving ... on http://..." before uvicorn listened: a script that connected as soon as it read
+    the line was refused."""
+    import httpx
+
+    port = free_port()
+    slow_start = ("import asyncio, uvicorn\n"
+                  "start = uvicorn.Server.startup\n"
+                  "async def slow(self, sockets=None):\n"
+                  "    await asyncio.sleep(1)  # a slow machine's start: the line must wait for the listening socket\n"
+                  "    await start(self, sockets=sockets)\n"
+                  "uvicorn.Server.startup = slow\n"
+                  "from blip2_search.cli import main\n"
+                  "main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow_start, "serve", "--library", str(lib.folder), "--port", str(port)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("serving "):
+                break
+        else:
+            pytest.fail(f"serve ended without saying where it serves: exit {proc.wait()}")
+        assert httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=10).status_code == 200  # at once, no retry
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
 SLOW_SERVE = """
 import sys, time
 from blip2_search.library import Library

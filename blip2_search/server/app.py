@@ -532,9 +532,15 @@ class _Server(uvicorn.Server):
     """uvicorn's server, which on shutdown first turns away the queued model calls (`Runner.stop`): uvicorn
     waits for every open request, and would run each queued query first."""
 
-    def __init__(self, config: uvicorn.Config, runner: Runner):
+    def __init__(self, config: uvicorn.Config, runner: Runner, ready: Callable[[], None] | None = None):
         super().__init__(config)
         self._runner = runner
+        self._ready = ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self._ready is not None:  # listening: a client told where it serves can connect now
+            self._ready()
 
     async def shutdown(self, sockets=None) -> None:
         self._runner.stop()
@@ -549,13 +555,11 @@ def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token:
           sock: socket.socket | None = None, ready: Callable[[], None] | None = None) -> None:
     """Serve `library` with uvicorn until interrupted, on `sock` (from `bind_socket`) or a new one on host:port.
     Loads the text model first, so a broken model or an empty library fails here, before the port
-    listens; then calls `ready` (e.g. to say where it serves). SIGINT (Ctrl-C) and SIGTERM (`kill`,
+    listens; calls `ready` (e.g. to say where it serves) once it listens. SIGINT (Ctrl-C) and SIGTERM (`kill`,
     systemd, docker stop) both shut it down gracefully and then raise KeyboardInterrupt."""
     sock = sock if sock is not None else bind_socket(host, port)
     app = create_app(library, token=token, host=host)
     library.search("a photo", 1, rerank=False, fusion=False)
-    if ready is not None:
-        ready()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
     logging.getLogger("uvicorn.access").addFilter(_REDACT_TOKEN)  # after Config, which sets up uvicorn's logging
     # uvicorn shuts down gracefully on SIGTERM too, then raises the signal again: by default that kills the
@@ -563,7 +567,7 @@ def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        _Server(config, app.state.runner).run(sockets=[sock])
+        _Server(config, app.state.runner, ready).run(sockets=[sock])
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
