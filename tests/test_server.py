@@ -276,6 +276,21 @@ def test_upload_requests_reach_the_model_in_worker_threads_only(client, lib, mon
     assert where and set(where) == {"worker thread"}, where
 
 
+def test_rerank_by_id_of_a_photo_changed_since_indexing_is_an_error_entry(client, lib, tmp_path):
+    """Its file now holds another picture than its vectors: not ITM-scored from it, listed with the fix."""
+    recs = _records(lib)
+    changed, kept = Path(recs["img02.jpg"].path), tmp_path / "kept.jpg"
+    shutil.copy2(changed, kept)
+    try:
+        _photo(changed, 9001)
+        body = client.post("/api/rerank", json={"query": "a red circle", "ids": [recs["img01.jpg"].id, recs["img02.jpg"].id]}).json()
+    finally:
+        shutil.copy2(kept, changed)
+    assert [h["id"] for h in body["results"]] == [recs["img01.jpg"].id]
+    assert body["errors"] == [{"id": recs["img02.jpg"].id, "error": f"image {recs['img02.jpg'].id} could not be read for reranking, "
+                                                                     "or changed since it was indexed; index its folder again"}]
+
+
 def test_rerank_of_uploads_and_of_ids_read_the_query_syntax_alike(client, lib):
     """Weights and negatives shape the ITC of uploaded pictures as they do for ids (and a bad query is a 400)."""
     recs = _records(lib)

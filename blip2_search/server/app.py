@@ -216,7 +216,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         results, errors = [], [{"id": i, "error": msg} for i, msg in refused]
         for h in ranked.hits:
             if h.itm_logit is None:
-                errors.append({"id": h.id, "error": f"image {h.id} could not be read for reranking; re-index its folder"})
+                errors.append({"id": h.id, "error": f"image {h.id} could not be read for reranking, or changed since it was indexed; index its folder again"})
                 continue
             results.append(h.as_dict())
         return {"query": query, "results": results, "errors": errors, **_notes_of(ranked.notes)}
