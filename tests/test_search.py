@@ -286,6 +286,24 @@ def test_a_read_only_bind_mount_is_searched(lib, lib_dir, tmp_path):
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # busy: detached now, gone when released
 
 
+def test_a_candidate_whose_file_was_only_touched_or_copied_back_is_still_reranked(lib, tmp_path):
+    """Another modification time, the same bytes (`touch`, a copy back from a backup, a sync tool): its content
+    hash says it is the picture indexed, so its rerank stays (the check read size and time alone at first)."""
+    hits = lib.search(TEXTS[0], 3, rerank=False, fusion=False).hits
+    target = Path(hits[0].path)
+    kept = tmp_path / "kept.jpg"
+    shutil.copy2(target, kept)
+    before = lib.rerank(TEXTS[0], [h.id for h in hits])
+    try:
+        shutil.copyfile(kept, target)  # the same bytes, a new modification time
+        os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 5_000_000_000))
+        again = lib.rerank(TEXTS[0], [h.id for h in hits])
+    finally:
+        shutil.copy2(kept, target)
+    assert again.notes == () and [h.id for h in again.hits] == [h.id for h in before.hits]
+    np.testing.assert_allclose([h.score for h in again.hits], [h.score for h in before.hits], atol=1e-5)
+
+
 @pytest.mark.parametrize("how", ["edited", "link re-pointed"])
 def test_a_candidate_whose_file_changed_since_indexing_is_not_reranked_from_the_new_picture(lib, lib_dir, tmp_path, how):
     """Rerank (by id, or search's stage) reread whatever the path held now: a photo edited since indexing, or an

@@ -26,15 +26,17 @@ class VitSource(Protocol):
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]: ...
 
 
-AsIndexed = Callable[[list[int]], dict[int, tuple[int | None, int | None]]]
-"""Image ids -> `{id: (size, mtime_ns)}` of each file as it was indexed."""
+AsIndexed = Callable[[list[int]], dict[int, tuple[int | None, int | None, str | None]]]
+"""Image ids -> `{id: (size, mtime_ns, content_hash)}` of each file as it was indexed."""
 
 
 class RecomputeVit:
     """Re-decode each hit's file as `index` did (`model_image`: the tokens equal the stored ones) and rerun the ViT.
 
-    With `as_indexed`, a file whose size or modification time differ from the indexed one's is not read: its vectors
-    are of the picture it was, and ITM would score another one (a photo edited since, a link pointed elsewhere)."""
+    With `as_indexed`, a file whose content is not the indexed one's is not read: its vectors are of the picture it
+    was, and ITM would score another one (a photo edited since, a link pointed elsewhere). Size and modification
+    time tell, as for `index`; where they differ the content is hashed, so a file only touched or copied back
+    from a backup is still read."""
 
     missing_reason = ("file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or forget "
                       "photos whose files are gone for good with `prune --missing`")
@@ -62,16 +64,24 @@ class RecomputeVit:
         return vit, ok
 
 
-def _as_indexed(path: str, indexed: tuple[int | None, int | None] | None) -> bool:
-    """Whether the file at `path` has the size and modification time it was indexed with (True when unrecorded;
-    False when it cannot be read: it is skipped either way)."""
-    if indexed is None or None in indexed:
+def _as_indexed(path: str, indexed: tuple[int | None, int | None, str | None] | None) -> bool:
+    """Whether the file at `path` holds what was indexed: its size and modification time, else its content hash
+    (True when unrecorded; False when it cannot be read: it is skipped either way)."""
+    if indexed is None or None in indexed[:2]:
         return True
+    size, mtime_ns, digest = indexed
     try:
         st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            return True
+        if digest is None or st.st_size != size:
+            return False
+        from ..indexing.read import content_hash  # here: a search that reranks no touched file need not import indexing
+
+        with open(path, "rb") as f:
+            return content_hash(f.read()) == digest
     except OSError:
         return False
-    return (st.st_size, st.st_mtime_ns) == indexed
 
 
 class StoredVit:
