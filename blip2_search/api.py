@@ -81,8 +81,17 @@ class Captions:
 
 
 _MODELS: dict[tuple, object] = {}
-_LOADS: dict[tuple, threading.Lock] = {}  # held while that model loads: its other callers wait for the one load
+_LOADS: dict[tuple, "_Load"] = {}  # the models loading now: their other callers wait for the one load
 _MODELS_LOCK = threading.Lock()  # guards the two dicts; never held while a model loads (a hub download: minutes)
+
+
+class _Load:
+    """One model's load: held while it runs; then the model, for the callers that waited for it (another model of
+    its kind may have taken its place in the cache meanwhile)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.model = None
 
 
 def _cached(kind: type, name: str, **kwargs):
@@ -93,18 +102,18 @@ def _cached(kind: type, name: str, **kwargs):
     with _MODELS_LOCK:
         if key in _MODELS:
             return _MODELS[key]
-        loading = _LOADS.setdefault(key, threading.Lock())
-    with loading:
-        with _MODELS_LOCK:
-            if key in _MODELS:  # loaded by the thread this one waited for
-                return _MODELS[key]
-        model = kind.load(name, **kwargs)
+        load = _LOADS.setdefault(key, _Load())
+    with load.lock:
+        if load.model is not None:  # loaded by the thread this one waited for
+            return load.model
+        load.model = kind.load(name, **kwargs)
         with _MODELS_LOCK:
             for k in [k for k in _MODELS if k[0] is kind]:
                 del _MODELS[k]
-            _MODELS[key] = model
-            del _LOADS[key]
-        return model
+            _MODELS[key] = load.model
+            if _LOADS.get(key) is load:
+                del _LOADS[key]
+        return load.model
 
 
 def get_encoder(model: str | Blip2Encoder = DEFAULT_EMBEDDER, *, device: str = "auto", dtype: str = "auto") -> Blip2Encoder:
