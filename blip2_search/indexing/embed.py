@@ -16,7 +16,7 @@ import torch
 
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
-from ..search.query import has_words
+from ..models.text import has_words
 
 
 class HostCopy:

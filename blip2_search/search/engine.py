@@ -19,7 +19,8 @@ from ..models.text import MAX_TOKENS
 from ..store import MetadataStore, VectorStore
 from ..store.scoring import mean_max
 from .duplicates import closest_in_group, duplicate_groups
-from .query import Query, has_words
+from ..models.text import has_words
+from .query import Query
 from .rerank import RecomputeVit, VitSource, rerank_hits
 from .results import Filters, Hit, SearchResult
 

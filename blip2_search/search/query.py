@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import unicodedata
 from dataclasses import dataclass
 from itertools import pairwise
 
 from ..errors import InvalidInputError
-from ..models.text import pre_caption
+from ..models.text import has_words, is_blank
 
 _DROPPED = 'the marks . ! " ( ) * # : ; ~'
 
@@ -101,23 +100,6 @@ class Query:
     def is_simple(self) -> bool:
         """True for a single term of weight 1.0: the engine can use its plain nearest-neighbour path."""
         return len(self.terms) == 1 and self.terms[0].weight == 1.0
-
-
-def has_words(text: str) -> bool:
-    """True when the model reads something in `text`: BLIP-2's text normalisation (`pre_caption`) drops the marks
-    .!"()*#:;~, so a term of only those (and spaces) would be searched as an empty text."""
-    # an ASCII letter or digit survives the normalisation: the answer for nearly every caption, which fusion's
-    # first search asks of each one (100k captions: 0.24 s through pre_caption)
-    return _LETTER_OR_DIGIT.search(text) is not None or not is_blank(pre_caption(text))
-
-
-_LETTER_OR_DIGIT = re.compile(r"[0-9A-Za-z]")
-
-
-def is_blank(text: str) -> bool:
-    """True when `text` shows nothing: only whitespace, control and format characters (a zero-width space,
-    a byte-order mark), which the tokenizer drops."""
-    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 def parse_query(text: str) -> Query:

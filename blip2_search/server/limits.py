@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 
 from ..errors import InvalidInputError
-from ..search.query import is_blank
+from ..models.text import is_blank
 
 MAX_K = 200
 """Most results one search may return (the library allows more; a web page does not need them)."""
