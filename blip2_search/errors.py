@@ -49,7 +49,9 @@ class _Named(str):
     def __format__(self, value: str) -> str:
         if not value:
             return str(self)
-        return f"{self} {value}" if self.startswith("-") else f"{self}={value}"
+        if self.startswith("-"):  # an option's value as typed on a command line: `--sort date`, not `--sort 'date'`
+            return f"{self} {value[1:-1] if len(value) > 1 and value[0] == value[-1] == chr(39) else value}"
+        return f"{self}={value}"
 
 
 class InvalidInputError(Blip2SearchError, ValueError):

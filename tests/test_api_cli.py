@@ -374,7 +374,7 @@ def test_python_api_refuses_to_move_a_model_passed_loaded(tiny_itm_dir, tiny_cap
         with pytest.raises(InvalidInputError, match=rf"dtype='{other}' cannot move the {what} passed in \(it runs on \S+ in \S+\); pass the") as caught:
             call(other)
         assert "\n" not in str(caught.value)
-    with pytest.raises(InvalidInputError, match="dtype 'nonsense' is not one of"):
+    with pytest.raises(InvalidInputError, match="dtype='nonsense' is not one of"):
         blip2_search.rerank("red", [], model=enc, dtype="nonsense")  # named as a bad dtype, not as a move
     assert len(blip2_search.rerank("red", [], model=enc, device=enc.placement.device, dtype=enc.placement.dtype)) == 0  # already there
 

@@ -57,11 +57,17 @@ def test_placement_policy(device, dtype, cuda, bf16, t5, expected):
 @pytest.mark.parametrize(
     "device,dtype,cuda,t5,fix",
     [("cuda", "auto", False, False, "--device cpu"), ("cpu", "float16", False, False, "--dtype float32"),
-     ("cuda", "float16", True, True, "--dtype bfloat16"), ("tpu", "auto", False, False, "--device"), ("auto", "int8", False, False, "--dtype")],
+     ("cuda", "float16", True, True, "--dtype bfloat16"), ("tpu", "auto", False, False, "--device tpu is not one of auto, cpu, cuda"),
+     ("auto", "int8", False, False, "--dtype int8 is not one of")],
 )
 def test_placement_refusals_name_the_fix(device, dtype, cuda, t5, fix):
-    with pytest.raises(InvalidInputError, match=fix):
+    """Named as the caller passes them: `device='cpu'` from Python, `--device cpu` on the command line."""
+    with pytest.raises(InvalidInputError) as refused:
         choose_placement(device, dtype, cuda_available=cuda, bf16_supported=cuda, is_t5=t5)
+    option, value = fix.split(" ", 1)
+    assert fix in refused.value.naming(option)
+    keyword = f"{option[2:]}='{value.split(' ', 1)[0]}'"
+    assert keyword in str(refused.value) and "--" not in str(refused.value)
 
 
 # ------------------------------------------------------------------ text normalisation (LAVIS pre_caption)

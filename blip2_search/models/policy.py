@@ -45,11 +45,14 @@ def choose_placement(
     and half precision on CPU, which are refused with the fix named.
     """
     if device not in DEVICES:
-        raise InvalidInputError(f"device {device!r} is not one of {', '.join(DEVICES)}; pass --device auto, cpu or cuda")
+        raise InvalidInputError("{argument:{given}} is not one of {choices}; pass {argument:'auto'}, {argument:'cpu'} or {argument:'cuda'}",
+                                argument="device", given=repr(device), choices=", ".join(DEVICES))
     if dtype not in DTYPES:
-        raise InvalidInputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype auto, float32, bfloat16 or float16")
+        raise InvalidInputError("{argument:{given}} is not one of {choices}; pass {argument:'auto'}, {argument:'float32'}, "
+                                "{argument:'bfloat16'} or {argument:'float16'}", argument="dtype", given=repr(dtype), choices=", ".join(DTYPES))
     if device == "cuda" and not cuda_available:
-        raise InvalidInputError("device 'cuda' was asked for but no CUDA GPU is visible; pass --device cpu or --device auto")
+        raise InvalidInputError("{argument:'cuda'} was asked for but no CUDA GPU is visible; pass {argument:'cpu'} or {argument:'auto'}",
+                                argument="device")
     resolved_device = ("cuda" if cuda_available else "cpu") if device == "auto" else device
 
     if dtype == "auto":
@@ -62,9 +65,11 @@ def choose_placement(
         return Placement(resolved_device, resolved_dtype)
 
     if dtype == "float16" and is_t5:
-        raise InvalidInputError("dtype float16 overflows Flan-T5 language models; pass --dtype bfloat16 or --dtype float32")
+        raise InvalidInputError("{argument:'float16'} overflows Flan-T5 language models; pass {argument:'bfloat16'} or {argument:'float32'}",
+                                argument="dtype")
     if dtype == "float16" and resolved_device == "cpu":
-        raise InvalidInputError("dtype float16 is not supported on the CPU; pass --dtype float32 (or bfloat16) with --device cpu")
+        raise InvalidInputError("{argument:'float16'} is not supported on the CPU; pass {argument:'float32'} (or {argument:'bfloat16'}) there",
+                                argument="dtype")
     return Placement(resolved_device, dtype)
 
 
