@@ -1759,7 +1759,7 @@ def test_a_bad_model_leaves_no_empty_library(tmp_path, monkeypatch):
     import torch
 
     for bad in ({"dtype": "float16"}, {"device": "cuda"}) if not torch.cuda.is_available() else ():  # nor a device this machine lacks
-        with pytest.raises(InvalidInputError, match="--d"):
+        with pytest.raises(InvalidInputError, match=f"{next(iter(bad))}="):  # named as the keyword passed
             Library.open(tmp_path / "lib", model="demo", create=True, **bad)
         assert not (tmp_path / "lib").exists()
 
