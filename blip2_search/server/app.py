@@ -254,9 +254,13 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         refuse=False its message, for an answer that lists it."""
         runner.admit(request)
         source = _NamedUpload(upload)
+
+        def header():  # one worker-thread turn: the model's input (it may load the model) and the header's pixels
+            size, resample = library.encoder.image_input
+            return size, resample, decoded_pixels(source, draft_side=math.ceil(DRAFT_OVERSAMPLE * size))
+
         try:
-            size, resample = await runner.io(lambda: library.encoder.image_input)
-            pixels = await runner.io(decoded_pixels, source, draft_side=math.ceil(DRAFT_OVERSAMPLE * size))  # the header only
+            size, resample, pixels = await runner.io(header)
             return await runner.decode(pixels, model_image, source, size, resample)
         except ImageDecodeError as exc:
             if refuse:
