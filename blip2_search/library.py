@@ -462,7 +462,7 @@ class Library:
     def _vit_source(self, rerank_source: str):
         from .search.rerank import RecomputeVit, StoredVit
 
-        enc, as_indexed = self.encoder, self.engine.files_as_indexed
+        enc, as_indexed = self.encoder, self.metadata.files_as_indexed  # not self.engine: it rereads the database's generations
         if rerank_source == "recompute" or (rerank_source == "auto" and not self.vit_store.enabled):
             return RecomputeVit(enc, as_indexed)
         if rerank_source == "stored" and not self.vit_store.enabled:

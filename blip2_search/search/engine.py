@@ -38,14 +38,9 @@ class SearchEngine:
         self.metadata = metadata
         self.vectors = vectors
         self.encoder = encoder
-        self.vit_source = vit_source or RecomputeVit(encoder, self.files_as_indexed)
+        self.vit_source = vit_source or RecomputeVit(encoder, metadata.files_as_indexed)
         self._caption_matrix: tuple[np.ndarray, np.ndarray] | None = None
         self.index_behind = False  # the loaded vector index is older than the database: see `_redo_live`
-
-    def files_as_indexed(self, ids: list[int]) -> dict[int, tuple[int | None, int | None, str | None]]:
-        """`{id: (size, mtime_ns, content_hash)}` of each image's file as indexed: what a reranker rereading files
-        checks them against."""
-        return {r.id: (r.size, r.mtime_ns, r.content_hash) for r in self.metadata.get_records(ids)}
 
     # ------------------------------------------------------------------ text
     def search_text(self, query: Query, k: int, *, filters: Filters = Filters(), rerank: bool = False, rerank_k: int = 32,

@@ -486,6 +486,11 @@ class MetadataStore:
                     found[row.id] = to_image_record(row)
         return [found[image_id] for image_id in ids if image_id in found]
 
+    def files_as_indexed(self, image_ids: Iterable[int]) -> dict[int, tuple[int | None, int | None, str | None]]:
+        """``{id: (size, mtime_ns, content_hash)}`` of each image's file as indexed: what a reranker rereading files
+        checks them against (`search.rerank.RecomputeVit`)."""
+        return {r.id: (r.size, r.mtime_ns, r.content_hash) for r in self.get_records(image_ids)}
+
     def filter_ids(self, *, path_glob: str | None = None, after: datetime | None = None, before: datetime | None = None,
                    undated: bool = False) -> np.ndarray:
         """Ids of indexed images matching all given filters, ascending: ``[n] int64``.
