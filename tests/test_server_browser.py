@@ -251,6 +251,20 @@ def test_narrow_screen_has_no_sideways_scroll(browser, base_url):
     context.close()
 
 
+def test_narrow_screen_wraps_a_long_unbroken_query_in_status_and_error(browser, base_url):
+    """The status line repeats the query (and errors and notes may quote a path): one long word (a pasted URL)
+    widened a phone's page sideways to thousands of pixels."""
+    context = browser.new_context(viewport={"width": 375, "height": 800})
+    page = context.new_page()
+    page.goto(base_url + "/")
+    page.fill("#q", '"' + "x" * 300)  # an unclosed quote: refused before any model call
+    page.press("#q", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "x" * 300 in page.locator("#status").text_content()
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    context.close()
+
+
 def test_server_error_message_is_shown(page, base_url):
     page.goto(base_url + "/")
     page.fill("#q", '"unclosed')
