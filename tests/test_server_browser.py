@@ -265,6 +265,24 @@ def test_narrow_screen_wraps_a_long_unbroken_query_in_status_and_error(browser, 
     context.close()
 
 
+def test_a_date_typed_in_part_is_named_not_ignored(page, lib, base_url):
+    """A date field holding only day and month reads as "" to the page: both searches ran unfiltered, silently."""
+    page.goto(base_url + "/")
+    page.click("#after")
+    page.keyboard.type("0315")  # month and day; no year
+    page.fill("#q", "red circle")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#error:not([hidden]), #results li")
+    assert "Taken on or after" in page.locator("#error").text_content()
+    assert page.evaluate("document.activeElement.id") == "after"
+    page.evaluate("document.querySelector('#error').hidden = true")
+    page.set_input_files("#example", lib.metadata.get_records([1])[0].path)  # an image search: refused the same way
+    page.wait_for_selector("#error:not([hidden]), #results li")
+    assert "Taken on or after" in page.locator("#error").text_content()
+    assert not any("/api/search" in u for u in page.requests) and page.locator("#results li").count() == 0
+    assert page.errors == []
+
+
 def test_server_error_message_is_shown(page, base_url):
     page.goto(base_url + "/")
     page.fill("#q", '"unclosed')

@@ -46,6 +46,16 @@
     return params;
   }
 
+  // A date typed only in part reads as "" (no filter): say so, rather than search all dates.
+  function incompleteDate() {
+    const field = ["after", "before"].map($).find((input) => input.validity.badInput);
+    if (!field) return false;
+    clearResults();
+    showError(`“${field.labels[0].textContent.trim()}” is not a whole date; finish its day, month and year, or clear it.`);
+    field.focus();
+    return true;
+  }
+
   // fetch that returns parsed JSON or throws an Error carrying the server's one-line message.
   async function callApi(url, options) {
     if (inFlight) inFlight.abort();
@@ -163,6 +173,7 @@
       queryInput.focus();
       return;
     }
+    if (incompleteDate()) return;
     const params = filterParams();
     params.set("q", q);
     params.set("rerank", $("rerank").checked ? "true" : "false");
@@ -184,6 +195,7 @@
       refuse(`${file.name} is ${(file.size / 1e6).toFixed(1)} MB, over the 20 MB limit; resize or re-export it.`);
       return;
     }
+    if (incompleteDate()) return;
     if (location.search) history.pushState(null, "", "/");  // a reload must not rerun the last text search
     const body = new FormData();
     body.append("image", file, file.name);
