@@ -144,23 +144,21 @@ def test_keyboard_only_rerank_and_path_filter(page, lib, base_url):
     expected = lib.search(QUERY, 24, rerank=True, path="*/2021/*")
     page.goto(base_url + "/")
     order = []
-    for _ in range(4):
+    for _ in range(5):
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
         outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
         assert outline != "none", f"no visible focus on {order[-1]}"
-    assert order == ["search-button", "rerank", "k", "path"]
-    page.keyboard.press("Shift+Tab")
-    page.keyboard.press("Shift+Tab")
+    assert order == ["search-button", "rerank", "k", "sort", "path"]
+    for _ in range(3):
+        page.keyboard.press("Shift+Tab")
     page.keyboard.press("Space")  # tick "Rerank with ITM"
     assert page.is_checked("#rerank")
-    page.keyboard.press("Tab")
-    page.keyboard.press("Tab")
+    for _ in range(3):
+        page.keyboard.press("Tab")
     page.keyboard.type("*/2021/*")
-    page.keyboard.press("Shift+Tab")
-    page.keyboard.press("Shift+Tab")
-    page.keyboard.press("Shift+Tab")
-    page.keyboard.press("Shift+Tab")
+    for _ in range(5):
+        page.keyboard.press("Shift+Tab")
     assert page.evaluate("document.activeElement.id") == "q"
     page.keyboard.type(QUERY)
     page.keyboard.press("Enter")
@@ -230,6 +228,27 @@ def test_back_returns_to_the_previous_search_and_links_keep_their_settings(page,
     page.goto(base_url + "/?q=red&after=2021-13-01")  # not a date: said, not silently dropped
     page.wait_for_selector("#error:not([hidden])")
     assert "after=2021-13-01" in page.locator("#error").text_content() and page.locator("#results li").count() == 0
+    assert page.errors == []
+
+
+def test_sort_by_date_is_a_setting_of_the_page_and_of_its_links(page, lib, base_url):
+    """The API sorts by date (oldest first, as search --sort date), but the page had no such setting and
+    refused a link with sort=date as "not a setting of this page"."""
+    expected = lib.search(QUERY, 12, rerank=False, sort="date")
+    page.goto(base_url + "/")
+    page.select_option("#k", "12")
+    page.select_option("#sort", "date")
+    page.fill("#q", QUERY)
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results li")
+    assert "sort=date" in page.url and any("/api/search?" in u and "sort=date" in u for u in page.requests)
+    assert _grid_ids(page) == [h.id for h in expected.hits]
+    page.goto(page.url)  # the link restores the order
+    page.wait_for_selector("#results li")
+    assert page.locator("#sort").input_value() == "date" and page.locator("#error").is_hidden()
+    page.goto(base_url + "/?q=red&sort=newest")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "sort=newest" in page.locator("#error").text_content() and page.locator("#results li").count() == 0
     assert page.errors == []
 
 

@@ -39,6 +39,7 @@
   function filterParams() {
     const params = new URLSearchParams();
     params.set("k", $("k").value);
+    if ($("sort").value !== "score") params.set("sort", $("sort").value);
     for (const name of FIELDS) {
       const value = $(name).value.trim();
       if (value) params.set(name, value);
@@ -272,7 +273,13 @@
     } else if (k) {
       problems.push(`k=${k} (1 to 200)`);
     }
-    for (const name of ["min_score", "sort"]) if (params.has(name)) problems.push(`${name} (not a setting of this page)`);
+    const sort = params.get("sort") || "score";
+    if (["score", "date"].includes(sort)) {
+      $("sort").value = sort;
+    } else {
+      problems.push(`sort=${sort} (score or date)`);
+    }
+    if (params.has("min_score")) problems.push("min_score (not a setting of this page)");
     $("rerank").checked = params.get("rerank") === "true";
     queryInput.value = params.get("q") || "";
     if (problems.length) {
