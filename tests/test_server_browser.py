@@ -201,6 +201,23 @@ def test_choosing_a_file_searches_by_it(page, lib, base_url):
     assert _grid_ids(page)[0] == record.id
 
 
+def test_more_like_this_searches_by_a_result(page, lib, base_url):
+    """A result had no way to ask for photos like it: the user had to find its file and upload it."""
+    page.goto(base_url + "/")
+    page.fill("#q", QUERY)
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results li")
+    third = _grid_ids(page)[2]
+    name = Path(lib.metadata.get_records([third])[0].path).name
+    page.locator(f'#results li[data-id="{third}"] button.like').press("Enter")  # by keyboard
+    page.wait_for_function(f"() => document.querySelector('#status').textContent.endsWith({f' photos for photos like {name}.'!r})"
+                           " || !document.querySelector('#error').hidden")
+    assert page.locator("#error").is_hidden()
+    assert _grid_ids(page)[0] == third  # the photo itself is the most like it
+    assert page.evaluate("document.activeElement.id") == "results"  # Tab goes on into the new results
+    assert page.errors == []
+
+
 def test_the_same_file_chosen_again_searches_again(page, lib, base_url):
     record = next(r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if "green-square" in r.path)
     page.goto(base_url + "/")

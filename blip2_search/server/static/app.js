@@ -62,20 +62,23 @@
     if (inFlight) inFlight.abort();
     inFlight = new AbortController();
     const response = await fetch(url, { credentials: "same-origin", signal: inFlight.signal, ...options });
-    let body = null;
-    try {
-      body = await response.json();
-    } catch (e) {
-      body = null;
-    }
+    if (!response.ok) throw await failure(response);
+    return response.json();
+  }
+
+  // The Error carrying the server's one-line message for an answer that is not ok; a 401 shows the token form.
+  async function failure(response) {
+    const body = await response.json().catch(() => null);
     if (response.status === 401) {
       tokenForm.hidden = false;
       $("token").focus();
     }
-    if (!response.ok) {
-      throw new Error(body && body.error ? body.error : `${response.status} ${response.statusText}`);
-    }
-    return body;
+    return new Error(body && body.error ? body.error : `${response.status} ${response.statusText}`);
+  }
+
+  // What a failed fetch says: its own TypeError ("Failed to fetch") means no answer came at all.
+  function problem(err) {
+    return err instanceof TypeError ? "Cannot reach the server; is blip2-search serve still running?" : err.message;
   }
 
   function baseName(path) {
@@ -127,9 +130,16 @@
     file.textContent = baseName(hit.path);
     file.title = hit.path;
 
+    const like = document.createElement("button");
+    like.type = "button";
+    like.className = "like";
+    like.textContent = "More like this";
+    like.setAttribute("aria-label", `More photos like ${baseName(hit.path)}`);
+    like.addEventListener("click", () => searchLike(hit));
+
     li.append(link, meta);
     if (hit.caption) li.append(caption);
-    li.append(file);
+    li.append(file, like);
     return li;
   }
 
@@ -159,8 +169,7 @@
       grid.replaceChildren();
       showNotes([]);
       setStatus(`Search for ${label} failed.`);
-      // fetch's own TypeError ("Failed to fetch") means no answer came at all
-      showError(err instanceof TypeError ? "Cannot reach the server; is blip2-search serve still running?" : err.message);
+      showError(problem(err));
     } finally {
       if (search === latestSearch) grid.removeAttribute("aria-busy");
     }
@@ -202,6 +211,25 @@
     body.append("image", file, file.name);
     for (const [name, value] of filterParams()) body.append(name, value);
     runSearch(`photos like ${file.name}`, () => callApi("/api/search", { method: "POST", body }));
+  }
+
+  // "More like this": a search by the photo's own file (an upload is decoded as index decoded the photo, so
+  // the photo comes first), or by its thumbnail where the file is not one the upload limit lets through.
+  async function searchLike(hit) {
+    grid.focus();  // the button goes with the grid it is in; Tab then continues into the new results
+    const original = `/api/images/${hit.id}`;
+    try {
+      const head = await fetch(original, { method: "HEAD", credentials: "same-origin" });
+      const fits = head.ok && Number(head.headers.get("content-length")) <= MAX_UPLOAD_BYTES
+        && (head.headers.get("content-type") || "").startsWith("image/");
+      const response = await fetch(fits ? original : `${original}/thumbnail`, { credentials: "same-origin" });
+      if (!response.ok) throw await failure(response);
+      const blob = await response.blob();
+      searchImage(new File([blob], baseName(hit.path), { type: blob.type }));
+    } catch (err) {
+      clearResults();
+      showError(problem(err));
+    }
   }
 
   form.addEventListener("submit", (event) => {
