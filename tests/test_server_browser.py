@@ -201,6 +201,19 @@ def test_choosing_a_file_searches_by_it(page, lib, base_url):
     assert _grid_ids(page)[0] == record.id
 
 
+def test_a_result_whose_file_is_gone_says_so(page, lib, base_url):
+    """A thumbnail that could not load showed only a broken-image icon: nothing said the file was gone, or what to do."""
+    (record,) = [r for r in lib.metadata.get_records(range(1, 100)) if r.path.endswith("back\\slash.jpg")]
+    moved = Path(record.path).with_name("moved-away")
+    Path(record.path).rename(moved)
+    try:
+        page.goto(base_url + "/?q=red+circle&path=*%2Fback*")
+        page.wait_for_selector(f'#results li[data-id="{record.id}"] .why')
+        assert "is gone" in page.locator(f'#results li[data-id="{record.id}"] .why').text_content()
+    finally:
+        moved.rename(record.path)
+
+
 def test_more_like_this_searches_by_a_result(page, lib, base_url):
     """A result had no way to ask for photos like it: the user had to find its file and upload it."""
     page.goto(base_url + "/")

@@ -100,7 +100,7 @@
     img.alt = hit.caption ? hit.caption : `Photo ${baseName(hit.path)}`;
     img.loading = rank <= 24 ? "eager" : "lazy";
     img.decoding = "async";
-    img.addEventListener("error", () => li.classList.add("missing"), { once: true });
+    img.addEventListener("error", () => whyMissing(li, link, img.src), { once: true });
     link.append(img);
 
     const meta = document.createElement("p");
@@ -141,6 +141,20 @@
     if (hit.caption) li.append(caption);
     li.append(file, like);
     return li;
+  }
+
+  // A thumbnail that did not load: its card says why (the server's message: the file is gone, changed, refused).
+  async function whyMissing(li, link, url) {
+    li.classList.add("missing");
+    const why = document.createElement("p");
+    why.className = "why";
+    try {
+      const response = await fetch(url, { credentials: "same-origin" });
+      why.textContent = response.ok ? "The thumbnail could not be shown; open the photo instead." : (await failure(response)).message;
+    } catch (err) {
+      why.textContent = problem(err);
+    }
+    link.after(why);
   }
 
   function render(result, label, reranked) {
