@@ -282,6 +282,22 @@ def test_sort_by_date_is_a_setting_of_the_page_and_of_its_links(page, lib, base_
     assert page.errors == []
 
 
+def test_show_more_asks_for_more_results_and_focuses_the_first_new_one(page, lib, base_url):
+    """The grid ended after k results with no way on: more meant finding the Results menu and searching again."""
+    page.goto(base_url + "/?q=red+circle&k=6&rerank=false")
+    page.wait_for_selector("#results li")
+    assert page.locator("#results li").count() == 6
+    page.locator("#more").press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#results li').length > 6")
+    assert _grid_ids(page) == [h.id for h in lib.search("red circle", 12, rerank=False).hits]  # the menu's next: 12
+    assert "k=12" in page.url and page.locator("#k").input_value() == "12"
+    assert page.evaluate("document.activeElement.closest('li').dataset.id") == str(_grid_ids(page)[6])
+    page.locator("#more").click()  # 24 asked for: all 13 photos, the last of them
+    page.wait_for_function("() => document.querySelectorAll('#results li').length === 13")
+    assert page.locator("#more").is_hidden()
+    assert page.errors == []
+
+
 def test_opening_a_search_link_adds_one_history_entry(page, base_url):
     """Back from /?q=... must leave it: the restored search rewrote the address with pushState (Back twice)."""
     page.goto(base_url + "/")

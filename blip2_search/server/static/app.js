@@ -15,6 +15,8 @@
   const tokenForm = $("token-form");
   const FIELDS = ["path", "after", "before"];
   const MAX_UPLOAD_BYTES = 20 * 1024 * 1024;
+  const MAX_K = 200;
+  const moreButton = $("more");
   let inFlight = null;
   let latestSearch = 0;  // only the latest search may clear aria-busy: an aborted one ends while its successor runs
 
@@ -157,9 +159,20 @@
     link.after(why);
   }
 
-  function render(result, label, reranked) {
+  // `again(params)` runs the shown search with other settings: "Show more" asks it for more results, and
+  // moves the focus to the first new one.
+  function render(result, label, reranked, params, again) {
     const hits = result.results || [];
     grid.replaceChildren(...hits.map((h, i) => hitItem(h, i + 1, reranked)));
+    const k = Number(params.get("k"));
+    moreButton.hidden = hits.length < k || k >= MAX_K;
+    moreButton.onclick = () => {
+      const more = new URLSearchParams(params);
+      const next = [...$("k").options].map((o) => Number(o.value)).sort((a, b) => a - b).find((n) => n >= 2 * k) || MAX_K;
+      more.set("k", String(next));
+      setK(next);
+      again(more, k + 1);
+    };
     showNotes(result.notes);  // the server's: also which hits were reranked when only some were
     const count = hits.length === 1 ? "1 photo" : `${hits.length} photos`;
     setStatus(hits.length ? `${count} for ${label}.` : `No photos matched ${label}.`);
@@ -167,21 +180,25 @@
 
   function clearResults() {
     grid.replaceChildren();
+    moreButton.hidden = true;
     showNotes([]);
     setStatus("");
   }
 
-  async function runSearch(label, request) {
+  // `params`: the search's settings (k, filters...); `again`: see render. `focusRank`: the result to focus once shown.
+  async function runSearch(label, request, params, again, focusRank = 0) {
     const search = ++latestSearch;
     showError("");
     grid.setAttribute("aria-busy", "true");
+    moreButton.hidden = true;  // it would ask for more of the results this search replaces
     setStatus(`Searching for ${label}…`);
     try {
-      render(await request(), label, $("rerank").checked);
+      render(await request(), label, $("rerank").checked, params, again);
+      const first = grid.querySelector(`li:nth-child(${focusRank}) a`);
+      if (first) first.focus();
     } catch (err) {
       if (err.name === "AbortError") return;
-      grid.replaceChildren();
-      showNotes([]);
+      clearResults();
       setStatus(`Search for ${label} failed.`);
       showError(problem(err));
     } finally {
@@ -201,8 +218,14 @@
     const params = filterParams();
     params.set("q", q);
     params.set("rerank", $("rerank").checked ? "true" : "false");
-    if (location.search !== `?${params}`) history[replace ? "replaceState" : "pushState"](null, "", `/?${params}`);
-    runSearch(`“${q}”`, () => callApi(`/api/search?${params}`));
+    runText(params, replace ? "replaceState" : "pushState");
+  }
+
+  // `record`: "pushState" or "replaceState" to keep the search in the address, null where it already is (Back).
+  function runText(params, record = "pushState", focusRank = 0) {
+    if (record && location.search !== `?${params}`) history[record](null, "", `/?${params}`);
+    runSearch(`“${params.get("q")}”`, () => callApi(`/api/search?${params}`), params,
+              (more, rank) => runText(more, "pushState", rank), focusRank);
   }
 
   function searchImage(file) {
@@ -221,10 +244,15 @@
     }
     if (incompleteDate()) return;
     if (location.search) history.pushState(null, "", "/");  // a reload must not rerun the last text search
+    runImage(file, filterParams());
+  }
+
+  function runImage(file, params, focusRank = 0) {
     const body = new FormData();
     body.append("image", file, file.name);
-    for (const [name, value] of filterParams()) body.append(name, value);
-    runSearch(`photos like ${file.name}`, () => callApi("/api/search", { method: "POST", body }));
+    for (const [name, value] of params) body.append(name, value);
+    runSearch(`photos like ${file.name}`, () => callApi("/api/search", { method: "POST", body }), params,
+              (more, rank) => runImage(file, more, rank), focusRank);
   }
 
   // "More like this": a search by the photo's own file (an upload is decoded as index decoded the photo, so
@@ -297,6 +325,12 @@
     history.replaceState(null, "", location.pathname + location.search);  // the search stays for the next try
     $("token").focus();
   }
+  // The results menu set to k, which it gains where it does not list it (a link's k=10).
+  function setK(k) {
+    if (![...$("k").options].some((o) => o.value === String(k))) $("k").add(new Option(k, k));
+    $("k").value = String(k);
+  }
+
   // Fill the form from an address (/?q=...&k=...); a value the form cannot show is an error, not dropped.
   function restore(params) {
     const problems = [];
@@ -309,9 +343,8 @@
       }
     }
     const k = params.get("k");
-    if (k && /^\d+$/.test(k) && Number(k) >= 1 && Number(k) <= 200) {
-      if (![...$("k").options].some((o) => o.value === k)) $("k").add(new Option(k, k));
-      $("k").value = k;
+    if (k && /^\d+$/.test(k) && Number(k) >= 1 && Number(k) <= MAX_K) {
+      setK(Number(k));
     } else if (k) {
       problems.push(`k=${k} (1 to 200)`);
     }
@@ -340,8 +373,10 @@
     const params = new URLSearchParams(location.search);
     showError("");
     if (restore(params) && params.get("q")) {
-      const q = params.get("q");
-      runSearch(`“${q}”`, () => callApi(`/api/search?${filterParams()}&q=${encodeURIComponent(q)}&rerank=${$("rerank").checked}`));
+      const search = filterParams();
+      search.set("q", params.get("q"));
+      search.set("rerank", $("rerank").checked ? "true" : "false");
+      runText(search, null);
     } else {
       // no search, or settings the page cannot use (restore said so): not the results of the entry left
       if (inFlight) inFlight.abort();
