@@ -298,6 +298,24 @@ def test_show_more_asks_for_more_results_and_focuses_the_first_new_one(page, lib
     assert page.errors == []
 
 
+def test_back_and_forward_entries_are_titled_by_their_search_and_the_start_is_as_opened(page, base_url):
+    """Every history entry was titled "blip2-search" (the Back menu could not tell them apart), and Back to the
+    page as first opened left a blank status line instead of its prompt."""
+    page.goto(base_url + "/")
+    prompt = page.locator("#status").text_content()
+    for text in ("red circle", "blue square"):
+        page.fill("#q", text)
+        page.press("#q", "Enter")
+        page.wait_for_selector("#results li")
+        assert page.title() == f"“{text}” - blip2-search"
+    page.go_back()
+    page.wait_for_function("() => document.title.startsWith('“red circle”')")
+    page.go_back()
+    page.wait_for_function("() => document.querySelectorAll('#results li').length === 0")
+    assert page.title() == "blip2-search" and page.locator("#status").text_content() == prompt
+    assert page.errors == []
+
+
 def test_opening_a_search_link_adds_one_history_entry(page, base_url):
     """Back from /?q=... must leave it: the restored search rewrote the address with pushState (Back twice)."""
     page.goto(base_url + "/")

@@ -17,6 +17,8 @@
   const MAX_UPLOAD_BYTES = 20 * 1024 * 1024;
   const MAX_K = 200;
   const moreButton = $("more");
+  const PROMPT = statusLine.textContent;  // what the page says before any search
+  const TITLE = document.title;
   let inFlight = null;
   let latestSearch = 0;  // only the latest search may clear aria-busy: an aborted one ends while its successor runs
 
@@ -191,6 +193,7 @@
     showError("");
     grid.setAttribute("aria-busy", "true");
     moreButton.hidden = true;  // it would ask for more of the results this search replaces
+    document.title = `${label} - ${TITLE}`;  // tabs and the Back menu tell the searches apart
     setStatus(`Searching for ${label}…`);
     try {
       render(await request(), label, $("rerank").checked, params, again);
@@ -383,6 +386,8 @@
       latestSearch += 1;
       grid.removeAttribute("aria-busy");
       clearResults();
+      document.title = TITLE;
+      if (errorLine.hidden) setStatus(PROMPT);  // back at the start: the page as it opened
     }
   });
   if (tokenForm.hidden) queryInput.focus();
