@@ -193,6 +193,24 @@ def test_dropping_an_image_searches_by_it(page, lib, base_url):
     assert "example.jpg" in page.locator("#status").text_content()
 
 
+DROP_TEXT = """([selector, type]) => {
+    const dt = new DataTransfer();
+    dt.setData(type, type === "text/uri-list" ? "https://example.com/cat.jpg" : "red circle");
+    return document.querySelector(selector).dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+}"""
+
+
+def test_dropping_words_or_a_web_picture_is_not_swallowed(page, base_url):
+    """The page cancelled every drop: words dragged into the search box were not typed there, and a picture
+    dragged from another web page (a link, not a file) did nothing, without a word."""
+    page.goto(base_url + "/")
+    assert page.evaluate(DROP_TEXT, ["#q", "text/plain"])  # not cancelled: the browser types the words
+    assert page.locator("#error").is_hidden()
+    assert not page.evaluate(DROP_TEXT, ["main", "text/uri-list"])  # cancelled (the page stays), and said why
+    assert "not a file" in page.locator("#error").text_content() and page.locator("#error").is_visible()
+    assert page.errors == []
+
+
 def test_choosing_a_file_searches_by_it(page, lib, base_url):
     record = next(r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if "green-square" in r.path)
     page.goto(base_url + "/")

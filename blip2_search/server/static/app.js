@@ -302,10 +302,16 @@
     if (event.dataTransfer) event.dataTransfer.dropEffect = "copy";
   });
   document.addEventListener("drop", (event) => {
-    event.preventDefault();
     dragDepth = 0;
     dropZone.classList.remove("dragging");
     const files = event.dataTransfer ? Array.from(event.dataTransfer.files) : [];
+    if (!files.length && event.target instanceof HTMLInputElement) return;  // words dropped into a box: the browser types them
+    event.preventDefault();  // else the browser would leave the page for what was dropped
+    if (!files.length) {
+      showError("Nothing to search by: what was dropped is not a file; drop an image file (save a picture from a web page first), "
+                + "or use a result's More like this.");
+      return;
+    }
     searchImage(files.find((f) => !f.type || f.type.startsWith("image/")) || files[0]);
   });
 
