@@ -116,6 +116,9 @@ def test_typed_query_and_enter_show_the_top_hit_first(page, lib, base_url):
     first = page.locator("#results li").first
     assert first.locator("img").get_attribute("alt")  # every thumbnail has alt text
     assert first.locator(".score").text_content() == f"score {expected.hits[0].score:.3f}"
+    # not reranked: the score fuses the image's and the captions' ranks; the hover said "ITC" for another number
+    assert expected.hits[0].score != expected.hits[0].itc
+    assert first.locator(".score").get_attribute("title") == f"rank fusion of image and caption matches; ITC {expected.hits[0].itc:.3f}"
     if expected.hits[0].caption:
         assert first.locator(".caption").text_content() == expected.hits[0].caption
     assert page.locator("#status").get_attribute("aria-live") == "polite"

@@ -115,9 +115,13 @@
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = `score ${hit.score.toFixed(3)}`;
-    score.title = reranked && hit.itm_logit !== null
-      ? `ITM logit ${hit.itm_logit.toFixed(3)} + ITC ${hit.itc.toFixed(3)}`
-      : `ITC ${hit.itc.toFixed(3)}`;
+    if (reranked && hit.itm_logit !== null) {
+      score.title = `ITM logit ${hit.itm_logit.toFixed(3)} + ITC ${hit.itc.toFixed(3)}`;
+    } else if (hit.score !== hit.itc) {  // ranks of the image match and of the caption matches, fused (search --fusion)
+      score.title = `rank fusion of image and caption matches; ITC ${hit.itc.toFixed(3)}`;
+    } else {
+      score.title = `ITC ${hit.itc.toFixed(3)}`;
+    }
     meta.append(rankEl, " ", score);
     if (hit.taken_at) {
       const taken = document.createElement("time");
