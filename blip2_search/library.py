@@ -832,7 +832,8 @@ class Library:
         return replace(result, notes=result.notes + tuple(notes)) if notes else result
 
     def similar(self, image, k: int = 10, *, path: str | None = None, after=None, before=None, min_score: float | None = None, sort: str = "score"):
-        """Images most like `image` (a path, a PIL image, or an image file's bytes or binary file object), by their 32 query vectors."""
+        """Images most like `image` (a path, a PIL image, or an image file's bytes or binary file object), by their 32 query vectors;
+        or like the library's image of that id (an int: a hit's `id`), from its stored vectors: no file is read and no picture is embedded."""
         from PIL import Image
 
         from .images import model_image, upright_rgb
@@ -840,13 +841,22 @@ class Library:
 
         k = check_k(k)
         filters = make_filters(path, after, before, min_score)
+        if isinstance(image, numbers.Integral) and not isinstance(image, bool):
+            image_id = int(image)
+            record = self.metadata.get_records([image_id]) if 0 <= image_id < 2**63 else []
+            if not record or record[0].status != STATUS_INDEXED:
+                raise InvalidInputError(f"image id {image_id} is not an indexed image of library {self.folder}; pass an id from current "
+                                        "search results (a hit's id)")
+            return self._rebuilt_if_damaged(lambda: self._with_index_note(self._with_result_notes(
+                self.engine.search_like(image_id, k, filters=filters, sort=_check_sort(sort), label=record[0].path),
+                path, filters, sort)))
         if isinstance(image, Image.Image):
             label, pil = "<image>", upright_rgb(image)
         elif isinstance(image, (str, os.PathLike, bytes)) or hasattr(image, "read"):  # what open_image reads
             label = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<image bytes>"
             pil = model_image(image, *self.encoder.image_input)  # as `index` decoded the library's photos
         else:
-            fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image, or an image file's bytes"
+            fix = "convert it with Image.fromarray(a)" if isinstance(image, np.ndarray) else "pass a path, a PIL image, an image file's bytes, or a library image's id"
             raise InvalidInputError(f"example image {reprlib.repr(image)} ({type(image).__name__}) is not a picture; {fix}")
         return self._rebuilt_if_damaged(lambda: self._with_index_note(self._with_result_notes(
             self.engine.search_image(pil, k, filters=filters, sort=_check_sort(sort), label=label), path, filters, sort)))

@@ -827,7 +827,7 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
     (lambda lib: lib.index([5]), r"folders to index \[5\] are not paths"),
     (lambda lib: lib.index(""), r"photo folder '' is empty; pass a folder to index \('.' for the current one\)"),
     (lambda lib: lib.similar(np.zeros((8, 8, 3), np.uint8)), r"example image .* \(ndarray\) is not a picture; convert it with Image.fromarray"),
-    (lambda lib: lib.similar(5), r"example image 5 \(int\) is not a picture; pass a path, a PIL image, or an image file's bytes"),
+    (lambda lib: lib.similar(5.0), r"example image 5.0 \(float\) is not a picture; pass a path, a PIL image, an image file's bytes, or a library image's id"),
     (lambda lib: lib.prune("30"), "older_than_days '30' is not a number of days"),
     (lambda lib: lib.prune(float("nan")), "older_than_days nan is not a number of days"),
     (lambda lib: lib.prune(-1), "older_than_days -1 is negative"),

@@ -162,6 +162,35 @@ def test_image_upload_search_applies_filters(client, lib):
                       f"no form field {next(iter(field))!r}", "image, k, path")
 
 
+def test_similar_by_id_ranks_by_the_stored_vectors(client, lib):
+    """More like this: photos like a library image from its stored vectors (nothing uploaded, no file read), ranked
+    as a brute force over the database's vectors ranks them: mean over its 32 vectors of the best match in each photo."""
+    recs = _records(lib)
+    target = recs["img03.jpg"]
+    ids = np.array(sorted(r.id for r in recs.values()))
+    stored = lib.metadata.vectors_for(ids)  # [n, Q, D]
+    q = stored[list(ids).index(target.id)]
+    brute = np.einsum("qd,npd->nqp", q, stored).max(axis=2).mean(axis=1)
+    order = np.lexsort((ids, -brute))[:5]
+    result = lib.similar(target.id, 5)
+    assert [h.id for h in result.hits] == ids[order].tolist()
+    np.testing.assert_allclose([h.score for h in result.hits], brute[order], atol=1e-5)
+    assert result.query == target.path
+    response = client.get(f"/api/images/{target.id}/similar?k=5")
+    assert response.status_code == 200, response.text
+    assert response.json() == _same_json(result.as_dict())
+    uploaded = client.post("/api/search", files={"image": ("q.jpg", Path(target.path).read_bytes(), "image/jpeg")}, data={"k": "5"})
+    assert [h["id"] for h in uploaded.json()["results"]] == [h.id for h in result.hits]  # the same picture, decoded as indexed
+    filtered = client.get(f"/api/images/{target.id}/similar", params={"k": "10", "path": "*/2020/*", "sort": "date"}).json()["results"]
+    assert filtered and all("/2020/" in h["path"] for h in filtered)
+    assert [h["taken_at"] for h in filtered] == sorted(h["taken_at"] for h in filtered)
+    _assert_error(client.get("/api/images/99999/similar"), 404, "id 99999 is not a searchable image", "/api/search results")
+    _assert_error(client.get(f"/api/images/{target.id}/similar?q=a+dog"), 422, "no query parameter 'q'", "k, path, after")
+    for bad in (True, -1, 99999, 2**70):
+        with pytest.raises(InvalidInputError, match="library image's id" if bad is True else "is not an indexed image of library"):
+            lib.similar(bad)
+
+
 def test_rerank_by_ids_equals_library_rerank(client, lib):
     recs = [r for name, r in sorted(_records(lib).items()) if name.startswith("img")][:5]
     response = client.post("/api/rerank", json={"query": "a red circle", "ids": [r.id for r in recs]})

@@ -249,6 +249,19 @@ def test_more_like_this_searches_by_a_result(page, lib, base_url):
     assert page.locator("#error").is_hidden()
     assert _grid_ids(page)[0] == third  # the photo itself is the most like it
     assert page.evaluate("document.activeElement.id") == "results"  # Tab goes on into the new results
+    expected = [h.id for h in lib.similar(third, int(page.input_value("#k"))).hits]  # from its stored vectors: nothing uploaded
+    assert _grid_ids(page) == expected
+    assert not any(u.endswith("/api/search") for u in page.requests)
+    assert f"like={third}" in page.url  # kept in the address: a reload (or a shared link) runs it again
+    page.reload()
+    page.wait_for_function(f"() => document.querySelector('#status').textContent.endsWith({' photos for photos like photo %d.' % third!r})")
+    assert _grid_ids(page) == expected
+    page.go_back()  # to the text search it came from
+    page.wait_for_function(f"() => document.querySelector('#status').textContent.includes({QUERY!r})")
+    page.go_forward()
+    page.wait_for_function(f"() => document.querySelector('#status').textContent.endsWith({' photos for photos like photo %d.' % third!r})")
+    page.goto(base_url + "/?like=abc")
+    assert "like=abc (a photo's id)" in page.locator("#error").text_content()
     assert page.errors == []
 
 

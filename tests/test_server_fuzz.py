@@ -47,7 +47,7 @@ def _operations(app):
 def test_schema_covers_every_endpoint(app):
     assert set(_operations(app)) == {
         "GET /api/status", "GET /api/search", "POST /api/search", "POST /api/rerank",
-        "GET /api/images/{image_id}", "GET /api/images/{image_id}/thumbnail",
+        "GET /api/images/{image_id}", "GET /api/images/{image_id}/thumbnail", "GET /api/images/{image_id}/similar",
         "HEAD /api/images/{image_id}", "HEAD /api/images/{image_id}/thumbnail",
     }
 

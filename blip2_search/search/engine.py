@@ -201,20 +201,27 @@ class SearchEngine:
         return out
 
     # ------------------------------------------------------------------ images
-    def search_image(self, image: Image.Image, k: int, *, filters: Filters = Filters(), sort: str = "score", label: str = "",
-                     live_only: bool = False) -> SearchResult:
+    def search_image(self, image: Image.Image, k: int, *, filters: Filters = Filters(), sort: str = "score", label: str = "") -> SearchResult:
         """Images most like `image`: mean over its query vectors of the best match among each image's."""
+        return self._search_like(self.encoder.embed_images([image])[0], k, filters, sort, label)
+
+    def search_like(self, image_id: int, k: int, *, filters: Filters = Filters(), sort: str = "score", label: str = "") -> SearchResult:
+        """Images most like the library's image `image_id`, from its stored vectors (no file read, no model run: the
+        photo itself scores 1.0 unless filtered out); InvalidInputError when it is not a searchable image."""
+        return self._search_like(self._vectors_of([image_id])[0], k, filters, sort, label)
+
+    def _search_like(self, q: np.ndarray, k: int, filters: Filters, sort: str, label: str, live_only: bool = False) -> SearchResult:
+        """Images most like the query vectors `q` `[Q, D]` of an image (see `search_image`)."""
         allowed = self._allowed(filters, live_only)
-        q = self.encoder.embed_images([image])  # [1, Q, D]
-        ids, scores = self.vectors.search_vectors(q, k, allowed_ids=allowed)
+        ids, scores = self.vectors.search_vectors(q[None], k, allowed_ids=allowed)
         found = ids.shape[1]
-        ids, scores = self._rescored_if_behind(ids[0], _checked(scores[0], 1.0), lambda stored: mean_max(q[0], stored))
+        ids, scores = self._rescored_if_behind(ids[0], _checked(scores[0], 1.0), lambda stored: mean_max(q, stored))
         lost = len(ids) < found  # photos the database no longer holds (see `_rescored_if_behind`)
         keep = np.isfinite(scores) if filters.min_score is None else np.isfinite(scores) & (scores >= filters.min_score)
         ids, scores = ids[keep], scores[keep]
         hits = self._hits(ids.tolist(), dict(zip(ids.tolist(), scores.tolist())), None)
         if (lost or len(hits) < len(ids)) and self._redo_live(allowed, live_only):
-            return self.search_image(image, k, filters=filters, sort=sort, label=label, live_only=True)
+            return self._search_like(q, k, filters, sort, label, live_only=True)
         if sort == "date":
             hits = sorted(hits, key=lambda h: (h.taken_at is None, h.taken_at or 0))
         return SearchResult(label, tuple(hits))

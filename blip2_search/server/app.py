@@ -36,7 +36,7 @@ from ..images import DEFAULT_MAX_PIXELS, DRAFT_OVERSAMPLE, decoded_pixels, model
 from ..library import Library
 from ..search.query import parse_query
 from ..search.results import parse_date
-from ..store.records import STATUS_PENDING
+from ..store.records import STATUS_INDEXED, STATUS_PENDING
 from . import limits
 from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
@@ -62,6 +62,23 @@ _PATH_HELP = "Only paths matching this glob, e.g. */2023/* ('*' crosses '/')."
 _AFTER_HELP = "Only photos taken on or after this date (YYYY-MM-DD or ISO date-time, camera-local)."
 _BEFORE_HELP = "Only photos taken on or before this date (YYYY-MM-DD or ISO date-time, camera-local)."
 _MIN_HELP = "Only results whose ITC cosine is at least this."
+
+
+def _filter_parameters(kind) -> tuple:
+    """The annotations of the parameters every search takes (k, path, after, before, min_score, sort), read from
+    the query string (`Query`) or a form (`Form`)."""
+    return (
+        Annotated[int, kind(ge=1, le=MAX_K, description=_K_HELP)],
+        Annotated[str | None, kind(max_length=MAX_PATH_GLOB_CHARS, description=_PATH_HELP)],
+        Annotated[str | None, kind(max_length=40, description=_AFTER_HELP)],
+        Annotated[str | None, kind(max_length=40, description=_BEFORE_HELP)],
+        Annotated[float | None, kind(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)],
+        Annotated[Literal["score", "date"], kind(description="Order of the results.")],
+    )
+
+
+_K_Q, _PATH_Q, _AFTER_Q, _BEFORE_Q, _MIN_SCORE_Q, _SORT_Q = _filter_parameters(Query)
+_K_F, _PATH_F, _AFTER_F, _BEFORE_F, _MIN_SCORE_F, _SORT_F = _filter_parameters(Form)
 
 
 class JSONResponse(_JSONResponse):
@@ -149,15 +166,15 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     @app.get("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by text (search --json)")
     async def search_text(
         q: Annotated[str, Query(description="The query; see docs/queries.md for \"term\" - \"negative\" and 2:\"weights\".")],
-        k: Annotated[int, Query(ge=1, le=MAX_K, description=_K_HELP)] = 10,
+        k: _K_Q = 10,
         rerank: Annotated[bool, Query(description="Rescore the top candidates with the ITM head (ITM logit + ITC).")] = True,
         rerank_k: Annotated[int | None, Query(ge=1, le=MAX_K, description="Candidates to rerank [default: 128 on GPU, 16 on CPU].")] = None,
         fusion: Annotated[bool, Query(description="Also match the generated captions (reciprocal rank fusion).")] = True,
-        path: Annotated[str | None, Query(max_length=MAX_PATH_GLOB_CHARS, description=_PATH_HELP)] = None,
-        after: Annotated[str | None, Query(max_length=40, description=_AFTER_HELP)] = None,
-        before: Annotated[str | None, Query(max_length=40, description=_BEFORE_HELP)] = None,
-        min_score: Annotated[float | None, Query(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)] = None,
-        sort: Annotated[Literal["score", "date"], Query(description="Order of the results.")] = "score",
+        path: _PATH_Q = None,
+        after: _AFTER_Q = None,
+        before: _BEFORE_Q = None,
+        min_score: _MIN_SCORE_Q = None,
+        sort: _SORT_Q = "score",
         request: Request = None,
     ) -> JSONResponse:
         _check_query_string(request, SEARCH_QUERY_PARAMS)
@@ -169,12 +186,12 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     @app.post("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by example image (search --image)")
     async def search_image(
         image: Annotated[UploadFile, File(description="The example picture (at most 20 MB).")],
-        k: Annotated[int, Form(ge=1, le=MAX_K, description=_K_HELP)] = 10,
-        path: Annotated[str | None, Form(max_length=MAX_PATH_GLOB_CHARS, description=_PATH_HELP)] = None,
-        after: Annotated[str | None, Form(max_length=40, description=_AFTER_HELP)] = None,
-        before: Annotated[str | None, Form(max_length=40, description=_BEFORE_HELP)] = None,
-        min_score: Annotated[float | None, Form(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)] = None,
-        sort: Annotated[Literal["score", "date"], Form(description="Order of the results.")] = "score",
+        k: _K_F = 10,
+        path: _PATH_F = None,
+        after: _AFTER_F = None,
+        before: _BEFORE_F = None,
+        min_score: _MIN_SCORE_F = None,
+        sort: _SORT_F = "score",
         request: Request = None,
     ) -> JSONResponse:
         _check_query_string(request)
@@ -183,6 +200,27 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         _check_upload_size(image)
         picture = await _model_input(request, image)
         result = await runner.model(request, library.similar, picture, k, **filters)
+        return JSONResponse(result.as_dict())
+
+    @app.get("/api/images/{image_id}/similar", response_model=SearchOut, responses=_ERRORS,
+             summary="Photos like a library image, from its stored vectors (more like this)")
+    async def search_like(
+        image_id: _IMAGE_ID,
+        k: _K_Q = 10,
+        path: _PATH_Q = None,
+        after: _AFTER_Q = None,
+        before: _BEFORE_Q = None,
+        min_score: _MIN_SCORE_Q = None,
+        sort: _SORT_Q = "score",
+        request: Request = None,
+    ) -> JSONResponse:
+        _check_query_string(request, SIMILAR_QUERY_PARAMS)
+        filters = _filters(path, after, before, min_score, sort)
+        records = await runner.io(photos.records, [image_id])
+        if not records or records[0].status != STATUS_INDEXED:
+            raise ApiError(404, f"id {image_id} is not a searchable image of this library (unknown, gone, or waiting to be re-embedded); "
+                                "use ids from /api/search results")
+        result = await runner.model(request, library.similar, image_id, k, **filters)
         return JSONResponse(result.as_dict())
 
     @app.post(
@@ -338,6 +376,7 @@ def _filters(path: str | None, after: str | None, before: str | None, min_score:
 
 
 SEARCH_QUERY_PARAMS = ("q", "k", "rerank", "rerank_k", "fusion", "path", "after", "before", "min_score", "sort")  # GET /api/search's
+SIMILAR_QUERY_PARAMS = ("k", "path", "after", "before", "min_score", "sort")  # GET /api/images/{id}/similar's
 SEARCH_FORM_FIELDS = ("image", "k", "path", "after", "before", "min_score", "sort")  # POST /api/search's parameters
 RERANK_FORM_FIELDS = ("query", "images")  # POST /api/rerank's, multipart
 

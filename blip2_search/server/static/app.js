@@ -262,23 +262,23 @@
               (more, rank) => runImage(file, more, rank), focusRank);
   }
 
-  // "More like this": a search by the photo's own file (an upload is decoded as index decoded the photo, so
-  // the photo comes first), or by its thumbnail where the file is not one the upload limit lets through.
-  async function searchLike(hit) {
+  // "More like this": photos like a result, from its stored vectors (GET /api/images/ID/similar: nothing is uploaded,
+  // and it works where the file is gone). The address keeps it (/?like=ID&...), so Back, reload and links rerun it.
+  function searchLike(hit) {
     grid.focus();  // the button goes with the grid it is in; Tab then continues into the new results
-    const original = `/api/images/${hit.id}`;
-    try {
-      const head = await fetch(original, { method: "HEAD", credentials: "same-origin" });
-      const fits = head.ok && Number(head.headers.get("content-length")) <= MAX_UPLOAD_BYTES
-        && (head.headers.get("content-type") || "").startsWith("image/");
-      const response = await fetch(fits ? original : `${original}/thumbnail`, { credentials: "same-origin" });
-      if (!response.ok) throw await failure(response);
-      const blob = await response.blob();
-      searchImage(new File([blob], baseName(hit.path), { type: blob.type }));
-    } catch (err) {
-      clearResults();
-      showError(problem(err));
-    }
+    if (incompleteDate()) return;
+    const params = filterParams();
+    params.set("like", String(hit.id));
+    runLike(params, "pushState", 0, baseName(hit.path));
+  }
+
+  function runLike(params, record = "pushState", focusRank = 0, name = null) {
+    if (record && location.search !== `?${params}`) history[record](null, "", `/?${params}`);
+    const rest = new URLSearchParams(params);
+    rest.delete("like");
+    runSearch(`photos like ${name || `photo ${params.get("like")}`}`,
+              () => callApi(`/api/images/${params.get("like")}/similar?${rest}`), params,
+              (more, rank) => runLike(more, "pushState", rank, name), focusRank);
   }
 
   form.addEventListener("submit", (event) => {
@@ -368,6 +368,9 @@
       problems.push(`sort=${sort} (score or date)`);
     }
     if (params.has("min_score")) problems.push("min_score (not a setting of this page)");
+    const like = params.get("like");
+    if (like !== null && !/^[1-9]\d{0,17}$/.test(like)) problems.push(`like=${like} (a photo's id)`);
+    if (like !== null && params.get("q")) problems.push("both q and like (one search at a time)");
     $("rerank").checked = params.get("rerank") === "true";
     queryInput.value = params.get("q") || "";
     if (problems.length) {
@@ -377,15 +380,21 @@
     return true;
   }
 
+  const usable = restore(initial);
   if (badToken) {
-    restore(initial);  // shown, not run: it would only answer 401 again
-  } else if (restore(initial) && initial.get("q")) {
+    // shown, not run: it would only answer 401 again
+  } else if (usable && initial.get("like")) {
+    runLike(initial, null);
+  } else if (usable && initial.get("q")) {
     searchText(true);
   }
   window.addEventListener("popstate", () => {
     const params = new URLSearchParams(location.search);
     showError("");
-    if (restore(params) && params.get("q")) {
+    const usable = restore(params);
+    if (usable && params.get("like")) {
+      runLike(params, null);
+    } else if (usable && params.get("q")) {
       const search = filterParams();
       search.set("q", params.get("q"));
       search.set("rerank", $("rerank").checked ? "true" : "false");
