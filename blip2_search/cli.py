@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import click
 
-from .errors import Blip2SearchError, IndexInterrupted, one_line
+from .errors import Blip2SearchError, IndexInterrupted, one_line, worded
 from .models.loading import DEFAULT_CAPTIONER, DEFAULT_EMBEDDER
 
 EXIT_USAGE = 2
@@ -38,11 +38,23 @@ def _quiet_libraries() -> None:
 
 def _note(note: str) -> None:
     """A note of the library's answer on stderr, on one line (it may name a file); why there are no results reads as it is."""
+    note = worded(note, _option)
     click.echo(one_line(note) if note.startswith("no results:") else f"note: {one_line(note)}", err=True)
 
 
 def _emit(data) -> None:
-    click.echo(json.dumps(data, indent=2))
+    click.echo(json.dumps(worded(data, _option), indent=2))
+
+
+def _option_in(command, argument: str | None) -> str | None:
+    """The option of `command` that sets the library's `argument` ("rerank_k": "--rerank-k"), if it has one."""
+    return next((p.opts[0] for p in getattr(command, "params", ()) if isinstance(p, click.Option) and p.name == argument), None)
+
+
+def _option(argument: str) -> str:
+    """How the command being run names the library's `argument` in a note: by its option, else as the library does."""
+    ctx = click.get_current_context(silent=True)
+    return _option_in(ctx.command if ctx is not None else None, argument) or argument
 
 
 def _clause(exc: click.UsageError) -> str:
@@ -141,14 +153,13 @@ class _Group(click.Group):
 
     def _option_of(self, ctx, argument: str | None) -> str | None:
         """The option of the command run that sets the library's `argument` ("rerank_k": "--rerank-k"), if it has one."""
-        command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-        return next((p.opts[0] for p in getattr(command, "params", ()) if isinstance(p, click.Option) and p.name == argument), None)
+        return _option_in(self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None, argument)
 
     def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except Blip2SearchError as exc:
-            raise UserError(exc.naming(self._option_of(ctx, exc.argument) or exc.argument)) from None
+            raise UserError(exc.naming(self._option_of(ctx, exc.argument) or exc.argument, commands=True)) from None
         except KeyboardInterrupt:  # click would print "Aborted!" and exit 1, which reads as a failure
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -569,7 +580,7 @@ def _absolute_glob(glob: str | None) -> str | None:
 
 
 def _emit_line(data) -> None:
-    click.echo(json.dumps(data))
+    click.echo(json.dumps(worded(data, _option)))
 
 
 def _print_result(result, as_json: bool) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import settings
-from .errors import CorruptIndexError, IndexInterrupted, InvalidInputError, LibraryError, ModelMismatchError, ModelNotFoundError
+from .errors import (OPEN_FOLDER, PRUNE_MISSING, REEMBED, REEMBED_WITH, STORE_VIT, CorruptIndexError, IndexInterrupted, InvalidInputError, LibraryError,
+                     ModelMismatchError, ModelNotFoundError, Note, Spelled)
 from .models.loading import DEMO
 from .store import (
     STATUS_INDEXED,
@@ -116,6 +117,9 @@ class FailureRecord:
     error: str
 
 
+_REEMBED_ARG = Spelled("reembed=True", "--reembed")
+
+
 def default_library_path() -> Path:
     """`BLIP2_SEARCH_LIBRARY`, else `indexes/default` under the current directory."""
     return Path(_not_a_url(settings.get("library")))
@@ -134,8 +138,9 @@ def _not_a_url(path):
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
         shown = _without_password(text)
         raise InvalidInputError(
-            f"library {shown} is a URL, but a library is a folder (its metadata in metadata.sqlite inside it); pass a folder "
-            "with --library (metadata on a PostgreSQL server is tested at the store level only, not yet reachable from here)"
+            "library {shown} is a URL, but a library is a folder (its metadata in metadata.sqlite inside it); name a folder: "
+            "{open} (metadata on a PostgreSQL server is tested at the store level only, not yet reachable from here)",
+            shown=shown, open=OPEN_FOLDER,
         )
     return path
 
@@ -216,10 +221,10 @@ class Library:
             captioner = False
         folder = folder.expanduser().absolute()
         if folder.exists() and not folder.is_dir():
-            raise LibraryError(f"library path {folder} is a file, not a folder; pass --library with a folder")
+            raise LibraryError("library path {folder} is a file, not a folder; name a folder: {open}", folder=folder, open=OPEN_FOLDER)
         if folder.is_symlink() and not folder.exists():  # not "no library here", nor a new library made in its place
-            raise LibraryError(f"library folder {folder} is a link to {os.readlink(folder)}, which does not exist (a drive "
-                               "unplugged?); reconnect it, or fix the link or the --library folder")
+            raise LibraryError("library folder {folder} is a link to {target}, which does not exist (a drive unplugged?); reconnect "
+                               "it, fix the link, or name another folder: {open}", folder=folder, target=os.readlink(folder), open=OPEN_FOLDER)
         # settings, given or from the environment, are checked before anything is made
         batch_size = settings.given("batch_size", batch_size) or int(settings.get("batch_size"))
         workers = int(settings.given("workers", workers))
@@ -243,10 +248,11 @@ class Library:
                 detect_placement(device, dtype, is_t5=(cap_source.config().get("text_config") or {}).get("model_type") == "t5")
         if path is None and not create and not (folder / METADATA_FILENAME).exists():  # the default is under the current folder
             if os.environ.get("BLIP2_SEARCH_LIBRARY"):
-                raise LibraryError(f"no library at {folder} (named by $BLIP2_SEARCH_LIBRARY); check that variable, pass --library DIR, "
-                                   "or index photos first")
-            raise LibraryError(f"no library at {folder} (the default library is indexes/default under the current folder); run the "
-                               "command from the folder you indexed from, pass --library DIR (or set BLIP2_SEARCH_LIBRARY), or index photos first")
+                raise LibraryError("no library at {folder} (named by $BLIP2_SEARCH_LIBRARY); check that variable, name the library's "
+                                   "folder ({open}), or index photos first", folder=folder, open=OPEN_FOLDER)
+            raise LibraryError("no library at {folder} (the default library is indexes/default under the current folder); work from "
+                               "the folder you indexed from, name the library's folder ({open}, or set BLIP2_SEARCH_LIBRARY), or index "
+                               "photos first", folder=folder, open=OPEN_FOLDER)
         metadata = open_metadata(folder, create=create)
         info = metadata.info()
         recorded = info.embedder.model.model_id if info.embedder else None
@@ -254,8 +260,9 @@ class Library:
         if recorded and name != recorded and not reembed:
             metadata.close()
             raise ModelMismatchError(
-                f"library {folder} was built with model {recorded!r}, not {name!r}; omit --model to use the library's, "
-                f"or pass --reembed to re-embed every image with {name!r}"
+                "library {folder} was built with model {recorded!r}, not {name!r}; omit {argument} to use the library's, "
+                "or pass {reembed} to re-embed every image with {name!r}",
+                argument="model", folder=folder, recorded=recorded, name=name, reembed=_REEMBED_ARG,
             )
         if captioner is False:
             cap = None
@@ -320,9 +327,9 @@ class Library:
                     reason = str(exc).split("; ", 1)[0]
                     back = ("put the folder back at that path" if os.path.isabs(self.model_name) else
                             f"download it once with `hf download {self.model_name}` into the HF cache")
-                    raise ModelNotFoundError(
-                        f"{reason}; library {self.folder} was indexed with it: {back}, or re-embed the library with another "
-                        "model (index PHOTO_DIR... --reembed --model M)") from None
+                    raise ModelNotFoundError("{reason}; library {folder} was indexed with it: {back}, or re-embed the library with "
+                                             "another model ({reembed})", reason=reason, folder=self.folder, back=back,
+                                             reembed=REEMBED_WITH) from None
                 encoder.batch_size = indexing_batch_size(self.batch_size, encoder.device.type, captions=bool(self.captioner_name))
                 self._adopt_fingerprint(encoder)
                 self._encoder = encoder
@@ -449,7 +456,7 @@ class Library:
         return LibraryError(
             f"library {self.folder} is being re-embedded with {recorded.describe()} by another process (or was), "
             f"so its vectors no longer match this process's model {self.model_name!r}; restart this process (the "
-            "server) once that `index --reembed` run has finished"
+            "server) once that re-embedding run has finished"
         )
 
     @property
@@ -466,8 +473,8 @@ class Library:
         if rerank_source == "recompute" or (rerank_source == "auto" and not self.vit_store.enabled):
             return RecomputeVit(enc, as_indexed)
         if rerank_source == "stored" and not self.vit_store.enabled:
-            raise InvalidInputError("library {folder} stores no ViT tokens; index with --store-vit first, or pass {argument:'recompute'}",
-                                    argument="rerank_source", folder=self.folder)
+            raise InvalidInputError("library {folder} stores no ViT tokens; store them first ({store_vit}), or pass {argument:'recompute'}",
+                                    argument="rerank_source", folder=self.folder, store_vit=STORE_VIT)
         _check_rerank_source(rerank_source)
 
         def hash_of(ids):
@@ -520,15 +527,16 @@ class Library:
                     notes.append(f"the library is being re-embedded with {self.model_name!r} already: this run resumes it "
                                  f"({pending} photos were waiting)")
                 elif recorded is not None:
-                    notes.append(f"the library's vectors already come from {self.model_name!r}, so --reembed had nothing to redo; "
-                                 "it re-embeds when --model names another model")
+                    notes.append(Note("the library's vectors already come from {model!r}, so {reembed} had nothing to redo; it "
+                                      "re-embeds when {model_arg} names another model", model=self.model_name, reembed=_REEMBED_ARG,
+                                      model_arg=Spelled("model=", "--model")))
             self.metadata.ensure_embedder(info)
             if cap is not None:  # with the embedder, so a run that fails later still captions next time
                 self.metadata.set_captioner(ModelRef(cap.name, cap.revision))
             elif self._forget_captioner and self.metadata.info().captioner is not None:
                 self.metadata.set_captioner(None)
-                notes.append("the library no longer captions new photos (captions already written stay in search); "
-                             "index with --captioner C to caption again")
+                notes.append(Note("the library no longer captions new photos (captions already written stay in search); {again} "
+                                  "captions again", again=Spelled("Library.open(FOLDER, captioner=C).index(PHOTO_DIRS)", "index --captioner C")))
             kind = self.vector_index_kind()
             if self.metadata.vector_index() != kind:
                 self.metadata.set_vector_index(kind)
@@ -571,9 +579,10 @@ class Library:
                 continue
             recorded = self.metadata.photos_under(path)
             if recorded:
-                raise InvalidInputError(f"photo folder {os.fspath(folder)!r} does not exist, but the library has {recorded} photo{_s(recorded)} "
-                                        f"recorded under {path}; reconnect its drive (or move it back) and index it again, or, if it is "
-                                        f"gone for good, forget them with `prune --missing-under {shlex.quote(path)}`")
+                raise InvalidInputError("photo folder {folder!r} does not exist, but the library has {recorded} photo{s} recorded under "
+                                        "{path}; reconnect its drive (or move it back) and index it again, or, if it is gone for good, "
+                                        "forget them with `{forget}`", folder=os.fspath(folder), recorded=recorded, s=_s(recorded), path=path,
+                                        forget=Spelled(f"Library.prune(missing=[{path!r}])", f"prune --missing-under {shlex.quote(path)}"))
 
     def _fill_in(self, indexer, store_vit: bool, progress, notes: list[str], known: dict) -> None:
         """After a run: what photos indexed earlier lack. Their ViT tokens with `store_vit`, and captions when
@@ -583,18 +592,19 @@ class Library:
         try:
             filled = indexer.fill_vit_tokens(progress) if store_vit else 0
         except (OSError, MemoryError) as exc:
-            notes.append(f"could not store the ViT tokens of the photos indexed before --store-vit ({exc}); "
-                         "free disk space (0.72 MB a photo for ViT-g) and run index --store-vit again")
+            notes.append(Note("could not store the ViT tokens of the photos indexed without them ({exc}); free disk space (0.72 MB "
+                              "a photo for ViT-g) and run {store_vit} again", exc=exc, store_vit=STORE_VIT))
         except LibraryError as exc:  # a full disk, said by the token store
-            notes.append(f"not all photos indexed before --store-vit got their ViT tokens: {exc}")
+            notes.append(f"not all photos indexed without ViT tokens got them: {exc}")
         if filled:
-            notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed before --store-vit")
+            notes.append(f"stored the ViT tokens of {filled} photo{_s(filled)} indexed without them")
         elif not store_vit and self.vit_store.enabled:  # e.g. a --store-vit run that was killed: say so, fill in only when asked
             stored = self.vit_store.stored_hashes()
             lacking = len({k.content_hash for k in known.values() if k.status == "indexed"} - stored)
             if lacking:
-                notes.append(f"{lacking} photo{_s(lacking)} of the library {'has' if lacking == 1 else 'have'} no stored ViT tokens "
-                             "(a --store-vit run that was stopped?), so reranking reruns the ViT for them; run index --store-vit to store them")
+                notes.append(Note("{lacking} photo{s} of the library {have} no stored ViT tokens (a run storing them that was stopped?), "
+                                  "so reranking reruns the ViT for them; run {store_vit} to store them", lacking=lacking, s=_s(lacking),
+                                  have="has" if lacking == 1 else "have", store_vit=STORE_VIT))
         embedded = indexer.fill_caption_vectors()
         if embedded:
             notes.append(f"embedded the captions of {embedded} photo{_s(embedded)} that had none embedded (after a re-embed without captions)")
@@ -609,8 +619,9 @@ class Library:
             if counts.captioned:
                 notes.append(f"captioned {counts.captioned} photo{_s(counts.captioned)} indexed without captions")
             if counts.unreadable:
-                notes.append(f"{counts.unreadable} photo{_s(counts.unreadable)} indexed without captions could not be read to caption "
-                             "(changed or missing since); run index on their folders, or `prune --missing` for photos gone for good")
+                notes.append(Note("{n} photo{s} indexed without captions could not be read to caption (changed or missing since); run "
+                                  "index on their folders, or `{prune}` for photos gone for good", n=counts.unreadable,
+                                  s=_s(counts.unreadable), prune=PRUNE_MISSING))
 
     def _prune_thumbnails(self) -> int:
         """Delete the server's cached thumbnails (`thumbs/ID-...jpg`) of images the library no longer has."""
@@ -633,8 +644,8 @@ class Library:
         n = len(waiting)
         head = f"{n} photo{'s' if n != 1 else ''} still wait{'' if n != 1 else 's'} to be embedded with {self.model_name!r} and cannot be searched"
         if missing == n:
-            return (f"{head}: their files were not found (a disconnected drive?); reconnect them and run index again, "
-                    "or forget them with `prune --missing`")
+            return Note("{head}: their files were not found (a disconnected drive?); reconnect them and run index again, or forget "
+                        "them with `{prune}`", head=head, prune=PRUNE_MISSING)
         return (f"{head} ({missing} of them not found on disk), e.g. {waiting[0]}; run index on the folders that hold them"
                 if missing else f"{head}, e.g. {waiting[0]}; run index on the folders that hold them")
 
@@ -692,7 +703,8 @@ class Library:
         try:
             fd = os.open(self.folder / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise LibraryError(f"cannot write to library {self.folder} ({exc.strerror}); make the folder writable or choose another --library") from exc
+            raise LibraryError("cannot write to library {folder} ({reason}); make the folder writable or choose another library folder "
+                               "({open})", folder=self.folder, reason=exc.strerror, open=OPEN_FOLDER) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:  # the run that holds it (maybe another thread's, with this library) keeps its state
@@ -724,21 +736,23 @@ class Library:
 
             info = self.metadata.info()
             if info.embedder is None:
-                raise LibraryError(f"library {self.folder} has no indexed images yet; run `blip2-search index PHOTO_DIR --library {self.folder}` first")
+                raise LibraryError("library {folder} has no indexed images yet; index photos into it first ({index})", folder=self.folder,
+                                   index=Spelled("Library.index(PHOTO_DIRS)", f"blip2-search index PHOTO_DIR --library {self.folder}"))
             enc = self.encoder
             recorded = self.metadata.info().embedder.model  # read again: loading the encoder may adopt a new fingerprint
             if recorded.model_id != enc.name and self.reembed:  # opened to re-embed with another model: its index run comes first
                 raise ModelMismatchError(
-                    f"library {self.folder}'s vectors come from {recorded.describe()}, not {enc.name!r}; run "
-                    f"`blip2-search index PHOTO_DIR --library {self.folder} --model {enc.name} --reembed` to re-embed them before searching, "
-                    "or open the library without --model to search with its own")
+                    "library {folder}'s vectors come from {recorded}, not {name!r}; run `{index}` to re-embed them before searching, "
+                    "or open the library without {argument} to search with its own", argument="model", folder=self.folder,
+                    recorded=recorded.describe(), name=enc.name,
+                    index=Spelled("Library.index(PHOTO_DIRS)", f"blip2-search index PHOTO_DIR --library {self.folder} --model {enc.name} --reembed"))
             if recorded.model_id != enc.name:  # another process re-embedded it since this one chose its model
                 raise self._reembedded_elsewhere(recorded)
             if recorded.revision and recorded.revision not in (enc.revision, self._unadopted_revision):
                 raise ModelMismatchError(
-                    f"library {self.folder} was built with {recorded.describe()} but the files of {enc.name!r} are now revision "
-                    f"{enc.revision}; re-index with --reembed, or restore the original model files"
-                )
+                    "library {folder} was built with {recorded} but the files of {name!r} are now revision {revision}; re-embed every "
+                    "image ({reembed}), or restore the original model files", folder=self.folder, recorded=recorded.describe(),
+                    name=enc.name, revision=enc.revision, reembed=REEMBED)
             self._captions_generation = self.metadata.captions_generation()
             engine = self._engine = SearchEngine(self.metadata, self.vectors, enc)
         # serving vectors older than the database (another process's run is going on): the engine rescores candidates
@@ -811,8 +825,8 @@ class Library:
         rk = check_k(rerank_k, "rerank_k") if rerank_k is not None else self.default_rerank_k()
         if rerank and rk == 0:
             result = engine.search_text(q, k, filters=filters, rerank=False, fusion=fusion, sort=_check_sort(sort))
-            note = ("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); "
-                    "index with --store-vit, pass --rerank-k N to force it, or use a GPU")
+            note = Note("not reranked: on a CPU each candidate would rerun this model's ViT (minutes a query); store the ViT tokens "
+                        "({store_vit}), pass {argument:N} to force it, or use a GPU", argument="rerank_k", store_vit=STORE_VIT)
             return self._with_index_note(self._with_result_notes(replace(result, notes=result.notes + (note,)), path, filters, sort))
         source = self._vit_source(rerank_source) if rerank else None
         result = engine.search_text(q, k, filters=filters, rerank=rerank, rerank_k=rk, fusion=fusion, sort=_check_sort(sort), vit_source=source)
@@ -1032,7 +1046,9 @@ NOT_COMPACTED = "the deleted photos were forgotten, but the metadata could not b
 
 def _check_vector_index(kind: str | None) -> str | None:
     if kind is not None and kind not in VECTOR_INDEX_MODES:
-        raise InvalidInputError(f"vector index {kind!r} is not one of {', '.join(VECTOR_INDEX_MODES)}; pass --vector-index exact, compact or auto (or fix BLIP2_SEARCH_VECTOR_INDEX)")
+        raise InvalidInputError("vector index {given} is not one of {modes}; pass {argument:'exact'}, {argument:'compact'} or "
+                                "{argument:'auto'} (or fix BLIP2_SEARCH_VECTOR_INDEX)", argument="vector_index", given=repr(kind),
+                                modes=", ".join(VECTOR_INDEX_MODES))
     return kind
 
 
@@ -1087,7 +1103,7 @@ def _left_out_note(pending: int, cannot: str) -> str:
     """The note on a search or duplicates answer that `pending` photos, waiting to be re-embedded, are left out:
     they cannot be `cannot` ("found yet")."""
     return (f"{pending} photo{_s(pending)} of the library wait{'s' if pending == 1 else ''} to be embedded with its model and cannot be "
-            f"{cannot} (an `index --reembed` run is going on, or was stopped); run index on their folders")
+            f"{cannot} (a re-embedding run is going on, or was stopped); run index on their folders")
 
 
 def _s(n: int) -> str:

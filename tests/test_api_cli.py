@@ -252,7 +252,7 @@ def test_a_bad_vector_index_setting_leaves_no_library_behind(photo_dir, tmp_path
     res = CliRunner().invoke(main, ["index", str(folder), "--library", str(tmp_path / "lib"), "--model", "demo", "--no-captions"])
     assert res.exit_code == 2 and "'bogus'" in res.output and "BLIP2_SEARCH_VECTOR_INDEX" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "lib").exists()
-    with pytest.raises(InvalidInputError, match="--vector-index exact, compact or auto"):
+    with pytest.raises(InvalidInputError, match="pass vector_index='exact', vector_index='compact' or vector_index='auto'"):
         Library.open(tmp_path / "lib2", model="demo", create=True, vector_index="bogus")
     assert not (tmp_path / "lib2").exists()
 
@@ -631,11 +631,11 @@ def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_pho
         assert lib.status().pending == len(paths)
         assert lib.duplicates(0.95) == [] and lib.duplicates(0.95).notes == (
             f"{len(paths)} photos of the library wait to be embedded with its model and cannot be compared with the others yet "
-            "(an `index --reembed` run is going on, or was stopped); run index on their folders",)
+            "(a re-embedding run is going on, or was stopped); run index on their folders",)
     res = CliRunner().invoke(main, ["duplicates", "--library", str(library)])
     assert res.exit_code == 0 and res.stderr.splitlines() == [
         f"note: {len(paths)} photos of the library wait to be embedded with its model and cannot be compared "
-        "with the others yet (an `index --reembed` run is going on, or was stopped); run index on their folders",
+        "with the others yet (a re-embedding run is going on, or was stopped); run index on their folders",
         "no near-duplicates at --threshold 0.95 among the photos compared"], res.output
     res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--json"])
     assert json.loads(res.stdout) == [] and "cannot be compared" in res.stderr
@@ -680,6 +680,61 @@ def test_python_callers_read_argument_names_and_the_cli_its_options(tiny_itm_dir
     ]:
         res = CliRunner().invoke(main, [*args, "--library", str(library)])
         assert res.exit_code == 2 and res.stderr == f"Error: {message}\n", res.output
+
+
+def test_notes_and_errors_name_calls_and_arguments_as_each_reader_writes_them():
+    """Notes said "run index --store-vit" or "pass --rerank-k N" to Python callers too; they read as Python now, and
+    each edge words them its way: the CLI by its options and commands, the server by its request parameters (the
+    library's keywords) and, for a command its operator runs, the CLI's."""
+    import copy
+    import pickle
+
+    from blip2_search.errors import PRUNE_MISSING, STORE_VIT, Note, worded
+
+    note = Note("not reranked; run {store_vit}, or pass {argument:N}", argument="rerank_k", store_vit=STORE_VIT)
+    assert note == "not reranked; run Library.index(PHOTO_DIRS, store_vit=True), or pass rerank_k=N"
+    assert worded([note], {"rerank_k": "--rerank-k"}.get) == ["not reranked; run index PHOTO_DIR... --store-vit, or pass --rerank-k N"]
+    assert worded({"notes": (note, "plain")}) == {"notes": ["not reranked; run index PHOTO_DIR... --store-vit, or pass rerank_k=N", "plain"]}
+    within = Note("2 candidates could not be reranked ({reason})", reason=Note("gone: `{prune}`", prune=PRUNE_MISSING))
+    assert within == "2 candidates could not be reranked (gone: `Library.prune(missing=True)`)"
+    assert worded(within) == "2 candidates could not be reranked (gone: `prune --missing`)"
+    for kept in (copy.deepcopy(note), pickle.loads(pickle.dumps(note))):  # a result's `asdict`, a process pool
+        assert kept == note and worded(kept, {"rerank_k": "--rerank-k"}.get) == worded(note, {"rerank_k": "--rerank-k"}.get)
+    error = InvalidInputError("no {folder} tokens; run {store_vit}", folder="{x}", store_vit=STORE_VIT)  # braces in a value stay
+    assert str(error) == "no {x} tokens; run Library.index(PHOTO_DIRS, store_vit=True)"
+    assert error.naming(commands=True) == "no {x} tokens; run index PHOTO_DIR... --store-vit"
+
+
+def test_python_and_the_cli_each_read_their_own_spelling_of_an_argument_and_a_command(tiny_itm_dir, photo_dir, tmp_path, monkeypatch):
+    """ "index with --store-vit first", "omit --model ... pass --reembed", "pass --vector-index ..." were said to
+    Python callers of Library.search and Library.open; the CLI still names its options and commands."""
+    from blip2_search.errors import ModelMismatchError
+
+    folder, _ = photo_dir
+    library = tmp_path / "lib"
+    with Library.open(library, model=str(tiny_itm_dir), captioner=False, create=True) as lib:
+        lib.index([folder])
+        with pytest.raises(InvalidInputError) as caught:
+            lib.search("red", rerank_source="stored")
+        assert str(caught.value) == (f"library {library} stores no ViT tokens; store them first (Library.index(PHOTO_DIRS, store_vit=True)), "
+                                     "or pass rerank_source='recompute'")
+    with pytest.raises(ModelMismatchError) as caught:
+        Library.open(library, model="demo")
+    assert str(caught.value).endswith("; omit model to use the library's, or pass reembed=True to re-embed every image with 'demo'")
+    with pytest.raises(InvalidInputError) as caught:
+        Library.open(tmp_path / "new", model="demo", create=True, vector_index="bogus")
+    assert "; pass vector_index='exact', vector_index='compact' or vector_index='auto' (or fix" in str(caught.value)
+
+    res = CliRunner().invoke(main, ["search", "red", "--rerank-source", "stored", "--library", str(library)])
+    assert res.exit_code == 2 and res.stderr == (f"Error: library {library} stores no ViT tokens; store them first (index PHOTO_DIR... "
+                                                 "--store-vit), or pass --rerank-source recompute\n"), res.output
+    res = CliRunner().invoke(main, ["index", str(folder), "--model", "demo", "--library", str(library)])
+    assert res.exit_code == 2 and res.stderr.endswith("; omit --model to use the library's, or pass --reembed to re-embed every image "
+                                                      "with 'demo'\n"), res.output
+    monkeypatch.setenv("BLIP2_SEARCH_VECTOR_INDEX", "bogus")
+    res = CliRunner().invoke(main, ["index", str(folder), "--model", "demo", "--no-captions", "--library", str(tmp_path / "new")])
+    assert res.exit_code == 2 and ("; pass --vector-index exact, --vector-index compact or --vector-index auto (or fix "
+                                   "BLIP2_SEARCH_VECTOR_INDEX)") in res.stderr, res.output
 
 
 def test_threads_share_one_load_of_a_model_and_load_different_models_at_once(tiny_itm_dir, tmp_path, monkeypatch):

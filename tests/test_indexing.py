@@ -1034,7 +1034,8 @@ def test_a_library_of_the_older_fingerprint_adopts_the_new_one_and_still_sees_ch
     tensors = load_file(weights)
     tensors = {name: (-t if "projection" in name else t) for name, t in tensors.items()}
     save_file(tensors, weights, metadata={"format": "pt"})
-    with pytest.raises(ModelMismatchError, match="re-index with --reembed, or restore the original model files"):
+    with pytest.raises(ModelMismatchError, match=re.escape("re-embed every image (Library.open(FOLDER, reembed=True).index(PHOTO_DIRS)), "
+                                                           "or restore the original model files")):
         with Library.open(lib_dir) as lib:
             lib.search("a red circle", 3, rerank=False)
 
@@ -1046,7 +1047,7 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
     with _open(lib_dir, tiny_itm_dir) as lib:
         lib.index([photos])
     other = make_tiny_itm(tmp_path / "other", seed=5)
-    with pytest.raises(ModelMismatchError, match="--reembed"):
+    with pytest.raises(ModelMismatchError, match="; omit model to use the library's, or pass reembed=True to re-embed every image"):
         Library.open(lib_dir, model=str(other))
     server = Library.open(lib_dir)  # long-lived processes, one searching before another one re-embeds, one not
     assert len(server.search("a red circle", 3, rerank=False).hits) == 3
@@ -1056,7 +1057,7 @@ def test_model_mismatch_is_a_clear_error_and_reembed_fixes_it(tiny_itm_dir, phot
         assert same.model_name == str(tiny_itm_dir) and same.captioner_name is None and same._forget_captioner
     with Library.open(lib_dir, model=str(other), reembed=True, captioner=False) as lib:
         with pytest.raises(ModelMismatchError, match=rf"vectors come from {re.escape(str(tiny_itm_dir))}.*, not '{re.escape(str(other))}'; run "
-                           rf"`blip2-search index PHOTO_DIR --library {re.escape(str(lib_dir))} --model {re.escape(str(other))} --reembed` to re-embed"):
+                           r"`Library\.index\(PHOTO_DIRS\)` to re-embed them before searching, or open the library without model to"):
             lib.search("a red circle", 3)  # before the index run that re-embeds: says so (not "the files changed revision")
         r = lib.index([photos])
         assert r.indexed == 7 and lib.status().model == str(other) and r.notes == ()
@@ -1121,8 +1122,8 @@ def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_pa
         searched = lib.search("a photo", 20, rerank=False, fusion=False)
         hits = searched.hits
         assert {Path(h.path).parent.name for h in hits} == {"photos", "sub dir", "second"}
-        assert searched.notes == ("3 photos of the library wait to be embedded with its model and cannot be found yet (an `index "
-                                  "--reembed` run is going on, or was stopped); run index on their folders",)
+        assert searched.notes == ("3 photos of the library wait to be embedded with its model and cannot be found yet (a "
+                                  "re-embedding run is going on, or was stopped); run index on their folders",)
         outside = [h for h in hits if Path(h.path).parent == second]
         fresh = lib.encoder.embed_images([open_image(h.path) for h in outside])  # the new model's vectors
         np.testing.assert_allclose(lib.metadata.vectors_for([h.id for h in outside]), fresh, atol=1e-4)
@@ -1170,14 +1171,14 @@ def test_missing_photo_dir_and_missing_library(tmp_path, tiny_itm_dir):
         _photo(tmp_path / "drive" / "b.jpg", 2)
         lib.index([tmp_path / "drive"])
         (tmp_path / "drive").rename(tmp_path / "unplugged")  # a folder with photos of the library is gone: say how to forget them
-        with pytest.raises(InvalidInputError, match=r"does not exist, but the library has 2 photos recorded under .*drive; .*`prune --missing-under "):
+        with pytest.raises(InvalidInputError, match=r"does not exist, but the library has 2 photos recorded under .*drive; .*`Library\.prune\(missing=\["):
             lib.index([tmp_path / "drive"])
         _photo(tmp_path / "drive-2" / "c.jpg", 3)  # a folder whose name starts with the missing one's holds none of its photos
         lib.index([tmp_path / "drive-2"])
         assert lib.metadata.photos_under(str(tmp_path / "drive")) == 2 and lib.metadata.photos_under(str(tmp_path / "DRIVE")) == 0
     res = CliRunner().invoke(main, ["index", str(tmp_path / "drive"), "--library", str(tmp_path / "lib")])
     assert res.exit_code == 2 and "the library has 2 photos recorded under" in res.output and "--missing-under" in res.output, res.output
-    with pytest.raises(LibraryError, match="--library"):
+    with pytest.raises(LibraryError, match=r"name the right library folder \(Library\.open\(FOLDER\)\)"):
         Library.open(tmp_path / "no-library")
 
 
@@ -2217,7 +2218,8 @@ def test_captioner_none_stops_captioning_for_good_and_keeps_written_captions(tin
     _photo(photos / "new1.jpg", 201)
     with Library.open(lib_dir, captioner="none", batch_size=4) as lib:
         report = lib.index([photos])
-        assert report.indexed == 1 and any("no longer captions" in n for n in report.notes)
+        assert report.indexed == 1 and report.notes == ("the library no longer captions new photos (captions already written stay in "
+                                                        "search); Library.open(FOLDER, captioner=C).index(PHOTO_DIRS) captions again",)
         assert lib.status().captioner is None and lib.status().captioned == 7
     _photo(photos / "new2.jpg", 202)
     with Library.open(lib_dir, batch_size=4) as lib:  # a plain run: no captions, no backfill
@@ -2228,8 +2230,9 @@ def test_captioner_none_stops_captioning_for_good_and_keeps_written_captions(tin
     assert json.loads(result.output)["captioner"] is None
     with Library.open(lib_dir, captioner=str(tiny_captioner_dir), batch_size=4) as lib:
         lib.metadata.set_captioner(ModelRef(str(tiny_captioner_dir), None))
-    result = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--captioner", "none", "--no-captions"])
-    assert result.exit_code == 0 and "no longer captions" in result.output, result.output  # 'none' wins over a one-run switch
+    result = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--captioner", "none", "--no-captions", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["notes"] == [  # 'none' wins over a one-run switch; the CLI's command
+        "the library no longer captions new photos (captions already written stay in search); index --captioner C captions again"], result.output
     with Library.open(lib_dir, captioner=str(tiny_captioner_dir), batch_size=4) as lib:
         assert "captioned 2 photos indexed without captions" in lib.index([photos]).notes
         assert lib.status().captioned == 9
@@ -2422,7 +2425,7 @@ def test_photos_behind_a_link_to_an_unplugged_drive_are_kept(tiny_itm_dir, tmp_p
         (real / "b.jpg").unlink()
         report = lib.index([real])
         assert report.deleted == 1 and len(report.notes) == 1, report
-        assert f"1 photo under {str(real / 'drive')!r}" in report.notes[0] and "prune --missing" in report.notes[0]
+        assert f"1 photo under {str(real / 'drive')!r}" in report.notes[0] and "Library.prune(missing=True)" in report.notes[0]
         assert _statuses(lib) == {"real/a.jpg": "indexed", "real/b.jpg": "deleted", "real/drive/trip/d.jpg": "indexed"}
         (tmp_path / "unplugged").rename(usb)
         report = lib.index([real])

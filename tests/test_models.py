@@ -396,7 +396,8 @@ def test_a_library_recorded_under_the_weights_fingerprint_adopts_the_new_one_wit
         assert len(lib.search("a red circle", 5, rerank=False).hits) == 5
     _edited(model, "preprocessor_config.json", image_mean=[0.5, 0.5, 0.5])
     with Library.open(lib_dir) as lib:
-        with pytest.raises(ModelMismatchError, match="re-index with --reembed, or restore the original model files"):
+        with pytest.raises(ModelMismatchError, match=re.escape("re-embed every image (Library.open(FOLDER, reembed=True).index(PHOTO_DIRS)), "
+                                                               "or restore the original model files")):
             lib.search("a red circle", 3, rerank=False)
 
 
@@ -412,7 +413,7 @@ def test_index_refuses_a_library_whose_model_preprocessor_changed_until_reembed(
     _edited(model, "preprocessor_config.json", image_mean=[0.5, 0.5, 0.5])
     refused = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir)])
     assert refused.exit_code != 0 and "whose files have changed since" in refused.output, refused.output
-    assert "restore the original model files, or re-embed every image with --reembed" in refused.output  # not "use the library's model"
+    assert "restore the original model files, or re-embed every image (index PHOTO_DIR... --reembed)" in refused.output  # not "use the library's model"
     done = CliRunner().invoke(main, ["index", str(photos), "--library", str(lib_dir), "--reembed", "--json"])
     assert done.exit_code == 0 and json.loads(done.stdout)["indexed"] == 4, done.output
     with Library.open(lib_dir) as lib:

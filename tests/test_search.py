@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from blip2_search.cli import main
-from blip2_search.errors import InvalidInputError, LibraryError
+from blip2_search.errors import InvalidInputError, LibraryError, worded
 from blip2_search.images import open_image
 from blip2_search.library import Library
 from blip2_search.search.results import Hit
@@ -178,7 +178,7 @@ def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     assert [h.itm_logit for h in partly.hits[2:]] == [None, None]
     assert [h.itc for h in partly.hits[2:]] == sorted((h.itc for h in partly.hits[2:]), reverse=True)  # the unread by ITC
     assert partly.notes == ("2 candidates could not be reranked (file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or "
-                           "forget photos whose files are gone for good with `prune --missing`)",)
+                           "forget photos whose files are gone for good with `Library.prune(missing=True)`)",)
     by_id = lib.rerank(query, [h.id for h in searched[:2]] + [searched[2], searched[0].id])  # image ids or hits; a repeat counts once
     assert [h.id for h in by_id.hits] == [h.id for h in again.hits if h.id in {h.id for h in searched[:3]}]
     np.testing.assert_allclose([h.score for h in by_id.hits], [h.score for h in again.hits if h.id in {h.id for h in by_id.hits}], atol=1e-5)
@@ -347,9 +347,11 @@ def test_a_candidate_that_cannot_be_reread_keeps_its_first_stage_place(lib, lib_
     others = [h.id for h in lib.rerank(TEXTS[0], [h.id for h in first[1:]]).hits]
     assert [h.id for h in got.hits[1:]] == others[:2]  # the rest reranked as without it
     assert got.notes == ("1 candidate could not be reranked (file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or "
-                         "forget photos whose files are gone for good with `prune --missing`)",
+                         "forget photos whose files are gone for good with `Library.prune(missing=True)`)",
                          "2 of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their "
                          "first-stage place and score")
+    notes = [line for line in cli.stderr.splitlines() if line.startswith("note: ")]
+    assert notes[0].endswith("gone for good with `prune --missing`)"), cli.output  # the CLI's own command
     assert cli.exit_code == 0 and cli.stderr.splitlines()[-1] == (
         "note: 2 of these were reranked (those with an ITM logit; score = ITM logit + ITC); the others keep their first-stage place and score"), cli.output
 
@@ -607,7 +609,8 @@ def test_missing_default_library_says_it_is_under_the_current_folder(tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BLIP2_SEARCH_LIBRARY", raising=False)
     res = CliRunner().invoke(main, ["status"])
-    assert res.exit_code == 2 and "indexes/default under the current folder); run the command from the folder you indexed from" in res.output
+    assert res.exit_code == 2 and ("indexes/default under the current folder); work from the folder you indexed from, name the "
+                                   "library's folder (--library FOLDER, or set BLIP2_SEARCH_LIBRARY)") in res.output
     monkeypatch.setenv("BLIP2_SEARCH_LIBRARY", str(tmp_path / "gone"))
     res = CliRunner().invoke(main, ["status"])
     assert res.exit_code == 2 and "(named by $BLIP2_SEARCH_LIBRARY); check that variable" in res.output
@@ -717,10 +720,10 @@ def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_
         lib.vit_store.enable()  # as if --store-vit had been passed once, then interrupted before any run stored a token
         missing = lib.search(TEXTS[0], 3, rerank_k=3, fusion=False, rerank_source="stored")
         assert all(h.itm_logit is None for h in missing.hits)
-        assert missing.notes == ("3 candidates could not be reranked (no ViT tokens stored for them; run index --store-vit "
-                                 "to store the missing ones, or pass --rerank-source auto)",)
-        assert lib.index([photos]).notes == ("5 photos of the library have no stored ViT tokens (a --store-vit run that was stopped?), "
-                                             "so reranking reruns the ViT for them; run index --store-vit to store them",)
+        assert missing.notes == ("3 candidates could not be reranked (no ViT tokens stored for them; run Library.index(PHOTO_DIRS, "
+                                 "store_vit=True) to store the missing ones, or pass rerank_source='auto')",)
+        assert lib.index([photos]).notes == ("5 photos of the library have no stored ViT tokens (a run storing them that was stopped?), "
+                                             "so reranking reruns the ViT for them; run Library.index(PHOTO_DIRS, store_vit=True) to store them",)
         assert lib.status().vit_tokens_bytes == 0  # only --store-vit fills them in
         # v4 changes in place with its size and mtime kept: the run sees it unchanged, the backfill reads other bytes
         v4 = photos / "v4.jpg"
@@ -731,7 +734,7 @@ def test_store_vit_on_a_library_indexed_without_it_fills_the_tokens_in(tiny_itm_
         os.utime(v4, ns=(st.st_atime_ns, st.st_mtime_ns))
         seen = []
         report = lib.index([photos], store_vit=True, progress=seen.append)
-        assert report.notes == ("stored the ViT tokens of 4 photos indexed before --store-vit",) and report.unchanged == 5
+        assert report.notes == ("stored the ViT tokens of 4 photos indexed without them",) and report.unchanged == 5
         last = [p for p in seen if p.stage == "vit"][-1]
         assert (last.done, last.total, last.indexed, last.failed) == (5, 5, 4, 1)  # a progress line for the backfill
         hashes = {r.path: r.content_hash for r in lib.metadata.get_records(range(1, 6))}
@@ -757,8 +760,8 @@ def test_store_vit_stores_again_the_tokens_whose_file_is_damaged(tiny_itm_dir, t
         for f in files[:damaged]:
             f.write_bytes(f.read_bytes()[:100])
         notes = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored").notes
-        assert notes[0] == (f"{damaged} candidates could not be reranked (no ViT tokens stored for them; run index --store-vit "
-                            "to store the missing ones, or pass --rerank-source auto)")
+        assert notes[0] == (f"{damaged} candidates could not be reranked (no ViT tokens stored for them; run Library.index(PHOTO_DIRS, "
+                            "store_vit=True) to store the missing ones, or pass rerank_source='auto')")
         assert lib.index([photos], store_vit=True).unchanged == 4
         again = lib.search(TEXTS[0], 4, rerank_k=4, fusion=False, rerank_source="stored")
         assert again.notes == () and [(h.id, h.itm_logit) for h in again.hits] == [(h.id, h.itm_logit) for h in want.hits]
@@ -802,7 +805,7 @@ def test_a_full_disk_while_storing_vit_tokens_is_one_line_and_keeps_what_was_com
 
 
 def test_stored_source_without_store_names_the_fix(lib):
-    with pytest.raises(InvalidInputError, match="--store-vit"):
+    with pytest.raises(InvalidInputError, match=r"store them first \(Library\.index\(PHOTO_DIRS, store_vit=True\)\), or pass rerank_source='recompute'"):
         lib.search(TEXTS[0], 3, rerank_source="stored")
 
 
@@ -812,7 +815,11 @@ def test_cpu_rerank_default_depends_on_the_vit_cost(lib_dir):
         lib.encoder.vit_params = 983_000_000  # ViT-g: ~10 s an image on 2 cores
         assert lib.default_rerank_k() == 0
         res = lib.search(TEXTS[0], 3)
-        assert all(h.itm_logit is None for h in res.hits) and any("--store-vit" in n for n in res.notes)
+        assert all(h.itm_logit is None for h in res.hits)
+        note = next(n for n in res.notes if n.startswith("not reranked"))  # told as Python, and by each edge its way
+        assert note.endswith("store the ViT tokens (Library.index(PHOTO_DIRS, store_vit=True)), pass rerank_k=N to force it, or use a GPU")
+        assert worded(note, {"rerank_k": "--rerank-k"}.get).endswith(
+            "store the ViT tokens (index PHOTO_DIR... --store-vit), pass --rerank-k N to force it, or use a GPU")
         assert lib.search(TEXTS[0], 3, rerank_k=2).hits[0].itm_logit is not None  # forcing it still works
 
 

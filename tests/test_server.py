@@ -353,6 +353,21 @@ def test_rerank_answers_carry_the_query_notes(client, lib):
     assert "notes" not in client.post("/api/rerank", json={"query": "a dog", "ids": [recs[names[0]].id]}).json()
 
 
+def test_notes_name_the_command_the_servers_operator_runs(client, lib, tmp_path):
+    """A search note's fix is a command for whoever runs the server, who runs the CLI: not the Python call
+    (`Library.prune(missing=True)`) the library's own note names."""
+    top = Path(lib.search("a red circle", 1, rerank=False, fusion=False).hits[0].path)
+    kept = tmp_path / "kept.jpg"
+    shutil.copy2(top, kept)
+    try:
+        top.unlink()
+        body = client.get("/api/search", params={"q": "a red circle", "k": 3, "rerank_k": 4, "fusion": "false"}).json()
+    finally:
+        shutil.copy2(kept, top)
+    assert body["notes"][0] == ("1 candidate could not be reranked (file missing, unreadable or changed since it was indexed; index its "
+                                "folder again to refresh it, or forget photos whose files are gone for good with `prune --missing`)"), body
+
+
 def test_openapi_schema_lists_every_endpoint_and_the_token(client):
     schema = client.get("/api/openapi.json").json()
     assert {"/api/search", "/api/rerank", "/api/status", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail"} <= set(schema["paths"])

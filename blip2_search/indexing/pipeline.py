@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..errors import LibraryError
+from ..errors import PRUNE_MISSING, LibraryError, Note
 from ..models.captioner import Blip2Captioner
 from ..models.encoder import Blip2Encoder
 from ..store import CaptionUpdate, FailedFile, IndexedImage, MetadataStore, VectorStore
@@ -260,9 +260,10 @@ class Indexer:
         notes = tuple(no_images_note(r) for r in empty) + tuple(unreadable_folder_note(f) for f in plan.unreadable if f.folder)
         if unreachable:
             links = sorted(unreachable.values())
-            notes += (f"{len(unreachable)} photo{'' if len(unreachable) == 1 else 's'} under {links[0]!r}"
-                     f"{f' and {len(set(links)) - 1} other links' if len(set(links)) > 1 else ''}, a link to a folder that is missing "
-                     "(a drive unplugged?), kept as they were; reconnect it and index again, or `prune --missing` if it is gone for good",)
+            notes += (Note("{n} photo{s} under {link!r}{others}, a link to a folder that is missing (a drive unplugged?), kept as they "
+                           "were; reconnect it and index again, or `{prune}` if it is gone for good", n=len(unreachable),
+                           s="" if len(unreachable) == 1 else "s", link=links[0], prune=PRUNE_MISSING,
+                           others=f" and {len(set(links)) - 1} other links" if len(set(links)) > 1 else ""),)
         return IndexReport(len(found), counts.indexed, len(plan.unchanged), counts.reused, counts.failed, deleted,
                            round(time.perf_counter() - start, 3), interrupted, notes)
 

@@ -60,7 +60,7 @@ def check_roots(roots: Iterable[str | os.PathLike], *, library: str | os.PathLik
         real = os.path.realpath(p)
         if lib is not None and (real == lib or real.startswith(lib.rstrip(os.sep) + os.sep)):
             raise InvalidInputError(f"photo folder {str(root)!r} is the library folder or inside it; keep the library in its own "
-                                    "folder (--library indexes/NAME, or one beside the photos)")
+                                    "folder (e.g. indexes/NAME, or one beside the photos)")
         out.append(os.path.abspath(p))
     if not out:
         raise InvalidInputError("no photo folder given; pass at least one folder to index")

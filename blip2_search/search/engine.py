@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import CorruptIndexError, InvalidInputError
+from ..errors import CorruptIndexError, InvalidInputError, Note
 from ..models.encoder import Blip2Encoder
 from ..models.text import MAX_TOKENS
 from ..store import MetadataStore, VectorStore
@@ -324,7 +324,7 @@ def _unread_in_place(before: list[Hit], ranked: list[Hit], n_unread: int) -> lis
 
 
 def _not_reranked(n: int, source: VitSource) -> str:
-    return f"{n} candidate{'s' if n != 1 else ''} could not be reranked ({source.missing_reason})"
+    return Note("{n} candidate{s} could not be reranked ({reason})", n=n, s="s" if n != 1 else "", reason=source.missing_reason)
 
 
 def _shared_ranks(ids: list[int], scores: np.ndarray) -> list[tuple[int, int]]:

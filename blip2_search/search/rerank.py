@@ -12,7 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from ..errors import Blip2SearchError
+from ..errors import PRUNE_MISSING, STORE_VIT, Blip2SearchError, Note, Spelled
 from ..images import model_image
 from ..models.encoder import Blip2Encoder
 from .results import Hit
@@ -38,8 +38,8 @@ class RecomputeVit:
     time tell, as for `index`; where they differ the content is hashed, so a file only touched or copied back
     from a backup is still read."""
 
-    missing_reason = ("file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or forget "
-                      "photos whose files are gone for good with `prune --missing`")
+    missing_reason = Note("file missing, unreadable or changed since it was indexed; index its folder again to refresh it, or forget "
+                          "photos whose files are gone for good with `{prune}`", prune=PRUNE_MISSING)
 
     def __init__(self, encoder: Blip2Encoder, as_indexed: AsIndexed | None = None):
         self.encoder = encoder
@@ -93,7 +93,8 @@ class StoredVit:
         self.hash_of = hash_of
         self.recompute = RecomputeVit(encoder, as_indexed)
         self.stored_only = stored_only
-        self.missing_reason = ("no ViT tokens stored for them; run index --store-vit to store the missing ones, or pass --rerank-source auto"
+        self.missing_reason = (Note("no ViT tokens stored for them; run {store_vit} to store the missing ones, or pass {auto}",
+                                    store_vit=STORE_VIT, auto=Spelled("rerank_source='auto'", "--rerank-source auto"))
                                if stored_only else RecomputeVit.missing_reason)
 
     def tokens(self, hits: Sequence[Hit]) -> tuple[torch.Tensor, list[int]]:

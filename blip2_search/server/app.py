@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Match
 
 from .. import __version__
 from ..api import rerank as score_images
-from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError
+from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError, worded
 from ..images import DEFAULT_MAX_PIXELS, DRAFT_OVERSAMPLE, decoded_pixels, model_image
 from ..library import Library
 from ..search.query import parse_query
@@ -181,7 +181,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         check_query_text(q)
         filters = _filters(path, after, before, min_score, sort)
         result = await runner.model(request, library.search, q, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
-        return JSONResponse(result.as_dict())
+        return JSONResponse(worded(result.as_dict()))
 
     @app.post("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by example image (search --image)")
     async def search_image(
@@ -200,7 +200,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         _check_upload_size(image)
         picture = await _model_input(request, image)
         result = await runner.model(request, library.similar, picture, k, **filters)
-        return JSONResponse(result.as_dict())
+        return JSONResponse(worded(result.as_dict()))
 
     @app.get("/api/images/{image_id}/similar", response_model=SearchOut, responses=_ERRORS,
              summary="Photos like a library image, from its stored vectors (more like this)")
@@ -365,7 +365,7 @@ async def _json_body(request: Request) -> bytes:
 
 def _notes_of(notes) -> dict:
     """A rerank answer's `notes` (e.g. a query longer than BLIP-2 reads), present only when there are some, as search's."""
-    return {"notes": list(notes)} if notes else {}
+    return {"notes": worded(notes)} if notes else {}
 
 
 def _filters(path: str | None, after: str | None, before: str | None, min_score: float | None, sort: str) -> dict:
@@ -513,10 +513,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_library(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, PhotoUnavailable):
-            status = exc.status
-        else:
-            status = next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
-        return JSONResponse({"error": str(exc)}, status_code=status)
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        status = next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
+        # a request parameter is named as the library's keyword (`rerank_k=0`); a command to run, as the CLI
+        # that serves (`index --store-vit`): the server's operator runs it
+        return JSONResponse({"error": exc.naming(commands=True)}, status_code=status)
 
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)

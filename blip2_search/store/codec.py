@@ -102,6 +102,6 @@ def bytes_to_vectors(blob: bytes, shape: tuple[int, ...], what: str) -> np.ndarr
     if len(blob) != expected:
         raise LibraryError(
             f"{what} holds {len(blob)} bytes, expected {expected} for float32 {shape}; "
-            "the library is corrupt, rebuild it with --reembed"
+            "the library database is damaged; restore it from a backup, or move it aside and index the photo folders again"
         )
     return np.frombuffer(blob, dtype=_VECTOR_DTYPE).astype(np.float32).reshape(shape)

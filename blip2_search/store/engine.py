@@ -189,7 +189,7 @@ def library_error(location: str, error: BaseException) -> LibraryError:
     elif _DAMAGE.search(lowered) and "://" not in location:
         return damaged_database_error(location, _damage_reason(detail))
     elif "readonly" in lowered or "read-only" in lowered or "permission denied" in lowered:
-        fix = "it is read-only; make the library folder and the files in it writable, or choose another --library folder"
+        fix = "it is read-only; make the library folder and the files in it writable, or choose another library folder"
     elif "unable to open" in lowered:
         fix = "the file cannot be opened; check that the library folder exists and is writable"
     elif "disk i/o error" in lowered and _disk_full(location):  # SQLite could not create its -shm file
@@ -225,7 +225,7 @@ def damaged_database_error(location: str, reason: str) -> DamagedDatabaseError:
     # not `sqlite3 FILE .recover`: SQLite 3.40's fails on a library's file ("SQL logic error"), damaged or not
     return DamagedDatabaseError(
         f"library database {location} is damaged ({reason}); restore it from a backup, or move it aside and run `index` "
-        "on the photo folders again with the same --model (every photo is embedded again; the photos themselves are untouched)"
+        "on the photo folders again with the same model (every photo is embedded again; the photos themselves are untouched)"
     )
 
 

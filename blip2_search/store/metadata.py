@@ -22,7 +22,7 @@ from urllib.parse import quote
 import numpy as np
 from sqlalchemy import URL, Connection, Engine, Text, exists, func, select, type_coerce
 
-from blip2_search.errors import InvalidInputError, LibraryError, ModelMismatchError
+from blip2_search.errors import OPEN_FOLDER, REEMBED, REEMBED_WITH, InvalidInputError, LibraryError, ModelMismatchError
 from blip2_search.store import updates
 from blip2_search.store.captions import search_captions
 from blip2_search.store.codec import ESCAPED_PREFIX, blobs_to_vectors, decode_path
@@ -118,16 +118,13 @@ def _check_sqlite_file(path: Path, location: str, *, create: bool, check_folder:
     """Whether the library is on read-only media (it then opens read-only); LibraryError when it cannot open."""
     if not path.exists():
         if not create:
-            raise LibraryError(
-                f"no library at {location}; index photos into it first or pass the right --library folder"
-            )
+            raise LibraryError("no library at {location}; index photos into it first or name the right library folder ({open})",
+                               location=location, open=OPEN_FOLDER)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise LibraryError(
-                f"cannot create library folder {path.parent} ({error.strerror}); "
-                "choose a writable --library folder"
-            ) from error
+            raise LibraryError("cannot create library folder {folder} ({reason}); choose a writable library folder ({open})",
+                               folder=path.parent, reason=error.strerror, open=OPEN_FOLDER) from error
     if not check_folder or os.access(path.parent, os.W_OK):
         return False
     if not on_read_only_media(path.parent):  # only unwritable to us: its owner may be writing it, which SQLite must see
@@ -249,15 +246,13 @@ class MetadataStore:
         if recorded != embedder:
             if replace(recorded, model=embedder.model) == embedder and recorded.model.model_id == embedder.model.model_id:
                 raise ModelMismatchError(  # the same model by name, its files changed (weights, preprocessor, tokenizer)
-                    f"library {self.location} was built with embedder {recorded.model.model_id} whose files have changed "
-                    f"since (revision {recorded.model.revision}, now {embedder.model.revision}); restore the original model "
-                    "files, or re-embed every image with --reembed"
-                )
+                    "library {location} was built with embedder {model} whose files have changed since (revision {then}, now {now}); "
+                    "restore the original model files, or re-embed every image ({reembed})", location=self.location,
+                    model=recorded.model.model_id, then=recorded.model.revision, now=embedder.model.revision, reembed=REEMBED)
             raise ModelMismatchError(
-                f"library {self.location} was built with embedder {recorded.describe()} but "
-                f"{embedder.describe()} was requested; use the library's model, or re-embed "
-                "every image with --reembed"
-            )
+                "library {location} was built with embedder {recorded} but {requested} was requested; use the library's model, or "
+                "re-embed every image ({reembed})", location=self.location, recorded=recorded.describe(),
+                requested=embedder.describe(), reembed=REEMBED_WITH)
 
     def adopt_embedder_revision(self, recorded: EmbedderInfo, revision: str) -> None:
         """Record ``revision`` for the embedder if ``recorded`` is still what the library holds (the same weights

@@ -26,7 +26,7 @@ from sqlalchemy import (
     update,
 )
 
-from blip2_search.errors import LibraryError
+from blip2_search.errors import OPEN_FOLDER, LibraryError
 from blip2_search.store.engine import StoredValueError, read_transaction, write_transaction
 from blip2_search.store.schema import (
     INFO_CHANGES_SINCE,
@@ -139,10 +139,8 @@ def _check_openable(version: int, latest: int, location: str, create: bool) -> N
             f"up to {latest}; upgrade blip2-search (pip install -U blip2-search)"
         )
     if version == 0 and not create:
-        raise LibraryError(
-            f"library {location} is empty or not a blip2-search library; "
-            "index photos into it first or pass the right --library folder"
-        )
+        raise LibraryError("library {location} is empty or not a blip2-search library; index photos into it first or name the right "
+                           "library folder ({open})", location=location, open=OPEN_FOLDER)
 
 
 def migrate(
