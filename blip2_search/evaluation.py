@@ -125,12 +125,13 @@ def load_annotations(path: Path, images_dir: Path, *, split: str = "test") -> Ev
         raise InvalidInputError(f"annotations {path}: {len(uncaptioned)} image{'s' if len(uncaptioned) != 1 else ''} without captions, "
                                 f"e.g. {rel}; give each image at least one caption, or remove it")
     if not order or not texts:
-        where = f" in split {split!r}; check --split or the file" if karpathy else "; check the file"
-        raise InvalidInputError(f"annotations {path}: no images with captions{where}")
+        where = " in split {given!r}; check {argument} or the file" if karpathy else "; check the file"
+        raise InvalidInputError("annotations {path}: no images with captions" + where, argument="split", path=path, given=split)
     images = tuple(Path(images_dir) / rel for rel in order)
     missing = [p for p in images if not p.is_file()]
     if missing:
-        raise InvalidInputError(f"{len(missing)} annotated images are missing under {images_dir}, e.g. {missing[0]}; pass --images with the folder the annotation paths are relative to")
+        raise InvalidInputError("{n} annotated images are missing under {folder}, e.g. {first}; pass {argument} with the folder the annotation "
+                                "paths are relative to", argument="images_dir", n=len(missing), folder=images_dir, first=missing[0])
     return EvalSplit(images, tuple(texts), tuple(owner))
 
 
@@ -155,7 +156,7 @@ def recall_at(scores_i2t: np.ndarray, text_image: np.ndarray) -> Recall:
 def evaluate(encoder: Blip2Encoder, data: EvalSplit, *, rerank_k: int = 128, batch_size: int | None = None) -> EvalReport:
     """Run the protocol; returns reranked and ITC-only recalls."""
     if rerank_k < 1:
-        raise InvalidInputError(f"rerank_k {rerank_k} must be >= 1; pass --rerank-k 128 (the paper's value)")
+        raise InvalidInputError("{argument:{given}} must be >= 1; pass {argument:128} (the paper's value)", argument="rerank_k", given=rerank_k)
     bs = batch_size or encoder.batch_size
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def test_karpathy_format_reads_the_split(tmp_path, split):
 def test_missing_images_and_bad_rows_name_the_fix(tmp_path, split):
     d, _ = split
     (tmp_path / "a.json").write_text(json.dumps([{"image": "nope.jpg", "caption": "x"}]))
-    with pytest.raises(InvalidInputError, match="--images"):
+    with pytest.raises(InvalidInputError, match="pass images_dir with the folder"):
         load_annotations(tmp_path / "a.json", d)
     (tmp_path / "b.json").write_text(json.dumps([{"img": "x"}]))
     with pytest.raises(InvalidInputError, match="row 0"):
@@ -138,6 +138,27 @@ def test_recall_counts_any_caption_of_the_image():
     assert r.txt_r1 == 50.0 and r.img_r1 == pytest.approx(200 / 3)
     with pytest.raises(InvalidInputError, match="image 2 has no caption"):  # not a hit at rank 1
         recall_at(np.zeros((3, 3)), np.array([0, 0, 1]))
+
+
+def test_eval_refusals_name_the_keyword_in_python_and_the_option_on_the_command_line(tiny_itm_dir, split, tmp_path):
+    """load_annotations(images_dir=...) was told "pass --images", a flag of a program a Python caller is not running."""
+    d, ann = split
+    karpathy = tmp_path / "karpathy.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "0.png", "split": "val", "sentences": [{"raw": "x"}]}]}))
+    for call, python, command, option in [
+        (lambda: load_annotations(ann, tmp_path), "pass images_dir with the folder", ["eval", str(ann), "--images", str(tmp_path)],
+         "pass --images with the folder"),
+        (lambda: load_annotations(karpathy, d), "in split 'test'; check split or the file", ["eval", str(karpathy), "--images", str(d)],
+         "in split 'test'; check --split or the file"),
+    ]:
+        with pytest.raises(InvalidInputError) as caught:
+            call()
+        assert python in str(caught.value) and "--" not in str(caught.value)
+        res = CliRunner().invoke(main, [*command, "--model", str(tiny_itm_dir)])
+        assert res.exit_code == 2 and option in res.stderr, res.output
+    with pytest.raises(InvalidInputError, match=r"^rerank_k=0 must be >= 1; pass rerank_k=128 \(the paper's value\)$") as caught:
+        evaluate(Blip2Encoder.load(str(tiny_itm_dir)), load_annotations(ann, d), rerank_k=0)
+    assert caught.value.naming("--rerank-k") == "--rerank-k 0 must be >= 1; pass --rerank-k 128 (the paper's value)"
 
 
 def test_cli_eval_json(tiny_itm_dir, split):

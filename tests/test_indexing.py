@@ -1750,7 +1750,7 @@ def test_exif_orientation_is_applied_before_embedding(tiny_itm_dir, tmp_path):
 def test_a_bad_model_leaves_no_empty_library(tmp_path, monkeypatch):
     from blip2_search.errors import ModelNotFoundError
 
-    with pytest.raises(ModelNotFoundError, match="pass --model"):
+    with pytest.raises(ModelNotFoundError, match="pass model with an existing directory"):
         Library.open(tmp_path / "lib", model=str(tmp_path / "no-such-model"), create=True)
     assert not (tmp_path / "lib").exists()
     monkeypatch.setenv("BLIP2_SEARCH_MODEL", str(tmp_path / "nor-this-one"))  # the default model, too
@@ -1775,7 +1775,7 @@ def test_a_first_run_that_fails_to_find_its_captioner_records_nothing(tmp_path, 
     monkeypatch.setenv("BLIP2_SEARCH_CAPTIONER", str(moved))
     with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), create=True) as lib:
         moved.rename(tmp_path / "away")
-        with pytest.raises(ModelNotFoundError, match="--captioner"):
+        with pytest.raises(ModelNotFoundError, match="pass captioner with an existing directory"):
             lib.index([photos])
         assert lib.metadata.info().embedder is None
     (tmp_path / "away").rename(moved)

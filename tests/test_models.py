@@ -12,7 +12,9 @@ from PIL import Image
 
 from blip2_search.errors import InvalidInputError, ModelLoadError, ModelNotFoundError
 from blip2_search.models import Blip2Captioner, Blip2Encoder, CaptionSettings, choose_placement, resolve_model
+from blip2_search.models.policy import indexing_batch_size
 from blip2_search.models.text import pre_caption
+from blip2_search.store.index_choice import compact_factory
 
 TEXTS = ["a red circle on the left", "A photo of a CAT; sitting (in) the beach!", "dog", "the blue square on top and a green triangle"]
 
@@ -265,13 +267,28 @@ def test_beam_search_and_prompt(tiny_captioner_dir):
 
 
 def test_caption_settings_refuse_nonsense():
-    with pytest.raises(InvalidInputError, match="--beams"):
+    with pytest.raises(InvalidInputError, match="num_beams=0 must be >= 1; pass num_beams=1"):
         CaptionSettings(num_beams=0)
+
+
+@pytest.mark.parametrize("refused, python, option, command", [
+    (lambda tmp: CaptionSettings(num_beams=0), "num_beams=0 must be >= 1; pass num_beams=1 for", "--beams", "--beams 0 must be >= 1; pass --beams 1 for"),
+    (lambda tmp: resolve_model(str(tmp / "nope")), "; pass model with an existing directory", "--model", "; pass --model with an existing"),
+    (lambda tmp: resolve_model("", role="captioner"), "; pass captioner with a hub id", "--captioner", "; pass --captioner with a hub id"),
+    (lambda tmp: indexing_batch_size(-1, "cpu", captions=False), "; pass batch_size=0 (auto)", "--batch-size", "; pass --batch-size 0 (auto)"),
+    (lambda tmp: compact_factory(1000, 12), "; use vector_index='exact' for this model", "--vector-index", "; use --vector-index exact for this model"),
+])
+def test_model_and_index_refusals_name_the_keyword_for_python_and_the_option_for_the_cli(tmp_path, refused, python, option, command):
+    """These said "pass --beams 1", "pass --model", "pass --batch-size 0", "use --vector-index exact" to Python callers."""
+    with pytest.raises((InvalidInputError, ModelNotFoundError)) as caught:
+        refused(tmp_path)
+    assert python in str(caught.value) and "--" not in str(caught.value)
+    assert command in caught.value.naming(option)
 
 
 # ------------------------------------------------------------------ loading errors
 def test_missing_directory_names_the_fix(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="--model"):
+    with pytest.raises(ModelNotFoundError, match="pass model with an existing directory"):
         resolve_model(str(tmp_path / "nope"))
 
 
@@ -281,7 +298,7 @@ def test_uncached_hub_id_offline_names_the_fixes(monkeypatch, tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         resolve_model("Salesforce/blip2-itm-vit-g")
     msg = str(err.value)
-    assert "Salesforce/blip2-itm-vit-g" in msg and "--model PATH" in msg and "HF_HUB_OFFLINE" in msg and "HF cache" in msg
+    assert "Salesforce/blip2-itm-vit-g" in msg and "pass model=PATH to a local copy" in msg and "HF_HUB_OFFLINE" in msg and "HF cache" in msg
 
 
 def test_directory_without_config_or_safetensors(tmp_path):
@@ -299,7 +316,7 @@ def test_generation_checkpoint_is_refused_as_embedder(tiny_captioner_dir):
 
 
 def test_embedder_checkpoint_is_refused_as_captioner(tiny_itm_dir):
-    with pytest.raises(ModelLoadError, match="--captioner"):
+    with pytest.raises(ModelLoadError, match="pass captioner='Salesforce/blip2-opt-2.7b'"):
         Blip2Captioner.load(str(tiny_itm_dir))
 
 
@@ -483,13 +500,11 @@ def test_tiny_tokenizer_knows_its_words(encoder):
 
 
 def test_indexing_batch_size_auto_and_explicit():
-    from blip2_search.models.policy import indexing_batch_size
-
     assert indexing_batch_size(0, "cpu", captions=False) == 32
     assert indexing_batch_size(0, "cuda", captions=False) == 256
     assert indexing_batch_size(0, "cuda", captions=True) == 32
     assert indexing_batch_size(7, "cuda", captions=False) == 7
-    with pytest.raises(InvalidInputError, match="pass --batch-size 0"):
+    with pytest.raises(InvalidInputError, match="pass batch_size=0"):
         indexing_batch_size(-1, "cpu", captions=False)
 
 
@@ -575,7 +590,7 @@ def test_a_checkpoint_missing_weights_is_refused_not_run_with_random_ones(tiny_i
 
 def test_a_captioner_missing_weights_is_refused(tiny_captioner_dir, tmp_path):
     model = _without_tensors(tiny_captioner_dir, tmp_path / "model", "language_projection.")
-    with pytest.raises(ModelLoadError, match=r"captioner .* lacks 2 weights .*language_projection.*--captioner"):
+    with pytest.raises(ModelLoadError, match=r"captioner .* lacks 2 weights .*language_projection.*pass another captioner"):
         Blip2Captioner.load(str(model)).caption(_images(1))
 
 

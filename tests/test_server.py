@@ -34,7 +34,7 @@ from blip2_search.errors import InvalidInputError  # noqa: E402
 from blip2_search.images import open_image  # noqa: E402
 from blip2_search.library import Library  # noqa: E402
 from blip2_search.search.results import Hit  # noqa: E402
-from blip2_search.server import check_bind, create_app, limits  # noqa: E402
+from blip2_search.server import bind_socket, check_bind, create_app, limits  # noqa: E402
 from blip2_search.server.photos import PhotoUnavailable, check_photo_path  # noqa: E402
 
 BASE = "http://127.0.0.1:8765"
@@ -1482,6 +1482,21 @@ def test_serve_on_a_port_in_use_is_one_line(lib):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"port {port}" in lines[0] and "--port" in lines[0] and "serving" not in proc.stderr
+
+
+def test_python_callers_of_the_server_read_its_keywords_not_the_cli_options(lib):
+    """bind_socket and create_app (what `serve(library, host=..., port=..., token=...)` runs) told Python callers
+    to "pass another --port" and that "--token must be ...", options of a command they did not run."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(InvalidInputError) as caught:
+            bind_socket("127.0.0.1", port)
+    assert str(caught.value).endswith("; pass another port, or stop the program that uses it"), caught.value
+    assert caught.value.naming("--port").endswith("; pass another --port, or stop the program that uses it")
+    with pytest.raises(InvalidInputError, match="^token must be at least 16 characters"):
+        create_app(lib, token="short")
 
 
 def test_serve_on_an_empty_library_fails_before_saying_it_serves(tmp_path):

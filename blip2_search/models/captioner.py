@@ -35,7 +35,7 @@ class CaptionSettings:
         if not isinstance(self.prompt, str):
             raise InvalidInputError(f"caption prompt {self.prompt!r} is not text; pass e.g. prompt='a photo of'")
         if self.num_beams < 1:
-            raise InvalidInputError(f"num_beams {self.num_beams} must be >= 1; pass --beams 1 for greedy decoding")
+            raise InvalidInputError("{argument:{given}} must be >= 1; pass {argument:1} for greedy decoding", argument="num_beams", given=self.num_beams)
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
             raise InvalidInputError(f"caption length limits min={self.min_new_tokens}, max={self.max_new_tokens} are inconsistent; use 1 <= min <= max")
 

@@ -182,12 +182,14 @@ class Checkpoint:
                                                   output_loading_info=True)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # SafetensorError: a file cut short
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ModelLoadError(f"could not load {cls.__name__} from {self.role} {self.name!r} ({reason}); check the checkpoint files or pass another --{self.role}") from exc
+            raise ModelLoadError("could not load {cls} from {role} {name!r} ({reason}); check the checkpoint files or pass another {argument}",
+                                 argument=self.role, cls=cls.__name__, role=self.role, name=self.name, reason=reason) from exc
         missing = sorted(info.get("missing_keys") or ())
         if missing:  # transformers fills them with random values and only logs it: every score would be noise
-            raise ModelLoadError(f"{self.role} {self.name!r} lacks {len(missing)} weight{'s' if len(missing) != 1 else ''} that {cls.__name__} needs "
-                                 f"(e.g. {', '.join(missing[:3])}), so they would be random; its .safetensors files are incomplete or from "
-                                 f"another model class: download or save the checkpoint again, or pass another --{self.role}")
+            raise ModelLoadError("{role} {name!r} lacks {n} weight{s} that {cls} needs (e.g. {examples}), so they would be random; its "
+                                 ".safetensors files are incomplete or from another model class: download or save the checkpoint again, "
+                                 "or pass another {argument}", argument=self.role, role=self.role, name=self.name, n=len(missing),
+                                 s="s" if len(missing) != 1 else "", cls=cls.__name__, examples=", ".join(missing[:3]))
         return model.to(self.device).eval().requires_grad_(False)
 
 

@@ -54,7 +54,7 @@ def resolve_model(name: str, *, role: str = "embedder") -> ModelSource:
     Raises ModelNotFoundError naming everything that was tried and the fix.
     """
     if not name or not str(name).strip():
-        raise ModelNotFoundError(f"{role} model name is empty; pass {_option(role)} with a hub id, a local directory or 'demo'")
+        raise ModelNotFoundError("{role} model name is empty; pass {argument} with a hub id, a local directory or 'demo'", argument=_argument(role), role=role)
     name = str(name)
     if name == DEMO:
         return _demo_source(role)
@@ -63,13 +63,14 @@ def resolve_model(name: str, *, role: str = "embedder") -> ModelSource:
         return _local_source(name, path, role)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_like_path:
-        raise ModelNotFoundError(f"{role} model directory {name!r} does not exist; pass {_option(role)} with an existing directory, a hub id or 'demo'")
+        raise ModelNotFoundError("{role} model directory {name!r} does not exist; pass {argument} with an existing directory, a hub id or 'demo'",
+                                 argument=_argument(role), role=role, name=name)
     return _hub_source(name, role)
 
 
-def _option(role: str) -> str:
-    """The command-line option that names a model of this role."""
-    return "--captioner" if role == "captioner" else "--model"
+def _argument(role: str) -> str:
+    """The keyword that names a model of this role (`Library.open(model=..., captioner=...)`; the CLI's --model, --captioner)."""
+    return "captioner" if role == "captioner" else "model"
 
 
 def _demo_source(role: str) -> ModelSource:
@@ -83,9 +84,11 @@ def _demo_source(role: str) -> ModelSource:
 
 def _local_source(name: str, path: Path, role: str) -> ModelSource:
     if not path.is_dir():
-        raise ModelNotFoundError(f"{role} model path {name!r} is a file, not a checkpoint directory; pass {_option(role)} with the directory holding config.json")
+        raise ModelNotFoundError("{role} model path {name!r} is a file, not a checkpoint directory; pass {argument} with the directory holding config.json",
+                                 argument=_argument(role), role=role, name=name)
     if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"{role} model directory {name!r} has no config.json; pass {_option(role)} with a directory saved by save_pretrained")
+        raise ModelNotFoundError("{role} model directory {name!r} has no config.json; pass {argument} with a directory saved by save_pretrained",
+                                 argument=_argument(role), role=role, name=name)
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"model directory {name!r} has no .safetensors weights (pickled .bin weights are not loaded); convert it with save_pretrained(safe_serialization=True)")
     return _fingerprinted(name, path.resolve())
@@ -99,19 +102,21 @@ def _hub_source(name: str, role: str) -> ModelSource:
         raise ModelNotFoundError(f"cannot resolve hub id {name!r}: huggingface_hub is not installed; pip install huggingface_hub") from exc
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    fix = f"pass {_option(role)} PATH to a local copy, or download it once with `hf download {name}` into the HF cache (HF_HOME)"
+    fix = "pass {argument:PATH} to a local copy, or download it once with `hf download {name}` into the HF cache (HF_HOME)"
     try:
         local = snapshot_download(name, allow_patterns=_HUB_FILES, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, HfHubHTTPError, ValueError, OSError):
         local = None
     if local is None and offline:
-        raise ModelNotFoundError(f"{role} model {name!r} is not in the HF cache and HF_HUB_OFFLINE is set; {fix}, or unset HF_HUB_OFFLINE")
+        raise ModelNotFoundError("{role} model {name!r} is not in the HF cache and HF_HUB_OFFLINE is set; " + fix + ", or unset HF_HUB_OFFLINE",
+                                 argument=_argument(role), role=role, name=name)
     if local is None:
         try:
             local = snapshot_download(name, allow_patterns=_HUB_FILES)
         except Exception as exc:  # the hub client raises many types (HTTP, DNS, auth, repo-not-found)
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ModelNotFoundError(f"{role} model {name!r} is not a local directory, not in the HF cache, and could not be downloaded ({reason}); {fix}") from exc
+            raise ModelNotFoundError("{role} model {name!r} is not a local directory, not in the HF cache, and could not be downloaded ({reason}); " + fix,
+                                     argument=_argument(role), role=role, name=name, reason=reason) from exc
     path = Path(local)
     if path.parent.name == "snapshots":
         return ModelSource(name, path, path.name)
@@ -216,11 +221,13 @@ def check_embedder_config(source: ModelSource) -> dict:
     config = source.config()
     arch = config.get("architectures") or []
     if config.get("model_type") != "blip-2":
-        raise ModelLoadError(f"model {source.name!r} is a {config.get('model_type')!r} checkpoint, not BLIP-2; pass --model {DEFAULT_EMBEDDER} or another BLIP-2 ITM checkpoint")
+        raise ModelLoadError("model {name!r} is a {kind!r} checkpoint, not BLIP-2; pass {argument:{default}} or another BLIP-2 ITM checkpoint",
+                             argument="model", name=source.name, kind=config.get("model_type"), default=repr(DEFAULT_EMBEDDER))
     if "Blip2ForImageTextRetrieval" not in arch:
         raise ModelLoadError(
-            f"model {source.name!r} ({', '.join(arch) or 'unknown architecture'}) has no ITC/ITM heads: its Q-Former is not in the retrieval space; "
-            f"pass --model {DEFAULT_EMBEDDER} (or another Blip2ForImageTextRetrieval checkpoint)"
+            "model {name!r} ({arch}) has no ITC/ITM heads: its Q-Former is not in the retrieval space; "
+            "pass {argument:{default}} (or another Blip2ForImageTextRetrieval checkpoint)",
+            argument="model", name=source.name, arch=", ".join(arch) or "unknown architecture", default=repr(DEFAULT_EMBEDDER),
         )
     if not (config.get("qformer_config") or {}).get("use_qformer_text_input", False):
         raise ModelLoadError(f"model {source.name!r} has qformer_config.use_qformer_text_input=false, so its Q-Former cannot encode text; fix the config or use {DEFAULT_EMBEDDER}")
@@ -232,5 +239,6 @@ def check_captioner_config(source: ModelSource) -> dict:
     config = source.config()
     arch = config.get("architectures") or []
     if config.get("model_type") != "blip-2" or "Blip2ForConditionalGeneration" not in arch:
-        raise ModelLoadError(f"captioner {source.name!r} ({', '.join(arch) or config.get('model_type')}) is not a Blip2ForConditionalGeneration checkpoint; pass --captioner {DEFAULT_CAPTIONER}")
+        raise ModelLoadError("captioner {name!r} ({arch}) is not a Blip2ForConditionalGeneration checkpoint; pass {argument:{default}}",
+                             argument="captioner", name=source.name, arch=", ".join(arch) or config.get("model_type"), default=repr(DEFAULT_CAPTIONER))
     return config

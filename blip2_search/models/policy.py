@@ -91,7 +91,7 @@ def indexing_batch_size(requested: int, device_type: str, *, captions: bool) -> 
     batch, so auto stays at 32 there.
     """
     if requested < 0:
-        raise InvalidInputError(f"batch size {requested} is negative; pass --batch-size 0 (auto) or a positive number")
+        raise InvalidInputError("batch size {given} is negative; pass {argument:0} (auto) or a positive number", argument="batch_size", given=requested)
     if requested:
         return requested
     return GPU_BATCH if device_type == "cuda" and not captions else CPU_BATCH

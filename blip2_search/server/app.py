@@ -116,7 +116,7 @@ def _only_escaped_bytes(text: str) -> bool:
 def create_app(library: Library, *, token: str | None = None, host: str = "127.0.0.1") -> FastAPI:
     """The ASGI app serving `library` (kept open by the caller). `host` is where it listens: bound to
     loopback without a token, only loopback Host names are served (see `security`)."""
-    token = check_token(token)
+    token = check_token(token, "token")  # a keyword of create_app and serve; the CLI checks its --token itself
     app = FastAPI(
         title="blip2-search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,  # served below
         description="Find photos by describing them (BLIP-2). See docs/server.md.",
@@ -557,18 +557,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise InvalidInputError(f"cannot listen on --host {host} ({exc.strerror}); pass an address of this machine, e.g. 127.0.0.1") from None
+        raise InvalidInputError("cannot listen on {argument:{given}} ({reason}); pass an address of this machine, e.g. {argument:'127.0.0.1'}",
+                                argument="host", given=repr(host), reason=exc.strerror) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closed server's lingering port is free
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        fix = {errno.EADDRINUSE: "pass another --port, or stop the program that uses it",
-               errno.EACCES: "ports below 1024 need privileges: pass a higher --port",
-               errno.EADDRNOTAVAIL: "that address is not this machine's: pass --host 127.0.0.1 or one of its addresses"}
-        raise InvalidInputError(f"cannot listen on {host} port {port} ({exc.strerror or exc}); "
-                                f"{fix.get(exc.errno, 'pass another --host or --port')}") from None
+        argument, fix = {errno.EADDRINUSE: ("port", "pass another {argument}, or stop the program that uses it"),
+                         errno.EACCES: ("port", "ports below 1024 need privileges: pass a higher {argument}"),
+                         errno.EADDRNOTAVAIL: ("host", "that address is not this machine's: pass {argument:'127.0.0.1'} or one of its addresses"),
+                         }.get(exc.errno, ("port", "pass another {argument} (or host)"))
+        raise InvalidInputError("cannot listen on {host} port {port} ({reason}); " + fix, argument=argument, host=host, port=port,
+                                reason=exc.strerror or exc) from None
     return sock
 
 

@@ -70,8 +70,8 @@ def compact_factory(n_vectors: int, dim: int) -> str:
     """
     if dim <= 0 or dim % (2 * DIMS_PER_CODE):
         raise InvalidInputError(
-            f"the compact vector index needs a dimension that is a multiple of 8, got D={dim}; "
-            "use --vector-index exact for this model"
+            "the compact vector index needs a dimension that is a multiple of 8, got D={dim}; use {argument:'exact'} for this model",
+            argument="vector_index", dim=dim,
         )
     return f"IVF{compact_lists(n_vectors)},PQ{dim // DIMS_PER_CODE}x4fs"
 
@@ -108,8 +108,8 @@ def compact_threshold(requested: str, num_query_tokens: int, dim: int, memory_bu
     """
     if requested not in VECTOR_INDEX_MODES:
         raise InvalidInputError(
-            f"vector index {requested!r} is not one of {', '.join(VECTOR_INDEX_MODES)}; "
-            "pass --vector-index exact, compact or auto"
+            "vector index {given} is not one of {modes}; pass {argument:'exact'}, {argument:'compact'} or {argument:'auto'}",
+            argument="vector_index", given=repr(requested), modes=", ".join(VECTOR_INDEX_MODES),
         )
     if requested == "exact":
         return None
