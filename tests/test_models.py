@@ -259,6 +259,33 @@ def test_captions_equal_hf_generate(tiny_captioner_dir):
     assert len(set(ours)) > 1
 
 
+@pytest.mark.parametrize("prompt", ["", "a photo of"])
+def test_a_flan_t5_captioner_captions_as_hf_generate(tmp_path_factory, prompt):
+    """A blip2-flan-t5 captioner crashed on its first photo: transformers 5's T5Config has no `bos_token_id`, which
+    the prompt builder read for every language model (AttributeError). Its captions now equal HF's `generate` on
+    the inputs Blip2Processor makes (the image placeholders, then the prompt ending with </s>), both from pixels and
+    from ViT blocks."""
+    from tiny_models import make_tiny_t5_captioner
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2Processor
+
+    path = make_tiny_t5_captioner(tmp_path_factory.mktemp("tiny-t5") / "model")
+    cap = Blip2Captioner.load(str(path), batch_size=2, settings=CaptionSettings(prompt=prompt))
+    assert cap.placement.dtype == "float32"
+    ims = _images(4)
+    ours = cap.caption(ims)
+    hf = Blip2ForConditionalGeneration.from_pretrained(path).eval()
+    processor = Blip2Processor(image_processor=cap.image_processor, tokenizer=AutoTokenizer.from_pretrained(path), num_query_tokens=32)
+    inputs = processor(images=ims, text=[prompt] * len(ims), return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=30, min_new_tokens=1)
+    assert ours == [" ".join(t.split()) for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert len(set(ours)) > 1
+    vision = cap.model.vision_model
+    with torch.no_grad():
+        blocks = vision.encoder(inputs_embeds=vision.embeddings(cap.preprocess(ims))).last_hidden_state
+    assert cap.caption_vit(blocks) == ours
+
+
 def test_beam_search_and_prompt(tiny_captioner_dir):
     cap = Blip2Captioner.load(str(tiny_captioner_dir), settings=CaptionSettings(num_beams=3, max_new_tokens=5, prompt="a photo of"))
     out = cap.caption(_images(2))

@@ -80,7 +80,7 @@ def _write_word_tokenizer(path: Path) -> dict[str, int]:
 
 def make_tiny_captioner(path: Path, *, seed: int = 0, image_size: int = 32) -> Path:
     """Save a random `Blip2ForConditionalGeneration` (tiny OPT) with its tokenizer and image processor."""
-    from transformers import Blip2ForConditionalGeneration, OPTConfig
+    from transformers import OPTConfig
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = _write_word_tokenizer(path)
@@ -88,8 +88,36 @@ def make_tiny_captioner(path: Path, *, seed: int = 0, image_size: int = 32) -> P
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
         max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    config = tiny_blip2_config(len(WORDS) + 8, image_size, text_config=text)
-    config.image_token_index = vocab["<image>"]
+    return _save_random_captioner(path, text, vocab["<image>"], seed=seed, image_size=image_size)
+
+
+def make_tiny_t5_captioner(path: Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a random `Blip2ForConditionalGeneration` with a tiny T5 (as blip2-flan-t5-xl) and a T5-style tokenizer:
+    no BOS, every text ends with </s>; <pad>=0 starts the decoder, </s>=1, <unk>=2, <image>=3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast, T5Config
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<image>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.backend_tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast.save_pretrained(path)
+    text = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    return _save_random_captioner(path, text, vocab["<image>"], seed=seed, image_size=image_size)
+
+
+def _save_random_captioner(path: Path, text_config, image_token_index: int, *, seed: int, image_size: int) -> Path:
+    """Save a random `Blip2ForConditionalGeneration` over `text_config` (fan-in scaled weights, so captions differ by
+    image) with the BLIP image processor, beside the tokenizer already in `path`."""
+    from transformers import Blip2ForConditionalGeneration
+
+    config = tiny_blip2_config(len(WORDS) + 8, image_size, text_config=text_config)
+    config.image_token_index = image_token_index
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     with torch.no_grad():

@@ -160,7 +160,7 @@ class Blip2Captioner(Checkpoint):
         """
         m = self.model
         prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        bos = m.config.text_config.bos_token_id
+        bos = getattr(m.config.text_config, "bos_token_id", None)  # T5 configs have none in transformers 5
         if m.config.use_decoder_only_language_model and bos is not None and prompt_ids[:1] != [bos]:
             prompt_ids = [bos] + prompt_ids
         row = [m.config.image_token_index] * self.num_query_tokens + prompt_ids
