@@ -521,6 +521,29 @@ def test_a_resample_the_decode_cannot_honour_is_refused_at_load(tiny_itm_dir, tm
         Blip2Encoder.load(str(model)).image_input
 
 
+@pytest.mark.parametrize("settings,refusal", [
+    ({"do_resize": False}, r"sets do_resize false, so photos would reach its ViT at their own size, but it reads 32 x 32 pixels; "
+                           r'put the preprocessor_config.json that came with this checkpoint beside it, or set its "do_resize" to true'),
+    ({"do_center_crop": True, "crop_size": {"height": 16, "width": 16}},
+     r"its image processor makes 16x16 pixel inputs, not the 32 x 32 photo it resizes to .*put the preprocessor_config.json"),
+])
+@pytest.mark.parametrize("kind", ["embedder", "captioner"])
+def test_a_processor_whose_pixels_the_decode_cannot_make_is_refused(tiny_itm_dir, tiny_captioner_dir, tmp_path, settings, refusal, kind):
+    """Indexing resizes every photo to S x S whatever the processor says, but with do_resize false (or a center crop)
+    the processor handed `embed_images`, `rerank` and captions the photo at its own size (or a crop): inputs other
+    than the library's vectors were made from, or a ViT input of the wrong size (review)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_captioner_dir if kind == "captioner" else tiny_itm_dir, model)
+    _edited(model, "preprocessor_config.json", **settings)
+    checkpoint = (Blip2Captioner if kind == "captioner" else Blip2Encoder).load(str(model))
+    with pytest.raises(ModelLoadError, match=refusal):
+        checkpoint.image_input
+    with pytest.raises(ModelLoadError, match=refusal):
+        checkpoint.preprocess(_images(1))
+
+
 def test_tiny_tokenizer_knows_its_words(encoder):
     ids = encoder.tokenize(["a red circle"])["input_ids"][0].tolist()
     assert encoder.tokenizer.unk_token_id not in ids and ids[0] == encoder.tokenizer.cls_token_id

@@ -79,7 +79,9 @@ class Checkpoint:
         first read also checks the processor's `resample`."""
         if self._image_size is None:
             self._resample = self._checked_resample()
-            self._image_size = self._checked_image_size()
+            side = self._checked_image_size()
+            self._check_processor_follows_decode(side, self._resample)
+            self._image_size = side
         return self._image_size
 
     @property
@@ -117,6 +119,25 @@ class Checkpoint:
                                  f"for {built_for} px (config.json vision_config.image_size); put the preprocessor_config.json that came "
                                  "with this checkpoint beside it")
         return side
+
+    def _check_processor_follows_decode(self, side: int, resample: int) -> None:
+        """Refuse a processor whose pixels differ from a photo resized straight to `side` x `side` with `resample`
+        (what indexing decodes) then `pixels_from_uint8`: the library's vectors and `embed_images`/`rerank` would read
+        other inputs, or the ViT an input of another size (a processor that does not resize, crops or pads)."""
+        fix = "put the preprocessor_config.json that came with this checkpoint beside it"
+        if not getattr(self.image_processor, "do_resize", True):
+            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json sets do_resize false, so photos would reach its ViT "
+                                 f"at their own size, but it reads {side} x {side} pixels; {fix}, or set its \"do_resize\" to true")
+        probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side + 3, side + 7, 3), dtype=np.uint8))
+        expected = self.pixels_from_uint8(np.array(probe.resize((side, side), resample))[None])
+        made = self.image_processor(images=[probe], return_tensors="pt")["pixel_values"]
+        if made.shape != expected.shape:
+            raise ModelLoadError(f"model {self.name!r}: its image processor makes {'x'.join(map(str, made.shape[2:]))} pixel inputs, "
+                                 f"not the {side} x {side} photo it resizes to (a setting such as do_center_crop or do_pad); {fix}")
+        error = float(((made.float() - expected).abs() / (1 + expected.abs())).max())
+        if error > 1e-4:
+            raise ModelLoadError(f"model {self.name!r}: its image processor changes photos in a way this library does not follow "
+                                 f"(pixel values off by up to {error:.3g} from resize, rescale and normalise); {fix}")
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values `[n, 3, S, S] float32` with the checkpoint's processor (the reference path)."""
