@@ -638,6 +638,24 @@ def test_a_checkpoint_missing_weights_is_refused_not_run_with_random_ones(tiny_i
         enc.score_images("a dog", _images(1))
 
 
+@pytest.mark.parametrize("use", ["text", "images"])
+def test_weights_of_another_shape_than_the_config_are_refused_by_name(tiny_itm_dir, tmp_path, use):
+    """A Q-Former of another width than config.json says (its config swapped for another checkpoint's) was refused
+    with transformers' own text, which names no tensor and points at a report the command line never shows."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["qformer_config"]["hidden_size"] = 48  # the files hold a 32-wide Q-Former
+    (model / "config.json").write_text(json.dumps(config))
+    enc = Blip2Encoder.load(str(model))
+    with pytest.raises(ModelLoadError, match=r"model .* has \d+ weights of another shape than its config.json builds \(e\.g\. "
+                       r"\S+: \d+x32 in the files, \d+x48 in the config\), so they would be random; put the config.json that came "
+                       r"with these weights beside them"):
+        enc.embed_texts(["a dog"]) if use == "text" else enc.embed_images(_images(1))
+
+
 def test_a_captioner_missing_weights_is_refused(tiny_captioner_dir, tmp_path):
     model = _without_tensors(tiny_captioner_dir, tmp_path / "model", "language_projection.")
     with pytest.raises(ModelLoadError, match=r"captioner .* lacks 2 weights .*language_projection.*pass another captioner"):

@@ -199,8 +199,9 @@ class Checkpoint:
         try:
             # Lazy loads can happen inside an inference_mode call; weights made there could not be used later.
             with LOADING, torch.inference_mode(False):
+                # ignore_mismatched_sizes: report them in `info` (refused below, by name) rather than raise an error that names none
                 model, info = cls.from_pretrained(self.source.path, dtype=self.placement.torch_dtype, use_safetensors=True,
-                                                  output_loading_info=True)
+                                                  output_loading_info=True, ignore_mismatched_sizes=True)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # SafetensorError: a file cut short
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelLoadError("could not load {cls} from {role} {name!r} ({reason}); check the checkpoint files or pass another {argument}",
@@ -211,7 +212,20 @@ class Checkpoint:
                                  ".safetensors files are incomplete or from another model class: download or save the checkpoint again, "
                                  "or pass another {argument}", argument=self.role, role=self.role, name=self.name, n=len(missing),
                                  s="s" if len(missing) != 1 else "", cls=cls.__name__, examples=", ".join(missing[:3]))
+        mismatched = sorted(info.get("mismatched_keys") or ())
+        if mismatched:  # transformers left them random: e.g. a Q-Former of another width than config.json says
+            key, in_files, in_config = mismatched[0]
+            raise ModelLoadError("{role} {name!r} has {n} weight{s} of another shape than its config.json builds (e.g. {key}: {files} in "
+                                 "the files, {config} in the config), so they would be random; put the config.json that came with these "
+                                 "weights beside them, or pass another {argument}", argument=self.role, role=self.role, name=self.name,
+                                 n=len(mismatched), s="s" if len(mismatched) != 1 else "", key=key, files=_shape_text(in_files),
+                                 config=_shape_text(in_config))
         return model.to(self.device).eval().requires_grad_(False)
+
+
+def _shape_text(shape) -> str:
+    """A tensor shape as `48x32` (`scalar` for none)."""
+    return "x".join(str(int(n)) for n in shape) or "scalar"
 
 
 def _size_text(size) -> str:
