@@ -332,8 +332,13 @@ def test_directory_without_config_or_safetensors(tmp_path):
     with pytest.raises(ModelNotFoundError, match="config.json"):
         resolve_model(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"captioner model directory .* has no .safetensors weights; put the weights .*--captioner"):
+        resolve_model(str(tmp_path), role="captioner")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="safetensors"):
+    # the fix named for a .bin-only folder (as many fine-tunes are saved): save_pretrained writes safetensors in transformers 5
+    with pytest.raises(ModelLoadError, match=r"embedder model directory .* has only pickled .bin weights, which are not loaded .*"
+                       r"from_pretrained, save it with save_pretrained \(which writes .safetensors\) beside its tokenizer and preprocessor "
+                       r"files, and pass --model"):
         resolve_model(str(tmp_path))
 
 

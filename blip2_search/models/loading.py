@@ -90,7 +90,12 @@ def _local_source(name: str, path: Path, role: str) -> ModelSource:
         raise ModelNotFoundError("{role} model directory {name!r} has no config.json; pass {argument} with a directory saved by save_pretrained",
                                  argument=_argument(role), role=role, name=name)
     if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"model directory {name!r} has no .safetensors weights (pickled .bin weights are not loaded); convert it with save_pretrained(safe_serialization=True)")
+        if any(path.glob("*.bin")):
+            raise ModelLoadError(f"{role} model directory {name!r} has only pickled .bin weights, which are not loaded (a pickle can run "
+                                 "code); load it once with transformers' from_pretrained, save it with save_pretrained (which writes "
+                                 f".safetensors) beside its tokenizer and preprocessor files, and pass {_option(role)} with that directory")
+        raise ModelLoadError(f"{role} model directory {name!r} has no .safetensors weights; put the weights that came with its config.json "
+                             f"in it, or pass {_option(role)} with a directory saved by save_pretrained")
     return _fingerprinted(name, path.resolve())
 
 
