@@ -189,8 +189,9 @@ def test_uint8_fast_input_equals_processor_on_resized_images(encoder):
     np.testing.assert_allclose(encoder.pixels_from_uint8(arr).numpy(), encoder.preprocess(resized).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("setting", ["do_normalize", "do_rescale"])
-def test_uint8_fast_input_follows_a_processor_that_skips_a_step(tiny_itm_dir, tmp_path, setting):
+@pytest.mark.parametrize("settings", [{"do_normalize": False}, {"do_rescale": False},
+                                      {"image_mean": 0.5, "image_std": 0.25}])  # one value for all channels crashed (RuntimeError)
+def test_uint8_fast_input_follows_a_processor_that_skips_a_step(tiny_itm_dir, tmp_path, settings):
     """Indexing's input path rescaled and normalised whatever the checkpoint's processor said: with either step off,
     a library's vectors came from other pixels than `embed_images` and `rerank` use (review)."""
     import shutil
@@ -198,7 +199,7 @@ def test_uint8_fast_input_follows_a_processor_that_skips_a_step(tiny_itm_dir, tm
     model = tmp_path / "model"
     shutil.copytree(tiny_itm_dir, model)
     config = json.loads((model / "preprocessor_config.json").read_text())
-    config[setting] = False
+    config.update(settings)
     (model / "preprocessor_config.json").write_text(json.dumps(config))
     enc = Blip2Encoder.load(str(model))
     resized = [im.resize((enc.image_size, enc.image_size), Image.BICUBIC) for im in _images()]

@@ -173,7 +173,9 @@ class Checkpoint:
         cache = self._norm_by_device
         if device not in cache:
             proc = self.image_processor
-            cache[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (proc.image_mean, proc.image_std))
+            # a processor may give one value for all three channels (image_mean: 0.5), as transformers allows
+            cache[device] = tuple(torch.tensor(v, dtype=torch.float32).reshape(-1).expand(3).reshape(1, 3, 1, 1).to(device)
+                                  for v in (proc.image_mean, proc.image_std))
         return cache[device]
 
     def _load_tokenizer(self):
