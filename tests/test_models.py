@@ -343,6 +343,21 @@ def test_directory_without_config_or_safetensors(tmp_path):
         resolve_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("config,refusal", [
+    ({"model_type": "clip", "architectures": ["CLIPModel"]}, r"model .* is a 'clip' checkpoint, not BLIP-2; pass --model Salesforce/blip2-itm-vit-g"),
+    ({"model_type": "bert", "architectures": ["BertModel"]}, r"model .* is a 'bert' checkpoint, not BLIP-2; pass --model"),
+    ({"architectures": ["Blip2ForImageTextRetrieval"]},  # was "is a None checkpoint"
+     r"model .* has a config.json that names no model_type, not BLIP-2; pass --model Salesforce/blip2-itm-vit-g"),
+])
+def test_a_checkpoint_of_another_kind_is_refused_as_embedder(tmp_path, config, refusal):
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=refusal):
+        Blip2Encoder.load(str(tmp_path))
+
+
 def test_generation_checkpoint_is_refused_as_embedder(tiny_captioner_dir):
     with pytest.raises(ModelLoadError, match="Blip2ForImageTextRetrieval"):
         Blip2Encoder.load(str(tiny_captioner_dir))

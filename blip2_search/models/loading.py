@@ -226,8 +226,9 @@ def check_embedder_config(source: ModelSource) -> dict:
     config = source.config()
     arch = config.get("architectures") or []
     if config.get("model_type") != "blip-2":
-        raise ModelLoadError("model {name!r} is a {kind!r} checkpoint, not BLIP-2; pass {argument:{default}} or another BLIP-2 ITM checkpoint",
-                             argument="model", name=source.name, kind=config.get("model_type"), default=repr(DEFAULT_EMBEDDER))
+        kind = f"is a {config['model_type']!r} checkpoint" if config.get("model_type") else "has a config.json that names no model_type"
+        raise ModelLoadError("model {name!r} {kind}, not BLIP-2; pass {argument:{default}} or another BLIP-2 ITM checkpoint",
+                             argument="model", name=source.name, kind=kind, default=repr(DEFAULT_EMBEDDER))
     if "Blip2ForImageTextRetrieval" not in arch:
         raise ModelLoadError(
             "model {name!r} ({arch}) has no ITC/ITM heads: its Q-Former is not in the retrieval space; "
