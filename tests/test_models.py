@@ -294,6 +294,18 @@ def test_beam_search_and_prompt(tiny_captioner_dir):
     assert not any(c.startswith("a photo of") for c in out)  # the prompt is not echoed
 
 
+def test_a_caption_longer_than_the_language_model_reads_is_refused(tiny_captioner_dir):
+    """OPT has learned positions (128 in the tiny one, 2,048 in blip2-opt-2.7b): an image (32 tokens), BOS, a prompt
+    and max_new_tokens past them crashed generation with an IndexError. The longest that fits still captions."""
+    cap = Blip2Captioner.load(str(tiny_captioner_dir))
+    fits = CaptionSettings(prompt=" ".join(["dog"] * 66), max_new_tokens=30, min_new_tokens=30)  # 32 + 1 + 66 + 29 read = 128
+    assert len(cap.with_settings(fits).caption(_images(1))) == 1  # 30 new tokens, some of them special (not shown)
+    for settings in (CaptionSettings(prompt=" ".join(["dog"] * 67), max_new_tokens=30, min_new_tokens=30), CaptionSettings(max_new_tokens=500)):
+        with pytest.raises(InvalidInputError, match=rf"caption prompt of \d+ tokens and max_new_tokens={settings.max_new_tokens} need "
+                           r"\d+ positions with the 32 image tokens, but captioner .* reads at most 128; shorten the prompt or lower max_new_tokens"):
+            cap.with_settings(settings).caption(_images(1))
+
+
 def test_caption_settings_refuse_nonsense():
     with pytest.raises(InvalidInputError, match="num_beams=0 must be >= 1; pass num_beams=1"):
         CaptionSettings(num_beams=0)

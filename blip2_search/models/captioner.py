@@ -101,7 +101,7 @@ class Blip2Captioner(Checkpoint):
         m = self.model
         n = pixel_values.shape[0]
         st = settings or self.settings
-        input_ids = self._prompt_ids(n, st.prompt)
+        input_ids = self._prompt_ids(n, st)
         generated = m.generate(
             pixel_values=pixel_values.to(self.placement.device, self.placement.torch_dtype),
             input_ids=input_ids,
@@ -131,7 +131,7 @@ class Blip2Captioner(Checkpoint):
             query_embeds=m.query_tokens.expand(n, -1, -1), encoder_hidden_states=image_embeds, encoder_attention_mask=ones
         ).last_hidden_state
         language_inputs = m.language_projection(query_output.to(image_embeds.dtype))
-        input_ids = self._prompt_ids(n, self.settings.prompt)
+        input_ids = self._prompt_ids(n, self.settings)
         inputs_embeds = m.get_input_embeddings()(input_ids)
         image_slots = (input_ids == m.config.image_token_index).unsqueeze(-1)
         inputs_embeds = inputs_embeds.masked_scatter(image_slots, language_inputs.to(inputs_embeds.dtype))
@@ -152,16 +152,24 @@ class Blip2Captioner(Checkpoint):
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 
-    def _prompt_ids(self, n: int, prompt: str) -> torch.Tensor:
+    def _prompt_ids(self, n: int, settings: CaptionSettings) -> torch.Tensor:
         """`[n, Q + len(prompt ids)]`: Q image placeholders, then the tokenised prompt (equal rows: no padding).
 
         Decoder-only LMs (OPT) start the text with BOS, as HF's own no-prompt path does; T5 encodes the prompt
-        as its tokenizer makes it (ending with EOS).
+        as its tokenizer makes it (ending with EOS). Raises InvalidInputError when a decoder-only LM has fewer
+        positions than the image, the prompt and `max_new_tokens` need.
         """
         m = self.model
-        prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        prompt_ids = list(self.tokenizer(settings.prompt, add_special_tokens=True)["input_ids"])
         bos = getattr(m.config.text_config, "bos_token_id", None)  # T5 configs have none in transformers 5
-        if m.config.use_decoder_only_language_model and bos is not None and prompt_ids[:1] != [bos]:
+        decoder_only = m.config.use_decoder_only_language_model
+        if decoder_only and bos is not None and prompt_ids[:1] != [bos]:
             prompt_ids = [bos] + prompt_ids
         row = [m.config.image_token_index] * self.num_query_tokens + prompt_ids
+        limit = getattr(m.config.text_config, "max_position_embeddings", None)  # T5's positions are relative: no limit
+        read = len(row) + settings.max_new_tokens - 1  # the last new token is never read back
+        if decoder_only and limit is not None and read > limit:  # past it OPT fails with an IndexError
+            raise InvalidInputError(f"caption prompt of {len(prompt_ids)} tokens and max_new_tokens={settings.max_new_tokens} need {read} "
+                                    f"positions with the {self.num_query_tokens} image tokens, but captioner {self.name!r} reads at most "
+                                    f"{limit}; shorten the prompt or lower max_new_tokens")
         return torch.tensor([row] * n, dtype=torch.long, device=self.placement.device)
