@@ -260,16 +260,22 @@ def test_captions_equal_hf_generate(tiny_captioner_dir):
     assert len(set(ours)) > 1
 
 
+@pytest.fixture(scope="module")
+def tiny_t5_captioner_dir(tmp_path_factory):
+    from tiny_models import make_tiny_t5_captioner
+
+    return make_tiny_t5_captioner(tmp_path_factory.mktemp("tiny-t5") / "model")
+
+
 @pytest.mark.parametrize("prompt", ["", "a photo of"])
-def test_a_flan_t5_captioner_captions_as_hf_generate(tmp_path_factory, prompt):
+def test_a_flan_t5_captioner_captions_as_hf_generate(tiny_t5_captioner_dir, prompt):
     """A blip2-flan-t5 captioner crashed on its first photo: transformers 5's T5Config has no `bos_token_id`, which
     the prompt builder read for every language model (AttributeError). Its captions now equal HF's `generate` on
     the inputs Blip2Processor makes (the image placeholders, then the prompt ending with </s>), both from pixels and
     from ViT blocks."""
-    from tiny_models import make_tiny_t5_captioner
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2Processor
 
-    path = make_tiny_t5_captioner(tmp_path_factory.mktemp("tiny-t5") / "model")
+    path = tiny_t5_captioner_dir
     cap = Blip2Captioner.load(str(path), batch_size=2, settings=CaptionSettings(prompt=prompt))
     assert cap.placement.dtype == "float32"
     ims = _images(4)
@@ -304,6 +310,17 @@ def test_a_caption_longer_than_the_language_model_reads_is_refused(tiny_captione
         with pytest.raises(InvalidInputError, match=rf"caption prompt of \d+ tokens and max_new_tokens={settings.max_new_tokens} need "
                            r"\d+ positions with the 32 image tokens, but captioner .* reads at most 128; shorten the prompt or lower max_new_tokens"):
             cap.with_settings(settings).caption(_images(1))
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_a_prompt_with_special_token_text_is_captioned_as_text(tiny_captioner_dir, tiny_t5_captioner_dir, kind):
+    """A prompt holding "<image>" was tokenised as the image token: more image slots than the 32 queries, and
+    generation failed with a RuntimeError (masked_scatter). Such text is now the prompt's words."""
+    cap = Blip2Captioner.load(str(tiny_captioner_dir if kind == "opt" else tiny_t5_captioner_dir),
+                              settings=CaptionSettings(prompt="a photo of <image> </s>", max_new_tokens=5))
+    assert len(cap.caption(_images(2))) == 2
+    ids = cap._prompt_ids(1, cap.settings)[0].tolist()
+    assert ids.count(cap.model.config.image_token_index) == 32
 
 
 def test_caption_settings_refuse_nonsense():

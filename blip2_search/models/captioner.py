@@ -160,7 +160,8 @@ class Blip2Captioner(Checkpoint):
         positions than the image, the prompt and `max_new_tokens` need.
         """
         m = self.model
-        prompt_ids = list(self.tokenizer(settings.prompt, add_special_tokens=True)["input_ids"])
+        # split_special_tokens: a prompt's "<image>" is text; as the image token it made more image slots than queries
+        prompt_ids = list(self.tokenizer(settings.prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"])
         bos = getattr(m.config.text_config, "bos_token_id", None)  # T5 configs have none in transformers 5
         decoder_only = m.config.use_decoder_only_language_model
         if decoder_only and bos is not None and prompt_ids[:1] != [bos]:
