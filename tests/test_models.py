@@ -358,6 +358,26 @@ def test_uncached_hub_id_offline_names_the_fixes(monkeypatch, tmp_path):
     assert "Salesforce/blip2-itm-vit-g" in msg and "pass model=PATH to a local copy" in msg and "HF_HUB_OFFLINE" in msg and "HF cache" in msg
 
 
+def test_a_cached_hub_snapshot_without_safetensors_is_refused_with_the_fix(monkeypatch, tmp_path, tiny_itm_dir):
+    """A hub repository with only .bin weights (never fetched: `_HUB_FILES`) or a download cut short left a snapshot
+    without weights, refused only at the first model use as "no file named model.safetensors found in directory"."""
+    import shutil
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_itm_dir, snapshot)
+    (snapshot / "model.safetensors").unlink()
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # read at import, not from the environment
+    with pytest.raises(ModelLoadError, match=r"captioner model 'org/tiny' has no .safetensors weights in its HF cache snapshot .*abc123: "
+                       r"the download was cut short, or .* only pickled .bin weights.* download it again with `hf download org/tiny`, "
+                       r"or pass --captioner with a local copy"):
+        resolve_model("org/tiny", role="captioner")
+    shutil.copy(tiny_itm_dir / "model.safetensors", snapshot)
+    assert resolve_model("org/tiny").revision == "abc123"
+
+
 def test_directory_without_config_or_safetensors(tmp_path):
     with pytest.raises(ModelNotFoundError, match="config.json"):
         resolve_model(str(tmp_path))

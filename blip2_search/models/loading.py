@@ -123,6 +123,10 @@ def _hub_source(name: str, role: str) -> ModelSource:
             raise ModelNotFoundError("{role} model {name!r} is not a local directory, not in the HF cache, and could not be downloaded ({reason}); " + fix,
                                      argument=_argument(role), role=role, name=name, reason=reason) from exc
     path = Path(local)
+    if not any(path.glob("*.safetensors")):  # else from_pretrained fails naming a file, not why it is absent
+        raise ModelLoadError(f"{role} model {name!r} has no .safetensors weights in its HF cache snapshot {path}: the download was cut "
+                             "short, or the repository holds only pickled .bin weights, which are never fetched or loaded; download it "
+                             f"again with `hf download {name}`, or pass {_option(role)} with a local copy saved by save_pretrained")
     if path.parent.name == "snapshots":
         return ModelSource(name, path, path.name)
     return _fingerprinted(name, path)
