@@ -614,6 +614,31 @@ def test_a_processor_whose_pixels_the_decode_cannot_make_is_refused(tiny_itm_dir
         checkpoint.preprocess(_images(1))
 
 
+def test_a_query_longer_than_the_qformer_positions_is_cut_to_them(tiny_itm_dir, tmp_path):
+    """A Q-Former with fewer text positions than the 35 tokens LAVIS reads (16 here) failed on a long query with a
+    RuntimeError (tensor sizes 35 vs 16); a query is now cut to its positions, and `cut_short` says where."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from tiny_models import WORDS
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_itm_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["qformer_config"]["max_position_embeddings"] = 16
+    (model / "config.json").write_text(json.dumps(config))
+    tensors = load_file(model / "model.safetensors")
+    tensors["embeddings.position_embeddings.weight"] = tensors["embeddings.position_embeddings.weight"][:16].clone()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    enc = Blip2Encoder.load(str(model))
+    long = " ".join(WORDS)  # 24 words, one token each
+    assert enc.embed_texts([long]).shape == (1, enc.embed_dim)
+    assert enc.score_images(long, _images(1)).itm_logit.shape == (1,)
+    assert enc.tokenize([long])["input_ids"].shape[1] == 16
+    assert enc.cut_short(long) == " ".join(WORDS[10:14])  # [CLS], 14 words, [SEP]
+    assert enc.cut_short(" ".join(WORDS[:14])) is None
+
+
 def test_tiny_tokenizer_knows_its_words(encoder):
     ids = encoder.tokenize(["a red circle"])["input_ids"][0].tolist()
     assert encoder.tokenizer.unk_token_id not in ids and ids[0] == encoder.tokenizer.cls_token_id

@@ -56,6 +56,9 @@ class Blip2Encoder(Checkpoint):
         h, i, n = vision.get("hidden_size", 1408), vision.get("intermediate_size", 6144), vision.get("num_hidden_layers", 39)
         self.vit_params: int = int(n * (4 * h * h + 2 * h * i))  # attention + MLP weights: the ViT's cost per token
         self.embed_dim: int = int(config.get("image_text_hidden_size", 256))
+        # the 35 tokens LAVIS reads, fewer where the Q-Former has fewer text positions (past them it fails with a RuntimeError)
+        positions = (config.get("qformer_config") or {}).get("max_position_embeddings", MAX_TOKENS)
+        self.max_tokens: int = min(MAX_TOKENS, int(positions))
         self._tokenizer = None
         self._text_model = None
         self._full_model = None
@@ -115,22 +118,23 @@ class Blip2Encoder(Checkpoint):
 
     # ---------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """LAVIS-normalised, right-truncated to 35 tokens, padded to the longest: input_ids, attention_mask `[n, L]`."""
+        """LAVIS-normalised, right-truncated to `max_tokens` (35), padded to the longest: input_ids, attention_mask `[n, L]`."""
         enc = self.tokenizer(  # split_special_tokens: a query's "<image>" or "[sep]" is text, not a control token
-            [pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=MAX_TOKENS, return_tensors="pt",
+            [pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt",
             split_special_tokens=True,
         )
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
     def cut_short(self, text: str) -> str | None:
-        """None when `text` fits the 35 tokens BLIP-2 reads; else the last words it reads (`tokenize` cuts there),
+        """None when `text` fits the `max_tokens` (35) BLIP-2 reads; else the last words it reads (`tokenize` cuts there),
         or "" when the tokenizer cannot say where that is."""
         clean = pre_caption(text)
-        if len(self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS + 1, split_special_tokens=True)["input_ids"]) <= MAX_TOKENS:
+        limit = self.max_tokens
+        if len(self.tokenizer(clean, truncation=True, max_length=limit + 1, split_special_tokens=True)["input_ids"]) <= limit:
             return None
         if not self.tokenizer.is_fast:  # no character offsets
             return ""
-        ends = [end for _, end in self.tokenizer(clean, truncation=True, max_length=MAX_TOKENS, return_offsets_mapping=True,
+        ends = [end for _, end in self.tokenizer(clean, truncation=True, max_length=limit, return_offsets_mapping=True,
                                                  split_special_tokens=True)["offset_mapping"]]
         return " ".join(clean[: max(ends)].split()[-4:])  # special tokens have (0, 0)
 

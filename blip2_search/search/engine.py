@@ -15,7 +15,6 @@ from PIL import Image
 
 from ..errors import CorruptIndexError, InvalidInputError, Note
 from ..models.encoder import Blip2Encoder
-from ..models.text import MAX_TOKENS
 from ..store import MetadataStore, VectorStore
 from ..store.scoring import mean_max
 from .duplicates import closest_in_group, duplicate_groups
@@ -296,21 +295,21 @@ def _checked(scores: np.ndarray, bound: float) -> np.ndarray:
 
 
 def query_notes(encoder: Blip2Encoder, query: Query, *, reranked: bool = False) -> list[str]:
-    """What was not read of `query`: past the character limit, in each term past the 35 tokens BLIP-2 reads,
-    and (`reranked`) past 35 tokens of the positive terms joined, which is what ITM reads."""
+    """What was not read of `query`: past the character limit, in each term past the tokens BLIP-2 reads
+    (`encoder.max_tokens`, 35), and (`reranked`) past them in the positive terms joined, which is what ITM reads."""
     notes = [f"query truncated to {len(query.raw)} characters"] if query.truncated else []
     if reranked and sum(t.weight > 0 for t in query.terms) > 1:  # one term: its own note says it
         last = encoder.cut_short(query.itm_text)
         if last is not None:
             read = f"up to {last!r}" if last else "only their beginning"
-            notes.append(f"reranking reads the positive terms joined, and only their first {MAX_TOKENS} tokens ({read}); "
+            notes.append(f"reranking reads the positive terms joined, and only their first {encoder.max_tokens} tokens ({read}); "
                          "shorten the terms to have all of them reranked")
     for term in query.terms:
         last = encoder.cut_short(term.text)
         if last is not None:
             what = "the query" if len(query.terms) == 1 else f"the term {reprlib.repr(term.text)}"
             read = f"only the words up to {last!r} were searched" if last else "only its beginning was searched"
-            notes.append(f"{what} is longer than the {MAX_TOKENS} tokens BLIP-2 reads: {read}; "
+            notes.append(f"{what} is longer than the {encoder.max_tokens} tokens BLIP-2 reads: {read}; "
                          "shorten it, or split it into terms (docs/queries.md)")
     return notes
 
