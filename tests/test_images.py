@@ -729,6 +729,20 @@ def test_fast_path_close_to_reference_on_large_jpeg(tmp_path, monkeypatch):
         assert np.abs(error).mean() < bound and psnr > 40, (oversample, np.abs(error).mean(), psnr)
 
 
+def test_fast_path_decodes_in_full_for_a_nearest_filter(tmp_path):
+    """Nearest picks single pixels, which a DCT-scaled, pre-reduced JPEG does not hold: the fast path was 3.1 grey
+    levels off the processor's resize on average and up to 127 (0.2-0.6 for the other filters). With nearest it now
+    decodes in full, and `model_draft_side` tells a caller budgeting the decode."""
+    path = save(photo(2400, 1800), tmp_path / "big.jpg", "JPEG", quality=90)
+    nearest = int(Image.Resampling.NEAREST)
+    reference = decode_for_model(path, 224, nearest, fast=False).pixels
+    np.testing.assert_array_equal(decode_for_model(path, 224, nearest, fast=True).pixels, reference)
+    from blip2_search.images import model_draft_side
+
+    assert model_draft_side(224, nearest) is None and model_draft_side(224, int(Image.Resampling.BICUBIC)) == 448
+    assert decoded_pixels(path, draft_side=model_draft_side(224, nearest)) == 2400 * 1800
+
+
 @pytest.mark.parametrize("width,height,size", [(641, 479, 64), (1003, 757, 64), (2401, 1799, 224)])
 def test_fast_path_close_to_reference_on_jpegs_of_odd_size(width, height, size):
     """A DCT-scaled decode rounds its size up (641 px at 1/2: 321), its last column holding half a pixel; resized

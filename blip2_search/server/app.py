@@ -8,7 +8,6 @@ Routes are listed in docs/server.md.
 import asyncio
 import errno
 import logging
-import math
 import os
 import signal
 import socket
@@ -32,7 +31,7 @@ from starlette.routing import BaseRoute, Match
 from .. import __version__
 from ..api import rerank as score_images
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError, worded
-from ..images import DEFAULT_MAX_PIXELS, DRAFT_OVERSAMPLE, decoded_pixels, model_image
+from ..images import DEFAULT_MAX_PIXELS, decoded_pixels, model_draft_side, model_image
 from ..library import Library
 from ..search.query import parse_query
 from ..search.results import parse_date
@@ -295,7 +294,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
 
         def header():  # one worker-thread turn: the model's input (it may load the model) and the header's pixels
             size, resample = library.encoder.image_input
-            return size, resample, decoded_pixels(source, draft_side=math.ceil(DRAFT_OVERSAMPLE * size))
+            return size, resample, decoded_pixels(source, draft_side=model_draft_side(size, resample))
 
         try:
             size, resample, pixels = await runner.io(header)
