@@ -751,6 +751,28 @@ def test_weights_of_another_shape_than_the_config_are_refused_by_name(tiny_itm_d
         enc.embed_texts(["a dog"]) if use == "text" else enc.embed_images(_images(1))
 
 
+def test_sharded_and_half_precision_checkpoints_load_as_saved(tiny_itm_dir, tmp_path, encoder):
+    """As the hub holds them: weights in shards with an index json (blip2-opt-2.7b), or saved in fp16/bf16. Shards give
+    the very vectors of one file, and each shard counts in the revision; half-precision weights run in fp32 here."""
+    import shutil
+
+    from transformers import Blip2ForImageTextRetrieval
+
+    hf = Blip2ForImageTextRetrieval.from_pretrained(tiny_itm_dir)
+    ims = _images(2)
+    for name, dtype, tolerance in (("sharded", torch.float32, 0.0), ("fp16", torch.float16, 1e-3), ("bf16", torch.bfloat16, 1e-2)):
+        model = tmp_path / name
+        shutil.copytree(tiny_itm_dir, model)
+        (model / "model.safetensors").unlink()
+        hf.to(dtype).save_pretrained(model, max_shard_size="100KB" if name == "sharded" else "50GB")
+        enc = Blip2Encoder.load(str(model))
+        assert enc.placement.dtype == "float32"
+        np.testing.assert_allclose(enc.embed_texts(TEXTS), encoder.embed_texts(TEXTS), atol=tolerance)
+        np.testing.assert_allclose(enc.embed_images(ims), encoder.embed_images(ims), atol=tolerance)
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert resolve_model(str(tmp_path / "sharded")).revision != resolve_model(str(tmp_path / "fp16")).revision
+
+
 def test_a_captioner_missing_weights_is_refused(tiny_captioner_dir, tmp_path):
     model = _without_tensors(tiny_captioner_dir, tmp_path / "model", "language_projection.")
     with pytest.raises(ModelLoadError, match=r"captioner .* lacks 2 weights .*language_projection.*pass another captioner"):
