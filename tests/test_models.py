@@ -372,7 +372,7 @@ def test_a_cached_hub_snapshot_without_safetensors_is_refused_with_the_fix(monke
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # read at import, not from the environment
     with pytest.raises(ModelLoadError, match=r"captioner model 'org/tiny' has no .safetensors weights in its HF cache snapshot .*abc123: "
                        r"the download was cut short, or .* only pickled .bin weights.* download it again with `hf download org/tiny`, "
-                       r"or pass --captioner with a local copy"):
+                       r"or pass captioner with a local copy"):
         resolve_model("org/tiny", role="captioner")
     shutil.copy(tiny_itm_dir / "model.safetensors", snapshot)
     assert resolve_model("org/tiny").revision == "abc123"
@@ -382,21 +382,21 @@ def test_directory_without_config_or_safetensors(tmp_path):
     with pytest.raises(ModelNotFoundError, match="config.json"):
         resolve_model(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match=r"captioner model directory .* has no .safetensors weights; put the weights .*--captioner"):
+    with pytest.raises(ModelLoadError, match=r"captioner model directory .* has no .safetensors weights; put the weights .*pass captioner with a directory"):
         resolve_model(str(tmp_path), role="captioner")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     # the fix named for a .bin-only folder (as many fine-tunes are saved): save_pretrained writes safetensors in transformers 5
     with pytest.raises(ModelLoadError, match=r"embedder model directory .* has only pickled .bin weights, which are not loaded .*"
                        r"from_pretrained, save it with save_pretrained \(which writes .safetensors\) beside its tokenizer and preprocessor "
-                       r"files, and pass --model"):
+                       r"files, and pass model with that directory"):
         resolve_model(str(tmp_path))
 
 
 @pytest.mark.parametrize("config,refusal", [
-    ({"model_type": "clip", "architectures": ["CLIPModel"]}, r"model .* is a 'clip' checkpoint, not BLIP-2; pass --model Salesforce/blip2-itm-vit-g"),
-    ({"model_type": "bert", "architectures": ["BertModel"]}, r"model .* is a 'bert' checkpoint, not BLIP-2; pass --model"),
+    ({"model_type": "clip", "architectures": ["CLIPModel"]}, r"model .* is a 'clip' checkpoint, not BLIP-2; pass model='Salesforce/blip2-itm-vit-g'"),
+    ({"model_type": "bert", "architectures": ["BertModel"]}, r"model .* is a 'bert' checkpoint, not BLIP-2; pass model="),
     ({"architectures": ["Blip2ForImageTextRetrieval"]},  # was "is a None checkpoint"
-     r"model .* has a config.json that names no model_type, not BLIP-2; pass --model Salesforce/blip2-itm-vit-g"),
+     r"model .* has a config.json that names no model_type, not BLIP-2; pass model='Salesforce/blip2-itm-vit-g'"),
 ])
 def test_a_checkpoint_of_another_kind_is_refused_as_embedder(tmp_path, config, refusal):
     from safetensors.torch import save_file

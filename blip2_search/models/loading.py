@@ -91,11 +91,12 @@ def _local_source(name: str, path: Path, role: str) -> ModelSource:
                                  argument=_argument(role), role=role, name=name)
     if not any(path.glob("*.safetensors")):
         if any(path.glob("*.bin")):
-            raise ModelLoadError(f"{role} model directory {name!r} has only pickled .bin weights, which are not loaded (a pickle can run "
+            raise ModelLoadError("{role} model directory {name!r} has only pickled .bin weights, which are not loaded (a pickle can run "
                                  "code); load it once with transformers' from_pretrained, save it with save_pretrained (which writes "
-                                 f".safetensors) beside its tokenizer and preprocessor files, and pass {_option(role)} with that directory")
-        raise ModelLoadError(f"{role} model directory {name!r} has no .safetensors weights; put the weights that came with its config.json "
-                             f"in it, or pass {_option(role)} with a directory saved by save_pretrained")
+                                 ".safetensors) beside its tokenizer and preprocessor files, and pass {argument} with that directory",
+                                 argument=_argument(role), role=role, name=name)
+        raise ModelLoadError("{role} model directory {name!r} has no .safetensors weights; put the weights that came with its config.json "
+                             "in it, or pass {argument} with a directory saved by save_pretrained", argument=_argument(role), role=role, name=name)
     return _fingerprinted(name, path.resolve())
 
 
@@ -124,9 +125,10 @@ def _hub_source(name: str, role: str) -> ModelSource:
                                      argument=_argument(role), role=role, name=name, reason=reason) from exc
     path = Path(local)
     if not any(path.glob("*.safetensors")):  # else from_pretrained fails naming a file, not why it is absent
-        raise ModelLoadError(f"{role} model {name!r} has no .safetensors weights in its HF cache snapshot {path}: the download was cut "
+        raise ModelLoadError("{role} model {name!r} has no .safetensors weights in its HF cache snapshot {path}: the download was cut "
                              "short, or the repository holds only pickled .bin weights, which are never fetched or loaded; download it "
-                             f"again with `hf download {name}`, or pass {_option(role)} with a local copy saved by save_pretrained")
+                             "again with `hf download {name}`, or pass {argument} with a local copy saved by save_pretrained",
+                             argument=_argument(role), role=role, name=name, path=path)
     if path.parent.name == "snapshots":
         return ModelSource(name, path, path.name)
     return _fingerprinted(name, path)
