@@ -613,7 +613,8 @@ def duplicates(library, threshold, as_json):
         _emit(data)
         return
     if not data:  # with photos left out, lowering the threshold is not the fix the notes name
-        among = " among the photos compared" if groups.notes else " (lower it, e.g. 0.9, to find looser matches)"
+        looser = round(max(min(0.9, threshold - 0.05), threshold / 2), 3)  # below the threshold given, also below 0.9
+        among = " among the photos compared" if groups.notes else f" (lower it, e.g. {looser:g}, to find looser matches)"
         click.echo(f"no near-duplicates at --threshold {threshold:g}{among}", err=True)
     for g in data:  # each photo with its best score with another photo of the group
         click.echo("\n".join(f"{p['score']:.4f}  {one_line(p['path'])}" for p in g) + "\n")

@@ -641,6 +641,21 @@ def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_pho
     assert json.loads(res.stdout) == [] and "cannot be compared" in res.stderr
 
 
+def test_no_duplicates_suggests_a_threshold_below_the_one_given(photo_dir, tmp_path):
+    """It always said "lower it, e.g. 0.9", also to --threshold 0.5, where 0.9 is higher."""
+    folder, paths = photo_dir
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "red.jpg").write_bytes(paths[-1].read_bytes())  # a single photo: no pair at any threshold
+    library = tmp_path / "lib"
+    with Library.open(library, model="demo", captioner=False, create=True) as lib:
+        lib.index([one])
+    for threshold, looser in (("0.95", "0.9"), ("1", "0.9"), ("0.5", "0.45"), ("0.02", "0.01")):
+        res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--threshold", threshold])
+        assert res.exit_code == 0 and res.stderr == (f"no near-duplicates at --threshold {float(threshold):g} "
+                                                     f"(lower it, e.g. {looser}, to find looser matches)\n"), res.output
+
+
 def test_a_path_with_a_newline_is_named_on_one_line_in_errors_and_notes(tmp_path):
     """Messages embedded the path raw: a library folder named 'my\\nphotos' split the error over two lines."""
     from blip2_search.errors import LibraryError
