@@ -127,3 +127,24 @@ def test_every_http_route_is_in_server_md(tmp_path):
     named = lambda m, p: re.search(rf"{m} {re.escape(p)}(?![\w/{{])", text)  # noqa: E731  (not /api/searchx)
     missing = [f"{m} {p}" for m, p in sorted(routes) if not named(m, p) and not (m == "GET" and f"`{p}`" in text)]
     assert not missing, f"docs/server.md does not name {missing}"
+
+
+def test_the_readmes_sample_search_output_is_what_search_prints(capsys):
+    """The README's first screen shows `search`'s output: each line is the one the CLI prints for those values."""
+    from datetime import datetime
+
+    from blip2_search.cli import _print_result
+    from blip2_search.search.results import Hit, SearchResult
+
+    block = README.split("The search prints", 1)[1].split("```\n", 2)[1]
+    line = re.compile(r' *(-?\d+\.\d+)  itc=(-?\d+\.\d+)(?:  itm= *(-?\d+\.\d+))?(?:  (\d{4}-\d\d-\d\d))?  (\S+)(?:  "(.*)")?')
+    shown = [text for text in block.splitlines() if text.strip() != "..."]
+    hits = []
+    for i, text in enumerate(shown):
+        m = line.fullmatch(text)
+        assert m, f"README: {text!r} is not a line search prints"
+        score, itc, itm, day, path, caption = m.groups()
+        hits.append(Hit(i, path, float(score), float(itc), itm and float(itm), caption, day and datetime.fromisoformat(day)))
+    assert len(hits) >= 2
+    _print_result(SearchResult("q", tuple(hits)), as_json=False)
+    assert capsys.readouterr().out.splitlines() == shown
