@@ -1,8 +1,9 @@
 """The command reference keeps up with the CLI: docs/cli.md has a section for every command and names
 every option, the README's command table links every command, the synopses' defaults are the CLI's,
-every setting's environment variable is documented (and named in the --help of its option), and every
-relative link and anchor in the README and docs/ resolves. No model is loaded: click's own
-description of the commands is compared with the text.
+every setting's environment variable is documented (and named in the --help of its option), every
+relative link and anchor in the README and docs/ resolves, the README's sample output is what `search`
+prints, and each --json answer has the fields docs/cli.md names. Only that last test loads a model (the
+demo ones); the others compare click's own description of the commands with the text.
 """
 
 from __future__ import annotations
@@ -148,3 +149,62 @@ def test_the_readmes_sample_search_output_is_what_search_prints(capsys):
     assert len(hits) >= 2
     _print_result(SearchResult("q", tuple(hits)), as_json=False)
     assert capsys.readouterr().out.splitlines() == shown
+
+
+def _documented_fields(section: str) -> tuple[set[str], str]:
+    """The field names in a section's JSON shapes (code spans such as `{"images", "indexed"}`), and those spans."""
+    spans = " ".join(re.findall(r"`([\[{][^`]*)`", section))
+    return set(re.findall(r'"(\w+)"', spans)), spans
+
+
+def _emitted_fields(value, shapes: str) -> set[str]:
+    """Every key of a JSON answer; a key's value is looked into where the docs show its inside (`"results": [{"id"`)."""
+    if isinstance(value, list):
+        return set().union(*(_emitted_fields(v, shapes) for v in value))
+    if not isinstance(value, dict):
+        return set()
+    found = set(value)
+    for key, inner in value.items():
+        if re.search(rf'"{key}": [\[{{]\[?{{?"', shapes):
+            found |= _emitted_fields(inner, shapes)
+    return found
+
+
+def test_every_json_field_is_documented_and_every_documented_one_is_printed(tmp_path, monkeypatch):
+    """Each --json answer, run on the demo models, has the fields its docs/cli.md section names: no more, no fewer
+    (`notes` is there only when there are some)."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from blip2_search.demo import write_folder
+
+    monkeypatch.chdir(tmp_path)
+    photos = [path for path, _ in write_folder(tmp_path / "photos", 3, seed=1)]
+    shutil.copy(photos[0], tmp_path / "photos" / f"copy{photos[0].suffix}")  # a near-duplicate group
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not an image")  # a failure
+    (tmp_path / "queries.txt").write_text('a red circle on the left\n"a" -\n', encoding="utf-8")
+    (tmp_path / "annotations.json").write_text(json.dumps([{"image": p.name, "caption": "a red circle on the left"} for p in photos]))
+    lib = ["--library", "lib"]
+    runs = {
+        "index": ["index", "photos", *lib, "--model", "demo"],
+        "status": ["status", *lib],
+        "search": ["search", "a red circle on the left", *lib, "-k", "2"],
+        "prune": ["prune", *lib],
+        "failures": ["failures", *lib],
+        "duplicates": ["duplicates", *lib],
+        "rerank": ["rerank", "a red circle", str(photos[0]), "photos/broken.jpg", "--model", "demo"],
+        "caption": ["caption", str(photos[0]), "photos/broken.jpg", "--captioner", "demo"],
+        "eval": ["eval", "annotations.json", "--images", "photos", "--model", "demo", "--rerank-k", "2"],
+    }
+    assert set(runs) == {name for name, command in main.commands.items() if any(p.name == "as_json" for p in command.params)}
+    sections = _sections()
+    for name, args in runs.items():
+        answers = [json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)]
+        if name == "search":  # --queries: a line's answer, and a bad line's error
+            answers += [json.loads(line) for line in CliRunner().invoke(main, ["search", "--queries", "queries.txt", *lib]).stdout.splitlines()]
+        documented, shapes = _documented_fields(sections[name])
+        emitted = set().union(*(_emitted_fields(answer, shapes) for answer in answers))
+        assert emitted <= documented, f"{name} --json prints {sorted(emitted - documented)}, which docs/cli.md's {name} section does not name"
+        assert documented - {"notes"} <= emitted, f"docs/cli.md's {name} section names {sorted(documented - emitted - {'notes'})}, which {name} --json does not print"
