@@ -639,6 +639,26 @@ def test_a_query_longer_than_the_qformer_positions_is_cut_to_them(tiny_itm_dir, 
     assert enc.cut_short(" ".join(WORDS[:14])) is None
 
 
+def test_a_refused_processor_setting_names_the_file_transformers_read_it_from(tmp_path):
+    """A checkpoint saved by transformers 5 (the demo ones) keeps its image processor in processor_config.json too,
+    which transformers reads first; the refusal named preprocessor_config.json, where the fix it gave changed nothing."""
+    import shutil
+
+    from blip2_search.demo import ITM_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(ITM_DIR, model)
+    _edited(model, "preprocessor_config.json", resample=99)  # not the file transformers reads here
+    assert Blip2Encoder.load(str(model)).image_input == (64, 3)
+    processor = json.loads((model / "processor_config.json").read_text())
+    processor["image_processor"]["resample"] = 99
+    (model / "processor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(ModelLoadError, match=re.escape('its processor_config.json ("image_processor") sets resample 99, not a PIL resampling '
+                                                       "filter, so photos cannot be resized as the model was trained; put the "
+                                                       "processor_config.json that came with this checkpoint beside it")):
+        Blip2Encoder.load(str(model)).image_input
+
+
 def test_tiny_tokenizer_knows_its_words(encoder):
     ids = encoder.tokenize(["a red circle"])["input_ids"][0].tolist()
     assert encoder.tokenizer.unk_token_id not in ids and ids[0] == encoder.tokenizer.cls_token_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Sequence
 
@@ -100,33 +101,33 @@ class Checkpoint:
         resample = getattr(self.image_processor, "resample", None)
         if isinstance(resample, bool) or not isinstance(resample, int) or resample not in {int(f) for f in Image.Resampling}:
             # transformers resizes with bilinear for a filter it does not know (e.g. "bicubic" spelt as text), silently
-            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json sets resample {resample!r}, not a PIL resampling filter, "
-                                 "so photos cannot be resized as the model was trained; put the preprocessor_config.json that came "
-                                 'with this checkpoint beside it, or set its "resample" to 3 (bicubic, as BLIP-2)')
+            raise ModelLoadError(f"model {self.name!r}: its {self._settings_file()} sets resample {resample!r}, not a PIL resampling filter, "
+                                 f"so photos cannot be resized as the model was trained; put the {self._settings_file(entry=False)} that "
+                                 'came with this checkpoint beside it, or set its "resample" to 3 (bicubic, as BLIP-2)')
         return int(resample)
 
     def _checked_image_size(self) -> int:
         size = self.image_processor.size
         height, width = (size.get("height"), size.get("width")) if isinstance(size, dict) else (getattr(size, "height", None), getattr(size, "width", None))
         if height is None or height != width:  # e.g. {"shortest_edge": S}: photos would keep their aspect, which the ViT cannot read
-            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json does not resize photos to a square (size {_size_text(size)}), "
-                                 "but BLIP-2's ViT reads S x S pixels; put the preprocessor_config.json that came with this checkpoint beside it, "
-                                 'or set its "size" to {"height": S, "width": S}')
+            raise ModelLoadError(f"model {self.name!r}: its {self._settings_file()} does not resize photos to a square (size {_size_text(size)}), "
+                                 f"but BLIP-2's ViT reads S x S pixels; put the {self._settings_file(entry=False)} that came with this "
+                                 'checkpoint beside it, or set its "size" to {"height": S, "width": S}')
         side = int(height)
         built_for = (self.source.config().get("vision_config") or {}).get("image_size")
         if built_for is not None and int(built_for) != side:
-            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json resizes photos to {side} px but its ViT was built "
-                                 f"for {built_for} px (config.json vision_config.image_size); put the preprocessor_config.json that came "
-                                 "with this checkpoint beside it")
+            raise ModelLoadError(f"model {self.name!r}: its {self._settings_file()} resizes photos to {side} px but its ViT was built "
+                                 f"for {built_for} px (config.json vision_config.image_size); put the {self._settings_file(entry=False)} "
+                                 "that came with this checkpoint beside it")
         return side
 
     def _check_processor_follows_decode(self, side: int, resample: int) -> None:
         """Refuse a processor whose pixels differ from a photo resized straight to `side` x `side` with `resample`
         (what indexing decodes) then `pixels_from_uint8`: the library's vectors and `embed_images`/`rerank` would read
         other inputs, or the ViT an input of another size (a processor that does not resize, crops or pads)."""
-        fix = "put the preprocessor_config.json that came with this checkpoint beside it"
+        fix = f"put the {self._settings_file(entry=False)} that came with this checkpoint beside it"
         if not getattr(self.image_processor, "do_resize", True):
-            raise ModelLoadError(f"model {self.name!r}: its preprocessor_config.json sets do_resize false, so photos would reach its ViT "
+            raise ModelLoadError(f"model {self.name!r}: its {self._settings_file()} sets do_resize false, so photos would reach its ViT "
                                  f"at their own size, but it reads {side} x {side} pixels; {fix}, or set its \"do_resize\" to true")
         probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side + 3, side + 7, 3), dtype=np.uint8))
         expected = self.pixels_from_uint8(np.array(probe.resize((side, side), resample))[None])
@@ -138,6 +139,18 @@ class Checkpoint:
         if error > 1e-4:
             raise ModelLoadError(f"model {self.name!r}: its image processor changes photos in a way this library does not follow "
                                  f"(pixel values off by up to {error:.3g} from resize, rescale and normalise); {fix}")
+
+    def _settings_file(self, *, entry: bool = True) -> str:
+        """The file the image processor's settings were read from, to name in a message: transformers reads the
+        "image_processor" entry of processor_config.json (which save_pretrained writes since transformers 5) before
+        preprocessor_config.json. `entry`: name that entry too."""
+        try:
+            nested = json.loads((self.source.path / "processor_config.json").read_text(encoding="utf-8")).get("image_processor")
+        except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object: transformers reads the other file
+            nested = None
+        if not isinstance(nested, dict):
+            return "preprocessor_config.json"
+        return 'processor_config.json ("image_processor")' if entry else "processor_config.json"
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel_values `[n, 3, S, S] float32` with the checkpoint's processor (the reference path)."""
