@@ -149,6 +149,8 @@ def test_python_date_filters_take_dates_text_and_datetimes_alike(lib):
     whole_day = ids(after=datetime.combine(day, datetime.min.time()), before=datetime.combine(day, datetime.max.time()))
     assert some.id in whole_day
     assert ids(after=day.isoformat(), before=day.isoformat()) == whole_day == ids(after=day, before=day)
+    basic = day.strftime("%Y%m%d")  # ISO's basic form: Python 3.11's datetime.fromisoformat read it as midnight, a moment
+    assert ids(after=basic, before=basic) == whole_day
     assert some.id not in ids(before=datetime.combine(day, datetime.min.time()))  # a datetime is a moment
     for kw, fix in (({"after": "2023-13-01"}, "YYYY-MM-DD"), ({"after": "yesterday"}, "YYYY-MM-DD"),
                     ({"after": "2023-01-01T00:00:00+02:00"}, "time zone"), ({"after": 5}, "not a date"),

@@ -17,8 +17,8 @@ MAX_K = 10_000
 
 
 def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
-    """A date filter bound from a `datetime`, a `date` (the whole day), or text: `YYYY-MM-DD` (the whole
-    day) or a naive ISO date-time; None or "" means no bound.
+    """A date filter bound from a `datetime`, a `date` (the whole day), or text: an ISO date (`YYYY-MM-DD`,
+    also `YYYYMMDD`: the whole day) or a naive ISO date-time; None or "" means no bound.
 
     Capture times are camera-local and stored without a time zone, so an offset is refused rather
     than silently compared with local times. `name` is what messages call the bound: a keyword
@@ -27,17 +27,18 @@ def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
     if value is None or value == "":
         return None
     given = f"{name} {str(value)!r}" if name.startswith("-") else f"{name} = {value!r}"
+    if isinstance(value, str):  # a date in any ISO form is the whole day: 20230715 too, which datetime reads as its midnight
+        try:
+            value = date.fromisoformat(value)
+        except ValueError:
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                raise InvalidInputError(f"{given} is not a date; pass YYYY-MM-DD or an ISO date-time, e.g. {name} 2023-06-01") from None
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, date):
         return datetime.combine(value, time.max if end_of_day else time.min)
-    elif isinstance(value, str):
-        try:
-            if len(value) == 10:
-                return datetime.combine(datetime.strptime(value, "%Y-%m-%d").date(), time.max if end_of_day else time.min)
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise InvalidInputError(f"{given} is not a date; pass YYYY-MM-DD or an ISO date-time, e.g. {name} 2023-06-01") from None
     else:
         raise InvalidInputError(f"{given} is a {type(value).__name__}, not a date; pass a datetime, a date or 'YYYY-MM-DD'")
     if parsed.tzinfo is not None:
