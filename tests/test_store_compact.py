@@ -227,7 +227,7 @@ def test_memory_per_image_and_index_choice(trained):
     assert index_choice.compact_threshold("compact", 32, 256, 2**40) == index_choice.COMPACT_MIN_IMAGES
     per_exact = index_choice.exact_bytes_per_image(32, 256)
     assert index_choice.compact_threshold("auto", 32, 256, 100_000 * per_exact) == 100_001
-    with pytest.raises(InvalidInputError, match="--vector-index"):
+    with pytest.raises(InvalidInputError, match="pass vector_index=.exact."):
         index_choice.compact_threshold("fast", 32, 256, 2**30)
     assert index_choice.compact_factory(32 * 10**6, 256) == "IVF1024,PQ64x4fs"
 
