@@ -456,7 +456,9 @@ plain_words = st.lists(
     max_size=8,
 ).filter(
     lambda ws: all(w.strip() == w and not set(w) <= set("+-") and not _WEIGHTISH.fullmatch(w) for w in ws) and has_words(" ".join(ws))
-)  # words of only the marks BLIP-2 drops are refused (test_a_term_of_only_the_marks_the_model_drops_is_refused)
+    and not _WEIGHTISH.match(ws[0])
+)  # words of only the marks BLIP-2 drops are refused (test_a_term_of_only_the_marks_the_model_drops_is_refused); a first word
+# W:text is a weight missing its quotes (refused: test_errors_name_column_snippet_and_fix), so not bare text
 
 
 @FAST
