@@ -1103,7 +1103,7 @@ def _left_out_note(pending: int, cannot: str) -> str:
     """The note on a search or duplicates answer that `pending` photos, waiting to be re-embedded, are left out:
     they cannot be `cannot` ("found yet")."""
     return (f"{pending} photo{_s(pending)} of the library wait{'s' if pending == 1 else ''} to be embedded with its model and cannot be "
-            f"{cannot} (a re-embedding run is going on, or was stopped); run index on their folders")
+            f"{cannot} (a re-embedding run is going on, was stopped, or did not find their files); run index on their folders")
 
 
 def _s(n: int) -> str:

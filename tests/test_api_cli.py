@@ -631,11 +631,11 @@ def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_pho
         assert lib.status().pending == len(paths)
         assert lib.duplicates(0.95) == [] and lib.duplicates(0.95).notes == (
             f"{len(paths)} photos of the library wait to be embedded with its model and cannot be compared with the others yet "
-            "(a re-embedding run is going on, or was stopped); run index on their folders",)
+            "(a re-embedding run is going on, was stopped, or did not find their files); run index on their folders",)
     res = CliRunner().invoke(main, ["duplicates", "--library", str(library)])
     assert res.exit_code == 0 and res.stderr.splitlines() == [
         f"note: {len(paths)} photos of the library wait to be embedded with its model and cannot be compared "
-        "with the others yet (a re-embedding run is going on, or was stopped); run index on their folders",
+        "with the others yet (a re-embedding run is going on, was stopped, or did not find their files); run index on their folders",
         "no near-duplicates at --threshold 0.95 among the photos compared"], res.output
     res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--json"])
     assert json.loads(res.stdout) == [] and "cannot be compared" in res.stderr

@@ -1123,7 +1123,7 @@ def test_reembed_covers_every_folder_of_the_library(tiny_itm_dir, photos, tmp_pa
         hits = searched.hits
         assert {Path(h.path).parent.name for h in hits} == {"photos", "sub dir", "second"}
         assert searched.notes == ("3 photos of the library wait to be embedded with its model and cannot be found yet (a "
-                                  "re-embedding run is going on, or was stopped); run index on their folders",)
+                                  "re-embedding run is going on, was stopped, or did not find their files); run index on their folders",)
         outside = [h for h in hits if Path(h.path).parent == second]
         fresh = lib.encoder.embed_images([open_image(h.path) for h in outside])  # the new model's vectors
         np.testing.assert_allclose(lib.metadata.vectors_for([h.id for h in outside]), fresh, atol=1e-4)
