@@ -612,12 +612,17 @@ def duplicates(library, threshold, as_json):
     if as_json:
         _emit(data)
         return
-    if not data:  # with photos left out, lowering the threshold is not the fix the notes name
-        looser = round(max(min(0.9, threshold - 0.05), threshold / 2), 3)  # below the threshold given, also below 0.9
-        among = " among the photos compared" if groups.notes else f" (lower it, e.g. {looser:g}, to find looser matches)"
-        click.echo(f"no near-duplicates at --threshold {threshold:g}{among}", err=True)
+    if not data and not groups.notes:  # else lowering the threshold is not the fix the notes name
+        click.echo(f"no near-duplicates at --threshold {threshold:g} (lower it, e.g. {_looser(threshold):g}, to find looser matches)", err=True)
+    elif not data:
+        click.echo(f"no near-duplicates at --threshold {threshold:g} among the photos compared", err=True)
     for g in data:  # each photo with its best score with another photo of the group
         click.echo("\n".join(f"{p['score']:.4f}  {one_line(p['path'])}" for p in g) + "\n")
+
+
+def _looser(threshold: float) -> float:
+    """A duplicates threshold to suggest where `threshold` found none: below it, and at most 0.9."""
+    return round(max(min(0.9, threshold - 0.05), threshold / 2), 3)
 
 
 @main.command()

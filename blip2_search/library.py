@@ -938,7 +938,10 @@ class Library:
                                     given=repr(threshold))
         groups = self._rebuilt_if_damaged(lambda: self._duplicates(float(threshold)), note=False)
         pending = self.metadata.pending_count()
-        return DuplicateGroups(groups, (_left_out_note(pending, "compared with the others yet"),) if pending else ())
+        notes = (_left_out_note(pending, "compared with the others yet"),) if pending else ()
+        if not groups and not pending and (indexed := self.metadata.counts().indexed) < 2:  # no threshold finds a pair
+            notes = (f"library {self.folder} has {indexed} searchable photo{_s(indexed)}, and near-duplicates take two; index more photos",)
+        return DuplicateGroups(groups, notes)
 
     def _duplicates(self, threshold: float) -> list[list[DuplicatePhoto]]:
         engine = self.engine

@@ -642,18 +642,29 @@ def test_duplicates_of_a_library_whose_reembed_was_stopped_names_the_waiting_pho
 
 
 def test_no_duplicates_suggests_a_threshold_below_the_one_given(photo_dir, tmp_path):
-    """It always said "lower it, e.g. 0.9", also to --threshold 0.5, where 0.9 is higher."""
+    """It always said "lower it, e.g. 0.9", also to --threshold 0.5, where 0.9 is higher; and to a library of one
+    photo, where no threshold finds a pair."""
+    from blip2_search.cli import _looser
+
+    assert [_looser(t) for t in (0.95, 1.0, 0.5, 0.02)] == [0.9, 0.9, 0.45, 0.01]
     folder, paths = photo_dir
     one = tmp_path / "one"
     one.mkdir()
-    (one / "red.jpg").write_bytes(paths[-1].read_bytes())  # a single photo: no pair at any threshold
+    (one / "red.jpg").write_bytes(paths[-1].read_bytes())
     library = tmp_path / "lib"
     with Library.open(library, model="demo", captioner=False, create=True) as lib:
         lib.index([one])
-    for threshold, looser in (("0.95", "0.9"), ("1", "0.9"), ("0.5", "0.45"), ("0.02", "0.01")):
-        res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--threshold", threshold])
-        assert res.exit_code == 0 and res.stderr == (f"no near-duplicates at --threshold {float(threshold):g} "
-                                                     f"(lower it, e.g. {looser}, to find looser matches)\n"), res.output
+    res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--threshold", "0.5"])
+    assert res.exit_code == 0 and res.stderr == (f"note: library {library} has 1 searchable photo, and near-duplicates take two; index "
+                                                 "more photos\nno near-duplicates at --threshold 0.5 among the photos compared\n"), res.stderr
+    (one / "blue.jpg").write_bytes(paths[0].read_bytes())
+    with Library.open(library) as lib:
+        lib.index([one])
+        score = lib.similar(paths[0], 2).hits[1].score  # the other photo's
+    threshold = round(min(1.0, score + 0.01), 2)
+    res = CliRunner().invoke(main, ["duplicates", "--library", str(library), "--threshold", str(threshold)])
+    assert res.exit_code == 0 and res.stderr == (f"no near-duplicates at --threshold {threshold:g} (lower it, e.g. {_looser(threshold):g}, "
+                                                 "to find looser matches)\n"), res.stderr
 
 
 def test_a_path_with_a_newline_is_named_on_one_line_in_errors_and_notes(tmp_path):
