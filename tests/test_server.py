@@ -929,8 +929,9 @@ def test_non_loopback_host_needs_a_token():
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_bind(host, None)
     for host in ("0.0.0.0", "::", "192.168.1.10", "example.com"):
-        with pytest.raises(InvalidInputError, match="--token"):
+        with pytest.raises(InvalidInputError, match="pass token=T") as caught:
             check_bind(host, None)
+        assert f"--host {host} without a token" in caught.value.naming(commands=True) and "--token T" in caught.value.naming(commands=True)
         check_bind(host, TOKEN)
     with pytest.raises(InvalidInputError, match="at least 16"):
         check_bind("0.0.0.0", "short")
@@ -938,6 +939,21 @@ def test_non_loopback_host_needs_a_token():
         check_bind("127.0.0.1", "has spaces and ; semicolons")
     with pytest.raises(InvalidInputError, match="letters, digits"):
         check_bind("127.0.0.1", "slash/and=equals+plus-0123456789")
+
+
+def test_serve_from_python_refuses_non_loopback_host_without_token(lib):
+    """`serve(library, host="0.0.0.0")` from Python served every machine on the network without a token: only the CLI
+    checked; the refusal names serve's keywords."""
+    from blip2_search.server import serve
+
+    with pytest.raises(InvalidInputError) as caught:
+        serve(lib, host="0.0.0.0", port=free_port())
+    assert str(caught.value).startswith("refusing to serve on host='0.0.0.0' without a token") and "pass token=T" in str(caught.value)
+    assert "--" not in str(caught.value) and "keep the default host='127.0.0.1'" in str(caught.value)
+    with socket.socket() as wide:  # a socket bound by the caller counts as bound
+        wide.bind(("0.0.0.0", 0))
+        with pytest.raises(InvalidInputError, match="refusing to serve on host='0.0.0.0'"):
+            serve(lib, sock=wide)
 
 
 def test_serve_command_refuses_non_loopback_host_without_token(tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
 from .runner import Runner
 from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
-from .security import TOKEN_COOKIE, Guard, RedactTokenFilter, allowed_host_names, check_token, token_cookie, token_matches, without_token
+from .security import TOKEN_COOKIE, Guard, RedactTokenFilter, allowed_host_names, check_bind, check_token, token_cookie, token_matches, without_token
 
 log = logging.getLogger("blip2_search.server")
 _REDACT_TOKEN = RedactTokenFilter()
@@ -602,6 +602,7 @@ def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token:
     Loads the text model first, so a broken model or an empty library fails here, before the port
     listens; calls `ready` (e.g. to say where it serves) once it listens. SIGINT (Ctrl-C) and SIGTERM (`kill`,
     systemd, docker stop) both shut it down gracefully and then raise KeyboardInterrupt."""
+    check_bind(sock.getsockname()[0] if sock is not None else host, token, "token")  # as `blip2-search serve` does
     sock = sock if sock is not None else bind_socket(host, port)
     app = create_app(library, token=token, host=host)
     library.search("a photo", 1, rerank=False, fusion=False)

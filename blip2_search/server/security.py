@@ -27,7 +27,7 @@ from urllib.parse import unquote_plus, urlsplit
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, Spelled
 from .limits import MAX_JSON_BYTES, MAX_QUERY_BYTES, MAX_RERANK_IDS, ApiError
 
 TOKEN_COOKIE = "blip2_search_token"
@@ -70,13 +70,17 @@ def check_token(token: str | None, source: str = "--token") -> str | None:
 
 
 def check_bind(host: str, token: str | None, token_source: str = "--token") -> None:
-    """Refuse to listen beyond this machine without a token (InvalidInputError naming both fixes)."""
+    """Refuse to listen beyond this machine without a token (InvalidInputError naming both fixes, as options on the
+    command line and as `serve`'s keywords to Python callers)."""
     check_token(token, token_source)
     if not is_loopback(host) and not token:
         raise InvalidInputError(
-            f"refusing to serve on --host {host} without a token: other machines could read your photos; "
-            "pass --token (or set BLIP2_SEARCH_TOKEN), e.g. --token $(python -c 'import secrets; print(secrets.token_urlsafe(24))'), "
-            "or keep the default --host 127.0.0.1"
+            "refusing to serve on {where} without a token: other machines could read your photos; pass {token}, e.g. "
+            "{example}, or keep the default {default}",
+            where=Spelled(f"host={host!r}", f"--host {host}"),
+            token=Spelled("token=T", "--token T (or set BLIP2_SEARCH_TOKEN)"),
+            example=Spelled("token=secrets.token_urlsafe(24)", "--token $(python -c 'import secrets; print(secrets.token_urlsafe(24))')"),
+            default=Spelled("host='127.0.0.1'", "--host 127.0.0.1"),
         )
 
 
