@@ -639,6 +639,40 @@ def test_a_query_longer_than_the_qformer_positions_is_cut_to_them(tiny_itm_dir, 
     assert enc.cut_short(" ".join(WORDS[:14])) is None
 
 
+def test_a_query_tokenised_while_another_thread_checks_a_length_is_cut_to_max_tokens(tiny_itm_dir):
+    """HF's fast tokenizer keeps the truncation of its last call, set before it encodes: a query tokenised while another
+    thread's `cut_short` (which asks for max_tokens + 1) ran between the two was cut to 36 tokens, past a Q-Former of
+    35 positions (a RuntimeError) and off LAVIS's 35 for the others. The other thread runs exactly there."""
+    import threading
+
+    from tiny_models import WORDS
+
+    enc = Blip2Encoder.load(str(tiny_itm_dir))
+    tokenizer, query = enc.tokenizer, " ".join(WORDS * 2)  # 48 words, one token each
+    set_truncation, here = tokenizer.set_truncation_and_padding, threading.current_thread()
+    query_set, other_done = threading.Event(), threading.Event()
+
+    def set_then_let_the_other_thread_run(*args, **kwargs):
+        set_truncation(*args, **kwargs)
+        if threading.current_thread() is here and not query_set.is_set():
+            query_set.set()
+            other_done.wait(1.0)  # with the fix the other thread waits for this one instead
+
+    def other():
+        query_set.wait(10)
+        assert enc.cut_short("a dog") is None  # its only call asks for 36 tokens
+        other_done.set()
+
+    tokenizer.set_truncation_and_padding = set_then_let_the_other_thread_run
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert enc.tokenize([query])["input_ids"].shape[1] == enc.max_tokens == 35
+    finally:
+        thread.join(10)
+    assert other_done.is_set()
+
+
 def test_a_refused_processor_setting_names_the_file_transformers_read_it_from(tmp_path):
     """A checkpoint saved by transformers 5 (the demo ones) keeps its image processor in processor_config.json too,
     which transformers reads first; the refusal named preprocessor_config.json, where the fix it gave changed nothing."""

@@ -10,6 +10,7 @@ T = ViT tokens, 257 at 224 px; W = ViT width, 1408 for ViT-g):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -60,6 +61,9 @@ class Blip2Encoder(Checkpoint):
         positions = (config.get("qformer_config") or {}).get("max_position_embeddings", MAX_TOKENS)
         self.max_tokens: int = min(MAX_TOKENS, int(positions))
         self._tokenizer = None
+        # HF's fast tokenizer keeps the truncation it was last called with (set, then encode): threads tokenizing at
+        # once with other lengths (tokenize, cut_short) got each other's, e.g. 36 tokens where the Q-Former has 35
+        self._tokenizing = threading.Lock()
         self._text_model = None
         self._full_model = None
         # The ViT's kernels on a GPU in half precision (models/fast_vit.py); None: HF's own forward everywhere.
@@ -119,7 +123,7 @@ class Blip2Encoder(Checkpoint):
     # ---------------------------------------------------------------- text
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """LAVIS-normalised, right-truncated to `max_tokens` (35), padded to the longest: input_ids, attention_mask `[n, L]`."""
-        enc = self.tokenizer(  # split_special_tokens: a query's "<image>" or "[sep]" is text, not a control token
+        enc = self._tokens(  # split_special_tokens: a query's "<image>" or "[sep]" is text, not a control token
             [pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt",
             split_special_tokens=True,
         )
@@ -130,13 +134,19 @@ class Blip2Encoder(Checkpoint):
         or "" when the tokenizer cannot say where that is."""
         clean = pre_caption(text)
         limit = self.max_tokens
-        if len(self.tokenizer(clean, truncation=True, max_length=limit + 1, split_special_tokens=True)["input_ids"]) <= limit:
+        if len(self._tokens(clean, truncation=True, max_length=limit + 1, split_special_tokens=True)["input_ids"]) <= limit:
             return None
         if not self.tokenizer.is_fast:  # no character offsets
             return ""
-        ends = [end for _, end in self.tokenizer(clean, truncation=True, max_length=limit, return_offsets_mapping=True,
-                                                 split_special_tokens=True)["offset_mapping"]]
+        ends = [end for _, end in self._tokens(clean, truncation=True, max_length=limit, return_offsets_mapping=True,
+                                               split_special_tokens=True)["offset_mapping"]]
         return " ".join(clean[: max(ends)].split()[-4:])  # special tokens have (0, 0)
+
+    def _tokens(self, texts, **settings):
+        """`self.tokenizer(texts, **settings)`, one thread at a time (see `_tokenizing`)."""
+        tokenizer = self.tokenizer  # loaded outside the lock: loading takes LOADING
+        with self._tokenizing:
+            return tokenizer(texts, **settings)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
