@@ -306,10 +306,31 @@ def test_a_caption_longer_than_the_language_model_reads_is_refused(tiny_captione
     cap = Blip2Captioner.load(str(tiny_captioner_dir))
     fits = CaptionSettings(prompt=" ".join(["dog"] * 66), max_new_tokens=30, min_new_tokens=30)  # 32 + 1 + 66 + 29 read = 128
     assert len(cap.with_settings(fits).caption(_images(1))) == 1  # 30 new tokens, some of them special (not shown)
-    for settings in (CaptionSettings(prompt=" ".join(["dog"] * 67), max_new_tokens=30, min_new_tokens=30), CaptionSettings(max_new_tokens=500)):
-        with pytest.raises(InvalidInputError, match=rf"caption prompt of \d+ tokens and max_new_tokens={settings.max_new_tokens} need "
-                           r"\d+ positions with the 32 image tokens, but captioner .* reads at most 128; shorten the prompt or lower max_new_tokens"):
+    for settings, refusal in (
+        (CaptionSettings(prompt=" ".join(["dog"] * 67), max_new_tokens=30, min_new_tokens=30),
+         "but its 32 image tokens, BOS, a prompt of 67 tokens and max_new_tokens=30 need 129; pass max_new_tokens=29 or fewer, or a shorter prompt"),
+        (CaptionSettings(max_new_tokens=500), "a prompt of 0 tokens and max_new_tokens=500 need 532; pass max_new_tokens=96 or fewer"),
+        (CaptionSettings(prompt=" ".join(["dog"] * 100), max_new_tokens=5),
+         "a prompt of 100 tokens and max_new_tokens=5 need 137; shorten the prompt to at most 95 tokens (with max_new_tokens=1)"),
+    ):
+        with pytest.raises(InvalidInputError, match=r"captioner .* reads at most 128 positions, .*" + re.escape(refusal)):
             cap.with_settings(settings).caption(_images(1))
+    assert len(cap.with_settings(CaptionSettings(max_new_tokens=96)).caption(_images(1))) == 1  # the fix it names captions
+
+
+def test_a_caption_longer_than_the_captioner_reads_names_the_options_on_the_command_line(tmp_path):
+    """The refusal told a command-line user to "lower max_new_tokens" (and "caption prompt of 1 tokens" for no prompt)."""
+    from click.testing import CliRunner
+
+    from blip2_search.cli import main
+
+    _images(1)[0].save(tmp_path / "a.png")
+    refused = CliRunner().invoke(main, ["caption", str(tmp_path / "a.png"), "--captioner", "demo", "--max-new-tokens", "40"])
+    assert refused.exit_code == 2, refused.output
+    assert ("captioner 'demo' reads at most 64 positions, but its 32 image tokens, BOS, a prompt of 0 tokens and --max-new-tokens 40 "
+            "need 72; pass --max-new-tokens 32 or fewer") in refused.output
+    done = CliRunner().invoke(main, ["caption", str(tmp_path / "a.png"), "--captioner", "demo", "--max-new-tokens", "32"])
+    assert done.exit_code == 0, done.output
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])

@@ -170,7 +170,14 @@ class Blip2Captioner(Checkpoint):
         limit = getattr(m.config.text_config, "max_position_embeddings", None)  # T5's positions are relative: no limit
         read = len(row) + settings.max_new_tokens - 1  # the last new token is never read back
         if decoder_only and limit is not None and read > limit:  # past it OPT fails with an IndexError
-            raise InvalidInputError(f"caption prompt of {len(prompt_ids)} tokens and max_new_tokens={settings.max_new_tokens} need {read} "
-                                    f"positions with the {self.num_query_tokens} image tokens, but captioner {self.name!r} reads at most "
-                                    f"{limit}; shorten the prompt or lower max_new_tokens")
+            starts = prompt_ids[:1] == [bos]
+            words = len(prompt_ids) - starts  # the prompt's own tokens, without BOS
+            fits = limit - len(row) + 1  # the most new tokens this prompt leaves room for
+            fix = ("pass {argument:{fits}} or fewer" + (", or a shorter prompt" if words else "") if fits >= 1 else
+                   "shorten the prompt to at most {room} tokens (with {argument:1})")
+            raise InvalidInputError("captioner {name!r} reads at most {limit} positions, but its {queries} image tokens, {bos}a prompt of "
+                                    "{words} token{s} and {argument:{given}} need {read}; " + fix, argument="max_new_tokens",
+                                    name=self.name, limit=limit, queries=self.num_query_tokens, bos="BOS, " if starts else "", words=words,
+                                    s="s" if words != 1 else "", given=settings.max_new_tokens, read=read, fits=fits,
+                                    room=max(words - (1 - fits), 0))
         return torch.tensor([row] * n, dtype=torch.long, device=self.placement.device)
