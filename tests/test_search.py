@@ -590,6 +590,9 @@ def test_no_results_without_filters_says_the_library_has_nothing_searchable(tiny
     res = CliRunner().invoke(main, ["search", TEXTS[0], "--library", str(tmp_path / "lib"), "--no-rerank"])
     assert res.exit_code == 0 and res.stdout == "" and "filters" not in res.stderr and "--path" not in res.stderr
     assert "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first" in res.stderr
+    with Library.open(tmp_path / "lib") as lib:  # a Python caller is named the call, not a command it did not run
+        assert lib.search(TEXTS[0], 3, rerank=False).notes == (
+            "no results: the library has no searchable photos; run `Library.index(PHOTO_DIRS)` first",)
 
 
 def test_status_says_none_for_a_library_without_a_captioner(lib_dir):

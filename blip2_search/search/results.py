@@ -11,7 +11,7 @@ from datetime import date, datetime, time
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, Note, Spelled
 
 MAX_K = 10_000
 
@@ -153,7 +153,8 @@ def outcome_notes(hits: Sequence[Hit], *, glob: str | None, filtered: bool, sort
                      "start it with '/' or '*/'")
     elif not hits:
         notes.append("no results: no photo passes the path, after, before or min-score filters; loosen them" if filtered else
-                     "no results: the library has no searchable photos; run `blip2-search index PHOTO_DIR` first")
+                     Note("no results: the library has no searchable photos; run `{index}` first",
+                          index=Spelled("Library.index(PHOTO_DIRS)", "blip2-search index PHOTO_DIR")))
     reranked = sum(h.itm_logit is not None for h in hits)
     if 0 < reranked < len(hits):
         if sort == "date":

@@ -220,7 +220,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
             raise ApiError(404, f"id {image_id} is not a searchable image of this library (unknown, gone, or waiting to be re-embedded); "
                                 "use ids from /api/search results")
         result = await runner.model(request, library.similar, image_id, k, **filters)
-        return JSONResponse(result.as_dict())
+        return JSONResponse(worded(result.as_dict()))
 
     @app.post(
         "/api/rerank", response_model=RerankOut, responses={**_ERRORS, 415: {"model": ErrorOut}},
