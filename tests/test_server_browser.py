@@ -332,6 +332,23 @@ def test_show_more_asks_for_more_results_and_focuses_the_first_new_one(page, lib
     assert page.errors == []
 
 
+def test_a_like_link_without_k_runs_with_the_results_menus_count(page, lib, base_url):
+    """A shared /?like=ID link without k asked the server's default (10) while the menu said 24, and Show more
+    read k as 0: it stayed under 13 results and asked for 12 next. The link now runs as the form reads it."""
+    target = _grid_ids_of(lib)[0]
+    page.goto(base_url + f"/?like={target}")
+    page.wait_for_function("() => document.querySelector('#status').textContent.endsWith(' photos for photos like photo %d.')" % target)
+    assert page.locator("#k").input_value() == "24"
+    assert page.locator("#results li").count() == 13  # every photo of the library: nothing more to show
+    assert page.locator("#more").is_hidden()
+    assert "k=24" in page.url and f"like={target}" in page.url
+    assert page.errors == []
+
+
+def _grid_ids_of(library) -> list[int]:
+    return [h.id for h in library.search(QUERY, 13, rerank=False).hits]
+
+
 def test_back_and_forward_entries_are_titled_by_their_search_and_the_start_is_as_opened(page, base_url):
     """Every history entry was titled "blip2-search" (the Back menu could not tell them apart), and Back to the
     page as first opened left a blank status line instead of its prompt."""

@@ -272,6 +272,14 @@
     runLike(params, "pushState", 0, baseName(hit.path));
   }
 
+  // The like search of an address, with the settings as the form reads them (a link may lack k, or hold q or
+  // rerank, which it does not take): as a text search from an address runs.
+  function likeFrom(address, record) {
+    const params = filterParams();
+    params.set("like", address.get("like"));
+    runLike(params, record);
+  }
+
   function runLike(params, record = "pushState", focusRank = 0, name = null) {
     if (record && location.search !== `?${params}`) history[record](null, "", `/?${params}`);
     const rest = new URLSearchParams(params);
@@ -384,7 +392,7 @@
   if (badToken) {
     // shown, not run: it would only answer 401 again
   } else if (usable && initial.get("like")) {
-    runLike(initial, null);
+    likeFrom(initial, "replaceState");
   } else if (usable && initial.get("q")) {
     searchText(true);
   }
@@ -393,7 +401,7 @@
     showError("");
     const usable = restore(params);
     if (usable && params.get("like")) {
-      runLike(params, null);
+      likeFrom(params, null);
     } else if (usable && params.get("q")) {
       const search = filterParams();
       search.set("q", params.get("q"));
