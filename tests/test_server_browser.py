@@ -332,6 +332,34 @@ def test_show_more_asks_for_more_results_and_focuses_the_first_new_one(page, lib
     assert page.errors == []
 
 
+def test_show_more_by_date_focuses_the_first_new_result_not_the_k_plus_first(browser, tiny_itm_dir, tmp_path):
+    """Sorted by date, the results Show more adds fall between those shown before: focusing result k + 1 skipped new
+    ones (here the k best are the newest photos, so after Show more they come last)."""
+    picture = Image.new("RGB", (240, 180), BACKGROUNDS[0])
+    ImageDraw.Draw(picture).ellipse((20, 45, 110, 135), fill=COLORS["red"])
+    (tmp_path / "photos").mkdir()
+    for i in range(8):  # the same picture: tied scores, ranked by id; p0 (the first id) is the newest
+        exif = Image.Exif()
+        exif[0x0132] = f"2023:07:{20 - i:02d} 12:00:00"
+        picture.save(tmp_path / "photos" / f"p{i}.jpg", quality=92, exif=exif)
+    with Library.open(tmp_path / "lib", model=str(tiny_itm_dir), captioner=False, create=True) as library:
+        assert library.index([tmp_path / "photos"]).failed == 0
+        best = library.search(QUERY, 3, rerank=False).hits
+        by_date = library.search(QUERY, 8, rerank=False, sort="date").hits
+        assert [h.id for h in by_date[-3:]] == sorted((h.id for h in best), key=lambda i: -i)  # the 3 best are the newest
+        with serving(create_app(library)) as url:
+            page = browser.new_page()
+            try:
+                page.goto(url + "/?q=" + QUERY.replace(" ", "+") + "&k=3&sort=date&rerank=false")
+                page.wait_for_selector("#results li")
+                page.locator("#more").click()
+                page.wait_for_function("() => document.querySelectorAll('#results li').length === 8")
+                assert _grid_ids(page) == [h.id for h in by_date]
+                assert page.evaluate("document.activeElement.closest('li').dataset.id") == str(by_date[0].id)  # the oldest: new
+            finally:
+                page.close()
+
+
 def test_a_like_link_without_k_runs_with_the_results_menus_count(page, lib, base_url):
     """A shared /?like=ID link without k asked the server's default (10) while the menu said 24, and Show more
     read k as 0: it stayed under 13 results and asked for 12 next. The link now runs as the form reads it."""

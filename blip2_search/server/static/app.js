@@ -165,8 +165,8 @@
     link.after(why);
   }
 
-  // `again(params)` runs the shown search with other settings: "Show more" asks it for more results, and
-  // moves the focus to the first new one.
+  // `again(params, shown)` runs the shown search with other settings: "Show more" asks it for more results, and
+  // moves the focus to the first of them not `shown` before (with sort=date the new ones fall between the old).
   function render(result, label, reranked, params, again) {
     const hits = result.results || [];
     grid.replaceChildren(...hits.map((h, i) => hitItem(h, i + 1, reranked)));
@@ -177,7 +177,7 @@
       const next = [...$("k").options].map((o) => Number(o.value)).sort((a, b) => a - b).find((n) => n >= 2 * k) || MAX_K;
       more.set("k", String(next));
       setK(next);
-      again(more, k + 1);
+      again(more, new Set(hits.map((h) => h.id)));
     };
     showNotes(result.notes);  // the server's: also which hits were reranked when only some were
     const count = hits.length === 1 ? "1 photo" : `${hits.length} photos`;
@@ -191,8 +191,9 @@
     setStatus("");
   }
 
-  // `params`: the search's settings (k, filters...); `again`: see render. `focusRank`: the result to focus once shown.
-  async function runSearch(label, request, params, again, focusRank = 0) {
+  // `params`: the search's settings (k, filters...); `again`: see render. `shown`: the ids of the results shown before
+  // (Show more), the first result not among them is focused.
+  async function runSearch(label, request, params, again, shown = null) {
     const search = ++latestSearch;
     showError("");
     grid.setAttribute("aria-busy", "true");
@@ -201,8 +202,8 @@
     setStatus(`Searching for ${label}…`);
     try {
       render(await request(), label, $("rerank").checked, params, again);
-      const first = grid.querySelector(`li:nth-child(${focusRank}) a`);
-      if (first) first.focus();
+      const first = shown && [...grid.children].find((li) => !shown.has(Number(li.dataset.id)));
+      if (first) first.querySelector("a").focus();
     } catch (err) {
       if (err.name === "AbortError") return;
       clearResults();
@@ -229,10 +230,10 @@
   }
 
   // `record`: "pushState" or "replaceState" to keep the search in the address, null where it already is (Back).
-  function runText(params, record = "pushState", focusRank = 0) {
+  function runText(params, record = "pushState", shown = null) {
     if (record && location.search !== `?${params}`) history[record](null, "", `/?${params}`);
     runSearch(`“${params.get("q")}”`, () => callApi(`/api/search?${params}`), params,
-              (more, rank) => runText(more, "pushState", rank), focusRank);
+              (more, seen) => runText(more, "pushState", seen), shown);
   }
 
   function searchImage(file) {
@@ -254,12 +255,12 @@
     runImage(file, filterParams());
   }
 
-  function runImage(file, params, focusRank = 0) {
+  function runImage(file, params, shown = null) {
     const body = new FormData();
     body.append("image", file, file.name);
     for (const [name, value] of params) body.append(name, value);
     runSearch(`photos like ${file.name}`, () => callApi("/api/search", { method: "POST", body }), params,
-              (more, rank) => runImage(file, more, rank), focusRank);
+              (more, seen) => runImage(file, more, seen), shown);
   }
 
   // "More like this": photos like a result, from its stored vectors (GET /api/images/ID/similar: nothing is uploaded,
@@ -269,7 +270,7 @@
     if (incompleteDate()) return;
     const params = filterParams();
     params.set("like", String(hit.id));
-    runLike(params, "pushState", 0, baseName(hit.path));
+    runLike(params, "pushState", null, baseName(hit.path));
   }
 
   // The like search of an address, with the settings as the form reads them (a link may lack k, or hold q or
@@ -280,13 +281,13 @@
     runLike(params, record);
   }
 
-  function runLike(params, record = "pushState", focusRank = 0, name = null) {
+  function runLike(params, record = "pushState", shown = null, name = null) {
     if (record && location.search !== `?${params}`) history[record](null, "", `/?${params}`);
     const rest = new URLSearchParams(params);
     rest.delete("like");
     runSearch(`photos like ${name || `photo ${params.get("like")}`}`,
               () => callApi(`/api/images/${params.get("like")}/similar?${rest}`), params,
-              (more, rank) => runLike(more, "pushState", rank, name), focusRank);
+              (more, seen) => runLike(more, "pushState", seen, name), shown);
   }
 
   form.addEventListener("submit", (event) => {
