@@ -162,6 +162,16 @@ def test_python_date_filters_take_dates_text_and_datetimes_alike(lib):
     assert not note.hits and "absolute" in note.notes[-1]
 
 
+def test_an_iso_week_date_bounds_the_whole_week():
+    """`--before 2023-W28` read as that week's Monday (date.fromisoformat), leaving out the rest of the week."""
+    from blip2_search.search.results import parse_date
+
+    for week in ("2023-W28", "2023W28"):
+        assert parse_date(week, name="after", end_of_day=False) == datetime(2023, 7, 10)
+        assert parse_date(week, name="before", end_of_day=True) == datetime(2023, 7, 16, 23, 59, 59, 999999)
+    assert parse_date("2023-W28-3", name="before", end_of_day=True) == datetime(2023, 7, 12, 23, 59, 59, 999999)  # one day
+
+
 def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     query = f'"{TEXTS[0]}" - "{TEXTS[1]}"'
     searched = lib.search(query, 4, rerank_k=4, fusion=False).hits

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 
 import numpy as np
 
@@ -16,9 +17,12 @@ from ..errors import InvalidInputError, Note, Spelled
 MAX_K = 10_000
 
 
+_ISO_WEEK = re.compile(r"\d{4}-?W\d{2}")  # an ISO week date without its day: date.fromisoformat reads its Monday
+
+
 def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
     """A date filter bound from a `datetime`, a `date` (the whole day), or text: an ISO date (`YYYY-MM-DD`,
-    also `YYYYMMDD`: the whole day) or a naive ISO date-time; None or "" means no bound.
+    also `YYYYMMDD`: the whole day; a week `2023-W28`: the whole week) or a naive ISO date-time; None or "" means no bound.
 
     Capture times are camera-local and stored without a time zone, so an offset is refused rather
     than silently compared with local times. `name` is what messages call the bound: a keyword
@@ -29,7 +33,10 @@ def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
     given = f"{name} {str(value)!r}" if name.startswith("-") else f"{name} = {value!r}"
     if isinstance(value, str):  # a date in any ISO form is the whole day: 20230715 too, which datetime reads as its midnight
         try:
-            value = date.fromisoformat(value)
+            day = date.fromisoformat(value)
+            if _ISO_WEEK.fullmatch(value.strip()) and end_of_day:  # a week without its day (2023-W28): the whole week
+                day += timedelta(days=6)
+            value = day
         except ValueError:
             try:
                 value = datetime.fromisoformat(value)
