@@ -307,6 +307,7 @@ def test_sort_by_date_is_a_setting_of_the_page_and_of_its_links(page, lib, base_
     page.wait_for_selector("#results li")
     assert "sort=date" in page.url and any("/api/search?" in u and "sort=date" in u for u in page.requests)
     assert _grid_ids(page) == [h.id for h in expected.hits]
+    assert page.get_attribute("#results", "aria-label") == "Results, oldest first"  # a screen reader hears the order
     page.goto(page.url)  # the link restores the order
     page.wait_for_selector("#results li")
     assert page.locator("#sort").input_value() == "date" and page.locator("#error").is_hidden()

@@ -170,6 +170,7 @@
   function render(result, label, reranked, params, again) {
     const hits = result.results || [];
     grid.replaceChildren(...hits.map((h, i) => hitItem(h, i + 1, reranked)));
+    grid.setAttribute("aria-label", params.get("sort") === "date" ? "Results, oldest first" : "Results, best first");
     const k = Number(params.get("k"));
     moreButton.hidden = hits.length < k || k >= MAX_K;
     moreButton.onclick = () => {
