@@ -622,7 +622,7 @@ def duplicates(library, threshold, as_json):
 
 def _looser(threshold: float) -> float:
     """A duplicates threshold to suggest where `threshold` found none: below it, and at most 0.9."""
-    return round(max(min(0.9, threshold - 0.05), threshold / 2), 3)
+    return float(f"{max(min(0.9, threshold - 0.05), threshold / 2):.3g}")
 
 
 @main.command()

@@ -646,7 +646,7 @@ def test_no_duplicates_suggests_a_threshold_below_the_one_given(photo_dir, tmp_p
     photo, where no threshold finds a pair."""
     from blip2_search.cli import _looser
 
-    assert [_looser(t) for t in (0.95, 1.0, 0.5, 0.02)] == [0.9, 0.9, 0.45, 0.01]
+    assert [_looser(t) for t in (0.95, 1.0, 0.5, 0.02, 0.001, 0.0005)] == [0.9, 0.9, 0.45, 0.01, 0.0005, 0.00025]  # never 0 or the same
     folder, paths = photo_dir
     one = tmp_path / "one"
     one.mkdir()
