@@ -439,7 +439,8 @@ def status(library, as_json):
 @json_option
 def prune(library, older_than, missing, missing_under, as_json):
     """Forget photos deleted from disk: their records, vectors and ViT tokens go, and the library shrinks."""
-    from .library import NOT_COMPACTED, Library
+    from .library import Library
+    from .library.reports import NOT_COMPACTED
 
     if missing and missing_under:
         raise UserError("--missing and --missing-under contradict each other (--missing covers every folder); pass one of them")

@@ -105,7 +105,7 @@ def test_index_then_rerun_skips_everything(tiny_itm_dir, photos, tmp_path):
 
 
 def test_a_run_that_changes_nothing_neither_reads_nor_writes_the_vector_index(tiny_itm_dir, photos, tmp_path, monkeypatch):
-    import blip2_search.library as library_module
+    import blip2_search.library.vector_index as library_module
 
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir) as lib:
@@ -807,7 +807,7 @@ def test_a_server_serving_a_save_too_far_behind_to_bring_up_to_date_waits_for_th
     """Beside a running `index` that changed more photos since its last save than it pays to read (a GPU run), a
     server serves that save as it is: it reopens it once the run saves again or ends, not at every follow (each
     reopen read the same file again: ~5 s at 100k photos); once the run has ended it is brought up to date."""
-    import blip2_search.library as library_module
+    import blip2_search.library.vector_index as library_module
     from blip2_search.store import IndexedImage
 
     rebuild_module = importlib.import_module("blip2_search.store.rebuild")
@@ -932,7 +932,7 @@ def test_a_long_index_run_saves_the_vector_index_as_it_goes_and_readers_beside_i
     found none of its photos until then, and each process started meanwhile rebuilt the index from the database
     (37 s at 100k photos). The run now saves as it goes (every CHECKPOINT_S, here every batch); a server reopens it
     (at most every FOLLOW_S), a process started meanwhile opens it, both brought up to date from the change journal."""
-    import blip2_search.library as library_module
+    import blip2_search.library.vector_index as library_module
     rebuild_module = importlib.import_module("blip2_search.store.rebuild")  # the package exports its function
     from blip2_search.indexing import pipeline
     from blip2_search.store.index_files import saved_generation
@@ -2108,7 +2108,7 @@ def test_a_damaged_index_that_cannot_be_removed_is_rebuilt_in_memory(tiny_itm_di
     note), where removing them raised a raw OSError (review)."""
     import errno
 
-    import blip2_search.library as library_module
+    import blip2_search.library.vector_index as library_module
 
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
@@ -2122,7 +2122,7 @@ def test_a_damaged_index_that_cannot_be_removed_is_rebuilt_in_memory(tiny_itm_di
     def read_only(self):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(library_module.Library, "_remove_index_file", read_only)
+    monkeypatch.setattr(Library, "_remove_index_file", read_only)
     with Library.open(lib_dir) as lib:
         for _ in range(2):
             got = lib.search("a red circle", 3, rerank=False, fusion=False)

@@ -946,7 +946,7 @@ def test_a_search_during_the_save_of_an_index_run_in_another_thread_keeps_the_ru
     one at the database's generation: a file that passed as current but lacked every photo indexed after."""
     import threading
 
-    import blip2_search.library as library_module
+    import blip2_search.library.vector_index as library_module
     from blip2_search.indexing import pipeline
 
     photos = _indexed_a_and_b(tiny_itm_dir, tmp_path, 16, 500)
@@ -1024,7 +1024,7 @@ def test_a_closed_library_makes_no_model_or_index_again(lib_dir, monkeypatch):
     import threading
     import time
 
-    import blip2_search.library as library_module
+    import blip2_search.library.vector_index as library_module
     from blip2_search.models.encoder import Blip2Encoder
 
     made, load = [], Blip2Encoder.load.__func__

@@ -27,7 +27,7 @@ from PIL import Image
 from ..errors import Blip2SearchError
 from ..images import decoded_pixels, open_image
 from ..indexing.read import content_hash
-from ..library import THUMBS_DIRNAME
+from ..library.options import THUMBS_DIRNAME
 from ..store.records import STATUS_INDEXED, STATUS_PENDING, ImageRecord
 
 THUMBNAIL_SIDE = 320
