@@ -950,10 +950,19 @@ def test_serve_from_python_refuses_non_loopback_host_without_token(lib):
         serve(lib, host="0.0.0.0", port=free_port())
     assert str(caught.value).startswith("refusing to serve on host='0.0.0.0' without a token") and "pass token=T" in str(caught.value)
     assert "--" not in str(caught.value) and "keep the default host='127.0.0.1'" in str(caught.value)
-    with socket.socket() as wide:  # a socket bound by the caller counts as bound
-        wide.bind(("0.0.0.0", 0))
-        with pytest.raises(InvalidInputError, match="refusing to serve on host='0.0.0.0'"):
+
+
+def test_serve_on_a_wide_socket_without_token_names_the_socket_not_host(lib):
+    """`serve(library, sock=bind_socket("0.0.0.0", port))` was refused "on host='0.0.0.0'" with the fix "keep the
+    default host='127.0.0.1'": the caller had passed no host, and kept that default; the message names the socket."""
+    from blip2_search.server import serve
+
+    for address in ("0.0.0.0", "::"):
+        with bind_socket(address, 0) as wide, pytest.raises(InvalidInputError) as caught:
             serve(lib, sock=wide)
+        message = str(caught.value)
+        assert message.startswith(f"refusing to serve on the socket bound to {address!r} without a token"), message
+        assert "host=" not in message and "sock=bind_socket('127.0.0.1', port)" in message and "--" not in message, message
 
 
 def test_serve_command_refuses_non_loopback_host_without_token(tmp_path, monkeypatch):

@@ -602,7 +602,7 @@ def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token:
     Loads the text model first, so a broken model or an empty library fails here, before the port
     listens; calls `ready` (e.g. to say where it serves) once it listens. SIGINT (Ctrl-C) and SIGTERM (`kill`,
     systemd, docker stop) both shut it down gracefully and then raise KeyboardInterrupt."""
-    check_bind(sock.getsockname()[0] if sock is not None else host, token, "token")  # as `blip2-search serve` does
+    check_bind(sock.getsockname()[0] if sock is not None else host, token, "token", bound=sock is not None)  # as `blip2-search serve` does
     sock = sock if sock is not None else bind_socket(host, port)
     app = create_app(library, token=token, host=host)
     library.search("a photo", 1, rerank=False, fusion=False)

@@ -69,18 +69,21 @@ def check_token(token: str | None, source: str = "--token") -> str | None:
     return token
 
 
-def check_bind(host: str, token: str | None, token_source: str = "--token") -> None:
+def check_bind(host: str, token: str | None, token_source: str = "--token", *, bound: bool = False) -> None:
     """Refuse to listen beyond this machine without a token (InvalidInputError naming both fixes, as options on the
-    command line and as `serve`'s keywords to Python callers)."""
+    command line and as `serve`'s keywords to Python callers). `bound`: `host` is the address of the socket a
+    Python caller passed (`serve(sock=...)`), which the message names instead of `host=`."""
     check_token(token, token_source)
     if not is_loopback(host) and not token:
+        where, default = ((f"the socket bound to {host!r}", "a socket bound to '127.0.0.1', e.g. sock=bind_socket('127.0.0.1', port)")
+                          if bound else (f"host={host!r}", "keep the default host='127.0.0.1'"))
         raise InvalidInputError(
             "refusing to serve on {where} without a token: other machines could read your photos; pass {token}, e.g. "
-            "{example}, or keep the default {default}",
-            where=Spelled(f"host={host!r}", f"--host {host}"),
+            "{example}, or {default}",
+            where=Spelled(where, f"--host {host}"),
             token=Spelled("token=T", "--token T (or set BLIP2_SEARCH_TOKEN)"),
             example=Spelled("token=secrets.token_urlsafe(24)", "--token $(python -c 'import secrets; print(secrets.token_urlsafe(24))')"),
-            default=Spelled("host='127.0.0.1'", "--host 127.0.0.1"),
+            default=Spelled(default, "keep the default --host 127.0.0.1"),
         )
 
 
