@@ -965,6 +965,37 @@ def test_serve_on_a_wide_socket_without_token_names_the_socket_not_host(lib):
         assert "host=" not in message and "sock=bind_socket('127.0.0.1', port)" in message and "--" not in message, message
 
 
+def test_serve_on_a_loopback_socket_without_token_answers_loopback_names_only(lib):
+    """`serve(library, host=NAME, sock=a loopback socket)` passed the bind rule on the socket's address, but its Host
+    check went by `host`: a name not loopback turned the check off, and a DNS-rebinding page could read the photos."""
+    import httpx
+
+    port = free_port()
+    script = ("import sys\nfrom blip2_search.library import Library\nfrom blip2_search.server import bind_socket, serve\n"
+              "with bind_socket('127.0.0.1', int(sys.argv[2])) as sock, Library.open(sys.argv[1]) as lib:\n"
+              "    try:\n        serve(lib, host='photos.example', sock=sock, log_level='warning')\n"
+              "    except KeyboardInterrupt:\n        pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "BLIP2_SEARCH_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(lib.folder), str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                own = httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.3)
+        rebound = httpx.get(f"http://127.0.0.1:{port}/api/status", headers={"Host": f"attacker.example:{port}"}, timeout=5)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert own.status_code == 200
+    assert rebound.status_code == 403 and "DNS-rebinding" in rebound.json()["error"], rebound.text
+
+
 def test_serve_command_refuses_non_loopback_host_without_token(tmp_path, monkeypatch):
     monkeypatch.delenv("BLIP2_SEARCH_TOKEN", raising=False)
     result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--library", str(tmp_path / "lib")])

@@ -602,9 +602,12 @@ def serve(library: Library, *, host: str = "127.0.0.1", port: int = 8765, token:
     Loads the text model first, so a broken model or an empty library fails here, before the port
     listens; calls `ready` (e.g. to say where it serves) once it listens. SIGINT (Ctrl-C) and SIGTERM (`kill`,
     systemd, docker stop) both shut it down gracefully and then raise KeyboardInterrupt."""
-    check_bind(sock.getsockname()[0] if sock is not None else host, token, "token", bound=sock is not None)  # as `blip2-search serve` does
+    # Where it listens is the socket's address when given one: the bind rule and the Host check both go by it (a
+    # loopback socket served without a token answers loopback names only, whatever `host` says).
+    address = sock.getsockname()[0] if sock is not None else host
+    check_bind(address, token, "token", bound=sock is not None)  # as `blip2-search serve` does
     sock = sock if sock is not None else bind_socket(host, port)
-    app = create_app(library, token=token, host=host)
+    app = create_app(library, token=token, host=address)
     library.search("a photo", 1, rerank=False, fusion=False)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, proxy_headers=False)
     logging.getLogger("uvicorn.access").addFilter(_REDACT_TOKEN)  # after Config, which sets up uvicorn's logging
