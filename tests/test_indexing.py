@@ -2108,8 +2108,6 @@ def test_a_damaged_index_that_cannot_be_removed_is_rebuilt_in_memory(tiny_itm_di
     note), where removing them raised a raw OSError (review)."""
     import errno
 
-    import blip2_search.library.vector_index as library_module
-
     lib_dir = tmp_path / "lib"
     with _open(lib_dir, tiny_itm_dir, vector_index="exact") as lib:
         lib.index([photos])
