@@ -172,6 +172,27 @@ def test_an_iso_week_date_bounds_the_whole_week():
     assert parse_date("2023-W28-3", name="before", end_of_day=True) == datetime(2023, 7, 12, 23, 59, 59, 999999)  # one day
 
 
+def test_iso_basic_and_week_dates_read_alike_on_python_3_10(monkeypatch):
+    """pyproject allows Python 3.10, whose date.fromisoformat reads YYYY-MM-DD only: 20230715 and 2023-W28 (read by
+    3.11's) were refused there. Here `date` is given 3.10's reading, and the forms the docs promise still parse."""
+    import datetime as dt
+    import re
+
+    import blip2_search.search.results as results
+
+    class Date310(dt.date):
+        @classmethod
+        def fromisoformat(cls, text):
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+                raise ValueError(f"Invalid isoformat string: {text!r}")
+            return super().fromisoformat(text)
+
+    monkeypatch.setattr(results, "date", Date310)
+    assert results.parse_date("20230715", name="before", end_of_day=True) == datetime(2023, 7, 15, 23, 59, 59, 999999)
+    assert results.parse_date("2023-W28", name="before", end_of_day=True) == datetime(2023, 7, 16, 23, 59, 59, 999999)
+    assert results.parse_date("2023W283", name="after", end_of_day=False) == datetime(2023, 7, 12)
+
+
 def test_rerank_of_given_hits_scores_like_the_search_rerank(lib):
     query = f'"{TEXTS[0]}" - "{TEXTS[1]}"'
     searched = lib.search(query, 4, rerank_k=4, fusion=False).hits

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, time
 
 import numpy as np
 
@@ -17,7 +17,20 @@ from ..errors import InvalidInputError, Note, Spelled
 MAX_K = 10_000
 
 
-_ISO_WEEK = re.compile(r"\d{4}-?W\d{2}")  # an ISO week date without its day: date.fromisoformat reads its Monday
+_ISO_BASIC = re.compile(r"(\d{4})(\d{2})(\d{2})")  # YYYYMMDD
+_ISO_WEEK = re.compile(r"(\d{4})-?W(\d{2})(?:-?([1-7]))?")  # YYYY-Www[-D], YYYYWww[D]
+
+
+def _iso_day(text: str, end_of_day: bool) -> date:
+    """The day an ISO date names, read as Python 3.11 reads it on 3.10 too (whose date.fromisoformat reads
+    YYYY-MM-DD only); a week without its day is its Monday, or with `end_of_day` its Sunday (the whole week).
+    ValueError when `text` is not an ISO date."""
+    if m := _ISO_BASIC.fullmatch(text):
+        return date(*map(int, m.groups()))
+    if m := _ISO_WEEK.fullmatch(text):
+        year, week, day = m.groups()
+        return date.fromisocalendar(int(year), int(week), int(day or (7 if end_of_day else 1)))
+    return date.fromisoformat(text)
 
 
 def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
@@ -33,10 +46,7 @@ def parse_date(value, *, name: str, end_of_day: bool) -> datetime | None:
     given = f"{name} {str(value)!r}" if name.startswith("-") else f"{name} = {value!r}"
     if isinstance(value, str):  # a date in any ISO form is the whole day: 20230715 too, which datetime reads as its midnight
         try:
-            day = date.fromisoformat(value)
-            if _ISO_WEEK.fullmatch(value.strip()) and end_of_day:  # a week without its day (2023-W28): the whole week
-                day += timedelta(days=6)
-            value = day
+            value = _iso_day(value, end_of_day)
         except ValueError:
             try:
                 value = datetime.fromisoformat(value)
