@@ -2,7 +2,7 @@
 
 `Library.open` wires the collaborators (metadata store, vector store, encoder, captioner) in one place;
 models load on first use, so `status` and `failures` never touch torch weights. What it does is spread over
-mixins by reason to change: `vector_index` (the index file's life), `indexing` (index, prune), `searching`."""
+mixins by reason to change: `vector_index` (the index file's life), `runs` (index and prune), `searching`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from ..errors import OPEN_FOLDER, REEMBED_WITH, InvalidInputError, LibraryError,
 from ..models.loading import DEMO
 from ..store import EmbedderInfo, MetadataStore, ModelRef, VectorStore, open_metadata
 from ..store.engine import METADATA_FILENAME
-from .indexing import _Indexing
 from .options import (
     _canonical,
     _check_flags,
@@ -31,11 +30,12 @@ from .options import (
     _REEMBED_ARG,
 )
 from .reports import FailureRecord, LibraryStatus
+from .runs import _Runs
 from .searching import _Searching
 from .vector_index import _VectorIndex
 
 
-class Library(_Searching, _Indexing, _VectorIndex):
+class Library(_Searching, _Runs, _VectorIndex):
     """Images, vectors and models of one photo collection. Create with `Library.open`."""
 
     def __init__(self, folder: Path, metadata: MetadataStore, *, model: str | None, captioner: str | None,

@@ -1,4 +1,5 @@
-"""Checks and names of `Library`'s arguments (models, sort, vector index, flags) and the notes' small helpers."""
+"""Checks and names of `Library`'s arguments (models, sort, vector index, flags), the names of the library folder's parts, and the
+notes' small helpers."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from .options import _check_flags, _is_number, _missing_folders, _REEMBED_ARG, _
 from .reports import NOT_COMPACTED, PruneReport
 
 
-class _Indexing:
+class _Runs:
     """`Library.index` and `Library.prune`."""
 
     # ------------------------------------------------------------------ indexing
