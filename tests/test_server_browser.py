@@ -549,3 +549,17 @@ def test_back_to_a_link_with_bad_settings_clears_the_results(page, base_url):
     assert page.locator("#results li").count() == 0
     assert "blue square" not in page.locator("#status").text_content()
     assert page.errors == []
+
+
+def test_a_link_with_the_apis_settings_is_read_as_the_api_reads_them(page, base_url):
+    """A link with rerank=1 (the API's true) ran without rerank, and rerank_k= or fusion= (settings the page does not
+    have) were dropped without a word: the page's search then differed from the link's."""
+    page.goto(base_url + "/?q=red+circle&rerank=1&k=6")
+    page.wait_for_selector("#results li")
+    assert page.locator("#rerank").is_checked()
+    assert any("/api/search?" in u and "rerank=true" in u for u in page.requests)
+    for setting in ("rerank_k=4", "fusion=false", "rerank=maybe"):
+        page.goto(base_url + f"/?q=red&{setting}")
+        page.wait_for_selector("#error:not([hidden])")
+        assert setting.split("=")[0] in page.locator("#error").text_content() and page.locator("#results li").count() == 0
+    assert page.errors == []

@@ -377,11 +377,18 @@
     } else {
       problems.push(`sort=${sort} (score or date)`);
     }
-    if (params.has("min_score")) problems.push("min_score (not a setting of this page)");
+    for (const name of ["min_score", "rerank_k", "fusion"]) {  // the API's, not the page's: dropped, the search would differ
+      if (params.has(name)) problems.push(`${name} (not a setting of this page)`);
+    }
     const like = params.get("like");
     if (like !== null && !/^[1-9]\d{0,17}$/.test(like)) problems.push(`like=${like} (a photo's id)`);
     if (like !== null && params.get("q")) problems.push("both q and like (one search at a time)");
-    $("rerank").checked = params.get("rerank") === "true";
+    const rerank = (params.get("rerank") || "false").toLowerCase();  // as the API reads a boolean
+    if (["true", "1", "yes", "on", "false", "0", "no", "off"].includes(rerank)) {
+      $("rerank").checked = ["true", "1", "yes", "on"].includes(rerank);
+    } else {
+      problems.push(`rerank=${params.get("rerank")} (true or false)`);
+    }
     queryInput.value = params.get("q") || "";
     if (problems.length) {
       showError(`This link has settings the page cannot use: ${problems.join(", ")}; fix them above and search again.`);
