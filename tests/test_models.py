@@ -399,6 +399,41 @@ def test_a_cached_hub_snapshot_without_safetensors_is_refused_with_the_fix(monke
     assert resolve_model("org/tiny").revision == "abc123"
 
 
+def test_a_cached_snapshot_without_weights_fetches_them_when_online(monkeypatch, tmp_path, tiny_itm_dir):
+    """A snapshot holding only configs (fetched by another tool, e.g. AutoProcessor.from_pretrained) was refused as a
+    download cut short also when online, where the weights could simply be fetched. The hub is faked at
+    `snapshot_download` (no network here): online it adds the weights, as the real download would."""
+    import shutil
+
+    import huggingface_hub
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_itm_dir, snapshot)
+    (snapshot / "model.safetensors").unlink()
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    cached_only, online = huggingface_hub.snapshot_download, []
+
+    def hub(name, *, allow_patterns=None, local_files_only=False, **kw):
+        if local_files_only:
+            return cached_only(name, allow_patterns=allow_patterns, local_files_only=True, **kw)
+        online.append(name)
+        if reachable:
+            shutil.copy(tiny_itm_dir / "model.safetensors", snapshot)
+            return str(snapshot)
+        raise OSError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    reachable = False  # offline in practice: the cached snapshot is refused for the weights it lacks, not as absent
+    with pytest.raises(ModelLoadError, match=r"has no .safetensors weights in its HF cache snapshot"):
+        resolve_model("org/tiny")
+    reachable = True
+    assert resolve_model("org/tiny").revision == "abc123" and online == ["org/tiny", "org/tiny"]
+    assert (snapshot / "model.safetensors").exists()
+
+
 def test_directory_without_config_or_safetensors(tmp_path):
     with pytest.raises(ModelNotFoundError, match="config.json"):
         resolve_model(str(tmp_path))

@@ -113,6 +113,9 @@ def _hub_source(name: str, role: str) -> ModelSource:
         local = snapshot_download(name, allow_patterns=_HUB_FILES, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, HfHubHTTPError, ValueError, OSError):
         local = None
+    cached = local
+    if local is not None and not offline and not any(Path(local).glob("*.safetensors")):
+        local = None  # a snapshot without its weights (configs fetched by another tool, a download cut short): fetch them
     if local is None and offline:
         raise ModelNotFoundError("{role} model {name!r} is not in the HF cache and HF_HUB_OFFLINE is set; " + fix + ", or unset HF_HUB_OFFLINE",
                                  argument=_argument(role), role=role, name=name)
@@ -120,9 +123,11 @@ def _hub_source(name: str, role: str) -> ModelSource:
         try:
             local = snapshot_download(name, allow_patterns=_HUB_FILES)
         except Exception as exc:  # the hub client raises many types (HTTP, DNS, auth, repo-not-found)
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ModelNotFoundError("{role} model {name!r} is not a local directory, not in the HF cache, and could not be downloaded ({reason}); " + fix,
-                                     argument=_argument(role), role=role, name=name, reason=reason) from exc
+            if cached is None:
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise ModelNotFoundError("{role} model {name!r} is not a local directory, not in the HF cache, and could not be downloaded ({reason}); "
+                                         + fix, argument=_argument(role), role=role, name=name, reason=reason) from exc
+            local = cached  # the cached snapshot stands, refused below for the weights it lacks
     path = Path(local)
     if not any(path.glob("*.safetensors")):  # else from_pretrained fails naming a file, not why it is absent
         raise ModelLoadError("{role} model {name!r} has no .safetensors weights in its HF cache snapshot {path}: the download was cut "
