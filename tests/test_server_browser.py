@@ -216,9 +216,11 @@ def test_dropping_words_or_a_web_picture_is_not_swallowed(page, base_url):
 
 def test_choosing_a_file_searches_by_it(page, lib, base_url):
     record = next(r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if "green-square" in r.path)
-    page.goto(base_url + "/")
-    page.set_input_files("#example", record.path)
+    page.goto(base_url + "/?q=red")
     page.wait_for_selector("#results li")
+    page.set_input_files("#example", record.path)
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('photos like')")
+    assert page.input_value("#q") == ""  # an image search uses no text: the box does not show the last query
     assert _grid_ids(page)[0] == record.id
 
 
@@ -249,6 +251,7 @@ def test_more_like_this_searches_by_a_result(page, lib, base_url):
     assert page.locator("#error").is_hidden()
     assert _grid_ids(page)[0] == third  # the photo itself is the most like it
     assert page.evaluate("document.activeElement.id") == "results"  # Tab goes on into the new results
+    assert page.input_value("#q") == ""  # the box kept the text query, which Enter would then have run instead
     expected = [h.id for h in lib.similar(third, int(page.input_value("#k"))).hits]  # from its stored vectors: nothing uploaded
     assert _grid_ids(page) == expected
     assert not any(u.endswith("/api/search") for u in page.requests)
@@ -258,6 +261,7 @@ def test_more_like_this_searches_by_a_result(page, lib, base_url):
     assert _grid_ids(page) == expected
     page.go_back()  # to the text search it came from
     page.wait_for_function(f"() => document.querySelector('#status').textContent.includes({QUERY!r})")
+    assert page.input_value("#q") == QUERY
     page.go_forward()
     page.wait_for_function(f"() => document.querySelector('#status').textContent.endsWith({' photos for photos like photo %d.' % third!r})")
     page.goto(base_url + "/?like=abc")
@@ -267,9 +271,11 @@ def test_more_like_this_searches_by_a_result(page, lib, base_url):
 
 def test_the_same_file_chosen_again_searches_again(page, lib, base_url):
     record = next(r for r in lib.metadata.get_records(k.id for k in lib.metadata.known_files().values()) if "green-square" in r.path)
-    page.goto(base_url + "/")
-    page.set_input_files("#example", record.path)
+    page.goto(base_url + "/?q=red")
     page.wait_for_selector("#results li")
+    page.set_input_files("#example", record.path)
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('photos like')")
+    assert page.input_value("#q") == ""  # an image search uses no text: the box does not show the last query
     posts = lambda: sum(1 for u in page.requests if u.endswith("/api/search"))  # noqa: E731
     before = posts()
     page.set_input_files("#example", record.path)

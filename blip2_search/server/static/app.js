@@ -253,6 +253,7 @@
     }
     if (incompleteDate()) return;
     if (location.search) history.pushState(null, "", "/");  // a reload must not rerun the last text search
+    queryInput.value = "";  // the box shows no text this search does not use (Back brings the last one back)
     runImage(file, filterParams());
   }
 
@@ -271,6 +272,7 @@
     if (incompleteDate()) return;
     const params = filterParams();
     params.set("like", String(hit.id));
+    queryInput.value = "";  // as for a search by example
     runLike(params, "pushState", null, baseName(hit.path));
   }
 
