@@ -32,7 +32,7 @@ from .. import __version__
 from ..api import rerank as score_images
 from ..errors import Blip2SearchError, ImageDecodeError, InvalidInputError, LibraryError, ModelLoadError, ModelNotFoundError, worded
 from ..images import DEFAULT_MAX_PIXELS, decoded_pixels, model_draft_side, model_image
-from ..library import Library
+from ..library import Library, LibraryStatus
 from ..search.query import parse_query
 from ..search.results import parse_date
 from ..store.records import STATUS_INDEXED, STATUS_PENDING
@@ -40,7 +40,7 @@ from . import limits
 from .limits import ApiError, MAX_K, MAX_PATH_GLOB_CHARS, check_query_text
 from .photos import THUMBS_DIRNAME, PhotoUnavailable, Photos
 from .runner import Runner
-from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut, StatusOut
+from .schemas import RERANK_UPLOAD_FORM, ErrorOut, RerankIds, RerankOut, SearchOut
 from .security import TOKEN_COOKIE, Guard, RedactTokenFilter, allowed_host_names, check_bind, check_token, token_cookie, token_matches, without_token
 
 log = logging.getLogger("blip2_search.server")
@@ -152,7 +152,7 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
         return Response(pages["app.css"], media_type=_STATIC["app.css"], headers={"cache-control": "no-cache"})
 
     # ------------------------------------------------------------------ the API
-    @app.get("/api/status", response_model=StatusOut, responses=_ERRORS, summary="Library counts and models (status --json)")
+    @app.get("/api/status", response_model=LibraryStatus, responses=_ERRORS, summary="Library counts and models (status --json)")
     async def status(request: Request) -> JSONResponse:
         _check_query_string(request)
         return JSONResponse(asdict(await runner.io(library.status)))

@@ -89,24 +89,6 @@ class RerankOut(BaseModel):
     notes: list[str] | None = None
 
 
-class StatusOut(BaseModel):
-    """`blip2-search status --json` (`LibraryStatus`; fields the library adds later pass through)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    images: int
-    indexed: int
-    captioned: int
-    failed: int
-    deleted: int
-    vectors: int
-    model: str | None
-    captioner: str | None
-    vit_tokens_bytes: int = 0
-    pending: int = 0
-    vector_index: str | None = None
-
-
 RERANK_UPLOAD_FORM = {
     "type": "object",
     "required": ["query", "images"],
@@ -117,4 +99,4 @@ RERANK_UPLOAD_FORM = {
 }
 
 
-__all__ = ["ErrorOut", "HitOut", "RERANK_UPLOAD_FORM", "RerankError", "RerankIdHit", "RerankIds", "RerankOut", "RerankUploadHit", "SearchOut", "StatusOut"]
+__all__ = ["ErrorOut", "HitOut", "RERANK_UPLOAD_FORM", "RerankError", "RerankIdHit", "RerankIds", "RerankOut", "RerankUploadHit", "SearchOut"]
