@@ -12,13 +12,13 @@ import os
 import signal
 import socket
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Annotated, Callable, Literal
 from urllib.parse import parse_qsl, quote
 
 import uvicorn
-from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as _JSONResponse
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
@@ -63,21 +63,43 @@ _BEFORE_HELP = "Only photos taken on or before this date (YYYY-MM-DD or ISO date
 _MIN_HELP = "Only results whose ITC cosine is at least this."
 
 
-def _filter_parameters(kind) -> tuple:
-    """The annotations of the parameters every search takes (k, path, after, before, min_score, sort), read from
-    the query string (`Query`) or a form (`Form`)."""
-    return (
-        Annotated[int, kind(ge=1, le=MAX_K, description=_K_HELP)],
-        Annotated[str | None, kind(max_length=MAX_PATH_GLOB_CHARS, description=_PATH_HELP)],
-        Annotated[str | None, kind(max_length=40, description=_AFTER_HELP)],
-        Annotated[str | None, kind(max_length=40, description=_BEFORE_HELP)],
-        Annotated[float | None, kind(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False, description=_MIN_HELP)],
-        Annotated[Literal["score", "date"], kind(description="Order of the results.")],
-    )
+@dataclass(frozen=True)
+class _SearchParams:
+    """The count and the filters every search takes, as the request gave them (checked by `filters`)."""
+
+    k: int
+    path: str | None
+    after: str | None
+    before: str | None
+    min_score: float | None
+    sort: str
+
+    def filters(self) -> dict:
+        """Keyword arguments for `Library.search` / `Library.similar`."""
+        path = self.path if self.path and self.path.strip() else None  # an empty form field means no filter
+        return {"path": path, "after": parse_date(self.after, name="after", end_of_day=False),
+                "before": parse_date(self.before, name="before", end_of_day=True), "min_score": self.min_score, "sort": self.sort}
 
 
-_K_Q, _PATH_Q, _AFTER_Q, _BEFORE_Q, _MIN_SCORE_Q, _SORT_Q = _filter_parameters(Query)
-_K_F, _PATH_F, _AFTER_F, _BEFORE_F, _MIN_SCORE_F, _SORT_F = _filter_parameters(Form)
+def _search_params(kind):
+    """A dependency reading `_SearchParams` from the query string (`Query`) or a form (`Form`)."""
+
+    def read(
+        k: Annotated[int, kind(ge=1, le=MAX_K, description=_K_HELP)] = 10,
+        path: Annotated[str | None, kind(max_length=MAX_PATH_GLOB_CHARS, description=_PATH_HELP)] = None,
+        after: Annotated[str | None, kind(max_length=40, description=_AFTER_HELP)] = None,
+        before: Annotated[str | None, kind(max_length=40, description=_BEFORE_HELP)] = None,
+        min_score: Annotated[float | None, kind(ge=-limits.MAX_MIN_SCORE, le=limits.MAX_MIN_SCORE, allow_inf_nan=False,
+                                                 description=_MIN_HELP)] = None,
+        sort: Annotated[Literal["score", "date"], kind(description="Order of the results.")] = "score",
+    ) -> _SearchParams:
+        return _SearchParams(k, path, after, before, min_score, sort)
+
+    return read
+
+
+_QUERY_SEARCH = Annotated[_SearchParams, Depends(_search_params(Query))]
+_FORM_SEARCH = Annotated[_SearchParams, Depends(_search_params(Form))]
 
 
 class JSONResponse(_JSONResponse):
@@ -165,61 +187,46 @@ def create_app(library: Library, *, token: str | None = None, host: str = "127.0
     @app.get("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by text (search --json)")
     async def search_text(
         q: Annotated[str, Query(description="The query; see docs/queries.md for \"term\" - \"negative\" and 2:\"weights\".")],
-        k: _K_Q = 10,
+        search: _QUERY_SEARCH,
         rerank: Annotated[bool, Query(description="Rescore the top candidates with the ITM head (ITM logit + ITC).")] = True,
         rerank_k: Annotated[int | None, Query(ge=1, le=MAX_K, description="Candidates to rerank [default: 128 on GPU, 16 on CPU].")] = None,
         fusion: Annotated[bool, Query(description="Also match the generated captions (reciprocal rank fusion).")] = True,
-        path: _PATH_Q = None,
-        after: _AFTER_Q = None,
-        before: _BEFORE_Q = None,
-        min_score: _MIN_SCORE_Q = None,
-        sort: _SORT_Q = "score",
         request: Request = None,
     ) -> JSONResponse:
         _check_query_string(request, SEARCH_QUERY_PARAMS)
         check_query_text(q)
-        filters = _filters(path, after, before, min_score, sort)
-        result = await runner.model(request, library.search, q, k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
+        filters = search.filters()
+        result = await runner.model(request, library.search, q, search.k, rerank=rerank, rerank_k=rerank_k, fusion=fusion, **filters)
         return JSONResponse(worded(result.as_dict()))
 
     @app.post("/api/search", response_model=SearchOut, responses=_ERRORS, summary="Search by example image (search --image)")
     async def search_image(
         image: Annotated[UploadFile, File(description="The example picture (at most 20 MB).")],
-        k: _K_F = 10,
-        path: _PATH_F = None,
-        after: _AFTER_F = None,
-        before: _BEFORE_F = None,
-        min_score: _MIN_SCORE_F = None,
-        sort: _SORT_F = "score",
+        search: _FORM_SEARCH,
         request: Request = None,
     ) -> JSONResponse:
         _check_query_string(request)
         _check_search_form(await request.form())  # FastAPI has parsed it; the limits /api/rerank applies while parsing
-        filters = _filters(path, after, before, min_score, sort)
+        filters = search.filters()
         _check_upload_size(image)
         picture = await _model_input(request, image)
-        result = await runner.model(request, library.similar, picture, k, **filters)
+        result = await runner.model(request, library.similar, picture, search.k, **filters)
         return JSONResponse(worded(result.as_dict()))
 
     @app.get("/api/images/{image_id}/similar", response_model=SearchOut, responses=_ERRORS,
              summary="Photos like a library image, from its stored vectors (more like this)")
     async def search_like(
         image_id: _IMAGE_ID,
-        k: _K_Q = 10,
-        path: _PATH_Q = None,
-        after: _AFTER_Q = None,
-        before: _BEFORE_Q = None,
-        min_score: _MIN_SCORE_Q = None,
-        sort: _SORT_Q = "score",
+        search: _QUERY_SEARCH,
         request: Request = None,
     ) -> JSONResponse:
         _check_query_string(request, SIMILAR_QUERY_PARAMS)
-        filters = _filters(path, after, before, min_score, sort)
+        filters = search.filters()
         records = await runner.io(photos.records, [image_id])
         if not records or records[0].status != STATUS_INDEXED:
             raise ApiError(404, f"id {image_id} is not a searchable image of this library (unknown, gone, or waiting to be re-embedded); "
                                 "use ids from /api/search results")
-        result = await runner.model(request, library.similar, image_id, k, **filters)
+        result = await runner.model(request, library.similar, image_id, search.k, **filters)
         return JSONResponse(worded(result.as_dict()))
 
     @app.post(
@@ -365,13 +372,6 @@ async def _json_body(request: Request) -> bytes:
 def _notes_of(notes) -> dict:
     """A rerank answer's `notes` (e.g. a query longer than BLIP-2 reads), present only when there are some, as search's."""
     return {"notes": worded(notes)} if notes else {}
-
-
-def _filters(path: str | None, after: str | None, before: str | None, min_score: float | None, sort: str) -> dict:
-    """Keyword arguments for `Library.search` / `Library.similar`."""
-    path = path if path and path.strip() else None  # an empty form field means no filter
-    return {"path": path, "after": parse_date(after, name="after", end_of_day=False),
-            "before": parse_date(before, name="before", end_of_day=True), "min_score": min_score, "sort": sort}
 
 
 SEARCH_QUERY_PARAMS = ("q", "k", "rerank", "rerank_k", "fusion", "path", "after", "before", "min_score", "sort")  # GET /api/search's
