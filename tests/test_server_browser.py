@@ -219,7 +219,8 @@ def test_choosing_a_file_searches_by_it(page, lib, base_url):
     page.goto(base_url + "/?q=red")
     page.wait_for_selector("#results li")
     page.set_input_files("#example", record.path)
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('photos like')")
+    page.wait_for_function("() => /^\\d+ photos? for photos like /.test(document.querySelector('#status').textContent)"
+                           " && document.querySelector('#results li')")  # its results shown
     assert page.input_value("#q") == ""  # an image search uses no text: the box does not show the last query
     assert _grid_ids(page)[0] == record.id
 
@@ -274,7 +275,8 @@ def test_the_same_file_chosen_again_searches_again(page, lib, base_url):
     page.goto(base_url + "/?q=red")
     page.wait_for_selector("#results li")
     page.set_input_files("#example", record.path)
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('photos like')")
+    page.wait_for_function("() => /^\\d+ photos? for photos like /.test(document.querySelector('#status').textContent)"
+                           " && document.querySelector('#results li')")  # its results shown
     assert page.input_value("#q") == ""  # an image search uses no text: the box does not show the last query
     posts = lambda: sum(1 for u in page.requests if u.endswith("/api/search"))  # noqa: E731
     before = posts()
